@@ -1,0 +1,45 @@
+//! `qgraph`: the graph IR every other crate of the toolkit builds on.
+//!
+//! A model is loaded from ONNX (`load_path`, `load_bytes`) into an arena of [`Node`]s and
+//! [`Value`]s addressed by typed ids ([`NodeId`], [`ValueId`]); ONNX names are kept as labels,
+//! weights are shared `ndarray` arrays ([`Tensor`]). On top of it: topological order and
+//! producer/consumer queries, per-op metadata ([`ops::op_spec`]: weight inputs, per-channel axes,
+//! MACs, shape inference), passes (batch-norm folding, Identity removal, constant folding of shape
+//! sub-graphs, dead-node elimination) and saving back to ONNX. No numeric kernels live here.
+//!
+//! ```no_run
+//! use qgraph::{DimBindings, load_path};
+//! let mut model = load_path("model.onnx")?;
+//! model.infer_shapes(&DimBindings::all(1))?;
+//! println!("{}", model.summary());
+//! # Ok::<(), qgraph::GraphError>(())
+//! ```
+#![forbid(unsafe_code)]
+
+mod attr;
+mod dtype;
+mod error;
+mod graph;
+mod ids;
+mod infer;
+mod load;
+pub mod ops;
+mod params;
+pub mod passes;
+mod save;
+mod shape;
+mod summary;
+mod tensor;
+
+pub use attr::Attribute;
+pub use dtype::DType;
+pub use error::{GraphError, Result};
+pub use graph::{Graph, Model, Node, NodeSpec, Opset, Value, ValueSource};
+pub use ids::{NodeId, Outlet, ValueId};
+pub use infer::ShapeReport;
+pub use load::{load_bytes, load_path, model_from_proto};
+pub use params::Param;
+pub use save::{model_to_proto, save_bytes, save_path, write_atomically};
+pub use shape::{Dim, DimBindings, Shape};
+pub use summary::{Port, Summary};
+pub use tensor::{Element, Tensor};

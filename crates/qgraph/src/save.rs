@@ -1,0 +1,219 @@
+//! IR → ONNX: encodes a `Model` back into a `ModelProto` (initializers as little-endian raw data,
+//! known types and shapes as `value_info`) and writes it atomically (temp file + rename).
+
+use std::io::Write;
+use std::path::Path;
+
+use onnx_protobuf::attribute_proto::AttributeType;
+use onnx_protobuf::tensor_shape_proto::Dimension;
+use onnx_protobuf::type_proto::Tensor as TensorTypeProto;
+use onnx_protobuf::{
+    AttributeProto, GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+
+use crate::attr::Attribute;
+use crate::error::{GraphError, Result};
+use crate::graph::{Graph, Model, ValueSource};
+use crate::ids::ValueId;
+use crate::shape::Dim;
+use crate::tensor::Tensor;
+
+/// Largest message protobuf can encode (2 GiB).
+const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
+
+/// Encodes the model as a `ModelProto`.
+pub fn model_to_proto(model: &Model) -> ModelProto {
+    let mut p = ModelProto::new();
+    p.ir_version = model.ir_version;
+    p.opset_import = model
+        .opsets
+        .iter()
+        .map(|o| {
+            let mut op = OperatorSetIdProto::new();
+            op.domain = o.domain.clone();
+            op.version = o.version;
+            op
+        })
+        .collect();
+    p.producer_name = model.producer_name.clone();
+    p.producer_version = model.producer_version.clone();
+    p.domain = model.domain.clone();
+    p.model_version = model.model_version;
+    p.doc_string = model.doc_string.clone();
+    p.metadata_props = model.metadata.iter().map(|(k, v)| string_pair(k, v)).collect();
+    p.functions = model.functions.clone();
+    p.graph = Some(graph_to_proto(&model.graph)).into();
+    p
+}
+
+/// Encodes the model as ONNX bytes.
+pub fn save_bytes(model: &Model) -> Result<Vec<u8>> {
+    let proto = model_to_proto(model);
+    let size = proto.compute_size();
+    if size > PROTOBUF_LIMIT {
+        return Err(GraphError::Encode {
+            detail: format!(
+                "the model needs {size} bytes, over protobuf's 2 GiB limit (external data saving is not supported)"
+            ),
+        });
+    }
+    proto.write_to_bytes().map_err(|e| GraphError::Encode { detail: e.to_string() })
+}
+
+/// Writes the model to `path` atomically: a temp file beside it, then a rename.
+pub fn save_path(model: &Model, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let bytes = save_bytes(model)?;
+    write_atomically(path, &bytes)
+}
+
+/// Writes `bytes` to a temp file next to `path`, syncs it, then renames it over `path`, so a reader
+/// never sees a half-written file and an interrupted write leaves the old file intact.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |source| GraphError::Io { path: path.into(), source };
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    let written = f.write_all(bytes).and_then(|()| f.sync_all());
+    drop(f);
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(())
+}
+
+fn string_pair(k: &str, v: &str) -> StringStringEntryProto {
+    let mut e = StringStringEntryProto::new();
+    e.key = k.to_string();
+    e.value = v.to_string();
+    e
+}
+
+fn graph_to_proto(g: &Graph) -> GraphProto {
+    let mut p = GraphProto::new();
+    p.name = g.name.clone();
+    p.doc_string = g.doc_string.clone();
+    for (_, n) in g.nodes() {
+        let mut np = NodeProto::new();
+        np.name = n.name.clone();
+        np.op_type = n.op_type.clone();
+        np.domain = n.domain.clone();
+        np.doc_string = n.doc_string.clone();
+        np.input =
+            n.inputs().iter().map(|v| v.map_or_else(String::new, |v| g.value(v).name.clone())).collect();
+        np.output =
+            n.outputs().iter().map(|v| v.map_or_else(String::new, |v| g.value(v).name.clone())).collect();
+        np.attribute = n.attrs.iter().map(|(name, a)| attribute_to_proto(name, a)).collect();
+        p.node.push(np);
+    }
+    for v in g.initializers() {
+        p.initializer.push(tensor_to_proto(&g.value(v).name, g.value(v).data.as_ref().unwrap()));
+    }
+    p.input = g.inputs().iter().map(|&v| value_info(g, v)).collect();
+    p.output = g.outputs().iter().map(|&v| value_info(g, v)).collect();
+    p.value_info = g
+        .value_ids()
+        .filter(|&v| {
+            let val = g.value(v);
+            matches!(val.source(), ValueSource::Node(_))
+                && !g.is_output(v)
+                && (val.dtype.is_some() || val.shape.is_some())
+        })
+        .map(|v| value_info(g, v))
+        .collect();
+    p
+}
+
+fn value_info(g: &Graph, v: ValueId) -> ValueInfoProto {
+    let val = g.value(v);
+    let mut vi = ValueInfoProto::new();
+    vi.name = val.name.clone();
+    let mut tt = TensorTypeProto::new();
+    tt.elem_type = val.dtype.map_or(0, |d| d.onnx_code());
+    if let Some(shape) = &val.shape {
+        let mut sp = TensorShapeProto::new();
+        sp.dim = shape
+            .0
+            .iter()
+            .map(|d| {
+                let mut dim = Dimension::new();
+                match d {
+                    Dim::Known(n) => dim.set_dim_value(*n as i64),
+                    Dim::Symbol(s) if !s.is_empty() => dim.set_dim_param(s.clone()),
+                    Dim::Symbol(_) => {}
+                }
+                dim
+            })
+            .collect();
+        tt.shape = Some(sp).into();
+    }
+    let mut tp = TypeProto::new();
+    tp.set_tensor_type(tt);
+    vi.type_ = Some(tp).into();
+    vi
+}
+
+/// Encodes a tensor as a `TensorProto` with little-endian `raw_data`.
+pub(crate) fn tensor_to_proto(name: &str, t: &Tensor) -> TensorProto {
+    let mut p = TensorProto::new();
+    p.name = name.to_string();
+    p.dims = t.shape().iter().map(|&d| d as i64).collect();
+    p.data_type = t.dtype().onnx_code();
+    p.raw_data = t.to_le_bytes();
+    p
+}
+
+fn attribute_to_proto(name: &str, a: &Attribute) -> AttributeProto {
+    if let Attribute::Verbatim(p) = a {
+        return (**p).clone();
+    }
+    let mut p = AttributeProto::new();
+    p.name = name.to_string();
+    let kind = match a {
+        Attribute::Float(f) => {
+            p.f = *f;
+            AttributeType::FLOAT
+        }
+        Attribute::Int(i) => {
+            p.i = *i;
+            AttributeType::INT
+        }
+        Attribute::String(s) => {
+            p.s = s.clone();
+            AttributeType::STRING
+        }
+        Attribute::Tensor(t) => {
+            p.t = Some(tensor_to_proto("", t)).into();
+            AttributeType::TENSOR
+        }
+        Attribute::Graph(g) => {
+            p.g = Some((**g).clone()).into();
+            AttributeType::GRAPH
+        }
+        Attribute::Floats(f) => {
+            p.floats = f.clone();
+            AttributeType::FLOATS
+        }
+        Attribute::Ints(i) => {
+            p.ints = i.clone();
+            AttributeType::INTS
+        }
+        Attribute::Strings(s) => {
+            p.strings = s.clone();
+            AttributeType::STRINGS
+        }
+        Attribute::Tensors(ts) => {
+            p.tensors = ts.iter().map(|t| tensor_to_proto("", t)).collect();
+            AttributeType::TENSORS
+        }
+        Attribute::Graphs(gs) => {
+            p.graphs = gs.clone();
+            AttributeType::GRAPHS
+        }
+        Attribute::Verbatim(_) => unreachable!("handled above"),
+    };
+    p.type_ = kind.into();
+    p
+}

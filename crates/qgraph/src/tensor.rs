@@ -1,0 +1,307 @@
+//! `Tensor`: a dtype-tagged, reference-counted `ndarray` array. Weights, constants and folded
+//! shape values are held as `Tensor`s; cloning one shares the buffer instead of copying it.
+
+use half::{bf16, f16};
+use ndarray::{ArcArray, ArrayD, IxDyn};
+
+use crate::dtype::DType;
+
+/// A shared n-dimensional array with a dtype tag. Clones are cheap (`ArcArray`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tensor {
+    /// f32 data.
+    F32(ArcArray<f32, IxDyn>),
+    /// f64 data.
+    F64(ArcArray<f64, IxDyn>),
+    /// f16 data.
+    F16(ArcArray<f16, IxDyn>),
+    /// bf16 data.
+    BF16(ArcArray<bf16, IxDyn>),
+    /// i8 data.
+    I8(ArcArray<i8, IxDyn>),
+    /// u8 data.
+    U8(ArcArray<u8, IxDyn>),
+    /// i16 data.
+    I16(ArcArray<i16, IxDyn>),
+    /// u16 data.
+    U16(ArcArray<u16, IxDyn>),
+    /// i32 data.
+    I32(ArcArray<i32, IxDyn>),
+    /// u32 data.
+    U32(ArcArray<u32, IxDyn>),
+    /// i64 data.
+    I64(ArcArray<i64, IxDyn>),
+    /// u64 data.
+    U64(ArcArray<u64, IxDyn>),
+    /// bool data.
+    Bool(ArcArray<bool, IxDyn>),
+}
+
+/// Applies `$body` to the array inside any variant, binding it as `$a`.
+macro_rules! with_array {
+    ($t:expr, $a:ident => $body:expr) => {
+        match $t {
+            Tensor::F32($a) => $body,
+            Tensor::F64($a) => $body,
+            Tensor::F16($a) => $body,
+            Tensor::BF16($a) => $body,
+            Tensor::I8($a) => $body,
+            Tensor::U8($a) => $body,
+            Tensor::I16($a) => $body,
+            Tensor::U16($a) => $body,
+            Tensor::I32($a) => $body,
+            Tensor::U32($a) => $body,
+            Tensor::I64($a) => $body,
+            Tensor::U64($a) => $body,
+            Tensor::Bool($a) => $body,
+        }
+    };
+}
+
+/// Element types a `Tensor` can hold, with their little-endian byte codec.
+pub trait Element: Copy + Default + Send + Sync + 'static {
+    /// The dtype tag of this element type.
+    const DTYPE: DType;
+    /// Decodes one element from `DTYPE.size_of()` little-endian bytes.
+    fn from_le(bytes: &[u8]) -> Self;
+    /// Appends the little-endian encoding of `self`.
+    fn push_le(self, out: &mut Vec<u8>);
+    /// Wraps an array of this element type into a `Tensor`.
+    fn wrap(a: ArcArray<Self, IxDyn>) -> Tensor;
+    /// The array inside `t` if it holds this element type.
+    fn unwrap(t: &Tensor) -> Option<&ArcArray<Self, IxDyn>>;
+}
+
+macro_rules! numeric_element {
+    ($ty:ty, $variant:ident, $n:expr) => {
+        impl Element for $ty {
+            const DTYPE: DType = DType::$variant;
+            fn from_le(bytes: &[u8]) -> Self {
+                let mut b = [0u8; $n];
+                b.copy_from_slice(&bytes[..$n]);
+                <$ty>::from_le_bytes(b)
+            }
+            fn push_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn wrap(a: ArcArray<Self, IxDyn>) -> Tensor {
+                Tensor::$variant(a)
+            }
+            fn unwrap(t: &Tensor) -> Option<&ArcArray<Self, IxDyn>> {
+                match t {
+                    Tensor::$variant(a) => Some(a),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+numeric_element!(f32, F32, 4);
+numeric_element!(f64, F64, 8);
+numeric_element!(f16, F16, 2);
+numeric_element!(bf16, BF16, 2);
+numeric_element!(i8, I8, 1);
+numeric_element!(u8, U8, 1);
+numeric_element!(i16, I16, 2);
+numeric_element!(u16, U16, 2);
+numeric_element!(i32, I32, 4);
+numeric_element!(u32, U32, 4);
+numeric_element!(i64, I64, 8);
+numeric_element!(u64, U64, 8);
+
+impl Element for bool {
+    const DTYPE: DType = DType::Bool;
+    fn from_le(bytes: &[u8]) -> Self {
+        bytes[0] != 0
+    }
+    fn push_le(self, out: &mut Vec<u8>) {
+        out.push(u8::from(self));
+    }
+    fn wrap(a: ArcArray<Self, IxDyn>) -> Tensor {
+        Tensor::Bool(a)
+    }
+    fn unwrap(t: &Tensor) -> Option<&ArcArray<Self, IxDyn>> {
+        match t {
+            Tensor::Bool(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+impl Tensor {
+    /// Builds a tensor from a shape and a flat row-major vector. `None` if the lengths disagree.
+    pub fn from_vec<T: Element>(shape: &[usize], data: Vec<T>) -> Option<Tensor> {
+        ArrayD::from_shape_vec(IxDyn(shape), data).ok().map(|a| T::wrap(a.into_shared()))
+    }
+
+    /// A scalar (rank-0) tensor.
+    pub fn scalar<T: Element>(v: T) -> Tensor {
+        T::wrap(ArrayD::from_elem(IxDyn(&[]), v).into_shared())
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Tensor::F32(_) => DType::F32,
+            Tensor::F64(_) => DType::F64,
+            Tensor::F16(_) => DType::F16,
+            Tensor::BF16(_) => DType::BF16,
+            Tensor::I8(_) => DType::I8,
+            Tensor::U8(_) => DType::U8,
+            Tensor::I16(_) => DType::I16,
+            Tensor::U16(_) => DType::U16,
+            Tensor::I32(_) => DType::I32,
+            Tensor::U32(_) => DType::U32,
+            Tensor::I64(_) => DType::I64,
+            Tensor::U64(_) => DType::U64,
+            Tensor::Bool(_) => DType::Bool,
+        }
+    }
+
+    /// The dimensions.
+    pub fn shape(&self) -> &[usize] {
+        with_array!(self, a => a.shape())
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        with_array!(self, a => a.len())
+    }
+
+    /// Whether the tensor has no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The array if the tensor holds `T`.
+    pub fn view<T: Element>(&self) -> Option<&ArcArray<T, IxDyn>> {
+        T::unwrap(self)
+    }
+
+    /// The f32 array, if this is an f32 tensor.
+    pub fn as_f32(&self) -> Option<&ArcArray<f32, IxDyn>> {
+        self.view::<f32>()
+    }
+
+    /// Integer (or bool) elements widened to i64 in row-major order; `None` for float tensors.
+    /// Used for shape, axes and index tensors.
+    pub fn to_i64_vec(&self) -> Option<Vec<i64>> {
+        Some(match self {
+            Tensor::I8(a) => a.iter().map(|&v| i64::from(v)).collect(),
+            Tensor::U8(a) => a.iter().map(|&v| i64::from(v)).collect(),
+            Tensor::I16(a) => a.iter().map(|&v| i64::from(v)).collect(),
+            Tensor::U16(a) => a.iter().map(|&v| i64::from(v)).collect(),
+            Tensor::I32(a) => a.iter().map(|&v| i64::from(v)).collect(),
+            Tensor::U32(a) => a.iter().map(|&v| i64::from(v)).collect(),
+            Tensor::I64(a) => a.iter().copied().collect(),
+            Tensor::U64(a) => a.iter().map(|&v| v as i64).collect(),
+            Tensor::Bool(a) => a.iter().map(|&v| i64::from(v)).collect(),
+            _ => return None,
+        })
+    }
+
+    /// Elements converted to f64 in row-major order (any dtype).
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        match self {
+            Tensor::F32(a) => a.iter().map(|&v| f64::from(v)).collect(),
+            Tensor::F64(a) => a.iter().copied().collect(),
+            Tensor::F16(a) => a.iter().map(|&v| f64::from(v)).collect(),
+            Tensor::BF16(a) => a.iter().map(|&v| f64::from(v)).collect(),
+            other => other.to_i64_vec().unwrap_or_default().into_iter().map(|v| v as f64).collect(),
+        }
+    }
+
+    /// Builds a tensor of `dtype` from i64 values (integer and bool dtypes cast with `as`,
+    /// floats converted). Used by shape-value folding.
+    pub fn from_i64s(dtype: DType, shape: &[usize], v: &[i64]) -> Option<Tensor> {
+        match dtype {
+            DType::I64 => Tensor::from_vec(shape, v.to_vec()),
+            DType::I32 => Tensor::from_vec(shape, v.iter().map(|&x| x as i32).collect()),
+            DType::I16 => Tensor::from_vec(shape, v.iter().map(|&x| x as i16).collect()),
+            DType::U16 => Tensor::from_vec(shape, v.iter().map(|&x| x as u16).collect()),
+            DType::I8 => Tensor::from_vec(shape, v.iter().map(|&x| x as i8).collect()),
+            DType::U8 => Tensor::from_vec(shape, v.iter().map(|&x| x as u8).collect()),
+            DType::U32 => Tensor::from_vec(shape, v.iter().map(|&x| x as u32).collect()),
+            DType::U64 => Tensor::from_vec(shape, v.iter().map(|&x| x as u64).collect()),
+            DType::Bool => Tensor::from_vec(shape, v.iter().map(|&x| x != 0).collect()),
+            DType::F32 => Tensor::from_vec(shape, v.iter().map(|&x| x as f32).collect()),
+            DType::F64 => Tensor::from_vec(shape, v.iter().map(|&x| x as f64).collect()),
+            DType::F16 => Tensor::from_vec(shape, v.iter().map(|&x| f16::from_f64(x as f64)).collect()),
+            DType::BF16 => Tensor::from_vec(shape, v.iter().map(|&x| bf16::from_f64(x as f64)).collect()),
+        }
+    }
+
+    /// Decodes little-endian raw bytes (ONNX `raw_data` layout). `None` if the byte count does not
+    /// match the shape.
+    pub fn from_le_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Option<Tensor> {
+        fn decode<T: Element>(shape: &[usize], bytes: &[u8]) -> Option<Tensor> {
+            let n = T::DTYPE.size_of();
+            let data: Vec<T> = bytes.chunks_exact(n).map(T::from_le).collect();
+            Tensor::from_vec(shape, data)
+        }
+        let count: usize = shape.iter().product();
+        if bytes.len() != count.checked_mul(dtype.size_of())? {
+            return None;
+        }
+        match dtype {
+            DType::F32 => decode::<f32>(shape, bytes),
+            DType::F64 => decode::<f64>(shape, bytes),
+            DType::F16 => decode::<f16>(shape, bytes),
+            DType::BF16 => decode::<bf16>(shape, bytes),
+            DType::I8 => decode::<i8>(shape, bytes),
+            DType::U8 => decode::<u8>(shape, bytes),
+            DType::I16 => decode::<i16>(shape, bytes),
+            DType::U16 => decode::<u16>(shape, bytes),
+            DType::I32 => decode::<i32>(shape, bytes),
+            DType::U32 => decode::<u32>(shape, bytes),
+            DType::I64 => decode::<i64>(shape, bytes),
+            DType::U64 => decode::<u64>(shape, bytes),
+            DType::Bool => decode::<bool>(shape, bytes),
+        }
+    }
+
+    /// Encodes the elements in row-major order as little-endian bytes.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len() * self.dtype().size_of());
+        with_array!(self, a => for &v in a.iter() { v.push_le(&mut out) });
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn le_bytes_round_trip_every_dtype() {
+        let dtypes = [
+            DType::F32,
+            DType::F64,
+            DType::F16,
+            DType::BF16,
+            DType::I8,
+            DType::U8,
+            DType::I16,
+            DType::U16,
+            DType::I32,
+            DType::U32,
+            DType::I64,
+            DType::U64,
+            DType::Bool,
+        ];
+        for d in dtypes {
+            let t = Tensor::from_i64s(d, &[2, 3], &[0, 1, 0, 1, 1, 0]).unwrap();
+            let bytes = t.to_le_bytes();
+            assert_eq!(bytes.len(), 6 * d.size_of());
+            assert_eq!(Tensor::from_le_bytes(d, &[2, 3], &bytes).unwrap(), t, "{d}");
+            assert!(Tensor::from_le_bytes(d, &[2, 2], &bytes).is_none());
+        }
+    }
+
+    #[test]
+    fn clones_share_the_buffer() {
+        let t = Tensor::from_vec(&[3], vec![1.0f32, 2.0, 3.0]).unwrap();
+        let u = t.clone();
+        assert_eq!(t.as_f32().unwrap().as_ptr(), u.as_f32().unwrap().as_ptr());
+    }
+}
