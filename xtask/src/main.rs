@@ -1,1 +1,31 @@
-fn main() {}
+//! `cargo xtask`: project automation that needs the outside world — the checks on the real models
+//! in `../shared/zoo`, benchmarks against onnxruntime, and model inspection. Library code lives in
+//! the workspace crates; this binary only orchestrates and reports.
+
+mod bench;
+mod python;
+mod zoo;
+
+use anyhow::{Result, bail};
+
+const USAGE: &str = "usage: cargo xtask <command>
+commands:
+  zoo            run every check on the real models of ../shared/zoo (fails if it is missing)
+  bench [load]   measure against the reference implementation in the same run, print ratios
+  inspect MODEL  print a model summary (inputs/outputs, ops, parameters, MACs at batch 1)";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("zoo") => zoo::run(),
+        Some("bench") => bench::run(args.get(1).map(String::as_str)),
+        Some("inspect") => {
+            let Some(path) = args.get(1) else { bail!("{USAGE}") };
+            let mut m = qgraph::load_path(path)?;
+            m.infer_shapes(&qgraph::DimBindings::all(1))?;
+            print!("{}", m.summary());
+            Ok(())
+        }
+        _ => bail!("{USAGE}"),
+    }
+}

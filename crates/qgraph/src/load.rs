@@ -19,6 +19,7 @@ use crate::graph::{Graph, Model, Node, Opset, ValueSource};
 use crate::ids::{NodeId, Outlet};
 use crate::shape::{Dim, Shape};
 use crate::tensor::Tensor;
+use rayon::prelude::*;
 
 /// Loads a model from a file; external data files are resolved next to it.
 pub fn load_path(path: impl AsRef<Path>) -> Result<Model> {
@@ -86,8 +87,8 @@ fn graph_from_proto(g: &GraphProto, base_dir: Option<&Path>) -> Result<Graph> {
         return Err(GraphError::Unsupported { detail: format!("sparse initializer '{name}'") });
     }
 
-    for t in &g.initializer {
-        let data = decode_tensor(t, base_dir)?;
+    let decoded = decode_initializers(&g.initializer, base_dir)?;
+    for (t, data) in g.initializer.iter().zip(decoded) {
         if graph.value_id(&t.name).is_some() {
             return Err(GraphError::DuplicateValue { name: t.name.clone(), by: "an initializer".into() });
         }
@@ -226,6 +227,54 @@ fn graph_from_proto(g: &GraphProto, base_dir: Option<&Path>) -> Result<Graph> {
     Ok(graph)
 }
 
+/// Decodes all initializers. Little-endian raw payloads, the bulk of a large model, are decoded on
+/// the rayon pool (protobuf messages are not `Sync`, so the jobs carry plain slices).
+fn decode_initializers(tensors: &[TensorProto], base_dir: Option<&Path>) -> Result<Vec<Tensor>> {
+    struct RawJob<'a> {
+        index: usize,
+        dtype: DType,
+        shape: Vec<usize>,
+        bytes: &'a [u8],
+    }
+    let mut out: Vec<Option<Tensor>> = vec![None; tensors.len()];
+    let mut jobs = Vec::new();
+    for (index, t) in tensors.iter().enumerate() {
+        let raw = !t.raw_data.is_empty()
+            && t.data_location.value() != DataLocation::EXTERNAL as i32
+            && t.segment.is_none();
+        match (raw, DType::from_onnx(t.data_type)) {
+            (true, Some(dtype)) => {
+                let shape = tensor_shape(t)?;
+                jobs.push(RawJob { index, dtype, shape, bytes: &t.raw_data });
+            }
+            _ => out[index] = Some(decode_tensor(t, base_dir)?),
+        }
+    }
+    let decoded: Vec<(usize, Option<Tensor>)> =
+        jobs.par_iter().map(|j| (j.index, Tensor::from_le_bytes(j.dtype, &j.shape, j.bytes))).collect();
+    for (index, t) in decoded {
+        // A size mismatch is reported by the sequential decoder, which names the tensor.
+        out[index] = Some(match t {
+            Some(t) => t,
+            None => decode_tensor(&tensors[index], base_dir)?,
+        });
+    }
+    Ok(out.into_iter().map(|t| t.expect("every initializer decoded")).collect())
+}
+
+/// The dims of a tensor proto as sizes.
+fn tensor_shape(t: &TensorProto) -> Result<Vec<usize>> {
+    t.dims
+        .iter()
+        .map(|&d| {
+            usize::try_from(d).map_err(|_| GraphError::TensorData {
+                tensor: t.name.clone(),
+                detail: format!("negative dimension {d}"),
+            })
+        })
+        .collect()
+}
+
 /// Names a subgraph reads but does not define: its outer-scope dependencies.
 fn free_names(g: &GraphProto) -> Vec<String> {
     let mut defined: HashSet<&str> = HashSet::new();
@@ -310,10 +359,7 @@ pub(crate) fn decode_tensor(t: &TensorProto, base_dir: Option<&Path>) -> Result<
     if t.segment.is_some() {
         return Err(GraphError::Unsupported { detail: format!("segmented tensor '{}'", t.name) });
     }
-    let mut shape = Vec::with_capacity(t.dims.len());
-    for &d in &t.dims {
-        shape.push(usize::try_from(d).map_err(|_| bad(format!("negative dimension {d}")))?);
-    }
+    let shape = tensor_shape(t)?;
     let count = shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))

@@ -74,10 +74,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Litemp { model } => {
-            qgraph::load_path(&model)?;
-            Err(Failure::Internal(anyhow::anyhow!(
-                "litemp is not implemented yet: it arrives with the qanalyze/qmix issues"
-            )))
+            println!(
+                "litemp {}: not implemented yet (arrives with the qanalyze and qmix crates)",
+                model.display()
+            );
+            Ok(())
         }
     }
 }

@@ -1,0 +1,63 @@
+//! The Python side of the oracles: makes sure `onnx` and `onnxruntime` are importable (installing
+//! them with pip when not) and runs the project's helper scripts in `xtask/python/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Pinned versions of the oracle packages.
+const PACKAGES: &[&str] = &["onnx==1.17.0", "onnxruntime==1.31.1", "numpy"];
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Installs the oracle packages unless they import already.
+pub fn ensure_oracles() -> Result<()> {
+    let ok = Command::new(python()).args(["-c", "import onnx, onnxruntime, numpy"]).output();
+    if ok.is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    eprintln!("installing {} with pip", PACKAGES.join(" "));
+    let status = Command::new(python())
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args(PACKAGES)
+        .status()
+        .context("running pip")?;
+    if !status.success() {
+        bail!("pip could not install {}", PACKAGES.join(" "));
+    }
+    Ok(())
+}
+
+/// The folder of the helper scripts.
+pub fn scripts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("python")
+}
+
+/// Runs `script` with `args`, streaming its output; errors if it fails.
+pub fn run_script(script: &str, args: &[&str]) -> Result<()> {
+    let status = Command::new(python())
+        .arg(scripts_dir().join(script))
+        .args(args)
+        .status()
+        .with_context(|| format!("running {script}"))?;
+    if !status.success() {
+        bail!("{script} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `script` with `args` and returns its standard output.
+pub fn script_output(script: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(python())
+        .arg(scripts_dir().join(script))
+        .args(args)
+        .output()
+        .with_context(|| format!("running {script}"))?;
+    if !out.status.success() {
+        bail!("{script} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
