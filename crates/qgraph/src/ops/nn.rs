@@ -75,6 +75,17 @@ fn window_output(node: &Node, spatial: &[Dim], kernel: &[usize], ceil_mode: bool
     Ok(out)
 }
 
+/// Input shape and weight dims of a convolution, checked for rank; `None` while either is unknown.
+fn conv_operands<'a>(node: &Node, inputs: &'a [Option<Fact>]) -> Result<Option<(&'a Shape, Vec<usize>)>> {
+    let x = required(node, inputs, 0)?;
+    let w = required(node, inputs, 1)?;
+    let (Some(xs), Some(wd)) = (&x.shape, w.dims()) else { return Ok(None) };
+    if xs.rank() < 3 || wd.len() != xs.rank() {
+        return Err(node.shape_error(format!("input {xs} and weight {wd:?} ranks do not fit a convolution")));
+    }
+    Ok(Some((xs, wd)))
+}
+
 /// Per-sample MACs: output elements (batch excluded) times the weight elements feeding each one.
 fn per_sample(out: &Fact, per_output: u64) -> Option<u64> {
     let d = out.dims()?;
@@ -96,13 +107,9 @@ impl OpSpec for ConvOp {
     }
     fn infer(&self, node: &Node, inputs: &[Option<Fact>], _opset: i64) -> Result<Vec<Fact>> {
         let x = required(node, inputs, 0)?;
-        let w = required(node, inputs, 1)?;
-        let (Some(xs), Some(wd)) = (&x.shape, w.dims()) else { return Ok(vec![Fact::typed(x.dtype, None)]) };
-        if xs.rank() < 3 || wd.len() != xs.rank() {
-            return Err(
-                node.shape_error(format!("input {xs} and weight {wd:?} ranks do not fit a convolution"))
-            );
-        }
+        let Some((xs, wd)) = conv_operands(node, inputs)? else {
+            return Ok(vec![Fact::typed(x.dtype, None)]);
+        };
         let group = node.int_attr("group", 1)?.max(1) as usize;
         if let Some(c) = xs.0[1].known()
             && c != wd[1] * group
@@ -135,13 +142,9 @@ impl OpSpec for ConvTransposeOp {
     }
     fn infer(&self, node: &Node, inputs: &[Option<Fact>], _opset: i64) -> Result<Vec<Fact>> {
         let x = required(node, inputs, 0)?;
-        let w = required(node, inputs, 1)?;
-        let (Some(xs), Some(wd)) = (&x.shape, w.dims()) else { return Ok(vec![Fact::typed(x.dtype, None)]) };
-        if xs.rank() < 3 || wd.len() != xs.rank() {
-            return Err(
-                node.shape_error(format!("input {xs} and weight {wd:?} ranks do not fit a convolution"))
-            );
-        }
+        let Some((xs, wd)) = conv_operands(node, inputs)? else {
+            return Ok(vec![Fact::typed(x.dtype, None)]);
+        };
         let n = xs.rank() - 2;
         let group = node.int_attr("group", 1)?.max(1) as usize;
         let kernel: Vec<i64> = node
