@@ -166,9 +166,6 @@ pub(crate) fn tensor_to_proto(name: &str, t: &Tensor) -> TensorProto {
 }
 
 fn attribute_to_proto(name: &str, a: &Attribute) -> AttributeProto {
-    if let Attribute::Verbatim(p) = a {
-        return (**p).clone();
-    }
     let mut p = AttributeProto::new();
     p.name = name.to_string();
     let kind = match a {
@@ -212,7 +209,7 @@ fn attribute_to_proto(name: &str, a: &Attribute) -> AttributeProto {
             p.graphs = gs.clone();
             AttributeType::GRAPHS
         }
-        Attribute::Verbatim(_) => unreachable!("handled above"),
+        Attribute::Verbatim(verbatim) => return (**verbatim).clone(),
     };
     p.type_ = kind.into();
     p

@@ -61,8 +61,7 @@ impl Model {
             }
         }
         let mut op_histogram: Vec<(String, usize)> = hist.into_iter().collect();
-        op_histogram
-            .sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.1.to_string()).then(a.0.cmp(&b.0))));
+        op_histogram.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let (mut float_params, mut total_params) = (0u64, 0u64);
         for v in g.value_ids() {
             if let Some(t) = g.static_value(v) {
