@@ -1,0 +1,182 @@
+//! Quantize-dequantize (spec §1.2): NaN → min, clamp to `[min, max]`, `q = round(x/Δ − offset)`,
+//! `y = Δ·(q + offset)`, all in f32 — per tensor or per channel along any axis — plus quantization
+//! to integers for QDQ export.
+
+use crate::encoding::Encoding;
+use crate::error::KernelError;
+
+/// How `x/Δ − offset` is rounded to the grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Rounding {
+    /// Ties away from zero (C `round`): AIMET's simulation.
+    #[default]
+    HalfAwayFromZero,
+    /// Ties to even: ONNX `QuantizeLinear`, for exported QDQ models.
+    HalfToEven,
+}
+
+/// The f32 constants of one encoding, as the kernel uses them.
+#[derive(Debug, Clone, Copy)]
+struct Grid {
+    min: f32,
+    max: f32,
+    delta: f32,
+    offset: f32,
+    steps: f32,
+}
+
+impl Grid {
+    fn of(e: &Encoding) -> Grid {
+        Grid {
+            min: e.min as f32,
+            max: e.max as f32,
+            delta: e.delta as f32,
+            offset: e.offset as f32,
+            steps: e.steps as f32,
+        }
+    }
+
+    /// Grid index of `x` in `[0, N]`.
+    #[inline(always)]
+    fn index(&self, x: f32, rounding: Rounding) -> f32 {
+        let v = if x.is_nan() { self.min } else { x.clamp(self.min, self.max) };
+        let t = v / self.delta - self.offset;
+        let q = match rounding {
+            Rounding::HalfAwayFromZero => t.round(),
+            Rounding::HalfToEven => t.round_ties_even(),
+        };
+        q.clamp(0.0, self.steps)
+    }
+
+    #[inline(always)]
+    fn qdq(&self, x: f32, rounding: Rounding) -> f32 {
+        self.delta * (self.index(x, rounding) + self.offset)
+    }
+}
+
+/// Fake-quantizes `data` in place with AIMET's rounding.
+pub fn fake_quant(data: &mut [f32], enc: &Encoding) {
+    fake_quant_with(data, enc, Rounding::HalfAwayFromZero);
+}
+
+/// Fake-quantizes `data` in place with the given rounding.
+pub fn fake_quant_with(data: &mut [f32], enc: &Encoding, rounding: Rounding) {
+    let g = Grid::of(enc);
+    for x in data {
+        *x = g.qdq(*x, rounding);
+    }
+}
+
+/// Splits a row-major `shape` at `axis` into (outer, channels, inner) extents.
+fn channel_layout(
+    len: usize,
+    shape: &[usize],
+    axis: usize,
+    encodings: usize,
+) -> Result<(usize, usize, usize), KernelError> {
+    if axis >= shape.len() {
+        return Err(KernelError::Layout(format!("axis {axis} out of range for shape {shape:?}")));
+    }
+    if shape.iter().product::<usize>() != len {
+        return Err(KernelError::Layout(format!("shape {shape:?} does not hold {len} elements")));
+    }
+    if shape[axis] != encodings {
+        return Err(KernelError::Layout(format!(
+            "{encodings} encodings for {} channels on axis {axis}",
+            shape[axis]
+        )));
+    }
+    let outer = shape[..axis].iter().product();
+    let inner = shape[axis + 1..].iter().product();
+    Ok((outer, shape[axis], inner))
+}
+
+/// Fake-quantizes `data` (row-major, `shape`) in place with one encoding per index of `axis`.
+pub fn fake_quant_per_channel(
+    data: &mut [f32],
+    shape: &[usize],
+    axis: usize,
+    encodings: &[Encoding],
+    rounding: Rounding,
+) -> Result<(), KernelError> {
+    let (_, channels, inner) = channel_layout(data.len(), shape, axis, encodings.len())?;
+    let grids: Vec<Grid> = encodings.iter().map(Grid::of).collect();
+    if inner == 0 {
+        return Ok(());
+    }
+    for (block, chunk) in data.chunks_mut(inner).enumerate() {
+        let g = grids[block % channels];
+        for x in chunk {
+            *x = g.qdq(*x, rounding);
+        }
+    }
+    Ok(())
+}
+
+/// Quantizes to integers on the encoding's signed or unsigned view: `q + offset + shift`, where
+/// `shift` is `2^(b−1)` for a symmetric dtype view (AIMET `int<b>`) and 0 for unsigned (`uint<b>`).
+/// With `signed = true` int8 symmetric values land in `[−128, 127]`.
+pub fn quantize_to_int(data: &[f32], enc: &Encoding, signed: bool, rounding: Rounding) -> Vec<i32> {
+    let g = Grid::of(enc);
+    let shift = if signed { 2f32.powi(enc.bitwidth as i32 - 1) } else { 0.0 };
+    data.iter().map(|&x| (g.index(x, rounding) - shift) as i32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoding::QuantSpec;
+
+    #[test]
+    fn ties_in_the_step_domain_round_up() {
+        // delta 2^-7, offset -128: -127.5, -0.5, 0.5, 2.5 steps.
+        let e = Encoding::from_scale_offset(1.0 / 128.0, -128.0, 8, 255.0);
+        let mut x: Vec<f32> = [-127.5f32, -0.5, 0.5, 2.5].iter().map(|s| s / 128.0).collect();
+        fake_quant(&mut x, &e);
+        let steps: Vec<f32> = x.iter().map(|v| v * 128.0).collect();
+        assert_eq!(steps, [-127.0, 0.0, 1.0, 3.0]);
+        let mut y: Vec<f32> = [0.5f32, 2.5].iter().map(|s| s / 128.0).collect();
+        fake_quant_with(&mut y, &e, Rounding::HalfToEven);
+        assert_eq!(y.iter().map(|v| v * 128.0).collect::<Vec<_>>(), [0.0, 2.0]);
+    }
+
+    #[test]
+    fn clamps_and_maps_nan_to_min() {
+        let e = Encoding::from_range(-1.0, 2.0, QuantSpec::asymmetric(8)).unwrap();
+        let mut x = [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 100.0, -100.0, 0.0];
+        fake_quant(&mut x, &e);
+        let (lo, hi) = (e.min as f32, e.max as f32);
+        assert_eq!(x[0], lo);
+        assert_eq!(x[1], lo);
+        assert!((x[2] - hi).abs() <= 1e-6 && (x[4] - hi).abs() <= 1e-6);
+        assert!((x[3] - lo).abs() <= 1e-6 && (x[5] - lo).abs() <= 1e-6);
+        assert_eq!(x[6], 0.0, "zero is exactly representable");
+    }
+
+    #[test]
+    fn per_channel_uses_each_channels_grid() {
+        let encs: Vec<Encoding> = [1.0, 10.0]
+            .iter()
+            .map(|&m| Encoding::from_range(-m, m, QuantSpec::symmetric(8)).unwrap())
+            .collect();
+        // shape [2, 3] along axis 0, and [3, 2] along axis 1.
+        let mut a = [0.3f32, 0.9, 5.0, 0.3, 0.9, 5.0];
+        fake_quant_per_channel(&mut a, &[2, 3], 0, &encs, Rounding::default()).unwrap();
+        assert_eq!(a[2], 1.0, "channel 0 clamps at its max");
+        assert!((a[5] - 5.0).abs() < 10.0 / 127.0);
+        let mut b = [5.0f32, 5.0, 5.0, 5.0, 5.0, 5.0];
+        fake_quant_per_channel(&mut b, &[3, 2], 1, &encs, Rounding::default()).unwrap();
+        assert_eq!(b[0], 1.0);
+        assert!((b[1] - 5.0).abs() < 0.04);
+        assert!(fake_quant_per_channel(&mut b, &[3, 2], 0, &encs, Rounding::default()).is_err());
+        assert!(fake_quant_per_channel(&mut b, &[3, 2], 2, &encs, Rounding::default()).is_err());
+    }
+
+    #[test]
+    fn integer_views() {
+        let e = Encoding::from_range(-1.0, 1.0, QuantSpec::symmetric(8)).unwrap();
+        assert_eq!(quantize_to_int(&[-1.0, 0.0, 1.0], &e, true, Rounding::HalfToEven), [-127, 0, 127]);
+        let u = Encoding::from_range(0.0, 2.55, QuantSpec::asymmetric(8)).unwrap();
+        assert_eq!(quantize_to_int(&[0.0, 2.55, 9.0], &u, false, Rounding::HalfToEven), [0, 255, 255]);
+    }
+}

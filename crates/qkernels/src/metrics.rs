@@ -1,0 +1,71 @@
+//! Error metrics between a reference and a quantized tensor, accumulated in f64: MSE, SQNR in dB,
+//! and AIMET's PSNR exactly as `compute_psnr` defines it (spec §5.2).
+
+use crate::error::KernelError;
+
+fn check(a: &[f32], b: &[f32]) -> Result<(), KernelError> {
+    if a.len() == b.len() { Ok(()) } else { Err(KernelError::LengthMismatch(a.len(), b.len())) }
+}
+
+/// Mean squared error.
+pub fn mse(reference: &[f32], actual: &[f32]) -> Result<f64, KernelError> {
+    check(reference, actual)?;
+    if reference.is_empty() {
+        return Ok(0.0);
+    }
+    let sum: f64 = reference.iter().zip(actual).map(|(&r, &a)| (f64::from(r) - f64::from(a)).powi(2)).sum();
+    Ok(sum / reference.len() as f64)
+}
+
+/// Signal-to-quantization-noise ratio in dB: `10·log10(Σ ref² / Σ (ref − actual)²)`; `+inf` when
+/// the tensors are equal.
+pub fn sqnr_db(reference: &[f32], actual: &[f32]) -> Result<f64, KernelError> {
+    check(reference, actual)?;
+    let (mut signal, mut noise) = (0f64, 0f64);
+    for (&r, &a) in reference.iter().zip(actual) {
+        signal += f64::from(r).powi(2);
+        noise += (f64::from(r) - f64::from(a)).powi(2);
+    }
+    Ok(10.0 * (signal / noise).log10())
+}
+
+/// AIMET's PSNR: `range = max(max(e) − min(e), max|e|)` floored at 1e−10, `noise = sqrt(mse)`
+/// floored at 1e−15, `20·log10(range/noise)` clipped to [−100, 100]; −100 when `actual` holds a
+/// non-finite value. `expected` must be finite (AIMET raises otherwise; here: `None`).
+pub fn psnr_aimet(expected: &[f32], actual: &[f32]) -> Result<Option<f64>, KernelError> {
+    const MAX_PSNR: f64 = 100.0;
+    check(expected, actual)?;
+    if expected.iter().any(|v| !v.is_finite()) {
+        return Ok(None);
+    }
+    if actual.iter().any(|v| !v.is_finite()) {
+        return Ok(Some(-MAX_PSNR));
+    }
+    let (lo, hi, amax) =
+        expected.iter().fold((f64::INFINITY, f64::NEG_INFINITY, 0f64), |(lo, hi, am), &v| {
+            let v = f64::from(v);
+            (lo.min(v), hi.max(v), am.max(v.abs()))
+        });
+    let range = if expected.is_empty() { 0.0 } else { (hi - lo).max(amax) }.max(1e-10);
+    let noise = mse(expected, actual)?.sqrt().max(1e-10 * 10f64.powf(-MAX_PSNR / 20.0));
+    Ok(Some((20.0 * (range / noise).log10()).clamp(-MAX_PSNR, MAX_PSNR)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_computed_values() {
+        let r = [1.0f32, -1.0, 2.0, 0.0];
+        let a = [1.0f32, -1.0, 1.0, 0.0];
+        assert_eq!(mse(&r, &a).unwrap(), 0.25);
+        assert!((sqnr_db(&r, &a).unwrap() - 10.0 * 6f64.log10()).abs() < 1e-12);
+        // range = max(2 − (−1), 2) = 3; noise = 0.5 ⇒ 20·log10(6).
+        assert!((psnr_aimet(&r, &a).unwrap().unwrap() - 20.0 * 6f64.log10()).abs() < 1e-12);
+        assert_eq!(psnr_aimet(&r, &r).unwrap(), Some(100.0));
+        assert_eq!(psnr_aimet(&r, &[f32::NAN, 0.0, 0.0, 0.0]).unwrap(), Some(-100.0));
+        assert_eq!(psnr_aimet(&[f32::INFINITY], &[0.0]).unwrap(), None);
+        assert!(mse(&r, &a[..2]).is_err());
+    }
+}
