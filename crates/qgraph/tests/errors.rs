@@ -6,9 +6,7 @@
 mod common;
 
 use common::*;
-use onnx_protobuf::{
-    GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto,
-};
+use onnx_protobuf::{GraphProto, Message, ModelProto, OperatorSetIdProto, TensorProto, ValueInfoProto};
 use proptest::prelude::*;
 use qgraph::{DimBindings, GraphError, load_bytes};
 
@@ -16,15 +14,6 @@ fn vi(name: &str) -> ValueInfoProto {
     let mut v = ValueInfoProto::new();
     v.name = name.into();
     v
-}
-
-fn nproto(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
-    let mut n = NodeProto::new();
-    n.op_type = op.into();
-    n.name = name.into();
-    n.input = inputs.iter().map(|s| s.to_string()).collect();
-    n.output = outputs.iter().map(|s| s.to_string()).collect();
-    n
 }
 
 fn bytes_of(g: GraphProto) -> Vec<u8> {

@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use onnx_protobuf::tensor_proto::DataLocation;
 use onnx_protobuf::{
-    AttributeProto, GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
-    TensorProto, ValueInfoProto,
+    AttributeProto, GraphProto, Message, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
+    ValueInfoProto,
 };
 use qgraph::{Attribute, DType, DimBindings, Tensor, ValueSource, load_bytes, load_path, save_bytes};
 
@@ -36,15 +36,6 @@ fn vi(name: &str, dtype: i32, dims: &[i64]) -> ValueInfoProto {
     tp.set_tensor_type(tt);
     v.type_ = Some(tp).into();
     v
-}
-
-fn nproto(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
-    let mut n = NodeProto::new();
-    n.op_type = op.into();
-    n.name = name.into();
-    n.input = inputs.iter().map(|s| s.to_string()).collect();
-    n.output = outputs.iter().map(|s| s.to_string()).collect();
-    n
 }
 
 fn model_proto(g: GraphProto) -> ModelProto {

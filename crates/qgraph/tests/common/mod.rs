@@ -1,6 +1,7 @@
 //! Shared model builders for the qgraph integration tests: small graphs made with the public API,
 //! and raw ONNX protos for constructs the API does not create (subgraphs, external data).
 
+use onnx_protobuf::NodeProto;
 use qgraph::{Attribute, DType, Graph, Model, NodeSpec, Shape, Tensor, ValueId};
 
 /// A deterministic pseudo-random f32 tensor (values in [-1, 1)).
@@ -104,4 +105,14 @@ impl IntoDim for usize {
 /// Round trip through bytes.
 pub fn reload(m: &Model) -> Model {
     qgraph::load_bytes(&qgraph::save_bytes(m).unwrap(), None).unwrap()
+}
+
+/// A raw ONNX node, for protos the public API does not build.
+pub fn nproto(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    let mut n = NodeProto::new();
+    n.op_type = op.into();
+    n.name = name.into();
+    n.input = inputs.iter().map(|s| s.to_string()).collect();
+    n.output = outputs.iter().map(|s| s.to_string()).collect();
+    n
 }
