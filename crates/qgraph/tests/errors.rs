@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use onnx_protobuf::{GraphProto, Message, ModelProto, OperatorSetIdProto, TensorProto, ValueInfoProto};
+use onnx_protobuf::{GraphProto, Message, ModelProto, TensorProto, ValueInfoProto};
 use proptest::prelude::*;
 use qgraph::{DimBindings, GraphError, load_bytes};
 
@@ -14,16 +14,6 @@ fn vi(name: &str) -> ValueInfoProto {
     let mut v = ValueInfoProto::new();
     v.name = name.into();
     v
-}
-
-fn bytes_of(g: GraphProto) -> Vec<u8> {
-    let mut m = ModelProto::new();
-    m.ir_version = 8;
-    let mut op = OperatorSetIdProto::new();
-    op.version = 13;
-    m.opset_import.push(op);
-    m.graph = Some(g).into();
-    m.write_to_bytes().unwrap()
 }
 
 fn model_bytes() -> Vec<u8> {
@@ -55,7 +45,7 @@ fn dangling_input_names_node_and_tensor() {
     g.input.push(vi("x"));
     g.node.push(nproto("Add", "adder", &["x", "ghost"], &["y"]));
     g.output.push(vi("y"));
-    let err = load_bytes(&bytes_of(g), None).unwrap_err();
+    let err = load_bytes(&model_proto(g).write_to_bytes().unwrap(), None).unwrap_err();
     assert!(
         matches!(&err, GraphError::DanglingInput { node, input, .. } if node == "adder" && input == "ghost"),
         "{err}"
@@ -67,7 +57,7 @@ fn dangling_output_is_named() {
     let mut g = GraphProto::new();
     g.input.push(vi("x"));
     g.output.push(vi("nowhere"));
-    let err = load_bytes(&bytes_of(g), None).unwrap_err();
+    let err = load_bytes(&model_proto(g).write_to_bytes().unwrap(), None).unwrap_err();
     assert!(matches!(&err, GraphError::DanglingOutput { output } if output == "nowhere"), "{err}");
 }
 
@@ -78,7 +68,7 @@ fn cycles_are_detected() {
     g.node.push(nproto("Add", "a", &["x", "c"], &["b"]));
     g.node.push(nproto("Relu", "r", &["b"], &["c"]));
     g.output.push(vi("c"));
-    let err = load_bytes(&bytes_of(g), None).unwrap_err();
+    let err = load_bytes(&model_proto(g).write_to_bytes().unwrap(), None).unwrap_err();
     assert!(matches!(err, GraphError::Cycle { .. }), "{err}");
 }
 
@@ -92,7 +82,7 @@ fn unknown_dtype_names_the_tensor() {
     t.string_data = vec![b"hi".to_vec()];
     g.initializer.push(t);
     g.output.push(vi("words"));
-    let err = load_bytes(&bytes_of(g), None).unwrap_err();
+    let err = load_bytes(&model_proto(g).write_to_bytes().unwrap(), None).unwrap_err();
     assert!(
         matches!(&err, GraphError::UnsupportedDtype { tensor, dtype } if tensor == "words" && dtype == "STRING"),
         "{err}"
@@ -109,7 +99,7 @@ fn data_of_the_wrong_size_is_rejected() {
     t.raw_data = vec![0; 20];
     g.initializer.push(t);
     g.output.push(vi("w"));
-    let err = load_bytes(&bytes_of(g), None).unwrap_err();
+    let err = load_bytes(&model_proto(g).write_to_bytes().unwrap(), None).unwrap_err();
     assert!(matches!(&err, GraphError::TensorData { tensor, .. } if tensor == "w"), "{err}");
 }
 
@@ -120,7 +110,7 @@ fn duplicate_definitions_are_rejected() {
     g.node.push(nproto("Relu", "r1", &["x"], &["y"]));
     g.node.push(nproto("Relu", "r2", &["x"], &["y"]));
     g.output.push(vi("y"));
-    let err = load_bytes(&bytes_of(g), None).unwrap_err();
+    let err = load_bytes(&model_proto(g).write_to_bytes().unwrap(), None).unwrap_err();
     assert!(matches!(&err, GraphError::DuplicateValue { name, .. } if name == "y"), "{err}");
 }
 

@@ -7,8 +7,7 @@ mod common;
 use common::*;
 use onnx_protobuf::tensor_proto::DataLocation;
 use onnx_protobuf::{
-    AttributeProto, GraphProto, Message, ModelProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
-    ValueInfoProto,
+    AttributeProto, GraphProto, Message, StringStringEntryProto, TensorProto, ValueInfoProto,
 };
 use qgraph::{Attribute, DType, DimBindings, Tensor, ValueSource, load_bytes, load_path, save_bytes};
 
@@ -36,16 +35,6 @@ fn vi(name: &str, dtype: i32, dims: &[i64]) -> ValueInfoProto {
     tp.set_tensor_type(tt);
     v.type_ = Some(tp).into();
     v
-}
-
-fn model_proto(g: GraphProto) -> ModelProto {
-    let mut m = ModelProto::new();
-    m.ir_version = 8;
-    let mut op = OperatorSetIdProto::new();
-    op.version = 13;
-    m.opset_import.push(op);
-    m.graph = Some(g).into();
-    m
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Shared model builders for the qgraph integration tests: small graphs made with the public API,
 //! and raw ONNX protos for constructs the API does not create (subgraphs, external data).
 
-use onnx_protobuf::NodeProto;
+use onnx_protobuf::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 use qgraph::{Attribute, DType, Graph, Model, NodeSpec, Shape, Tensor, ValueId};
 
 /// A deterministic pseudo-random f32 tensor (values in [-1, 1)).
@@ -115,4 +115,15 @@ pub fn nproto(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodePr
     n.input = inputs.iter().map(|s| s.to_string()).collect();
     n.output = outputs.iter().map(|s| s.to_string()).collect();
     n
+}
+
+/// A raw ONNX model (IR 8, opset 13) around `g`.
+pub fn model_proto(g: GraphProto) -> ModelProto {
+    let mut m = ModelProto::new();
+    m.ir_version = 8;
+    let mut op = OperatorSetIdProto::new();
+    op.version = 13;
+    m.opset_import.push(op);
+    m.graph = Some(g).into();
+    m
 }
