@@ -5,19 +5,22 @@
 mod bench;
 mod python;
 mod zoo;
+mod zoo_data;
+mod zoo_exec;
 
 use anyhow::{Result, bail};
 
 const USAGE: &str = "usage: cargo xtask <command>
 commands:
-  zoo            run every check on the real models of ../shared/zoo (fails if it is missing)
+  zoo [exec]     run every check on the real models of ../shared/zoo (fails if it is missing);
+                 `exec` runs only the interpreter parity checks
   bench [load]   measure against the reference implementation in the same run, print ratios
   inspect MODEL  print a model summary (inputs/outputs, ops, parameters, MACs at batch 1)";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("zoo") => zoo::run(),
+        Some("zoo") => zoo::run(args.get(1).map(String::as_str)),
         Some("bench") => bench::run(args.get(1).map(String::as_str)),
         Some("inspect") => {
             let Some(path) = args.get(1) else { bail!("{USAGE}") };

@@ -40,7 +40,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// Where checks write their artefacts.
-fn out_dir() -> Result<PathBuf> {
+pub fn out_dir() -> Result<PathBuf> {
     let d = workspace_root().join("target/xtask/zoo");
     std::fs::create_dir_all(&d)?;
     Ok(d)
@@ -50,13 +50,17 @@ fn bindings() -> DimBindings {
     DimBindings::all(1).with("seq", 48)
 }
 
-pub fn run() -> Result<()> {
+pub fn run(only: Option<&str>) -> Result<()> {
     let zoo = zoo_dir()?;
     python::ensure_oracles()?;
     let started = Instant::now();
+    if only == Some("exec") {
+        return crate::zoo_exec::check(&zoo);
+    }
     check_graphs(&zoo)?;
     check_bn_folding()?;
     check_weight_encodings(&zoo)?;
+    crate::zoo_exec::check(&zoo)?;
     fuzz_loader(&zoo.join("models/mobilenetv1_025_128.onnx"), 2000)?;
     println!("zoo: all checks passed in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())

@@ -1,0 +1,514 @@
+//! Convolutions in NCHW (1-D convs run as 2-D with a unit height): `Conv` as one matrix product per
+//! image and group (1×1 kernels read the input directly; others go through an im2col buffer), a
+//! direct kernel for depthwise convolutions, and `ConvTranspose` as a product followed by col2im.
+//! Bias and a following Relu/Clip are applied while the output is still in cache.
+
+use qgraph::{Node, Tensor};
+use rayon::prelude::*;
+
+use super::matmul::{MatRef, sgemm};
+use super::{Activation, ExecCtx, Kernel, f32_data, input, opt_input};
+use crate::error::{KernelResult, Result};
+
+pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
+    let transpose = match node.op_type.as_str() {
+        "Conv" => false,
+        "ConvTranspose" => true,
+        _ => return None,
+    };
+    let ints = |name: &str| node.ints_attr(name).map(|v| v.map(<[i64]>::to_vec));
+    Some((|| {
+        let attrs = ConvAttrs {
+            group: node.int_attr("group", 1)?.max(1) as usize,
+            kernel: ints("kernel_shape")?,
+            strides: ints("strides")?,
+            dilations: ints("dilations")?,
+            pads: ints("pads")?,
+            auto_pad: node.string_attr("auto_pad")?.unwrap_or("NOTSET").to_string(),
+            output_padding: ints("output_padding")?,
+            output_shape: ints("output_shape")?,
+        };
+        Ok(if transpose { Box::new(ConvTranspose(attrs)) as Box<dyn Kernel> } else { Box::new(Conv(attrs)) })
+    })())
+}
+
+/// Attributes shared by `Conv` and `ConvTranspose`.
+struct ConvAttrs {
+    group: usize,
+    kernel: Option<Vec<i64>>,
+    strides: Option<Vec<i64>>,
+    dilations: Option<Vec<i64>>,
+    pads: Option<Vec<i64>>,
+    auto_pad: String,
+    output_padding: Option<Vec<i64>>,
+    output_shape: Option<Vec<i64>>,
+}
+
+/// The 2-D geometry of one convolution call.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    m: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    sh: usize,
+    sw: usize,
+    dh: usize,
+    dw: usize,
+    pt: isize,
+    pl: isize,
+}
+
+impl ConvAttrs {
+    /// Per-spatial-dim attribute, expanded to 2-D (1-D convs get a unit leading dim).
+    fn pair(v: &Option<Vec<i64>>, rank: usize, default: i64) -> KernelResult<[i64; 2]> {
+        let v = v.clone().unwrap_or_else(|| vec![default; rank]);
+        match (rank, v.as_slice()) {
+            (1, [x]) => Ok([default, *x]),
+            (2, [y, x]) => Ok([*y, *x]),
+            _ => Err(format!("attribute {v:?} does not match {rank} spatial dims")),
+        }
+    }
+
+    fn pads4(&self, rank: usize) -> KernelResult<[i64; 4]> {
+        let p = self.pads.clone().unwrap_or_else(|| vec![0; 2 * rank]);
+        match (rank, p.as_slice()) {
+            (1, [b, e]) => Ok([0, *b, 0, *e]),
+            (2, [t, l, b, r]) => Ok([*t, *l, *b, *r]),
+            _ => Err(format!("pads {p:?} do not match {rank} spatial dims")),
+        }
+    }
+
+    /// Spatial rank of `x` (rank 3 or 4 supported) and its dims as 2-D.
+    fn spatial(x: &[usize]) -> KernelResult<(usize, [usize; 2])> {
+        match x.len() {
+            3 => Ok((1, [1, x[2]])),
+            4 => Ok((2, [x[2], x[3]])),
+            r => Err(format!("only 1-D and 2-D convolutions are supported (input rank {r})")),
+        }
+    }
+}
+
+/// Splits a total padding into (begin, end) as `auto_pad` asks.
+fn split_pad(total: i64, upper: bool) -> (i64, i64) {
+    let total = total.max(0);
+    if upper { (total / 2, total - total / 2) } else { (total - total / 2, total / 2) }
+}
+
+/// `Conv`.
+struct Conv(ConvAttrs);
+
+impl Conv {
+    fn geometry(&self, x: &[usize], w: &[usize]) -> KernelResult<(Geometry, usize)> {
+        let a = &self.0;
+        let (rank, [h, wd]) = ConvAttrs::spatial(x)?;
+        if w.len() != x.len() {
+            return Err(format!("weight shape {w:?} does not match input shape {x:?}"));
+        }
+        let (kh, kw) = if rank == 1 { (1, w[2]) } else { (w[2], w[3]) };
+        if let Some(k) = &a.kernel {
+            let expect: Vec<i64> = if rank == 1 { vec![kw as i64] } else { vec![kh as i64, kw as i64] };
+            if *k != expect {
+                return Err(format!("kernel_shape {k:?} does not match weight shape {w:?}"));
+            }
+        }
+        let [sh, sw] = ConvAttrs::pair(&a.strides, rank, 1)?;
+        let [dh, dw] = ConvAttrs::pair(&a.dilations, rank, 1)?;
+        if sh <= 0 || sw <= 0 || dh <= 0 || dw <= 0 {
+            return Err("strides and dilations must be positive".into());
+        }
+        let mut p = a.pads4(rank)?;
+        let dims = [(h, kh, sh, dh), (wd, kw, sw, dw)];
+        let mut out = [0usize; 2];
+        for (i, &(d, k, s, dil)) in dims.iter().enumerate() {
+            let span = (k as i64 - 1) * dil + 1;
+            let o = match a.auto_pad.as_str() {
+                "SAME_UPPER" | "SAME_LOWER" => {
+                    let o = (d as i64 + s - 1) / s;
+                    let (b, e) = split_pad((o - 1) * s + span - d as i64, a.auto_pad == "SAME_UPPER");
+                    p[i] = b;
+                    p[i + 2] = e;
+                    o
+                }
+                "VALID" => {
+                    p[i] = 0;
+                    p[i + 2] = 0;
+                    (d as i64 - span) / s + 1
+                }
+                "NOTSET" | "" => (d as i64 + p[i] + p[i + 2] - span).div_euclid(s) + 1,
+                other => return Err(format!("unknown auto_pad '{other}'")),
+            };
+            if o <= 0 {
+                return Err(format!("input {x:?} is too small for kernel {w:?}"));
+            }
+            out[i] = o as usize;
+        }
+        let (c, m, g) = (x[1], w[0], a.group);
+        if c % g != 0 || m % g != 0 || w[1] * g != c {
+            return Err(format!("input channels {c}, weight {w:?} and group {g} do not agree"));
+        }
+        let geo = Geometry {
+            n: x[0],
+            c,
+            h,
+            w: wd,
+            m,
+            kh,
+            kw,
+            oh: out[0],
+            ow: out[1],
+            sh: sh as usize,
+            sw: sw as usize,
+            dh: dh as usize,
+            dw: dw as usize,
+            pt: p[0] as isize,
+            pl: p[1] as isize,
+        };
+        Ok((geo, rank))
+    }
+}
+
+/// Output index range `[lo, hi)` along one axis for which `o * s + off` lies in `[0, len)`.
+fn valid_range(off: isize, s: usize, len: usize, out: usize) -> (usize, usize) {
+    let s = s as isize;
+    let lo = if off >= 0 { 0 } else { (-off + s - 1) / s };
+    let hi = if len as isize - off <= 0 { 0 } else { (len as isize - off + s - 1) / s };
+    let (lo, hi) = (lo.max(0) as usize, (hi.max(0) as usize).min(out));
+    (lo.min(hi), hi)
+}
+
+/// Unrolls the receptive fields of one group of one image into `col` ([c·kh·kw, oh·ow]).
+fn im2col(x: &[f32], g: &Geometry, channels: usize, col: &mut [f32]) {
+    let ohw = g.oh * g.ow;
+    for c in 0..channels {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &mut col[((c * g.kh + ky) * g.kw + kx) * ohw..][..ohw];
+                let offx = kx as isize * g.dw as isize - g.pl;
+                let (xlo, xhi) = valid_range(offx, g.sw, g.w, g.ow);
+                for oy in 0..g.oh {
+                    let dst = &mut row[oy * g.ow..(oy + 1) * g.ow];
+                    let iy = (oy * g.sh) as isize - g.pt + (ky * g.dh) as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    dst[..xlo].fill(0.0);
+                    dst[xhi..].fill(0.0);
+                    if g.sw == 1 {
+                        let start = (xlo as isize + offx) as usize;
+                        dst[xlo..xhi].copy_from_slice(&src[start..start + (xhi - xlo)]);
+                    } else {
+                        for (ox, d) in dst.iter_mut().enumerate().take(xhi).skip(xlo) {
+                            *d = src[(ox as isize * g.sw as isize + offx) as usize];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Depthwise convolution of one channel plane into `out` (which holds the bias or zeros).
+fn depthwise_plane(x: &[f32], k: &[f32], g: &Geometry, out: &mut [f32]) {
+    for oy in 0..g.oh {
+        let dst = &mut out[oy * g.ow..(oy + 1) * g.ow];
+        for ky in 0..g.kh {
+            let iy = (oy * g.sh) as isize - g.pt + (ky * g.dh) as isize;
+            if iy < 0 || iy >= g.h as isize {
+                continue;
+            }
+            let src = &x[iy as usize * g.w..(iy as usize + 1) * g.w];
+            for kx in 0..g.kw {
+                let wv = k[ky * g.kw + kx];
+                let offx = kx as isize * g.dw as isize - g.pl;
+                let (lo, hi) = valid_range(offx, g.sw, g.w, g.ow);
+                if lo >= hi {
+                    continue;
+                }
+                let start = (lo as isize * g.sw as isize + offx) as usize;
+                if g.sw == 1 {
+                    let s = &src[start..start + (hi - lo)];
+                    dst[lo..hi].iter_mut().zip(s).for_each(|(d, &v)| *d += wv * v);
+                } else {
+                    let s = src[start..].iter().step_by(g.sw);
+                    dst[lo..hi].iter_mut().zip(s).for_each(|(d, &v)| *d += wv * v);
+                }
+            }
+        }
+    }
+}
+
+/// Fills each channel plane of `out` with its bias.
+fn fill_bias(out: &mut [f32], bias: Option<&[f32]>, plane: usize) {
+    match bias {
+        Some(b) => out.chunks_mut(plane).zip(b).for_each(|(p, &v)| p.fill(v)),
+        None => out.fill(0.0),
+    }
+}
+
+impl Conv {
+    /// Computes one image: `x` is [c, h, w], `out` is [m, oh, ow].
+    fn image(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        g: &Geometry,
+        ctx: &ExecCtx,
+        out: &mut [f32],
+    ) -> KernelResult<()> {
+        let groups = self.0.group;
+        let (cg, mg, ohw) = (g.c / groups, g.m / groups, g.oh * g.ow);
+        let kk = cg * g.kh * g.kw;
+        if groups == g.c && g.m == g.c {
+            let f = |ch: usize, plane: &mut [f32]| {
+                plane.fill(bias.map_or(0.0, |b| b[ch]));
+                depthwise_plane(&x[ch * g.h * g.w..(ch + 1) * g.h * g.w], &w[ch * g.kh * g.kw..], g, plane);
+            };
+            if ctx.threads > 1 {
+                out.par_chunks_mut(ohw).enumerate().for_each(|(ch, p)| f(ch, p));
+            } else {
+                out.chunks_mut(ohw).enumerate().for_each(|(ch, p)| f(ch, p));
+            }
+            return Ok(());
+        }
+        fill_bias(out, bias, ohw);
+        let direct = g.kh == 1
+            && g.kw == 1
+            && g.sh == 1
+            && g.sw == 1
+            && g.pt == 0
+            && g.pl == 0
+            && g.oh == g.h
+            && g.ow == g.w;
+        let mut col = if direct { Vec::new() } else { vec![0f32; kk * ohw] };
+        for grp in 0..groups {
+            let xg = &x[grp * cg * g.h * g.w..(grp + 1) * cg * g.h * g.w];
+            let rhs = if direct {
+                MatRef { data: xg, rs: ohw, cs: 1 }
+            } else {
+                im2col(xg, g, cg, &mut col);
+                MatRef { data: &col, rs: ohw, cs: 1 }
+            };
+            let lhs = MatRef { data: &w[grp * mg * kk..(grp + 1) * mg * kk], rs: kk, cs: 1 };
+            let dst = &mut out[grp * mg * ohw..(grp + 1) * mg * ohw];
+            sgemm(mg, ohw, kk, lhs, rhs, 1.0, dst, ohw, true, ctx.gemm_parallelism())?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `f(image, out_chunk)` for every image, in parallel across images when there are several
+/// and threads to spare (each image then single-threaded).
+fn per_image(
+    ctx: &ExecCtx,
+    out: &mut [f32],
+    per: usize,
+    f: impl Fn(usize, &mut [f32], &ExecCtx) -> KernelResult<()> + Sync + Send,
+) -> KernelResult<()> {
+    let images = out.len() / per.max(1);
+    if ctx.threads > 1 && images > 1 {
+        let single = ExecCtx { threads: 1 };
+        out.par_chunks_mut(per).enumerate().try_for_each(|(i, o)| f(i, o, &single))
+    } else {
+        out.chunks_mut(per.max(1)).enumerate().try_for_each(|(i, o)| f(i, o, ctx))
+    }
+}
+
+impl Kernel for Conv {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        ctx: &ExecCtx,
+        fused: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let (tx, tw) = (input(inputs, 0)?, input(inputs, 1)?);
+        let (g, rank) = self.geometry(tx.shape(), tw.shape())?;
+        let (x, w) = (f32_data(tx)?, f32_data(tw)?);
+        let bias = opt_input(inputs, 2).map(f32_data).transpose()?;
+        if bias.as_ref().is_some_and(|b| b.len() != g.m) {
+            return Err(format!(
+                "bias has {} values for {} output channels",
+                bias.map_or(0, |b| b.len()),
+                g.m
+            ));
+        }
+        let per = g.m * g.oh * g.ow;
+        let mut out = vec![0f32; g.n * per];
+        per_image(ctx, &mut out, per, |i, o, ctx| {
+            self.image(&x[i * g.c * g.h * g.w..(i + 1) * g.c * g.h * g.w], &w, bias.as_deref(), &g, ctx, o)?;
+            if let Some(act) = fused {
+                act.apply(o);
+            }
+            Ok(())
+        })?;
+        let shape: Vec<usize> = if rank == 1 { vec![g.n, g.m, g.ow] } else { vec![g.n, g.m, g.oh, g.ow] };
+        Ok(vec![super::tensor_from(&shape, out)?])
+    }
+
+    fn fuses_activation(&self) -> bool {
+        true
+    }
+}
+
+/// `ConvTranspose`.
+struct ConvTranspose(ConvAttrs);
+
+impl ConvTranspose {
+    fn geometry(&self, x: &[usize], w: &[usize]) -> KernelResult<(Geometry, usize)> {
+        let a = &self.0;
+        let (rank, [h, wd]) = ConvAttrs::spatial(x)?;
+        if w.len() != x.len() || w[0] != x[1] || x[1] % a.group != 0 {
+            return Err(format!(
+                "weight shape {w:?} does not match input shape {x:?} with group {}",
+                a.group
+            ));
+        }
+        let (kh, kw) = if rank == 1 { (1, w[2]) } else { (w[2], w[3]) };
+        let [sh, sw] = ConvAttrs::pair(&a.strides, rank, 1)?;
+        let [dh, dw] = ConvAttrs::pair(&a.dilations, rank, 1)?;
+        let [oph, opw] = ConvAttrs::pair(&a.output_padding, rank, 0)?;
+        if sh <= 0 || sw <= 0 || dh <= 0 || dw <= 0 {
+            return Err("strides and dilations must be positive".into());
+        }
+        let mut p = a.pads4(rank)?;
+        let target =
+            a.output_shape.as_ref().map(|s| ConvAttrs::pair(&Some(s.clone()), rank, 1)).transpose()?;
+        let dims = [(h, kh, sh, dh, oph), (wd, kw, sw, dw, opw)];
+        let mut out = [0usize; 2];
+        for (i, &(d, k, s, dil, op)) in dims.iter().enumerate() {
+            let full = s * (d as i64 - 1) + op + (k as i64 - 1) * dil + 1;
+            let auto = a.auto_pad.as_str();
+            let o = match (target, auto) {
+                (Some(t), _) => {
+                    let (b, e) = split_pad(full - t[i], auto != "SAME_LOWER");
+                    (p[i], p[i + 2]) = (b, e);
+                    t[i]
+                }
+                (None, "SAME_UPPER" | "SAME_LOWER") => {
+                    let o = d as i64 * s;
+                    let (b, e) = split_pad(full - o, auto == "SAME_UPPER");
+                    (p[i], p[i + 2]) = (b, e);
+                    o
+                }
+                (None, _) => full - p[i] - p[i + 2],
+            };
+            if o <= 0 {
+                return Err(format!("ConvTranspose output dim {o} is not positive"));
+            }
+            out[i] = o as usize;
+        }
+        let geo = Geometry {
+            n: x[0],
+            c: x[1],
+            h,
+            w: wd,
+            m: w[1] * a.group,
+            kh,
+            kw,
+            oh: out[0],
+            ow: out[1],
+            sh: sh as usize,
+            sw: sw as usize,
+            dh: dh as usize,
+            dw: dw as usize,
+            pt: p[0] as isize,
+            pl: p[1] as isize,
+        };
+        Ok((geo, rank))
+    }
+
+    fn image(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        g: &Geometry,
+        ctx: &ExecCtx,
+        out: &mut [f32],
+    ) -> KernelResult<()> {
+        let groups = self.0.group;
+        let (cg, mg, hw, ohw) = (g.c / groups, g.m / groups, g.h * g.w, g.oh * g.ow);
+        let rows = mg * g.kh * g.kw;
+        fill_bias(out, bias, ohw);
+        let mut col = vec![0f32; rows * hw];
+        for grp in 0..groups {
+            let wg = &w[grp * cg * rows..(grp + 1) * cg * rows];
+            let xg = &x[grp * cg * hw..(grp + 1) * cg * hw];
+            sgemm(
+                rows,
+                hw,
+                cg,
+                MatRef { data: wg, rs: 1, cs: rows },
+                MatRef { data: xg, rs: hw, cs: 1 },
+                1.0,
+                &mut col,
+                hw,
+                false,
+                ctx.gemm_parallelism(),
+            )?;
+            let dst = &mut out[grp * mg * ohw..(grp + 1) * mg * ohw];
+            for (r, src) in col.chunks(hw).enumerate() {
+                let (mo, ky, kx) = (r / (g.kh * g.kw), (r / g.kw) % g.kh, r % g.kw);
+                let plane = &mut dst[mo * ohw..(mo + 1) * ohw];
+                for iy in 0..g.h {
+                    let oy = (iy * g.sh + ky * g.dh) as isize - g.pt;
+                    if oy < 0 || oy >= g.oh as isize {
+                        continue;
+                    }
+                    for ix in 0..g.w {
+                        let ox = (ix * g.sw + kx * g.dw) as isize - g.pl;
+                        if ox >= 0 && ox < g.ow as isize {
+                            plane[oy as usize * g.ow + ox as usize] += src[iy * g.w + ix];
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Kernel for ConvTranspose {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        ctx: &ExecCtx,
+        fused: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let (tx, tw) = (input(inputs, 0)?, input(inputs, 1)?);
+        let (g, rank) = self.geometry(tx.shape(), tw.shape())?;
+        let (x, w) = (f32_data(tx)?, f32_data(tw)?);
+        let bias = opt_input(inputs, 2).map(f32_data).transpose()?;
+        if bias.as_ref().is_some_and(|b| b.len() != g.m) {
+            return Err(format!(
+                "bias has {} values for {} output channels",
+                bias.map_or(0, |b| b.len()),
+                g.m
+            ));
+        }
+        let per = g.m * g.oh * g.ow;
+        let mut out = vec![0f32; g.n * per];
+        per_image(ctx, &mut out, per, |i, o, ctx| {
+            self.image(&x[i * g.c * g.h * g.w..(i + 1) * g.c * g.h * g.w], &w, bias.as_deref(), &g, ctx, o)?;
+            if let Some(act) = fused {
+                act.apply(o);
+            }
+            Ok(())
+        })?;
+        let shape: Vec<usize> = if rank == 1 { vec![g.n, g.m, g.ow] } else { vec![g.n, g.m, g.oh, g.ow] };
+        Ok(vec![super::tensor_from(&shape, out)?])
+    }
+
+    fn fuses_activation(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,600 @@
+//! Elementwise ops: unary maths and activations, numpy-broadcast binary arithmetic, comparisons
+//! and logic, `Where`, `Clip`, `PRelu` and the variadic `Sum`/`Mean`/`Min`/`Max`.
+
+use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn, Zip};
+use qgraph::{DType, Element, Node, Tensor};
+
+use super::{
+    Activation, ExecCtx, Kernel, for_each_chunk_mut, input, into_f32_unique, opt_input, take_input, typed,
+    with_dtype, wrap,
+};
+use crate::error::{ExecError, KernelResult, Result};
+
+pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>> {
+    let unary = |op: Unary| -> Option<Result<Box<dyn Kernel>>> { Some(Ok(Box::new(op))) };
+    let f = |name: &str, default: f32| node.float_attr(name, default).map_err(ExecError::from);
+    let built: Result<Box<dyn Kernel>> = match node.op_type.as_str() {
+        "Relu" => return unary(Unary::Relu),
+        "Sigmoid" => return unary(Unary::Sigmoid),
+        "HardSwish" => return unary(Unary::HardSwish),
+        "Tanh" => return unary(Unary::Tanh),
+        "Exp" => return unary(Unary::Exp),
+        "Log" => return unary(Unary::Log),
+        "Sqrt" => return unary(Unary::Sqrt),
+        "Reciprocal" => return unary(Unary::Reciprocal),
+        "Neg" => return unary(Unary::Neg),
+        "Abs" => return unary(Unary::Abs),
+        "Sign" => return unary(Unary::Sign),
+        "Erf" => return unary(Unary::Erf),
+        "Floor" => return unary(Unary::Floor),
+        "Ceil" => return unary(Unary::Ceil),
+        "Round" => return unary(Unary::Round),
+        "Sin" => return unary(Unary::Sin),
+        "Cos" => return unary(Unary::Cos),
+        "Softplus" => return unary(Unary::Softplus),
+        "Softsign" => return unary(Unary::Softsign),
+        "Not" => return unary(Unary::Not),
+        "LeakyRelu" => f("alpha", 0.01).map(|a| Box::new(Unary::LeakyRelu(a)) as Box<dyn Kernel>),
+        "Elu" => f("alpha", 1.0).map(|a| Box::new(Unary::Elu(a)) as Box<dyn Kernel>),
+        "Celu" => f("alpha", 1.0).map(|a| Box::new(Unary::Celu(a)) as Box<dyn Kernel>),
+        "ThresholdedRelu" => f("alpha", 1.0).map(|a| Box::new(Unary::ThresholdedRelu(a)) as Box<dyn Kernel>),
+        "HardSigmoid" => {
+            (|| Ok(Box::new(Unary::HardSigmoid(f("alpha", 0.2)?, f("beta", 0.5)?)) as Box<dyn Kernel>))()
+        }
+        "Selu" => {
+            (|| Ok(Box::new(Unary::Selu(f("alpha", 1.673_263_2)?, f("gamma", 1.050_701)?)) as Box<dyn Kernel>))(
+            )
+        }
+        "Gelu" => node.string_attr("approximate").map_err(ExecError::from).map(|a| {
+            Box::new(if a == Some("tanh") { Unary::GeluTanh } else { Unary::Gelu }) as Box<dyn Kernel>
+        }),
+        "Add" => Ok(Box::new(Binary::Add)),
+        "Sub" => Ok(Box::new(Binary::Sub)),
+        "Mul" => Ok(Box::new(Binary::Mul)),
+        "Div" => Ok(Box::new(Binary::Div)),
+        "Pow" => Ok(Box::new(Binary::Pow)),
+        "Mod" => node
+            .int_attr("fmod", 0)
+            .map_err(ExecError::from)
+            .map(|fm| Box::new(Binary::Mod(fm != 0)) as Box<dyn Kernel>),
+        "Equal" => Ok(Box::new(Binary::Equal)),
+        "Less" => Ok(Box::new(Binary::Less)),
+        "LessOrEqual" => Ok(Box::new(Binary::LessOrEqual)),
+        "Greater" => Ok(Box::new(Binary::Greater)),
+        "GreaterOrEqual" => Ok(Box::new(Binary::GreaterOrEqual)),
+        "And" => Ok(Box::new(Binary::And)),
+        "Or" => Ok(Box::new(Binary::Or)),
+        "Xor" => Ok(Box::new(Binary::Xor)),
+        "PRelu" => Ok(Box::new(Binary::PRelu)),
+        "Sum" => Ok(Box::new(Variadic::Sum)),
+        "Mean" => Ok(Box::new(Variadic::Mean)),
+        "Min" => Ok(Box::new(Variadic::Min)),
+        "Max" => Ok(Box::new(Variadic::Max)),
+        "Where" => Ok(Box::new(WhereOp)),
+        "Clip" if opset < 11 => (|| {
+            Ok(Box::new(ClipOp { attrs: Some((f("min", f32::MIN)?, f("max", f32::MAX)?)) })
+                as Box<dyn Kernel>)
+        })(),
+        "Clip" => Ok(Box::new(ClipOp { attrs: None })),
+        _ => return None,
+    };
+    Some(built)
+}
+
+/// Unary f32 maths (`Neg`, `Abs` and `Sign` also on integers, `Not` on bool).
+#[derive(Debug, Clone, Copy)]
+enum Unary {
+    Relu,
+    Sigmoid,
+    HardSwish,
+    Tanh,
+    Exp,
+    Log,
+    Sqrt,
+    Reciprocal,
+    Neg,
+    Abs,
+    Sign,
+    Erf,
+    Floor,
+    Ceil,
+    Round,
+    Sin,
+    Cos,
+    Softplus,
+    Softsign,
+    Not,
+    Gelu,
+    GeluTanh,
+    LeakyRelu(f32),
+    Elu(f32),
+    Celu(f32),
+    ThresholdedRelu(f32),
+    HardSigmoid(f32, f32),
+    Selu(f32, f32),
+}
+
+/// Applies `f` to every element of an f32 tensor, in place when the buffer is not shared.
+fn map_f32(t: Tensor, ctx: &ExecCtx, f: impl Fn(f32) -> f32 + Sync + Send) -> KernelResult<Tensor> {
+    let mut a = into_f32_unique(t)?;
+    let s = a.as_slice_mut().ok_or("internal: non-contiguous tensor")?;
+    for_each_chunk_mut(ctx, s, 1 << 16, |_, c| c.iter_mut().for_each(|v| *v = f(*v)));
+    Ok(Tensor::F32(a))
+}
+
+fn map_int<T: Element>(a: &ArcArray<T, IxDyn>, f: impl Fn(T) -> T) -> Tensor {
+    T::wrap(a.map(|&v| f(v)).into_shared())
+}
+
+impl Kernel for Unary {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        ctx: &ExecCtx,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let x = take_input(inputs, 0)?;
+        let out = match (*self, &x) {
+            (Unary::Not, Tensor::Bool(a)) => map_int(a, |v| !v),
+            (Unary::Neg, Tensor::I64(a)) => map_int(a, i64::wrapping_neg),
+            (Unary::Neg, Tensor::I32(a)) => map_int(a, i32::wrapping_neg),
+            (Unary::Neg, Tensor::I8(a)) => map_int(a, i8::wrapping_neg),
+            (Unary::Abs, Tensor::I64(a)) => map_int(a, i64::wrapping_abs),
+            (Unary::Abs, Tensor::I32(a)) => map_int(a, i32::wrapping_abs),
+            (Unary::Abs, Tensor::I8(a)) => map_int(a, i8::wrapping_abs),
+            (Unary::Sign, Tensor::I64(a)) => map_int(a, i64::signum),
+            (Unary::Sign, Tensor::I32(a)) => map_int(a, i32::signum),
+            (Unary::Not, _) => return Err(format!("Not needs a bool tensor, got {}", x.dtype())),
+            (op, _) => map_f32(x, ctx, move |v| op.apply(v))?,
+        };
+        Ok(vec![out])
+    }
+}
+
+impl Unary {
+    fn apply(self, v: f32) -> f32 {
+        match self {
+            Unary::Relu => v.max(0.0),
+            Unary::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+            Unary::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
+            Unary::Tanh => v.tanh(),
+            Unary::Exp => v.exp(),
+            Unary::Log => v.ln(),
+            Unary::Sqrt => v.sqrt(),
+            Unary::Reciprocal => 1.0 / v,
+            Unary::Neg => -v,
+            Unary::Abs => v.abs(),
+            Unary::Sign => {
+                if v > 0.0 {
+                    1.0
+                } else if v < 0.0 {
+                    -1.0
+                } else {
+                    v
+                }
+            }
+            Unary::Erf => libm::erff(v),
+            Unary::Floor => v.floor(),
+            Unary::Ceil => v.ceil(),
+            Unary::Round => v.round_ties_even(),
+            Unary::Sin => v.sin(),
+            Unary::Cos => v.cos(),
+            Unary::Softplus => {
+                if v > 20.0 {
+                    v
+                } else {
+                    v.exp().ln_1p()
+                }
+            }
+            Unary::Softsign => v / (1.0 + v.abs()),
+            Unary::Not => v,
+            Unary::Gelu => 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2)),
+            Unary::GeluTanh => {
+                let c = (2.0 / std::f32::consts::PI).sqrt();
+                0.5 * v * (1.0 + (c * (v + 0.044_715 * v * v * v)).tanh())
+            }
+            Unary::LeakyRelu(a) => {
+                if v < 0.0 {
+                    a * v
+                } else {
+                    v
+                }
+            }
+            Unary::Elu(a) => {
+                if v < 0.0 {
+                    a * (v.exp() - 1.0)
+                } else {
+                    v
+                }
+            }
+            Unary::Celu(a) => v.max(0.0) + (a * ((v / a).exp() - 1.0)).min(0.0),
+            Unary::ThresholdedRelu(a) => {
+                if v > a {
+                    v
+                } else {
+                    0.0
+                }
+            }
+            Unary::HardSigmoid(a, b) => (a * v + b).clamp(0.0, 1.0),
+            Unary::Selu(a, g) => {
+                if v > 0.0 {
+                    g * v
+                } else {
+                    g * (a * v.exp() - a)
+                }
+            }
+        }
+    }
+}
+
+/// The numpy-broadcast shape of two shapes.
+pub(crate) fn broadcast_shape(a: &[usize], b: &[usize]) -> KernelResult<Vec<usize>> {
+    let rank = a.len().max(b.len());
+    let dim = |s: &[usize], i: usize| if i + s.len() >= rank { s[i + s.len() - rank] } else { 1 };
+    (0..rank)
+        .map(|i| match (dim(a, i), dim(b, i)) {
+            (x, y) if x == y => Ok(x),
+            (1, y) => Ok(y),
+            (x, 1) => Ok(x),
+            _ => Err(format!("shapes {a:?} and {b:?} do not broadcast")),
+        })
+        .collect()
+}
+
+/// `a` viewed with the broadcast `shape`.
+pub(crate) fn broadcast_to<'a, T>(
+    a: &'a ArcArray<T, IxDyn>,
+    shape: &[usize],
+) -> KernelResult<ArrayViewD<'a, T>> {
+    a.broadcast(IxDyn(shape)).ok_or_else(|| format!("shape {:?} does not broadcast to {shape:?}", a.shape()))
+}
+
+/// `f` applied pairwise over the broadcast of `a` and `b`.
+pub(crate) fn zip_broadcast<A: Copy, B: Copy, O>(
+    a: &ArcArray<A, IxDyn>,
+    b: &ArcArray<B, IxDyn>,
+    f: impl Fn(A, B) -> O,
+) -> KernelResult<ArrayD<O>> {
+    let shape = broadcast_shape(a.shape(), b.shape())?;
+    let (av, bv) = (broadcast_to(a, &shape)?, broadcast_to(b, &shape)?);
+    Ok(Zip::from(&av).and(&bv).map_collect(|&x, &y| f(x, y)))
+}
+
+/// Arithmetic that every numeric element type provides (integers wrap; integer division by zero
+/// gives 0 rather than a panic).
+trait Arith: Element + PartialOrd {
+    fn add(self, o: Self) -> Self;
+    fn sub(self, o: Self) -> Self;
+    fn mul(self, o: Self) -> Self;
+    fn div(self, o: Self) -> Self;
+    fn rem(self, o: Self, fmod: bool) -> Self;
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+    fn is_nan(self) -> bool;
+}
+
+macro_rules! int_arith {
+    ($($t:ty),*) => {$(
+        impl Arith for $t {
+            fn add(self, o: Self) -> Self { self.wrapping_add(o) }
+            fn sub(self, o: Self) -> Self { self.wrapping_sub(o) }
+            fn mul(self, o: Self) -> Self { self.wrapping_mul(o) }
+            fn div(self, o: Self) -> Self { self.checked_div(o).unwrap_or(0) }
+            fn rem(self, o: Self, fmod: bool) -> Self {
+                let r = self.checked_rem(o).unwrap_or(0);
+                // Python-style modulo takes the sign of the divisor.
+                #[allow(unused_comparisons)]
+                if !fmod && r != 0 && ((r < 0) != (o < 0)) { r.wrapping_add(o) } else { r }
+            }
+            fn to_f64(self) -> f64 { self as f64 }
+            fn from_f64(v: f64) -> Self { v as $t }
+            fn is_nan(self) -> bool { false }
+        }
+    )*};
+}
+int_arith!(i8, u8, i16, u16, i32, u32, i64, u64);
+
+macro_rules! float_arith {
+    ($($t:ty),*) => {$(
+        impl Arith for $t {
+            fn add(self, o: Self) -> Self { self + o }
+            fn sub(self, o: Self) -> Self { self - o }
+            fn mul(self, o: Self) -> Self { self * o }
+            fn div(self, o: Self) -> Self { self / o }
+            fn rem(self, o: Self, fmod: bool) -> Self {
+                let r = self % o;
+                if !fmod && r != 0.0 && ((r < 0.0) != (o < 0.0)) { r + o } else { r }
+            }
+            fn to_f64(self) -> f64 { self as f64 }
+            fn from_f64(v: f64) -> Self { v as $t }
+            fn is_nan(self) -> bool { <$t>::is_nan(self) }
+        }
+    )*};
+}
+float_arith!(f32, f64);
+
+/// Binary ops with numpy broadcasting.
+#[derive(Debug, Clone, Copy)]
+enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Pow,
+    Mod(bool),
+    Equal,
+    Less,
+    LessOrEqual,
+    Greater,
+    GreaterOrEqual,
+    And,
+    Or,
+    Xor,
+    PRelu,
+}
+
+impl Binary {
+    fn arith<T: Arith>(self, a: T, b: T) -> T {
+        match self {
+            Binary::Add => a.add(b),
+            Binary::Sub => a.sub(b),
+            Binary::Mul => a.mul(b),
+            Binary::Div => a.div(b),
+            Binary::Mod(fmod) => a.rem(b, fmod),
+            Binary::PRelu => {
+                if a < T::default() {
+                    a.mul(b)
+                } else {
+                    a
+                }
+            }
+            _ => T::from_f64(a.to_f64().powf(b.to_f64())),
+        }
+    }
+
+    fn compare<T: PartialOrd>(self, a: T, b: T) -> bool {
+        match self {
+            Binary::Equal => a == b,
+            Binary::Less => a < b,
+            Binary::LessOrEqual => a <= b,
+            Binary::Greater => a > b,
+            _ => a >= b,
+        }
+    }
+
+    fn arith_typed<T: Arith>(self, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
+        let (a, b) = (typed::<T>(a)?, typed::<T>(b)?);
+        Ok(wrap(zip_broadcast(a, b, |x, y| self.arith(x, y))?))
+    }
+
+    fn compare_typed<T: Element + PartialOrd>(self, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
+        let (a, b) = (typed::<T>(a)?, typed::<T>(b)?);
+        Ok(wrap(zip_broadcast(a, b, |x, y| self.compare(x, y))?))
+    }
+}
+
+/// Runs `$f::<T>` for the numeric dtype `$d` (the types `Arith` covers).
+macro_rules! numeric {
+    ($d:expr, $f:ident ($($arg:expr),*)) => {
+        match $d {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+            DType::I8 => $f::<i8>($($arg),*),
+            DType::U8 => $f::<u8>($($arg),*),
+            DType::I16 => $f::<i16>($($arg),*),
+            DType::U16 => $f::<u16>($($arg),*),
+            DType::I32 => $f::<i32>($($arg),*),
+            DType::U32 => $f::<u32>($($arg),*),
+            DType::I64 => $f::<i64>($($arg),*),
+            DType::U64 => $f::<u64>($($arg),*),
+            other => Err(format!("dtype {other} is not supported by this op")),
+        }
+    };
+}
+
+impl Kernel for Binary {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        _: &ExecCtx,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let op = *self;
+        let (a, b) = (input(inputs, 0)?, input(inputs, 1)?);
+        let out = match op {
+            Binary::And | Binary::Or | Binary::Xor => {
+                let (a, b) = (typed::<bool>(a)?, typed::<bool>(b)?);
+                wrap(zip_broadcast(a, b, |x, y| match op {
+                    Binary::And => x && y,
+                    Binary::Or => x || y,
+                    _ => x ^ y,
+                })?)
+            }
+            Binary::Equal | Binary::Less | Binary::LessOrEqual | Binary::Greater | Binary::GreaterOrEqual => {
+                super::same_dtype(a.dtype(), b.dtype())?;
+                match a.dtype() {
+                    DType::Bool => op.compare_typed::<bool>(a, b)?,
+                    d => {
+                        let f = |a: &Tensor, b: &Tensor| -> KernelResult<Tensor> {
+                            fn go<T: Arith>(op: Binary, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
+                                op.compare_typed::<T>(a, b)
+                            }
+                            numeric!(d, go(op, a, b))
+                        };
+                        f(a, b)?
+                    }
+                }
+            }
+            Binary::Pow if a.dtype() != b.dtype() => {
+                let exp = Tensor::from_vec(b.shape(), b.to_f64_vec()).ok_or("bad exponent")?;
+                fn go<T: Arith>(a: &Tensor, e: &Tensor) -> KernelResult<Tensor> {
+                    let (a, e) = (typed::<T>(a)?, typed::<f64>(e)?);
+                    Ok(wrap(zip_broadcast(a, e, |x, y| T::from_f64(x.to_f64().powf(y)))?))
+                }
+                numeric!(a.dtype(), go(a, &exp))?
+            }
+            _ if a.dtype() == DType::F32 && b.dtype() == DType::F32 && a.shape() == b.shape() => {
+                let b = typed::<f32>(b)?.clone();
+                let mut a = into_f32_unique(take_input(inputs, 0)?)?;
+                let bs = b.as_standard_layout();
+                let (sa, sb) = (a.as_slice_mut().ok_or("internal")?, bs.as_slice().ok_or("internal")?);
+                sa.iter_mut().zip(sb).for_each(|(x, &y)| *x = op.arith(*x, y));
+                Tensor::F32(a)
+            }
+            _ => {
+                super::same_dtype(a.dtype(), b.dtype())?;
+                fn go<T: Arith>(op: Binary, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
+                    op.arith_typed::<T>(a, b)
+                }
+                numeric!(a.dtype(), go(op, a, b))?
+            }
+        };
+        Ok(vec![out])
+    }
+}
+
+/// Variadic broadcasting reductions over inputs.
+#[derive(Debug, Clone, Copy)]
+enum Variadic {
+    Sum,
+    Mean,
+    Min,
+    Max,
+}
+
+impl Kernel for Variadic {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        _: &ExecCtx,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let present: Vec<&Tensor> = inputs.iter().flatten().collect();
+        let first = *present.first().ok_or("needs at least one input")?;
+        fn go<T: Arith>(op: Variadic, ts: &[&Tensor]) -> KernelResult<Tensor> {
+            let mut acc = typed::<T>(ts[0])?.clone();
+            for t in &ts[1..] {
+                let b = typed::<T>(t)?;
+                acc = zip_broadcast(&acc, b, |x, y| match op {
+                    Variadic::Sum | Variadic::Mean => x.add(y),
+                    Variadic::Min => {
+                        if y < x || y.is_nan() {
+                            y
+                        } else {
+                            x
+                        }
+                    }
+                    Variadic::Max => {
+                        if y > x || y.is_nan() {
+                            y
+                        } else {
+                            x
+                        }
+                    }
+                })?
+                .into_shared();
+            }
+            if let Variadic::Mean = op {
+                let n = T::from_f64(ts.len() as f64);
+                acc = acc.map(|&v| v.div(n)).into_shared();
+            }
+            Ok(wrap(acc.into_owned()))
+        }
+        Ok(vec![numeric!(first.dtype(), go(*self, &present))?])
+    }
+}
+
+/// `Where(cond, x, y)` with three-way broadcasting, any element type.
+struct WhereOp;
+
+impl Kernel for WhereOp {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        _: &ExecCtx,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let c = typed::<bool>(input(inputs, 0)?)?;
+        let (x, y) = (input(inputs, 1)?, input(inputs, 2)?);
+        super::same_dtype(x.dtype(), y.dtype())?;
+        let shape = broadcast_shape(&broadcast_shape(c.shape(), x.shape())?, y.shape())?;
+        let cv = broadcast_to(c, &shape)?;
+        let out = with_dtype!(x.dtype(), T => {
+            let (xv, yv) = (broadcast_to(typed::<T>(x)?, &shape)?, broadcast_to(typed::<T>(y)?, &shape)?);
+            wrap(Zip::from(&cv).and(&xv).and(&yv).map_collect(|&c, &a, &b| if c { a } else { b }))
+        });
+        Ok(vec![out])
+    }
+}
+
+/// `Clip`: bounds from attributes (opset < 11) or from optional inputs.
+struct ClipOp {
+    attrs: Option<(f32, f32)>,
+}
+
+impl Kernel for ClipOp {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        ctx: &ExecCtx,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let bound = |slot: usize| -> KernelResult<Option<f64>> {
+            match opt_input(inputs, slot) {
+                None => Ok(None),
+                Some(t) if t.len() == 1 => Ok(t.to_f64_vec().first().copied()),
+                Some(t) => Err(format!("Clip bound {slot} must be a scalar, got shape {:?}", t.shape())),
+            }
+        };
+        let (lo, hi) = match self.attrs {
+            Some((lo, hi)) => (Some(f64::from(lo)), Some(f64::from(hi))),
+            None => (bound(1)?, bound(2)?),
+        };
+        let x = take_input(inputs, 0)?;
+        let out = if x.dtype() == DType::F32 {
+            let lo = lo.map_or(f32::NEG_INFINITY, |v| v as f32);
+            let hi = hi.map_or(f32::INFINITY, |v| v as f32);
+            map_f32(x, ctx, move |v| v.max(lo).min(hi))?
+        } else {
+            fn go<T: Arith>(x: &Tensor, lo: Option<f64>, hi: Option<f64>) -> KernelResult<Tensor> {
+                let (lo, hi) = (lo.map(T::from_f64), hi.map(T::from_f64));
+                Ok(map_int(typed::<T>(x)?, |v| {
+                    let v = match lo {
+                        Some(l) if v < l => l,
+                        _ => v,
+                    };
+                    match hi {
+                        Some(h) if v > h => h,
+                        _ => v,
+                    }
+                }))
+            }
+            numeric!(x.dtype(), go(&x, lo, hi))?
+        };
+        Ok(vec![out])
+    }
+}
+
+/// The activation of a `Relu` or `Clip` node whose bounds are static, for fusing into its
+/// producer; `None` for anything else.
+pub(crate) fn fusable_activation(
+    node: &Node,
+    opset: i64,
+    bound: impl Fn(usize) -> Option<f32>,
+) -> Option<Activation> {
+    match node.op_type.as_str() {
+        "Relu" => Some(Activation::Relu),
+        "Clip" if opset < 11 => Some(Activation::Clip(
+            node.float_attr("min", f32::MIN).ok()?,
+            node.float_attr("max", f32::MAX).ok()?,
+        )),
+        "Clip" => {
+            let get = |slot: usize, default: f32| match node.inputs().get(slot).copied().flatten() {
+                None => Some(default),
+                Some(_) => bound(slot),
+            };
+            Some(Activation::Clip(get(1, f32::NEG_INFINITY)?, get(2, f32::INFINITY)?))
+        }
+        _ => None,
+    }
+}

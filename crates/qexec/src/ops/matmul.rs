@@ -1,0 +1,245 @@
+//! Matrix products: the one `sgemm` entry point every product goes through (the `gemm` crate's
+//! runtime-dispatched SIMD kernels), and the `MatMul` (numpy-batched) and `Gemm` ops.
+
+use qgraph::{Node, Tensor};
+use rayon::prelude::*;
+
+use super::{Activation, ExecCtx, Kernel, f32_data, input, opt_input};
+use crate::error::{KernelResult, Result};
+
+pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
+    Some(match node.op_type.as_str() {
+        "MatMul" => Ok(Box::new(MatMul)),
+        "Gemm" => (|| {
+            Ok(Box::new(GemmOp {
+                alpha: node.float_attr("alpha", 1.0)?,
+                beta: node.float_attr("beta", 1.0)?,
+                trans_a: node.int_attr("transA", 0)? != 0,
+                trans_b: node.int_attr("transB", 0)? != 0,
+            }) as Box<dyn Kernel>)
+        })(),
+        _ => return None,
+    })
+}
+
+/// A strided read-only matrix operand: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl MatRef<'_> {
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `c[m×n] (row stride c_rs) = (accumulate ? c : 0) + alpha · a[m×k] · b[k×n]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    alpha: f32,
+    c: &mut [f32],
+    c_rs: usize,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) -> KernelResult<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let c_fits = (m - 1) * c_rs + n <= c.len() && c_rs >= n;
+    if !a.fits(m, k) || !b.fits(k, n) || !c_fits {
+        return Err(format!("internal: gemm operands too small for {m}x{k}x{n}"));
+    }
+    if k == 0 {
+        if !accumulate {
+            (0..m).for_each(|i| c[i * c_rs..i * c_rs + n].fill(0.0));
+        }
+        return Ok(());
+    }
+    // SAFETY: the checks above guarantee that every (row, col) index the product reads from `a`
+    // (m×k), `b` (k×n) and writes to `c` (m×n, row stride `c_rs`, unit column stride) lies inside
+    // the slices; `c` is borrowed mutably, so it aliases neither `a` nor `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
+/// `MatMul` with numpy semantics: 1-D operands promoted, batch dims broadcast.
+struct MatMul;
+
+impl Kernel for MatMul {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        ctx: &ExecCtx,
+        fused: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let (ta, tb) = (input(inputs, 0)?, input(inputs, 1)?);
+        let (a, b) = (f32_data(ta)?, f32_data(tb)?);
+        let (mut sa, mut sb) = (ta.shape().to_vec(), tb.shape().to_vec());
+        if sa.is_empty() || sb.is_empty() {
+            return Err("MatMul operands must have rank ≥ 1".into());
+        }
+        let (a_vec, b_vec) = (sa.len() == 1, sb.len() == 1);
+        if a_vec {
+            sa.insert(0, 1);
+        }
+        if b_vec {
+            sb.push(1);
+        }
+        let (m, k) = (sa[sa.len() - 2], sa[sa.len() - 1]);
+        let (k2, n) = (sb[sb.len() - 2], sb[sb.len() - 1]);
+        if k != k2 {
+            return Err(format!("MatMul inner dims differ: {:?} × {:?}", ta.shape(), tb.shape()));
+        }
+        let batch = super::elementwise::broadcast_shape(&sa[..sa.len() - 2], &sb[..sb.len() - 2])?;
+        let count: usize = batch.iter().product();
+        let mut out = vec![0f32; count * m * n];
+        let offsets = |shape: &[usize], size: usize| -> Vec<usize> {
+            let own = &shape[..shape.len() - 2];
+            let mut offs = Vec::with_capacity(count);
+            let mut idx = vec![0usize; batch.len()];
+            for _ in 0..count {
+                let mut off = 0;
+                let mut stride = size;
+                for d in (0..own.len()).rev() {
+                    let bi = idx[batch.len() - own.len() + d];
+                    off += if own[d] == 1 { 0 } else { bi * stride };
+                    stride *= own[d];
+                }
+                offs.push(off);
+                for d in (0..batch.len()).rev() {
+                    idx[d] += 1;
+                    if idx[d] < batch[d] {
+                        break;
+                    }
+                    idx[d] = 0;
+                }
+            }
+            offs
+        };
+        let (oa, ob) = (offsets(&sa, m * k), offsets(&sb, k * n));
+        let b_shared = ob.iter().all(|&o| o == 0) && oa.windows(2).all(|w| w[1] == w[0] + m * k);
+        if b_shared && count > 0 {
+            // One product with the batch folded into the rows of `a`.
+            sgemm(
+                count * m,
+                n,
+                k,
+                MatRef { data: &a[oa[0]..], rs: k, cs: 1 },
+                MatRef { data: &b, rs: n, cs: 1 },
+                1.0,
+                &mut out,
+                n,
+                false,
+                ctx.gemm_parallelism(),
+            )?;
+        } else if ctx.threads > 1 && count > 1 {
+            out.par_chunks_mut((m * n).max(1)).enumerate().try_for_each(|(i, c)| {
+                let (am, bm) =
+                    (MatRef { data: &a[oa[i]..], rs: k, cs: 1 }, MatRef { data: &b[ob[i]..], rs: n, cs: 1 });
+                sgemm(m, n, k, am, bm, 1.0, c, n, false, gemm::Parallelism::None)
+            })?;
+        } else {
+            for (i, c) in out.chunks_mut((m * n).max(1)).enumerate().take(count) {
+                let (am, bm) =
+                    (MatRef { data: &a[oa[i]..], rs: k, cs: 1 }, MatRef { data: &b[ob[i]..], rs: n, cs: 1 });
+                sgemm(m, n, k, am, bm, 1.0, c, n, false, ctx.gemm_parallelism())?;
+            }
+        }
+        if let Some(act) = fused {
+            act.apply(&mut out);
+        }
+        let mut shape = batch;
+        if !a_vec {
+            shape.push(m);
+        }
+        if !b_vec {
+            shape.push(n);
+        }
+        Ok(vec![super::tensor_from(&shape, out)?])
+    }
+
+    fn fuses_activation(&self) -> bool {
+        true
+    }
+}
+
+/// `Gemm`: `alpha · A' · B' + beta · C` with optional transposes and a broadcast `C`.
+struct GemmOp {
+    alpha: f32,
+    beta: f32,
+    trans_a: bool,
+    trans_b: bool,
+}
+
+impl Kernel for GemmOp {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        ctx: &ExecCtx,
+        fused: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let (ta, tb) = (input(inputs, 0)?, input(inputs, 1)?);
+        super::expect_rank(ta, 2, "Gemm input A")?;
+        super::expect_rank(tb, 2, "Gemm input B")?;
+        let (a, b) = (f32_data(ta)?, f32_data(tb)?);
+        let (sa, sb) = (ta.shape(), tb.shape());
+        let (m, k) = if self.trans_a { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
+        let (k2, n) = if self.trans_b { (sb[1], sb[0]) } else { (sb[0], sb[1]) };
+        if k != k2 {
+            return Err(format!(
+                "Gemm inner dims differ: A {sa:?} (transA {}) × B {sb:?} (transB {})",
+                self.trans_a, self.trans_b
+            ));
+        }
+        let mut out = vec![0f32; m * n];
+        let c = opt_input(inputs, 2).filter(|_| self.beta != 0.0);
+        if let Some(tc) = c {
+            let bias = super::typed::<f32>(tc)?;
+            let view = super::elementwise::broadcast_to(bias, &[m, n])?;
+            out.iter_mut().zip(view.iter()).for_each(|(o, &v)| *o = self.beta * v);
+        }
+        let am =
+            if self.trans_a { MatRef { data: &a, rs: 1, cs: m } } else { MatRef { data: &a, rs: k, cs: 1 } };
+        let bm =
+            if self.trans_b { MatRef { data: &b, rs: 1, cs: k } } else { MatRef { data: &b, rs: n, cs: 1 } };
+        sgemm(m, n, k, am, bm, self.alpha, &mut out, n, c.is_some(), ctx.gemm_parallelism())?;
+        if let Some(act) = fused {
+            act.apply(&mut out);
+        }
+        Ok(vec![super::tensor_from(&[m, n], out)?])
+    }
+
+    fn fuses_activation(&self) -> bool {
+        true
+    }
+}

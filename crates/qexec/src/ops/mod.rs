@@ -1,0 +1,264 @@
+//! The op registry: one compiled `Kernel` per node, built from the node's attributes before any
+//! tensor flows (so an unsupported op or a bad attribute is reported at planning time), plus the
+//! small tensor helpers every kernel family shares.
+
+mod conv;
+mod elementwise;
+mod matmul;
+mod movement;
+mod norm;
+mod pool;
+mod quant;
+mod reduce;
+mod resize;
+
+pub(crate) use elementwise::fusable_activation;
+
+use ndarray::{ArcArray, ArrayD, IxDyn};
+use qgraph::{DType, Element, Node, Tensor};
+
+use crate::error::{ExecError, KernelResult, Result};
+
+/// What a kernel may use while running: the thread budget of the session.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ExecCtx {
+    /// Worker threads available (1 = run everything on the calling thread).
+    pub threads: usize,
+}
+
+impl ExecCtx {
+    /// The `gemm` parallelism for one large product.
+    pub fn gemm_parallelism(&self) -> gemm::Parallelism {
+        if self.threads > 1 { gemm::Parallelism::Rayon(self.threads) } else { gemm::Parallelism::None }
+    }
+}
+
+/// An elementwise activation a producing kernel (Conv, ConvTranspose, Gemm) can apply to its
+/// output before writing it, instead of a separate pass.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Activation {
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, lo), hi)`.
+    Clip(f32, f32),
+}
+
+impl Activation {
+    /// Applies the activation to every element.
+    pub fn apply(self, out: &mut [f32]) {
+        match self {
+            Activation::Relu => out.iter_mut().for_each(|v| *v = v.max(0.0)),
+            Activation::Clip(lo, hi) => out.iter_mut().for_each(|v| *v = v.max(lo).min(hi)),
+        }
+    }
+}
+
+/// A compiled op. `inputs` holds the node's inputs (`None` for omitted optional ones); a kernel
+/// may take an input out and reuse its buffer, which is free of copies when the session handed
+/// over the last reference.
+pub(crate) trait Kernel: Send + Sync {
+    /// Computes the node's outputs.
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        ctx: &ExecCtx,
+        fused: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>>;
+
+    /// Whether the kernel applies a fused activation (see [`Activation`]).
+    fn fuses_activation(&self) -> bool {
+        false
+    }
+}
+
+/// Builds the kernel of `node` for the given default-domain opset.
+pub(crate) fn compile(node: &Node, opset: i64) -> Result<Box<dyn Kernel>> {
+    let unsupported = || ExecError::UnsupportedOp {
+        op: node.op_type.clone(),
+        node: node.name.clone(),
+        domain: if node.is_onnx_domain() { String::new() } else { format!("{}::", node.domain) },
+        opset,
+    };
+    if !node.is_onnx_domain() {
+        return Err(unsupported());
+    }
+    let built = elementwise::compile(node, opset)
+        .or_else(|| movement::compile(node, opset))
+        .or_else(|| conv::compile(node))
+        .or_else(|| pool::compile(node))
+        .or_else(|| matmul::compile(node))
+        .or_else(|| norm::compile(node, opset))
+        .or_else(|| reduce::compile(node, opset))
+        .or_else(|| resize::compile(node, opset))
+        .or_else(|| quant::compile(node));
+    match built {
+        Some(kernel) => kernel.map_err(|e| match e {
+            ExecError::Graph(qgraph::GraphError::Unsupported { detail }) => invalid(node, detail),
+            other => other,
+        }),
+        None => Err(unsupported()),
+    }
+}
+
+/// An `ExecError::Invalid` for `node`.
+pub(crate) fn invalid(node: &Node, detail: impl Into<String>) -> ExecError {
+    ExecError::Invalid { node: node.name.clone(), op: node.op_type.clone(), detail: detail.into() }
+}
+
+/// Runs `$body` with `$T` bound to the element type of `$dtype`.
+macro_rules! with_dtype {
+    ($dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            qgraph::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            qgraph::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            qgraph::DType::F16 => {
+                type $T = half::f16;
+                $body
+            }
+            qgraph::DType::BF16 => {
+                type $T = half::bf16;
+                $body
+            }
+            qgraph::DType::I8 => {
+                type $T = i8;
+                $body
+            }
+            qgraph::DType::U8 => {
+                type $T = u8;
+                $body
+            }
+            qgraph::DType::I16 => {
+                type $T = i16;
+                $body
+            }
+            qgraph::DType::U16 => {
+                type $T = u16;
+                $body
+            }
+            qgraph::DType::I32 => {
+                type $T = i32;
+                $body
+            }
+            qgraph::DType::U32 => {
+                type $T = u32;
+                $body
+            }
+            qgraph::DType::I64 => {
+                type $T = i64;
+                $body
+            }
+            qgraph::DType::U64 => {
+                type $T = u64;
+                $body
+            }
+            qgraph::DType::Bool => {
+                type $T = bool;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_dtype;
+
+/// Input `slot`, which the op requires.
+pub(crate) fn input(inputs: &[Option<Tensor>], slot: usize) -> KernelResult<&Tensor> {
+    inputs.get(slot).and_then(Option::as_ref).ok_or_else(|| format!("input {slot} is missing"))
+}
+
+/// Input `slot` if present.
+pub(crate) fn opt_input(inputs: &[Option<Tensor>], slot: usize) -> Option<&Tensor> {
+    inputs.get(slot).and_then(Option::as_ref)
+}
+
+/// Takes input `slot` out of the list (so its buffer can be reused).
+pub(crate) fn take_input(inputs: &mut [Option<Tensor>], slot: usize) -> KernelResult<Tensor> {
+    inputs.get_mut(slot).and_then(Option::take).ok_or_else(|| format!("input {slot} is missing"))
+}
+
+/// The array of `t` as element type `T`, or an error naming both dtypes.
+pub(crate) fn typed<T: Element>(t: &Tensor) -> KernelResult<&ArcArray<T, IxDyn>> {
+    T::unwrap(t).ok_or_else(|| format!("expected a {} tensor, got {}", T::DTYPE, t.dtype()))
+}
+
+/// The f32 elements of `t` in row-major order (copied only if `t` is not in standard layout).
+pub(crate) fn f32_data(t: &Tensor) -> KernelResult<std::borrow::Cow<'_, [f32]>> {
+    let a = typed::<f32>(t)?;
+    Ok(match a.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+    })
+}
+
+/// An owned, uniquely held, standard-layout f32 array made from `t` (no copy when `t` was the
+/// last reference to a standard-layout buffer).
+pub(crate) fn into_f32_unique(t: Tensor) -> KernelResult<ArcArray<f32, IxDyn>> {
+    match t {
+        Tensor::F32(a) if a.is_standard_layout() => Ok(a),
+        Tensor::F32(a) => Ok(a.as_standard_layout().into_owned().into_shared()),
+        other => Err(format!("expected a float tensor, got {}", other.dtype())),
+    }
+}
+
+/// Integer elements of an index/shape tensor.
+pub(crate) fn ints_of(t: &Tensor) -> KernelResult<Vec<i64>> {
+    t.to_i64_vec().ok_or_else(|| format!("expected an integer tensor, got {}", t.dtype()))
+}
+
+/// A tensor from a shape and row-major data.
+pub(crate) fn tensor_from<T: Element>(shape: &[usize], data: Vec<T>) -> KernelResult<Tensor> {
+    let len = data.len();
+    Tensor::from_vec(shape, data).ok_or_else(|| format!("internal: {len} elements for shape {shape:?}"))
+}
+
+/// A standard-layout array wrapped as a tensor.
+pub(crate) fn wrap<T: Element>(a: ArrayD<T>) -> Tensor {
+    let a = if a.is_standard_layout() { a } else { a.as_standard_layout().into_owned() };
+    T::wrap(a.into_shared())
+}
+
+/// `axis` (possibly negative) normalised for a tensor of `rank`.
+pub(crate) fn norm_axis(axis: i64, rank: usize) -> KernelResult<usize> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if (0..r.max(1)).contains(&a) || (rank == 0 && a == 0) {
+        Ok(a as usize)
+    } else {
+        Err(format!("axis {axis} is out of range for rank {rank}"))
+    }
+}
+
+/// Splits `0..len` into chunks of about `grain` and runs `f` on each, in parallel when the
+/// context has more than one thread.
+pub(crate) fn for_each_chunk_mut<T: Send>(
+    ctx: &ExecCtx,
+    data: &mut [T],
+    grain: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    let grain = grain.max(1);
+    if ctx.threads > 1 && data.len() > grain {
+        data.par_chunks_mut(grain).enumerate().for_each(|(i, c)| f(i * grain, c));
+    } else {
+        f(0, data);
+    }
+}
+
+/// Checks that `t` is an f32 tensor of the given rank.
+pub(crate) fn expect_rank(t: &Tensor, rank: usize, what: &str) -> KernelResult<()> {
+    if t.shape().len() != rank {
+        return Err(format!("{what} must have rank {rank}, got shape {:?}", t.shape()));
+    }
+    Ok(())
+}
+
+/// Whether two dtypes agree, as an error otherwise.
+pub(crate) fn same_dtype(a: DType, b: DType) -> KernelResult<()> {
+    if a == b { Ok(()) } else { Err(format!("operands have different dtypes {a} and {b}")) }
+}

@@ -1,0 +1,234 @@
+//! Normalisations and softmax: `BatchNormalization` (inference), `LayerNormalization`,
+//! `InstanceNormalization`, and `Softmax`/`LogSoftmax`/`Hardmax` along an axis (opset < 13:
+//! over all dims from the axis on).
+
+use qgraph::{Node, Tensor};
+
+use super::{
+    Activation, ExecCtx, Kernel, f32_data, input, into_f32_unique, norm_axis, opt_input, take_input,
+};
+use crate::error::{ExecError, KernelResult, Result};
+
+pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>> {
+    Some(match node.op_type.as_str() {
+        "BatchNormalization" => node
+            .float_attr("epsilon", 1e-5)
+            .map_err(ExecError::from)
+            .map(|eps| Box::new(BatchNorm { eps }) as Box<dyn Kernel>),
+        "InstanceNormalization" => node
+            .float_attr("epsilon", 1e-5)
+            .map_err(ExecError::from)
+            .map(|eps| Box::new(InstanceNorm { eps }) as Box<dyn Kernel>),
+        "LayerNormalization" => (|| {
+            Ok(Box::new(LayerNorm {
+                axis: node.int_attr("axis", -1)?,
+                eps: node.float_attr("epsilon", 1e-5)?,
+            }) as Box<dyn Kernel>)
+        })(),
+        op @ ("Softmax" | "LogSoftmax" | "Hardmax") => {
+            let kind = match op {
+                "Softmax" => SoftmaxKind::Softmax,
+                "LogSoftmax" => SoftmaxKind::Log,
+                _ => SoftmaxKind::Hard,
+            };
+            let default = if opset < 13 { 1 } else { -1 };
+            node.int_attr("axis", default)
+                .map_err(ExecError::from)
+                .map(|axis| Box::new(Softmax { kind, axis, flatten: opset < 13 }) as Box<dyn Kernel>)
+        }
+        _ => return None,
+    })
+}
+
+/// Per-channel affine data of a normalisation input of length `c`.
+fn per_channel(t: &Tensor, c: usize, what: &str) -> KernelResult<Vec<f32>> {
+    let v = f32_data(t)?;
+    if v.len() != c {
+        return Err(format!("{what} has {} values for {c} channels", v.len()));
+    }
+    Ok(v.into_owned())
+}
+
+struct BatchNorm {
+    eps: f32,
+}
+
+impl Kernel for BatchNorm {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        _: &ExecCtx,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let x = take_input(inputs, 0)?;
+        if x.shape().len() < 2 {
+            return Err(format!("BatchNormalization input must have rank ≥ 2, got {:?}", x.shape()));
+        }
+        let c = x.shape()[1];
+        let get = |slot, what| per_channel(input(inputs, slot)?, c, what);
+        let (scale, bias, mean, var) = (get(1, "scale")?, get(2, "B")?, get(3, "mean")?, get(4, "var")?);
+        let inner: usize = x.shape()[2..].iter().product();
+        let mut a = into_f32_unique(x)?;
+        let data = a.as_slice_mut().ok_or("internal")?;
+        for (i, plane) in data.chunks_mut(inner.max(1)).enumerate() {
+            let ch = i % c;
+            let k = scale[ch] / (var[ch] + self.eps).sqrt();
+            let b = bias[ch] - mean[ch] * k;
+            plane.iter_mut().for_each(|v| *v = *v * k + b);
+        }
+        Ok(vec![Tensor::F32(a)])
+    }
+}
+
+struct InstanceNorm {
+    eps: f32,
+}
+
+impl Kernel for InstanceNorm {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        _: &ExecCtx,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let x = take_input(inputs, 0)?;
+        if x.shape().len() < 3 {
+            return Err(format!("InstanceNormalization input must have rank ≥ 3, got {:?}", x.shape()));
+        }
+        let c = x.shape()[1];
+        let (scale, bias) =
+            (per_channel(input(inputs, 1)?, c, "scale")?, per_channel(input(inputs, 2)?, c, "B")?);
+        let inner: usize = x.shape()[2..].iter().product();
+        let mut a = into_f32_unique(x)?;
+        let data = a.as_slice_mut().ok_or("internal")?;
+        for (i, plane) in data.chunks_mut(inner.max(1)).enumerate() {
+            let (mean, inv) = moments(plane, self.eps);
+            let ch = i % c;
+            plane.iter_mut().for_each(|v| *v = (*v - mean) * inv * scale[ch] + bias[ch]);
+        }
+        Ok(vec![Tensor::F32(a)])
+    }
+}
+
+/// Mean and 1/sqrt(variance + eps) of `v` (population variance, f64 accumulation).
+fn moments(v: &[f32], eps: f32) -> (f32, f32) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+    let var = v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n;
+    (mean as f32, (1.0 / (var + f64::from(eps)).sqrt()) as f32)
+}
+
+struct LayerNorm {
+    axis: i64,
+    eps: f32,
+}
+
+impl Kernel for LayerNorm {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        _: &ExecCtx,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let x = take_input(inputs, 0)?;
+        let shape = x.shape().to_vec();
+        let axis = norm_axis(self.axis, shape.len())?;
+        let inner: usize = shape[axis..].iter().product();
+        let outer: usize = shape[..axis].iter().product();
+        let affine = |slot: usize, default: f32| -> KernelResult<Vec<f32>> {
+            match opt_input(inputs, slot) {
+                None => Ok(vec![default; inner]),
+                Some(t) => {
+                    let b = super::elementwise::broadcast_to(super::typed::<f32>(t)?, &shape[axis..])?;
+                    Ok(b.iter().copied().collect())
+                }
+            }
+        };
+        let (scale, bias) = (affine(1, 1.0)?, affine(2, 0.0)?);
+        let mut a = into_f32_unique(x)?;
+        let data = a.as_slice_mut().ok_or("internal")?;
+        let (mut means, mut invs) = (Vec::with_capacity(outer), Vec::with_capacity(outer));
+        for row in data.chunks_mut(inner.max(1)) {
+            let (mean, inv) = moments(row, self.eps);
+            row.iter_mut().zip(&scale).zip(&bias).for_each(|((v, &s), &b)| *v = (*v - mean) * inv * s + b);
+            means.push(mean);
+            invs.push(inv);
+        }
+        let mut stat_shape = shape[..axis].to_vec();
+        stat_shape.extend(std::iter::repeat_n(1, shape.len() - axis));
+        Ok(vec![
+            Tensor::F32(a),
+            super::tensor_from(&stat_shape, means)?,
+            super::tensor_from(&stat_shape, invs)?,
+        ])
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum SoftmaxKind {
+    Softmax,
+    Log,
+    Hard,
+}
+
+struct Softmax {
+    kind: SoftmaxKind,
+    axis: i64,
+    flatten: bool,
+}
+
+impl Kernel for Softmax {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        _: &ExecCtx,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let x = take_input(inputs, 0)?;
+        let shape = x.shape().to_vec();
+        let axis = norm_axis(self.axis, shape.len())?;
+        let outer: usize = shape[..axis].iter().product();
+        let (n, inner) = if self.flatten {
+            (shape[axis..].iter().product::<usize>(), 1)
+        } else {
+            (shape.get(axis).copied().unwrap_or(1), shape[axis + 1..].iter().product::<usize>())
+        };
+        let mut a = into_f32_unique(x)?;
+        let data = a.as_slice_mut().ok_or("internal")?;
+        let mut lane = vec![0f32; n];
+        for o in 0..outer {
+            for i in 0..inner {
+                let at = |j: usize| o * n * inner + j * inner + i;
+                lane.iter_mut().enumerate().for_each(|(j, v)| *v = data[at(j)]);
+                self.lane(&mut lane);
+                lane.iter().enumerate().for_each(|(j, &v)| data[at(j)] = v);
+            }
+        }
+        Ok(vec![Tensor::F32(a)])
+    }
+}
+
+impl Softmax {
+    fn lane(&self, v: &mut [f32]) {
+        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        match self.kind {
+            SoftmaxKind::Hard => {
+                let first = v.iter().position(|&x| x == max).unwrap_or(0);
+                v.iter_mut().enumerate().for_each(|(j, x)| *x = if j == first { 1.0 } else { 0.0 });
+            }
+            SoftmaxKind::Softmax => {
+                let mut sum = 0f32;
+                v.iter_mut().for_each(|x| {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                });
+                v.iter_mut().for_each(|x| *x /= sum);
+            }
+            SoftmaxKind::Log => {
+                let sum: f32 = v.iter().map(|&x| (x - max).exp()).sum();
+                let log_sum = sum.ln();
+                v.iter_mut().for_each(|x| *x = *x - max - log_sum);
+            }
+        }
+    }
+}

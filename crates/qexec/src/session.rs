@@ -1,0 +1,492 @@
+//! `Session`: a graph compiled into a list of steps (one kernel per node, in topological order),
+//! and the run loop that feeds inputs, calls the hook on every produced tensor, frees each
+//! intermediate after its last reader, and can resume from cached tensors, recomputing only what
+//! lies downstream of the values that changed.
+
+use std::collections::HashMap;
+
+use qgraph::{Dim, Model, NodeId, Tensor, ValueId, ValueSource};
+
+use crate::error::{ExecError, Result};
+use crate::hook::{Hook, TensorEvent, TensorKind};
+use crate::ops::{self, Activation, ExecCtx, Kernel};
+
+/// How a session is built.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// Worker threads; 0 means one per available core. With 1, every kernel runs on the calling
+    /// thread and no thread pool is created.
+    pub threads: usize,
+    /// Whether Conv/ConvTranspose/Gemm/MatMul apply a directly following Relu or static Clip
+    /// themselves (skipped automatically when a hook observes the intermediate tensor).
+    pub fuse_activations: bool,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions { threads: 0, fuse_activations: true }
+    }
+}
+
+impl SessionOptions {
+    /// Options with the given thread count.
+    pub fn threads(threads: usize) -> SessionOptions {
+        SessionOptions { threads, ..SessionOptions::default() }
+    }
+}
+
+/// Which values a run hands back besides the graph outputs.
+#[derive(Debug, Clone, Default)]
+pub enum Keep {
+    /// Only the graph outputs.
+    #[default]
+    Outputs,
+    /// Every value the run fed or computed (the cache for a later `resume`). Disables fusion.
+    All,
+    /// These values too.
+    Values(Vec<ValueId>),
+}
+
+/// Per-run settings.
+#[derive(Default)]
+pub struct RunOptions<'a> {
+    /// Called on produced tensors.
+    pub hook: Option<&'a mut (dyn Hook + Send)>,
+    /// Values to keep.
+    pub keep: Keep,
+    /// Also call the hook on fed graph inputs.
+    pub hook_inputs: bool,
+    /// Also call the hook on initializers and constants, once per run, before their first reader.
+    pub hook_params: bool,
+}
+
+impl<'a> RunOptions<'a> {
+    /// Options with a hook.
+    pub fn with_hook(hook: &'a mut (dyn Hook + Send)) -> RunOptions<'a> {
+        RunOptions { hook: Some(hook), ..RunOptions::default() }
+    }
+
+    /// Sets the keep policy.
+    pub fn keep(mut self, keep: Keep) -> RunOptions<'a> {
+        self.keep = keep;
+        self
+    }
+}
+
+/// Tensors by value id: what a run kept, and what `resume` starts from.
+#[derive(Debug, Clone, Default)]
+pub struct ValueCache {
+    values: HashMap<ValueId, Tensor>,
+}
+
+impl ValueCache {
+    /// An empty cache.
+    pub fn new() -> ValueCache {
+        ValueCache::default()
+    }
+
+    /// The tensor of `v`, if cached.
+    pub fn get(&self, v: ValueId) -> Option<&Tensor> {
+        self.values.get(&v)
+    }
+
+    /// Caches `t` as the value of `v` (replacing any previous one). Cached initializers override
+    /// the model's data in `resume`.
+    pub fn insert(&mut self, v: ValueId, t: Tensor) {
+        self.values.insert(v, t);
+    }
+
+    /// Removes `v`.
+    pub fn remove(&mut self, v: ValueId) -> Option<Tensor> {
+        self.values.remove(&v)
+    }
+
+    /// Number of cached values.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Total bytes of the cached tensors.
+    pub fn bytes(&self) -> usize {
+        self.values.values().map(tensor_bytes).sum()
+    }
+
+    /// The cached (value, tensor) pairs, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (ValueId, &Tensor)> {
+        self.values.iter().map(|(&v, t)| (v, t))
+    }
+}
+
+/// Measurements of one run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunStats {
+    /// Nodes executed (a fused activation counts with its producer as one).
+    pub nodes_run: usize,
+    /// Peak bytes of fed and computed tensors alive at once (weights excluded).
+    pub peak_bytes: usize,
+}
+
+/// What a run returns.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// The graph outputs, in graph order.
+    pub outputs: Vec<Tensor>,
+    /// The values kept per `Keep` (for `Keep::All`: every fed or computed value).
+    pub kept: ValueCache,
+    /// Measurements.
+    pub stats: RunStats,
+}
+
+/// One compiled node.
+struct Step {
+    node: NodeId,
+    kernel: Box<dyn Kernel>,
+    /// The activation of the next step, if this step can apply it itself.
+    fuse: Option<Activation>,
+}
+
+/// A model compiled for execution.
+pub struct Session {
+    model: Model,
+    steps: Vec<Step>,
+    threads: usize,
+    pool: Option<rayon::ThreadPool>,
+}
+
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.len() * t.dtype().size_of()
+}
+
+impl Session {
+    /// Compiles `model`: every node gets its kernel now, so an unsupported op or an invalid
+    /// attribute is reported before any data flows.
+    pub fn new(model: Model, options: SessionOptions) -> Result<Session> {
+        let opset = model.default_opset();
+        let g = &model.graph;
+        let mut steps: Vec<Step> = Vec::new();
+        for id in g.topological_order()? {
+            let node = g.node(id);
+            let outputs_static = node.outputs().iter().flatten().all(|&v| g.static_value(v).is_some());
+            if outputs_static && !node.outputs().is_empty() {
+                continue;
+            }
+            steps.push(Step { node: id, kernel: ops::compile(node, opset)?, fuse: None });
+        }
+        if options.fuse_activations {
+            for i in 0..steps.len().saturating_sub(1) {
+                if !steps[i].kernel.fuses_activation() {
+                    continue;
+                }
+                let (producer, next) = (g.node(steps[i].node), g.node(steps[i + 1].node));
+                let Some(out) = producer.outputs().first().copied().flatten() else { continue };
+                let feeds_next = next.inputs().first().copied().flatten() == Some(out);
+                if !feeds_next || g.use_count(out) != 1 || g.is_output(out) || producer.outputs().len() != 1 {
+                    continue;
+                }
+                let bound = |slot: usize| {
+                    let v = next.inputs().get(slot).copied().flatten()?;
+                    let t = g.static_value(v)?;
+                    if t.len() == 1 { t.to_f64_vec().first().map(|&x| x as f32) } else { None }
+                };
+                steps[i].fuse = ops::fusable_activation(next, opset, bound);
+            }
+        }
+        let threads = if options.threads == 0 {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        } else {
+            options.threads
+        };
+        let pool = if threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .map_err(|e| ExecError::ThreadPool { threads, detail: e.to_string() })?,
+            )
+        } else {
+            None
+        };
+        Ok(Session { model, steps, threads, pool })
+    }
+
+    /// The model the session runs.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Worker threads in use.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Number of nodes the session executes per full run (constants excluded).
+    pub fn step_count(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Runs the graph on named inputs and returns the graph outputs.
+    pub fn run(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
+        Ok(self.run_with(feeds, RunOptions::default())?.outputs)
+    }
+
+    /// Runs the graph on named inputs with a hook and a keep policy.
+    pub fn run_with(&self, feeds: &[(&str, Tensor)], options: RunOptions<'_>) -> Result<RunResult> {
+        let g = &self.model.graph;
+        let mut fed: Vec<(ValueId, Tensor)> = Vec::with_capacity(feeds.len());
+        for (name, t) in feeds {
+            let v = g.value_id(name).filter(|v| g.inputs().contains(v)).ok_or_else(|| {
+                ExecError::UnknownInput {
+                    name: (*name).to_string(),
+                    inputs: g
+                        .inputs()
+                        .iter()
+                        .map(|&v| g.value(v).name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }
+            })?;
+            self.check_input(v, t)?;
+            fed.push((v, t.clone()));
+        }
+        for &v in g.inputs() {
+            if !fed.iter().any(|(f, _)| *f == v) {
+                return Err(ExecError::MissingInput { name: g.value(v).name.clone() });
+            }
+        }
+        self.execute(fed, None, None, options)
+    }
+
+    /// Re-runs only the nodes downstream of `changed`, reading every other value from `cache`
+    /// (typically the `kept` values of an earlier `Keep::All` run). Values in `cache` override
+    /// initializers, so a changed weight can be passed that way.
+    pub fn resume(
+        &self,
+        cache: &ValueCache,
+        changed: &[ValueId],
+        options: RunOptions<'_>,
+    ) -> Result<RunResult> {
+        let g = &self.model.graph;
+        let mut dirty = vec![false; g.node_count()];
+        for n in g.downstream_nodes(changed) {
+            dirty[n.index()] = true;
+        }
+        self.execute(Vec::new(), Some(cache), Some(&dirty), options)
+    }
+
+    fn check_input(&self, v: ValueId, t: &Tensor) -> Result<()> {
+        let val = self.model.graph.value(v);
+        let dtype_ok = val.dtype.is_none_or(|d| d == t.dtype());
+        let shape_ok = val.shape.as_ref().is_none_or(|s| {
+            s.rank() == t.shape().len()
+                && s.0.iter().zip(t.shape()).all(|(d, &n)| !matches!(d, Dim::Known(k) if *k != n))
+        });
+        if dtype_ok && shape_ok {
+            return Ok(());
+        }
+        let expected = format!(
+            "{} {}",
+            val.dtype.map_or("?".to_string(), |d| d.to_string()),
+            val.shape.as_ref().map_or("[?]".to_string(), |s| format!("{s}"))
+        );
+        Err(ExecError::InputMismatch {
+            name: val.name.clone(),
+            expected,
+            got: format!("{} {:?}", t.dtype(), t.shape()),
+        })
+    }
+
+    fn execute(
+        &self,
+        fed: Vec<(ValueId, Tensor)>,
+        cache: Option<&ValueCache>,
+        dirty: Option<&[bool]>,
+        options: RunOptions<'_>,
+    ) -> Result<RunResult> {
+        match &self.pool {
+            Some(pool) => pool.install(|| self.execute_here(fed, cache, dirty, options)),
+            None => self.execute_here(fed, cache, dirty, options),
+        }
+    }
+
+    fn execute_here(
+        &self,
+        fed: Vec<(ValueId, Tensor)>,
+        cache: Option<&ValueCache>,
+        dirty: Option<&[bool]>,
+        mut options: RunOptions<'_>,
+    ) -> Result<RunResult> {
+        let g = &self.model.graph;
+        let ctx = ExecCtx { threads: self.threads };
+        let nvalues = g.value_count();
+        let mut keep = vec![false; nvalues];
+        let keep_all = matches!(options.keep, Keep::All);
+        if let Keep::Values(vs) = &options.keep {
+            vs.iter().for_each(|v| keep[v.index()] = true);
+        }
+        for &v in g.outputs() {
+            keep[v.index()] = true;
+        }
+        let runs = |s: &Step| dirty.is_none_or(|d| d[s.node.index()]);
+        // Last step (among those that run) reading each value.
+        let mut last_use = vec![usize::MAX; nvalues];
+        for (i, s) in self.steps.iter().enumerate().filter(|(_, s)| runs(s)) {
+            for v in g.node(s.node).inputs().iter().flatten() {
+                last_use[v.index()] = i;
+            }
+        }
+        let mut store: Vec<Option<Tensor>> = vec![None; nvalues];
+        let (mut live, mut stats) = (0usize, RunStats::default());
+        for (v, mut t) in fed {
+            if options.hook_inputs {
+                call_hook(&mut options, g, v, TensorKind::GraphInput, &mut t)?;
+            }
+            live += tensor_bytes(&t);
+            store[v.index()] = Some(t);
+        }
+        stats.peak_bytes = live;
+        let fusion_allowed = !keep_all;
+        let mut skip_next = false;
+        for (i, step) in self.steps.iter().enumerate() {
+            if skip_next {
+                skip_next = false;
+                continue;
+            }
+            if !runs(step) {
+                continue;
+            }
+            let node = g.node(step.node);
+            let mut inputs: Vec<Option<Tensor>> = Vec::with_capacity(node.inputs().len());
+            for &slot in node.inputs() {
+                let Some(v) = slot else {
+                    inputs.push(None);
+                    continue;
+                };
+                if store[v.index()].is_none() {
+                    let t = match cache.and_then(|c| c.get(v)) {
+                        Some(t) => {
+                            if g.value(v).data.is_none() {
+                                live += tensor_bytes(t);
+                            }
+                            t.clone()
+                        }
+                        None => match g.value(v).data.clone() {
+                            Some(mut t) => {
+                                if options.hook_params {
+                                    call_hook(&mut options, g, v, TensorKind::Param, &mut t)?;
+                                }
+                                t
+                            }
+                            None if g.value(v).source() == ValueSource::Input => {
+                                return Err(ExecError::MissingInput { name: g.value(v).name.clone() });
+                            }
+                            None => {
+                                return Err(ExecError::MissingValue {
+                                    name: g.value(v).name.clone(),
+                                    node: node.name.clone(),
+                                });
+                            }
+                        },
+                    };
+                    store[v.index()] = Some(t);
+                }
+                inputs.push(store[v.index()].clone());
+            }
+            // Release inputs read for the last time, so kernels can reuse their buffers.
+            for &v in node.inputs().iter().flatten() {
+                if last_use[v.index()] == i && !keep[v.index()] && !keep_all {
+                    if let Some(t) = store[v.index()].take() {
+                        if g.value(v).data.is_none() {
+                            live -= tensor_bytes(&t);
+                        }
+                    }
+                }
+            }
+            let produced = node.outputs().first().copied().flatten();
+            let fused = match (step.fuse, produced) {
+                (Some(act), Some(out))
+                    if fusion_allowed
+                        && self.steps.get(i + 1).is_some_and(&runs)
+                        && options.hook.as_ref().is_none_or(|h| !h.observes(out)) =>
+                {
+                    Some(act)
+                }
+                _ => None,
+            };
+            let outs = step.kernel.run(&mut inputs, &ctx, fused).map_err(|detail| ExecError::Kernel {
+                node: node.name.clone(),
+                op: node.op_type.clone(),
+                detail,
+            })?;
+            drop(inputs);
+            stats.nodes_run += 1;
+            // With a fused activation, the result belongs to the activation node's output.
+            let out_node = if fused.is_some() {
+                skip_next = true;
+                g.node(self.steps[i + 1].node)
+            } else {
+                node
+            };
+            let out_id = if fused.is_some() { self.steps[i + 1].node } else { step.node };
+            let mut outs = outs.into_iter();
+            for &slot in out_node.outputs() {
+                let t = outs.next();
+                let Some(v) = slot else { continue };
+                let Some(mut t) = t else {
+                    return Err(ExecError::Kernel {
+                        node: out_node.name.clone(),
+                        op: out_node.op_type.clone(),
+                        detail: format!("output '{}' was not produced", g.value(v).name),
+                    });
+                };
+                call_hook(&mut options, g, v, TensorKind::NodeOutput(out_id), &mut t)?;
+                if g.use_count(v) == 0 && !keep[v.index()] && !keep_all {
+                    continue;
+                }
+                live += tensor_bytes(&t);
+                store[v.index()] = Some(t);
+            }
+            stats.peak_bytes = stats.peak_bytes.max(live);
+        }
+        let mut outputs = Vec::with_capacity(g.outputs().len());
+        for &v in g.outputs() {
+            let t = store[v.index()]
+                .clone()
+                .or_else(|| cache.and_then(|c| c.get(v).cloned()))
+                .or_else(|| g.value(v).data.clone());
+            outputs.push(t.ok_or_else(|| ExecError::MissingValue {
+                name: g.value(v).name.clone(),
+                node: "(graph output)".into(),
+            })?);
+        }
+        let mut kept = ValueCache::new();
+        for (v, t) in g.value_ids().zip(store) {
+            if let Some(t) = t {
+                if (keep_all || keep[v.index()]) && g.value(v).data.is_none() {
+                    kept.insert(v, t);
+                }
+            }
+        }
+        Ok(RunResult { outputs, kept, stats })
+    }
+}
+
+fn call_hook(
+    options: &mut RunOptions<'_>,
+    g: &qgraph::Graph,
+    v: ValueId,
+    kind: TensorKind,
+    t: &mut Tensor,
+) -> Result<()> {
+    let Some(hook) = options.hook.as_deref_mut() else { return Ok(()) };
+    if !hook.observes(v) {
+        return Ok(());
+    }
+    let name = &g.value(v).name;
+    hook.on_tensor(TensorEvent { value: v, name, kind }, t)
+        .map_err(|source| ExecError::Hook { name: name.clone(), source })
+}
