@@ -3,6 +3,7 @@
 //! the workspace crates; this binary only orchestrates and reports.
 
 mod bench;
+mod conformance;
 mod python;
 mod zoo;
 mod zoo_data;
@@ -14,6 +15,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   zoo [exec]     run every check on the real models of ../shared/zoo (fails if it is missing);
                  `exec` runs only the interpreter parity checks
+  conformance [--update]
+                 run the ONNX backend node tests; fail if a test of the manifest fails
   bench [load]   measure against the reference implementation in the same run, print ratios
   inspect MODEL  print a model summary (inputs/outputs, ops, parameters, MACs at batch 1)";
 
@@ -21,6 +24,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("zoo") => zoo::run(args.get(1).map(String::as_str)),
+        Some("conformance") => conformance::run(args.get(1).map(String::as_str) == Some("--update")),
         Some("bench") => bench::run(args.get(1).map(String::as_str)),
         Some("inspect") => {
             let Some(path) = args.get(1) else { bail!("{USAGE}") };

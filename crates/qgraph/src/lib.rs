@@ -37,7 +37,7 @@ pub use error::{GraphError, Result};
 pub use graph::{Graph, Model, Node, NodeSpec, Opset, Value, ValueSource};
 pub use ids::{NodeId, Outlet, ValueId};
 pub use infer::ShapeReport;
-pub use load::{load_bytes, load_path, model_from_proto};
+pub use load::{load_bytes, load_path, model_from_proto, tensor_from_bytes};
 pub use params::Param;
 pub use save::{model_to_proto, save_bytes, save_path, write_atomically};
 pub use shape::{Dim, DimBindings, Shape};

@@ -35,6 +35,16 @@ pub fn load_bytes(bytes: &[u8], base_dir: Option<&Path>) -> Result<Model> {
     model_from_proto(proto, base_dir)
 }
 
+/// Decodes one serialized `TensorProto` (the `.pb` files of ONNX test data sets). The tensor must
+/// hold its data inline.
+pub fn tensor_from_bytes(bytes: &[u8]) -> Result<Tensor> {
+    let proto = TensorProto::parse_from_bytes(bytes).map_err(|e| GraphError::TensorData {
+        tensor: String::new(),
+        detail: format!("not a TensorProto: {e}"),
+    })?;
+    decode_tensor(&proto, None)
+}
+
 fn decode_model(bytes: &[u8]) -> Result<ModelProto> {
     if bytes.is_empty() {
         return Err(GraphError::NotOnnx { detail: "the file is empty".into() });

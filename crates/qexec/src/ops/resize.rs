@@ -26,6 +26,9 @@ pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>
                 "coordinate_transformation_mode tf_crop_and_resize is not supported",
             ));
         }
+        if node.int_attr("antialias", 0)? != 0 {
+            return Err(super::invalid(node, "antialiased Resize is not supported"));
+        }
         if node.string_attr("keep_aspect_ratio_policy")?.is_some_and(|p| p != "stretch") {
             return Err(super::invalid(
                 node,
@@ -56,18 +59,20 @@ struct Resize {
 }
 
 impl Resize {
-    /// Input coordinate of output index `o` along an axis of `len` → `out` with `scale`.
-    fn source(&self, o: usize, len: usize, out: usize, scale: f64) -> f64 {
+    /// Input coordinate of output index `o` along an axis of `len` resized by `scale` (the
+    /// spec's resized length is `len · scale`, not rounded).
+    fn source(&self, o: usize, len: usize, scale: f64) -> f64 {
         let o = o as f64;
+        let resized = len as f64 * scale;
         match self.coord.as_str() {
             "asymmetric" => o / scale,
-            "align_corners" if out > 1 => o * (len as f64 - 1.0) / (out as f64 - 1.0),
+            "align_corners" if resized > 1.0 => o * (len as f64 - 1.0) / (resized - 1.0),
             "align_corners" => 0.0,
-            "pytorch_half_pixel" if out > 1 => (o + 0.5) / scale - 0.5,
+            "pytorch_half_pixel" if resized > 1.0 => (o + 0.5) / scale - 0.5,
             "pytorch_half_pixel" => 0.0,
             "tf_half_pixel_for_nn" => (o + 0.5) / scale,
             "half_pixel_symmetric" => {
-                let adj = out as f64 / (scale * len as f64);
+                let adj = resized.floor() / resized;
                 let center = len as f64 / 2.0;
                 center * (1.0 - adj) + (o + 0.5) / scale - 0.5
             }
@@ -95,7 +100,7 @@ impl Resize {
         let last = len as f64 - 1.0;
         (0..out)
             .map(|o| {
-                let x = self.source(o, len, out, scale);
+                let x = self.source(o, len, scale);
                 if self.linear {
                     let x = x.clamp(0.0, last);
                     let i0 = x.floor();

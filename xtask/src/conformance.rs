@@ -1,0 +1,187 @@
+//! `cargo xtask conformance`: the ONNX backend node tests (shipped inside the `onnx` wheel) run
+//! through `qgraph` + `qexec`. Tests whose op the interpreter does not implement, or whose model
+//! uses a dtype the IR does not hold, are skipped; the others must match the expected outputs
+//! (float: |Δ| ≤ 1e-5 + 1e-3·|expected|; integers and bools exactly). The committed manifest
+//! `xtask/conformance/expected_pass.txt` lists the tests that pass; the command fails when one of
+//! them does not, and `--update` rewrites it.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use qexec::{ExecError, Session, SessionOptions};
+use qgraph::Tensor;
+use rayon::prelude::*;
+
+use crate::python;
+use crate::zoo::workspace_root;
+
+/// How one test ended.
+enum Outcome {
+    Passed,
+    Failed(String),
+    Skipped(String),
+}
+
+fn manifest_path() -> PathBuf {
+    workspace_root().join("xtask/conformance/expected_pass.txt")
+}
+
+/// The extracted node tests (fetched on first use).
+fn tests_dir() -> Result<PathBuf> {
+    let dir = workspace_root().join("target/xtask/onnx-1.17.0-node-tests");
+    if !dir.is_dir() {
+        python::run_script("fetch_node_tests.py", &[&dir.display().to_string()])?;
+    }
+    Ok(dir)
+}
+
+pub fn run(update: bool) -> Result<()> {
+    let dir = tests_dir()?;
+    let mut names: Vec<String> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("model.onnx").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let started = Instant::now();
+    let outcomes: Vec<(String, Outcome)> = names
+        .par_iter()
+        .map(|name| {
+            let path = dir.join(name);
+            let outcome = std::panic::catch_unwind(|| run_test(&path))
+                .unwrap_or_else(|_| Outcome::Failed("panicked".into()));
+            (name.clone(), outcome)
+        })
+        .collect();
+    let passed: Vec<&str> =
+        outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Passed)).map(|(n, _)| n.as_str()).collect();
+    let mut report = String::new();
+    for (name, o) in &outcomes {
+        match o {
+            Outcome::Passed => {}
+            Outcome::Failed(why) => report.push_str(&format!("FAIL {name}: {why}\n")),
+            Outcome::Skipped(why) => report.push_str(&format!("skip {name}: {why}\n")),
+        }
+    }
+    let report_path = workspace_root().join("target/xtask/conformance-report.txt");
+    std::fs::write(&report_path, &report)?;
+    let failed = outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Failed(_))).count();
+    let skipped = outcomes.len() - passed.len() - failed;
+    println!(
+        "ONNX node conformance (onnx 1.17.0): {} tests in {:.1} s; details in {}",
+        outcomes.len(),
+        started.elapsed().as_secs_f64(),
+        report_path.display()
+    );
+    if update {
+        std::fs::create_dir_all(manifest_path().parent().context("manifest folder")?)?;
+        let mut text = String::from(
+            "# ONNX backend node tests (onnx 1.17.0) that qexec must pass; `cargo xtask conformance --update` rewrites this list.\n",
+        );
+        passed.iter().for_each(|n| text.push_str(&format!("{n}\n")));
+        qgraph::write_atomically(&manifest_path(), text.as_bytes())?;
+        println!("wrote {} names to {}", passed.len(), manifest_path().display());
+    }
+    let expected: Vec<String> = std::fs::read_to_string(manifest_path())
+        .with_context(|| format!("reading {}", manifest_path().display()))?
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    let regressions: Vec<String> = expected
+        .iter()
+        .filter(|n| !passed.contains(&n.as_str()))
+        .map(|n| {
+            let why = outcomes.iter().find(|(m, _)| m == n).map_or(
+                "missing from the suite".to_string(),
+                |(_, o)| match o {
+                    Outcome::Failed(w) | Outcome::Skipped(w) => w.clone(),
+                    Outcome::Passed => String::new(),
+                },
+            );
+            format!("{n}: {why}")
+        })
+        .collect();
+    for line in report.lines().filter(|l| l.starts_with("FAIL")).take(40) {
+        println!("  {line}");
+    }
+    println!("{} passed, {} failed, {} skipped", passed.len(), failed, skipped);
+    if !regressions.is_empty() {
+        bail!("{} tests of the manifest no longer pass:\n  {}", regressions.len(), regressions.join("\n  "));
+    }
+    Ok(())
+}
+
+fn run_test(dir: &Path) -> Outcome {
+    let model = match qgraph::load_path(dir.join("model.onnx")) {
+        Ok(m) => m,
+        Err(e) => return Outcome::Skipped(format!("load: {e}")),
+    };
+    let inputs: Vec<String> =
+        model.graph.inputs().iter().map(|&v| model.graph.value(v).name.clone()).collect();
+    let session = match Session::new(model, SessionOptions::threads(1)) {
+        Ok(s) => s,
+        Err(e @ (ExecError::UnsupportedOp { .. } | ExecError::Invalid { .. })) => {
+            return Outcome::Skipped(e.to_string());
+        }
+        Err(e) => return Outcome::Failed(format!("plan: {e}")),
+    };
+    let mut sets: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect(),
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    sets.sort();
+    for set in sets {
+        let read = |kind: &str, i: usize| -> Option<Result<Tensor>> {
+            let p = set.join(format!("{kind}_{i}.pb"));
+            p.is_file().then(|| Ok(qgraph::tensor_from_bytes(&std::fs::read(&p)?)?))
+        };
+        let mut feeds = Vec::new();
+        for (i, name) in inputs.iter().enumerate() {
+            match read("input", i) {
+                Some(Ok(t)) => feeds.push((name.as_str(), t)),
+                Some(Err(e)) => return Outcome::Skipped(format!("input {i}: {e}")),
+                None => return Outcome::Skipped(format!("input {i} has no data")),
+            }
+        }
+        let got = match session.run(&feeds) {
+            Ok(o) => o,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        for (i, g) in got.iter().enumerate() {
+            match read("output", i) {
+                Some(Ok(want)) => {
+                    if let Err(why) = compare(g, &want) {
+                        return Outcome::Failed(format!("output {i}: {why}"));
+                    }
+                }
+                Some(Err(e)) => return Outcome::Skipped(format!("output {i}: {e}")),
+                None => return Outcome::Failed(format!("no expected data for output {i}")),
+            }
+        }
+    }
+    Outcome::Passed
+}
+
+fn compare(got: &Tensor, want: &Tensor) -> std::result::Result<(), String> {
+    if got.dtype() != want.dtype() {
+        return Err(format!("dtype {} instead of {}", got.dtype(), want.dtype()));
+    }
+    if got.shape() != want.shape() {
+        return Err(format!("shape {:?} instead of {:?}", got.shape(), want.shape()));
+    }
+    let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
+    let float = want.dtype().is_float();
+    for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
+        let ok = if float {
+            (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-5 + 1e-3 * b.abs()
+        } else {
+            a == b
+        };
+        if !ok {
+            return Err(format!("element {i}: {a} instead of {b}"));
+        }
+    }
+    Ok(())
+}
