@@ -1,16 +1,22 @@
 //! `cargo xtask bench …`: measurements against a reference on the same machine in the same run,
-//! printed as ratios. `bench load`: qgraph's loader against Python's `onnx.load`.
+//! printed as ratios. `bench load`: qgraph's loader against Python's `onnx.load`; `bench exec`:
+//! qexec against onnxruntime on the zoo models at batch 1 and 32, on 1 and 2 threads.
 
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
-use crate::{python, zoo};
+use crate::{python, zoo, zoo_data};
 
 pub fn run(what: Option<&str>) -> Result<()> {
     match what {
-        Some("load") | None => load(),
-        Some(other) => bail!("unknown benchmark '{other}' (available: load)"),
+        Some("load") => load(),
+        Some("exec") => exec(),
+        None => {
+            load()?;
+            exec()
+        }
+        Some(other) => bail!("unknown benchmark '{other}' (available: load, exec)"),
     }
 }
 
@@ -25,6 +31,66 @@ fn median_ms(mut f: impl FnMut(), runs: usize) -> f64 {
         .collect();
     times.sort_by(f64::total_cmp);
     times[runs / 2]
+}
+
+/// The inputs of a zoo model at `batch`: real images (preprocessed) or STS-B tokens.
+fn bench_inputs(zoo: &std::path::Path, name: &str, batch: usize) -> Result<Vec<(String, qgraph::Tensor)>> {
+    if name == "all_minilm_l6_v2" {
+        return Ok(zoo_data::stsb_tokens(zoo)?
+            .into_iter()
+            .map(|(n, a)| {
+                let rows = a.slice(ndarray::s![0..batch, ..]).to_owned().into_dyn().into_shared();
+                (n.to_string(), qgraph::Tensor::I64(rows))
+            })
+            .collect());
+    }
+    let c = zoo_data::CLASSIFIERS.iter().find(|c| c.name == name).context("unknown model")?;
+    let images = zoo_data::raw_images(zoo, c.images)?;
+    Ok(vec![("input".to_string(), c.batch(&images, &(0..batch).collect::<Vec<_>>()))])
+}
+
+fn exec() -> Result<()> {
+    let zoo = zoo::zoo_dir()?;
+    python::ensure_oracles()?;
+    let dir = zoo::out_dir()?.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    println!(
+        "{:<20} {:>5} {:>7} {:>5} {:>10} {:>10} {:>7}",
+        "model", "batch", "threads", "runs", "qexec ms", "ORT ms", "ratio"
+    );
+    for name in ["mobilenetv2_keras", "efficientnet_lite0", "all_minilm_l6_v2"] {
+        let path = zoo.join(format!("models/{name}.onnx"));
+        for batch in [1, 32] {
+            let inputs = bench_inputs(&zoo, name, batch)?;
+            let mut files = Vec::new();
+            for (n, t) in &inputs {
+                let f = dir.join(format!("{name}_{batch}_{n}.npy"));
+                match t {
+                    qgraph::Tensor::F32(a) => ndarray_npy::write_npy(&f, &a.to_owned())?,
+                    qgraph::Tensor::I64(a) => ndarray_npy::write_npy(&f, &a.to_owned())?,
+                    _ => bail!("unexpected input dtype"),
+                }
+                files.push(format!("{n}={}", f.display()));
+            }
+            for threads in [1, 2] {
+                let runs = if batch == 1 { 30 } else { 10 };
+                let session =
+                    qexec::Session::new(qgraph::load_path(&path)?, qexec::SessionOptions::threads(threads))?;
+                let feeds: Vec<(&str, qgraph::Tensor)> =
+                    inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+                let ours = median_ms(|| drop(session.run(&feeds).unwrap()), runs);
+                let mut args = vec![path.display().to_string(), runs.to_string(), threads.to_string()];
+                args.extend(files.iter().cloned());
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let theirs: f64 = python::script_output("time_ort.py", &args)?.trim().parse()?;
+                println!(
+                    "{name:<20} {batch:>5} {threads:>7} {runs:>5} {ours:>10.2} {theirs:>10.2} {:>7.2}",
+                    ours / theirs
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn load() -> Result<()> {

@@ -19,8 +19,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod buffers;
 mod error;
 mod hook;
+mod isa;
 mod ops;
 mod session;
 

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use qgraph::{Dim, Model, NodeId, Tensor, ValueId, ValueSource};
 
+use crate::buffers::BufferPool;
 use crate::error::{ExecError, Result};
 use crate::hook::{Hook, TensorEvent, TensorKind};
 use crate::ops::{self, Activation, ExecCtx, Kernel};
@@ -156,6 +157,7 @@ pub struct Session {
     steps: Vec<Step>,
     threads: usize,
     pool: Option<rayon::ThreadPool>,
+    buffers: BufferPool,
 }
 
 fn tensor_bytes(t: &Tensor) -> usize {
@@ -211,7 +213,7 @@ impl Session {
         } else {
             None
         };
-        Ok(Session { model, steps, threads, pool })
+        Ok(Session { model, steps, threads, pool, buffers: BufferPool::default() })
     }
 
     /// The model the session runs.
@@ -321,7 +323,7 @@ impl Session {
         mut options: RunOptions<'_>,
     ) -> Result<RunResult> {
         let g = &self.model.graph;
-        let ctx = ExecCtx { threads: self.threads };
+        let ctx = ExecCtx { threads: self.threads, pool: &self.buffers };
         let nvalues = g.value_count();
         let mut keep = vec![false; nvalues];
         let keep_all = matches!(options.keep, Keep::All);
@@ -422,7 +424,7 @@ impl Session {
                 op: node.op_type.clone(),
                 detail,
             })?;
-            drop(inputs);
+            inputs.into_iter().flatten().for_each(|t| self.buffers.recycle(t));
             stats.nodes_run += 1;
             // With a fused activation, the result belongs to the activation node's output.
             let out_node = if fused.is_some() {

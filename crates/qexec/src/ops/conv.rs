@@ -182,6 +182,9 @@ fn valid_range(off: isize, s: usize, len: usize, out: usize) -> (usize, usize) {
     (lo.min(hi), hi)
 }
 
+/// Floats of output a column block of a Conv product holds (about 256 KiB: an L2-sized tile).
+const COLUMN_BLOCK_FLOATS: usize = 64 * 1024;
+
 /// Unrolls the receptive fields of one group of one image into `col` ([c·kh·kw, oh·ow]).
 fn im2col(x: &[f32], g: &Geometry, channels: usize, col: &mut [f32]) {
     let ohw = g.oh * g.ow;
@@ -216,31 +219,90 @@ fn im2col(x: &[f32], g: &Geometry, channels: usize, col: &mut [f32]) {
     }
 }
 
-/// Depthwise convolution of one channel plane into `out` (which holds the bias or zeros).
-fn depthwise_plane(x: &[f32], k: &[f32], g: &Geometry, out: &mut [f32]) {
-    for oy in 0..g.oh {
-        let dst = &mut out[oy * g.ow..(oy + 1) * g.ow];
-        for ky in 0..g.kh {
-            let iy = (oy * g.sh) as isize - g.pt + (ky * g.dh) as isize;
-            if iy < 0 || iy >= g.h as isize {
-                continue;
+/// One depthwise channel: `x` is the [h, w] input plane, `k` the [kh, kw] kernel, `out` the
+/// [oh, ow] output plane. Each input row is first laid out zero-padded and split into its
+/// `stride` phases, so that every kernel tap reads a contiguous run of the row; the multiply-adds
+/// then run over fixed-width register blocks of output.
+fn depthwise_plane(
+    x: &[f32],
+    k: &[f32],
+    bias: f32,
+    act: Option<Activation>,
+    g: &Geometry,
+    rows: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let s = g.sw;
+    let padded = (g.ow - 1) * s + (g.kw - 1) * g.dw + 1;
+    // Each phase gets DW_BLOCK floats of slack so full-width blocks never read past the row.
+    let phase_len = padded.div_ceil(s) + DW_BLOCK;
+    let row_len = s * phase_len;
+    rows.resize(g.h * row_len, 0.0);
+    // Phase element j holds padded column p + j·s, i.e. input column p + j·s − pl: the valid j
+    // range and its first input column are the same for every row.
+    let spans: Vec<(usize, usize, usize)> = (0..s)
+        .map(|p| {
+            let (lo, hi) = valid_range(p as isize - g.pl, s, g.w, phase_len);
+            (lo, hi, (p as isize + (lo * s) as isize - g.pl).max(0) as usize)
+        })
+        .collect();
+    for (src, phased) in x.chunks_exact(g.w).zip(rows.chunks_mut(row_len)) {
+        for (dst, &(lo, hi, start)) in phased.chunks_mut(phase_len).zip(&spans) {
+            dst[..lo].fill(0.0);
+            dst[hi..].fill(0.0);
+            let dst = &mut dst[lo..hi];
+            match s {
+                1 => dst.copy_from_slice(&src[start..start + dst.len()]),
+                2 => {
+                    let pairs = src[start..].chunks_exact(2);
+                    let full = pairs.len().min(dst.len());
+                    dst[..full].iter_mut().zip(pairs).for_each(|(d, pair)| *d = pair[0]);
+                    if full < dst.len() {
+                        dst[full] = src[start + 2 * full];
+                    }
+                }
+                _ => dst.iter_mut().zip(src[start..].iter().step_by(s)).for_each(|(d, &v)| *d = v),
             }
-            let src = &x[iy as usize * g.w..(iy as usize + 1) * g.w];
-            for kx in 0..g.kw {
-                let wv = k[ky * g.kw + kx];
-                let offx = kx as isize * g.dw as isize - g.pl;
-                let (lo, hi) = valid_range(offx, g.sw, g.w, g.ow);
-                if lo >= hi {
-                    continue;
+        }
+    }
+    depthwise_rows(rows, k, bias, g, phase_len, out);
+    if let Some(act) = act {
+        act.apply(out);
+    }
+}
+
+/// Output columns a depthwise register block computes at once.
+const DW_BLOCK: usize = 16;
+
+crate::isa::multiversion! {
+    /// The multiply-adds of a depthwise channel over its phased rows (see `depthwise_plane`):
+    /// each block of `DW_BLOCK` outputs accumulates all taps in registers before one store.
+    fn depthwise_rows(rows: &[f32], k: &[f32], bias: f32, g: &Geometry, phase_len: usize, out: &mut [f32]) {
+        let row_len = g.sw * phase_len;
+        let taps: Vec<(usize, usize, f32)> = (0..g.kh)
+            .flat_map(|ky| (0..g.kw).map(move |kx| (ky, kx)))
+            .map(|(ky, kx)| {
+                let off = kx * g.dw;
+                (ky * g.dh, (off % g.sw) * phase_len + off / g.sw, k[ky * g.kw + kx])
+            })
+            .collect();
+        for (oy, dst) in out.chunks_mut(g.ow).enumerate() {
+            let base = (oy * g.sh) as isize - g.pt;
+            for x0 in (0..g.ow).step_by(DW_BLOCK) {
+                let mut acc = [bias; DW_BLOCK];
+                for &(dy, start, w) in &taps {
+                    let iy = base + dy as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    let at = iy as usize * row_len + start + x0;
+                    let src: &[f32; DW_BLOCK] = rows[at..at + DW_BLOCK].try_into().unwrap_or(&[0.0; DW_BLOCK]);
+                    for i in 0..DW_BLOCK {
+                        acc[i] += w * src[i];
+                    }
                 }
-                let start = (lo as isize * g.sw as isize + offx) as usize;
-                if g.sw == 1 {
-                    let s = &src[start..start + (hi - lo)];
-                    dst[lo..hi].iter_mut().zip(s).for_each(|(d, &v)| *d += wv * v);
-                } else {
-                    let s = src[start..].iter().step_by(g.sw);
-                    dst[lo..hi].iter_mut().zip(s).for_each(|(d, &v)| *d += wv * v);
-                }
+                let n = DW_BLOCK.min(g.ow - x0);
+                dst[x0..x0 + n].copy_from_slice(&acc[..n]);
             }
         }
     }
@@ -255,32 +317,35 @@ fn fill_bias(out: &mut [f32], bias: Option<&[f32]>, plane: usize) {
 }
 
 impl Conv {
-    /// Computes one image: `x` is [c, h, w], `out` is [m, oh, ow].
+    /// Computes one image: `x` is [c, h, w], `out` is [m, oh, ow], with the fused activation.
+    #[allow(clippy::too_many_arguments)]
     fn image(
         &self,
         x: &[f32],
         w: &[f32],
         bias: Option<&[f32]>,
+        act: Option<Activation>,
         g: &Geometry,
-        ctx: &ExecCtx,
+        ctx: &ExecCtx<'_>,
         out: &mut [f32],
     ) -> KernelResult<()> {
         let groups = self.0.group;
         let (cg, mg, ohw) = (g.c / groups, g.m / groups, g.oh * g.ow);
         let kk = cg * g.kh * g.kw;
         if groups == g.c && g.m == g.c {
-            let f = |ch: usize, plane: &mut [f32]| {
-                plane.fill(bias.map_or(0.0, |b| b[ch]));
-                depthwise_plane(&x[ch * g.h * g.w..(ch + 1) * g.h * g.w], &w[ch * g.kh * g.kw..], g, plane);
+            let f = |rows: &mut Vec<f32>, ch: usize, plane: &mut [f32]| {
+                let (xc, kc) =
+                    (&x[ch * g.h * g.w..(ch + 1) * g.h * g.w], &w[ch * g.kh * g.kw..(ch + 1) * g.kh * g.kw]);
+                depthwise_plane(xc, kc, bias.map_or(0.0, |b| b[ch]), act, g, rows, plane);
             };
             if ctx.threads > 1 {
-                out.par_chunks_mut(ohw).enumerate().for_each(|(ch, p)| f(ch, p));
+                out.par_chunks_mut(ohw).enumerate().for_each_init(Vec::new, |rows, (ch, p)| f(rows, ch, p));
             } else {
-                out.chunks_mut(ohw).enumerate().for_each(|(ch, p)| f(ch, p));
+                let mut rows = Vec::new();
+                out.chunks_mut(ohw).enumerate().for_each(|(ch, p)| f(&mut rows, ch, p));
             }
             return Ok(());
         }
-        fill_bias(out, bias, ohw);
         let direct = g.kh == 1
             && g.kw == 1
             && g.sh == 1
@@ -290,17 +355,42 @@ impl Conv {
             && g.oh == g.h
             && g.ow == g.w;
         let mut col = if direct { Vec::new() } else { vec![0f32; kk * ohw] };
+        // Output columns in blocks small enough that the block's bias, product and activation
+        // all happen while it is in cache.
+        let block = (COLUMN_BLOCK_FLOATS / mg.max(1)).clamp(64, ohw.max(64)).next_multiple_of(16);
         for grp in 0..groups {
             let xg = &x[grp * cg * g.h * g.w..(grp + 1) * cg * g.h * g.w];
-            let rhs = if direct {
-                MatRef { data: xg, rs: ohw, cs: 1 }
+            let src: &[f32] = if direct {
+                xg
             } else {
                 im2col(xg, g, cg, &mut col);
-                MatRef { data: &col, rs: ohw, cs: 1 }
+                &col
             };
             let lhs = MatRef { data: &w[grp * mg * kk..(grp + 1) * mg * kk], rs: kk, cs: 1 };
             let dst = &mut out[grp * mg * ohw..(grp + 1) * mg * ohw];
-            sgemm(mg, ohw, kk, lhs, rhs, 1.0, dst, ohw, true, ctx.gemm_parallelism())?;
+            let group_bias = bias.map(|b| &b[grp * mg..(grp + 1) * mg]);
+            for c0 in (0..ohw).step_by(block) {
+                let n = block.min(ohw - c0);
+                if let Some(b) = group_bias {
+                    dst[c0..].chunks_mut(ohw).zip(b).for_each(|(row, &v)| row[..n].fill(v));
+                }
+                let rhs = MatRef { data: &src[c0..], rs: ohw, cs: 1 };
+                sgemm(
+                    mg,
+                    n,
+                    kk,
+                    lhs,
+                    rhs,
+                    1.0,
+                    &mut dst[c0..],
+                    ohw,
+                    group_bias.is_some(),
+                    ctx.gemm_parallelism(),
+                )?;
+                if let Some(act) = act {
+                    dst[c0..].chunks_mut(ohw).for_each(|row| act.apply(&mut row[..n]));
+                }
+            }
         }
         Ok(())
     }
@@ -309,14 +399,14 @@ impl Conv {
 /// Runs `f(image, out_chunk)` for every image, in parallel across images when there are several
 /// and threads to spare (each image then single-threaded).
 fn per_image(
-    ctx: &ExecCtx,
+    ctx: &ExecCtx<'_>,
     out: &mut [f32],
     per: usize,
-    f: impl Fn(usize, &mut [f32], &ExecCtx) -> KernelResult<()> + Sync + Send,
+    f: impl Fn(usize, &mut [f32], &ExecCtx<'_>) -> KernelResult<()> + Sync + Send,
 ) -> KernelResult<()> {
     let images = out.len() / per.max(1);
     if ctx.threads > 1 && images > 1 {
-        let single = ExecCtx { threads: 1 };
+        let single = ctx.single_threaded();
         out.par_chunks_mut(per).enumerate().try_for_each(|(i, o)| f(i, o, &single))
     } else {
         out.chunks_mut(per.max(1)).enumerate().try_for_each(|(i, o)| f(i, o, ctx))
@@ -327,7 +417,7 @@ impl Kernel for Conv {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        ctx: &ExecCtx,
+        ctx: &ExecCtx<'_>,
         fused: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let (tx, tw) = (input(inputs, 0)?, input(inputs, 1)?);
@@ -342,13 +432,17 @@ impl Kernel for Conv {
             ));
         }
         let per = g.m * g.oh * g.ow;
-        let mut out = vec![0f32; g.n * per];
+        let mut out = ctx.pool.take(g.n * per);
         per_image(ctx, &mut out, per, |i, o, ctx| {
-            self.image(&x[i * g.c * g.h * g.w..(i + 1) * g.c * g.h * g.w], &w, bias.as_deref(), &g, ctx, o)?;
-            if let Some(act) = fused {
-                act.apply(o);
-            }
-            Ok(())
+            self.image(
+                &x[i * g.c * g.h * g.w..(i + 1) * g.c * g.h * g.w],
+                &w,
+                bias.as_deref(),
+                fused,
+                &g,
+                ctx,
+                o,
+            )
         })?;
         let shape: Vec<usize> = if rank == 1 { vec![g.n, g.m, g.ow] } else { vec![g.n, g.m, g.oh, g.ow] };
         Ok(vec![super::tensor_from(&shape, out)?])
@@ -432,7 +526,7 @@ impl ConvTranspose {
         w: &[f32],
         bias: Option<&[f32]>,
         g: &Geometry,
-        ctx: &ExecCtx,
+        ctx: &ExecCtx<'_>,
         out: &mut [f32],
     ) -> KernelResult<()> {
         let groups = self.0.group;
@@ -481,7 +575,7 @@ impl Kernel for ConvTranspose {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        ctx: &ExecCtx,
+        ctx: &ExecCtx<'_>,
         fused: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let (tx, tw) = (input(inputs, 0)?, input(inputs, 1)?);
@@ -496,7 +590,7 @@ impl Kernel for ConvTranspose {
             ));
         }
         let per = g.m * g.oh * g.ow;
-        let mut out = vec![0f32; g.n * per];
+        let mut out = ctx.pool.take(g.n * per);
         per_image(ctx, &mut out, per, |i, o, ctx| {
             self.image(&x[i * g.c * g.h * g.w..(i + 1) * g.c * g.h * g.w], &w, bias.as_deref(), &g, ctx, o)?;
             if let Some(act) = fused {

@@ -4,6 +4,8 @@
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn, Zip};
 use qgraph::{DType, Element, Node, Tensor};
 
+use super::broadcast::{F32Op, Plan};
+use super::fastmath;
 use super::{
     Activation, ExecCtx, Kernel, for_each_chunk_mut, input, into_f32_unique, opt_input, take_input, typed,
     with_dtype, wrap,
@@ -115,11 +117,36 @@ enum Unary {
 }
 
 /// Applies `f` to every element of an f32 tensor, in place when the buffer is not shared.
-fn map_f32(t: Tensor, ctx: &ExecCtx, f: impl Fn(f32) -> f32 + Sync + Send) -> KernelResult<Tensor> {
+fn map_f32(t: Tensor, ctx: &ExecCtx<'_>, f: impl Fn(&mut [f32]) + Sync + Send) -> KernelResult<Tensor> {
     let mut a = into_f32_unique(t)?;
     let s = a.as_slice_mut().ok_or("internal: non-contiguous tensor")?;
-    for_each_chunk_mut(ctx, s, 1 << 16, |_, c| c.iter_mut().for_each(|v| *v = f(*v)));
+    for_each_chunk_mut(ctx, s, 1 << 16, |_, c| f(c));
     Ok(Tensor::F32(a))
+}
+
+#[inline(always)]
+fn map_slice(s: &mut [f32], f: impl Fn(f32) -> f32) {
+    s.iter_mut().for_each(|v| *v = f(*v));
+}
+
+crate::isa::multiversion! {
+    /// A unary op over a slice; the hot ops get their own loop so each vectorises.
+    fn unary_slice(op: Unary, s: &mut [f32]) {
+        match op {
+            Unary::Relu => map_slice(s, |v| v.max(0.0)),
+            Unary::Sigmoid => map_slice(s, |v| 1.0 / (1.0 + fastmath::exp(-v))),
+            Unary::Exp => map_slice(s, fastmath::exp),
+            Unary::Erf => map_slice(s, fastmath::erf),
+            Unary::Gelu => map_slice(s, |v| 0.5 * v * (1.0 + fastmath::erf(v * std::f32::consts::FRAC_1_SQRT_2))),
+            Unary::Sqrt => map_slice(s, f32::sqrt),
+            Unary::Neg => map_slice(s, |v| -v),
+            Unary::Reciprocal => map_slice(s, |v| 1.0 / v),
+            Unary::HardSwish => map_slice(s, |v| v * (v / 6.0 + 0.5).clamp(0.0, 1.0)),
+            Unary::HardSigmoid(a, b) => map_slice(s, |v| (a * v + b).clamp(0.0, 1.0)),
+            Unary::LeakyRelu(a) => map_slice(s, |v| if v < 0.0 { a * v } else { v }),
+            other => map_slice(s, |v| other.apply(v)),
+        }
+    }
 }
 
 fn map_int<T: Element>(a: &ArcArray<T, IxDyn>, f: impl Fn(T) -> T) -> Tensor {
@@ -130,7 +157,7 @@ impl Kernel for Unary {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        ctx: &ExecCtx,
+        ctx: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let x = take_input(inputs, 0)?;
@@ -145,7 +172,7 @@ impl Kernel for Unary {
             (Unary::Sign, Tensor::I64(a)) => map_int(a, i64::signum),
             (Unary::Sign, Tensor::I32(a)) => map_int(a, i32::signum),
             (Unary::Not, _) => return Err(format!("Not needs a bool tensor, got {}", x.dtype())),
-            (op, _) => map_f32(x, ctx, move |v| op.apply(v))?,
+            (op, _) => map_f32(x, ctx, move |s| unary_slice(op, s))?,
         };
         Ok(vec![out])
     }
@@ -155,10 +182,10 @@ impl Unary {
     fn apply(self, v: f32) -> f32 {
         match self {
             Unary::Relu => v.max(0.0),
-            Unary::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+            Unary::Sigmoid => 1.0 / (1.0 + fastmath::exp(-v)),
             Unary::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
             Unary::Tanh => v.tanh(),
-            Unary::Exp => v.exp(),
+            Unary::Exp => fastmath::exp(v),
             Unary::Log => v.ln(),
             Unary::Sqrt => v.sqrt(),
             Unary::Reciprocal => 1.0 / v,
@@ -173,7 +200,7 @@ impl Unary {
                     v
                 }
             }
-            Unary::Erf => libm::erff(v),
+            Unary::Erf => fastmath::erf(v),
             Unary::Floor => v.floor(),
             Unary::Ceil => v.ceil(),
             Unary::Round => v.round_ties_even(),
@@ -188,7 +215,7 @@ impl Unary {
             }
             Unary::Softsign => v / (1.0 + v.abs()),
             Unary::Not => v,
-            Unary::Gelu => 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2)),
+            Unary::Gelu => 0.5 * v * (1.0 + fastmath::erf(v * std::f32::consts::FRAC_1_SQRT_2)),
             Unary::GeluTanh => {
                 let c = (2.0 / std::f32::consts::PI).sqrt();
                 0.5 * v * (1.0 + (c * (v + 0.044_715 * v * v * v)).tanh())
@@ -334,6 +361,19 @@ enum Binary {
 }
 
 impl Binary {
+    /// The f32 engine's version of this op, if it has one.
+    fn f32_op(self) -> Option<F32Op> {
+        Some(match self {
+            Binary::Add => F32Op::Add,
+            Binary::Sub => F32Op::Sub,
+            Binary::Mul => F32Op::Mul,
+            Binary::Div => F32Op::Div,
+            Binary::Pow => F32Op::Pow,
+            Binary::PRelu => F32Op::PRelu,
+            _ => return None,
+        })
+    }
+
     fn arith<T: Arith>(self, a: T, b: T) -> T {
         match self {
             Binary::Add => a.add(b),
@@ -392,11 +432,25 @@ macro_rules! numeric {
     };
 }
 
+crate::isa::multiversion! {
+    /// `x^e` for a scalar exponent, with the common exponents as plain arithmetic.
+    fn pow_scalar(s: &mut [f32], e: f32) {
+        match e {
+            1.0 => {}
+            2.0 => map_slice(s, |v| v * v),
+            3.0 => map_slice(s, |v| v * v * v),
+            0.5 => map_slice(s, f32::sqrt),
+            -1.0 => map_slice(s, |v| 1.0 / v),
+            _ => map_slice(s, |v| v.powf(e)),
+        }
+    }
+}
+
 impl Kernel for Binary {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx,
+        ctx: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let op = *self;
@@ -433,13 +487,26 @@ impl Kernel for Binary {
                 }
                 numeric!(a.dtype(), go(a, &exp))?
             }
-            _ if a.dtype() == DType::F32 && b.dtype() == DType::F32 && a.shape() == b.shape() => {
-                let b = typed::<f32>(b)?.clone();
-                let mut a = into_f32_unique(take_input(inputs, 0)?)?;
-                let bs = b.as_standard_layout();
-                let (sa, sb) = (a.as_slice_mut().ok_or("internal")?, bs.as_slice().ok_or("internal")?);
-                sa.iter_mut().zip(sb).for_each(|(x, &y)| *x = op.arith(*x, y));
-                Tensor::F32(a)
+            Binary::Pow if a.dtype() == DType::F32 && b.dtype() == DType::F32 && b.len() == 1 => {
+                let e = typed::<f32>(b)?.iter().next().copied().unwrap_or(1.0);
+                let x = take_input(inputs, 0)?;
+                map_f32(x, ctx, move |s| pow_scalar(s, e))?
+            }
+            _ if a.dtype() == DType::F32 && b.dtype() == DType::F32 && op.f32_op().is_some() => {
+                let fop = op.f32_op().ok_or("internal")?;
+                let plan = Plan::new(a.shape(), b.shape())?;
+                let b = b.clone();
+                let bs = super::f32_data(&b)?;
+                if plan.shape == a.shape() {
+                    let mut a = into_f32_unique(take_input(inputs, 0)?)?;
+                    let out = a.as_slice_mut().ok_or("internal")?;
+                    plan.run(fop, &[], &bs, out, true);
+                    Tensor::F32(a)
+                } else {
+                    let mut out = ctx.pool.take(plan.len());
+                    plan.run(fop, &super::f32_data(a)?, &bs, &mut out, false);
+                    super::tensor_from(&plan.shape, out)?
+                }
             }
             _ => {
                 super::same_dtype(a.dtype(), b.dtype())?;
@@ -466,7 +533,7 @@ impl Kernel for Variadic {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx,
+        _: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let present: Vec<&Tensor> = inputs.iter().flatten().collect();
@@ -511,7 +578,7 @@ impl Kernel for WhereOp {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx,
+        _: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let c = typed::<bool>(input(inputs, 0)?)?;
@@ -536,7 +603,7 @@ impl Kernel for ClipOp {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        ctx: &ExecCtx,
+        ctx: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let bound = |slot: usize| -> KernelResult<Option<f64>> {
@@ -554,7 +621,7 @@ impl Kernel for ClipOp {
         let out = if x.dtype() == DType::F32 {
             let lo = lo.map_or(f32::NEG_INFINITY, |v| v as f32);
             let hi = hi.map_or(f32::INFINITY, |v| v as f32);
-            map_f32(x, ctx, move |v| v.max(lo).min(hi))?
+            map_f32(x, ctx, move |s| super::clamp_slice(s, lo, hi))?
         } else {
             fn go<T: Arith>(x: &Tensor, lo: Option<f64>, hi: Option<f64>) -> KernelResult<Tensor> {
                 let (lo, hi) = (lo.map(T::from_f64), hi.map(T::from_f64));

@@ -99,7 +99,7 @@ impl Kernel for MatMul {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        ctx: &ExecCtx,
+        ctx: &ExecCtx<'_>,
         fused: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let (ta, tb) = (input(inputs, 0)?, input(inputs, 1)?);
@@ -122,7 +122,7 @@ impl Kernel for MatMul {
         }
         let batch = super::elementwise::broadcast_shape(&sa[..sa.len() - 2], &sb[..sb.len() - 2])?;
         let count: usize = batch.iter().product();
-        let mut out = vec![0f32; count * m * n];
+        let mut out = ctx.pool.take(count * m * n);
         let offsets = |shape: &[usize], size: usize| -> Vec<usize> {
             let own = &shape[..shape.len() - 2];
             let mut offs = Vec::with_capacity(count);
@@ -205,7 +205,7 @@ impl Kernel for GemmOp {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        ctx: &ExecCtx,
+        ctx: &ExecCtx<'_>,
         fused: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let (ta, tb) = (input(inputs, 0)?, input(inputs, 1)?);
@@ -221,7 +221,7 @@ impl Kernel for GemmOp {
                 self.trans_a, self.trans_b
             ));
         }
-        let mut out = vec![0f32; m * n];
+        let mut out = ctx.pool.take(m * n);
         let c = opt_input(inputs, 2).filter(|_| self.beta != 0.0);
         if let Some(tc) = c {
             let bias = super::typed::<f32>(tc)?;

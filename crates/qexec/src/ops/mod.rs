@@ -2,8 +2,10 @@
 //! tensor flows (so an unsupported op or a bad attribute is reported at planning time), plus the
 //! small tensor helpers every kernel family shares.
 
+mod broadcast;
 mod conv;
 mod elementwise;
+mod fastmath;
 mod matmul;
 mod movement;
 mod norm;
@@ -17,16 +19,24 @@ pub(crate) use elementwise::fusable_activation;
 use ndarray::{ArcArray, ArrayD, IxDyn};
 use qgraph::{DType, Element, Node, Tensor};
 
+use crate::buffers::BufferPool;
 use crate::error::{ExecError, KernelResult, Result};
 
-/// What a kernel may use while running: the thread budget of the session.
+/// What a kernel may use while running: the thread budget and buffer pool of the session.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct ExecCtx {
+pub(crate) struct ExecCtx<'a> {
     /// Worker threads available (1 = run everything on the calling thread).
     pub threads: usize,
+    /// Recycled output buffers.
+    pub pool: &'a BufferPool,
 }
 
-impl ExecCtx {
+impl ExecCtx<'_> {
+    /// The same context restricted to the calling thread.
+    pub fn single_threaded(&self) -> Self {
+        ExecCtx { threads: 1, pool: self.pool }
+    }
+
     /// The `gemm` parallelism for one large product.
     pub fn gemm_parallelism(&self) -> gemm::Parallelism {
         if self.threads > 1 { gemm::Parallelism::Rayon(self.threads) } else { gemm::Parallelism::None }
@@ -46,10 +56,18 @@ pub(crate) enum Activation {
 impl Activation {
     /// Applies the activation to every element.
     pub fn apply(self, out: &mut [f32]) {
-        match self {
-            Activation::Relu => out.iter_mut().for_each(|v| *v = v.max(0.0)),
-            Activation::Clip(lo, hi) => out.iter_mut().for_each(|v| *v = v.max(lo).min(hi)),
-        }
+        let (lo, hi) = match self {
+            Activation::Relu => (0.0, f32::INFINITY),
+            Activation::Clip(lo, hi) => (lo, hi),
+        };
+        clamp_slice(out, lo, hi);
+    }
+}
+
+crate::isa::multiversion! {
+    /// `v = min(max(v, lo), hi)` for every element.
+    pub(crate) fn clamp_slice(out: &mut [f32], lo: f32, hi: f32) {
+        out.iter_mut().for_each(|v| *v = v.max(lo).min(hi));
     }
 }
 
@@ -61,7 +79,7 @@ pub(crate) trait Kernel: Send + Sync {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        ctx: &ExecCtx,
+        ctx: &ExecCtx<'_>,
         fused: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>>;
 
@@ -236,7 +254,7 @@ pub(crate) fn norm_axis(axis: i64, rank: usize) -> KernelResult<usize> {
 /// Splits `0..len` into chunks of about `grain` and runs `f` on each, in parallel when the
 /// context has more than one thread.
 pub(crate) fn for_each_chunk_mut<T: Send>(
-    ctx: &ExecCtx,
+    ctx: &ExecCtx<'_>,
     data: &mut [T],
     grain: usize,
     f: impl Fn(usize, &mut [T]) + Sync + Send,

@@ -261,7 +261,7 @@ impl Kernel for Movement {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx,
+        _: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         Ok(match self {

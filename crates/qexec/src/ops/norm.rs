@@ -4,6 +4,8 @@
 
 use qgraph::{Node, Tensor};
 
+use super::fastmath;
+
 use super::{
     Activation, ExecCtx, Kernel, f32_data, input, into_f32_unique, norm_axis, opt_input, take_input,
 };
@@ -57,7 +59,7 @@ impl Kernel for BatchNorm {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx,
+        _: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let x = take_input(inputs, 0)?;
@@ -88,7 +90,7 @@ impl Kernel for InstanceNorm {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx,
+        _: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let x = take_input(inputs, 0)?;
@@ -127,7 +129,7 @@ impl Kernel for LayerNorm {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx,
+        _: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let x = take_input(inputs, 0)?;
@@ -181,7 +183,7 @@ impl Kernel for Softmax {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx,
+        _: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let x = take_input(inputs, 0)?;
@@ -195,6 +197,10 @@ impl Kernel for Softmax {
         };
         let mut a = into_f32_unique(x)?;
         let data = a.as_slice_mut().ok_or("internal")?;
+        if inner == 1 && self.kind == SoftmaxKind::Softmax {
+            data.chunks_mut(n.max(1)).for_each(softmax_row);
+            return Ok(vec![Tensor::F32(a)]);
+        }
         let mut lane = vec![0f32; n];
         for o in 0..outer {
             for i in 0..inner {
@@ -205,6 +211,20 @@ impl Kernel for Softmax {
             }
         }
         Ok(vec![Tensor::F32(a)])
+    }
+}
+
+crate::isa::multiversion! {
+    /// Softmax of one contiguous row, in place.
+    fn softmax_row(v: &mut [f32]) {
+        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        v.iter_mut().for_each(|x| {
+            *x = fastmath::exp(*x - max);
+            sum += *x;
+        });
+        let inv = 1.0 / sum;
+        v.iter_mut().for_each(|x| *x *= inv);
     }
 }
 
@@ -219,7 +239,7 @@ impl Softmax {
             SoftmaxKind::Softmax => {
                 let mut sum = 0f32;
                 v.iter_mut().for_each(|x| {
-                    *x = (*x - max).exp();
+                    *x = fastmath::exp(*x - max);
                     sum += *x;
                 });
                 v.iter_mut().for_each(|x| *x /= sum);

@@ -134,7 +134,7 @@ impl Kernel for Pool {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx,
+        _: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let tx = input(inputs, 0)?;
@@ -207,7 +207,7 @@ impl Kernel for GlobalPool {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx,
+        _: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let tx = input(inputs, 0)?;

@@ -34,10 +34,12 @@ struct Qdq {
     output: Option<DType>,
 }
 
-/// Per-element (scale, zero point) lookup: per tensor, or per index along `axis`.
+/// Scales and zero points, one per tensor or one per index along an axis.
 struct Params {
     scale: Vec<f32>,
     zero: Vec<f64>,
+    /// Elements sharing one parameter pair in a row-major run (the product of the dims after
+    /// the axis); the whole tensor for per-tensor parameters.
     inner: usize,
 }
 
@@ -48,8 +50,9 @@ impl Params {
         if z.len() != s.len() {
             return Err(format!("{} scales but {} zero points", s.len(), z.len()));
         }
+        let count: usize = x.iter().product();
         if s.len() == 1 {
-            return Ok(Params { scale: s, zero: z, inner: usize::MAX });
+            return Ok(Params { scale: s, zero: z, inner: count.max(1) });
         }
         let axis = norm_axis(axis, x.len())?;
         if x[axis] != s.len() || scale.shape().len() != 1 {
@@ -58,12 +61,12 @@ impl Params {
         Ok(Params { scale: s, zero: z, inner: x[axis + 1..].iter().product::<usize>().max(1) })
     }
 
-    fn at(&self, i: usize) -> (f32, f64) {
-        if self.inner == usize::MAX {
-            return (self.scale[0], self.zero[0]);
+    /// Runs `f(run, scale, zero)` over the runs of elements that share parameters.
+    fn for_runs<T>(&self, data: &[T], mut f: impl FnMut(&[T], f32, f64)) {
+        for (i, run) in data.chunks(self.inner).enumerate() {
+            let c = i % self.scale.len();
+            f(run, self.scale[c], self.zero[c]);
         }
-        let c = (i / self.inner) % self.scale.len();
-        (self.scale[c], self.zero[c])
     }
 }
 
@@ -79,43 +82,93 @@ fn int_range(d: DType) -> KernelResult<(f64, f64)> {
     })
 }
 
+/// Integer element types of quantized tensors.
+trait QuantInt: qgraph::Element {
+    fn from_level(v: f32) -> Self;
+    fn level(self) -> i32;
+}
+
+macro_rules! quant_int {
+    ($($t:ty),*) => {$(
+        impl QuantInt for $t {
+            fn from_level(v: f32) -> Self { v as $t }
+            fn level(self) -> i32 { self as i32 }
+        }
+    )*};
+}
+quant_int!(u8, i8, u16, i16, i32);
+
+crate::isa::multiversion! {
+    /// Quantization levels `clamp(round_half_even(x / s) + z, lo, hi)` of one run of elements.
+    fn levels(xs: &[f32], s: f32, z: f32, lo: f32, hi: f32, out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(xs) {
+            *o = ((v / s).round_ties_even() + z).clamp(lo, hi);
+        }
+    }
+}
+
+fn quantize<T: QuantInt>(xs: &[f32], p: &Params, shape: &[usize]) -> KernelResult<Tensor> {
+    let (lo, hi) = int_range(T::DTYPE)?;
+    let mut q = vec![0f32; xs.len()];
+    let mut at = 0;
+    p.for_runs(xs, |run, s, z| {
+        levels(run, s, z as f32, lo as f32, hi as f32, &mut q[at..at + run.len()]);
+        at += run.len();
+    });
+    super::tensor_from(shape, q.iter().map(|&v| T::from_level(v)).collect())
+}
+
+/// `(q − z) · s` over one run, with ONNX's int32 arithmetic.
+#[inline(always)]
+fn dequantize_run<T: QuantInt>(run: &[T], s: f32, z: i32, out: &mut [f32]) {
+    for (o, &q) in out.iter_mut().zip(run) {
+        *o = q.level().wrapping_sub(z) as f32 * s;
+    }
+}
+
+fn dequantize<T: QuantInt>(x: &Tensor, p: &Params) -> KernelResult<Tensor> {
+    let a = typed::<T>(x)?;
+    let std = a.as_standard_layout();
+    let xs = std.as_slice().ok_or("internal")?;
+    let mut y = vec![0f32; xs.len()];
+    let mut at = 0;
+    p.for_runs(xs, |run, s, z| {
+        dequantize_run(run, s, z as i32, &mut y[at..at + run.len()]);
+        at += run.len();
+    });
+    super::tensor_from(x.shape(), y)
+}
+
 impl Kernel for Qdq {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx,
+        _: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let (x, scale, zero) = (input(inputs, 0)?, input(inputs, 1)?, opt_input(inputs, 2));
         let p = Params::new(x.shape(), scale, zero, self.axis)?;
-        let shape = x.shape().to_vec();
         if self.quantize {
             let to = zero.map(Tensor::dtype).or(self.output).unwrap_or(DType::U8);
-            let (lo, hi) = int_range(to)?;
             let xs = super::f32_data(x)?;
-            let q: Vec<i64> = xs
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| {
-                    let (s, z) = p.at(i);
-                    let r = f64::from((v / s).round_ties_even()) + z;
-                    r.clamp(lo, hi) as i64
-                })
-                .collect();
-            Ok(vec![Tensor::from_i64s(to, &shape, &q).ok_or("internal")?])
+            let shape = x.shape();
+            Ok(vec![match to {
+                DType::U8 => quantize::<u8>(&xs, &p, shape)?,
+                DType::I8 => quantize::<i8>(&xs, &p, shape)?,
+                DType::U16 => quantize::<u16>(&xs, &p, shape)?,
+                DType::I16 => quantize::<i16>(&xs, &p, shape)?,
+                other => return Err(format!("quantized dtype {other} is not supported")),
+            }])
         } else {
-            int_range(x.dtype())?;
-            let xs = x.to_i64_vec().ok_or("DequantizeLinear needs an integer input")?;
-            let y: Vec<f32> = xs
-                .iter()
-                .enumerate()
-                .map(|(i, &q)| {
-                    let (s, z) = p.at(i);
-                    ((q as f64 - z) as f32) * s
-                })
-                .collect();
             typed::<f32>(scale)?;
-            Ok(vec![super::tensor_from(&shape, y)?])
+            Ok(vec![match x.dtype() {
+                DType::U8 => dequantize::<u8>(x, &p)?,
+                DType::I8 => dequantize::<i8>(x, &p)?,
+                DType::U16 => dequantize::<u16>(x, &p)?,
+                DType::I16 => dequantize::<i16>(x, &p)?,
+                DType::I32 => dequantize::<i32>(x, &p)?,
+                other => return Err(format!("quantized dtype {other} is not supported")),
+            }])
         }
     }
 }

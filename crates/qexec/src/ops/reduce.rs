@@ -90,7 +90,7 @@ impl Kernel for Reduce {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx,
+        _: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let x = input(inputs, 0)?;
@@ -144,7 +144,7 @@ impl Kernel for ArgReduce {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx,
+        _: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let x = input(inputs, 0)?;

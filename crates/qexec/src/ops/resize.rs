@@ -119,7 +119,7 @@ impl Kernel for Resize {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx,
+        _: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let x = input(inputs, 0)?;
