@@ -325,11 +325,13 @@ impl Session {
         let g = &self.model.graph;
         let ctx = ExecCtx { threads: self.threads, pool: &self.buffers };
         let nvalues = g.value_count();
-        let mut keep = vec![false; nvalues];
+        // `requested`: values to hand back; `keep`: values never freed (those and the outputs).
+        let mut requested = vec![false; nvalues];
         let keep_all = matches!(options.keep, Keep::All);
         if let Keep::Values(vs) = &options.keep {
-            vs.iter().for_each(|v| keep[v.index()] = true);
+            vs.iter().for_each(|v| requested[v.index()] = true);
         }
+        let mut keep = requested.clone();
         for &v in g.outputs() {
             keep[v.index()] = true;
         }
@@ -468,7 +470,7 @@ impl Session {
         let mut kept = ValueCache::new();
         for (v, t) in g.value_ids().zip(store) {
             if let Some(t) = t {
-                if (keep_all || keep[v.index()]) && g.value(v).data.is_none() {
+                if (keep_all || requested[v.index()]) && g.value(v).data.is_none() {
                     kept.insert(v, t);
                 }
             }

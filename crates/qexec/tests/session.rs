@@ -1,0 +1,238 @@
+//! Session behaviour: the hook sees (and may rewrite) every produced tensor, fusion steps aside
+//! for observed tensors, resume recomputes only what changed and equals a full run, results do
+//! not depend on the thread count, memory is released, and bad inputs give errors that name the
+//! culprit.
+
+mod common;
+
+use common::{f32t, ints};
+use qexec::{ExecError, Keep, RunOptions, Session, SessionOptions, TensorEvent, TensorKind, ValueCache};
+use qgraph::{Attribute, DType, Graph, Model, NodeSpec, Shape, Tensor, ValueId};
+
+fn add_node(
+    g: &mut Graph,
+    op: &str,
+    name: &str,
+    inputs: &[ValueId],
+    attrs: Vec<(&str, Attribute)>,
+) -> ValueId {
+    let id = g.add_node(NodeSpec {
+        name: name.into(),
+        op_type: op.into(),
+        domain: String::new(),
+        attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        inputs: inputs.iter().map(|&v| Some(v)).collect(),
+        outputs: vec![format!("{name}_out")],
+    });
+    g.node(id).outputs()[0].unwrap()
+}
+
+/// x[N,2,6,6] → Conv(2→4, 3×3, pad 1) → Relu → Conv(4→4 depthwise) → Clip(0,6) → Add(relu) →
+/// GlobalAveragePool → Flatten → Gemm(4→3).
+fn small_cnn() -> Model {
+    let mut g = Graph::new("cnn");
+    let x = g.add_input(
+        "x",
+        DType::F32,
+        Shape(vec![
+            qgraph::Dim::Symbol("N".into()),
+            qgraph::Dim::Known(2),
+            qgraph::Dim::Known(6),
+            qgraph::Dim::Known(6),
+        ]),
+    );
+    let w1 = g.add_initializer(
+        "w1",
+        f32t(&[4, 2, 3, 3], (0..72).map(|i| ((i * 7) % 11) as f32 * 0.1 - 0.5).collect()),
+    );
+    let b1 = g.add_initializer("b1", f32t(&[4], vec![0.1, -0.2, 0.3, 0.0]));
+    let w2 = g.add_initializer(
+        "w2",
+        f32t(&[4, 1, 3, 3], (0..36).map(|i| ((i * 5) % 7) as f32 * 0.2 - 0.6).collect()),
+    );
+    let lo = g.add_initializer("lo", Tensor::scalar(0.0f32));
+    let hi = g.add_initializer("hi", Tensor::scalar(6.0f32));
+    let wf = g.add_initializer("wf", f32t(&[3, 4], (0..12).map(|i| i as f32 * 0.1 - 0.6).collect()));
+    let conv = |g: &mut Graph, name: &str, inputs: &[ValueId], group: i64| {
+        add_node(
+            g,
+            "Conv",
+            name,
+            inputs,
+            vec![("pads", ints(&[1, 1, 1, 1])), ("group", Attribute::Int(group))],
+        )
+    };
+    let c1 = conv(&mut g, "conv1", &[x, w1, b1], 1);
+    let r1 = add_node(&mut g, "Relu", "relu1", &[c1], vec![]);
+    let c2 = conv(&mut g, "conv2", &[r1, w2], 4);
+    let k2 = add_node(&mut g, "Clip", "clip2", &[c2, lo, hi], vec![]);
+    let s = add_node(&mut g, "Add", "add", &[k2, r1], vec![]);
+    let p = add_node(&mut g, "GlobalAveragePool", "gap", &[s], vec![]);
+    let f = add_node(&mut g, "Flatten", "flat", &[p], vec![]);
+    let y = add_node(&mut g, "Gemm", "fc", &[f, wf], vec![("transB", Attribute::Int(1))]);
+    g.add_output(y);
+    Model::new(g, 13)
+}
+
+fn input(n: usize) -> Tensor {
+    f32t(&[n, 2, 6, 6], (0..n * 72).map(|i| ((i * 13) % 17) as f32 * 0.25 - 2.0).collect())
+}
+
+fn output(session: &Session, x: &Tensor) -> Vec<f32> {
+    session.run(&[("x", x.clone())]).unwrap()[0].as_f32().unwrap().iter().copied().collect()
+}
+
+#[test]
+fn hook_sees_every_node_output_in_order_and_fusion_steps_aside() {
+    let session = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
+    let mut seen: Vec<(String, TensorKind)> = Vec::new();
+    let mut hook = |e: TensorEvent<'_>, _: &mut Tensor| -> Result<(), qexec::HookError> {
+        seen.push((e.name.to_string(), e.kind));
+        Ok(())
+    };
+    let mut opts = RunOptions::with_hook(&mut hook);
+    opts.hook_inputs = true;
+    let plain = output(&session, &input(2));
+    let hooked = session.run_with(&[("x", input(2))], opts).unwrap();
+    let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["x", "conv1_out", "relu1_out", "conv2_out", "clip2_out", "add_out", "gap_out", "flat_out", "fc_out"]
+    );
+    assert_eq!(seen[0].1, TensorKind::GraphInput);
+    // Observing conv outputs disables Conv+Relu fusion; the numbers must not change.
+    assert_eq!(hooked.outputs[0].as_f32().unwrap().iter().copied().collect::<Vec<_>>(), plain);
+    assert_eq!(hooked.stats.nodes_run, 8);
+}
+
+#[test]
+fn hook_can_rewrite_tensors_and_params() {
+    let session = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
+    let g = &session.model().graph;
+    let relu = g.value_id("relu1_out").unwrap();
+    let mut zero_relu = |e: TensorEvent<'_>, t: &mut Tensor| -> Result<(), qexec::HookError> {
+        if e.value == relu {
+            *t = Tensor::from_vec(t.shape(), vec![0f32; t.len()]).unwrap();
+        }
+        Ok(())
+    };
+    let out = session.run_with(&[("x", input(1))], RunOptions::with_hook(&mut zero_relu)).unwrap();
+    // With the Relu output zeroed, everything after it is zero and the logits are Gemm(0) = 0.
+    assert!(out.outputs[0].as_f32().unwrap().iter().all(|&v| v == 0.0));
+
+    let wf = g.value_id("wf").unwrap();
+    let mut params = Vec::new();
+    let mut double_fc = |e: TensorEvent<'_>, t: &mut Tensor| -> Result<(), qexec::HookError> {
+        if e.kind == TensorKind::Param {
+            params.push(e.name.to_string());
+        }
+        if e.value == wf {
+            *t = Tensor::F32(t.as_f32().unwrap().mapv(|v| v * 2.0).into_shared());
+        }
+        Ok(())
+    };
+    let mut opts = RunOptions::with_hook(&mut double_fc);
+    opts.hook_params = true;
+    let doubled = session.run_with(&[("x", input(1))], opts).unwrap();
+    let plain = output(&session, &input(1));
+    for (a, b) in doubled.outputs[0].as_f32().unwrap().iter().zip(&plain) {
+        assert!((a - 2.0 * b).abs() <= 1e-5 * b.abs().max(1.0));
+    }
+    assert_eq!(params, ["w1", "b1", "w2", "lo", "hi", "wf"]);
+    // The model's own weights are untouched.
+    assert_eq!(output(&session, &input(1)), plain);
+}
+
+#[test]
+fn resume_recomputes_only_downstream_and_matches_a_full_run() {
+    let session = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
+    let g = &session.model().graph;
+    let full = session.run_with(&[("x", input(2))], RunOptions::default().keep(Keep::All)).unwrap();
+    assert!(full.kept.len() >= 9);
+    // Change the depthwise weight: conv1 and relu1 must not run again.
+    let w2 = g.value_id("w2").unwrap();
+    let new_w2 = f32t(&[4, 1, 3, 3], (0..36).map(|i| (i % 5) as f32 * 0.1).collect());
+    let mut cache: ValueCache = full.kept.clone();
+    cache.insert(w2, new_w2.clone());
+    let resumed = session.resume(&cache, &[w2], RunOptions::default()).unwrap();
+    // conv2(+clip2, fused), add, gap, flat, fc.
+    assert_eq!(resumed.stats.nodes_run, 5);
+    // Same as a full run of a model carrying the new weight.
+    let mut changed = small_cnn();
+    changed.graph.value_mut(changed.graph.value_id("w2").unwrap()).data = Some(new_w2);
+    let reference = Session::new(changed, SessionOptions::threads(1)).unwrap();
+    assert_eq!(
+        resumed.outputs[0].as_f32().unwrap().iter().copied().collect::<Vec<_>>(),
+        output(&reference, &input(2))
+    );
+    // A cache without the values the suffix reads is an error naming the value.
+    let err = session.resume(&ValueCache::new(), &[w2], RunOptions::default()).unwrap_err();
+    assert!(matches!(err, ExecError::MissingValue { ref name, .. } if name == "relu1_out"), "{err}");
+}
+
+#[test]
+fn results_are_identical_on_one_and_two_threads() {
+    let one = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
+    let two = Session::new(small_cnn(), SessionOptions::threads(2)).unwrap();
+    for n in [1, 3] {
+        assert_eq!(output(&one, &input(n)), output(&two, &input(n)));
+    }
+}
+
+#[test]
+fn intermediates_are_freed_after_their_last_reader() {
+    let session = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
+    let run = session.run_with(&[("x", input(4))], RunOptions::default()).unwrap();
+    let all = session.run_with(&[("x", input(4))], RunOptions::default().keep(Keep::All)).unwrap();
+    assert!(run.stats.peak_bytes > 0);
+    assert!(run.stats.peak_bytes < all.kept.bytes(), "{} vs {}", run.stats.peak_bytes, all.kept.bytes());
+    assert!(run.kept.is_empty());
+}
+
+#[test]
+fn unsupported_op_is_reported_before_running() {
+    let mut g = Graph::new("bad");
+    let x = g.add_input("x", DType::F32, Shape::known(&[2]));
+    let y = add_node(&mut g, "FancyNewOp", "mystery", &[x], vec![]);
+    g.add_output(y);
+    let err = Session::new(Model::new(g, 17), SessionOptions::threads(1)).err().unwrap();
+    let text = err.to_string();
+    assert!(matches!(err, ExecError::UnsupportedOp { .. }));
+    assert!(text.contains("FancyNewOp") && text.contains("mystery") && text.contains("17"), "{text}");
+}
+
+#[test]
+fn bad_feeds_name_the_input() {
+    let session = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
+    let wrong_shape = f32t(&[1, 3, 6, 6], vec![0.0; 108]);
+    let err = session.run(&[("x", wrong_shape)]).unwrap_err();
+    assert!(matches!(err, ExecError::InputMismatch { ref name, .. } if name == "x"), "{err}");
+    let wrong_dtype = Tensor::from_vec(&[1, 2, 6, 6], vec![0i64; 72]).unwrap();
+    assert!(matches!(session.run(&[("x", wrong_dtype)]).unwrap_err(), ExecError::InputMismatch { .. }));
+    let err = session.run(&[("y", input(1))]).unwrap_err();
+    assert!(err.to_string().contains("'y' is not an input") && err.to_string().contains("x"), "{err}");
+    assert!(matches!(session.run(&[]).unwrap_err(), ExecError::MissingInput { ref name } if name == "x"));
+}
+
+#[test]
+fn kernel_errors_name_node_and_op() {
+    let mut g = Graph::new("mismatch");
+    let a = g.add_input("a", DType::F32, Shape(vec![qgraph::Dim::Symbol("n".into())]));
+    let b = g.add_input("b", DType::F32, Shape(vec![qgraph::Dim::Symbol("m".into())]));
+    let y = add_node(&mut g, "Add", "adder", &[a, b], vec![]);
+    g.add_output(y);
+    let session = Session::new(Model::new(g, 13), SessionOptions::threads(1)).unwrap();
+    let err = session.run(&[("a", f32t(&[3], vec![0.0; 3])), ("b", f32t(&[2], vec![0.0; 2]))]).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("adder") && text.contains("Add") && text.contains("broadcast"), "{text}");
+}
+
+#[test]
+fn a_failing_hook_stops_the_run_with_the_tensor_name() {
+    let session = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
+    let mut refuse = |e: TensorEvent<'_>, _: &mut Tensor| -> Result<(), qexec::HookError> {
+        if e.name == "add_out" { Err("NaN found".into()) } else { Ok(()) }
+    };
+    let err = session.run_with(&[("x", input(1))], RunOptions::with_hook(&mut refuse)).unwrap_err();
+    assert!(matches!(err, ExecError::Hook { ref name, .. } if name == "add_out"), "{err}");
+}
