@@ -220,9 +220,9 @@ fn im2col(x: &[f32], g: &Geometry, channels: usize, col: &mut [f32]) {
 }
 
 /// One depthwise channel: `x` is the [h, w] input plane, `k` the [kh, kw] kernel, `out` the
-/// [oh, ow] output plane. Each input row is first laid out zero-padded and split into its
-/// `stride` phases, so that every kernel tap reads a contiguous run of the row; the multiply-adds
-/// then run over fixed-width register blocks of output.
+/// [oh, ow] output plane. The input is first laid out zero-padded on all sides, each row split
+/// into its `stride` phases, so that every kernel tap reads a contiguous run of a padded row with
+/// no bounds checks; the multiply-adds then run over register blocks of two output rows.
 fn depthwise_plane(
     x: &[f32],
     k: &[f32],
@@ -237,7 +237,8 @@ fn depthwise_plane(
     // Each phase gets DW_BLOCK floats of slack so full-width blocks never read past the row.
     let phase_len = padded.div_ceil(s) + DW_BLOCK;
     let row_len = s * phase_len;
-    rows.resize(g.h * row_len, 0.0);
+    let padded_rows = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+    rows.resize(padded_rows * row_len, 0.0);
     // Phase element j holds padded column p + j·s, i.e. input column p + j·s − pl: the valid j
     // range and its first input column are the same for every row.
     let spans: Vec<(usize, usize, usize)> = (0..s)
@@ -246,7 +247,13 @@ fn depthwise_plane(
             (lo, hi, (p as isize + (lo * s) as isize - g.pl).max(0) as usize)
         })
         .collect();
-    for (src, phased) in x.chunks_exact(g.w).zip(rows.chunks_mut(row_len)) {
+    for (py, phased) in rows.chunks_mut(row_len).enumerate() {
+        let iy = py as isize - g.pt;
+        if iy < 0 || iy >= g.h as isize {
+            phased.fill(0.0);
+            continue;
+        }
+        let src = &x[iy as usize * g.w..(iy as usize + 1) * g.w];
         for (dst, &(lo, hi, start)) in phased.chunks_mut(phase_len).zip(&spans) {
             dst[..lo].fill(0.0);
             dst[hi..].fill(0.0);
@@ -265,45 +272,88 @@ fn depthwise_plane(
             }
         }
     }
-    depthwise_rows(rows, k, bias, g, phase_len, out);
-    if let Some(act) = act {
-        act.apply(out);
+    let taps: Vec<(usize, f32)> = (0..g.kh)
+        .flat_map(|ky| (0..g.kw).map(move |kx| (ky, kx)))
+        .map(|(ky, kx)| {
+            let off = kx * g.dw;
+            (ky * g.dh * row_len + (off % s) * phase_len + off / s, k[ky * g.kw + kx])
+        })
+        .collect();
+    let (lo, hi) = match act {
+        Some(Activation::Relu) => (0.0, f32::INFINITY),
+        Some(Activation::Clip(lo, hi)) => (lo, hi),
+        None => (f32::NEG_INFINITY, f32::INFINITY),
+    };
+    depthwise_rows(rows, &taps, bias, lo, hi, g.sh * row_len, g.ow, out);
+}
+
+/// `v` limited to `[lo, hi]`; NaN stays NaN.
+#[inline(always)]
+fn clamp_keep_nan(v: f32, lo: f32, hi: f32) -> f32 {
+    if v < lo {
+        lo
+    } else if v > hi {
+        hi
+    } else {
+        v
     }
 }
 
 /// Output columns a depthwise register block computes at once.
 const DW_BLOCK: usize = 16;
 
-crate::isa::multiversion! {
-    /// The multiply-adds of a depthwise channel over its phased rows (see `depthwise_plane`):
-    /// each block of `DW_BLOCK` outputs accumulates all taps in registers before one store.
-    fn depthwise_rows(rows: &[f32], k: &[f32], bias: f32, g: &Geometry, phase_len: usize, out: &mut [f32]) {
-        let row_len = g.sw * phase_len;
-        let taps: Vec<(usize, usize, f32)> = (0..g.kh)
-            .flat_map(|ky| (0..g.kw).map(move |kx| (ky, kx)))
-            .map(|(ky, kx)| {
-                let off = kx * g.dw;
-                (ky * g.dh, (off % g.sw) * phase_len + off / g.sw, k[ky * g.kw + kx])
-            })
-            .collect();
-        for (oy, dst) in out.chunks_mut(g.ow).enumerate() {
-            let base = (oy * g.sh) as isize - g.pt;
-            for x0 in (0..g.ow).step_by(DW_BLOCK) {
-                let mut acc = [bias; DW_BLOCK];
-                for &(dy, start, w) in &taps {
-                    let iy = base + dy as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        continue;
-                    }
-                    let at = iy as usize * row_len + start + x0;
-                    let src: &[f32; DW_BLOCK] = rows[at..at + DW_BLOCK].try_into().unwrap_or(&[0.0; DW_BLOCK]);
-                    for i in 0..DW_BLOCK {
-                        acc[i] += w * src[i];
-                    }
-                }
-                let n = DW_BLOCK.min(g.ow - x0);
-                dst[x0..x0 + n].copy_from_slice(&acc[..n]);
+/// One register block: `DW_BLOCK` outputs of `rows` output rows (all taps accumulated before one
+/// clamped store per row).
+#[inline(always)]
+fn depthwise_block<const R: usize>(
+    src: &[f32],
+    taps: &[(usize, f32)],
+    bases: [usize; R],
+    bias: f32,
+) -> [[f32; DW_BLOCK]; R] {
+    let mut acc = [[bias; DW_BLOCK]; R];
+    for &(off, w) in taps {
+        for r in 0..R {
+            let at = bases[r] + off;
+            let v: &[f32; DW_BLOCK] = src[at..at + DW_BLOCK].try_into().unwrap_or(&[0.0; DW_BLOCK]);
+            for i in 0..DW_BLOCK {
+                acc[r][i] += w * v[i];
             }
+        }
+    }
+    acc
+}
+
+crate::isa::multiversion! {
+    /// The multiply-adds of a depthwise channel over its padded, phased rows (see
+    /// `depthwise_plane`); `row_step` is the distance between the first padded rows of two
+    /// consecutive output rows, and outputs are clamped to `[lo, hi]`.
+    #[allow(clippy::too_many_arguments)]
+    fn depthwise_rows(rows: &[f32], taps: &[(usize, f32)], bias: f32, lo: f32, hi: f32, row_step: usize, ow: usize, out: &mut [f32]) {
+        let store = |dst: &mut [f32], acc: &[f32; DW_BLOCK]| {
+            let mut clamped = [0f32; DW_BLOCK];
+            for i in 0..DW_BLOCK {
+                clamped[i] = clamp_keep_nan(acc[i], lo, hi);
+            }
+            dst.copy_from_slice(&clamped[..dst.len()]);
+        };
+        let mut pairs = out.chunks_exact_mut(2 * ow);
+        let mut oy = 0;
+        for pair in pairs.by_ref() {
+            let (top, bottom) = pair.split_at_mut(ow);
+            for x0 in (0..ow).step_by(DW_BLOCK) {
+                let acc = depthwise_block::<2>(rows, taps, [oy * row_step + x0, (oy + 1) * row_step + x0], bias);
+                let n = DW_BLOCK.min(ow - x0);
+                store(&mut top[x0..x0 + n], &acc[0]);
+                store(&mut bottom[x0..x0 + n], &acc[1]);
+            }
+            oy += 2;
+        }
+        let last = pairs.into_remainder();
+        for x0 in (0..last.len()).step_by(DW_BLOCK) {
+            let acc = depthwise_block::<1>(rows, taps, [oy * row_step + x0], bias);
+            let n = DW_BLOCK.min(ow - x0);
+            store(&mut last[x0..x0 + n], &acc[0]);
         }
     }
 }
@@ -355,9 +405,6 @@ impl Conv {
             && g.oh == g.h
             && g.ow == g.w;
         let mut col = if direct { Vec::new() } else { vec![0f32; kk * ohw] };
-        // Output columns in blocks small enough that the block's bias, product and activation
-        // all happen while it is in cache.
-        let block = (COLUMN_BLOCK_FLOATS / mg.max(1)).clamp(64, ohw.max(64)).next_multiple_of(16);
         for grp in 0..groups {
             let xg = &x[grp * cg * g.h * g.w..(grp + 1) * cg * g.h * g.w];
             let src: &[f32] = if direct {
@@ -366,34 +413,52 @@ impl Conv {
                 im2col(xg, g, cg, &mut col);
                 &col
             };
-            let lhs = MatRef { data: &w[grp * mg * kk..(grp + 1) * mg * kk], rs: kk, cs: 1 };
+            let w_g = &w[grp * mg * kk..(grp + 1) * mg * kk];
             let dst = &mut out[grp * mg * ohw..(grp + 1) * mg * ohw];
-            let group_bias = bias.map(|b| &b[grp * mg..(grp + 1) * mg]);
-            for c0 in (0..ohw).step_by(block) {
-                let n = block.min(ohw - c0);
-                if let Some(b) = group_bias {
-                    dst[c0..].chunks_mut(ohw).zip(b).for_each(|(row, &v)| row[..n].fill(v));
-                }
-                let rhs = MatRef { data: &src[c0..], rs: ohw, cs: 1 };
-                sgemm(
-                    mg,
-                    n,
-                    kk,
-                    lhs,
-                    rhs,
-                    1.0,
-                    &mut dst[c0..],
-                    ohw,
-                    group_bias.is_some(),
-                    ctx.gemm_parallelism(),
-                )?;
-                if let Some(act) = act {
-                    dst[c0..].chunks_mut(ohw).for_each(|row| act.apply(&mut row[..n]));
-                }
+            let bias_g = bias.map(|b| &b[grp * mg..(grp + 1) * mg]);
+            if ctx.threads > 1 && mg >= 2 * ctx.threads {
+                // Each thread takes a band of output channels (contiguous rows of the output).
+                let band = mg.div_ceil(ctx.threads);
+                dst.par_chunks_mut(band * ohw).enumerate().try_for_each(|(i, rows)| {
+                    let r0 = i * band;
+                    let r1 = r0 + rows.len() / ohw;
+                    gemm_rows(&w_g[r0 * kk..r1 * kk], src, bias_g.map(|b| &b[r0..r1]), act, kk, ohw, rows)
+                })?;
+            } else {
+                gemm_rows(w_g, src, bias_g, act, kk, ohw, dst)?;
             }
         }
         Ok(())
     }
+}
+
+/// `out[r, :] = act(bias[r] + w[r, :] · src)` for the rows of `w` ([rows, kk]) against `src`
+/// ([kk, ohw]), single-threaded, in column blocks small enough that each block's bias, product
+/// and activation happen while it is in cache.
+fn gemm_rows(
+    w: &[f32],
+    src: &[f32],
+    bias: Option<&[f32]>,
+    act: Option<Activation>,
+    kk: usize,
+    ohw: usize,
+    out: &mut [f32],
+) -> KernelResult<()> {
+    let rows = out.len() / ohw.max(1);
+    let block = (COLUMN_BLOCK_FLOATS / rows.max(1)).clamp(64, ohw.max(64)).next_multiple_of(16);
+    let lhs = MatRef { data: w, rs: kk, cs: 1 };
+    for c0 in (0..ohw).step_by(block) {
+        let n = block.min(ohw - c0);
+        if let Some(b) = bias {
+            out[c0..].chunks_mut(ohw).zip(b).for_each(|(row, &v)| row[..n].fill(v));
+        }
+        let rhs = MatRef { data: &src[c0..], rs: ohw, cs: 1 };
+        sgemm(rows, n, kk, lhs, rhs, 1.0, &mut out[c0..], ohw, bias.is_some(), gemm::Parallelism::None)?;
+        if let Some(act) = act {
+            out[c0..].chunks_mut(ohw).for_each(|row| act.apply(&mut row[..n]));
+        }
+    }
+    Ok(())
 }
 
 /// Runs `f(image, out_chunk)` for every image, in parallel across images when there are several

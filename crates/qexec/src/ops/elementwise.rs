@@ -133,7 +133,7 @@ crate::isa::multiversion! {
     /// A unary op over a slice; the hot ops get their own loop so each vectorises.
     fn unary_slice(op: Unary, s: &mut [f32]) {
         match op {
-            Unary::Relu => map_slice(s, |v| v.max(0.0)),
+            Unary::Relu => map_slice(s, |v| if v < 0.0 { 0.0 } else { v }),
             Unary::Sigmoid => map_slice(s, |v| 1.0 / (1.0 + fastmath::exp(-v))),
             Unary::Exp => map_slice(s, fastmath::exp),
             Unary::Erf => map_slice(s, fastmath::erf),
@@ -181,7 +181,13 @@ impl Kernel for Unary {
 impl Unary {
     fn apply(self, v: f32) -> f32 {
         match self {
-            Unary::Relu => v.max(0.0),
+            Unary::Relu => {
+                if v < 0.0 {
+                    0.0
+                } else {
+                    v
+                }
+            }
             Unary::Sigmoid => 1.0 / (1.0 + fastmath::exp(-v)),
             Unary::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
             Unary::Tanh => v.tanh(),

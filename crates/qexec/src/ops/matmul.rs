@@ -92,6 +92,23 @@ pub(crate) fn sgemm(
     Ok(())
 }
 
+/// Runs `f(first_row, band)` over bands of the rows of a row-major [rows, cols] output: one band
+/// per thread when the context has several and the product is large enough to share, else one.
+fn row_bands(
+    ctx: &ExecCtx<'_>,
+    rows: usize,
+    cols: usize,
+    out: &mut [f32],
+    f: impl Fn(usize, &mut [f32]) -> KernelResult<()> + Sync + Send,
+) -> KernelResult<()> {
+    if ctx.threads > 1 && rows >= 2 * ctx.threads && rows * cols >= 4096 {
+        let band = rows.div_ceil(ctx.threads);
+        out.par_chunks_mut(band * cols.max(1)).enumerate().try_for_each(|(i, chunk)| f(i * band, chunk))
+    } else {
+        f(0, out)
+    }
+}
+
 /// `MatMul` with numpy semantics: 1-D operands promoted, batch dims broadcast.
 struct MatMul;
 
@@ -149,19 +166,23 @@ impl Kernel for MatMul {
         let (oa, ob) = (offsets(&sa, m * k), offsets(&sb, k * n));
         let b_shared = ob.iter().all(|&o| o == 0) && oa.windows(2).all(|w| w[1] == w[0] + m * k);
         if b_shared && count > 0 {
-            // One product with the batch folded into the rows of `a`.
-            sgemm(
-                count * m,
-                n,
-                k,
-                MatRef { data: &a[oa[0]..], rs: k, cs: 1 },
-                MatRef { data: &b, rs: n, cs: 1 },
-                1.0,
-                &mut out,
-                n,
-                false,
-                ctx.gemm_parallelism(),
-            )?;
+            // One product with the batch folded into the rows of `a`, split in row bands.
+            let a_rows = MatRef { data: &a[oa[0]..], rs: k, cs: 1 };
+            row_bands(ctx, count * m, n, &mut out, |r0, band| {
+                let am = MatRef { data: &a_rows.data[r0 * k..], rs: k, cs: 1 };
+                sgemm(
+                    band.len() / n.max(1),
+                    n,
+                    k,
+                    am,
+                    MatRef { data: &b, rs: n, cs: 1 },
+                    1.0,
+                    band,
+                    n,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            })?;
         } else if ctx.threads > 1 && count > 1 {
             out.par_chunks_mut((m * n).max(1)).enumerate().try_for_each(|(i, c)| {
                 let (am, bm) =
@@ -228,11 +249,27 @@ impl Kernel for GemmOp {
             let view = super::elementwise::broadcast_to(bias, &[m, n])?;
             out.iter_mut().zip(view.iter()).for_each(|(o, &v)| *o = self.beta * v);
         }
-        let am =
-            if self.trans_a { MatRef { data: &a, rs: 1, cs: m } } else { MatRef { data: &a, rs: k, cs: 1 } };
         let bm =
             if self.trans_b { MatRef { data: &b, rs: 1, cs: k } } else { MatRef { data: &b, rs: n, cs: 1 } };
-        sgemm(m, n, k, am, bm, self.alpha, &mut out, n, c.is_some(), ctx.gemm_parallelism())?;
+        row_bands(ctx, m, n, &mut out, |r0, band| {
+            let am = if self.trans_a {
+                MatRef { data: &a[r0..], rs: 1, cs: m }
+            } else {
+                MatRef { data: &a[r0 * k..], rs: k, cs: 1 }
+            };
+            sgemm(
+                band.len() / n.max(1),
+                n,
+                k,
+                am,
+                bm,
+                self.alpha,
+                band,
+                n,
+                c.is_some(),
+                gemm::Parallelism::None,
+            )
+        })?;
         if let Some(act) = fused {
             act.apply(&mut out);
         }

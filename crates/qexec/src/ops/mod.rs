@@ -65,9 +65,17 @@ impl Activation {
 }
 
 crate::isa::multiversion! {
-    /// `v = min(max(v, lo), hi)` for every element.
+    /// `v` limited to `[lo, hi]` for every element; NaN stays NaN.
     pub(crate) fn clamp_slice(out: &mut [f32], lo: f32, hi: f32) {
-        out.iter_mut().for_each(|v| *v = v.max(lo).min(hi));
+        out.iter_mut().for_each(|v| {
+            *v = if *v < lo {
+                lo
+            } else if *v > hi {
+                hi
+            } else {
+                *v
+            }
+        });
     }
 }
 
