@@ -247,31 +247,7 @@ fn depthwise_plane(
             (lo, hi, (p as isize + (lo * s) as isize - g.pl).max(0) as usize)
         })
         .collect();
-    for (py, phased) in rows.chunks_mut(row_len).enumerate() {
-        let iy = py as isize - g.pt;
-        if iy < 0 || iy >= g.h as isize {
-            phased.fill(0.0);
-            continue;
-        }
-        let src = &x[iy as usize * g.w..(iy as usize + 1) * g.w];
-        for (dst, &(lo, hi, start)) in phased.chunks_mut(phase_len).zip(&spans) {
-            dst[..lo].fill(0.0);
-            dst[hi..].fill(0.0);
-            let dst = &mut dst[lo..hi];
-            match s {
-                1 => dst.copy_from_slice(&src[start..start + dst.len()]),
-                2 => {
-                    let pairs = src[start..].chunks_exact(2);
-                    let full = pairs.len().min(dst.len());
-                    dst[..full].iter_mut().zip(pairs).for_each(|(d, pair)| *d = pair[0]);
-                    if full < dst.len() {
-                        dst[full] = src[start + 2 * full];
-                    }
-                }
-                _ => dst.iter_mut().zip(src[start..].iter().step_by(s)).for_each(|(d, &v)| *d = v),
-            }
-        }
-    }
+    build_phased_rows(x, &spans, g, phase_len, rows);
     let taps: Vec<(usize, f32)> = (0..g.kh)
         .flat_map(|ky| (0..g.kw).map(move |kx| (ky, kx)))
         .map(|(ky, kx)| {
@@ -285,6 +261,47 @@ fn depthwise_plane(
         None => (f32::NEG_INFINITY, f32::INFINITY),
     };
     depthwise_rows(rows, &taps, bias, lo, hi, g.sh * row_len, g.ow, out);
+}
+
+crate::isa::multiversion! {
+    /// Lays the input plane out as zero-padded rows split into stride phases (see
+    /// `depthwise_plane`); `spans[p]` is phase p's valid element range and first input column.
+    fn build_phased_rows(x: &[f32], spans: &[(usize, usize, usize)], g: &Geometry, phase_len: usize, rows: &mut [f32]) {
+        let s = g.sw;
+        let mut padded = vec![0f32; if s == 2 { 2 * phase_len } else { 0 }];
+        for (py, phased) in rows.chunks_mut(s * phase_len).enumerate() {
+            let iy = py as isize - g.pt;
+            if iy < 0 || iy >= g.h as isize {
+                phased.fill(0.0);
+                continue;
+            }
+            let src = &x[iy as usize * g.w..(iy as usize + 1) * g.w];
+            if s == 2 {
+                // Pad the row, then split it into its even and odd columns in one pass.
+                let (pl, n) = (g.pl.max(0) as usize, padded.len());
+                let copied = g.w.min(n.saturating_sub(pl));
+                padded[..pl.min(n)].fill(0.0);
+                padded[pl..pl + copied].copy_from_slice(&src[..copied]);
+                padded[pl + copied..].fill(0.0);
+                let (even, odd) = phased.split_at_mut(phase_len);
+                for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(padded.chunks_exact(2)) {
+                    *e = pair[0];
+                    *o = pair[1];
+                }
+                continue;
+            }
+            for (dst, &(lo, hi, start)) in phased.chunks_mut(phase_len).zip(spans) {
+                dst[..lo].fill(0.0);
+                dst[hi..].fill(0.0);
+                let dst = &mut dst[lo..hi];
+                if s == 1 {
+                    dst.copy_from_slice(&src[start..start + dst.len()]);
+                } else {
+                    dst.iter_mut().zip(src[start..].iter().step_by(s)).for_each(|(d, &v)| *d = v);
+                }
+            }
+        }
+    }
 }
 
 /// `v` limited to `[lo, hi]`; NaN stays NaN.
