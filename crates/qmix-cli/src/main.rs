@@ -2,11 +2,12 @@
 //! parses arguments, runs the job and maps errors to exit codes (0 ok, 1 user error, 2 internal).
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use qgraph::{DimBindings, GraphError};
+use qexec::{ExecError, RunOptions, Session, SessionOptions};
+use qgraph::{DimBindings, GraphError, Tensor};
 
 #[derive(Parser)]
 #[command(name = "qmix", version, about = "Simulate quantization of ONNX models and choose mixed precision")]
@@ -30,6 +31,22 @@ enum Command {
         #[arg(long = "dim", value_parser = parse_dim)]
         dims: Vec<(String, usize)>,
     },
+    /// Run a model in FP32 on .npy inputs and write every output as .npy.
+    ///
+    /// Example: qmix run model.onnx --input input=images.npy --out results/
+    Run {
+        /// The ONNX model.
+        model: PathBuf,
+        /// A graph input and its data, NAME=FILE.npy (repeatable; f32, f64, i64, i32, u8 or i8).
+        #[arg(long = "input", value_parser = parse_input, required = true)]
+        inputs: Vec<(String, PathBuf)>,
+        /// Folder for the outputs (one OUTPUT_NAME.npy each).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Worker threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Lite-MP: per-layer sensitivity, flip the worst layers to higher precision, report scores.
     ///
     /// Example: qmix litemp model.onnx --percent 10 --override int16
@@ -37,6 +54,45 @@ enum Command {
         /// The ONNX model.
         model: PathBuf,
     },
+}
+
+fn parse_input(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, file) = s.split_once('=').ok_or_else(|| format!("expected NAME=FILE.npy, got '{s}'"))?;
+    Ok((name.to_string(), PathBuf::from(file)))
+}
+
+/// Reads a .npy file of any element type the interpreter takes.
+fn read_tensor(path: &Path) -> anyhow::Result<Tensor> {
+    use ndarray::ArrayD;
+    use ndarray_npy::read_npy;
+    macro_rules! attempt {
+        ($($t:ty => $variant:ident),*) => {$(
+            if let Ok(a) = read_npy::<_, ArrayD<$t>>(path) {
+                return Ok(Tensor::$variant(a.into_shared()));
+            }
+        )*};
+    }
+    attempt!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, u8 => U8, i8 => I8, bool => Bool);
+    let why = read_npy::<_, ArrayD<f32>>(path).err().map_or_else(String::new, |e| e.to_string());
+    anyhow::bail!("cannot read {} as a .npy array of a supported dtype: {why}", path.display())
+}
+
+/// Writes `t` as .npy atomically.
+fn write_tensor(path: &Path, t: &Tensor) -> anyhow::Result<()> {
+    use ndarray_npy::WriteNpyExt;
+    let mut bytes = Vec::new();
+    match t {
+        Tensor::F32(a) => a.write_npy(&mut bytes)?,
+        Tensor::F64(a) => a.write_npy(&mut bytes)?,
+        Tensor::I64(a) => a.write_npy(&mut bytes)?,
+        Tensor::I32(a) => a.write_npy(&mut bytes)?,
+        Tensor::U8(a) => a.write_npy(&mut bytes)?,
+        Tensor::I8(a) => a.write_npy(&mut bytes)?,
+        Tensor::Bool(a) => a.write_npy(&mut bytes)?,
+        other => anyhow::bail!("cannot write a {} tensor as .npy", other.dtype()),
+    }
+    qgraph::write_atomically(path, &bytes)?;
+    Ok(())
 }
 
 fn parse_dim(s: &str) -> Result<(String, usize), String> {
@@ -49,6 +105,16 @@ fn parse_dim(s: &str) -> Result<(String, usize), String> {
 enum Failure {
     User(anyhow::Error),
     Internal(anyhow::Error),
+}
+
+impl From<ExecError> for Failure {
+    fn from(e: ExecError) -> Self {
+        match e {
+            ExecError::ThreadPool { .. } => Failure::Internal(e.into()),
+            ExecError::Graph(g) => g.into(),
+            _ => Failure::User(e.into()),
+        }
+    }
 }
 
 impl From<GraphError> for Failure {
@@ -71,6 +137,38 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let n = m.graph.node(id);
                 println!("note: no shape rule for op {} (node '{}')", n.op_type, n.name);
             }
+            Ok(())
+        }
+        Command::Run { model, inputs, out, threads } => {
+            let m = qgraph::load_path(&model)?;
+            let session = Session::new(m, SessionOptions::threads(threads))?;
+            let mut feeds = Vec::with_capacity(inputs.len());
+            for (name, file) in &inputs {
+                feeds.push((name.as_str(), read_tensor(file).map_err(Failure::User)?));
+            }
+            let started = std::time::Instant::now();
+            let result = session.run_with(&feeds, RunOptions::default())?;
+            let secs = started.elapsed().as_secs_f64();
+            std::fs::create_dir_all(&out)
+                .map_err(|e| Failure::User(anyhow::anyhow!("cannot create {}: {e}", out.display())))?;
+            let g = &session.model().graph;
+            for (&v, t) in g.outputs().iter().zip(&result.outputs) {
+                let name = &g.value(v).name;
+                let file: String = name
+                    .chars()
+                    .map(|c| if c.is_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+                    .collect();
+                let path = out.join(format!("{file}.npy"));
+                write_tensor(&path, t).map_err(Failure::User)?;
+                println!("{name}: {} {:?} -> {}", t.dtype(), t.shape(), path.display());
+            }
+            println!(
+                "ran {} nodes in {:.1} ms on {} thread(s); peak intermediate memory {:.1} MiB",
+                result.stats.nodes_run,
+                secs * 1e3,
+                session.threads(),
+                result.stats.peak_bytes as f64 / (1 << 20) as f64
+            );
             Ok(())
         }
         Command::Litemp { model } => {

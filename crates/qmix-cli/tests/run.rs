@@ -1,0 +1,94 @@
+//! `qmix run` end to end: a small model saved with qgraph, .npy inputs, outputs written as .npy;
+//! and the user errors (wrong shape, missing file, unknown input) exiting with code 1 and a message
+//! that names the culprit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ndarray::{ArrayD, IxDyn};
+use qgraph::{DType, Graph, Model, NodeSpec, Shape, Tensor};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qmix-run-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// y = Relu(x · W), x [N, 3], W [3, 2].
+fn save_model(dir: &Path) -> PathBuf {
+    let mut g = Graph::new("tiny");
+    let x = g.add_input("x", DType::F32, Shape(vec![qgraph::Dim::Symbol("N".into()), qgraph::Dim::Known(3)]));
+    let w =
+        g.add_initializer("w", Tensor::from_vec(&[3, 2], vec![1.0f32, -1.0, 2.0, 0.5, -1.0, 1.0]).unwrap());
+    let mm = g.add_node(NodeSpec {
+        name: "mm".into(),
+        op_type: "MatMul".into(),
+        domain: String::new(),
+        attrs: vec![],
+        inputs: vec![Some(x), Some(w)],
+        outputs: vec!["h".into()],
+    });
+    let h = g.node(mm).outputs()[0];
+    let relu = g.add_node(NodeSpec {
+        name: "relu".into(),
+        op_type: "Relu".into(),
+        domain: String::new(),
+        attrs: vec![],
+        inputs: vec![h],
+        outputs: vec!["y/out".into()],
+    });
+    g.add_output(g.node(relu).outputs()[0].unwrap());
+    let path = dir.join("tiny.onnx");
+    qgraph::save_path(&Model::new(g, 13), &path).unwrap();
+    path
+}
+
+fn qmix(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_qmix")).args(args).output().unwrap()
+}
+
+#[test]
+fn run_writes_outputs_as_npy() {
+    let dir = scratch("ok");
+    let model = save_model(&dir);
+    let x = ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![1.0f32, 2.0, 3.0, -1.0, 0.0, 1.0]).unwrap();
+    let input = dir.join("x.npy");
+    ndarray_npy::write_npy(&input, &x).unwrap();
+    let out = dir.join("out");
+    let o = qmix(&[
+        "run",
+        model.to_str().unwrap(),
+        "--input",
+        &format!("x={}", input.display()),
+        "--out",
+        out.to_str().unwrap(),
+        "--threads",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let y: ArrayD<f32> = ndarray_npy::read_npy(out.join("y_out.npy")).unwrap();
+    // By hand: x·W = [1+4−3, −1+1+3] = [2, 3]; row 1: [−1+0−1, 1+0+1] = [−2, 2].
+    assert_eq!(y.shape(), &[2, 2]);
+    assert_eq!(y.iter().copied().collect::<Vec<_>>(), vec![2.0, 3.0, 0.0, 2.0]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("peak intermediate memory"));
+}
+
+#[test]
+fn run_reports_bad_inputs_with_exit_code_1() {
+    let dir = scratch("bad");
+    let model = save_model(&dir);
+    let m = model.to_str().unwrap();
+    let wrong = dir.join("wrong.npy");
+    ndarray_npy::write_npy(&wrong, &ArrayD::<f32>::zeros(IxDyn(&[2, 4]))).unwrap();
+    let cases = [
+        (format!("x={}", wrong.display()), "graph input 'x'"),
+        (format!("x={}", dir.join("missing.npy").display()), "missing.npy"),
+        (format!("z={}", wrong.display()), "'z' is not an input"),
+    ];
+    for (arg, expect) in cases {
+        let o = qmix(&["run", m, "--input", &arg, "--out", dir.join("o").to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{arg}: {err}");
+        assert!(err.contains(expect) && err.lines().count() == 1, "{arg}: {err}");
+    }
+}
