@@ -1,11 +1,12 @@
 //! Convolutions in NCHW (1-D convs run as 2-D with a unit height): `Conv` as one matrix product per
-//! image and group (1×1 kernels read the input directly; others go through an im2col buffer), a
-//! direct kernel for depthwise convolutions, and `ConvTranspose` as a product followed by col2im.
+//! image and group (1×1 kernels read the input directly; others go through an im2col buffer),
+//! depthwise convolutions through `depthwise`, and `ConvTranspose` as a product followed by col2im.
 //! Bias and a following Relu/Clip are applied while the output is still in cache.
 
 use qgraph::{Node, Tensor};
 use rayon::prelude::*;
 
+use super::depthwise;
 use super::matmul::{MatRef, sgemm};
 use super::{Activation, ExecCtx, Kernel, f32_data, input, opt_input};
 use crate::error::{KernelResult, Result};
@@ -44,24 +45,25 @@ struct ConvAttrs {
     output_shape: Option<Vec<i64>>,
 }
 
-/// The 2-D geometry of one convolution call.
+/// The 2-D geometry of one convolution call: batch, channels, input and output sizes, kernel,
+/// strides, dilations, and the top/left padding.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    m: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
-    sh: usize,
-    sw: usize,
-    dh: usize,
-    dw: usize,
-    pt: isize,
-    pl: isize,
+pub(super) struct Geometry {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub m: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub dh: usize,
+    pub dw: usize,
+    pub pt: isize,
+    pub pl: isize,
 }
 
 impl ConvAttrs {
@@ -174,7 +176,7 @@ impl Conv {
 }
 
 /// Output index range `[lo, hi)` along one axis for which `o * s + off` lies in `[0, len)`.
-fn valid_range(off: isize, s: usize, len: usize, out: usize) -> (usize, usize) {
+pub(super) fn valid_range(off: isize, s: usize, len: usize, out: usize) -> (usize, usize) {
     let s = s as isize;
     let lo = if off >= 0 { 0 } else { (-off + s - 1) / s };
     let hi = if len as isize - off <= 0 { 0 } else { (len as isize - off + s - 1) / s };
@@ -219,162 +221,6 @@ fn im2col(x: &[f32], g: &Geometry, channels: usize, col: &mut [f32]) {
     }
 }
 
-/// One depthwise channel: `x` is the [h, w] input plane, `k` the [kh, kw] kernel, `out` the
-/// [oh, ow] output plane. The input is first laid out zero-padded on all sides, each row split
-/// into its `stride` phases, so that every kernel tap reads a contiguous run of a padded row with
-/// no bounds checks; the multiply-adds then run over register blocks of two output rows.
-fn depthwise_plane(
-    x: &[f32],
-    k: &[f32],
-    bias: f32,
-    act: Option<Activation>,
-    g: &Geometry,
-    rows: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let s = g.sw;
-    let padded = (g.ow - 1) * s + (g.kw - 1) * g.dw + 1;
-    // Each phase gets DW_BLOCK floats of slack so full-width blocks never read past the row.
-    let phase_len = padded.div_ceil(s) + DW_BLOCK;
-    let row_len = s * phase_len;
-    let padded_rows = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-    rows.resize(padded_rows * row_len, 0.0);
-    // Phase element j holds padded column p + j·s, i.e. input column p + j·s − pl: the valid j
-    // range and its first input column are the same for every row.
-    let spans: Vec<(usize, usize, usize)> = (0..s)
-        .map(|p| {
-            let (lo, hi) = valid_range(p as isize - g.pl, s, g.w, phase_len);
-            (lo, hi, (p as isize + (lo * s) as isize - g.pl).max(0) as usize)
-        })
-        .collect();
-    build_phased_rows(x, &spans, g, phase_len, rows);
-    let taps: Vec<(usize, f32)> = (0..g.kh)
-        .flat_map(|ky| (0..g.kw).map(move |kx| (ky, kx)))
-        .map(|(ky, kx)| {
-            let off = kx * g.dw;
-            (ky * g.dh * row_len + (off % s) * phase_len + off / s, k[ky * g.kw + kx])
-        })
-        .collect();
-    let (lo, hi) = match act {
-        Some(Activation::Relu) => (0.0, f32::INFINITY),
-        Some(Activation::Clip(lo, hi)) => (lo, hi),
-        None => (f32::NEG_INFINITY, f32::INFINITY),
-    };
-    depthwise_rows(rows, &taps, bias, lo, hi, g.sh * row_len, g.ow, out);
-}
-
-crate::isa::multiversion! {
-    /// Lays the input plane out as zero-padded rows split into stride phases (see
-    /// `depthwise_plane`); `spans[p]` is phase p's valid element range and first input column.
-    fn build_phased_rows(x: &[f32], spans: &[(usize, usize, usize)], g: &Geometry, phase_len: usize, rows: &mut [f32]) {
-        let s = g.sw;
-        let mut padded = vec![0f32; if s == 2 { 2 * phase_len } else { 0 }];
-        for (py, phased) in rows.chunks_mut(s * phase_len).enumerate() {
-            let iy = py as isize - g.pt;
-            if iy < 0 || iy >= g.h as isize {
-                phased.fill(0.0);
-                continue;
-            }
-            let src = &x[iy as usize * g.w..(iy as usize + 1) * g.w];
-            if s == 2 {
-                // Pad the row, then split it into its even and odd columns in one pass.
-                let (pl, n) = (g.pl.max(0) as usize, padded.len());
-                let copied = g.w.min(n.saturating_sub(pl));
-                padded[..pl.min(n)].fill(0.0);
-                padded[pl..pl + copied].copy_from_slice(&src[..copied]);
-                padded[pl + copied..].fill(0.0);
-                let (even, odd) = phased.split_at_mut(phase_len);
-                for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(padded.chunks_exact(2)) {
-                    *e = pair[0];
-                    *o = pair[1];
-                }
-                continue;
-            }
-            for (dst, &(lo, hi, start)) in phased.chunks_mut(phase_len).zip(spans) {
-                dst[..lo].fill(0.0);
-                dst[hi..].fill(0.0);
-                let dst = &mut dst[lo..hi];
-                if s == 1 {
-                    dst.copy_from_slice(&src[start..start + dst.len()]);
-                } else {
-                    dst.iter_mut().zip(src[start..].iter().step_by(s)).for_each(|(d, &v)| *d = v);
-                }
-            }
-        }
-    }
-}
-
-/// `v` limited to `[lo, hi]`; NaN stays NaN.
-#[inline(always)]
-fn clamp_keep_nan(v: f32, lo: f32, hi: f32) -> f32 {
-    if v < lo {
-        lo
-    } else if v > hi {
-        hi
-    } else {
-        v
-    }
-}
-
-/// Output columns a depthwise register block computes at once.
-const DW_BLOCK: usize = 16;
-
-/// One register block: `DW_BLOCK` outputs of `rows` output rows (all taps accumulated before one
-/// clamped store per row).
-#[inline(always)]
-fn depthwise_block<const R: usize>(
-    src: &[f32],
-    taps: &[(usize, f32)],
-    bases: [usize; R],
-    bias: f32,
-) -> [[f32; DW_BLOCK]; R] {
-    let mut acc = [[bias; DW_BLOCK]; R];
-    for &(off, w) in taps {
-        for r in 0..R {
-            let at = bases[r] + off;
-            let v: &[f32; DW_BLOCK] = src[at..at + DW_BLOCK].try_into().unwrap_or(&[0.0; DW_BLOCK]);
-            for i in 0..DW_BLOCK {
-                acc[r][i] += w * v[i];
-            }
-        }
-    }
-    acc
-}
-
-crate::isa::multiversion! {
-    /// The multiply-adds of a depthwise channel over its padded, phased rows (see
-    /// `depthwise_plane`); `row_step` is the distance between the first padded rows of two
-    /// consecutive output rows, and outputs are clamped to `[lo, hi]`.
-    #[allow(clippy::too_many_arguments)]
-    fn depthwise_rows(rows: &[f32], taps: &[(usize, f32)], bias: f32, lo: f32, hi: f32, row_step: usize, ow: usize, out: &mut [f32]) {
-        let store = |dst: &mut [f32], acc: &[f32; DW_BLOCK]| {
-            let mut clamped = [0f32; DW_BLOCK];
-            for i in 0..DW_BLOCK {
-                clamped[i] = clamp_keep_nan(acc[i], lo, hi);
-            }
-            dst.copy_from_slice(&clamped[..dst.len()]);
-        };
-        let mut pairs = out.chunks_exact_mut(2 * ow);
-        let mut oy = 0;
-        for pair in pairs.by_ref() {
-            let (top, bottom) = pair.split_at_mut(ow);
-            for x0 in (0..ow).step_by(DW_BLOCK) {
-                let acc = depthwise_block::<2>(rows, taps, [oy * row_step + x0, (oy + 1) * row_step + x0], bias);
-                let n = DW_BLOCK.min(ow - x0);
-                store(&mut top[x0..x0 + n], &acc[0]);
-                store(&mut bottom[x0..x0 + n], &acc[1]);
-            }
-            oy += 2;
-        }
-        let last = pairs.into_remainder();
-        for x0 in (0..last.len()).step_by(DW_BLOCK) {
-            let acc = depthwise_block::<1>(rows, taps, [oy * row_step + x0], bias);
-            let n = DW_BLOCK.min(ow - x0);
-            store(&mut last[x0..x0 + n], &acc[0]);
-        }
-    }
-}
-
 /// Fills each channel plane of `out` with its bias.
 fn fill_bias(out: &mut [f32], bias: Option<&[f32]>, plane: usize) {
     match bias {
@@ -400,17 +246,7 @@ impl Conv {
         let (cg, mg, ohw) = (g.c / groups, g.m / groups, g.oh * g.ow);
         let kk = cg * g.kh * g.kw;
         if groups == g.c && g.m == g.c {
-            let f = |rows: &mut Vec<f32>, ch: usize, plane: &mut [f32]| {
-                let (xc, kc) =
-                    (&x[ch * g.h * g.w..(ch + 1) * g.h * g.w], &w[ch * g.kh * g.kw..(ch + 1) * g.kh * g.kw]);
-                depthwise_plane(xc, kc, bias.map_or(0.0, |b| b[ch]), act, g, rows, plane);
-            };
-            if ctx.threads > 1 {
-                out.par_chunks_mut(ohw).enumerate().for_each_init(Vec::new, |rows, (ch, p)| f(rows, ch, p));
-            } else {
-                let mut rows = Vec::new();
-                out.chunks_mut(ohw).enumerate().for_each(|(ch, p)| f(&mut rows, ch, p));
-            }
+            depthwise::image(x, w, bias, act, g, ctx, out);
             return Ok(());
         }
         let direct = g.kh == 1
@@ -464,18 +300,38 @@ fn gemm_rows(
     let rows = out.len() / ohw.max(1);
     let block = (COLUMN_BLOCK_FLOATS / rows.max(1)).clamp(64, ohw.max(64)).next_multiple_of(16);
     let lhs = MatRef { data: w, rs: kk, cs: 1 };
+    let (lo, hi) = match act {
+        Some(Activation::Relu) => (0.0, f32::INFINITY),
+        Some(Activation::Clip(lo, hi)) => (lo, hi),
+        None => (f32::NEG_INFINITY, f32::INFINITY),
+    };
     for c0 in (0..ohw).step_by(block) {
         let n = block.min(ohw - c0);
-        if let Some(b) = bias {
-            out[c0..].chunks_mut(ohw).zip(b).for_each(|(row, &v)| row[..n].fill(v));
-        }
         let rhs = MatRef { data: &src[c0..], rs: ohw, cs: 1 };
-        sgemm(rows, n, kk, lhs, rhs, 1.0, &mut out[c0..], ohw, bias.is_some(), gemm::Parallelism::None)?;
-        if let Some(act) = act {
-            out[c0..].chunks_mut(ohw).for_each(|row| act.apply(&mut row[..n]));
+        sgemm(rows, n, kk, lhs, rhs, 1.0, &mut out[c0..], ohw, false, gemm::Parallelism::None)?;
+        if bias.is_some() || act.is_some() {
+            for (r, row) in out[c0..].chunks_mut(ohw).enumerate() {
+                bias_clamp(&mut row[..n], bias.map_or(0.0, |b| b[r]), lo, hi);
+            }
         }
     }
     Ok(())
+}
+
+crate::isa::multiversion! {
+    /// `v = clamp(v + bias, lo, hi)` over a row (NaN stays NaN).
+    fn bias_clamp(row: &mut [f32], bias: f32, lo: f32, hi: f32) {
+        for v in row.iter_mut() {
+            let x = *v + bias;
+            *v = if x < lo {
+                lo
+            } else if x > hi {
+                hi
+            } else {
+                x
+            };
+        }
+    }
 }
 
 /// Runs `f(image, out_chunk)` for every image, in parallel across images when there are several

@@ -4,6 +4,7 @@
 
 mod broadcast;
 mod conv;
+mod depthwise;
 mod elementwise;
 mod fastmath;
 mod matmul;
