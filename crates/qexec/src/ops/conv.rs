@@ -300,11 +300,7 @@ fn gemm_rows(
     let rows = out.len() / ohw.max(1);
     let block = (COLUMN_BLOCK_FLOATS / rows.max(1)).clamp(64, ohw.max(64)).next_multiple_of(16);
     let lhs = MatRef { data: w, rs: kk, cs: 1 };
-    let (lo, hi) = match act {
-        Some(Activation::Relu) => (0.0, f32::INFINITY),
-        Some(Activation::Clip(lo, hi)) => (lo, hi),
-        None => (f32::NEG_INFINITY, f32::INFINITY),
-    };
+    let (lo, hi) = Activation::bounds(act);
     for c0 in (0..ohw).step_by(block) {
         let n = block.min(ohw - c0);
         let rhs = MatRef { data: &src[c0..], rs: ohw, cs: 1 };

@@ -48,11 +48,7 @@ impl Layout {
                 ky * g.dh * row_len + (off % s) * phase_len + off / s
             })
             .collect();
-        let (lo, hi) = match act {
-            Some(Activation::Relu) => (0.0, f32::INFINITY),
-            Some(Activation::Clip(lo, hi)) => (lo, hi),
-            None => (f32::NEG_INFINITY, f32::INFINITY),
-        };
+        let (lo, hi) = Activation::bounds(act);
         Layout { phase_len, rows: (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1, spans, taps, lo, hi }
     }
 

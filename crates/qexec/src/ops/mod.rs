@@ -55,12 +55,18 @@ pub(crate) enum Activation {
 }
 
 impl Activation {
+    /// The activation as clamp bounds; no activation is (−∞, ∞).
+    pub fn bounds(act: Option<Activation>) -> (f32, f32) {
+        match act {
+            Some(Activation::Relu) => (0.0, f32::INFINITY),
+            Some(Activation::Clip(lo, hi)) => (lo, hi),
+            None => (f32::NEG_INFINITY, f32::INFINITY),
+        }
+    }
+
     /// Applies the activation to every element.
     pub fn apply(self, out: &mut [f32]) {
-        let (lo, hi) = match self {
-            Activation::Relu => (0.0, f32::INFINITY),
-            Activation::Clip(lo, hi) => (lo, hi),
-        };
+        let (lo, hi) = Activation::bounds(Some(self));
         clamp_slice(out, lo, hi);
     }
 }
