@@ -58,6 +58,26 @@ pub fn check(zoo: &Path) -> Result<()> {
     }
     check_minilm(zoo)?;
     check_qdq(zoo)?;
+    check_thread_independence(zoo)?;
+    Ok(())
+}
+
+/// The same logits, bit for bit, on 1 and 2 threads (sensitivity analyses compare runs made with
+/// different thread counts).
+fn check_thread_independence(zoo: &Path) -> Result<()> {
+    let c = &CLASSIFIERS[0];
+    let images = zoo_data::raw_images(zoo, c.images)?;
+    let x = c.batch(&images, &(0..8).collect::<Vec<_>>());
+    let logits = |threads: usize| -> Result<Vec<f32>> {
+        let model = qgraph::load_path(zoo.join(format!("models/{}.onnx", c.name)))?;
+        let out =
+            Session::new(model, SessionOptions::threads(threads))?.run(&[("input", x.clone())])?.remove(0);
+        Ok(out.as_f32().context("f32 logits")?.iter().copied().collect())
+    };
+    let (one, two) = (logits(1)?, logits(2)?);
+    let same = one.iter().zip(&two).all(|(a, b)| a.to_bits() == b.to_bits());
+    println!("  {:<22} logits of 8 images on 1 and 2 threads bit-identical: {same}", c.name);
+    ensure!(same, "{}: results depend on the thread count", c.name);
     Ok(())
 }
 
