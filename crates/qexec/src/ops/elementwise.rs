@@ -1,5 +1,6 @@
-//! Elementwise ops: unary maths and activations, numpy-broadcast binary arithmetic, comparisons
-//! and logic, `Where`, `Clip`, `PRelu` and the variadic `Sum`/`Mean`/`Min`/`Max`.
+//! Elementwise ops: unary maths (trigonometric and hyperbolic included), activations,
+//! `IsNaN`/`IsInf`, numpy-broadcast binary arithmetic, comparisons and logic, `Where`, `Clip`,
+//! `PRelu` and the variadic `Sum`/`Mean`/`Min`/`Max`.
 
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn, Zip};
 use qgraph::{DType, Element, Node, Tensor};
@@ -36,6 +37,23 @@ pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>
         "Softplus" => return unary(Unary::Softplus),
         "Softsign" => return unary(Unary::Softsign),
         "Not" => return unary(Unary::Not),
+        "Tan" => return unary(Unary::Tan),
+        "Asin" => return unary(Unary::Asin),
+        "Acos" => return unary(Unary::Acos),
+        "Atan" => return unary(Unary::Atan),
+        "Sinh" => return unary(Unary::Sinh),
+        "Cosh" => return unary(Unary::Cosh),
+        "Asinh" => return unary(Unary::Asinh),
+        "Acosh" => return unary(Unary::Acosh),
+        "Atanh" => return unary(Unary::Atanh),
+        "Mish" => return unary(Unary::Mish),
+        "IsNaN" => return unary(Unary::IsNaN),
+        "IsInf" => (|| {
+            let neg = node.int_attr("detect_negative", 1)? != 0;
+            let pos = node.int_attr("detect_positive", 1)? != 0;
+            Ok(Box::new(Unary::IsInf(neg, pos)) as Box<dyn Kernel>)
+        })(),
+        "Shrink" => (|| Ok(Box::new(Unary::Shrink(f("lambd", 0.5)?, f("bias", 0.0)?)) as Box<dyn Kernel>))(),
         "LeakyRelu" => f("alpha", 0.01).map(|a| Box::new(Unary::LeakyRelu(a)) as Box<dyn Kernel>),
         "Elu" => f("alpha", 1.0).map(|a| Box::new(Unary::Elu(a)) as Box<dyn Kernel>),
         "Celu" => f("alpha", 1.0).map(|a| Box::new(Unary::Celu(a)) as Box<dyn Kernel>),
@@ -106,6 +124,19 @@ enum Unary {
     Softplus,
     Softsign,
     Not,
+    Tan,
+    Asin,
+    Acos,
+    Atan,
+    Sinh,
+    Cosh,
+    Asinh,
+    Acosh,
+    Atanh,
+    Mish,
+    IsNaN,
+    IsInf(bool, bool),
+    Shrink(f32, f32),
     Gelu,
     GeluTanh,
     LeakyRelu(f32),
@@ -172,6 +203,10 @@ impl Kernel for Unary {
             (Unary::Sign, Tensor::I64(a)) => map_int(a, i64::signum),
             (Unary::Sign, Tensor::I32(a)) => map_int(a, i32::signum),
             (Unary::Not, _) => return Err(format!("Not needs a bool tensor, got {}", x.dtype())),
+            (Unary::IsNaN, Tensor::F32(a)) => Tensor::Bool(a.map(|v| v.is_nan()).into_shared()),
+            (Unary::IsInf(neg, pos), Tensor::F32(a)) => Tensor::Bool(
+                a.map(|&v| v.is_infinite() && ((v < 0.0 && neg) || (v > 0.0 && pos))).into_shared(),
+            ),
             (op, _) => map_f32(x, ctx, move |s| unary_slice(op, s))?,
         };
         Ok(vec![out])
@@ -220,7 +255,26 @@ impl Unary {
                 }
             }
             Unary::Softsign => v / (1.0 + v.abs()),
-            Unary::Not => v,
+            Unary::Not | Unary::IsNaN | Unary::IsInf(..) => v,
+            Unary::Tan => v.tan(),
+            Unary::Asin => v.asin(),
+            Unary::Acos => v.acos(),
+            Unary::Atan => v.atan(),
+            Unary::Sinh => v.sinh(),
+            Unary::Cosh => v.cosh(),
+            Unary::Asinh => v.asinh(),
+            Unary::Acosh => v.acosh(),
+            Unary::Atanh => v.atanh(),
+            Unary::Mish => v * (if v > 20.0 { v } else { v.exp().ln_1p() }).tanh(),
+            Unary::Shrink(l, b) => {
+                if v < -l {
+                    v + b
+                } else if v > l {
+                    v - b
+                } else {
+                    0.0
+                }
+            }
             Unary::Gelu => 0.5 * v * (1.0 + fastmath::erf(v * std::f32::consts::FRAC_1_SQRT_2)),
             Unary::GeluTanh => {
                 let c = (2.0 / std::f32::consts::PI).sqrt();

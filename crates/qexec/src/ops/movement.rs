@@ -1,6 +1,7 @@
 //! Data-movement and shape ops, generic over every element type: Reshape, Flatten, Squeeze,
 //! Unsqueeze, Transpose, Concat, Split, Slice, Gather, Expand, Tile, Pad, Shape, Size, Range,
-//! ConstantOfShape, Cast, CastLike, Identity, Dropout.
+//! ConstantOfShape, Cast, CastLike, Identity, Dropout, GatherElements, CumSum, Trilu,
+//! DepthToSpace and SpaceToDepth.
 
 use ndarray::{ArcArray, ArrayD, Axis, IxDyn, Slice};
 use qgraph::{DType, Element, Node, Tensor};
@@ -75,6 +76,28 @@ pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>
             k(Movement::Cast { to: Some(to) })
         })(),
         "CastLike" => k(Movement::Cast { to: None }),
+        "GatherElements" => node
+            .int_attr("axis", 0)
+            .map_err(ExecError::from)
+            .and_then(|axis| k(Movement::GatherElements { axis })),
+        "CumSum" => (|| {
+            k(Movement::CumSum {
+                exclusive: node.int_attr("exclusive", 0)? != 0,
+                reverse: node.int_attr("reverse", 0)? != 0,
+            })
+        })(),
+        "Trilu" => node
+            .int_attr("upper", 1)
+            .map_err(ExecError::from)
+            .and_then(|u| k(Movement::Trilu { upper: u != 0 })),
+        op @ ("DepthToSpace" | "SpaceToDepth") => (|| {
+            let block = node.int_attr("blocksize", 0)?;
+            if block <= 0 {
+                return Err(super::invalid(node, "blocksize must be positive"));
+            }
+            let crd = node.string_attr("mode")?.is_some_and(|m| m == "CRD");
+            k(Movement::Blocks { to_space: op == "DepthToSpace", block: block as usize, crd })
+        })(),
         _ => return None,
     };
     Some(built)
@@ -107,6 +130,30 @@ enum Movement {
     Range,
     ConstantOfShape { value: Tensor },
     Cast { to: Option<DType> },
+    GatherElements { axis: i64 },
+    CumSum { exclusive: bool, reverse: bool },
+    Trilu { upper: bool },
+    Blocks { to_space: bool, block: usize, crd: bool },
+}
+
+/// Row-major strides of `shape`.
+fn strides_of(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// `x` reshaped to `split`, its axes permuted by `perm`, and reshaped to `out` (the
+/// DepthToSpace/SpaceToDepth rearrangements).
+fn rearrange(x: &Tensor, split: &[usize], perm: &[usize], out: &[usize]) -> KernelResult<Tensor> {
+    let t = reshape(x.clone(), split)?;
+    Ok(with_dtype!(t.dtype(), T => {
+        let a = typed::<T>(&t)?.view().permuted_axes(IxDyn(perm));
+        let owned = a.as_standard_layout().into_owned();
+        T::wrap(owned.into_shape_with_order(IxDyn(out)).map_err(|e| e.to_string())?.into_shared())
+    }))
 }
 
 /// Reinterprets `t` with a new shape of the same element count (shares the buffer when it is in
@@ -564,6 +611,130 @@ impl Kernel for Movement {
                     let v = typed::<T>(value)?.iter().next().copied().ok_or("ConstantOfShape value is empty")?;
                     wrap(ArrayD::from_elem(IxDyn(&dims), v))
                 })]
+            }
+            Movement::GatherElements { axis } => {
+                let (x, idx) = (input(inputs, 0)?, input(inputs, 1)?);
+                let rank = x.shape().len();
+                let axis = norm_axis(*axis, rank)?;
+                if idx.shape().len() != rank {
+                    return Err(format!("indices rank {} differs from data rank {rank}", idx.shape().len()));
+                }
+                let (xs, is) = (strides_of(x.shape()), strides_of(idx.shape()));
+                let dim = x.shape()[axis] as i64;
+                let offsets: Vec<usize> = ints_of(idx)?
+                    .iter()
+                    .enumerate()
+                    .map(|(flat, &i)| {
+                        let j = if i < 0 { i + dim } else { i };
+                        if !(0..dim).contains(&j) {
+                            return Err(format!("index {i} out of range for dim {dim}"));
+                        }
+                        let mut off = 0;
+                        for d in 0..rank {
+                            let coord = (flat / is[d]) % idx.shape()[d];
+                            if d != axis && coord >= x.shape()[d] {
+                                return Err(format!(
+                                    "indices shape {:?} exceeds data shape {:?}",
+                                    idx.shape(),
+                                    x.shape()
+                                ));
+                            }
+                            off += if d == axis { j as usize } else { coord } * xs[d];
+                        }
+                        Ok(off)
+                    })
+                    .collect::<KernelResult<_>>()?;
+                vec![with_dtype!(x.dtype(), T => {
+                    let data = contiguous(typed::<T>(x)?);
+                    super::tensor_from(idx.shape(), offsets.iter().map(|&o| data[o]).collect())?
+                })]
+            }
+            Movement::CumSum { exclusive, reverse } => {
+                let x = input(inputs, 0)?;
+                let axis = norm_axis(
+                    *ints_of(input(inputs, 1)?)?.first().ok_or("CumSum needs an axis")?,
+                    x.shape().len(),
+                )?;
+                let (outer, n, inner) = (
+                    x.shape()[..axis].iter().product::<usize>(),
+                    x.shape()[axis],
+                    x.shape()[axis + 1..].iter().product::<usize>(),
+                );
+                let v = x.to_f64_vec();
+                let mut out = vec![0f64; v.len()];
+                for o in 0..outer {
+                    for i in 0..inner {
+                        let mut acc = 0f64;
+                        for step in 0..n {
+                            let j = if *reverse { n - 1 - step } else { step };
+                            let at = (o * n + j) * inner + i;
+                            if *exclusive {
+                                out[at] = acc;
+                                acc += v[at];
+                            } else {
+                                acc += v[at];
+                                out[at] = acc;
+                            }
+                        }
+                    }
+                }
+                vec![cast(&Tensor::from_vec(x.shape(), out).ok_or("internal")?, x.dtype())?]
+            }
+            Movement::Trilu { upper } => {
+                let x = input(inputs, 0)?;
+                let k = opt_input(inputs, 1)
+                    .map(ints_of)
+                    .transpose()?
+                    .and_then(|v| v.first().copied())
+                    .unwrap_or(0);
+                let r = x.shape().len();
+                if r < 2 {
+                    return Err(format!("Trilu needs rank ≥ 2, got {:?}", x.shape()));
+                }
+                let (rows, cols) = (x.shape()[r - 2], x.shape()[r - 1]);
+                vec![with_dtype!(x.dtype(), T => {
+                    let data = contiguous(typed::<T>(x)?);
+                    let out: Vec<T> = data
+                        .iter()
+                        .enumerate()
+                        .map(|(flat, &v)| {
+                            let (i, j) = (((flat / cols) % rows) as i64, (flat % cols) as i64);
+                            let keep = if *upper { j - i >= k } else { j - i <= k };
+                            if keep { v } else { T::default() }
+                        })
+                        .collect();
+                    super::tensor_from(x.shape(), out)?
+                })]
+            }
+            Movement::Blocks { to_space, block, crd } => {
+                let x = input(inputs, 0)?;
+                let &[n, c, h, w] = x.shape() else {
+                    return Err(format!("expected a rank-4 input, got {:?}", x.shape()));
+                };
+                let b = *block;
+                let out = if *to_space {
+                    if c % (b * b) != 0 {
+                        return Err(format!("{c} channels are not divisible by blocksize² {}", b * b));
+                    }
+                    let cb = c / (b * b);
+                    let out = [n, cb, h * b, w * b];
+                    if *crd {
+                        rearrange(x, &[n, cb, b, b, h, w], &[0, 1, 4, 2, 5, 3], &out)?
+                    } else {
+                        rearrange(x, &[n, b, b, cb, h, w], &[0, 3, 4, 1, 5, 2], &out)?
+                    }
+                } else {
+                    if h % b != 0 || w % b != 0 {
+                        return Err(format!("spatial dims {h}×{w} are not divisible by blocksize {b}"));
+                    }
+                    rearrange(
+                        x,
+                        &[n, c, h / b, b, w / b, b],
+                        &[0, 3, 5, 1, 2, 4],
+                        &[n, c * b * b, h / b, w / b],
+                    )?
+                };
+                vec![out]
             }
             Movement::Cast { to } => {
                 let to = match to {

@@ -19,6 +19,7 @@ pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>
         "ReduceL2" => (ReduceKind::L2, 18),
         "ReduceSumSquare" => (ReduceKind::SumSquare, 18),
         "ReduceLogSumExp" => (ReduceKind::LogSumExp, 18),
+        "ReduceLogSum" => (ReduceKind::LogSum, 18),
         "ArgMax" | "ArgMin" => {
             return Some((|| {
                 Ok(Box::new(ArgReduce {
@@ -54,6 +55,7 @@ enum ReduceKind {
     L2,
     SumSquare,
     LogSumExp,
+    LogSum,
 }
 
 struct Reduce {
@@ -75,6 +77,7 @@ impl ReduceKind {
             ReduceKind::L1 => sum(&mut v.map(|x| f64::from(x).abs())) as f32,
             ReduceKind::L2 => sum(&mut v.map(|x| f64::from(x).powi(2))).sqrt() as f32,
             ReduceKind::SumSquare => sum(&mut v.map(|x| f64::from(x).powi(2))) as f32,
+            ReduceKind::LogSum => sum(&mut v.map(f64::from)).ln() as f32,
             ReduceKind::LogSumExp => {
                 let max = v.clone().fold(f32::NEG_INFINITY, f32::max);
                 if max.is_infinite() {
