@@ -1,0 +1,270 @@
+//! Histograms for calibration schemes that look at the shape of a distribution, not only its
+//! extremes. Both keep a fixed number of counters, never raw activations, so memory is bounded.
+//!
+//! - [`TfHistogram`]: AIMET's TF-enhanced / percentile PDF (spec §2.3): 512 buckets over a range
+//!   fixed by the first non-all-zero batch, widened 3× about its centre; later values outside
+//!   it are dropped; each batch's normalised counts are averaged with equal weight per batch.
+//! - [`MergeableHistogram`]: a zero-centred histogram whose range doubles (pairs of bins merge
+//!   exactly) when data exceeds it, so no value is ever dropped and two histograms — from two
+//!   threads, shards or machines — merge exactly and in any order into the same result.
+
+/// Buckets of AIMET's PDF (`PDF_SIZE`).
+pub const TF_BUCKETS: usize = 512;
+
+/// AIMET's TF-enhanced histogram (a running mean of per-batch PDFs over a fixed range).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TfHistogram {
+    /// Left edge of bucket 0 and bucket width, once initialised.
+    range: Option<(f64, f64)>,
+    pdf: Vec<f64>,
+    batches: u64,
+}
+
+impl TfHistogram {
+    /// An empty (uninitialised) histogram.
+    pub fn new() -> TfHistogram {
+        TfHistogram::default()
+    }
+
+    /// Adds one batch. The first batch that is not all zeros (NaNs ignored) fixes the range;
+    /// all-zero batches before it are ignored; after it, values outside the range are dropped
+    /// but still count in the batch size the PDF is normalised by.
+    pub fn observe(&mut self, batch: &[f32]) {
+        if self.range.is_none() {
+            let (mut mn, mut mx) = (f64::INFINITY, f64::NEG_INFINITY);
+            for &x in batch.iter().filter(|x| !x.is_nan()) {
+                mn = mn.min(f64::from(x));
+                mx = mx.max(f64::from(x));
+            }
+            if mn > mx || (mn == 0.0 && mx == 0.0) {
+                return;
+            }
+            if mn == mx {
+                mx += 0.01;
+            }
+            let c = (mx + mn) / 2.0;
+            let (lo, hi) = (c - 3.0 * (c - mn), c + 3.0 * (mx - c));
+            self.range = Some((lo, (hi - lo) / TF_BUCKETS as f64));
+            self.pdf = vec![0.0; TF_BUCKETS];
+        }
+        let Some((lo, width)) = self.range else { return };
+        let mut counts = vec![0u64; TF_BUCKETS];
+        for &x in batch {
+            // C `round` (half away from zero); NaN and out-of-range indices are dropped.
+            let i = ((f64::from(x) - lo) / width).round();
+            if (0.0..TF_BUCKETS as f64).contains(&i) {
+                counts[i as usize] += 1;
+            }
+        }
+        let n = batch.len().max(1) as f64;
+        let b = self.batches as f64;
+        for (p, &c) in self.pdf.iter_mut().zip(&counts) {
+            *p = (*p * b + c as f64 / n) / (b + 1.0);
+        }
+        self.batches += 1;
+    }
+
+    /// Whether a non-zero batch has fixed the range.
+    pub fn is_initialised(&self) -> bool {
+        self.range.is_some()
+    }
+
+    /// Left edge of every bucket (`xLeft`), empty before initialisation.
+    pub fn x_left(&self) -> Vec<f64> {
+        self.range.map_or_else(Vec::new, |(lo, w)| (0..TF_BUCKETS).map(|i| lo + i as f64 * w).collect())
+    }
+
+    /// The averaged PDF, one value per bucket (empty before initialisation).
+    pub fn pdf(&self) -> &[f64] {
+        &self.pdf
+    }
+
+    /// AIMET's `_findRangeOfAggregateStats`: the left edges of the first and last non-empty
+    /// buckets (the last searched down to bucket 1), zero included, at least 0.01 wide.
+    /// `None` before initialisation.
+    pub fn range_of_stats(&self) -> Option<(f64, f64)> {
+        let (lo, w) = self.range?;
+        let first = self.pdf.iter().position(|&p| p > 0.0).unwrap_or(0);
+        let last = (1..TF_BUCKETS).rev().find(|&i| self.pdf[i] > 0.0).unwrap_or(0);
+        let mn = (lo + first as f64 * w).min(0.0);
+        let mx = (lo + last as f64 * w).max(0.0).max(mn + 0.01);
+        Some((mn, mx))
+    }
+}
+
+/// A zero-centred histogram over `[-half_range, half_range)` with a fixed, even bin count; the
+/// range doubles when data falls outside it (bins merge in pairs, so counts stay exact).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeableHistogram {
+    counts: Vec<u64>,
+    /// Half the covered range; 0 until the first non-zero finite value.
+    half_range: f64,
+    /// Values equal to zero seen before any non-zero value set the range.
+    pending_zeros: u64,
+    /// NaN and infinite values seen (not binned).
+    non_finite: u64,
+}
+
+impl MergeableHistogram {
+    /// An empty histogram with `bins` bins (rounded up to an even count, at least 2).
+    pub fn new(bins: usize) -> MergeableHistogram {
+        MergeableHistogram {
+            counts: vec![0; bins.max(2).next_multiple_of(2)],
+            half_range: 0.0,
+            pending_zeros: 0,
+            non_finite: 0,
+        }
+    }
+
+    /// Number of bins.
+    pub fn bins(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// The covered range `[-h, h)` as `h` (0 while only zeros were seen).
+    pub fn half_range(&self) -> f64 {
+        self.half_range
+    }
+
+    /// Bin counts, bin `i` covering `[-h + i·2h/bins, -h + (i+1)·2h/bins)`.
+    pub fn counts(&self) -> &[u64] {
+        &self.counts
+    }
+
+    /// NaN and infinite values seen (they are not binned).
+    pub fn non_finite(&self) -> u64 {
+        self.non_finite
+    }
+
+    /// Total values binned (zeros seen before the range was known included).
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum::<u64>() + self.pending_zeros
+    }
+
+    /// Widens the range to `target` (a power of two): the first range just takes it (zeros seen
+    /// so far go to the middle bin); later ones double, merging bins in pairs, so counts stay
+    /// exact and two histograms always reach a common range.
+    fn widen_to(&mut self, target: f64) {
+        if self.half_range == 0.0 {
+            self.half_range = target;
+            let mid = self.counts.len() / 2;
+            self.counts[mid] += std::mem::take(&mut self.pending_zeros);
+            return;
+        }
+        while self.half_range < target {
+            let n = self.counts.len();
+            let mut merged = vec![0u64; n];
+            for (i, pair) in self.counts.chunks_exact(2).enumerate() {
+                merged[n / 4 + i] = pair[0] + pair[1];
+            }
+            self.counts = merged;
+            self.half_range *= 2.0;
+        }
+    }
+
+    fn bin_of(&self, x: f64) -> usize {
+        let n = self.counts.len();
+        (((x + self.half_range) / (2.0 * self.half_range) * n as f64).floor() as usize).min(n - 1)
+    }
+
+    /// Adds values (NaN and infinities are only counted).
+    pub fn observe(&mut self, data: &[f32]) {
+        let peak = data.iter().filter(|x| x.is_finite()).fold(0f64, |m, &x| m.max(f64::from(x).abs()));
+        if peak > 0.0 {
+            // The smallest power of two strictly above the peak.
+            self.widen_to(2f64.powi(peak.log2().floor() as i32 + 1));
+        }
+        for &x in data {
+            if !x.is_finite() {
+                self.non_finite += 1;
+            } else if self.half_range == 0.0 {
+                self.pending_zeros += 1;
+            } else {
+                let b = self.bin_of(f64::from(x));
+                self.counts[b] += 1;
+            }
+        }
+    }
+
+    /// Adds another histogram with the same bin count. Exact and order-independent.
+    pub fn merge(&mut self, other: &MergeableHistogram) -> Result<(), crate::KernelError> {
+        if other.counts.len() != self.counts.len() {
+            return Err(crate::KernelError::Layout(format!(
+                "cannot merge histograms of {} and {} bins",
+                self.counts.len(),
+                other.counts.len()
+            )));
+        }
+        let mut other = other.clone();
+        let target = self.half_range.max(other.half_range);
+        if target > 0.0 {
+            self.widen_to(target);
+            other.widen_to(target);
+        }
+        self.counts.iter_mut().zip(&other.counts).for_each(|(a, b)| *a += b);
+        self.pending_zeros += other.pending_zeros;
+        self.non_finite += other.non_finite;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tf_histogram_fixes_a_widened_range_on_the_first_nonzero_batch() {
+        let mut h = TfHistogram::new();
+        h.observe(&[0.0, 0.0]);
+        assert!(!h.is_initialised());
+        h.observe(&[-1.0, 0.0, 1.0, 2.0]);
+        // Centre 0.5, widened 3×: [-4, 5], 512 buckets of 9/512.
+        let x = h.x_left();
+        assert_eq!(x[0], -4.0);
+        assert!((x[1] - x[0] - 9.0 / 512.0).abs() < 1e-12);
+        assert!((h.pdf().iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        // Later out-of-range values are dropped but count in the batch size.
+        h.observe(&[100.0, 0.0]);
+        assert!((h.pdf().iter().sum::<f64>() - 0.75).abs() < 1e-12);
+        let (mn, mx) = h.range_of_stats().unwrap();
+        assert!((mn + 1.0).abs() <= 9.0 / 512.0, "{mn}");
+        assert!((mx - 2.0).abs() <= 9.0 / 512.0, "{mx}");
+    }
+
+    #[test]
+    fn tf_histogram_of_a_constant_batch_is_0_01_wide() {
+        let mut h = TfHistogram::new();
+        h.observe(&[3.0; 8]);
+        let x = h.x_left();
+        assert!((x[0] - (3.005 - 0.015)).abs() < 1e-12);
+        let (mn, mx) = h.range_of_stats().unwrap();
+        assert_eq!(mn, 0.0);
+        assert!((mx - 3.0).abs() <= 0.01, "{mx}");
+    }
+
+    #[test]
+    fn mergeable_histogram_doubles_exactly_and_merges_in_any_order() {
+        let data: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 / 10.0 - 5.0).collect();
+        let mut whole = MergeableHistogram::new(64);
+        whole.observe(&[0.0, 0.0]);
+        whole.observe(&data[..10]);
+        whole.observe(&data[10..]);
+        whole.observe(&[f32::NAN, 300.0]);
+        let mut parts: Vec<MergeableHistogram> = Vec::new();
+        for chunk in [&[0.0f32, 0.0][..], &data[..10], &data[10..500], &data[500..], &[f32::NAN, 300.0]] {
+            let mut h = MergeableHistogram::new(64);
+            h.observe(chunk);
+            parts.push(h);
+        }
+        let mut forward = MergeableHistogram::new(64);
+        parts.iter().for_each(|p| forward.merge(p).unwrap());
+        let mut backward = MergeableHistogram::new(64);
+        parts.iter().rev().for_each(|p| backward.merge(p).unwrap());
+        assert_eq!(forward, backward);
+        assert_eq!(forward.counts(), whole.counts());
+        assert_eq!(whole.total(), 1003);
+        assert_eq!(whole.non_finite(), 1);
+        assert_eq!(whole.half_range(), 512.0);
+        assert!(MergeableHistogram::new(32).merge(&whole).is_err());
+    }
+}
