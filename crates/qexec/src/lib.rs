@@ -22,7 +22,6 @@
 mod buffers;
 mod error;
 mod hook;
-mod isa;
 mod ops;
 mod session;
 

@@ -15,8 +15,9 @@
 //! fake_quant(&mut x, &enc);
 //! assert_eq!(x[1] as f64, enc.max as f32 as f64);
 //! ```
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+pub mod dispatch;
 mod encoding;
 mod error;
 mod fake_quant;

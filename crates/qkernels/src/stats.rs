@@ -22,11 +22,9 @@ impl Default for MinMax {
 impl MinMax {
     /// Folds `data` into the running extremes.
     pub fn observe(&mut self, data: &[f32]) {
-        for &x in data {
-            // f32::min/max ignore a NaN operand.
-            self.min = self.min.min(x);
-            self.max = self.max.max(x);
-        }
+        let (mn, mx) = extremes(data);
+        self.min = self.min.min(mn);
+        self.max = self.max.max(mx);
     }
 
     /// Whether any non-NaN value was observed.
@@ -38,6 +36,28 @@ impl MinMax {
     pub fn merge(&mut self, other: &MinMax) {
         self.min = self.min.min(other.min);
         self.max = self.max.max(other.max);
+    }
+}
+
+crate::multiversion! {
+    /// Smallest and largest non-NaN value (`(+inf, −inf)` when there is none), over eight
+    /// interleaved lanes so the loop vectorises.
+    fn extremes(data: &[f32]) -> (f32, f32) {
+        let mut lo = [f32::INFINITY; 8];
+        let mut hi = [f32::NEG_INFINITY; 8];
+        let mut chunks = data.chunks_exact(8);
+        for c in chunks.by_ref() {
+            for i in 0..8 {
+                // f32::min/max ignore a NaN operand.
+                lo[i] = lo[i].min(c[i]);
+                hi[i] = hi[i].max(c[i]);
+            }
+        }
+        for (i, &x) in chunks.remainder().iter().enumerate() {
+            lo[i] = lo[i].min(x);
+            hi[i] = hi[i].max(x);
+        }
+        (lo.iter().copied().fold(f32::INFINITY, f32::min), hi.iter().copied().fold(f32::NEG_INFINITY, f32::max))
     }
 }
 

@@ -141,7 +141,7 @@ fn row_with(op: F32Op, a: &[f32], ia: usize, b: &[f32], ib: usize, out: &mut [f3
     }
 }
 
-crate::isa::multiversion! {
+qkernels::multiversion! {
     /// One output row from two operand rows with inner strides `ia`, `ib`.
     fn row(op: F32Op, a: &[f32], ia: usize, b: &[f32], ib: usize, out: &mut [f32]) {
         match op {
@@ -168,7 +168,7 @@ fn row_inplace_with(op: F32Op, out: &mut [f32], b: &[f32], ib: usize) {
     }
 }
 
-crate::isa::multiversion! {
+qkernels::multiversion! {
     /// One output row computed in place over the `a` operand.
     fn row_inplace(op: F32Op, out: &mut [f32], b: &[f32], ib: usize) {
         match op {

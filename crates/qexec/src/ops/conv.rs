@@ -314,7 +314,7 @@ fn gemm_rows(
     Ok(())
 }
 
-crate::isa::multiversion! {
+qkernels::multiversion! {
     /// `v = clamp(v + bias, lo, hi)` over a row (NaN stays NaN).
     fn bias_clamp(row: &mut [f32], bias: f32, lo: f32, hi: f32) {
         for v in row.iter_mut() {

@@ -97,7 +97,7 @@ pub(super) fn image(
     }
 }
 
-crate::isa::multiversion! {
+qkernels::multiversion! {
     /// Copies the valid part of each input row into its padded, phase-split place in `rows`.
     fn build_rows(x: &[f32], spans: &[(usize, usize, usize)], g: &Geometry, phase_len: usize, rows: &mut [f32]) {
         let s = g.sw;
@@ -150,7 +150,7 @@ fn block<const R: usize>(
     acc
 }
 
-crate::isa::multiversion! {
+qkernels::multiversion! {
     /// The multiply-adds of one channel over its padded rows; `step` is the distance between
     /// the first padded rows of consecutive output rows; outputs are clamped to `[lo, hi]`.
     #[allow(clippy::too_many_arguments)]

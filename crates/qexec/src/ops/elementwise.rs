@@ -160,7 +160,7 @@ fn map_slice(s: &mut [f32], f: impl Fn(f32) -> f32) {
     s.iter_mut().for_each(|v| *v = f(*v));
 }
 
-crate::isa::multiversion! {
+qkernels::multiversion! {
     /// A unary op over a slice; the hot ops get their own loop so each vectorises.
     fn unary_slice(op: Unary, s: &mut [f32]) {
         match op {
@@ -492,7 +492,7 @@ macro_rules! numeric {
     };
 }
 
-crate::isa::multiversion! {
+qkernels::multiversion! {
     /// `x^e` for a scalar exponent, with the common exponents as plain arithmetic.
     fn pow_scalar(s: &mut [f32], e: f32) {
         match e {

@@ -71,7 +71,7 @@ impl Activation {
     }
 }
 
-crate::isa::multiversion! {
+qkernels::multiversion! {
     /// `v` limited to `[lo, hi]` for every element; NaN stays NaN.
     pub(crate) fn clamp_slice(out: &mut [f32], lo: f32, hi: f32) {
         out.iter_mut().for_each(|v| {

@@ -214,7 +214,7 @@ impl Kernel for Softmax {
     }
 }
 
-crate::isa::multiversion! {
+qkernels::multiversion! {
     /// Softmax of one contiguous row, in place.
     fn softmax_row(v: &mut [f32]) {
         let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);

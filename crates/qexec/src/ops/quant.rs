@@ -98,7 +98,7 @@ macro_rules! quant_int {
 }
 quant_int!(u8, i8, u16, i16, i32);
 
-crate::isa::multiversion! {
+qkernels::multiversion! {
     /// Quantization levels `clamp(round_half_even(x / s) + z, lo, hi)` of one run of elements.
     fn levels(xs: &[f32], s: f32, z: f32, lo: f32, hi: f32, out: &mut [f32]) {
         for (o, &v) in out.iter_mut().zip(xs) {

@@ -1,0 +1,113 @@
+//! Every dispatched kernel at every instruction-set level this CPU has, against a plain scalar
+//! reference written from the spec (§1.2): outputs must be bit-identical, on random data with
+//! NaN, ±inf, subnormals, values on the encoding's bounds and exact rounding ties.
+
+use std::sync::Mutex;
+
+use proptest::prelude::*;
+use qkernels::dispatch::{self, Isa};
+use qkernels::{Encoding, MinMax, QuantSpec, Rounding};
+
+/// `dispatch::force` is process-wide: tests that force a level take turns.
+static LEVEL: Mutex<()> = Mutex::new(());
+
+fn at_every_level(mut f: impl FnMut(Isa)) {
+    let _turn = LEVEL.lock().unwrap_or_else(|e| e.into_inner());
+    for level in dispatch::available() {
+        dispatch::force(Some(level));
+        f(level);
+    }
+    dispatch::force(None);
+}
+
+/// The spec's quantize-dequantize, one element at a time.
+fn reference(x: f32, e: &Encoding, rounding: Rounding) -> f32 {
+    let (min, max, delta, offset) = (e.min as f32, e.max as f32, e.delta as f32, e.offset as f32);
+    let v = if x.is_nan() { min } else { x.max(min).min(max) };
+    let t = v / delta - offset;
+    let q = match rounding {
+        Rounding::HalfAwayFromZero => t.round(),
+        Rounding::HalfToEven => t.round_ties_even(),
+    };
+    delta * (q.max(0.0).min(e.steps as f32) + offset)
+}
+
+fn value(e: Encoding) -> impl Strategy<Value = f32> {
+    let (d, o) = (e.delta as f32, e.offset as f32);
+    prop_oneof![
+        4 => -3.0f32..3.0,
+        1 => Just(f32::NAN),
+        1 => Just(f32::INFINITY),
+        1 => Just(f32::NEG_INFINITY),
+        1 => Just(1e-40f32),
+        1 => Just(e.min as f32),
+        1 => Just(e.max as f32),
+        // x/Δ − offset exactly on a .5 tie.
+        2 => (0i32..255).prop_map(move |k| (k as f32 + 0.5 + o) * d),
+    ]
+}
+
+fn encoding() -> impl Strategy<Value = Encoding> {
+    (2u32..=16, -2.0f64..0.0, 0.0f64..3.0, any::<bool>()).prop_map(|(b, lo, hi, sym)| {
+        let spec = if sym { QuantSpec::symmetric(b) } else { QuantSpec::asymmetric(b) };
+        Encoding::from_range(lo, hi, spec).unwrap()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn fake_quant_is_bit_identical_at_every_level(
+        (e, data) in encoding().prop_flat_map(|e| (Just(e), proptest::collection::vec(value(e), 0..300))),
+        even in any::<bool>(),
+    ) {
+        let rounding = if even { Rounding::HalfToEven } else { Rounding::HalfAwayFromZero };
+        let want: Vec<u32> = data.iter().map(|&x| reference(x, &e, rounding).to_bits()).collect();
+        at_every_level(|level| {
+            let mut got = data.clone();
+            qkernels::fake_quant_with(&mut got, &e, rounding);
+            let got: Vec<u32> = got.iter().map(|x| x.to_bits()).collect();
+            assert_eq!(got, want, "{level:?}");
+        });
+    }
+
+    #[test]
+    fn per_channel_fake_quant_matches_per_tensor_at_every_level(
+        encs in proptest::collection::vec(encoding(), 1..5),
+        inner in 1usize..40,
+        seed in 0u32..1000,
+    ) {
+        let channels = encs.len();
+        let data: Vec<f32> = (0..2 * channels * inner).map(|i| ((i as u32 * 7 + seed) % 61) as f32 / 10.0 - 3.0).collect();
+        let mut want = data.clone();
+        for (block, chunk) in want.chunks_mut(inner).enumerate() {
+            chunk.iter_mut().for_each(|x| *x = reference(*x, &encs[block % channels], Rounding::HalfAwayFromZero));
+        }
+        at_every_level(|level| {
+            let mut got = data.clone();
+            qkernels::fake_quant_per_channel(&mut got, &[2, channels, inner], 1, &encs, Rounding::HalfAwayFromZero).unwrap();
+            assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{level:?}");
+        });
+    }
+
+    #[test]
+    fn min_max_ignores_nan_at_every_level(data in proptest::collection::vec(prop_oneof![4 => -1e6f32..1e6, 1 => Just(f32::NAN), 1 => Just(f32::NEG_INFINITY)], 0..200)) {
+        let finite: Vec<f32> = data.iter().copied().filter(|x| !x.is_nan()).collect();
+        let want = (finite.iter().copied().fold(f32::INFINITY, f32::min), finite.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        at_every_level(|level| {
+            let mut m = MinMax::default();
+            m.observe(&data);
+            assert_eq!((m.min.to_bits(), m.max.to_bits()), (want.0.to_bits(), want.1.to_bits()), "{level:?}");
+        });
+    }
+}
+
+#[test]
+fn this_cpu_runs_more_than_the_baseline() {
+    // On x86-64 machines of the last decade at least AVX2 is present; the suite above then
+    // really compares two or three compiled copies.
+    if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx2") {
+        assert!(dispatch::available().len() >= 2);
+    }
+}
