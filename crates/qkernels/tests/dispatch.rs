@@ -111,3 +111,23 @@ fn this_cpu_runs_more_than_the_baseline() {
         assert!(dispatch::available().len() >= 2);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    #[test]
+    fn fake_casts_equal_the_half_crate_at_every_level(bits in proptest::collection::vec(any::<u32>(), 0..300)) {
+        let data: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let same = |got: &[f32], want: &[f32]| got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+        let f16: Vec<f32> = data.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+        let bf16: Vec<f32> = data.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+        at_every_level(|level| {
+            let mut a = data.clone();
+            qkernels::fake_cast_f16(&mut a);
+            assert!(same(&a, &f16), "f16 at {level:?}");
+            let mut b = data.clone();
+            qkernels::fake_cast_bf16(&mut b);
+            assert!(same(&b, &bf16), "bf16 at {level:?}");
+        });
+    }
+}
