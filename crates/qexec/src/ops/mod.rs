@@ -283,7 +283,7 @@ pub(crate) fn for_each_chunk_mut<T: Send>(
     }
 }
 
-/// Checks that `t` is an f32 tensor of the given rank.
+/// Checks that `t` has the given rank.
 pub(crate) fn expect_rank(t: &Tensor, rank: usize, what: &str) -> KernelResult<()> {
     if t.shape().len() != rank {
         return Err(format!("{what} must have rank {rank}, got shape {:?}", t.shape()));
