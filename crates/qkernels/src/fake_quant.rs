@@ -126,6 +126,84 @@ pub fn fake_quant_per_channel(
     Ok(())
 }
 
+/// Fake-quantizes `data` (row-major, `shape`) in place with blockwise encodings (spec §1.7): the
+/// encoding shape is `shape[channel_axis]` along the channel axis, `shape[block_axis] /
+/// block_size` along the block axis and 1 elsewhere, and `encodings` are in row-major order of
+/// that shape (so a Conv weight `[O, I, kh, kw]` with axes 0 and 1 has `O × I/block` encodings,
+/// channel-major).
+pub fn fake_quant_per_block(
+    data: &mut [f32],
+    shape: &[usize],
+    channel_axis: usize,
+    block_axis: usize,
+    block_size: usize,
+    encodings: &[Encoding],
+    rounding: Rounding,
+) -> Result<(), KernelError> {
+    let rank = shape.len();
+    if channel_axis >= rank || block_axis >= rank || channel_axis == block_axis {
+        return Err(KernelError::Layout(format!(
+            "channel axis {channel_axis} and block axis {block_axis} must be distinct axes of shape {shape:?}"
+        )));
+    }
+    if block_size == 0 || shape[block_axis] % block_size != 0 {
+        return Err(KernelError::Layout(format!(
+            "block size {block_size} does not divide dim {} of shape {shape:?}",
+            shape[block_axis]
+        )));
+    }
+    if shape.iter().product::<usize>() != data.len() {
+        return Err(KernelError::Layout(format!("shape {shape:?} does not hold {} elements", data.len())));
+    }
+    let enc_shape: Vec<usize> = (0..rank)
+        .map(|d| match d {
+            d if d == channel_axis => shape[d],
+            d if d == block_axis => shape[d] / block_size,
+            _ => 1,
+        })
+        .collect();
+    if enc_shape.iter().product::<usize>() != encodings.len() {
+        return Err(KernelError::Layout(format!(
+            "{} encodings for an encoding shape {enc_shape:?}",
+            encodings.len()
+        )));
+    }
+    let last = match shape.last() {
+        Some(&n) if n > 0 => n,
+        _ => return Ok(()),
+    };
+    let mut enc_strides = vec![0usize; rank];
+    let mut acc = 1;
+    for d in (0..rank).rev() {
+        enc_strides[d] = if enc_shape[d] > 1 { acc } else { 0 };
+        acc *= enc_shape[d];
+    }
+    let grids: Vec<Grid> = encodings.iter().map(Grid::of).collect();
+    let block_of = |d: usize, i: usize| if d == block_axis { i / block_size } else { i };
+    for (r, row) in data.chunks_mut(last).enumerate() {
+        // Encoding index of the row's first element, from its coordinates.
+        let mut rest = r;
+        let mut base = 0;
+        for d in (0..rank - 1).rev() {
+            base += block_of(d, rest % shape[d]) * enc_strides[d];
+            rest /= shape[d];
+        }
+        let step = enc_strides[rank - 1];
+        if step == 0 {
+            qdq_slice(row, &grids[base], rounding);
+        } else if rank - 1 == block_axis {
+            for (k, run) in row.chunks_mut(block_size).enumerate() {
+                qdq_slice(run, &grids[base + k * step], rounding);
+            }
+        } else {
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = grids[base + j * step].qdq(*x, rounding);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Quantizes to integers on the encoding's signed or unsigned view: `q + offset + shift`, where
 /// `shift` is `2^(b−1)` for a symmetric dtype view (AIMET `int<b>`) and 0 for unsigned (`uint<b>`).
 /// With `signed = true` int8 symmetric values land in `[−128, 127]`.

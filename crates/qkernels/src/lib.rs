@@ -28,7 +28,9 @@ mod stats;
 
 pub use encoding::{Encoding, MIN_SCALE, QuantSpec};
 pub use error::KernelError;
-pub use fake_quant::{Rounding, fake_quant, fake_quant_per_channel, fake_quant_with, quantize_to_int};
+pub use fake_quant::{
+    Rounding, fake_quant, fake_quant_per_block, fake_quant_per_channel, fake_quant_with, quantize_to_int,
+};
 pub use float_cast::{fake_cast_bf16, fake_cast_f16};
 pub use histogram::{MergeableHistogram, TF_BUCKETS, TfHistogram};
 pub use metrics::{mse, psnr_aimet, sqnr_db};

@@ -131,3 +131,64 @@ proptest! {
         });
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    #[test]
+    fn per_block_fake_quant_matches_the_coordinate_reference(
+        dims in proptest::collection::vec(1usize..4, 2..4),
+        axes in (0usize..4, 0usize..4),
+        block in 1usize..3,
+        encs in proptest::collection::vec(encoding(), 64),
+    ) {
+        let rank = dims.len();
+        let (ca, ba) = (axes.0 % rank, axes.1 % rank);
+        prop_assume!(ca != ba);
+        let mut shape = dims.clone();
+        shape[ba] *= block;
+        let len: usize = shape.iter().product();
+        let enc_shape: Vec<usize> = (0..rank).map(|d| if d == ca { shape[d] } else if d == ba { shape[d] / block } else { 1 }).collect();
+        let count: usize = enc_shape.iter().product();
+        let encs = &encs[..count];
+        let data: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37) % 5.0 - 2.5).collect();
+        let want: Vec<u32> = (0..len)
+            .map(|flat| {
+                let mut rest = flat;
+                let mut coords = vec![0; rank];
+                for d in (0..rank).rev() {
+                    coords[d] = rest % shape[d];
+                    rest /= shape[d];
+                }
+                let idx = (0..rank).fold(0, |acc, d| {
+                    let c = if d == ca { coords[d] } else if d == ba { coords[d] / block } else { 0 };
+                    acc * enc_shape[d] + c
+                });
+                reference(data[flat], &encs[idx], Rounding::HalfAwayFromZero).to_bits()
+            })
+            .collect();
+        at_every_level(|level| {
+            let mut got = data.clone();
+            qkernels::fake_quant_per_block(&mut got, &shape, ca, ba, block, encs, Rounding::HalfAwayFromZero).unwrap();
+            assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want, "{level:?}");
+        });
+    }
+}
+
+#[test]
+fn per_block_layout_errors_name_the_problem() {
+    let e = Encoding::from_range(-1.0, 1.0, QuantSpec::symmetric(8)).unwrap();
+    let mut data = vec![0f32; 12];
+    let err =
+        qkernels::fake_quant_per_block(&mut data, &[3, 4], 0, 1, 3, &[e; 4], Rounding::HalfAwayFromZero)
+            .unwrap_err();
+    assert!(err.to_string().contains("block size 3"), "{err}");
+    let err =
+        qkernels::fake_quant_per_block(&mut data, &[3, 4], 0, 1, 2, &[e; 5], Rounding::HalfAwayFromZero)
+            .unwrap_err();
+    assert!(err.to_string().contains("5 encodings"), "{err}");
+    assert!(
+        qkernels::fake_quant_per_block(&mut data, &[3, 4], 1, 1, 2, &[e; 6], Rounding::HalfAwayFromZero)
+            .is_err()
+    );
+}
