@@ -317,16 +317,7 @@ fn gemm_rows(
 qkernels::multiversion! {
     /// `v = clamp(v + bias, lo, hi)` over a row (NaN stays NaN).
     fn bias_clamp(row: &mut [f32], bias: f32, lo: f32, hi: f32) {
-        for v in row.iter_mut() {
-            let x = *v + bias;
-            *v = if x < lo {
-                lo
-            } else if x > hi {
-                hi
-            } else {
-                x
-            };
-        }
+        row.iter_mut().for_each(|v| *v = super::clamp_keep_nan(*v + bias, lo, hi));
     }
 }
 
@@ -347,6 +338,34 @@ fn per_image(
     }
 }
 
+/// What `Conv` and `ConvTranspose` share around their per-image computation: operands, the
+/// geometry, the bias check, the output buffer, the split across images and the output shape.
+/// `image(x, w, bias, geometry, ctx, out)` computes one image ([c, h, w] → [m, oh, ow]).
+fn convolve(
+    inputs: &mut [Option<Tensor>],
+    ctx: &ExecCtx<'_>,
+    geometry: impl Fn(&[usize], &[usize]) -> KernelResult<(Geometry, usize)>,
+    image: impl Fn(&[f32], &[f32], Option<&[f32]>, &Geometry, &ExecCtx<'_>, &mut [f32]) -> KernelResult<()>
+    + Sync
+    + Send,
+) -> KernelResult<Vec<Tensor>> {
+    let (tx, tw) = (input(inputs, 0)?, input(inputs, 1)?);
+    let (g, rank) = geometry(tx.shape(), tw.shape())?;
+    let (x, w) = (f32_data(tx)?, f32_data(tw)?);
+    let bias = opt_input(inputs, 2).map(f32_data).transpose()?;
+    if let Some(b) = bias.as_ref().filter(|b| b.len() != g.m) {
+        return Err(format!("bias has {} values for {} output channels", b.len(), g.m));
+    }
+    let per = g.m * g.oh * g.ow;
+    let mut out = ctx.pool.take(g.n * per);
+    let plane = g.c * g.h * g.w;
+    per_image(ctx, &mut out, per, |i, o, ctx| {
+        image(&x[i * plane..(i + 1) * plane], &w, bias.as_deref(), &g, ctx, o)
+    })?;
+    let shape: Vec<usize> = if rank == 1 { vec![g.n, g.m, g.ow] } else { vec![g.n, g.m, g.oh, g.ow] };
+    Ok(vec![super::tensor_from(&shape, out)?])
+}
+
 impl Kernel for Conv {
     fn run(
         &self,
@@ -354,32 +373,12 @@ impl Kernel for Conv {
         ctx: &ExecCtx<'_>,
         fused: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
-        let (tx, tw) = (input(inputs, 0)?, input(inputs, 1)?);
-        let (g, rank) = self.geometry(tx.shape(), tw.shape())?;
-        let (x, w) = (f32_data(tx)?, f32_data(tw)?);
-        let bias = opt_input(inputs, 2).map(f32_data).transpose()?;
-        if bias.as_ref().is_some_and(|b| b.len() != g.m) {
-            return Err(format!(
-                "bias has {} values for {} output channels",
-                bias.map_or(0, |b| b.len()),
-                g.m
-            ));
-        }
-        let per = g.m * g.oh * g.ow;
-        let mut out = ctx.pool.take(g.n * per);
-        per_image(ctx, &mut out, per, |i, o, ctx| {
-            self.image(
-                &x[i * g.c * g.h * g.w..(i + 1) * g.c * g.h * g.w],
-                &w,
-                bias.as_deref(),
-                fused,
-                &g,
-                ctx,
-                o,
-            )
-        })?;
-        let shape: Vec<usize> = if rank == 1 { vec![g.n, g.m, g.ow] } else { vec![g.n, g.m, g.oh, g.ow] };
-        Ok(vec![super::tensor_from(&shape, out)?])
+        convolve(
+            inputs,
+            ctx,
+            |x, w| self.geometry(x, w),
+            |x, w, bias, g, ctx, out| self.image(x, w, bias, fused, g, ctx, out),
+        )
     }
 
     fn fuses_activation(&self) -> bool {
@@ -512,28 +511,18 @@ impl Kernel for ConvTranspose {
         ctx: &ExecCtx<'_>,
         fused: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
-        let (tx, tw) = (input(inputs, 0)?, input(inputs, 1)?);
-        let (g, rank) = self.geometry(tx.shape(), tw.shape())?;
-        let (x, w) = (f32_data(tx)?, f32_data(tw)?);
-        let bias = opt_input(inputs, 2).map(f32_data).transpose()?;
-        if bias.as_ref().is_some_and(|b| b.len() != g.m) {
-            return Err(format!(
-                "bias has {} values for {} output channels",
-                bias.map_or(0, |b| b.len()),
-                g.m
-            ));
-        }
-        let per = g.m * g.oh * g.ow;
-        let mut out = ctx.pool.take(g.n * per);
-        per_image(ctx, &mut out, per, |i, o, ctx| {
-            self.image(&x[i * g.c * g.h * g.w..(i + 1) * g.c * g.h * g.w], &w, bias.as_deref(), &g, ctx, o)?;
-            if let Some(act) = fused {
-                act.apply(o);
-            }
-            Ok(())
-        })?;
-        let shape: Vec<usize> = if rank == 1 { vec![g.n, g.m, g.ow] } else { vec![g.n, g.m, g.oh, g.ow] };
-        Ok(vec![super::tensor_from(&shape, out)?])
+        convolve(
+            inputs,
+            ctx,
+            |x, w| self.geometry(x, w),
+            |x, w, bias, g, ctx, out| {
+                self.image(x, w, bias, g, ctx, out)?;
+                if let Some(act) = fused {
+                    act.apply(out);
+                }
+                Ok(())
+            },
+        )
     }
 
     fn fuses_activation(&self) -> bool {

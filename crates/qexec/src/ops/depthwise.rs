@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::conv::{Geometry, valid_range};
-use super::{Activation, ExecCtx};
+use super::{Activation, ExecCtx, clamp_keep_nan};
 
 /// Output columns a register block computes at once.
 const BLOCK: usize = 16;
@@ -113,18 +113,6 @@ qkernels::multiversion! {
                 }
             }
         }
-    }
-}
-
-/// `v` limited to `[lo, hi]`; NaN stays NaN.
-#[inline(always)]
-fn clamp_keep_nan(v: f32, lo: f32, hi: f32) -> f32 {
-    if v < lo {
-        lo
-    } else if v > hi {
-        hi
-    } else {
-        v
     }
 }
 

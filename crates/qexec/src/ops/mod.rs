@@ -74,15 +74,20 @@ impl Activation {
 qkernels::multiversion! {
     /// `v` limited to `[lo, hi]` for every element; NaN stays NaN.
     pub(crate) fn clamp_slice(out: &mut [f32], lo: f32, hi: f32) {
-        out.iter_mut().for_each(|v| {
-            *v = if *v < lo {
-                lo
-            } else if *v > hi {
-                hi
-            } else {
-                *v
-            }
-        });
+        out.iter_mut().for_each(|v| *v = clamp_keep_nan(*v, lo, hi));
+    }
+}
+
+/// `v` limited to `[lo, hi]`; NaN stays NaN (unlike `f32::clamp` with `max`/`min`, and with no
+/// range assertion, so loops using it vectorise).
+#[inline(always)]
+pub(crate) fn clamp_keep_nan(v: f32, lo: f32, hi: f32) -> f32 {
+    if v < lo {
+        lo
+    } else if v > hi {
+        hi
+    } else {
+        v
     }
 }
 

@@ -51,6 +51,16 @@ fn per_channel(t: &Tensor, c: usize, what: &str) -> KernelResult<Vec<f32>> {
     Ok(v.into_owned())
 }
 
+/// Runs `f(channel, plane)` in place over every [n, c] plane of an NCHW-like f32 tensor.
+fn channel_planes(x: Tensor, mut f: impl FnMut(usize, &mut [f32])) -> KernelResult<Vec<Tensor>> {
+    let c = x.shape()[1];
+    let inner: usize = x.shape()[2..].iter().product();
+    let mut a = into_f32_unique(x)?;
+    let data = a.as_slice_mut().ok_or("internal")?;
+    data.chunks_mut(inner.max(1)).enumerate().for_each(|(i, plane)| f(i % c, plane));
+    Ok(vec![Tensor::F32(a)])
+}
+
 struct BatchNorm {
     eps: f32,
 }
@@ -69,16 +79,11 @@ impl Kernel for BatchNorm {
         let c = x.shape()[1];
         let get = |slot, what| per_channel(input(inputs, slot)?, c, what);
         let (scale, bias, mean, var) = (get(1, "scale")?, get(2, "B")?, get(3, "mean")?, get(4, "var")?);
-        let inner: usize = x.shape()[2..].iter().product();
-        let mut a = into_f32_unique(x)?;
-        let data = a.as_slice_mut().ok_or("internal")?;
-        for (i, plane) in data.chunks_mut(inner.max(1)).enumerate() {
-            let ch = i % c;
+        channel_planes(x, |ch, plane| {
             let k = scale[ch] / (var[ch] + self.eps).sqrt();
             let b = bias[ch] - mean[ch] * k;
             plane.iter_mut().for_each(|v| *v = *v * k + b);
-        }
-        Ok(vec![Tensor::F32(a)])
+        })
     }
 }
 
@@ -100,15 +105,10 @@ impl Kernel for InstanceNorm {
         let c = x.shape()[1];
         let (scale, bias) =
             (per_channel(input(inputs, 1)?, c, "scale")?, per_channel(input(inputs, 2)?, c, "B")?);
-        let inner: usize = x.shape()[2..].iter().product();
-        let mut a = into_f32_unique(x)?;
-        let data = a.as_slice_mut().ok_or("internal")?;
-        for (i, plane) in data.chunks_mut(inner.max(1)).enumerate() {
+        channel_planes(x, |ch, plane| {
             let (mean, inv) = moments(plane, self.eps);
-            let ch = i % c;
             plane.iter_mut().for_each(|v| *v = (*v - mean) * inv * scale[ch] + bias[ch]);
-        }
-        Ok(vec![Tensor::F32(a)])
+        })
     }
 }
 
