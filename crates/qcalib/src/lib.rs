@@ -1,5 +1,34 @@
-//! `qcalib`: quantizer placement from an AIMET-compatible quantsim config, calibration schemes,
-//! encodings, the QuantSim itself, and export (AIMET encodings JSON, QDQ ONNX).
+//! `qcalib`: quantization simulation as AIMET defines it — quantizer placement from an
+//! AIMET-compatible quantsim config, calibration schemes, encodings, the QuantSim itself, and
+//! export (AIMET encodings JSON).
 //!
-//! Status: placeholder; arrives with the `qcalib` issue.
+//! ```no_run
+//! use qcalib::{QuantSim, QuantsimConfig, SimOptions};
+//! let model = qgraph::load_path("model.onnx")?;
+//! let mut sim = QuantSim::new(model, QuantsimConfig::load("default")?, SimOptions::default())?;
+//! # let batches: Vec<qcalib::Feeds> = Vec::new();
+//! sim.calibrate(batches, &mut |_| {})?;
+//! qcalib::write_encodings(&sim, qcalib::EncodingVersion::V1_0_0, "model.encodings".as_ref())?;
+//! # Ok::<(), qcalib::CalibError>(())
+//! ```
 #![forbid(unsafe_code)]
+
+mod config;
+mod encodings;
+mod error;
+mod placement;
+mod schemes;
+mod sim;
+
+pub use config::{Defaults, Kernel, KernelPrecision, OpRule, ParamRule, QuantsimConfig, RangeConstraint};
+pub use encodings::{
+    EncodingVersion, LoadOptions, LoadedEncoding, encodings_json, load_encodings, parse_encodings,
+    read_encodings, to_pretty_json, write_encodings,
+};
+pub use error::{CalibError, Result};
+pub use placement::{
+    DefaultPrecision, GRID_PRESERVING_OPS, Granularity, Placement, Precision, QuantizedTensor, Quantizer,
+    QuantizerId, TensorRole,
+};
+pub use schemes::{ChannelStats, Scheme, encoding_from_fixed_range};
+pub use sim::{Feeds, QuantSim, QuantizerStats, SimOptions, split_by_encoding};

@@ -1,0 +1,589 @@
+//! AIMET encodings files (spec §4): writing versions 1.0.0 (AIMET's default), 0.6.1 and 2.0.0
+//! from a calibrated simulation, and reading any of them back into one.
+//!
+//! Scales are written as the f64 the simulation uses, so a file read back reproduces the
+//! simulation bit for bit, and the QDQ export stores the same values.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use qgraph::{Graph, ValueId};
+use qkernels::Encoding;
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+use crate::error::{CalibError, Result};
+use crate::placement::{Granularity, Precision, Quantizer, TensorRole};
+use crate::sim::QuantSim;
+
+/// Versions of the encodings format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EncodingVersion {
+    /// Legacy dictionaries keyed by tensor name.
+    V0_6_1,
+    /// Lists with scale/offset per entry (AIMET's default).
+    #[default]
+    V1_0_0,
+    /// ONNX-style `y_scale`/`y_zero_point`, with int32 bias entries.
+    V2_0_0,
+}
+
+impl EncodingVersion {
+    /// Parses `0.6.1`, `1.0.0` or `2.0.0`.
+    pub fn parse(s: &str) -> Option<EncodingVersion> {
+        match s {
+            "0.6.1" => Some(EncodingVersion::V0_6_1),
+            "1.0.0" => Some(EncodingVersion::V1_0_0),
+            "2.0.0" => Some(EncodingVersion::V2_0_0),
+            _ => None,
+        }
+    }
+
+    /// The version string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EncodingVersion::V0_6_1 => "0.6.1",
+            EncodingVersion::V1_0_0 => "1.0.0",
+            EncodingVersion::V2_0_0 => "2.0.0",
+        }
+    }
+}
+
+fn producer() -> Value {
+    json!({"package": "quantkit", "version": env!("CARGO_PKG_VERSION")})
+}
+
+/// `offset_affine` of spec §1.4: the TfEncoding offset shifted by `2^(b−1)` for symmetric grids.
+fn affine_offset(q: &Quantizer, e: &Encoding) -> f64 {
+    if q.symmetric { e.offset + 2f64.powi(e.bitwidth as i32 - 1) } else { e.offset }
+}
+
+fn enc_type(g: Granularity) -> &'static str {
+    match g {
+        Granularity::PerTensor => "PER_TENSOR",
+        Granularity::PerChannel { .. } => "PER_CHANNEL",
+        Granularity::PerBlock { .. } => "PER_BLOCK",
+    }
+}
+
+/// One exported tensor: its name, whether it is a param, and its quantizer.
+struct Exported<'a> {
+    name: &'a str,
+    is_param: bool,
+    quantizer: &'a Quantizer,
+}
+
+fn exported(sim: &QuantSim) -> Vec<Exported<'_>> {
+    let g = &sim.model().graph;
+    let p = sim.placement();
+    p.tensors()
+        .iter()
+        .filter_map(|t| {
+            let q = p.quantizer(t.quantizer);
+            let ready = q.enabled && (!q.precision.is_int() || q.encodings.is_some());
+            ready.then(|| Exported {
+                name: &g.value(t.value).name,
+                is_param: matches!(t.role, TensorRole::Param { .. }),
+                quantizer: q,
+            })
+        })
+        .collect()
+}
+
+fn entry_1_0_0(name: &str, q: &Quantizer) -> Value {
+    let Some(encs) = q.encodings.as_deref().filter(|_| q.precision.is_int()) else {
+        return json!({"name": name, "dtype": "FLOAT", "bw": q.precision.bits(), "enc_type": "PER_TENSOR"});
+    };
+    let mut e = json!({
+        "name": name,
+        "dtype": "INT",
+        "bw": q.precision.bits(),
+        "is_sym": q.symmetric,
+        "enc_type": enc_type(q.granularity),
+        "scale": encs.iter().map(|e| e.delta).collect::<Vec<_>>(),
+        "offset": encs.iter().map(|e| e.offset).collect::<Vec<_>>(),
+    });
+    if let Granularity::PerBlock { block_size, .. } = q.granularity {
+        e["block_size"] = json!(block_size);
+    }
+    e
+}
+
+fn entries_0_6_1(q: &Quantizer) -> Value {
+    let Some(encs) = q.encodings.as_deref().filter(|_| q.precision.is_int()) else {
+        return json!([{"bitwidth": q.precision.bits(), "dtype": "float"}]);
+    };
+    Value::Array(
+        encs.iter()
+            .map(|e| {
+                json!({
+                    "bitwidth": e.bitwidth,
+                    "dtype": "int",
+                    "is_symmetric": if q.symmetric { "True" } else { "False" },
+                    "min": e.min,
+                    "max": e.max,
+                    "offset": e.offset,
+                    "scale": e.delta,
+                })
+            })
+            .collect(),
+    )
+}
+
+fn number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 9e15 { json!(x as i64) } else { json!(x) }
+}
+
+/// A 2.0.0 entry from scales, zero points, dtype and axis.
+fn entry_2_0_0(name: &str, dtype: String, scales: &[f64], zero_points: &[f64], axis: Option<usize>) -> Value {
+    let mut e = json!({"name": name, "output_dtype": dtype});
+    match axis {
+        Some(a) => {
+            e["y_scale"] = json!(scales);
+            e["axis"] = json!(a);
+            if zero_points.iter().any(|&z| z != 0.0) {
+                e["y_zero_point"] = Value::Array(zero_points.iter().map(|&z| number(z)).collect());
+            }
+        }
+        None => {
+            e["y_scale"] = json!(scales[0]);
+            if zero_points[0] != 0.0 {
+                e["y_zero_point"] = number(zero_points[0]);
+            }
+        }
+    }
+    e
+}
+
+fn int_entry_2_0_0(name: &str, q: &Quantizer, encs: &[Encoding], force_unsigned: bool) -> Value {
+    let bits = q.precision.bits();
+    let mut unsigned = !q.symmetric;
+    let mut zero_points: Vec<f64> = encs.iter().map(|e| -affine_offset(q, e)).collect();
+    if force_unsigned && !unsigned {
+        unsigned = true;
+        zero_points.iter_mut().for_each(|z| *z += 2f64.powi(bits as i32 - 1));
+    }
+    let dtype = format!("{}int{bits}", if unsigned { "u" } else { "" });
+    let scales: Vec<f64> = encs.iter().map(|e| e.delta).collect();
+    let axis = match q.granularity {
+        Granularity::PerTensor => None,
+        Granularity::PerChannel { axis } => Some(axis),
+        Granularity::PerBlock { block_axis, .. } => Some(block_axis),
+    };
+    let mut e = entry_2_0_0(name, dtype, &scales, &zero_points, axis);
+    if let Granularity::PerBlock { block_size, .. } = q.granularity {
+        e["block_size"] = json!(block_size);
+    }
+    e
+}
+
+/// The int32 bias encodings of 2.0.0 (spec §3.8): `scale = input scale × weight scale` for
+/// Conv/ConvTranspose/Gemm/MatMul biases whose input and weight quantizers are calibrated.
+fn int32_bias_entries(sim: &QuantSim) -> Vec<(ValueId, Value)> {
+    let g = &sim.model().graph;
+    let p = sim.placement();
+    let mut out: Vec<(ValueId, Value)> = Vec::new();
+    for (_, n) in g.nodes() {
+        if !["Conv", "ConvTranspose", "Gemm"].contains(&n.op_type.as_str()) {
+            continue;
+        }
+        let Some(bias) = n.input(2).and_then(|b| g.static_root(b)).map(|(r, _)| r) else { continue };
+        if out.iter().any(|(v, _)| *v == bias) || p.is_enabled(bias) {
+            continue;
+        }
+        let Some((xq, _)) = n.input(0).and_then(|x| p.effective_quantizer(g, x)) else { continue };
+        let Some(w) = n.input(1).and_then(|w| g.static_root(w)).map(|(r, _)| r) else { continue };
+        let (xq, Some(wq)) = (p.quantizer(xq), p.quantizer_of(w).map(|q| p.quantizer(q))) else { continue };
+        if !xq.enabled || !wq.enabled || !xq.precision.is_int() || !wq.precision.is_int() {
+            continue;
+        }
+        let (Some(xe), Some(we)) = (xq.encodings.as_deref(), wq.encodings.as_deref()) else { continue };
+        let scales: Vec<f64> = we.iter().map(|e| xe[0].delta * e.delta).collect();
+        let zeros = vec![0.0; scales.len()];
+        let axis = matches!(wq.granularity, Granularity::PerChannel { .. }).then_some(0);
+        out.push((bias, entry_2_0_0(&g.value(bias).name, "int32".into(), &scales, &zeros, axis)));
+    }
+    out
+}
+
+/// Ops through which export copies a neighbour's per-tensor encoding (spec §8.6).
+fn propagates(op: &str) -> bool {
+    crate::placement::GRID_PRESERVING_OPS.contains(&op)
+        || ["Concat", "Scatter", "ScatterElements", "ScatterND", "Clip", "Max", "Min", "Pad", "Where"]
+            .contains(&op)
+}
+
+/// Spec §8.6: outputs of data-movement ops without an encoding take their input's per-tensor
+/// encoding (when all float inputs agree), then inputs without one take their output's (when the
+/// input has a single consumer).
+fn derived_entries(g: &Graph, entries: &mut BTreeMap<String, Value>) {
+    let per_tensor = |e: &Value| e.get("axis").is_none() && e["output_dtype"] != "int32";
+    for (_, n) in g.nodes() {
+        if !propagates(&n.op_type) {
+            continue;
+        }
+        let Some(out) = n.output(0) else { continue };
+        let out_name = &g.value(out).name;
+        if entries.contains_key(out_name) {
+            continue;
+        }
+        let floats: Vec<ValueId> = n
+            .inputs()
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&v| g.value(v).dtype.is_none_or(|d| d.is_float()))
+            .collect();
+        let Some(&first) = floats.first() else { continue };
+        let Some(e) = entries.get(&g.value(first).name).filter(|e| per_tensor(e)) else { continue };
+        let strip = |e: &Value| {
+            let mut e = e.clone();
+            e.as_object_mut().map(|o| o.remove("name"));
+            e
+        };
+        let all_same =
+            floats.iter().all(|v| entries.get(&g.value(*v).name).is_some_and(|o| strip(o) == strip(e)));
+        if all_same || n.op_type == "Pad" {
+            let mut copy = e.clone();
+            copy["name"] = json!(out_name);
+            entries.insert(out_name.clone(), copy);
+        }
+    }
+    let nodes: Vec<_> = g.nodes().collect();
+    for (_, n) in nodes.into_iter().rev() {
+        if !propagates(&n.op_type) {
+            continue;
+        }
+        let Some(out) = n.output(0) else { continue };
+        let Some(e) = entries.get(&g.value(out).name).filter(|e| per_tensor(e)).cloned() else { continue };
+        for &input in n.inputs().iter().flatten() {
+            let v = g.value(input);
+            if entries.contains_key(&v.name)
+                || g.use_count(input) != 1
+                || v.data.is_some()
+                || !v.dtype.is_none_or(|d| d.is_float())
+            {
+                continue;
+            }
+            let mut copy = e.clone();
+            copy["name"] = json!(v.name);
+            entries.insert(v.name.clone(), copy);
+        }
+    }
+}
+
+/// The encodings of a calibrated simulation as a JSON document of the given version.
+pub fn encodings_json(sim: &QuantSim, version: EncodingVersion) -> Value {
+    let list = exported(sim);
+    match version {
+        EncodingVersion::V1_0_0 => {
+            let (params, acts): (Vec<_>, Vec<_>) = list.iter().partition(|e| e.is_param);
+            json!({
+                "version": "1.0.0",
+                "producer": producer(),
+                "quantizer_args": quantizer_args(sim),
+                "activation_encodings": acts.iter().map(|e| entry_1_0_0(e.name, e.quantizer)).collect::<Vec<_>>(),
+                "param_encodings": params.iter().map(|e| entry_1_0_0(e.name, e.quantizer)).collect::<Vec<_>>(),
+            })
+        }
+        EncodingVersion::V0_6_1 => {
+            let mut acts = Map::new();
+            let mut params = Map::new();
+            for e in &list {
+                let target = if e.is_param { &mut params } else { &mut acts };
+                target.insert(e.name.to_string(), entries_0_6_1(e.quantizer));
+            }
+            json!({
+                "version": "0.6.1",
+                "producer": producer(),
+                "quantizer_args": quantizer_args(sim),
+                "activation_encodings": acts,
+                "param_encodings": params,
+            })
+        }
+        EncodingVersion::V2_0_0 => {
+            let g = &sim.model().graph;
+            let mut entries = BTreeMap::new();
+            for e in &list {
+                let Some(encs) = e.quantizer.encodings.as_deref().filter(|_| e.quantizer.precision.is_int())
+                else {
+                    continue;
+                };
+                entries.insert(e.name.to_string(), int_entry_2_0_0(e.name, e.quantizer, encs, !e.is_param));
+            }
+            for (v, entry) in int32_bias_entries(sim) {
+                entries.insert(g.value(v).name.clone(), entry);
+            }
+            derived_entries(g, &mut entries);
+            let mut ordered: Vec<Value> = Vec::with_capacity(entries.len());
+            let mut seen = std::collections::HashSet::new();
+            for e in &list {
+                if let Some(x) = entries.get(e.name) {
+                    seen.insert(e.name.to_string());
+                    ordered.push(x.clone());
+                }
+            }
+            ordered.extend(entries.into_iter().filter(|(k, _)| !seen.contains(k)).map(|(_, v)| v));
+            json!({"version": "2.0.0", "producer": producer(), "encodings": ordered})
+        }
+    }
+}
+
+fn quantizer_args(sim: &QuantSim) -> Value {
+    let o = sim.options();
+    let c = sim.config();
+    json!({
+        "activation_bitwidth": o.precision.activation.bits(),
+        "param_bitwidth": o.precision.param.bits(),
+        "dtype": if o.precision.param.is_int() { "int" } else { "float" },
+        "is_symmetric": c.defaults.params_symmetric.unwrap_or(c.any_per_channel()),
+        "per_channel_quantization": c.any_per_channel(),
+        "quant_scheme": o.scheme.aimet_name(),
+    })
+}
+
+/// Serialises JSON the way AIMET writes it: keys sorted, four-space indent.
+pub fn to_pretty_json(v: &Value) -> String {
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    v.serialize(&mut ser).expect("serialising a JSON value cannot fail");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
+}
+
+/// Writes the encodings file atomically.
+pub fn write_encodings(sim: &QuantSim, version: EncodingVersion, path: &Path) -> Result<()> {
+    let text = to_pretty_json(&encodings_json(sim, version));
+    qgraph::write_atomically(path, text.as_bytes()).map_err(CalibError::from)
+}
+
+/// One tensor's encodings as read from a file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedEncoding {
+    /// Precision (`Int(bw)` or a float cast).
+    pub precision: Precision,
+    /// Symmetric grid.
+    pub symmetric: bool,
+    /// Encodings (empty for float casts).
+    pub encodings: Vec<Encoding>,
+}
+
+fn encodings_error(path: &str, detail: impl Into<String>) -> CalibError {
+    CalibError::Encodings { path: path.into(), detail: detail.into() }
+}
+
+fn floats(v: &Value, what: &str, origin: &str) -> Result<Vec<f64>> {
+    match v {
+        Value::Array(a) => a
+            .iter()
+            .map(|x| {
+                x.as_f64().ok_or_else(|| encodings_error(origin, format!("{what}: {x} is not a number")))
+            })
+            .collect(),
+        Value::Number(n) => Ok(vec![n.as_f64().unwrap_or(f64::NAN)]),
+        Value::Null => Ok(Vec::new()),
+        other => Err(encodings_error(origin, format!("{what}: expected numbers, found {other}"))),
+    }
+}
+
+fn grid(delta: f64, offset: f64, bw: u32, symmetric: bool) -> Encoding {
+    let n = 2f64.powi(bw as i32) - 1.0;
+    // A symmetric grid whose offset is one above −2^(b−1) is strict: one step fewer.
+    let strict = symmetric && offset == -(2f64.powi(bw as i32 - 1)) + 1.0;
+    Encoding::from_scale_offset(delta, offset, bw, if strict { n - 1.0 } else { n })
+}
+
+/// Parses an encodings document of any version into per-tensor entries.
+pub fn parse_encodings(doc: &Value, origin: &str) -> Result<HashMap<String, LoadedEncoding>> {
+    let version = doc.get("version").and_then(Value::as_str).unwrap_or("0.6.1");
+    let mut out = HashMap::new();
+    match version {
+        "1.0.0" => {
+            for section in ["activation_encodings", "param_encodings"] {
+                let Some(list) = doc.get(section).and_then(Value::as_array) else {
+                    return Err(encodings_error(origin, format!("missing list '{section}'")));
+                };
+                for e in list {
+                    let name =
+                        e["name"].as_str().ok_or_else(|| encodings_error(origin, "an entry has no name"))?;
+                    let bw =
+                        e["bw"].as_u64().ok_or_else(|| encodings_error(origin, format!("'{name}': no bw")))?
+                            as u32;
+                    if e["dtype"] == "FLOAT" {
+                        let precision = if bw == 16 { Precision::Float16 } else { Precision::BFloat16 };
+                        out.insert(
+                            name.into(),
+                            LoadedEncoding { precision, symmetric: false, encodings: vec![] },
+                        );
+                        continue;
+                    }
+                    let symmetric = e["is_sym"].as_bool().unwrap_or(false);
+                    let scales = floats(&e["scale"], name, origin)?;
+                    let offsets = floats(&e["offset"], name, origin)?;
+                    if scales.is_empty() || scales.len() != offsets.len() {
+                        return Err(encodings_error(
+                            origin,
+                            format!("'{name}': scale and offset lists differ"),
+                        ));
+                    }
+                    let encodings =
+                        scales.iter().zip(&offsets).map(|(&s, &o)| grid(s, o, bw, symmetric)).collect();
+                    out.insert(
+                        name.into(),
+                        LoadedEncoding { precision: Precision::Int(bw), symmetric, encodings },
+                    );
+                }
+            }
+        }
+        "0.6.1" => {
+            for section in ["activation_encodings", "param_encodings"] {
+                let Some(map) = doc.get(section).and_then(Value::as_object) else {
+                    return Err(encodings_error(origin, format!("missing dictionary '{section}'")));
+                };
+                for (name, list) in map {
+                    let list = list
+                        .as_array()
+                        .ok_or_else(|| encodings_error(origin, format!("'{name}': not a list")))?;
+                    let Some(first) = list.first() else { continue };
+                    let bw = first["bitwidth"].as_u64().unwrap_or(8) as u32;
+                    if first["dtype"] == "float" {
+                        let precision = if bw == 16 { Precision::Float16 } else { Precision::BFloat16 };
+                        out.insert(
+                            name.clone(),
+                            LoadedEncoding { precision, symmetric: false, encodings: vec![] },
+                        );
+                        continue;
+                    }
+                    let symmetric = first["is_symmetric"] == "True";
+                    let mut encodings = Vec::new();
+                    for e in list {
+                        let (Some(s), Some(o)) = (e["scale"].as_f64(), e["offset"].as_f64()) else {
+                            return Err(encodings_error(
+                                origin,
+                                format!("'{name}': entry without scale/offset"),
+                            ));
+                        };
+                        encodings.push(grid(s, o, bw, symmetric));
+                    }
+                    out.insert(
+                        name.clone(),
+                        LoadedEncoding { precision: Precision::Int(bw), symmetric, encodings },
+                    );
+                }
+            }
+        }
+        "2.0.0" => {
+            let Some(list) = doc.get("encodings").and_then(Value::as_array) else {
+                return Err(encodings_error(origin, "missing list 'encodings'"));
+            };
+            for e in list {
+                let name =
+                    e["name"].as_str().ok_or_else(|| encodings_error(origin, "an entry has no name"))?;
+                let dtype = e["output_dtype"].as_str().unwrap_or("");
+                let (unsigned, bits) = match dtype.strip_prefix('u') {
+                    Some(rest) => (true, rest.strip_prefix("int")),
+                    None => (false, dtype.strip_prefix("int")),
+                };
+                let bw: u32 = bits
+                    .and_then(|b| b.parse().ok())
+                    .ok_or_else(|| encodings_error(origin, format!("'{name}': output_dtype '{dtype}'")))?;
+                let scales = floats(&e["y_scale"], name, origin)?;
+                let mut zps = floats(&e["y_zero_point"], name, origin)?;
+                if zps.is_empty() {
+                    zps = vec![0.0; scales.len()];
+                }
+                if zps.len() == 1 && scales.len() > 1 {
+                    zps = vec![zps[0]; scales.len()];
+                }
+                let half = 2f64.powi(bw as i32 - 1);
+                // Unsigned with the zero point at mid-grid, or signed: a symmetric grid.
+                let symmetric = if unsigned { zps.iter().all(|&z| z == half) } else { true };
+                let encodings = scales
+                    .iter()
+                    .zip(&zps)
+                    .map(|(&s, &z)| {
+                        let offset = if unsigned { -z } else { -z - half };
+                        grid(s, offset, bw, symmetric)
+                    })
+                    .collect();
+                out.insert(
+                    name.into(),
+                    LoadedEncoding { precision: Precision::Int(bw), symmetric, encodings },
+                );
+            }
+        }
+        other => return Err(encodings_error(origin, format!("unsupported version '{other}'"))),
+    }
+    Ok(out)
+}
+
+/// Reads an encodings file.
+pub fn read_encodings(path: &Path) -> Result<HashMap<String, LoadedEncoding>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| CalibError::Io { path: path.to_path_buf(), source })?;
+    let origin = path.display().to_string();
+    let doc: Value =
+        serde_json::from_str(&text).map_err(|e| encodings_error(&origin, format!("not valid JSON: {e}")))?;
+    parse_encodings(&doc, &origin)
+}
+
+/// How [`load_encodings`] treats the simulation's quantizers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadOptions {
+    /// Freeze loaded encodings so calibration keeps them.
+    pub freeze: bool,
+    /// Leave quantizers without an entry as they are (default: disable them).
+    pub keep_missing: bool,
+}
+
+/// Loads encodings into a simulation: precision, symmetry and encodings per tensor; int32 bias
+/// entries of quantizers that are disabled stay unused. Returns the number of tensors loaded.
+pub fn load_encodings(
+    sim: &mut QuantSim,
+    loaded: &HashMap<String, LoadedEncoding>,
+    options: LoadOptions,
+) -> Result<usize> {
+    let names: Vec<(ValueId, String)> = sim
+        .placement()
+        .tensors()
+        .iter()
+        .map(|t| (t.value, sim.model().graph.value(t.value).name.clone()))
+        .collect();
+    let mut count = 0;
+    let placement = sim.placement_mut();
+    for (v, name) in names {
+        let Some(q) = placement.quantizer_of(v) else { continue };
+        let quantizer = placement.quantizer_mut(q);
+        match loaded.get(&name) {
+            Some(l) if l.precision == Precision::Int(32) && !quantizer.enabled => {}
+            Some(l) => {
+                let expected = match quantizer.granularity {
+                    Granularity::PerTensor => 1,
+                    _ => l.encodings.len(),
+                };
+                if l.precision.is_int() && l.encodings.len() != expected {
+                    return Err(CalibError::Encodings {
+                        path: name,
+                        detail: format!("{} encodings for a per-tensor quantizer", l.encodings.len()),
+                    });
+                }
+                quantizer.enabled = true;
+                quantizer.precision = l.precision;
+                quantizer.symmetric = l.symmetric;
+                if let Some(e) = l.encodings.first() {
+                    quantizer.strict = l.symmetric && e.steps < 2f64.powi(e.bitwidth as i32) - 1.0;
+                    if quantizer.granularity == Granularity::PerTensor && l.encodings.len() > 1 {
+                        quantizer.granularity = Granularity::PerChannel { axis: 0 };
+                    }
+                }
+                quantizer.encodings = (!l.encodings.is_empty()).then(|| l.encodings.clone());
+                quantizer.frozen = options.freeze;
+                count += 1;
+            }
+            None if !options.keep_missing => quantizer.enabled = false,
+            None => {}
+        }
+    }
+    sim.refresh()?;
+    Ok(count)
+}

@@ -1,0 +1,553 @@
+//! `QuantSim`: a float model, its quantizer side table, the statistics gathered on calibration
+//! data, and the interpreter session that runs the model with fake-quant on.
+//!
+//! Calibration follows AIMET's protocol (spec §2.1): parameter encodings are computed from the
+//! weights first and the weights are quantized while activation statistics are gathered with
+//! activations left in float (fp16 activation quantizers pass through). Statistics are kept per
+//! quantizer and do not depend on bitwidth, so [`QuantSim::compute_encodings`] can re-derive
+//! encodings after precisions change without another pass over the data. After every encoding
+//! computation weight scales are adjusted against accumulator overflow (spec §8.4).
+//!
+//! Simulation never rewrites the graph: quantized weights and constants are substituted as data
+//! in a copy of the model, and activations are fake-quantized by a `qexec` hook.
+
+use std::collections::HashMap;
+
+use qexec::{Hook, HookError, RunOptions, Session, SessionOptions, TensorEvent};
+use qgraph::{DimBindings, Model, Tensor, ValueId};
+use qkernels::{Encoding, Rounding};
+
+use crate::config::QuantsimConfig;
+use crate::error::{CalibError, Result};
+use crate::placement::{
+    DefaultPrecision, Granularity, Placement, Precision, Quantizer, QuantizerId, TensorRole,
+};
+use crate::schemes::{ChannelStats, Scheme, encoding_from_fixed_range};
+
+/// Settings of a simulation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimOptions {
+    /// Default parameter and activation precision.
+    pub precision: DefaultPrecision,
+    /// Calibration scheme.
+    pub scheme: Scheme,
+    /// Interpreter threads (0 = all cores, 1 = single-threaded).
+    pub threads: usize,
+    /// Gather activation statistics with float weights instead of quantized ones.
+    pub calibrate_with_float_weights: bool,
+}
+
+impl Default for SimOptions {
+    fn default() -> SimOptions {
+        SimOptions {
+            precision: DefaultPrecision::default(),
+            scheme: Scheme::MinMax,
+            threads: 1,
+            calibrate_with_float_weights: false,
+        }
+    }
+}
+
+/// Named input tensors of one batch.
+pub type Feeds = Vec<(String, Tensor)>;
+
+/// The statistics of one quantizer: one entry per encoding it will hold.
+pub type QuantizerStats = Vec<ChannelStats>;
+
+/// A quantization simulation of one model.
+pub struct QuantSim {
+    model: Model,
+    config: QuantsimConfig,
+    placement: Placement,
+    options: SimOptions,
+    stats: HashMap<QuantizerId, QuantizerStats>,
+    session: Option<Session>,
+}
+
+/// Largest exact bias magnitude the accumulator keeps (`2^31 − 2^15`, spec §8.4).
+const ACCUMULATOR_LIMIT: f64 = 2_147_450_880.0;
+
+impl QuantSim {
+    /// Places quantizers on `model` under `config`.
+    pub fn new(mut model: Model, config: QuantsimConfig, options: SimOptions) -> Result<QuantSim> {
+        for p in [options.precision.param, options.precision.activation] {
+            Placement::check_precision("(default precision)", p)?;
+        }
+        model.infer_shapes(&DimBindings::default())?;
+        let placement = Placement::build(&model.graph, &config, options.precision)?;
+        Ok(QuantSim { model, config, placement, options, stats: HashMap::new(), session: None })
+    }
+
+    /// The float model (dtypes and shapes inferred).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The config the placement came from.
+    pub fn config(&self) -> &QuantsimConfig {
+        &self.config
+    }
+
+    /// The options.
+    pub fn options(&self) -> &SimOptions {
+        &self.options
+    }
+
+    /// The quantizer side table.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// The quantizer side table, mutably. Changes take effect at the next
+    /// [`QuantSim::compute_encodings`] (for precision/symmetry changes) or
+    /// [`QuantSim::refresh`] (for enabling, disabling or loaded encodings).
+    pub fn placement_mut(&mut self) -> &mut Placement {
+        self.session = None;
+        &mut self.placement
+    }
+
+    /// The gathered statistics of a quantizer.
+    pub fn stats(&self, q: QuantizerId) -> Option<&QuantizerStats> {
+        self.stats.get(&q)
+    }
+
+    /// Replaces the statistics (e.g. loaded from a file) and recomputes encodings.
+    pub fn set_stats(&mut self, stats: HashMap<QuantizerId, QuantizerStats>) -> Result<()> {
+        self.stats = stats;
+        self.compute_encodings()
+    }
+
+    /// Every statistic gathered, by quantizer.
+    pub fn all_stats(&self) -> &HashMap<QuantizerId, QuantizerStats> {
+        &self.stats
+    }
+
+    fn name(&self, v: ValueId) -> &str {
+        &self.model.graph.value(v).name
+    }
+
+    fn quantizer_name(&self, q: QuantizerId) -> String {
+        self.placement
+            .tensors_of(q)
+            .next()
+            .map_or_else(|| format!("quantizer {}", q.0), |t| self.name(t.value).to_string())
+    }
+
+    /// Calibrates on `batches`: parameter statistics from the weights, activation statistics from
+    /// forward passes, then encodings for every enabled, non-frozen integer quantizer.
+    /// `progress` is called after each batch with the number done.
+    pub fn calibrate<I>(&mut self, batches: I, progress: &mut dyn FnMut(usize)) -> Result<()>
+    where
+        I: IntoIterator<Item = Feeds>,
+    {
+        self.stats.retain(|q, _| self.placement.quantizer(*q).frozen);
+        self.gather_static_stats()?;
+        self.compute_param_encodings()?;
+        let session =
+            Session::new(self.substituted_model(true)?, SessionOptions::threads(self.options.threads))?;
+        let mut targets: Vec<Option<QuantizerId>> = vec![None; self.model.graph.value_count()];
+        for t in self.placement.tensors() {
+            let q = self.placement.quantizer(t.quantizer);
+            let dynamic = matches!(t.role, TensorRole::GraphInput | TensorRole::Output { .. });
+            if dynamic && q.enabled && !q.frozen && q.precision.is_int() {
+                targets[t.value.index()] = Some(t.quantizer);
+                self.stats.entry(t.quantizer).or_insert_with(|| vec![ChannelStats::new(self.options.scheme)]);
+            }
+        }
+        let mut hook = ObserveHook { targets: &targets, stats: &mut self.stats };
+        let mut count = 0usize;
+        for (i, feeds) in batches.into_iter().enumerate() {
+            let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+            let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() };
+            session.run_with(&named, opts).map_err(|e| CalibError::Data(format!("batch {i}: {e}")))?;
+            count += 1;
+            progress(count);
+        }
+        if count == 0 {
+            return Err(CalibError::Data("no calibration batches were given".into()));
+        }
+        self.compute_encodings()
+    }
+
+    /// Statistics of quantizers on static tensors (weights, constants), from their data.
+    fn gather_static_stats(&mut self) -> Result<()> {
+        let g = &self.model.graph;
+        for t in self.placement.tensors() {
+            let q = self.placement.quantizer(t.quantizer);
+            if !q.enabled || q.frozen || !q.precision.is_int() {
+                continue;
+            }
+            let Some(data) = g.static_value(t.value) else { continue };
+            let Some(arr) = data.as_f32() else { continue };
+            let values: Vec<f32> = arr.iter().copied().collect();
+            let groups = split_by_encoding(&values, arr.shape(), q.granularity)
+                .map_err(|detail| CalibError::Quantizer { tensor: g.value(t.value).name.clone(), detail })?;
+            let stats = groups
+                .iter()
+                .map(|vals| {
+                    let mut s = ChannelStats::new(self.options.scheme);
+                    s.observe(vals);
+                    s
+                })
+                .collect();
+            self.stats.insert(t.quantizer, stats);
+        }
+        Ok(())
+    }
+
+    fn encodings_from_stats(&self, q: QuantizerId) -> Result<Option<Vec<Encoding>>> {
+        let quantizer = self.placement.quantizer(q);
+        let Some(stats) = self.stats.get(&q) else { return Ok(None) };
+        let spec = quantizer.spec();
+        let mut out = Vec::with_capacity(stats.len());
+        for (c, s) in stats.iter().enumerate() {
+            let enc = s.encoding(self.options.scheme, spec).map_err(|source| CalibError::Kernel {
+                context: format!("encoding of '{}' (channel {c})", self.quantizer_name(q)),
+                source,
+            })?;
+            let Some(mut enc) = enc else {
+                return Err(CalibError::NoStatistics {
+                    tensor: self.quantizer_name(q),
+                    detail: if stats.len() > 1 {
+                        format!("channel {c} held only NaN")
+                    } else {
+                        "no finite value".into()
+                    },
+                });
+            };
+            if let Some((lo, hi)) = quantizer.fixed_range {
+                enc = encoding_from_fixed_range(lo.unwrap_or(enc.min), hi.unwrap_or(enc.max), spec);
+            }
+            out.push(enc);
+        }
+        Ok(Some(out))
+    }
+
+    fn compute_param_encodings(&mut self) -> Result<()> {
+        for q in self.placement.quantizer_ids() {
+            let quantizer = self.placement.quantizer(q);
+            if quantizer.is_param && quantizer.enabled && !quantizer.frozen && quantizer.precision.is_int() {
+                let encs = self.encodings_from_stats(q)?;
+                self.placement.quantizer_mut(q).encodings = encs;
+            }
+        }
+        Ok(())
+    }
+
+    /// (Re)computes every enabled, non-frozen integer quantizer's encodings from the gathered
+    /// statistics under its current precision and symmetry, adjusts weight scales against
+    /// overflow, and rebuilds the simulation session.
+    pub fn compute_encodings(&mut self) -> Result<()> {
+        for q in self.placement.quantizer_ids() {
+            let quantizer = self.placement.quantizer(q);
+            if quantizer.frozen || !quantizer.enabled {
+                continue;
+            }
+            let encs = if quantizer.precision.is_int() { self.encodings_from_stats(q)? } else { None };
+            if quantizer.precision.is_int() && encs.is_none() {
+                return Err(CalibError::NoStatistics {
+                    tensor: self.quantizer_name(q),
+                    detail: "no calibration batch reached it".into(),
+                });
+            }
+            self.placement.quantizer_mut(q).encodings = encs;
+        }
+        self.adjust_weight_scales();
+        self.refresh()
+    }
+
+    /// Spec §8.4: for Conv/ConvTranspose/Gemm/MatMul with calibrated integer input and weight
+    /// quantizers, weight scales grow so the int32 bias cannot overflow and the requantization
+    /// scale stays representable.
+    fn adjust_weight_scales(&mut self) {
+        let g = &self.model.graph;
+        let mut updates: Vec<(QuantizerId, Vec<Encoding>)> = Vec::new();
+        for (_, n) in g.nodes() {
+            if !["Conv", "ConvTranspose", "Gemm", "MatMul"].contains(&n.op_type.as_str()) {
+                continue;
+            }
+            let Some(input) = n.input(0) else { continue };
+            let Some((xq, _)) = self.placement.effective_quantizer(g, input) else { continue };
+            let Some(x_enc) = int_encodings(self.placement.quantizer(xq)) else { continue };
+            let Some(w) = n.input(1).and_then(|w| g.static_root(w)).map(|(r, _)| r) else { continue };
+            let Some(wq) = self.placement.quantizer_of(w) else { continue };
+            let wquant = self.placement.quantizer(wq);
+            if wquant.frozen || matches!(wquant.granularity, Granularity::PerBlock { .. }) {
+                continue;
+            }
+            let Some(w_encs) = int_encodings(wquant) else { continue };
+            let sx = x_enc[0].delta;
+            let channels = w_encs.len();
+            let bias: Vec<f64> = n
+                .input(2)
+                .and_then(|b| g.static_root(b))
+                .and_then(|(r, _)| g.static_value(r))
+                .map(|t| t.to_f64_vec())
+                .unwrap_or_default();
+            let bias_of = |c: usize| -> f64 {
+                if channels == 1 {
+                    bias.iter().fold(0.0f64, |m, b| m.max(b.abs()))
+                } else {
+                    bias.get(c).map_or(0.0, |b| b.abs())
+                }
+            };
+            let out_enc = n
+                .output(0)
+                .and_then(|o| self.placement.quantizer_of(o))
+                .map(|q| self.placement.quantizer(q))
+                .filter(|q| q.enabled)
+                .and_then(int_encodings)
+                .map(|e| e[0]);
+            let mut changed = false;
+            let adjusted: Vec<Encoding> = w_encs
+                .iter()
+                .enumerate()
+                .map(|(c, e)| {
+                    let b = bias_of(c);
+                    let mut sw = e.delta.max(b / (ACCUMULATOR_LIMIT * sx));
+                    if let Some(y) = out_enc {
+                        sw = sw.max(2f64.powf(-23.5) * y.delta / sx);
+                        let signed_bias = if channels == 1 { b } else { bias.get(c).copied().unwrap_or(0.0) };
+                        sw = sw.max((signed_bias + y.offset * y.delta).abs() / (sx * ACCUMULATOR_LIMIT));
+                    }
+                    if sw != e.delta {
+                        changed = true;
+                    }
+                    Encoding::from_scale_offset(sw, e.offset, e.bitwidth, e.steps)
+                })
+                .collect();
+            if changed {
+                updates.push((wq, adjusted));
+            }
+        }
+        for (q, encs) in updates {
+            self.placement.quantizer_mut(q).encodings = Some(encs);
+        }
+    }
+
+    /// Rebuilds the simulation session from the current quantizer states and encodings.
+    pub fn refresh(&mut self) -> Result<()> {
+        for t in self.placement.tensors() {
+            let q = self.placement.quantizer(t.quantizer);
+            if q.enabled && q.precision.is_int() && q.encodings.is_none() {
+                return Err(CalibError::Quantizer {
+                    tensor: self.name(t.value).to_string(),
+                    detail: "enabled but has no encodings (calibrate or load encodings first)".into(),
+                });
+            }
+        }
+        let model = self.substituted_model(false)?;
+        self.session = Some(Session::new(model, SessionOptions::threads(self.options.threads))?);
+        Ok(())
+    }
+
+    /// A copy of the model whose quantized static tensors hold their fake-quantized values:
+    /// weights always (unless calibrating with float weights), constants read as activations
+    /// only for simulation (during calibration they pass through, as in AIMET).
+    fn substituted_model(&self, calibrating: bool) -> Result<Model> {
+        let mut model = self.model.clone();
+        for t in self.placement.tensors() {
+            let q = self.placement.quantizer(t.quantizer);
+            let is_param = matches!(t.role, TensorRole::Param { .. });
+            if !q.enabled || (calibrating && (!is_param || self.options.calibrate_with_float_weights)) {
+                continue;
+            }
+            let Some(data) = self.model.graph.static_value(t.value) else { continue };
+            let quantized = fake_quant_tensor(data, q)
+                .map_err(|detail| CalibError::Quantizer { tensor: self.name(t.value).to_string(), detail })?;
+            model.graph.value_mut(t.value).data = Some(quantized);
+        }
+        Ok(model)
+    }
+
+    /// Runs the simulated model (calibrate or load encodings first).
+    pub fn run(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
+        let session = self.session.as_ref().ok_or_else(|| CalibError::Quantizer {
+            tensor: "(model)".into(),
+            detail: "the simulation has no encodings yet: calibrate or load encodings first".into(),
+        })?;
+        let mut hook = FakeQuantHook::new(&self.placement, self.model.graph.value_count());
+        let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() };
+        Ok(session.run_with(feeds, opts)?.outputs)
+    }
+}
+
+fn int_encodings(q: &Quantizer) -> Option<&[Encoding]> {
+    if q.enabled && q.precision.is_int() { q.encodings.as_deref() } else { None }
+}
+
+/// Splits row-major `data` of `shape` into the groups of values each encoding covers, in
+/// row-major order of the encoding shape.
+pub fn split_by_encoding(
+    data: &[f32],
+    shape: &[usize],
+    granularity: Granularity,
+) -> Result<Vec<Vec<f32>>, String> {
+    let (channel_axis, block) = match granularity {
+        Granularity::PerTensor => return Ok(vec![data.to_vec()]),
+        Granularity::PerChannel { axis } => (axis, None),
+        Granularity::PerBlock { channel_axis, block_axis, block_size } => {
+            (channel_axis, Some((block_axis, block_size)))
+        }
+    };
+    if channel_axis >= shape.len() {
+        return Err(format!("channel axis {channel_axis} is outside shape {shape:?}"));
+    }
+    let mut enc_shape = vec![1usize; shape.len()];
+    enc_shape[channel_axis] = shape[channel_axis];
+    if let Some((axis, size)) = block {
+        if axis >= shape.len() || size == 0 || shape[axis] % size != 0 {
+            return Err(format!("block size {size} does not divide axis {axis} of shape {shape:?}"));
+        }
+        enc_shape[axis] = shape[axis] / size;
+    }
+    let groups: usize = enc_shape.iter().product();
+    let mut out = vec![Vec::with_capacity(data.len() / groups.max(1)); groups];
+    let mut idx = vec![0usize; shape.len()];
+    for &x in data {
+        let mut g = 0;
+        for d in 0..shape.len() {
+            let per = shape[d] / enc_shape[d];
+            g = g * enc_shape[d] + idx[d] / per;
+        }
+        out[g].push(x);
+        for d in (0..shape.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    Ok(out)
+}
+
+/// The fake-quantized (or fake-cast) copy of a static tensor.
+fn fake_quant_tensor(t: &Tensor, q: &Quantizer) -> Result<Tensor, String> {
+    let Some(arr) = t.as_f32() else { return Ok(t.clone()) };
+    let shape = arr.shape().to_vec();
+    let mut data: Vec<f32> = arr.iter().copied().collect();
+    apply_quantizer(&mut data, &shape, q)?;
+    Tensor::from_vec(&shape, data).ok_or_else(|| "shape and data disagree".to_string())
+}
+
+/// Applies one quantizer to a row-major f32 buffer.
+fn apply_quantizer(data: &mut [f32], shape: &[usize], q: &Quantizer) -> Result<(), String> {
+    match q.precision {
+        Precision::Float16 => qkernels::fake_cast_f16(data),
+        Precision::BFloat16 => qkernels::fake_cast_bf16(data),
+        Precision::Int(_) => {
+            let encs = q.encodings.as_deref().ok_or("no encodings")?;
+            match q.granularity {
+                Granularity::PerTensor => qkernels::fake_quant(data, &encs[0]),
+                Granularity::PerChannel { axis } => {
+                    qkernels::fake_quant_per_channel(data, shape, axis, encs, Rounding::HalfAwayFromZero)
+                        .map_err(|e| e.to_string())?;
+                }
+                Granularity::PerBlock { channel_axis, block_axis, block_size } => {
+                    qkernels::fake_quant_per_block(
+                        data,
+                        shape,
+                        channel_axis,
+                        block_axis,
+                        block_size,
+                        encs,
+                        Rounding::HalfAwayFromZero,
+                    )
+                    .map_err(|e| e.to_string())?
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A mutable row-major f32 view of a tensor (copied to standard layout if needed); `None` for
+/// other dtypes.
+fn f32_slice_mut(t: &mut Tensor) -> Option<&mut [f32]> {
+    let Tensor::F32(a) = t else { return None };
+    if !a.is_standard_layout() {
+        *a = a.as_standard_layout().into_owned().into_shared();
+    }
+    a.as_slice_mut()
+}
+
+/// Gathers activation statistics (calibration).
+struct ObserveHook<'a> {
+    targets: &'a [Option<QuantizerId>],
+    stats: &'a mut HashMap<QuantizerId, QuantizerStats>,
+}
+
+impl Hook for ObserveHook<'_> {
+    fn observes(&self, value: ValueId) -> bool {
+        self.targets[value.index()].is_some()
+    }
+
+    fn on_tensor(&mut self, event: TensorEvent<'_>, tensor: &mut Tensor) -> Result<(), HookError> {
+        let Some(q) = self.targets[event.value.index()] else { return Ok(()) };
+        let Some(arr) = tensor.as_f32() else { return Ok(()) };
+        let stats = self.stats.get_mut(&q).ok_or("statistics missing")?;
+        match arr.as_slice_memory_order() {
+            Some(s) => stats[0].observe(s),
+            None => stats[0].observe(&arr.iter().copied().collect::<Vec<_>>()),
+        }
+        Ok(())
+    }
+}
+
+/// Fake-quantizes activations (simulation).
+struct FakeQuantHook<'a> {
+    table: Vec<Option<&'a Quantizer>>,
+}
+
+impl<'a> FakeQuantHook<'a> {
+    fn new(placement: &'a Placement, values: usize) -> FakeQuantHook<'a> {
+        let mut table = vec![None; values];
+        for t in placement.tensors() {
+            let q = placement.quantizer(t.quantizer);
+            if q.enabled && matches!(t.role, TensorRole::GraphInput | TensorRole::Output { .. }) {
+                table[t.value.index()] = Some(q);
+            }
+        }
+        FakeQuantHook { table }
+    }
+}
+
+impl Hook for FakeQuantHook<'_> {
+    fn observes(&self, value: ValueId) -> bool {
+        self.table[value.index()].is_some()
+    }
+
+    fn on_tensor(&mut self, event: TensorEvent<'_>, tensor: &mut Tensor) -> Result<(), HookError> {
+        let Some(q) = self.table[event.value.index()] else { return Ok(()) };
+        let shape = tensor.shape().to_vec();
+        let Some(data) = f32_slice_mut(tensor) else { return Ok(()) };
+        apply_quantizer(data, &shape, q).map_err(HookError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_by_encoding_groups_channels_and_blocks() {
+        let data: Vec<f32> = (0..12).map(|x| x as f32).collect();
+        let per_channel = split_by_encoding(&data, &[2, 3, 2], Granularity::PerChannel { axis: 1 }).unwrap();
+        assert_eq!(
+            per_channel,
+            vec![vec![0.0, 1.0, 6.0, 7.0], vec![2.0, 3.0, 8.0, 9.0], vec![4.0, 5.0, 10.0, 11.0]]
+        );
+        let blocks = split_by_encoding(
+            &data,
+            &[2, 6],
+            Granularity::PerBlock { channel_axis: 0, block_axis: 1, block_size: 3 },
+        )
+        .unwrap();
+        assert_eq!(
+            blocks,
+            vec![vec![0.0, 1.0, 2.0], vec![3.0, 4.0, 5.0], vec![6.0, 7.0, 8.0], vec![9.0, 10.0, 11.0]]
+        );
+        assert!(split_by_encoding(&data, &[2, 6], Granularity::PerChannel { axis: 2 }).is_err());
+    }
+}

@@ -1,0 +1,236 @@
+//! QuantSim end to end on a small CNN built in the test: placement under the default config,
+//! calibration, simulation, encodings export in every version and loading back, precision
+//! changes without recalibration, and typed errors on bad input.
+
+use qcalib::{
+    CalibError, DefaultPrecision, EncodingVersion, Granularity, LoadOptions, Precision, QuantSim,
+    QuantsimConfig, Scheme, SimOptions,
+};
+use qgraph::{Attribute, DType, Dim, Graph, Model, NodeSpec, Shape, Tensor};
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn t(shape: &[usize], data: Vec<f32>) -> Tensor {
+    Tensor::from_vec(shape, data).unwrap()
+}
+
+fn node(
+    g: &mut Graph,
+    op: &str,
+    inputs: Vec<qgraph::ValueId>,
+    out: &str,
+    attrs: Vec<(&str, Attribute)>,
+) -> qgraph::ValueId {
+    let id = g.add_node(NodeSpec {
+        name: format!("{op}_{out}"),
+        op_type: op.into(),
+        domain: String::new(),
+        attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        inputs: inputs.into_iter().map(Some).collect(),
+        outputs: vec![out.into()],
+    });
+    g.node(id).outputs()[0].unwrap()
+}
+
+/// input [N,1,8,8] → Conv(4, 3×3) → Clip(0, 6) → depthwise Conv → Relu → Add(clip) →
+/// GlobalAveragePool → Flatten → Gemm(10).
+fn cnn() -> Model {
+    let mut g = Graph::new("cnn");
+    let x = g.add_input(
+        "input",
+        DType::F32,
+        Shape(vec![Dim::Symbol("N".into()), Dim::Known(1), Dim::Known(8), Dim::Known(8)]),
+    );
+    let w0 = g.add_initializer("conv0.weight", t(&[4, 1, 3, 3], values(36, 1)));
+    let b0 = g.add_initializer("conv0.bias", t(&[4], values(4, 2)));
+    let pads = ("pads", Attribute::Ints(vec![1, 1, 1, 1]));
+    let c0 = node(&mut g, "Conv", vec![x, w0, b0], "conv0", vec![pads.clone()]);
+    let lo = g.add_initializer("clip.min", Tensor::scalar(0f32));
+    let hi = g.add_initializer("clip.max", Tensor::scalar(6f32));
+    let r0 = node(&mut g, "Clip", vec![c0, lo, hi], "clip0", vec![]);
+    let w1 = g.add_initializer("dw.weight", t(&[4, 1, 3, 3], values(36, 3)));
+    let b1 = g.add_initializer("dw.bias", t(&[4], values(4, 4)));
+    let c1 = node(&mut g, "Conv", vec![r0, w1, b1], "dw", vec![pads, ("group", Attribute::Int(4))]);
+    let r1 = node(&mut g, "Relu", vec![c1], "relu1", vec![]);
+    let a = node(&mut g, "Add", vec![r1, r0], "add", vec![]);
+    let p = node(&mut g, "GlobalAveragePool", vec![a], "pool", vec![]);
+    let f = node(&mut g, "Flatten", vec![p], "flat", vec![]);
+    let w2 = g.add_initializer("fc.weight", t(&[10, 4], values(40, 5)));
+    let b2 = g.add_initializer("fc.bias", t(&[10], values(10, 6)));
+    let y = node(&mut g, "Gemm", vec![f, w2, b2], "logits", vec![("transB", Attribute::Int(1))]);
+    g.add_output(y);
+    Model::new(g, 13)
+}
+
+fn batch(n: usize, seed: u64) -> qcalib::Feeds {
+    vec![("input".to_string(), t(&[n, 1, 8, 8], values(n * 64, seed).iter().map(|v| v * 3.0).collect()))]
+}
+
+fn batches() -> Vec<qcalib::Feeds> {
+    (0..4).map(|i| batch(8, 100 + i)).collect()
+}
+
+fn sim(options: SimOptions) -> QuantSim {
+    QuantSim::new(cnn(), QuantsimConfig::load("default").unwrap(), options).unwrap()
+}
+
+fn calibrated(options: SimOptions) -> QuantSim {
+    let mut s = sim(options);
+    s.calibrate(batches(), &mut |_| {}).unwrap();
+    s
+}
+
+fn run(s: &QuantSim, feeds: &qcalib::Feeds) -> Vec<f32> {
+    let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    s.run(&named).unwrap()[0].as_f32().unwrap().iter().copied().collect()
+}
+
+fn enabled(s: &QuantSim, name: &str) -> Option<bool> {
+    let v = s.model().graph.value_id(name)?;
+    s.placement().quantizer_of(v).map(|q| s.placement().quantizer(q).enabled)
+}
+
+#[test]
+fn placement_follows_the_default_config() {
+    let s = sim(SimOptions::default());
+    // Conv+Clip supergroup: no quantizer between them; the depthwise Conv is exempt.
+    assert_eq!(enabled(&s, "conv0"), Some(false));
+    assert_eq!(enabled(&s, "clip0"), Some(true));
+    assert_eq!(enabled(&s, "dw"), Some(true));
+    // Relu after an unfused producer shares its quantizer.
+    let p = s.placement();
+    let g = &s.model().graph;
+    assert_eq!(p.quantizer_of(g.value_id("relu1").unwrap()), p.quantizer_of(g.value_id("dw").unwrap()));
+    // Data-movement outputs carry no quantizer; constants read as inputs are quantized.
+    assert_eq!(enabled(&s, "flat"), None);
+    assert_eq!(enabled(&s, "clip.min"), Some(true));
+    assert_eq!(enabled(&s, "input"), Some(true));
+    // Weights per channel and symmetric, biases off.
+    let w = p.quantizer(p.quantizer_of(g.value_id("conv0.weight").unwrap()).unwrap());
+    assert!(w.enabled && w.symmetric && w.granularity == Granularity::PerChannel { axis: 0 });
+    assert_eq!(enabled(&s, "conv0.bias"), Some(false));
+    let report = p.report(g);
+    let entries = report["quantizers"].as_array().unwrap();
+    assert!(entries.iter().any(|e| e["tensor"] == "relu1" && e["shared_with"][0] == "dw"));
+    // Per-tensor config: weights per tensor.
+    let pt = QuantSim::new(cnn(), QuantsimConfig::load("default_per_tensor").unwrap(), SimOptions::default())
+        .unwrap();
+    let q = pt.placement().quantizer_of(pt.model().graph.value_id("conv0.weight").unwrap()).unwrap();
+    assert_eq!(pt.placement().quantizer(q).granularity, Granularity::PerTensor);
+}
+
+#[test]
+fn simulation_is_close_to_float_and_not_equal() {
+    let s = calibrated(SimOptions::default());
+    let feeds = batch(4, 7);
+    let q = run(&s, &feeds);
+    let session = qexec::Session::new(cnn(), qexec::SessionOptions::threads(1)).unwrap();
+    let f: Vec<f32> =
+        session.run(&[("input", feeds[0].1.clone())]).unwrap()[0].as_f32().unwrap().iter().copied().collect();
+    let scale = f.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = q.iter().zip(&f).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err > 0.0 && err < 0.1 * scale, "error {err} vs scale {scale}");
+}
+
+#[test]
+fn every_encodings_version_loads_back_to_the_same_simulation() {
+    for scheme in [Scheme::MinMax, Scheme::TfEnhanced, Scheme::Percentile(99.9)] {
+        let s = calibrated(SimOptions { scheme, ..SimOptions::default() });
+        let feeds = batch(3, 9);
+        let want = run(&s, &feeds);
+        for version in [EncodingVersion::V1_0_0, EncodingVersion::V0_6_1, EncodingVersion::V2_0_0] {
+            let doc = qcalib::encodings_json(&s, version);
+            let text = qcalib::to_pretty_json(&doc);
+            let parsed = qcalib::parse_encodings(&serde_json::from_str(&text).unwrap(), "test").unwrap();
+            let mut fresh = sim(SimOptions { scheme, ..SimOptions::default() });
+            qcalib::load_encodings(&mut fresh, &parsed, LoadOptions::default()).unwrap();
+            assert_eq!(run(&fresh, &feeds), want, "{scheme:?} {}", version.as_str());
+            if version == EncodingVersion::V1_0_0 {
+                assert_eq!(qcalib::encodings_json(&fresh, version), doc, "1.0.0 round trip");
+            }
+        }
+    }
+}
+
+#[test]
+fn version_2_has_int32_biases_and_unsigned_activations() {
+    let s = calibrated(SimOptions::default());
+    let doc = qcalib::encodings_json(&s, EncodingVersion::V2_0_0);
+    let entries = doc["encodings"].as_array().unwrap();
+    let find = |n: &str| entries.iter().find(|e| e["name"] == n).unwrap();
+    assert_eq!(find("conv0.bias")["output_dtype"], "int32");
+    assert_eq!(find("conv0.weight")["output_dtype"], "int8");
+    assert_eq!(find("clip0")["output_dtype"], "uint8");
+    // The Conv output inside the supergroup gets the Clip's encoding at export (spec §8.6).
+    assert_eq!(find("conv0")["y_scale"], find("clip0")["y_scale"]);
+    let bias_scale = find("conv0.bias")["y_scale"][0].as_f64().unwrap();
+    let x = find("input")["y_scale"].as_f64().unwrap();
+    let w = find("conv0.weight")["y_scale"][0].as_f64().unwrap();
+    assert_eq!(bias_scale, x * w);
+}
+
+#[test]
+fn activation_encodings_for_another_precision_need_no_new_pass() {
+    let mut s = calibrated(SimOptions::default());
+    let ids = s.placement().quantizer_ids();
+    for q in ids {
+        if !s.placement().quantizer(q).is_param {
+            s.placement_mut().quantizer_mut(q).set_precision(Precision::Int(16));
+        }
+    }
+    s.compute_encodings().unwrap();
+    let precision = DefaultPrecision { param: Precision::Int(8), activation: Precision::Int(16) };
+    let fresh = calibrated(SimOptions { precision, ..SimOptions::default() });
+    let (a, b) = (
+        qcalib::encodings_json(&s, EncodingVersion::V1_0_0),
+        qcalib::encodings_json(&fresh, EncodingVersion::V1_0_0),
+    );
+    assert_eq!(a["activation_encodings"], b["activation_encodings"]);
+    assert_eq!(a["param_encodings"], b["param_encodings"]);
+}
+
+#[test]
+fn fp16_activations_round_like_half() {
+    let precision = DefaultPrecision { param: Precision::Int(8), activation: Precision::Float16 };
+    let s = calibrated(SimOptions { precision, ..SimOptions::default() });
+    let out = run(&s, &batch(2, 11));
+    assert!(out.iter().all(|v| half_round(*v) == *v));
+    let doc = qcalib::encodings_json(&s, EncodingVersion::V1_0_0);
+    let acts = doc["activation_encodings"].as_array().unwrap();
+    assert!(acts.iter().all(|e| e["dtype"] == "FLOAT" && e["bw"] == 16));
+}
+
+/// Rounds through IEEE half (the logits are fp16-quantized).
+fn half_round(v: f32) -> f32 {
+    let mut x = [v];
+    qkernels::fake_cast_f16(&mut x);
+    x[0]
+}
+
+#[test]
+fn bad_inputs_give_typed_errors() {
+    let mut s = sim(SimOptions::default());
+    let err = s.calibrate(Vec::<qcalib::Feeds>::new(), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, CalibError::Data(ref m) if m.contains("no calibration batches")), "{err}");
+    let nan = vec![("input".to_string(), t(&[1, 1, 8, 8], vec![f32::NAN; 64]))];
+    let err = s.calibrate(vec![nan], &mut |_| {}).unwrap_err();
+    assert!(matches!(err, CalibError::NoStatistics { ref tensor, .. } if tensor == "input"), "{err}");
+    let wrong = vec![("input".to_string(), t(&[1, 2, 8, 8], vec![0.5; 128]))];
+    let err = s.calibrate(vec![wrong], &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("batch 0") && err.contains("input"), "{err}");
+    let err = s.run(&[("input", t(&[1, 1, 8, 8], vec![0.0; 64]))]).unwrap_err().to_string();
+    assert!(err.contains("calibrate"), "{err}");
+    let bad = QuantsimConfig::from_json_str(
+        r#"{"defaults": 3, "params": {}, "op_type": {}, "supergroups": [], "model_input": {}, "model_output": {}}"#,
+    ).unwrap_err().to_string();
+    assert!(bad.contains("defaults") && bad.contains("found 3"), "{bad}");
+}

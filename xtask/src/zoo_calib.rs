@@ -1,0 +1,296 @@
+//! QuantSim on the zoo against AIMET 2.42's own outputs (`../shared/zoo/aimet`): for each
+//! classifier and each reference setting (W8A8 min-max with the default and per-tensor configs,
+//! W8A8 TF-enhanced), calibrate on the 100 calibration images in batches of 32 as AIMET did,
+//! then compare the exported encodings entry by entry (names, scales, offsets) and the simulated
+//! top-1 on the 400 evaluation images with AIMET's.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use ndarray::ArrayD;
+use ndarray_npy::read_npy;
+use qcalib::{EncodingVersion, QuantSim, QuantsimConfig, Scheme, SimOptions};
+use serde_json::Value;
+
+use crate::zoo_data::{self, CLASSIFIERS, Classifier};
+
+/// One AIMET reference run.
+struct Setting {
+    dir: &'static str,
+    config: &'static str,
+    scheme: Scheme,
+    /// Largest relative scale difference accepted on every entry.
+    tolerance: f64,
+    /// Whether scales and top-1 must match (false: differences are reported, see below).
+    exact: bool,
+}
+
+/// Why TF-enhanced is reported, not enforced: AIMET 2.42's compiled TF-enhanced analyzer does not
+/// follow the newest public C++ source that the spec (§2.3) describes. Its results show the range
+/// searched comes from the exact observed extremes for one-sided tensors (a Relu6 output gets
+/// exactly 6/255; one-sided weight channels exactly 1.01 × 2·|max|/255), which a 512-bucket
+/// histogram cannot give, and two-sided weight channels land between the histogram-edge and the
+/// exact-extreme answers. We implement the spec's algorithm; names and offsets match, scales
+/// differ by up to ~25 % on some activations.
+const TF_ENHANCED_NOTE: &str =
+    "TF-enhanced follows spec §2.3; AIMET 2.42's compiled analyzer differs (see zoo_calib.rs)";
+
+const SETTINGS: [Setting; 3] = [
+    Setting {
+        dir: "w8a8_default_minmax",
+        config: "default",
+        scheme: Scheme::MinMax,
+        tolerance: 1e-5,
+        exact: true,
+    },
+    Setting {
+        dir: "w8a8_per_tensor_minmax",
+        config: "default_per_tensor",
+        scheme: Scheme::MinMax,
+        tolerance: 1e-5,
+        exact: true,
+    },
+    Setting {
+        dir: "w8a8_default_tfenhanced",
+        config: "default",
+        scheme: Scheme::TfEnhanced,
+        tolerance: 1e-5,
+        exact: false,
+    },
+];
+
+/// Calibration rows (`row % 5 == 0`) and evaluation rows (the rest) of the 500-image sample.
+fn split() -> (Vec<usize>, Vec<usize>) {
+    (0..500).partition(|r| r % 5 == 0)
+}
+
+const BATCH: usize = 32;
+
+/// Scales and offsets of one encodings entry.
+type ScalesOffsets = (Vec<f64>, Vec<f64>);
+
+/// Encodings of a 1.0.0 document by tensor name.
+fn by_name(doc: &Value) -> Result<HashMap<String, ScalesOffsets>> {
+    let mut out = HashMap::new();
+    for section in ["activation_encodings", "param_encodings"] {
+        for e in doc[section].as_array().context("encodings list")? {
+            let nums = |k: &str| -> Vec<f64> {
+                e[k].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default()
+            };
+            out.insert(e["name"].as_str().context("name")?.to_string(), (nums("scale"), nums("offset")));
+        }
+    }
+    Ok(out)
+}
+
+/// Differences between our encodings and AIMET's.
+struct Comparison {
+    entries: usize,
+    values: usize,
+    max_rel: f64,
+    worst: String,
+    beyond: Vec<String>,
+    offsets_differ: usize,
+}
+
+fn compare(ours: &Value, aimet: &Value, tolerance: f64) -> Result<Comparison> {
+    let (ours, aimet) = (by_name(ours)?, by_name(aimet)?);
+    let mut missing: Vec<&String> = aimet.keys().filter(|k| !ours.contains_key(*k)).collect();
+    let mut extra: Vec<&String> = ours.keys().filter(|k| !aimet.contains_key(*k)).collect();
+    missing.sort();
+    extra.sort();
+    ensure!(
+        missing.is_empty() && extra.is_empty(),
+        "quantized tensors differ from AIMET's: missing {missing:?}, extra {extra:?}"
+    );
+    let mut c = Comparison {
+        entries: aimet.len(),
+        values: 0,
+        max_rel: 0.0,
+        worst: String::new(),
+        beyond: Vec::new(),
+        offsets_differ: 0,
+    };
+    for (name, (scales, offsets)) in &aimet {
+        let (s2, o2) = &ours[name];
+        ensure!(s2.len() == scales.len(), "{name}: {} scales vs AIMET's {}", s2.len(), scales.len());
+        for (k, (a, b)) in scales.iter().zip(s2).enumerate() {
+            c.values += 1;
+            let rel = (a - b).abs() / a.abs().max(f64::MIN_POSITIVE);
+            if rel > c.max_rel {
+                c.max_rel = rel;
+                c.worst = format!("{name}[{k}]: {b:e} vs AIMET {a:e}");
+            }
+            if rel > tolerance {
+                c.beyond.push(format!("{name}[{k}]: {b:e} vs {a:e} (offset {} vs {})", o2[k], offsets[k]));
+            }
+            if offsets[k] != o2[k] {
+                c.offsets_differ += 1;
+            }
+        }
+    }
+    Ok(c)
+}
+
+/// Compares 2.0.0 documents: same entry names, dtypes, axes and zero points; returns the entry
+/// count and the largest relative scale difference.
+fn compare_v2(ours: &Value, aimet: &Value) -> Result<(usize, f64)> {
+    let index = |doc: &Value| -> Result<HashMap<String, Value>> {
+        Ok(doc["encodings"]
+            .as_array()
+            .context("encodings list")?
+            .iter()
+            .map(|e| (e["name"].as_str().unwrap_or_default().to_string(), e.clone()))
+            .collect())
+    };
+    let (ours, aimet) = (index(ours)?, index(aimet)?);
+    let mut missing: Vec<&String> = aimet.keys().filter(|k| !ours.contains_key(*k)).collect();
+    let mut extra: Vec<&String> = ours.keys().filter(|k| !aimet.contains_key(*k)).collect();
+    missing.sort();
+    extra.sort();
+    ensure!(missing.is_empty() && extra.is_empty(), "entries differ: missing {missing:?}, extra {extra:?}");
+    let scales = |v: &Value| -> Vec<f64> {
+        match v {
+            Value::Array(a) => a.iter().filter_map(Value::as_f64).collect(),
+            other => other.as_f64().into_iter().collect(),
+        }
+    };
+    let mut max_rel = 0f64;
+    for (name, a) in &aimet {
+        let o = &ours[name];
+        for key in ["output_dtype", "axis", "y_zero_point", "block_size"] {
+            ensure!(a.get(key) == o.get(key), "{name}: {key} {:?} vs AIMET {:?}", o.get(key), a.get(key));
+        }
+        let (sa, so) = (scales(&a["y_scale"]), scales(&o["y_scale"]));
+        ensure!(sa.len() == so.len(), "{name}: {} scales vs AIMET {}", so.len(), sa.len());
+        for (x, y) in sa.iter().zip(&so) {
+            max_rel = max_rel.max((x - y).abs() / x.abs().max(f64::MIN_POSITIVE));
+        }
+    }
+    Ok((aimet.len(), max_rel))
+}
+
+fn top1(
+    sim: &QuantSim,
+    c: &Classifier,
+    images: &ndarray::Array4<u8>,
+    rows: &[usize],
+    labels: &[i64],
+) -> Result<f64> {
+    let input = sim.model().graph.inputs()[0];
+    let name = sim.model().graph.value(input).name.clone();
+    let mut correct = 0usize;
+    for chunk in rows.chunks(BATCH) {
+        let out = sim.run(&[(name.as_str(), c.batch(images, chunk))])?;
+        let preds = zoo_data::argmax_rows(&out[0], c.label_offset)?;
+        correct += preds.iter().zip(chunk).filter(|(p, r)| **p == labels[**r]).count();
+    }
+    Ok(correct as f64 / rows.len() as f64)
+}
+
+pub fn check(zoo: &Path) -> Result<()> {
+    let labels: Vec<i64> = zoo_data::labels(zoo)?.to_vec();
+    let (calib, eval) = split();
+    println!("QuantSim vs AIMET 2.42 (W8A8, 100 calibration images in batches of {BATCH}, top-1 on 400):");
+    println!(
+        "  {:<20} {:<24} {:>8} {:>10} {:>9} {:>8} {:>8} {:>7} {:>8}",
+        "model", "setting", "entries", "max rel", "offs≠", "top-1", "AIMET", "calib s", "eval s"
+    );
+    let mut failures = Vec::new();
+    for c in CLASSIFIERS {
+        let images = zoo_data::raw_images(zoo, c.images)?;
+        let model_path = zoo.join(format!("models/{}.onnx", c.name));
+        for s in &SETTINGS {
+            let reference_dir = zoo.join(format!("aimet/{}/{}", c.name, s.dir));
+            let aimet: Value = serde_json::from_slice(&std::fs::read(
+                reference_dir.join("encodings_1.0.0/model.encodings"),
+            )?)?;
+            let result: Value = serde_json::from_slice(&std::fs::read(reference_dir.join("result.json"))?)?;
+            let aimet_top1 = result["sim_top1"].as_f64().context("sim_top1")?;
+            let options = SimOptions { scheme: s.scheme, threads: 0, ..SimOptions::default() };
+            let mut sim =
+                QuantSim::new(qgraph::load_path(&model_path)?, QuantsimConfig::load(s.config)?, options)?;
+            let input = sim.model().graph.value(sim.model().graph.inputs()[0]).name.clone();
+            let started = Instant::now();
+            let batches = calib.chunks(BATCH).map(|rows| vec![(input.clone(), c.batch(&images, rows))]);
+            sim.calibrate(batches, &mut |_| {})?;
+            let calib_s = started.elapsed().as_secs_f64();
+            let ours = qcalib::encodings_json(&sim, EncodingVersion::V1_0_0);
+            std::fs::write(
+                crate::zoo::out_dir()?.join(format!("{}_{}.encodings", c.name, s.dir)),
+                qcalib::to_pretty_json(&ours),
+            )?;
+            let cmp = compare(&ours, &aimet, s.tolerance).with_context(|| format!("{} {}", c.name, s.dir))?;
+            let v2_file = reference_dir.join("encodings_2.0.0/model.encodings");
+            if v2_file.exists() {
+                let aimet_v2: Value = serde_json::from_slice(&std::fs::read(&v2_file)?)?;
+                let ours_v2 = qcalib::encodings_json(&sim, EncodingVersion::V2_0_0);
+                let (n, max_rel) =
+                    compare_v2(&ours_v2, &aimet_v2).with_context(|| format!("{} {} 2.0.0", c.name, s.dir))?;
+                println!(
+                    "      2.0.0 export: {n} entries (int32 biases and derived data-movement entries included), same names, dtypes and zero points; max rel scale diff {max_rel:.2e}"
+                );
+                if max_rel > s.tolerance {
+                    failures.push(format!("{} {}: 2.0.0 scales differ by {max_rel:.2e}", c.name, s.dir));
+                }
+            }
+            let started = Instant::now();
+            let acc = top1(&sim, c, &images, &eval, &labels)?;
+            let eval_s = started.elapsed().as_secs_f64();
+            println!(
+                "  {:<20} {:<24} {:>8} {:>10.2e} {:>9} {:>8.4} {:>8.4} {:>7.1} {:>8.1}",
+                c.name,
+                s.dir,
+                cmp.entries,
+                cmp.max_rel,
+                format!("{}/{}", cmp.offsets_differ, cmp.values),
+                acc,
+                aimet_top1,
+                calib_s,
+                eval_s
+            );
+            if !cmp.beyond.is_empty() {
+                println!("      {} scales beyond {:.0e}; worst {}", cmp.beyond.len(), s.tolerance, cmp.worst);
+                for b in cmp.beyond.iter().take(3) {
+                    println!("        {b}");
+                }
+                if s.exact {
+                    failures.push(format!(
+                        "{} {}: {} scales differ from AIMET's",
+                        c.name,
+                        s.dir,
+                        cmp.beyond.len()
+                    ));
+                } else {
+                    println!("      (reported, not enforced: {TF_ENHANCED_NOTE})");
+                }
+            }
+            if s.exact && (acc - aimet_top1).abs() > 0.005 + 1e-9 {
+                failures.push(format!("{} {}: top-1 {acc:.4} vs AIMET {aimet_top1:.4}", c.name, s.dir));
+            }
+            let logits_file = reference_dir.join("sim_logits_first8.npy");
+            if logits_file.exists() {
+                let want: ArrayD<f32> = read_npy(&logits_file)?;
+                let feeds = [(input.as_str(), c.batch(&images, &eval[..8]))];
+                let out = sim.run(&feeds)?;
+                let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(0))?
+                    .run(&feeds)?;
+                let max_diff = |t: &qgraph::Tensor| -> Result<f32> {
+                    let got = t.as_f32().context("f32 logits")?;
+                    Ok(got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max))
+                };
+                println!(
+                    "      AIMET's simulated logits (8 eval images): max |ours − AIMET| {:.3}, max |FP32 − AIMET| {:.3}",
+                    max_diff(&out[0])?,
+                    max_diff(&float[0])?
+                );
+            }
+        }
+    }
+    if !failures.is_empty() {
+        bail!("QuantSim differs from AIMET:\n  {}", failures.join("\n  "));
+    }
+    Ok(())
+}
