@@ -68,6 +68,12 @@ fn split() -> (Vec<usize>, Vec<usize>) {
 
 const BATCH: usize = 32;
 
+/// Largest top-1 difference accepted between the simulation and its QDQ export run as written by
+/// onnxruntime: two images of 400. Two float engines place a few values on opposite sides of a
+/// rounding tie (onnxruntime also rounds ties to even where AIMET rounds them away from zero), and
+/// each flip travels through the network; our simulation and AIMET's differ by as much.
+const QDQ_TOLERANCE: f64 = 0.005;
+
 /// Scales and offsets of one encodings entry.
 type ScalesOffsets = (Vec<f64>, Vec<f64>);
 
@@ -172,6 +178,44 @@ fn compare_v2(ours: &Value, aimet: &Value) -> Result<(usize, f64)> {
     Ok((aimet.len(), max_rel))
 }
 
+/// Top-1 of the simulation's QDQ export run by onnxruntime on the evaluation rows, executed as
+/// written and with onnxruntime's integer fusions.
+fn qdq_top1_in_onnxruntime(
+    sim: &QuantSim,
+    c: &Classifier,
+    images: &ndarray::Array4<u8>,
+    rows: &[usize],
+    labels: &[i64],
+) -> Result<(f64, f64)> {
+    let dir = crate::zoo::out_dir()?;
+    let model = dir.join(format!("{}_w8a8_qdq.onnx", c.name));
+    qcalib::write_qdq_model(sim, qcalib::QdqOptions::default(), &model)?;
+    let inputs = dir.join(format!("{}_eval_inputs.npy", c.name));
+    let x = c.batch(images, rows);
+    let arr = x.as_f32().context("f32 inputs")?.to_owned();
+    ndarray_npy::write_npy(&inputs, &arr)?;
+    let mut top1 = Vec::new();
+    for mode in ["written", "optimised"] {
+        let outputs = dir.join(format!("{}_w8a8_qdq_logits_{mode}.npy", c.name));
+        crate::python::run_script(
+            "run_model.py",
+            &[
+                &model.display().to_string(),
+                &inputs.display().to_string(),
+                &outputs.display().to_string(),
+                "32",
+                mode,
+            ],
+        )?;
+        let logits: ArrayD<f32> = read_npy(&outputs)?;
+        let preds = zoo_data::argmax_rows(&qgraph::Tensor::F32(logits.into_shared()), c.label_offset)?;
+        top1.push(
+            preds.iter().zip(rows).filter(|(p, r)| **p == labels[**r]).count() as f64 / rows.len() as f64,
+        );
+    }
+    Ok((top1[0], top1[1]))
+}
+
 fn top1(
     sim: &QuantSim,
     c: &Classifier,
@@ -269,6 +313,16 @@ pub fn check(zoo: &Path) -> Result<()> {
             }
             if s.exact && (acc - aimet_top1).abs() > 0.005 + 1e-9 {
                 failures.push(format!("{} {}: top-1 {acc:.4} vs AIMET {aimet_top1:.4}", c.name, s.dir));
+            }
+            if s.dir == "w8a8_default_minmax" {
+                let aimet_qdq = result["qdq_onnxruntime_top1"].as_f64().context("qdq_onnxruntime_top1")?;
+                let (written, optimised) = qdq_top1_in_onnxruntime(&sim, c, &images, &eval, &labels)?;
+                println!(
+                    "      QDQ export in onnxruntime: top-1 {written:.4} as written, {optimised:.4} with integer fusions (our simulation {acc:.4}; AIMET's QDQ export {aimet_qdq:.4})"
+                );
+                if (written - acc).abs() > QDQ_TOLERANCE + 1e-9 {
+                    failures.push(format!("{}: QDQ top-1 {written:.4} vs simulation {acc:.4}", c.name));
+                }
             }
             let logits_file = reference_dir.join("sim_logits_first8.npy");
             if logits_file.exists() {

@@ -177,18 +177,29 @@ fn int_entry_2_0_0(name: &str, q: &Quantizer, encs: &[Encoding], force_unsigned:
     e
 }
 
-/// The int32 bias encodings of 2.0.0 (spec §3.8): `scale = input scale × weight scale` for
-/// Conv/ConvTranspose/Gemm/MatMul biases whose input and weight quantizers are calibrated.
-fn int32_bias_entries(sim: &QuantSim) -> Vec<(ValueId, Value)> {
+/// An int32 bias encoding (spec §3.8): `scale = input scale × weight scale`, per channel when the
+/// weight is.
+pub(crate) struct Int32Bias {
+    /// The bias tensor.
+    pub bias: ValueId,
+    /// One scale per channel (or one).
+    pub scales: Vec<f64>,
+    /// Whether the scales are per channel (axis 0).
+    pub per_channel: bool,
+}
+
+/// Int32 encodings for the unquantized biases of Conv/ConvTranspose/Gemm whose input and weight
+/// quantizers are calibrated integers.
+pub(crate) fn int32_biases(sim: &QuantSim) -> Vec<Int32Bias> {
     let g = &sim.model().graph;
     let p = sim.placement();
-    let mut out: Vec<(ValueId, Value)> = Vec::new();
+    let mut out: Vec<Int32Bias> = Vec::new();
     for (_, n) in g.nodes() {
         if !["Conv", "ConvTranspose", "Gemm"].contains(&n.op_type.as_str()) {
             continue;
         }
         let Some(bias) = n.input(2).and_then(|b| g.static_root(b)).map(|(r, _)| r) else { continue };
-        if out.iter().any(|(v, _)| *v == bias) || p.is_enabled(bias) {
+        if out.iter().any(|b| b.bias == bias) || p.is_enabled(bias) {
             continue;
         }
         let Some((xq, _)) = n.input(0).and_then(|x| p.effective_quantizer(g, x)) else { continue };
@@ -198,10 +209,11 @@ fn int32_bias_entries(sim: &QuantSim) -> Vec<(ValueId, Value)> {
             continue;
         }
         let (Some(xe), Some(we)) = (xq.encodings.as_deref(), wq.encodings.as_deref()) else { continue };
-        let scales: Vec<f64> = we.iter().map(|e| xe[0].delta * e.delta).collect();
-        let zeros = vec![0.0; scales.len()];
-        let axis = matches!(wq.granularity, Granularity::PerChannel { .. }).then_some(0);
-        out.push((bias, entry_2_0_0(&g.value(bias).name, "int32".into(), &scales, &zeros, axis)));
+        out.push(Int32Bias {
+            bias,
+            scales: we.iter().map(|e| xe[0].delta * e.delta).collect(),
+            per_channel: matches!(wq.granularity, Granularity::PerChannel { .. }),
+        });
     }
     out
 }
@@ -311,8 +323,11 @@ pub fn encodings_json(sim: &QuantSim, version: EncodingVersion) -> Value {
                 };
                 entries.insert(e.name.to_string(), int_entry_2_0_0(e.name, e.quantizer, encs, !e.is_param));
             }
-            for (v, entry) in int32_bias_entries(sim) {
-                entries.insert(g.value(v).name.clone(), entry);
+            for b in int32_biases(sim) {
+                let name = &g.value(b.bias).name;
+                let zeros = vec![0.0; b.scales.len()];
+                let entry = entry_2_0_0(name, "int32".into(), &b.scales, &zeros, b.per_channel.then_some(0));
+                entries.insert(name.clone(), entry);
             }
             derived_entries(g, &mut entries);
             let mut ordered: Vec<Value> = Vec::with_capacity(entries.len());

@@ -17,6 +17,7 @@ mod config;
 mod encodings;
 mod error;
 mod placement;
+mod qdq;
 mod schemes;
 mod sim;
 
@@ -30,5 +31,6 @@ pub use placement::{
     DefaultPrecision, GRID_PRESERVING_OPS, Granularity, Placement, Precision, QuantizedTensor, Quantizer,
     QuantizerId, TensorRole,
 };
+pub use qdq::{QdqOptions, to_qdq_model, write_qdq_model};
 pub use schemes::{ChannelStats, Scheme, encoding_from_fixed_range};
 pub use sim::{Feeds, QuantSim, QuantizerStats, SimOptions, split_by_encoding};

@@ -432,7 +432,7 @@ fn fake_quant_tensor(t: &Tensor, q: &Quantizer) -> Result<Tensor, String> {
 }
 
 /// Applies one quantizer to a row-major f32 buffer.
-fn apply_quantizer(data: &mut [f32], shape: &[usize], q: &Quantizer) -> Result<(), String> {
+pub(crate) fn apply_quantizer(data: &mut [f32], shape: &[usize], q: &Quantizer) -> Result<(), String> {
     match q.precision {
         Precision::Float16 => qkernels::fake_cast_f16(data),
         Precision::BFloat16 => qkernels::fake_cast_bf16(data),

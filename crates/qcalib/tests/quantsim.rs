@@ -234,3 +234,36 @@ fn bad_inputs_give_typed_errors() {
     ).unwrap_err().to_string();
     assert!(bad.contains("defaults") && bad.contains("found 3"), "{bad}");
 }
+
+#[test]
+fn qdq_export_runs_and_matches_the_simulation() {
+    let s = calibrated(SimOptions::default());
+    let feeds = batch(4, 13);
+    let want = run(&s, &feeds);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for options in [
+        qcalib::QdqOptions::default(),
+        qcalib::QdqOptions { prequantize_weights: true, int32_bias: true },
+    ] {
+        let proto = qcalib::to_qdq_model(&s, options).unwrap();
+        let ops: Vec<&str> = proto.graph.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert!(ops.contains(&"QuantizeLinear") && ops.contains(&"DequantizeLinear"));
+        assert_eq!(proto.graph.output[0].name, "logits", "graph outputs keep their names");
+        let model = qgraph::model_from_proto(proto, None).unwrap();
+        let session = qexec::Session::new(model, qexec::SessionOptions::threads(1)).unwrap();
+        let got = session.run(&[("input", feeds[0].1.clone())]).unwrap();
+        let got: Vec<f32> = got[0].as_f32().unwrap().iter().copied().collect();
+        // ONNX QuantizeLinear rounds ties to even; otherwise the export is the simulation.
+        let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 0.05 * scale, "{options:?}: {err} vs scale {scale}");
+    }
+}
+
+#[test]
+fn int16_activations_raise_the_opset() {
+    let precision = DefaultPrecision { param: Precision::Int(8), activation: Precision::Int(16) };
+    let s = calibrated(SimOptions { precision, ..SimOptions::default() });
+    let proto = qcalib::to_qdq_model(&s, qcalib::QdqOptions::default()).unwrap();
+    assert_eq!(proto.opset_import[0].version, 21);
+    assert!(proto.ir_version >= 10);
+}

@@ -156,7 +156,7 @@ fn value_info(g: &Graph, v: ValueId) -> ValueInfoProto {
 }
 
 /// Encodes a tensor as a `TensorProto` with little-endian `raw_data`.
-pub(crate) fn tensor_to_proto(name: &str, t: &Tensor) -> TensorProto {
+pub fn tensor_to_proto(name: &str, t: &Tensor) -> TensorProto {
     let mut p = TensorProto::new();
     p.name = name.to_string();
     p.dims = t.shape().iter().map(|&d| d as i64).collect();

@@ -1,0 +1,456 @@
+//! QDQ ONNX export (spec §4.6): the calibrated simulation as a standard ONNX model any runtime
+//! executes. Weights are stored as their fake-quantized values, as AIMET stores them (or, on
+//! request, as integers read through `DequantizeLinear`); every other enabled integer quantizer
+//! becomes `QuantizeLinear → DequantizeLinear` right after its tensor, with the same scales the encodings file holds (per
+//! channel with `axis`); fp16/bf16 quantizers become a pair of `Cast`s. Activations use unsigned
+//! integer types, as AIMET exports them. The opset is raised when the Q/DQ types need it (13 for
+//! per-channel, 21 for 4- and 16-bit), converting the few ops whose signature changed on the way.
+//! Graph inputs and outputs keep their names.
+
+use std::collections::HashMap;
+
+use onnx_protobuf::attribute_proto::AttributeType;
+use onnx_protobuf::{AttributeProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto};
+use qgraph::{Tensor, ValueId};
+use qkernels::{Encoding, Rounding};
+
+use crate::error::{CalibError, Result};
+use crate::placement::{Granularity, Precision, Quantizer, TensorRole};
+use crate::sim::QuantSim;
+
+/// How weights appear in the exported model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QdqOptions {
+    /// Store weights as integers plus `DequantizeLinear` (default: fake-quantized floats).
+    pub prequantize_weights: bool,
+    /// Store the float biases of Conv/ConvTranspose/Gemm as int32 (scale = input scale × weight
+    /// scale) plus `DequantizeLinear`, as integer runtimes execute them.
+    pub int32_bias: bool,
+}
+
+/// Scale, zero point and axis of one `QuantizeLinear`/`DequantizeLinear` pair.
+struct QdqParams {
+    scale: Tensor,
+    zero_point: Tensor,
+    axis: Option<usize>,
+    dequantize_only: bool,
+}
+
+/// What to insert after one tensor.
+enum Insert {
+    /// `QuantizeLinear → DequantizeLinear` (or only `DequantizeLinear` for prequantized weights).
+    Qdq(Box<QdqParams>),
+    /// `Cast(to) → Cast(float)`.
+    Cast { to: i32 },
+}
+
+fn attr_int(name: &str, v: i64) -> AttributeProto {
+    let mut a = AttributeProto::new();
+    a.name = name.into();
+    a.i = v;
+    a.type_ = AttributeType::INT.into();
+    a
+}
+
+fn node(
+    op: &str,
+    name: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    attrs: Vec<AttributeProto>,
+) -> NodeProto {
+    let mut n = NodeProto::new();
+    n.op_type = op.into();
+    n.name = name;
+    n.input = inputs;
+    n.output = outputs;
+    n.attribute = attrs;
+    n
+}
+
+/// The integer dtype view of an encoding (spec §1.4, §4.4): signed for symmetric params,
+/// unsigned otherwise; returns (signed, zero points).
+fn integer_view(q: &Quantizer, encs: &[Encoding], is_param: bool) -> (bool, Vec<i64>) {
+    let half = 2f64.powi(q.precision.bits() as i32 - 1);
+    let signed = is_param && q.symmetric;
+    let zero_points =
+        encs.iter().map(|e| (if signed { -e.offset - half } else { -e.offset }) as i64).collect();
+    (signed, zero_points)
+}
+
+fn zero_point_tensor(bits: u32, signed: bool, zps: &[i64], per_channel: bool) -> Result<Tensor> {
+    let shape: Vec<usize> = if per_channel { vec![zps.len()] } else { vec![] };
+    let dtype = match (bits, signed) {
+        (8, false) => qgraph::DType::U8,
+        (8, true) => qgraph::DType::I8,
+        (16, false) => qgraph::DType::U16,
+        (16, true) => qgraph::DType::I16,
+        (b, _) => {
+            return Err(CalibError::Quantizer {
+                tensor: "(QDQ export)".into(),
+                detail: format!("int{b} has no ONNX QuantizeLinear type here (8 and 16 bits export)"),
+            });
+        }
+    };
+    Tensor::from_i64s(dtype, &shape, zps).ok_or_else(|| CalibError::Quantizer {
+        tensor: "(QDQ export)".into(),
+        detail: "zero point out of range".into(),
+    })
+}
+
+/// Integers of a weight on its dtype view, per tensor or per channel.
+fn integer_weight(t: &Tensor, q: &Quantizer, encs: &[Encoding], signed: bool) -> Result<Vec<i64>, String> {
+    let arr = t.as_f32().ok_or("weight is not f32")?;
+    let data: Vec<f32> = arr.iter().copied().collect();
+    let shape = arr.shape();
+    let one =
+        |chunk: &[f32], e: &Encoding| qkernels::quantize_to_int(chunk, e, signed, Rounding::HalfAwayFromZero);
+    let ints: Vec<i32> = match q.granularity {
+        Granularity::PerTensor => one(&data, &encs[0]),
+        Granularity::PerChannel { axis } => {
+            let inner: usize = shape[axis + 1..].iter().product();
+            let channels = shape[axis];
+            let mut out = Vec::with_capacity(data.len());
+            for (block, chunk) in data.chunks(inner.max(1)).enumerate() {
+                out.extend(one(chunk, &encs[block % channels]));
+            }
+            out
+        }
+        Granularity::PerBlock { .. } => return Err("blockwise weights cannot be prequantized".into()),
+    };
+    Ok(ints.into_iter().map(i64::from).collect())
+}
+
+/// The simulation as a QDQ ONNX model.
+pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
+    let g = &sim.model().graph;
+    let placement = sim.placement();
+    let mut model = sim.model().clone();
+    let mut inserts: HashMap<ValueId, Insert> = HashMap::new();
+    let (mut needs_per_channel, mut needs_21) = (false, false);
+    for t in placement.tensors() {
+        let q = placement.quantizer(t.quantizer);
+        if !q.enabled {
+            continue;
+        }
+        let name = &g.value(t.value).name;
+        let is_param = matches!(t.role, TensorRole::Param { .. });
+        let encs = match q.precision {
+            Precision::Float16 | Precision::BFloat16 => {
+                let to = if q.precision == Precision::Float16 { 10 } else { 16 };
+                if let Some(data) = g.static_value(t.value) {
+                    let mut values: Vec<f32> =
+                        data.as_f32().map(|a| a.iter().copied().collect()).unwrap_or_default();
+                    if q.precision == Precision::Float16 {
+                        qkernels::fake_cast_f16(&mut values);
+                    } else {
+                        qkernels::fake_cast_bf16(&mut values);
+                    }
+                    if let Some(t2) = Tensor::from_vec(data.shape(), values) {
+                        model.graph.value_mut(t.value).data = Some(t2);
+                    }
+                } else {
+                    inserts.insert(t.value, Insert::Cast { to });
+                }
+                continue;
+            }
+            Precision::Int(_) => q.encodings.as_deref().ok_or_else(|| CalibError::Quantizer {
+                tensor: name.clone(),
+                detail: "enabled but not calibrated".into(),
+            })?,
+        };
+        let bits = q.precision.bits();
+        if bits != 8 {
+            needs_21 = true;
+        }
+        let (signed, zps) = integer_view(q, encs, is_param);
+        let axis = match q.granularity {
+            Granularity::PerTensor => None,
+            Granularity::PerChannel { axis } => Some(axis),
+            Granularity::PerBlock { .. } => {
+                return Err(CalibError::Quantizer {
+                    tensor: name.clone(),
+                    detail: "blockwise QDQ export is not supported".into(),
+                });
+            }
+        };
+        needs_per_channel |= axis.is_some();
+        let scales: Vec<f32> = encs.iter().map(|e| e.delta as f32).collect();
+        let scale = match axis {
+            Some(_) => Tensor::from_vec(&[scales.len()], scales),
+            None => Some(Tensor::scalar(scales[0])),
+        }
+        .ok_or_else(|| CalibError::Quantizer { tensor: name.clone(), detail: "scale tensor".into() })?;
+        let zero_point = zero_point_tensor(bits, signed, &zps, axis.is_some()).map_err(|_| {
+            CalibError::Quantizer { tensor: name.clone(), detail: format!("int{bits} zero points") }
+        })?;
+        let mut dequantize_only = false;
+        if let Some(data) = g.static_value(t.value) {
+            if options.prequantize_weights && is_param {
+                let ints = integer_weight(data, q, encs, signed)
+                    .map_err(|detail| CalibError::Quantizer { tensor: name.clone(), detail })?;
+                let int_tensor =
+                    Tensor::from_i64s(zero_point.dtype(), data.shape(), &ints).ok_or_else(|| {
+                        CalibError::Quantizer { tensor: name.clone(), detail: "integer weight".into() }
+                    })?;
+                model.graph.value_mut(t.value).data = Some(int_tensor);
+                model.graph.value_mut(t.value).dtype = Some(zero_point.dtype());
+                dequantize_only = true;
+            } else {
+                let mut values: Vec<f32> =
+                    data.as_f32().map(|a| a.iter().copied().collect()).unwrap_or_default();
+                crate::sim::apply_quantizer(&mut values, data.shape(), q)
+                    .map_err(|detail| CalibError::Quantizer { tensor: name.clone(), detail })?;
+                model.graph.value_mut(t.value).data = Tensor::from_vec(data.shape(), values);
+            }
+        }
+        inserts
+            .insert(t.value, Insert::Qdq(Box::new(QdqParams { scale, zero_point, axis, dequantize_only })));
+    }
+    if options.int32_bias {
+        for b in crate::encodings::int32_biases(sim) {
+            let name = g.value(b.bias).name.clone();
+            let Some(data) = g.static_value(b.bias).and_then(|t| t.as_f32()) else { continue };
+            let channels = b.scales.len();
+            let ints: Vec<i64> = data
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| {
+                    (f64::from(x) / b.scales[if b.per_channel { i % channels } else { 0 }]).round() as i64
+                })
+                .map(|q| q.clamp(i64::from(i32::MIN), i64::from(i32::MAX)))
+                .collect();
+            let int_tensor = Tensor::from_i64s(qgraph::DType::I32, data.shape(), &ints)
+                .ok_or_else(|| CalibError::Quantizer { tensor: name.clone(), detail: "int32 bias".into() })?;
+            let scales: Vec<f32> = b.scales.iter().map(|&s| s as f32).collect();
+            let (scale, zero_point) = if b.per_channel {
+                (
+                    Tensor::from_vec(&[channels], scales),
+                    Tensor::from_i64s(qgraph::DType::I32, &[channels], &vec![0; channels]),
+                )
+            } else {
+                (Some(Tensor::scalar(scales[0])), Tensor::from_i64s(qgraph::DType::I32, &[], &[0]))
+            };
+            let (Some(scale), Some(zero_point)) = (scale, zero_point) else { continue };
+            model.graph.value_mut(b.bias).data = Some(int_tensor);
+            model.graph.value_mut(b.bias).dtype = Some(qgraph::DType::I32);
+            needs_per_channel |= b.per_channel;
+            let axis = b.per_channel.then_some(0);
+            inserts.insert(
+                b.bias,
+                Insert::Qdq(Box::new(QdqParams { scale, zero_point, axis, dequantize_only: true })),
+            );
+        }
+    }
+    let mut proto = qgraph::model_to_proto(&model);
+    let old_opset = sim.model().default_opset();
+    let mut opset = old_opset;
+    if !inserts.is_empty() {
+        opset = opset.max(10);
+    }
+    if needs_per_channel {
+        opset = opset.max(13);
+    }
+    if needs_21 {
+        opset = opset.max(21);
+    }
+    let graph = proto.graph.as_mut().expect("model_to_proto always sets the graph");
+    // Where each quantized tensor is read from after insertion, and the renamed producers of
+    // quantized graph outputs.
+    let outputs: std::collections::HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+    let mut read_as: HashMap<String, String> = HashMap::new();
+    let mut produced_as: HashMap<String, String> = HashMap::new();
+    let mut extra_inits = Vec::new();
+    let mut chains: HashMap<String, Vec<NodeProto>> = HashMap::new();
+    for (&v, insert) in &inserts {
+        let name = g.value(v).name.clone();
+        let source = if outputs.contains(&name) { format!("{name}_float") } else { name.clone() };
+        let result = if outputs.contains(&name) { name.clone() } else { format!("{name}_dequantized") };
+        if source != name {
+            produced_as.insert(name.clone(), source.clone());
+        }
+        read_as.insert(name.clone(), result.clone());
+        let nodes = match insert {
+            Insert::Cast { to } => vec![
+                node(
+                    "Cast",
+                    format!("{name}_cast_down"),
+                    vec![source.clone()],
+                    vec![format!("{name}_cast")],
+                    vec![attr_int("to", i64::from(*to))],
+                ),
+                node(
+                    "Cast",
+                    format!("{name}_cast_up"),
+                    vec![format!("{name}_cast")],
+                    vec![result],
+                    vec![attr_int("to", 1)],
+                ),
+            ],
+            Insert::Qdq(params) => {
+                let QdqParams { scale, zero_point, axis, dequantize_only } = params.as_ref();
+                extra_inits.push(qgraph::tensor_to_proto(&format!("{name}_scale"), scale));
+                extra_inits.push(qgraph::tensor_to_proto(&format!("{name}_zero_point"), zero_point));
+                let attrs = || axis.map(|a| vec![attr_int("axis", a as i64)]).unwrap_or_default();
+                let qparams =
+                    |input: String| vec![input, format!("{name}_scale"), format!("{name}_zero_point")];
+                if *dequantize_only {
+                    vec![node(
+                        "DequantizeLinear",
+                        format!("{name}_dequantize"),
+                        qparams(source.clone()),
+                        vec![result],
+                        attrs(),
+                    )]
+                } else {
+                    vec![
+                        node(
+                            "QuantizeLinear",
+                            format!("{name}_quantize"),
+                            qparams(source.clone()),
+                            vec![format!("{name}_quantized")],
+                            attrs(),
+                        ),
+                        node(
+                            "DequantizeLinear",
+                            format!("{name}_dequantize"),
+                            qparams(format!("{name}_quantized")),
+                            vec![result],
+                            attrs(),
+                        ),
+                    ]
+                }
+            }
+        };
+        chains.insert(name, nodes);
+    }
+    let rewire = |n: &mut NodeProto| {
+        for i in &mut n.input {
+            if let Some(r) = read_as.get(i.as_str()) {
+                *i = r.clone();
+            }
+        }
+    };
+    let mut nodes = Vec::with_capacity(graph.node.len() + 2 * chains.len());
+    // Chains of graph inputs and initializers first, in a deterministic order.
+    let mut leading: Vec<String> = graph.input.iter().map(|i| i.name.clone()).collect();
+    leading.extend(graph.initializer.iter().map(|t| t.name.clone()));
+    for name in &leading {
+        if let Some(chain) = chains.remove(name) {
+            nodes.extend(chain);
+        }
+    }
+    for mut n in std::mem::take(&mut graph.node) {
+        rewire(&mut n);
+        let mut after = Vec::new();
+        for o in &mut n.output {
+            if let Some(chain) = chains.remove(o.as_str()) {
+                after.extend(chain);
+            }
+            if let Some(p) = produced_as.get(o.as_str()) {
+                *o = p.clone();
+            }
+        }
+        nodes.push(n);
+        nodes.extend(after);
+    }
+    graph.node = nodes;
+    graph.initializer.extend(extra_inits);
+    graph.value_info.retain(|vi| !read_as.contains_key(&vi.name));
+    if opset != old_opset {
+        raise_opset(graph, old_opset, opset)?;
+    }
+    set_default_opset(&mut proto, opset);
+    proto.metadata_props.push({
+        let mut e = StringStringEntryProto::new();
+        e.key = "producer".into();
+        e.value = format!("quantkit {}", env!("CARGO_PKG_VERSION"));
+        e
+    });
+    Ok(proto)
+}
+
+fn set_default_opset(proto: &mut ModelProto, opset: i64) {
+    match proto.opset_import.iter_mut().find(|o| o.domain.is_empty() || o.domain == "ai.onnx") {
+        Some(o) => o.version = opset,
+        None => {
+            let mut o = OperatorSetIdProto::new();
+            o.version = opset;
+            proto.opset_import.push(o);
+        }
+    }
+    // IR versions that first allowed these opsets.
+    let ir = match opset {
+        21.. => 10,
+        19..=20 => 9,
+        _ => 7,
+    };
+    proto.ir_version = proto.ir_version.max(ir);
+}
+
+/// Moves an INTS attribute into a new int64 initializer input (ops whose attribute became an
+/// input in a newer opset).
+fn attribute_to_input(graph: &mut onnx_protobuf::GraphProto, n: &mut NodeProto, attr: &str, slot: usize) {
+    let Some(pos) = n.attribute.iter().position(|a| a.name == attr) else { return };
+    let a = n.attribute.remove(pos);
+    let name = format!("{}_{attr}", if n.name.is_empty() { &n.output[0] } else { &n.name });
+    if let Some(t) = Tensor::from_vec(&[a.ints.len()], a.ints.clone()) {
+        graph.initializer.push(qgraph::tensor_to_proto(&name, &t));
+    }
+    while n.input.len() < slot {
+        n.input.push(String::new());
+    }
+    n.input.insert(slot, name);
+}
+
+/// Converts the ops whose signature changed between `from` and `to` (axes/split attributes that
+/// became inputs); refuses ops whose semantics changed.
+fn raise_opset(graph: &mut onnx_protobuf::GraphProto, from: i64, to: i64) -> Result<()> {
+    let crosses = |v: i64| from < v && to >= v;
+    let mut nodes = std::mem::take(&mut graph.node);
+    for n in &mut nodes {
+        if !n.domain.is_empty() && n.domain != "ai.onnx" {
+            continue;
+        }
+        let op = n.op_type.as_str();
+        let changed = match op {
+            "ReduceSum" => crosses(13).then_some(("axes", 1)),
+            "Squeeze" | "Unsqueeze" => crosses(13).then_some(("axes", 1)),
+            "Split" => crosses(13).then_some(("split", 1)),
+            "ReduceMean" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL1" | "ReduceL2"
+            | "ReduceLogSum" | "ReduceLogSumExp" | "ReduceSumSquare" => crosses(18).then_some(("axes", 1)),
+            "RoiAlign" if crosses(16) => {
+                return Err(CalibError::Quantizer {
+                    tensor: n.name.clone(),
+                    detail: format!(
+                        "RoiAlign changed meaning in opset 16; cannot raise the model from {from} to {to}"
+                    ),
+                });
+            }
+            "GroupNormalization" if crosses(21) => {
+                return Err(CalibError::Quantizer {
+                    tensor: n.name.clone(),
+                    detail: format!(
+                        "GroupNormalization changed meaning in opset 21; cannot raise the model from {from} to {to}"
+                    ),
+                });
+            }
+            _ => None,
+        };
+        if let Some((attr, slot)) = changed {
+            attribute_to_input(graph, n, attr, slot);
+        }
+    }
+    graph.node = nodes;
+    Ok(())
+}
+
+/// Writes the QDQ model atomically.
+pub fn write_qdq_model(sim: &QuantSim, options: QdqOptions, path: &std::path::Path) -> Result<()> {
+    use onnx_protobuf::Message;
+    let proto = to_qdq_model(sim, options)?;
+    let bytes = proto
+        .write_to_bytes()
+        .map_err(|e| CalibError::Quantizer { tensor: "(QDQ export)".into(), detail: e.to_string() })?;
+    qgraph::write_atomically(path, &bytes).map_err(CalibError::from)
+}
