@@ -241,10 +241,9 @@ fn qdq_export_runs_and_matches_the_simulation() {
     let feeds = batch(4, 13);
     let want = run(&s, &feeds);
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    for options in [
-        qcalib::QdqOptions::default(),
-        qcalib::QdqOptions { prequantize_weights: true, int32_bias: true },
-    ] {
+    for options in
+        [qcalib::QdqOptions::default(), qcalib::QdqOptions { prequantize_weights: true, int32_bias: true }]
+    {
         let proto = qcalib::to_qdq_model(&s, options).unwrap();
         let ops: Vec<&str> = proto.graph.node.iter().map(|n| n.op_type.as_str()).collect();
         assert!(ops.contains(&"QuantizeLinear") && ops.contains(&"DequantizeLinear"));

@@ -2,6 +2,8 @@
 //! parses arguments, runs the job and maps errors to exit codes (0 ok, 1 user error, 2 internal).
 #![forbid(unsafe_code)]
 
+mod quantsim;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -47,6 +49,11 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Simulate quantization: place quantizers from a quantsim config, calibrate on .npy data,
+    /// write AIMET encodings (and a QDQ model), optionally evaluate.
+    ///
+    /// Example: qmix quantsim model.onnx --calib input=calib.npy --config default --qdq
+    Quantsim(quantsim::QuantsimArgs),
     /// Lite-MP: per-layer sensitivity, flip the worst layers to higher precision, report scores.
     ///
     /// Example: qmix litemp model.onnx --percent 10 --override int16
@@ -171,6 +178,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
+        Command::Quantsim(args) => quantsim::run(args),
         Command::Litemp { model } => {
             println!(
                 "litemp {}: not implemented yet (arrives with the qanalyze and qmix crates)",

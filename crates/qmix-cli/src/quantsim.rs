@@ -1,0 +1,281 @@
+//! `qmix quantsim`: place quantizers, calibrate on .npy data, optionally evaluate, and write what
+//! a deployment toolchain needs — the AIMET encodings file beside a copy of the FP32 model, the
+//! placement report, and on request a QDQ ONNX model. Every file is written atomically.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use qcalib::{
+    DefaultPrecision, EncodingVersion, Precision, QdqOptions, QuantSim, QuantsimConfig, Scheme, SimOptions,
+};
+use qgraph::Tensor;
+
+use crate::{Failure, read_tensor, write_tensor};
+
+/// Arguments of `qmix quantsim`.
+#[derive(clap::Args)]
+pub struct QuantsimArgs {
+    /// The FP32 ONNX model.
+    model: PathBuf,
+    /// Calibration data for a graph input, NAME=FILE.npy with samples along axis 0 (repeatable).
+    #[arg(long = "calib", value_parser = crate::parse_input, required = true)]
+    calib: Vec<(String, PathBuf)>,
+    /// Samples per calibration batch (AIMET's examples use 32; TF-enhanced depends on it).
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Quantsim config: a preset (default, default_per_tensor, htp_v73) or a JSON file.
+    #[arg(long, default_value = "default")]
+    config: String,
+    /// Calibration scheme: min_max, tf_enhanced, percentile or percentile:P.
+    #[arg(long, default_value = "min_max", value_parser = parse_scheme)]
+    scheme: Scheme,
+    /// Weight precision: int4..int16, fp16, bf16.
+    #[arg(long, default_value = "int8", value_parser = parse_precision)]
+    param: Precision,
+    /// Activation precision: int4..int16, fp16, bf16.
+    #[arg(long = "act", default_value = "int8", value_parser = parse_precision)]
+    activation: Precision,
+    /// Gather activation statistics with float weights (AIMET quantizes weights first).
+    #[arg(long)]
+    calibrate_activations_with_float_weights: bool,
+    /// Encodings file version: 1.0.0, 0.6.1 or 2.0.0.
+    #[arg(long, default_value = "1.0.0", value_parser = parse_version)]
+    encoding_version: EncodingVersion,
+    /// Also write a QDQ ONNX model (model_qdq.onnx).
+    #[arg(long)]
+    qdq: bool,
+    /// In the QDQ model, store weights as integers plus DequantizeLinear.
+    #[arg(long)]
+    prequantize_weights: bool,
+    /// In the QDQ model, store Conv/Gemm biases as int32 plus DequantizeLinear.
+    #[arg(long)]
+    int32_bias: bool,
+    /// Evaluation data, NAME=FILE.npy (repeatable): the simulated outputs are written as .npy.
+    #[arg(long = "eval", value_parser = crate::parse_input)]
+    eval: Vec<(String, PathBuf)>,
+    /// Class labels (.npy of integers) for the evaluation data: prints FP32 and simulated top-1.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Index of class 0 in the model's scores (1 for 1001-class ImageNet models).
+    #[arg(long, default_value_t = 0)]
+    label_offset: usize,
+    /// Output folder.
+    #[arg(long, default_value = "quantsim_out")]
+    out: PathBuf,
+    /// Interpreter threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_scheme(s: &str) -> Result<Scheme, String> {
+    Scheme::parse(s)
+        .ok_or_else(|| format!("unknown scheme '{s}' (min_max, tf_enhanced, percentile, percentile:P)"))
+}
+
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    Precision::parse(s).ok_or_else(|| format!("unknown precision '{s}' (int4..int16, fp16, bf16)"))
+}
+
+fn parse_version(s: &str) -> Result<EncodingVersion, String> {
+    EncodingVersion::parse(s).ok_or_else(|| format!("unknown encodings version '{s}' (0.6.1, 1.0.0, 2.0.0)"))
+}
+
+/// Named arrays with samples along axis 0, sliced into batches.
+struct Dataset {
+    inputs: Vec<(String, Tensor)>,
+    samples: usize,
+}
+
+impl Dataset {
+    fn load(files: &[(String, PathBuf)]) -> anyhow::Result<Dataset> {
+        let mut inputs = Vec::new();
+        let mut samples = None;
+        for (name, file) in files {
+            let t = read_tensor(file)?;
+            let n =
+                *t.shape().first().with_context(|| format!("{}: a scalar has no samples", file.display()))?;
+            match samples {
+                Some(m) if m != n => bail!("{}: {n} samples, but the other inputs have {m}", file.display()),
+                _ => samples = Some(n),
+            }
+            inputs.push((name.clone(), t));
+        }
+        let samples = samples.context("no data given")?;
+        if samples == 0 {
+            bail!("the data holds zero samples");
+        }
+        Ok(Dataset { inputs, samples })
+    }
+
+    fn batch(&self, rows: std::ops::Range<usize>) -> Vec<(String, Tensor)> {
+        self.inputs.iter().map(|(n, t)| (n.clone(), slice_rows(t, rows.clone()))).collect()
+    }
+
+    fn batches(&self, size: usize) -> impl Iterator<Item = Vec<(String, Tensor)>> + '_ {
+        (0..self.samples).step_by(size.max(1)).map(move |s| self.batch(s..(s + size).min(self.samples)))
+    }
+}
+
+fn slice_rows(t: &Tensor, rows: std::ops::Range<usize>) -> Tensor {
+    use ndarray::{Axis, Slice};
+    macro_rules! slice {
+        ($($v:ident),*) => {
+            match t {
+                $(Tensor::$v(a) => Tensor::$v(a.slice_axis(Axis(0), Slice::from(rows)).to_owned().into_shared()),)*
+                other => other.clone(),
+            }
+        };
+    }
+    slice!(F32, F64, I64, I32, U8, I8, Bool)
+}
+
+fn bar(total: usize, what: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg:>12} [{bar:30}] {pos}/{len} batches, {elapsed} elapsed, ETA {eta}",
+        )
+        .expect("the template is valid")
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn user<E: Into<anyhow::Error>>(e: E) -> Failure {
+    Failure::User(e.into())
+}
+
+/// Argmax of each row of the first output, minus `offset`.
+fn predictions(t: &Tensor, offset: usize) -> Vec<i64> {
+    let classes = t.shape().last().copied().unwrap_or(1).max(1);
+    t.to_f64_vec()
+        .chunks(classes)
+        .map(|row| {
+            row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b }) as i64 - offset as i64
+        })
+        .collect()
+}
+
+pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
+    let config = QuantsimConfig::load(&a.config).map_err(user)?;
+    let model = qgraph::load_path(&a.model)?;
+    let options = SimOptions {
+        precision: DefaultPrecision { param: a.param, activation: a.activation },
+        scheme: a.scheme,
+        threads: a.threads,
+        calibrate_with_float_weights: a.calibrate_activations_with_float_weights,
+    };
+    let mut sim = QuantSim::new(model, config, options).map_err(user)?;
+    let calib = Dataset::load(&a.calib).map_err(Failure::User)?;
+    std::fs::create_dir_all(&a.out)
+        .map_err(|e| user(anyhow::anyhow!("cannot create {}: {e}", a.out.display())))?;
+    let placement = sim.placement();
+    let enabled = placement.quantizer_ids().iter().filter(|&&q| placement.quantizer(q).enabled).count();
+    println!(
+        "{}: {} tensors carry quantizers ({} enabled), config '{}', {} weights / {} activations, {:?}",
+        a.model.display(),
+        placement.tensors().len(),
+        enabled,
+        a.config,
+        a.param,
+        a.activation,
+        a.scheme
+    );
+    let batches = calib.samples.div_ceil(a.batch.max(1));
+    let pb = bar(batches, "calibrating", a.quiet);
+    let started = Instant::now();
+    sim.calibrate(calib.batches(a.batch), &mut |done| pb.set_position(done as u64)).map_err(user)?;
+    pb.finish_and_clear();
+    println!(
+        "calibrated on {} samples in {} batches in {:.2} s",
+        calib.samples,
+        batches,
+        started.elapsed().as_secs_f64()
+    );
+    write_outputs(&a, &sim)?;
+    if !a.eval.is_empty() {
+        evaluate(&a, &sim)?;
+    }
+    Ok(())
+}
+
+fn write_outputs(a: &QuantsimArgs, sim: &QuantSim) -> Result<(), Failure> {
+    let encodings = a.out.join("model.encodings");
+    qcalib::write_encodings(sim, a.encoding_version, &encodings).map_err(user)?;
+    let float_model = a.out.join("model.onnx");
+    qgraph::save_path(sim.model(), &float_model)?;
+    let report = a.out.join("placement.json");
+    let text = qcalib::to_pretty_json(&sim.placement().report(&sim.model().graph));
+    qgraph::write_atomically(&report, text.as_bytes())?;
+    println!(
+        "wrote {} (version {}), {} and {}",
+        encodings.display(),
+        a.encoding_version.as_str(),
+        float_model.display(),
+        report.display()
+    );
+    if a.qdq {
+        let qdq = a.out.join("model_qdq.onnx");
+        let options = QdqOptions { prequantize_weights: a.prequantize_weights, int32_bias: a.int32_bias };
+        qcalib::write_qdq_model(sim, options, &qdq).map_err(user)?;
+        println!("wrote {}", qdq.display());
+    }
+    Ok(())
+}
+
+fn evaluate(a: &QuantsimArgs, sim: &QuantSim) -> Result<(), Failure> {
+    let data = Dataset::load(&a.eval).map_err(Failure::User)?;
+    let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(a.threads))?;
+    let pb = bar(data.samples.div_ceil(a.batch.max(1)), "evaluating", a.quiet);
+    let (mut sim_out, mut float_out): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    for (i, feeds) in data.batches(a.batch).enumerate() {
+        let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        sim_out.push(sim.run(&named).map_err(user)?.swap_remove(0));
+        float_out.push(float.run(&named)?.swap_remove(0));
+        pb.set_position(i as u64 + 1);
+    }
+    pb.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let joined = concat(&sim_out).map_err(Failure::User)?;
+    let path = a.out.join("sim_outputs.npy");
+    write_tensor(&path, &joined).map_err(Failure::User)?;
+    println!(
+        "evaluated {} samples (simulated and FP32) in {secs:.2} s; simulated outputs in {}",
+        data.samples,
+        path.display()
+    );
+    if let Some(labels) = &a.labels {
+        let labels: Vec<i64> =
+            read_tensor(labels).map_err(Failure::User)?.to_f64_vec().iter().map(|&v| v as i64).collect();
+        if labels.len() != data.samples {
+            return Err(user(anyhow::anyhow!("{} labels for {} samples", labels.len(), data.samples)));
+        }
+        let top1 = |outs: &[Tensor]| -> f64 {
+            let preds: Vec<i64> = outs.iter().flat_map(|t| predictions(t, a.label_offset)).collect();
+            preds.iter().zip(&labels).filter(|(p, l)| p == l).count() as f64 / labels.len() as f64
+        };
+        println!("top-1: FP32 {:.4}, simulated {:.4}", top1(&float_out), top1(&sim_out));
+    }
+    Ok(())
+}
+
+/// Concatenates f32 batches along axis 0.
+fn concat(parts: &[Tensor]) -> anyhow::Result<Tensor> {
+    let views: Vec<_> = parts
+        .iter()
+        .map(|t| t.as_f32().map(|a| a.view()))
+        .collect::<Option<_>>()
+        .context("outputs are not f32")?;
+    let joined = ndarray::concatenate(ndarray::Axis(0), &views)?;
+    Ok(Tensor::F32(joined.into_shared()))
+}

@@ -1,0 +1,152 @@
+//! `qmix quantsim` end to end on a small model saved by the test: encodings, FP32 copy,
+//! placement report, QDQ model and evaluation outputs are written; bad configs and unusable
+//! calibration data exit with code 1 and a message naming the culprit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ndarray::{ArrayD, IxDyn};
+use qgraph::{Attribute, DType, Dim, Graph, Model, NodeSpec, Shape, Tensor};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qmix-quantsim-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// x [N, 2, 4, 4] → Conv(3, 1×1) → Relu → GlobalAveragePool → Flatten.
+fn save_model(dir: &Path) -> PathBuf {
+    let mut g = Graph::new("small");
+    let x = g.add_input(
+        "x",
+        DType::F32,
+        Shape(vec![Dim::Symbol("N".into()), Dim::Known(2), Dim::Known(4), Dim::Known(4)]),
+    );
+    let w = g.add_initializer(
+        "w",
+        Tensor::from_vec(&[3, 2, 1, 1], vec![0.5f32, -1.0, 1.5, 0.25, -0.75, 1.0]).unwrap(),
+    );
+    let b = g.add_initializer("b", Tensor::from_vec(&[3], vec![0.1f32, -0.2, 0.3]).unwrap());
+    let mut add = |op: &str, inputs: Vec<qgraph::ValueId>, out: &str, attrs: Vec<(String, Attribute)>| {
+        let id = g.add_node(NodeSpec {
+            name: out.into(),
+            op_type: op.into(),
+            domain: String::new(),
+            attrs,
+            inputs: inputs.into_iter().map(Some).collect(),
+            outputs: vec![out.into()],
+        });
+        g.node(id).outputs()[0].unwrap()
+    };
+    let c = add("Conv", vec![x, w, b], "conv", vec![]);
+    let r = add("Relu", vec![c], "relu", vec![]);
+    let p = add("GlobalAveragePool", vec![r], "pool", vec![]);
+    let f = add("Flatten", vec![p], "scores", vec![]);
+    g.add_output(f);
+    let path = dir.join("small.onnx");
+    qgraph::save_path(&Model::new(g, 13), &path).unwrap();
+    path
+}
+
+fn data(dir: &Path, name: &str, n: usize, fill: Option<f32>) -> PathBuf {
+    let values: Vec<f32> =
+        (0..n * 32).map(|i| fill.unwrap_or(((i * 37 % 101) as f32 - 50.0) / 25.0)).collect();
+    let path = dir.join(name);
+    ndarray_npy::write_npy(&path, &ArrayD::from_shape_vec(IxDyn(&[n, 2, 4, 4]), values).unwrap()).unwrap();
+    path
+}
+
+fn qmix(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_qmix")).args(args).output().unwrap()
+}
+
+#[test]
+fn quantsim_writes_encodings_model_report_and_qdq() {
+    let dir = scratch("ok");
+    let model = save_model(&dir);
+    let calib = data(&dir, "calib.npy", 10, None);
+    let eval = data(&dir, "eval.npy", 6, None);
+    let labels = dir.join("labels.npy");
+    ndarray_npy::write_npy(&labels, &ndarray::arr1(&[0i64, 1, 2, 0, 1, 2])).unwrap();
+    let out = dir.join("out");
+    let o = qmix(&[
+        "quantsim",
+        model.to_str().unwrap(),
+        "--calib",
+        &format!("x={}", calib.display()),
+        "--batch",
+        "4",
+        "--qdq",
+        "--eval",
+        &format!("x={}", eval.display()),
+        "--labels",
+        labels.to_str().unwrap(),
+        "--encoding-version",
+        "2.0.0",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("calibrated on 10 samples in 3 batches") && stdout.contains("top-1: FP32"),
+        "{stdout}"
+    );
+    for f in ["model.encodings", "model.onnx", "placement.json", "model_qdq.onnx", "sim_outputs.npy"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let enc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.encodings")).unwrap()).unwrap();
+    assert_eq!(enc["version"], "2.0.0");
+    let outputs: ArrayD<f32> = ndarray_npy::read_npy(out.join("sim_outputs.npy")).unwrap();
+    assert_eq!(outputs.shape(), &[6, 3]);
+    qgraph::load_path(out.join("model_qdq.onnx")).unwrap();
+}
+
+#[test]
+fn bad_configs_and_data_exit_with_a_named_culprit() {
+    let dir = scratch("bad");
+    let model = save_model(&dir);
+    let calib = data(&dir, "calib.npy", 4, None);
+    let model = model.to_str().unwrap();
+    let feed = format!("x={}", calib.display());
+    let o = qmix(&[
+        "quantsim",
+        model,
+        "--calib",
+        &feed,
+        "--config",
+        "no_such_config",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no_such_config"));
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, r#"{"defaults": {"ops": {}, "params": {"is_quantized": "yes"}}}"#).unwrap();
+    let o = qmix(&[
+        "quantsim",
+        model,
+        "--calib",
+        &feed,
+        "--config",
+        bad.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let nan = data(&dir, "nan.npy", 4, Some(f32::NAN));
+    let o = qmix(&[
+        "quantsim",
+        model,
+        "--calib",
+        &format!("x={}", nan.display()),
+        "--quiet",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("'x'") && err.contains("no usable data"), "{err}");
+}
