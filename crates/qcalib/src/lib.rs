@@ -20,6 +20,7 @@ mod placement;
 mod qdq;
 mod schemes;
 mod sim;
+mod stats_file;
 
 pub use config::{Defaults, Kernel, KernelPrecision, OpRule, ParamRule, QuantsimConfig, RangeConstraint};
 pub use encodings::{
@@ -34,3 +35,4 @@ pub use placement::{
 pub use qdq::{QdqOptions, to_qdq_model, write_qdq_model};
 pub use schemes::{ChannelStats, Scheme, encoding_from_fixed_range};
 pub use sim::{Feeds, QuantSim, QuantizerStats, SimOptions, split_by_encoding};
+pub use stats_file::{ChannelEntry, HistogramEntry, QuantizerEntry, StatsFile, load_stats, save_stats};

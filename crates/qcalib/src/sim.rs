@@ -62,6 +62,7 @@ pub struct QuantSim {
     options: SimOptions,
     stats: HashMap<QuantizerId, QuantizerStats>,
     session: Option<Session>,
+    warnings: Vec<String>,
 }
 
 /// Largest exact bias magnitude the accumulator keeps (`2^31 − 2^15`, spec §8.4).
@@ -75,7 +76,15 @@ impl QuantSim {
         }
         model.infer_shapes(&DimBindings::default())?;
         let placement = Placement::build(&model.graph, &config, options.precision)?;
-        Ok(QuantSim { model, config, placement, options, stats: HashMap::new(), session: None })
+        Ok(QuantSim {
+            model,
+            config,
+            placement,
+            options,
+            stats: HashMap::new(),
+            session: None,
+            warnings: Vec::new(),
+        })
     }
 
     /// The float model (dtypes and shapes inferred).
@@ -111,9 +120,11 @@ impl QuantSim {
         self.stats.get(&q)
     }
 
-    /// Replaces the statistics (e.g. loaded from a file) and recomputes encodings.
+    /// Replaces the activation statistics (e.g. loaded from a file), recomputes those of weights
+    /// and constants from their data, and computes encodings — no forward pass needed.
     pub fn set_stats(&mut self, stats: HashMap<QuantizerId, QuantizerStats>) -> Result<()> {
         self.stats = stats;
+        self.gather_static_stats()?;
         self.compute_encodings()
     }
 
@@ -253,7 +264,35 @@ impl QuantSim {
             self.placement.quantizer_mut(q).encodings = encs;
         }
         self.adjust_weight_scales();
+        self.warnings = self.range_warnings();
         self.refresh()
+    }
+
+    /// Problems found by the last encoding computation that do not stop the simulation but
+    /// likely ruin it (e.g. a quantizer whose range reaches the float limits).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Quantizers whose range is so wide (attention masks of `finfo.min`, infinities) that every
+    /// value sharing them is rounded to zero.
+    fn range_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for q in self.placement.quantizer_ids() {
+            let quantizer = self.placement.quantizer(q);
+            let Some(encs) = int_encodings(quantizer) else { continue };
+            if let Some(e) = encs.iter().find(|e| e.min.abs().max(e.max.abs()) >= 1e30) {
+                out.push(format!(
+                    "quantizer of '{}' spans [{:e}, {:e}] (step {:e}): every value on it becomes 0 or an extreme; \
+                     an attention mask or an infinity reaches it — disable it or keep that tensor in float",
+                    self.quantizer_name(q),
+                    e.min,
+                    e.max,
+                    e.delta
+                ));
+            }
+        }
+        out
     }
 
     /// Spec §8.4: for Conv/ConvTranspose/Gemm/MatMul with calibrated integer input and weight

@@ -266,3 +266,47 @@ fn int16_activations_raise_the_opset() {
     assert_eq!(proto.opset_import[0].version, 21);
     assert!(proto.ir_version >= 10);
 }
+
+#[test]
+fn statistics_files_reload_to_the_same_encodings() {
+    let dir = std::env::temp_dir().join(format!("qcalib-stats-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for scheme in [Scheme::MinMax, Scheme::TfEnhanced] {
+        let s = calibrated(SimOptions { scheme, ..SimOptions::default() });
+        let path = dir.join(format!("{scheme:?}.qstats"));
+        qcalib::save_stats(&s, &path).unwrap();
+        let mut fresh = sim(SimOptions { scheme, ..SimOptions::default() });
+        qcalib::load_stats(&mut fresh, &path).unwrap();
+        assert_eq!(
+            qcalib::encodings_json(&fresh, EncodingVersion::V1_0_0),
+            qcalib::encodings_json(&s, EncodingVersion::V1_0_0),
+            "{scheme:?}"
+        );
+        let feeds = batch(2, 21);
+        assert_eq!(run(&fresh, &feeds), run(&s, &feeds));
+    }
+    // Min-max statistics cannot serve TF-enhanced.
+    let mut tfe = sim(SimOptions { scheme: Scheme::TfEnhanced, ..SimOptions::default() });
+    let err = qcalib::load_stats(&mut tfe, &dir.join("MinMax.qstats")).unwrap_err().to_string();
+    assert!(err.contains("no histogram"), "{err}");
+    // Truncated and foreign files are typed errors naming the file.
+    let bytes = std::fs::read(dir.join("TfEnhanced.qstats")).unwrap();
+    std::fs::write(dir.join("cut.qstats"), &bytes[..bytes.len() / 2]).unwrap();
+    let mut fresh = sim(SimOptions { scheme: Scheme::TfEnhanced, ..SimOptions::default() });
+    let err = qcalib::load_stats(&mut fresh, &dir.join("cut.qstats")).unwrap_err();
+    assert!(matches!(err, CalibError::Statistics { ref path, .. } if path.ends_with("cut.qstats")), "{err}");
+    std::fs::write(dir.join("foreign.qstats"), b"{\"json\": true}").unwrap();
+    let err = qcalib::load_stats(&mut fresh, &dir.join("foreign.qstats")).unwrap_err().to_string();
+    assert!(err.contains("magic"), "{err}");
+}
+
+#[test]
+fn float_limit_ranges_are_reported() {
+    let mut s = sim(SimOptions::default());
+    let mut feeds = batch(2, 5);
+    if let Tensor::F32(a) = &mut feeds[0].1 {
+        a[[0, 0, 0, 0]] = -3.0e38;
+    }
+    s.calibrate(vec![feeds], &mut |_| {}).unwrap();
+    assert!(s.warnings().iter().any(|w| w.contains("'input'")), "{:?}", s.warnings());
+}

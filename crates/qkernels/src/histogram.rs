@@ -64,6 +64,34 @@ impl TfHistogram {
         self.batches += 1;
     }
 
+    /// The saved form: left edge of bucket 0, bucket width, PDF and batch count (`None` before
+    /// initialisation).
+    pub fn parts(&self) -> Option<(f64, f64, &[f64], u64)> {
+        self.range.map(|(lo, w)| (lo, w, self.pdf.as_slice(), self.batches))
+    }
+
+    /// Rebuilds a histogram from [`TfHistogram::parts`]: exactly [`TF_BUCKETS`] finite,
+    /// non-negative PDF values and a finite positive width.
+    pub fn from_parts(
+        lo: f64,
+        width: f64,
+        pdf: Vec<f64>,
+        batches: u64,
+    ) -> Result<TfHistogram, crate::KernelError> {
+        let valid = lo.is_finite()
+            && width.is_finite()
+            && width > 0.0
+            && pdf.len() == TF_BUCKETS
+            && pdf.iter().all(|p| p.is_finite() && *p >= 0.0);
+        if !valid {
+            return Err(crate::KernelError::Layout(format!(
+                "histogram of {} buckets from {lo} by {width} is not a valid TF-enhanced PDF",
+                pdf.len()
+            )));
+        }
+        Ok(TfHistogram { range: Some((lo, width)), pdf, batches })
+    }
+
     /// Whether a non-zero batch has fixed the range.
     pub fn is_initialised(&self) -> bool {
         self.range.is_some()

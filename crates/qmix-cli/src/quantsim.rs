@@ -20,8 +20,14 @@ pub struct QuantsimArgs {
     /// The FP32 ONNX model.
     model: PathBuf,
     /// Calibration data for a graph input, NAME=FILE.npy with samples along axis 0 (repeatable).
-    #[arg(long = "calib", value_parser = crate::parse_input, required = true)]
+    #[arg(long = "calib", value_parser = crate::parse_input, required_unless_present = "load_stats")]
     calib: Vec<(String, PathBuf)>,
+    /// Save the calibration statistics (a compact binary file) for later runs.
+    #[arg(long)]
+    save_stats: Option<PathBuf>,
+    /// Reuse statistics saved with --save-stats instead of calibrating (no --calib needed).
+    #[arg(long)]
+    load_stats: Option<PathBuf>,
     /// Samples per calibration batch (AIMET's examples use 32; TF-enhanced depends on it).
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -175,7 +181,6 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         calibrate_with_float_weights: a.calibrate_activations_with_float_weights,
     };
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
-    let calib = Dataset::load(&a.calib).map_err(Failure::User)?;
     std::fs::create_dir_all(&a.out)
         .map_err(|e| user(anyhow::anyhow!("cannot create {}: {e}", a.out.display())))?;
     let placement = sim.placement();
@@ -190,17 +195,33 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         a.activation,
         a.scheme
     );
-    let batches = calib.samples.div_ceil(a.batch.max(1));
-    let pb = bar(batches, "calibrating", a.quiet);
-    let started = Instant::now();
-    sim.calibrate(calib.batches(a.batch), &mut |done| pb.set_position(done as u64)).map_err(user)?;
-    pb.finish_and_clear();
-    println!(
-        "calibrated on {} samples in {} batches in {:.2} s",
-        calib.samples,
-        batches,
-        started.elapsed().as_secs_f64()
-    );
+    match &a.load_stats {
+        Some(stats) => {
+            qcalib::load_stats(&mut sim, stats).map_err(user)?;
+            println!("encodings computed from the statistics in {}", stats.display());
+        }
+        None => {
+            let calib = Dataset::load(&a.calib).map_err(Failure::User)?;
+            let batches = calib.samples.div_ceil(a.batch.max(1));
+            let pb = bar(batches, "calibrating", a.quiet);
+            let started = Instant::now();
+            sim.calibrate(calib.batches(a.batch), &mut |done| pb.set_position(done as u64)).map_err(user)?;
+            pb.finish_and_clear();
+            println!(
+                "calibrated on {} samples in {} batches in {:.2} s",
+                calib.samples,
+                batches,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    for w in sim.warnings() {
+        eprintln!("warning: {w}");
+    }
+    if let Some(path) = &a.save_stats {
+        qcalib::save_stats(&sim, path).map_err(user)?;
+        println!("saved statistics to {}", path.display());
+    }
     write_outputs(&a, &sim)?;
     if !a.eval.is_empty() {
         evaluate(&a, &sim)?;
