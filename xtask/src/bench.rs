@@ -1,6 +1,8 @@
 //! `cargo xtask bench …`: measurements against a reference on the same machine in the same run,
 //! printed as ratios. `bench load`: qgraph's loader against Python's `onnx.load`; `bench exec`:
-//! qexec against onnxruntime on the zoo models at batch 1 and 32, on 1 and 2 threads.
+//! qexec against onnxruntime on the zoo models at batch 1 and 32, on 1 and 2 threads; `bench sim`:
+//! the simulated W8A8 forward against our FP32 forward and onnxruntime FP32, and the time and peak
+//! memory of calibrating on 100 images.
 
 use std::time::Instant;
 
@@ -12,11 +14,13 @@ pub fn run(what: Option<&str>) -> Result<()> {
     match what {
         Some("load") => load(),
         Some("exec") => exec(),
+        Some("sim") => sim(),
         None => {
             load()?;
-            exec()
+            exec()?;
+            sim()
         }
-        Some(other) => bail!("unknown benchmark '{other}' (available: load, exec)"),
+        Some(other) => bail!("unknown benchmark '{other}' (available: load, exec, sim)"),
     }
 }
 
@@ -88,6 +92,80 @@ fn exec() -> Result<()> {
                     ours / theirs
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+/// Peak resident memory of this process so far (`VmHWM`), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn sim() -> Result<()> {
+    let zoo = zoo::zoo_dir()?;
+    python::ensure_oracles()?;
+    let dir = zoo::out_dir()?.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let name = "mobilenetv2_keras";
+    let path = zoo.join(format!("models/{name}.onnx"));
+    let c = zoo_data::CLASSIFIERS.iter().find(|c| c.name == name).context("classifier")?;
+    let images = zoo_data::raw_images(&zoo, c.images)?;
+    let calib_rows: Vec<usize> = (0..500).filter(|r| r % 5 == 0).collect();
+    let rss_before = peak_rss_mib().unwrap_or(0.0);
+    let mut sims = Vec::new();
+    for threads in [1, 2] {
+        let options = qcalib::SimOptions { threads, ..qcalib::SimOptions::default() };
+        let mut sim = qcalib::QuantSim::new(
+            qgraph::load_path(&path)?,
+            qcalib::QuantsimConfig::load("default")?,
+            options,
+        )?;
+        let started = Instant::now();
+        sim.calibrate(
+            calib_rows.chunks(32).map(|rows| vec![("input".to_string(), c.batch(&images, rows))]),
+            &mut |_| {},
+        )?;
+        println!(
+            "calibration of {name} on 100 images (batches of 32), W8A8 min-max, {threads} thread(s): {:.2} s; process peak RSS {:.0} MiB (before: {rss_before:.0} MiB)",
+            started.elapsed().as_secs_f64(),
+            peak_rss_mib().unwrap_or(0.0)
+        );
+        sims.push(sim);
+    }
+    println!(
+        "{:<20} {:>5} {:>7} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "model", "batch", "threads", "runs", "sim ms", "FP32 ms", "ORT ms", "sim/FP32", "sim/ORT"
+    );
+    for batch in [1, 32] {
+        let inputs = bench_inputs(&zoo, name, batch)?;
+        let file = dir.join(format!("{name}_{batch}_input.npy"));
+        let qgraph::Tensor::F32(a) = &inputs[0].1 else { bail!("f32 input expected") };
+        ndarray_npy::write_npy(&file, &a.to_owned())?;
+        let feeds: Vec<(&str, qgraph::Tensor)> =
+            inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        for (threads, sim) in [1, 2].into_iter().zip(&sims) {
+            let runs = if batch == 1 { 30 } else { 10 };
+            let session =
+                qexec::Session::new(qgraph::load_path(&path)?, qexec::SessionOptions::threads(threads))?;
+            let simulated = median_ms(|| drop(sim.run(&feeds).unwrap()), runs);
+            let fp32 = median_ms(|| drop(session.run(&feeds).unwrap()), runs);
+            let args = [
+                path.display().to_string(),
+                runs.to_string(),
+                threads.to_string(),
+                format!("input={}", file.display()),
+            ];
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let ort: f64 = python::script_output("time_ort.py", &args)?.trim().parse()?;
+            println!(
+                "{name:<20} {batch:>5} {threads:>7} {runs:>5} {simulated:>9.2} {fp32:>9.2} {ort:>9.2} {:>9.2} {:>9.2}",
+                simulated / fp32,
+                simulated / ort
+            );
         }
     }
     Ok(())

@@ -405,7 +405,8 @@ impl QuantSim {
             tensor: "(model)".into(),
             detail: "the simulation has no encodings yet: calibrate or load encodings first".into(),
         })?;
-        let mut hook = FakeQuantHook::new(&self.placement, self.model.graph.value_count());
+        let mut hook =
+            FakeQuantHook::new(&self.placement, self.model.graph.value_count(), self.options.threads != 1);
         let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() };
         Ok(session.run_with(feeds, opts)?.outputs)
     }
@@ -537,10 +538,20 @@ impl Hook for ObserveHook<'_> {
 /// Fake-quantizes activations (simulation).
 struct FakeQuantHook<'a> {
     table: Vec<Option<&'a Quantizer>>,
+    /// Per value, the elementwise form of its quantizer that Conv kernels apply in place.
+    epilogues: Vec<Option<ElementwiseQuantizer>>,
+    /// Whether the run may use several threads (the hook then runs inside the session's pool).
+    parallel: bool,
 }
 
+/// A quantizer as an elementwise function over f32 slices.
+type ElementwiseQuantizer = Box<dyn Fn(&mut [f32]) + Sync + Send>;
+
+/// Elements below which a per-tensor quantizer is applied on one thread.
+const PARALLEL_MIN: usize = 1 << 15;
+
 impl<'a> FakeQuantHook<'a> {
-    fn new(placement: &'a Placement, values: usize) -> FakeQuantHook<'a> {
+    fn new(placement: &'a Placement, values: usize, parallel: bool) -> FakeQuantHook<'a> {
         let mut table = vec![None; values];
         for t in placement.tensors() {
             let q = placement.quantizer(t.quantizer);
@@ -548,7 +559,27 @@ impl<'a> FakeQuantHook<'a> {
                 table[t.value.index()] = Some(q);
             }
         }
-        FakeQuantHook { table }
+        let epilogues = table
+            .iter()
+            .map(|q| {
+                let q = (*q)?;
+                match (q.precision, q.granularity, q.encodings.as_deref()) {
+                    (Precision::Int(_), Granularity::PerTensor, Some([enc])) => {
+                        let enc = *enc;
+                        Some(Box::new(move |x: &mut [f32]| qkernels::fake_quant(x, &enc))
+                            as ElementwiseQuantizer)
+                    }
+                    (Precision::Float16, _, _) => {
+                        Some(Box::new(qkernels::fake_cast_f16) as ElementwiseQuantizer)
+                    }
+                    (Precision::BFloat16, _, _) => {
+                        Some(Box::new(qkernels::fake_cast_bf16) as ElementwiseQuantizer)
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        FakeQuantHook { table, epilogues, parallel }
     }
 }
 
@@ -557,10 +588,22 @@ impl Hook for FakeQuantHook<'_> {
         self.table[value.index()].is_some()
     }
 
+    fn epilogue(&self, value: ValueId) -> Option<qexec::Epilogue<'_>> {
+        self.epilogues[value.index()].as_deref().map(|f| f as qexec::Epilogue<'_>)
+    }
+
     fn on_tensor(&mut self, event: TensorEvent<'_>, tensor: &mut Tensor) -> Result<(), HookError> {
         let Some(q) = self.table[event.value.index()] else { return Ok(()) };
         let shape = tensor.shape().to_vec();
         let Some(data) = f32_slice_mut(tensor) else { return Ok(()) };
+        if self.parallel && q.granularity == Granularity::PerTensor && data.len() >= 2 * PARALLEL_MIN {
+            // Elementwise, so chunking cannot change a single bit of the result.
+            use rayon::prelude::*;
+            return data
+                .par_chunks_mut(PARALLEL_MIN)
+                .try_for_each(|chunk| apply_quantizer(chunk, &[chunk.len()], q))
+                .map_err(HookError::from);
+        }
         apply_quantizer(data, &shape, q).map_err(HookError::from)
     }
 }

@@ -49,6 +49,15 @@ impl BufferPool {
         if let Ok(mut free) = self.free.lock() {
             if free.len() < MAX_FREE {
                 free.push(buf);
+            } else if let Some((i, _)) = free
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, b)| b.capacity())
+                .filter(|(_, b)| b.capacity() < buf.capacity())
+            {
+                // A full pool keeps the largest buffers: after small runs (batch 1) a session
+                // must still recycle the big buffers of larger batches.
+                free[i] = buf;
             }
         }
     }

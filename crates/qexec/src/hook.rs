@@ -26,6 +26,9 @@ pub struct TensorEvent<'a> {
     pub kind: TensorKind,
 }
 
+/// An elementwise, in-place transform of f32 elements (see [`Hook::epilogue`]).
+pub type Epilogue<'a> = &'a (dyn Fn(&mut [f32]) + Sync);
+
 /// The error type a hook returns.
 pub type HookError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -40,6 +43,16 @@ pub trait Hook {
 
     /// Observes or rewrites `tensor` (a copy-on-write handle: mutating a shared buffer copies it).
     fn on_tensor(&mut self, event: TensorEvent<'_>, tensor: &mut Tensor) -> Result<(), HookError>;
+
+    /// An elementwise, in-place transform of `value`'s f32 elements that kernels able to do so
+    /// (Conv, Clip, unary activations) apply to each part of their output while it is still in
+    /// cache — in any order and chunking, so it must treat every element on its own. When a
+    /// kernel applied it to an f32 output, `on_tensor` is not called for that value. Defaults to
+    /// none.
+    fn epilogue(&self, value: ValueId) -> Option<Epilogue<'_>> {
+        let _ = value;
+        None
+    }
 }
 
 impl<F> Hook for F

@@ -26,5 +26,5 @@ mod ops;
 mod session;
 
 pub use error::{ExecError, Result};
-pub use hook::{Hook, HookError, TensorEvent, TensorKind};
+pub use hook::{Epilogue, Hook, HookError, TensorEvent, TensorKind};
 pub use session::{Keep, RunOptions, RunResult, RunStats, Session, SessionOptions, ValueCache};

@@ -323,7 +323,7 @@ impl Session {
         mut options: RunOptions<'_>,
     ) -> Result<RunResult> {
         let g = &self.model.graph;
-        let ctx = ExecCtx { threads: self.threads, pool: &self.buffers };
+        let ctx = ExecCtx { threads: self.threads, pool: &self.buffers, epilogue: None };
         let nvalues = g.value_count();
         // `requested`: values to hand back; `keep`: values never freed (those and the outputs).
         let mut requested = vec![false; nvalues];
@@ -421,11 +421,22 @@ impl Session {
                 }
                 _ => None,
             };
-            let outs = step.kernel.run(&mut inputs, &ctx, fused).map_err(|detail| ExecError::Kernel {
-                node: node.name.clone(),
-                op: node.op_type.clone(),
-                detail,
+            // The value the kernel's first output becomes (the activation's, when fused), and the
+            // hook's epilogue for it if the kernel can apply one.
+            let first_out = if fused.is_some() {
+                g.node(self.steps[i + 1].node).outputs().first().copied().flatten()
+            } else {
+                produced
+            };
+            let epilogue = match (step.kernel.applies_epilogue(), first_out, options.hook.as_deref()) {
+                (true, Some(v), Some(h)) if h.observes(v) => h.epilogue(v).map(|f| (v, f)),
+                _ => None,
+            };
+            let step_ctx = ExecCtx { epilogue: epilogue.map(|(_, f)| f), ..ctx };
+            let outs = step.kernel.run(&mut inputs, &step_ctx, fused).map_err(|detail| {
+                ExecError::Kernel { node: node.name.clone(), op: node.op_type.clone(), detail }
             })?;
+            let applied = epilogue.map(|(v, _)| v);
             inputs.into_iter().flatten().for_each(|t| self.buffers.recycle(t));
             stats.nodes_run += 1;
             // With a fused activation, the result belongs to the activation node's output.
@@ -447,7 +458,9 @@ impl Session {
                         detail: format!("output '{}' was not produced", g.value(v).name),
                     });
                 };
-                call_hook(&mut options, g, v, TensorKind::NodeOutput(out_id), &mut t)?;
+                if applied != Some(v) || t.dtype() != qgraph::DType::F32 {
+                    call_hook(&mut options, g, v, TensorKind::NodeOutput(out_id), &mut t)?;
+                }
                 if g.use_count(v) == 0 && !keep[v.index()] && !keep_all {
                     continue;
                 }

@@ -236,3 +236,55 @@ fn a_failing_hook_stops_the_run_with_the_tensor_name() {
     let err = session.run_with(&[("x", input(1))], RunOptions::with_hook(&mut refuse)).unwrap_err();
     assert!(matches!(err, ExecError::Hook { ref name, .. } if name == "add_out"), "{err}");
 }
+
+/// Rounds every observed value to a multiple of 1/8, either in `on_tensor` or as an epilogue.
+struct Rounding {
+    values: Vec<ValueId>,
+    as_epilogue: bool,
+    on_tensor_calls: Vec<ValueId>,
+}
+
+fn round_eighths(s: &mut [f32]) {
+    s.iter_mut().for_each(|v| *v = (*v * 8.0).round() / 8.0);
+}
+
+impl qexec::Hook for Rounding {
+    fn observes(&self, value: ValueId) -> bool {
+        self.values.contains(&value)
+    }
+
+    fn on_tensor(&mut self, e: TensorEvent<'_>, t: &mut Tensor) -> Result<(), qexec::HookError> {
+        self.on_tensor_calls.push(e.value);
+        let Tensor::F32(a) = t else { return Ok(()) };
+        round_eighths(a.as_slice_mut().unwrap());
+        Ok(())
+    }
+
+    fn epilogue(&self, value: ValueId) -> Option<qexec::Epilogue<'_>> {
+        (self.as_epilogue && self.values.contains(&value)).then_some(&round_eighths as qexec::Epilogue<'_>)
+    }
+}
+
+#[test]
+fn epilogues_equal_on_tensor_and_replace_it_where_kernels_apply_them() {
+    for threads in [1, 2] {
+        let session = Session::new(small_cnn(), SessionOptions::threads(threads)).unwrap();
+        let g = &session.model().graph;
+        let values: Vec<ValueId> = ["relu1_out", "conv2_out", "clip2_out", "add_out"]
+            .iter()
+            .map(|n| g.value_id(n).unwrap())
+            .collect();
+        let mut results = Vec::new();
+        let mut calls = Vec::new();
+        for as_epilogue in [false, true] {
+            let mut hook = Rounding { values: values.clone(), as_epilogue, on_tensor_calls: Vec::new() };
+            let out = session.run_with(&[("x", input(3))], RunOptions::with_hook(&mut hook)).unwrap();
+            results.push(out.outputs[0].as_f32().unwrap().iter().copied().collect::<Vec<_>>());
+            calls.push(hook.on_tensor_calls);
+        }
+        assert_eq!(results[0], results[1], "{threads} thread(s)");
+        assert_eq!(calls[0], values);
+        // Conv+Relu fused, the depthwise Conv and the Clip apply the epilogue; Add does not.
+        assert_eq!(calls[1], vec![g.value_id("add_out").unwrap()]);
+    }
+}

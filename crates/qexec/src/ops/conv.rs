@@ -275,24 +275,35 @@ impl Conv {
                 dst.par_chunks_mut(band * ohw).enumerate().try_for_each(|(i, rows)| {
                     let r0 = i * band;
                     let r1 = r0 + rows.len() / ohw;
-                    gemm_rows(&w_g[r0 * kk..r1 * kk], src, bias_g.map(|b| &b[r0..r1]), act, kk, ohw, rows)
+                    gemm_rows(
+                        &w_g[r0 * kk..r1 * kk],
+                        src,
+                        bias_g.map(|b| &b[r0..r1]),
+                        act,
+                        ctx.epilogue,
+                        kk,
+                        ohw,
+                        rows,
+                    )
                 })?;
             } else {
-                gemm_rows(w_g, src, bias_g, act, kk, ohw, dst)?;
+                gemm_rows(w_g, src, bias_g, act, ctx.epilogue, kk, ohw, dst)?;
             }
         }
         Ok(())
     }
 }
 
-/// `out[r, :] = act(bias[r] + w[r, :] · src)` for the rows of `w` ([rows, kk]) against `src`
-/// ([kk, ohw]), single-threaded, in column blocks small enough that each block's bias, product
-/// and activation happen while it is in cache.
+/// `out[r, :] = epilogue(act(bias[r] + w[r, :] · src))` for the rows of `w` ([rows, kk]) against
+/// `src` ([kk, ohw]), single-threaded, in column blocks small enough that each block's bias,
+/// product, activation and epilogue happen while it is in cache.
+#[allow(clippy::too_many_arguments)]
 fn gemm_rows(
     w: &[f32],
     src: &[f32],
     bias: Option<&[f32]>,
     act: Option<Activation>,
+    epilogue: Option<crate::hook::Epilogue<'_>>,
     kk: usize,
     ohw: usize,
     out: &mut [f32],
@@ -305,9 +316,14 @@ fn gemm_rows(
         let n = block.min(ohw - c0);
         let rhs = MatRef { data: &src[c0..], rs: ohw, cs: 1 };
         sgemm(rows, n, kk, lhs, rhs, 1.0, &mut out[c0..], ohw, false, gemm::Parallelism::None)?;
-        if bias.is_some() || act.is_some() {
+        if bias.is_some() || act.is_some() || epilogue.is_some() {
             for (r, row) in out[c0..].chunks_mut(ohw).enumerate() {
-                bias_clamp(&mut row[..n], bias.map_or(0.0, |b| b[r]), lo, hi);
+                if bias.is_some() || act.is_some() {
+                    bias_clamp(&mut row[..n], bias.map_or(0.0, |b| b[r]), lo, hi);
+                }
+                if let Some(f) = epilogue {
+                    f(&mut row[..n]);
+                }
             }
         }
     }
@@ -382,6 +398,10 @@ impl Kernel for Conv {
     }
 
     fn fuses_activation(&self) -> bool {
+        true
+    }
+
+    fn applies_epilogue(&self) -> bool {
         true
     }
 }

@@ -86,6 +86,9 @@ pub(super) fn image(
             g.ow,
             plane,
         );
+        if let Some(f) = ctx.epilogue {
+            f(plane);
+        }
     };
     if ctx.threads > 1 {
         out.par_chunks_mut(ohw)

@@ -148,10 +148,17 @@ enum Unary {
 }
 
 /// Applies `f` to every element of an f32 tensor, in place when the buffer is not shared.
+/// Applies `f` (then the context's epilogue, if any) to an f32 tensor in place, in chunks.
 fn map_f32(t: Tensor, ctx: &ExecCtx<'_>, f: impl Fn(&mut [f32]) + Sync + Send) -> KernelResult<Tensor> {
     let mut a = into_f32_unique(t)?;
     let s = a.as_slice_mut().ok_or("internal: non-contiguous tensor")?;
-    for_each_chunk_mut(ctx, s, 1 << 16, |_, c| f(c));
+    let epilogue = ctx.epilogue;
+    for_each_chunk_mut(ctx, s, 1 << 16, |_, c| {
+        f(c);
+        if let Some(e) = epilogue {
+            e(c);
+        }
+    });
     Ok(Tensor::F32(a))
 }
 
@@ -210,6 +217,10 @@ impl Kernel for Unary {
             (op, _) => map_f32(x, ctx, move |s| unary_slice(op, s))?,
         };
         Ok(vec![out])
+    }
+
+    fn applies_epilogue(&self) -> bool {
+        true
     }
 }
 
@@ -699,6 +710,10 @@ impl Kernel for ClipOp {
             numeric!(x.dtype(), go(&x, lo, hi))?
         };
         Ok(vec![out])
+    }
+
+    fn applies_epilogue(&self) -> bool {
+        true
     }
 }
 

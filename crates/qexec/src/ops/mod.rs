@@ -23,19 +23,23 @@ use qgraph::{DType, Element, Node, Tensor};
 use crate::buffers::BufferPool;
 use crate::error::{ExecError, KernelResult, Result};
 
-/// What a kernel may use while running: the thread budget and buffer pool of the session.
-#[derive(Debug, Clone, Copy)]
+/// What a kernel may use while running: the thread budget and buffer pool of the session, and the
+/// epilogue to apply to its (first) output, for kernels that support one.
+#[derive(Clone, Copy)]
 pub(crate) struct ExecCtx<'a> {
     /// Worker threads available (1 = run everything on the calling thread).
     pub threads: usize,
     /// Recycled output buffers.
     pub pool: &'a BufferPool,
+    /// Applied to every finished part of the output (only given to kernels whose
+    /// [`Kernel::applies_epilogue`] is true).
+    pub epilogue: Option<crate::hook::Epilogue<'a>>,
 }
 
 impl ExecCtx<'_> {
     /// The same context restricted to the calling thread.
     pub fn single_threaded(&self) -> Self {
-        ExecCtx { threads: 1, pool: self.pool }
+        ExecCtx { threads: 1, ..*self }
     }
 
     /// The `gemm` parallelism for one large product.
@@ -105,6 +109,12 @@ pub(crate) trait Kernel: Send + Sync {
 
     /// Whether the kernel applies a fused activation (see [`Activation`]).
     fn fuses_activation(&self) -> bool {
+        false
+    }
+
+    /// Whether the kernel applies `ExecCtx::epilogue` to its whole first output when that output
+    /// is f32.
+    fn applies_epilogue(&self) -> bool {
         false
     }
 }
