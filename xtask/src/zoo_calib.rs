@@ -201,10 +201,10 @@ fn qdq_top1_in_onnxruntime(
             "run_model.py",
             &[
                 &model.display().to_string(),
-                &inputs.display().to_string(),
                 &outputs.display().to_string(),
                 "32",
                 mode,
+                &format!("input={}", inputs.display()),
             ],
         )?;
         let logits: ArrayD<f32> = read_npy(&outputs)?;
@@ -343,8 +343,63 @@ pub fn check(zoo: &Path) -> Result<()> {
             }
         }
     }
+    check_minilm_w8a16(zoo, &mut failures)?;
     if !failures.is_empty() {
         bail!("QuantSim differs from AIMET:\n  {}", failures.join("\n  "));
+    }
+    Ok(())
+}
+/// MiniLM with the `htp_v73` config at W8A16: calibrate on 64 STS-B rows, export QDQ (opset 21,
+/// int16 activations), run it in onnxruntime as written and compare with the simulation.
+fn check_minilm_w8a16(zoo: &Path, failures: &mut Vec<String>) -> Result<()> {
+    let precision =
+        qcalib::DefaultPrecision { param: qcalib::Precision::Int(8), activation: qcalib::Precision::Int(16) };
+    let options = SimOptions { precision, threads: 0, ..SimOptions::default() };
+    let model = qgraph::load_path(zoo.join("models/all_minilm_l6_v2.onnx"))?;
+    let mut sim = QuantSim::new(model, QuantsimConfig::load("htp_v73")?, options)?;
+    let tokens = zoo_data::stsb_tokens(zoo)?;
+    let rows = |r: std::ops::Range<usize>| -> Vec<(String, qgraph::Tensor)> {
+        tokens
+            .iter()
+            .map(|(n, a)| {
+                let t = a.slice(ndarray::s![r.clone(), ..]).to_owned().into_dyn().into_shared();
+                (n.to_string(), qgraph::Tensor::I64(t))
+            })
+            .collect()
+    };
+    let started = Instant::now();
+    sim.calibrate([rows(0..32), rows(32..64)], &mut |_| {})?;
+    let calib_s = started.elapsed().as_secs_f64();
+    let eval = rows(64..96);
+    let named: Vec<(&str, qgraph::Tensor)> = eval.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let ours = sim.run(&named)?.swap_remove(0);
+    let dir = crate::zoo::out_dir()?;
+    let qdq = dir.join("all_minilm_l6_v2_w8a16_htp_v73_qdq.onnx");
+    qcalib::write_qdq_model(&sim, qcalib::QdqOptions::default(), &qdq)?;
+    let out = dir.join("minilm_qdq_out.npy");
+    let mut args = vec![qdq.display().to_string(), out.display().to_string(), "32".into(), "written".into()];
+    for (n, t) in &eval {
+        let f = dir.join(format!("minilm_eval_{n}.npy"));
+        let qgraph::Tensor::I64(a) = t else { bail!("token ids must be i64") };
+        ndarray_npy::write_npy(&f, &a.to_owned())?;
+        args.push(format!("{n}={}", f.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    crate::python::run_script("run_model.py", &args)?;
+    let theirs: ArrayD<f32> = read_npy(&out)?;
+    let ours = ours.as_f32().context("f32 output")?;
+    let range = ours.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = ours.iter().zip(theirs.iter()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    println!(
+        "  all_minilm_l6_v2, htp_v73, W8A16: calibrated on 64 rows in {calib_s:.1} s; QDQ export (opset 21, int16) \
+         runs in onnxruntime, max |ORT − simulation| {diff:.3} (output range {range:.2}); {} warning(s)",
+        sim.warnings().len()
+    );
+    for w in sim.warnings().iter().take(2) {
+        println!("      warning: {w}");
+    }
+    if diff > 0.05 * range || diff.is_nan() {
+        failures.push(format!("MiniLM W8A16 QDQ export differs from the simulation by {diff}"));
     }
     Ok(())
 }

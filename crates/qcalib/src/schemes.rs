@@ -1,7 +1,8 @@
 //! Calibration schemes: how the statistics a quantizer gathered become an encoding. Min-max uses
 //! the running extremes (spec §2.2, §1.1); TF-enhanced searches AIMET's candidate grids on the
 //! 512-bucket PDF for the lowest saturation-weighted quantization cost (§2.3); percentile cuts the
-//! same PDF at a user percentile (§2.4). Statistics do not depend on the bitwidth, so encodings for
+//! same PDF at a user percentile (§2.4); MSE picks the clipping range with the smallest expected
+//! squared error on it (not an AIMET scheme). Statistics do not depend on the bitwidth, so encodings for
 //! any precision derive from one calibration pass. Fixed ranges (`encoding_constraints`) go
 //! through AIMET's Python grid rule (§3.6).
 
@@ -18,6 +19,9 @@ pub enum Scheme {
     /// Range cut at a percentile of the 512-bucket histogram (100 reproduces AIMET's percentile
     /// scheme, whose percentile cannot be set from aimet-onnx).
     Percentile(f64),
+    /// The clipping range (a fraction 0.01…1 of the observed one) whose grid has the smallest
+    /// expected squared error over the 512-bucket histogram, saturation included.
+    Mse,
 }
 
 impl Scheme {
@@ -27,6 +31,7 @@ impl Scheme {
             "min_max" | "minmax" | "tf" => Some(Scheme::MinMax),
             "tf_enhanced" | "tfe" => Some(Scheme::TfEnhanced),
             "percentile" => Some(Scheme::Percentile(99.99)),
+            "mse" => Some(Scheme::Mse),
             _ => {
                 let p: f64 = s.strip_prefix("percentile:")?.parse().ok()?;
                 (p > 50.0 && p <= 100.0).then_some(Scheme::Percentile(p))
@@ -40,6 +45,7 @@ impl Scheme {
             Scheme::MinMax => "min_max",
             Scheme::TfEnhanced => "post_training_tf_enhanced",
             Scheme::Percentile(_) => "post_training_percentile",
+            Scheme::Mse => "mse",
         }
     }
 
@@ -86,6 +92,7 @@ impl ChannelStats {
         match (scheme, &self.histogram) {
             (Scheme::MinMax, _) | (_, None) => Encoding::from_range(observed.0, observed.1, spec).map(Some),
             (Scheme::TfEnhanced, Some(h)) => Ok(Some(tf_enhanced(h, spec)?)),
+            (Scheme::Mse, Some(h)) => mse_encoding(h, observed, spec).map(Some),
             (Scheme::Percentile(p), Some(h)) => {
                 let (lo, hi) = percentile_range(h, p).unwrap_or((-1.0, 1.0));
                 Encoding::from_range(lo, hi, spec).map(Some)
@@ -221,6 +228,42 @@ fn candidate_cost(x_left: &[f64], pdf: &[f64], delta: f64, offset: f64, steps: f
     GAMMA * sat + quant
 }
 
+/// Expected squared quantize-dequantize error of `enc` over the histogram (bucket centres).
+fn expected_error(x_left: &[f64], pdf: &[f64], enc: &Encoding) -> f64 {
+    let w = x_left[1] - x_left[0];
+    x_left
+        .iter()
+        .zip(pdf)
+        .filter(|(_, p)| **p > 0.0)
+        .map(|(&x, &p)| {
+            let m = x + w / 2.0;
+            let q = ((m.clamp(enc.min, enc.max) / enc.delta - enc.offset).round()).clamp(0.0, enc.steps);
+            let y = enc.delta * (q + enc.offset);
+            p * (m - y) * (m - y)
+        })
+        .sum()
+}
+
+/// The MSE scheme: among the observed range scaled by 1/100 … 100/100 (AIMET's grid rule for
+/// each), the encoding with the smallest expected squared error on the histogram.
+fn mse_encoding(h: &TfHistogram, observed: (f64, f64), spec: QuantSpec) -> Result<Encoding, KernelError> {
+    let full = Encoding::from_range(observed.0, observed.1, spec)?;
+    if !h.is_initialised() {
+        return Ok(full);
+    }
+    let (x_left, pdf) = (h.x_left(), h.pdf());
+    let mut best = (expected_error(&x_left, pdf, &full), full);
+    for k in 1..100 {
+        let f = f64::from(k) / 100.0;
+        let enc = Encoding::from_range(observed.0 * f, observed.1 * f, spec)?;
+        let cost = expected_error(&x_left, pdf, &enc);
+        if cost < best.0 {
+            best = (cost, enc);
+        }
+    }
+    Ok(best.1)
+}
+
 /// The percentile range of AIMET's PDF: at 100, the first and last non-empty buckets; below,
 /// the buckets where the cumulative distribution crosses `1 − p/100` and `p/100`.
 fn percentile_range(h: &TfHistogram, p: f64) -> Option<(f64, f64)> {
@@ -284,6 +327,26 @@ mod tests {
     }
 
     #[test]
+    fn mse_clips_less_than_tf_enhanced_weights_saturation_more_than_min_max() {
+        let n = 200_000;
+        let data: Vec<f32> = (0..n)
+            .map(|i| {
+                let u = (i as f64 + 0.5) / n as f64;
+                (if u < 0.5 { (2.0 * u).ln() } else { -(2.0 * (1.0 - u)).ln() }) as f32
+            })
+            .collect();
+        let mut s = ChannelStats::new(Scheme::Mse);
+        s.observe(&data);
+        let spec = QuantSpec::asymmetric(8);
+        let mse = s.encoding(Scheme::Mse, spec).unwrap().unwrap();
+        let mm = s.encoding(Scheme::MinMax, spec).unwrap().unwrap();
+        assert!(mse.max < mm.max && mse.max > 0.3 * mm.max, "mse {mse:?} mm {mm:?}");
+        let x_left = s.histogram.as_ref().unwrap().x_left();
+        let pdf = s.histogram.as_ref().unwrap().pdf().to_vec();
+        assert!(expected_error(&x_left, &pdf, &mse) <= expected_error(&x_left, &pdf, &mm));
+    }
+
+    #[test]
     fn no_data_gives_no_encoding() {
         let mut s = ChannelStats::new(Scheme::MinMax);
         s.observe(&[f32::NAN]);
@@ -293,6 +356,7 @@ mod tests {
     #[test]
     fn schemes_parse() {
         assert_eq!(Scheme::parse("tf"), Some(Scheme::MinMax));
+        assert_eq!(Scheme::parse("mse"), Some(Scheme::Mse));
         assert_eq!(Scheme::parse("percentile:99.9"), Some(Scheme::Percentile(99.9)));
         assert_eq!(Scheme::parse("percentile:20"), None);
     }
