@@ -2,11 +2,12 @@
 //! the running extremes (spec §2.2, §1.1); TF-enhanced searches AIMET's candidate grids on the
 //! 512-bucket PDF for the lowest saturation-weighted quantization cost (§2.3); percentile cuts the
 //! same PDF at a user percentile (§2.4); MSE picks the clipping range with the smallest expected
-//! squared error on it (not an AIMET scheme). Statistics do not depend on the bitwidth, so encodings for
+//! squared error on it, entropy the symmetric threshold of least KL divergence on a fine
+//! histogram of `|x|` (neither is reachable from aimet-onnx). Statistics do not depend on the bitwidth, so encodings for
 //! any precision derive from one calibration pass. Fixed ranges (`encoding_constraints`) go
 //! through AIMET's Python grid rule (§3.6).
 
-use qkernels::{Encoding, KernelError, MinMax, QuantSpec, TfHistogram};
+use qkernels::{Encoding, KernelError, MergeableHistogram, MinMax, QuantSpec, TfHistogram};
 
 /// A calibration scheme.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -22,6 +23,10 @@ pub enum Scheme {
     /// The clipping range (a fraction 0.01…1 of the observed one) whose grid has the smallest
     /// expected squared error over the 512-bucket histogram, saturation included.
     Mse,
+    /// The symmetric clipping threshold whose quantized distribution of `|x|` is closest (least
+    /// KL divergence) to the observed one, as TensorRT and onnxruntime calibrate (on a
+    /// 4096-bin exactly mergeable histogram).
+    Entropy,
 }
 
 impl Scheme {
@@ -32,6 +37,7 @@ impl Scheme {
             "tf_enhanced" | "tfe" => Some(Scheme::TfEnhanced),
             "percentile" => Some(Scheme::Percentile(99.99)),
             "mse" => Some(Scheme::Mse),
+            "entropy" => Some(Scheme::Entropy),
             _ => {
                 let p: f64 = s.strip_prefix("percentile:")?.parse().ok()?;
                 (p > 50.0 && p <= 100.0).then_some(Scheme::Percentile(p))
@@ -46,12 +52,18 @@ impl Scheme {
             Scheme::TfEnhanced => "post_training_tf_enhanced",
             Scheme::Percentile(_) => "post_training_percentile",
             Scheme::Mse => "mse",
+            Scheme::Entropy => "entropy",
         }
     }
 
-    /// Whether the scheme needs histograms.
+    /// Whether the scheme needs AIMET's 512-bucket histogram.
     pub fn uses_histogram(self) -> bool {
-        !matches!(self, Scheme::MinMax)
+        matches!(self, Scheme::TfEnhanced | Scheme::Percentile(_) | Scheme::Mse)
+    }
+
+    /// Whether the scheme needs the fine, mergeable histogram.
+    pub fn uses_fine_histogram(self) -> bool {
+        matches!(self, Scheme::Entropy)
     }
 }
 
@@ -62,18 +74,30 @@ pub struct ChannelStats {
     pub minmax: MinMax,
     /// AIMET's PDF, for histogram schemes.
     pub histogram: Option<TfHistogram>,
+    /// A fine zero-centred histogram, for the entropy scheme.
+    pub fine: Option<MergeableHistogram>,
 }
+
+/// Bins of the entropy scheme's histogram (2048 per sign).
+pub const ENTROPY_BINS: usize = 4096;
 
 impl ChannelStats {
     /// Empty statistics; with a histogram if `scheme` needs one.
     pub fn new(scheme: Scheme) -> ChannelStats {
-        ChannelStats { minmax: MinMax::default(), histogram: scheme.uses_histogram().then(TfHistogram::new) }
+        ChannelStats {
+            minmax: MinMax::default(),
+            histogram: scheme.uses_histogram().then(TfHistogram::new),
+            fine: scheme.uses_fine_histogram().then(|| MergeableHistogram::new(ENTROPY_BINS)),
+        }
     }
 
     /// Folds one batch in.
     pub fn observe(&mut self, data: &[f32]) {
         self.minmax.observe(data);
         if let Some(h) = &mut self.histogram {
+            h.observe(data);
+        }
+        if let Some(h) = &mut self.fine {
             h.observe(data);
         }
     }
@@ -89,8 +113,14 @@ impl ChannelStats {
             return Ok(None);
         }
         let observed = (f64::from(self.minmax.min), f64::from(self.minmax.max));
+        if let (Scheme::Entropy, Some(h)) = (scheme, &self.fine) {
+            let t = entropy_threshold(h, spec.bitwidth).unwrap_or(f64::INFINITY);
+            return Encoding::from_range(observed.0.max(-t), observed.1.min(t), spec).map(Some);
+        }
         match (scheme, &self.histogram) {
-            (Scheme::MinMax, _) | (_, None) => Encoding::from_range(observed.0, observed.1, spec).map(Some),
+            (Scheme::MinMax | Scheme::Entropy, _) | (_, None) => {
+                Encoding::from_range(observed.0, observed.1, spec).map(Some)
+            }
             (Scheme::TfEnhanced, Some(h)) => Ok(Some(tf_enhanced(h, spec)?)),
             (Scheme::Mse, Some(h)) => mse_encoding(h, observed, spec).map(Some),
             (Scheme::Percentile(p), Some(h)) => {
@@ -264,6 +294,67 @@ fn mse_encoding(h: &TfHistogram, observed: (f64, f64), spec: QuantSpec) -> Resul
     Ok(best.1)
 }
 
+/// TensorRT's entropy calibration on the `|x|` distribution: for every candidate threshold bin
+/// `i`, the reference distribution is the first `i` bins with everything beyond folded into the
+/// last; its quantized version spreads each of `2^(b−1)` equal groups' mass evenly over the
+/// group's non-empty bins; the threshold with the smallest KL divergence wins. `None` when only
+/// zeros were seen.
+fn entropy_threshold(h: &MergeableHistogram, bitwidth: u32) -> Option<f64> {
+    let (counts, half_range, _, _) = h.parts();
+    if half_range == 0.0 {
+        return None;
+    }
+    let half = counts.len() / 2;
+    // |x| bins: the positive side plus the mirrored negative side.
+    let abs: Vec<f64> = (0..half).map(|i| (counts[half + i] + counts[half - 1 - i]) as f64).collect();
+    let width = half_range / half as f64;
+    let levels = (1usize << (bitwidth - 1)).min(half);
+    let last = abs.iter().rposition(|&c| c > 0.0)? + 1;
+    let end = last.max(levels);
+    // suffix[i]: the mass at or beyond bin i, folded into the last bin of a threshold at i.
+    let mut suffix = vec![0.0; end + 1];
+    for i in (0..end).rev() {
+        suffix[i] = suffix[i + 1] + abs.get(i).copied().unwrap_or(0.0);
+    }
+    let mut best: Option<(f64, usize)> = None;
+    for i in levels..=end {
+        let mut p: Vec<f64> = abs[..i].to_vec();
+        p[i - 1] += suffix[i];
+        let mut q = vec![0.0; i];
+        for k in 0..levels {
+            let (a, b) = (k * i / levels, ((k + 1) * i / levels).max(k * i / levels + 1).min(i));
+            let group = &abs[a..b];
+            let total: f64 = group.iter().sum();
+            let nonzero = group.iter().filter(|&&c| c > 0.0).count();
+            if nonzero == 0 {
+                continue;
+            }
+            for (j, &c) in group.iter().enumerate() {
+                if c > 0.0 {
+                    q[a + j] = total / nonzero as f64;
+                }
+            }
+        }
+        let (sp, sq): (f64, f64) = (p.iter().sum(), q.iter().sum());
+        if sp == 0.0 || sq == 0.0 {
+            continue;
+        }
+        let kl: f64 = p
+            .iter()
+            .zip(&q)
+            .filter(|(pi, _)| **pi > 0.0)
+            .map(|(&pi, &qi)| {
+                let (pn, qn) = (pi / sp, (qi / sq).max(1e-12));
+                pn * (pn / qn).ln()
+            })
+            .sum();
+        if best.is_none_or(|(b, _)| kl < b) {
+            best = Some((kl, i));
+        }
+    }
+    best.map(|(_, i)| (i as f64 + 0.5) * width)
+}
+
 /// The percentile range of AIMET's PDF: at 100, the first and last non-empty buckets; below,
 /// the buckets where the cumulative distribution crosses `1 − p/100` and `p/100`.
 fn percentile_range(h: &TfHistogram, p: f64) -> Option<(f64, f64)> {
@@ -347,6 +438,27 @@ mod tests {
     }
 
     #[test]
+    fn entropy_clips_a_long_tail() {
+        let n = 200_000;
+        let data: Vec<f32> = (0..n)
+            .map(|i| {
+                let u = (i as f64 + 0.5) / n as f64;
+                (if u < 0.5 { (2.0 * u).ln() } else { -(2.0 * (1.0 - u)).ln() }) as f32
+            })
+            .collect();
+        let mut s = ChannelStats::new(Scheme::Entropy);
+        s.observe(&data);
+        let spec = QuantSpec::symmetric(8);
+        let e = s.encoding(Scheme::Entropy, spec).unwrap().unwrap();
+        let mm = s.encoding(Scheme::MinMax, spec).unwrap().unwrap();
+        assert!(e.max < 0.9 * mm.max && e.max > 0.2 * mm.max, "entropy {e:?} min-max {mm:?}");
+        // Only zeros: the full (minimum-scale) range.
+        let mut z = ChannelStats::new(Scheme::Entropy);
+        z.observe(&[0.0; 10]);
+        assert_eq!(z.encoding(Scheme::Entropy, spec).unwrap().unwrap().delta, qkernels::MIN_SCALE);
+    }
+
+    #[test]
     fn no_data_gives_no_encoding() {
         let mut s = ChannelStats::new(Scheme::MinMax);
         s.observe(&[f32::NAN]);
@@ -357,6 +469,7 @@ mod tests {
     fn schemes_parse() {
         assert_eq!(Scheme::parse("tf"), Some(Scheme::MinMax));
         assert_eq!(Scheme::parse("mse"), Some(Scheme::Mse));
+        assert_eq!(Scheme::parse("entropy"), Some(Scheme::Entropy));
         assert_eq!(Scheme::parse("percentile:99.9"), Some(Scheme::Percentile(99.9)));
         assert_eq!(Scheme::parse("percentile:20"), None);
     }

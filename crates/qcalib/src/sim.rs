@@ -193,10 +193,14 @@ impl QuantSim {
             let values: Vec<f32> = arr.iter().copied().collect();
             let groups = split_by_encoding(&values, arr.shape(), q.granularity)
                 .map_err(|detail| CalibError::Quantizer { tensor: g.value(t.value).name.clone(), detail })?;
+            let scheme = match self.options.scheme {
+                Scheme::Entropy if q.is_param => Scheme::MinMax,
+                scheme => scheme,
+            };
             let stats = groups
                 .iter()
                 .map(|vals| {
-                    let mut s = ChannelStats::new(self.options.scheme);
+                    let mut s = ChannelStats::new(scheme);
                     s.observe(vals);
                     s
                 })
@@ -212,7 +216,12 @@ impl QuantSim {
         let spec = quantizer.spec();
         let mut out = Vec::with_capacity(stats.len());
         for (c, s) in stats.iter().enumerate() {
-            let enc = s.encoding(self.options.scheme, spec).map_err(|source| CalibError::Kernel {
+            // Entropy calibration is for activations (as in TensorRT); weights use their extremes.
+            let scheme = match self.options.scheme {
+                Scheme::Entropy if quantizer.is_param => Scheme::MinMax,
+                scheme => scheme,
+            };
+            let enc = s.encoding(scheme, spec).map_err(|source| CalibError::Kernel {
                 context: format!("encoding of '{}' (channel {c})", self.quantizer_name(q)),
                 source,
             })?;

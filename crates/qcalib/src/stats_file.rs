@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use prost::Message;
-use qkernels::{MinMax, TfHistogram};
+use qkernels::{MergeableHistogram, MinMax, TfHistogram};
 
 use crate::error::{CalibError, Result};
 use crate::schemes::ChannelStats;
@@ -54,6 +54,26 @@ pub struct ChannelEntry {
     /// The TF-enhanced PDF, for histogram schemes.
     #[prost(message, optional, tag = "3")]
     pub histogram: Option<HistogramEntry>,
+    /// The fine mergeable histogram, for the entropy scheme.
+    #[prost(message, optional, tag = "4")]
+    pub fine: Option<FineHistogramEntry>,
+}
+
+/// A saved [`qkernels::MergeableHistogram`].
+#[derive(Clone, PartialEq, Message)]
+pub struct FineHistogramEntry {
+    /// Bin counts.
+    #[prost(uint64, repeated, tag = "1")]
+    pub counts: Vec<u64>,
+    /// Half the covered range (a power of two, or 0).
+    #[prost(double, tag = "2")]
+    pub half_range: f64,
+    /// Zeros seen before the range was known.
+    #[prost(uint64, tag = "3")]
+    pub pending_zeros: u64,
+    /// NaN and infinite values seen.
+    #[prost(uint64, tag = "4")]
+    pub non_finite: u64,
 }
 
 /// A saved [`TfHistogram`].
@@ -99,6 +119,10 @@ pub fn save_stats(sim: &QuantSim, path: &Path) -> Result<()> {
                         HistogramEntry { lo, width, pdf: pdf.to_vec(), batches }
                     }
                     None => HistogramEntry::default(),
+                }),
+                fine: s.fine.as_ref().map(|h| {
+                    let (counts, half_range, pending_zeros, non_finite) = h.parts();
+                    FineHistogramEntry { counts: counts.to_vec(), half_range, pending_zeros, non_finite }
                 }),
             })
             .collect();
@@ -162,7 +186,20 @@ pub fn load_stats(sim: &mut QuantSim, path: &Path) -> Result<()> {
                 }
                 None => None,
             };
-            channels.push(ChannelStats { minmax: MinMax { min: c.min, max: c.max }, histogram });
+            let fine = match c.fine {
+                Some(f) => Some(
+                    MergeableHistogram::from_parts(f.counts, f.half_range, f.pending_zeros, f.non_finite)
+                        .map_err(|e| stats_error(path, format!("'{}': {e}", entry.tensor)))?,
+                ),
+                None if sim.options().scheme.uses_fine_histogram() && c.min <= c.max => {
+                    return Err(stats_error(
+                        path,
+                        format!("'{}' has no fine histogram, which the entropy scheme needs", entry.tensor),
+                    ));
+                }
+                None => None,
+            };
+            channels.push(ChannelStats { minmax: MinMax { min: c.min, max: c.max }, histogram, fine });
         }
         stats.insert(q, channels);
     }

@@ -143,7 +143,8 @@ fn simulation_is_close_to_float_and_not_equal() {
 
 #[test]
 fn every_encodings_version_loads_back_to_the_same_simulation() {
-    for scheme in [Scheme::MinMax, Scheme::TfEnhanced, Scheme::Percentile(99.9)] {
+    for scheme in [Scheme::MinMax, Scheme::TfEnhanced, Scheme::Percentile(99.9), Scheme::Mse, Scheme::Entropy]
+    {
         let s = calibrated(SimOptions { scheme, ..SimOptions::default() });
         let feeds = batch(3, 9);
         let want = run(&s, &feeds);
@@ -271,7 +272,7 @@ fn int16_activations_raise_the_opset() {
 fn statistics_files_reload_to_the_same_encodings() {
     let dir = std::env::temp_dir().join(format!("qcalib-stats-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for scheme in [Scheme::MinMax, Scheme::TfEnhanced] {
+    for scheme in [Scheme::MinMax, Scheme::TfEnhanced, Scheme::Entropy] {
         let s = calibrated(SimOptions { scheme, ..SimOptions::default() });
         let path = dir.join(format!("{scheme:?}.qstats"));
         qcalib::save_stats(&s, &path).unwrap();

@@ -214,6 +214,29 @@ impl MergeableHistogram {
         }
     }
 
+    /// The saved form: counts, half range, zeros seen before any range, non-finite values.
+    pub fn parts(&self) -> (&[u64], f64, u64, u64) {
+        (&self.counts, self.half_range, self.pending_zeros, self.non_finite)
+    }
+
+    /// Rebuilds a histogram from [`MergeableHistogram::parts`]: an even, non-zero bin count and
+    /// a half range that is 0 or a finite power of two.
+    pub fn from_parts(
+        counts: Vec<u64>,
+        half_range: f64,
+        pending_zeros: u64,
+        non_finite: u64,
+    ) -> Result<MergeableHistogram, crate::KernelError> {
+        let power_of_two = half_range == 0.0 || (half_range.is_finite() && half_range.log2().fract() == 0.0);
+        if counts.is_empty() || counts.len() % 2 != 0 || !power_of_two {
+            return Err(crate::KernelError::Layout(format!(
+                "{} bins over ±{half_range} is not a mergeable histogram",
+                counts.len()
+            )));
+        }
+        Ok(MergeableHistogram { counts, half_range, pending_zeros, non_finite })
+    }
+
     /// Adds another histogram with the same bin count. Exact and order-independent.
     pub fn merge(&mut self, other: &MergeableHistogram) -> Result<(), crate::KernelError> {
         if other.counts.len() != self.counts.len() {

@@ -34,7 +34,7 @@ pub struct QuantsimArgs {
     /// Quantsim config: a preset (default, default_per_tensor, htp_v73) or a JSON file.
     #[arg(long, default_value = "default")]
     config: String,
-    /// Calibration scheme: min_max, tf_enhanced, percentile, percentile:P or mse.
+    /// Calibration scheme: min_max, tf_enhanced, percentile, percentile:P, mse or entropy.
     #[arg(long, default_value = "min_max", value_parser = parse_scheme)]
     scheme: Scheme,
     /// Weight precision: int4..int16, fp16, bf16.
@@ -79,8 +79,9 @@ pub struct QuantsimArgs {
 }
 
 fn parse_scheme(s: &str) -> Result<Scheme, String> {
-    Scheme::parse(s)
-        .ok_or_else(|| format!("unknown scheme '{s}' (min_max, tf_enhanced, percentile, percentile:P, mse)"))
+    Scheme::parse(s).ok_or_else(|| {
+        format!("unknown scheme '{s}' (min_max, tf_enhanced, percentile, percentile:P, mse, entropy)")
+    })
 }
 
 fn parse_precision(s: &str) -> Result<Precision, String> {
