@@ -615,6 +615,32 @@ impl Placement {
                 }
             }
         }
+        // Graph passes (step 11): decomposed LayerNormalization / RMSNormalization.
+        let passes = &config.supergroup_passes;
+        let (ln, rms) = (
+            passes.iter().any(|p| p == "LayerNormalization"),
+            passes.iter().any(|p| p == "RMSNormalization"),
+        );
+        for m in norm_matches(g, order) {
+            if (m.centred && !ln) || (!m.centred && !rms) {
+                continue;
+            }
+            for &node in &m.inner {
+                for q in self.output_quantizers(g, node) {
+                    self.quantizers[q.0].enabled = false;
+                }
+            }
+            for &c in m.constants.iter().chain(&m.beta) {
+                if let Some(q) = self.q_mut(c) {
+                    q.enabled = false;
+                }
+            }
+            if let Some(q) = m.gamma.and_then(|v| self.q_mut(v))
+                && q.precision == Precision::Int(16)
+            {
+                q.symmetric = true;
+            }
+        }
     }
 
     fn apply_supergroups(
@@ -922,6 +948,86 @@ impl Placement {
             _ => Ok(()),
         }
     }
+}
+
+/// A decomposed normalisation: `(x − mean(x)) / sqrt(mean((x − mean)²) + ε) · γ + β` (centred,
+/// LayerNormalization) or `x / sqrt(mean(x²) + ε) · γ` (RMSNormalization).
+struct NormMatch {
+    /// Whether the mean is subtracted (LayerNormalization).
+    centred: bool,
+    /// Nodes whose outputs are internal to the normalisation.
+    inner: Vec<NodeId>,
+    /// Internal constants (the exponent 2, ε).
+    constants: Vec<ValueId>,
+    /// The scale γ, if the pattern has one.
+    gamma: Option<ValueId>,
+    /// The shift β, if the pattern has one.
+    beta: Option<ValueId>,
+}
+
+/// Finds decomposed LayerNormalization / RMSNormalization patterns, matched from their `Div`.
+fn norm_matches(g: &Graph, order: &[NodeId]) -> Vec<NormMatch> {
+    let producer = |v: ValueId, op: &str| g.producer(v).map(|o| o.node).filter(|&n| g.node(n).op_type == op);
+    let static_input = |n: NodeId, not: ValueId| {
+        g.node(n).inputs().iter().flatten().copied().find(|&v| v != not && g.static_value(v).is_some())
+    };
+    let sole_consumer = |v: ValueId, op: &str| {
+        let c = g.consumer_nodes(v);
+        (c.len() == 1 && g.node(c[0]).op_type == op && !g.is_output(v)).then(|| c[0])
+    };
+    let mut out = Vec::new();
+    for &div in order {
+        let n = g.node(div);
+        if n.op_type != "Div" {
+            continue;
+        }
+        let (Some(d), Some(s)) = (n.input(0), n.input(1)) else { continue };
+        let Some(sqrt) = producer(s, "Sqrt") else { continue };
+        let Some(add_eps) = g.node(sqrt).input(0).and_then(|v| producer(v, "Add")) else { continue };
+        let Some(var) = g.node(add_eps).inputs().iter().flatten().find_map(|&v| producer(v, "ReduceMean"))
+        else {
+            continue;
+        };
+        let Some(eps) = g.node(add_eps).output(0).and_then(|o| static_input(add_eps, o)) else { continue };
+        let Some(pow) = g.node(var).input(0).and_then(|v| producer(v, "Pow")) else { continue };
+        if g.node(pow).input(0) != Some(d) {
+            continue;
+        }
+        let Some(two) = static_input(pow, d) else { continue };
+        let mut inner = vec![pow, var, add_eps, sqrt];
+        let mut constants = vec![two, eps];
+        let centred = match producer(d, "Sub") {
+            Some(sub) => {
+                let (Some(x), Some(m)) = (g.node(sub).input(0), g.node(sub).input(1)) else { continue };
+                match producer(m, "ReduceMean") {
+                    Some(mean) if g.node(mean).input(0) == Some(x) => {
+                        inner.extend([mean, sub]);
+                        true
+                    }
+                    _ => continue,
+                }
+            }
+            None => false,
+        };
+        let Some(y) = n.output(0) else { continue };
+        let (mut gamma, mut beta) = (None, None);
+        if let Some(mul) = sole_consumer(y, "Mul")
+            && let Some(gm) = static_input(mul, y)
+        {
+            inner.push(div);
+            gamma = Some(gm);
+            if let Some(z) = g.node(mul).output(0)
+                && let Some(add) = sole_consumer(z, "Add")
+                && let Some(b) = static_input(add, z)
+            {
+                inner.push(mul);
+                beta = Some(b);
+            }
+        }
+        constants.retain(|c| !inner.iter().any(|&n| g.node(n).outputs().contains(&Some(*c))));
+        out.push(NormMatch { centred, inner, constants, gamma, beta });
+    }
+    out
 }
 
 /// MatMul(x, static 2-D W) whose only consumer is an Add with a rank-1 static operand:

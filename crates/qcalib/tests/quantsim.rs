@@ -311,3 +311,46 @@ fn float_limit_ranges_are_reported() {
     s.calibrate(vec![feeds], &mut |_| {}).unwrap();
     assert!(s.warnings().iter().any(|w| w.contains("'input'")), "{:?}", s.warnings());
 }
+
+/// x [N, 4] → decomposed LayerNorm (ReduceMean, Sub, Pow, ReduceMean, Add ε, Sqrt, Div, Mul γ,
+/// Add β).
+fn layer_norm_model() -> Model {
+    let mut g = Graph::new("ln");
+    let x = g.add_input("x", DType::F32, Shape(vec![Dim::Symbol("N".into()), Dim::Known(4)]));
+    let axes = ("axes", Attribute::Ints(vec![-1]));
+    let mean = node(&mut g, "ReduceMean", vec![x], "mean", vec![axes.clone()]);
+    let d = node(&mut g, "Sub", vec![x, mean], "centred", vec![]);
+    let two = g.add_initializer("two", Tensor::scalar(2f32));
+    let sq = node(&mut g, "Pow", vec![d, two], "squared", vec![]);
+    let var = node(&mut g, "ReduceMean", vec![sq], "variance", vec![axes]);
+    let eps = g.add_initializer("eps", Tensor::scalar(1e-5f32));
+    let ve = node(&mut g, "Add", vec![var, eps], "var_eps", vec![]);
+    let sd = node(&mut g, "Sqrt", vec![ve], "std", vec![]);
+    let n = node(&mut g, "Div", vec![d, sd], "normed", vec![]);
+    let gamma = g.add_initializer("gamma", t(&[4], vec![1.0, 0.5, -0.5, 2.0]));
+    let scaled = node(&mut g, "Mul", vec![n, gamma], "scaled", vec![]);
+    let beta = g.add_initializer("beta", t(&[4], vec![0.1, 0.2, 0.3, 0.4]));
+    let y = node(&mut g, "Add", vec![scaled, beta], "y", vec![]);
+    g.add_output(y);
+    Model::new(g, 13)
+}
+
+#[test]
+fn the_layer_norm_pass_keeps_only_the_output_and_gamma_quantized() {
+    let precision = DefaultPrecision { param: Precision::Int(8), activation: Precision::Int(16) };
+    let options = SimOptions { precision, ..SimOptions::default() };
+    let s = QuantSim::new(layer_norm_model(), QuantsimConfig::load("htp_v73").unwrap(), options).unwrap();
+    for inner in
+        ["mean", "centred", "squared", "variance", "var_eps", "std", "normed", "scaled", "two", "eps", "beta"]
+    {
+        assert_eq!(enabled(&s, inner), Some(false), "{inner}");
+    }
+    assert_eq!(enabled(&s, "y"), Some(true));
+    assert_eq!(enabled(&s, "x"), Some(true));
+    let p = s.placement();
+    let gamma = p.quantizer(p.quantizer_of(s.model().graph.value_id("gamma").unwrap()).unwrap());
+    assert!(gamma.enabled && gamma.symmetric);
+    // Without the pass (default config) the intermediate outputs are quantized.
+    let plain = QuantSim::new(layer_norm_model(), QuantsimConfig::load("default").unwrap(), options).unwrap();
+    assert_eq!(enabled(&plain, "normed"), Some(true));
+}
