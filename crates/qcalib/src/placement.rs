@@ -447,6 +447,29 @@ impl Placement {
             .collect()
     }
 
+    /// The quantizers of one layer as AIMET counts them (spec §5.1): its non-parameter inputs that
+    /// no node produces (graph inputs, constants), its outputs and its parameters — each once.
+    /// Changing these is how a layer is switched to another precision or left in float.
+    pub fn op_quantizers(&self, g: &Graph, node: NodeId) -> Vec<QuantizerId> {
+        let mut out: Vec<QuantizerId> = Vec::new();
+        let inputs = g
+            .node(node)
+            .inputs()
+            .iter()
+            .flatten()
+            .filter(|&&v| g.producer(v).is_none() || g.static_value(v).is_some());
+        let from_inputs = inputs.filter_map(|&v| {
+            self.tensor(v).filter(|t| !matches!(t.role, TensorRole::Param { .. })).map(|t| t.quantizer)
+        });
+        let params = self.param_quantizers(g, node).into_iter().map(|(_, q)| q);
+        for q in from_inputs.chain(self.output_quantizers(g, node)).chain(params) {
+            if !out.contains(&q) {
+                out.push(q);
+            }
+        }
+        out
+    }
+
     /// Quantizers of `node`'s parameters, with their roles.
     pub fn param_quantizers(&self, g: &Graph, node: NodeId) -> Vec<(ParamRole, QuantizerId)> {
         let mut out = Vec::new();

@@ -354,3 +354,26 @@ fn the_layer_norm_pass_keeps_only_the_output_and_gamma_quantized() {
     let plain = QuantSim::new(layer_norm_model(), QuantsimConfig::load("default").unwrap(), options).unwrap();
     assert_eq!(enabled(&plain, "normed"), Some(true));
 }
+
+#[test]
+fn a_layer_can_be_switched_to_another_precision() {
+    let mut s = calibrated(SimOptions::default());
+    let g = &s.model().graph;
+    let conv = g.node_id("Conv_conv0").unwrap();
+    let qs = s.placement().op_quantizers(g, conv);
+    let names: Vec<String> = qs
+        .iter()
+        .flat_map(|&q| s.placement().tensors_of(q).map(|t| g.value(t.value).name.clone()).collect::<Vec<_>>())
+        .collect();
+    // Its own output, weight and bias; the graph input it reads is AIMET's input quantizer of it.
+    for n in ["input", "conv0", "conv0.weight", "conv0.bias"] {
+        assert!(names.iter().any(|x| x == n), "{n} not in {names:?}");
+    }
+    for q in qs {
+        s.placement_mut().quantizer_mut(q).set_precision(Precision::Int(16));
+    }
+    s.compute_encodings().unwrap();
+    let doc = qcalib::encodings_json(&s, EncodingVersion::V1_0_0);
+    let w = doc["param_encodings"].as_array().unwrap().iter().find(|e| e["name"] == "conv0.weight").unwrap();
+    assert_eq!(w["bw"], 16);
+}
