@@ -33,6 +33,7 @@ pub use placement::{
     QuantizerId, TensorRole,
 };
 pub use qdq::{QdqOptions, to_qdq_model, write_qdq_model};
+pub use qkernels::Rounding;
 pub use schemes::{ChannelStats, ENTROPY_BINS, Scheme, encoding_from_fixed_range};
 pub use sim::{Feeds, QuantSim, QuantizerStats, SimOptions, split_by_encoding};
 pub use stats_file::{

@@ -99,12 +99,17 @@ fn zero_point_tensor(bits: u32, signed: bool, zps: &[i64], per_channel: bool) ->
 }
 
 /// Integers of a weight on its dtype view, per tensor or per channel.
-fn integer_weight(t: &Tensor, q: &Quantizer, encs: &[Encoding], signed: bool) -> Result<Vec<i64>, String> {
+fn integer_weight(
+    t: &Tensor,
+    q: &Quantizer,
+    encs: &[Encoding],
+    signed: bool,
+    rounding: Rounding,
+) -> Result<Vec<i64>, String> {
     let arr = t.as_f32().ok_or("weight is not f32")?;
     let data: Vec<f32> = arr.iter().copied().collect();
     let shape = arr.shape();
-    let one =
-        |chunk: &[f32], e: &Encoding| qkernels::quantize_to_int(chunk, e, signed, Rounding::HalfAwayFromZero);
+    let one = |chunk: &[f32], e: &Encoding| qkernels::quantize_to_int(chunk, e, signed, rounding);
     let ints: Vec<i32> = match q.granularity {
         Granularity::PerTensor => one(&data, &encs[0]),
         Granularity::PerChannel { axis } => {
@@ -187,7 +192,7 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
         let mut dequantize_only = false;
         if let Some(data) = g.static_value(t.value) {
             if options.prequantize_weights && is_param {
-                let ints = integer_weight(data, q, encs, signed)
+                let ints = integer_weight(data, q, encs, signed, Rounding::HalfAwayFromZero)
                     .map_err(|detail| CalibError::Quantizer { tensor: name.clone(), detail })?;
                 let int_tensor =
                     Tensor::from_i64s(zero_point.dtype(), data.shape(), &ints).ok_or_else(|| {
@@ -199,7 +204,7 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
             } else {
                 let mut values: Vec<f32> =
                     data.as_f32().map(|a| a.iter().copied().collect()).unwrap_or_default();
-                crate::sim::apply_quantizer(&mut values, data.shape(), q)
+                crate::sim::apply_quantizer(&mut values, data.shape(), q, Rounding::HalfAwayFromZero)
                     .map_err(|detail| CalibError::Quantizer { tensor: name.clone(), detail })?;
                 model.graph.value_mut(t.value).data = Tensor::from_vec(data.shape(), values);
             }

@@ -35,6 +35,10 @@ pub struct SimOptions {
     pub threads: usize,
     /// Gather activation statistics with float weights instead of quantized ones.
     pub calibrate_with_float_weights: bool,
+    /// How activation fake-quant rounds ties: away from zero as AIMET does (default), or to even
+    /// as ONNX `QuantizeLinear` does — the exact semantics of the QDQ export. Weights and
+    /// constants are always rounded as AIMET rounds them (the export stores those values).
+    pub rounding: Rounding,
 }
 
 impl Default for SimOptions {
@@ -44,6 +48,7 @@ impl Default for SimOptions {
             scheme: Scheme::MinMax,
             threads: 1,
             calibrate_with_float_weights: false,
+            rounding: Rounding::HalfAwayFromZero,
         }
     }
 }
@@ -100,6 +105,13 @@ impl QuantSim {
     /// The options.
     pub fn options(&self) -> &SimOptions {
         &self.options
+    }
+
+    /// Switches tie rounding (AIMET's away-from-zero, or ONNX's to-even) and rebuilds the
+    /// simulation; encodings are unchanged.
+    pub fn set_rounding(&mut self, rounding: Rounding) -> Result<()> {
+        self.options.rounding = rounding;
+        if self.session.is_some() { self.refresh() } else { Ok(()) }
     }
 
     /// The quantizer side table.
@@ -414,8 +426,12 @@ impl QuantSim {
             tensor: "(model)".into(),
             detail: "the simulation has no encodings yet: calibrate or load encodings first".into(),
         })?;
-        let mut hook =
-            FakeQuantHook::new(&self.placement, self.model.graph.value_count(), self.options.threads != 1);
+        let mut hook = FakeQuantHook::new(
+            &self.placement,
+            self.model.graph.value_count(),
+            self.options.threads != 1,
+            self.options.rounding,
+        );
         let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() };
         Ok(session.run_with(feeds, opts)?.outputs)
     }
@@ -471,26 +487,31 @@ pub fn split_by_encoding(
     Ok(out)
 }
 
-/// The fake-quantized (or fake-cast) copy of a static tensor.
+/// The fake-quantized (or fake-cast) copy of a static tensor, rounded as AIMET rounds.
 fn fake_quant_tensor(t: &Tensor, q: &Quantizer) -> Result<Tensor, String> {
     let Some(arr) = t.as_f32() else { return Ok(t.clone()) };
     let shape = arr.shape().to_vec();
     let mut data: Vec<f32> = arr.iter().copied().collect();
-    apply_quantizer(&mut data, &shape, q)?;
+    apply_quantizer(&mut data, &shape, q, Rounding::HalfAwayFromZero)?;
     Tensor::from_vec(&shape, data).ok_or_else(|| "shape and data disagree".to_string())
 }
 
 /// Applies one quantizer to a row-major f32 buffer.
-pub(crate) fn apply_quantizer(data: &mut [f32], shape: &[usize], q: &Quantizer) -> Result<(), String> {
+pub(crate) fn apply_quantizer(
+    data: &mut [f32],
+    shape: &[usize],
+    q: &Quantizer,
+    rounding: Rounding,
+) -> Result<(), String> {
     match q.precision {
         Precision::Float16 => qkernels::fake_cast_f16(data),
         Precision::BFloat16 => qkernels::fake_cast_bf16(data),
         Precision::Int(_) => {
             let encs = q.encodings.as_deref().ok_or("no encodings")?;
             match q.granularity {
-                Granularity::PerTensor => qkernels::fake_quant(data, &encs[0]),
+                Granularity::PerTensor => qkernels::fake_quant_with(data, &encs[0], rounding),
                 Granularity::PerChannel { axis } => {
-                    qkernels::fake_quant_per_channel(data, shape, axis, encs, Rounding::HalfAwayFromZero)
+                    qkernels::fake_quant_per_channel(data, shape, axis, encs, rounding)
                         .map_err(|e| e.to_string())?;
                 }
                 Granularity::PerBlock { channel_axis, block_axis, block_size } => {
@@ -501,7 +522,7 @@ pub(crate) fn apply_quantizer(data: &mut [f32], shape: &[usize], q: &Quantizer) 
                         block_axis,
                         block_size,
                         encs,
-                        Rounding::HalfAwayFromZero,
+                        rounding,
                     )
                     .map_err(|e| e.to_string())?
                 }
@@ -551,6 +572,8 @@ struct FakeQuantHook<'a> {
     epilogues: Vec<Option<ElementwiseQuantizer>>,
     /// Whether the run may use several threads (the hook then runs inside the session's pool).
     parallel: bool,
+    /// Tie rounding of every quantizer.
+    rounding: Rounding,
 }
 
 /// A quantizer as an elementwise function over f32 slices.
@@ -560,7 +583,7 @@ type ElementwiseQuantizer = Box<dyn Fn(&mut [f32]) + Sync + Send>;
 const PARALLEL_MIN: usize = 1 << 15;
 
 impl<'a> FakeQuantHook<'a> {
-    fn new(placement: &'a Placement, values: usize, parallel: bool) -> FakeQuantHook<'a> {
+    fn new(placement: &'a Placement, values: usize, parallel: bool, rounding: Rounding) -> FakeQuantHook<'a> {
         let mut table = vec![None; values];
         for t in placement.tensors() {
             let q = placement.quantizer(t.quantizer);
@@ -575,7 +598,7 @@ impl<'a> FakeQuantHook<'a> {
                 match (q.precision, q.granularity, q.encodings.as_deref()) {
                     (Precision::Int(_), Granularity::PerTensor, Some([enc])) => {
                         let enc = *enc;
-                        Some(Box::new(move |x: &mut [f32]| qkernels::fake_quant(x, &enc))
+                        Some(Box::new(move |x: &mut [f32]| qkernels::fake_quant_with(x, &enc, rounding))
                             as ElementwiseQuantizer)
                     }
                     (Precision::Float16, _, _) => {
@@ -588,7 +611,7 @@ impl<'a> FakeQuantHook<'a> {
                 }
             })
             .collect();
-        FakeQuantHook { table, epilogues, parallel }
+        FakeQuantHook { table, epilogues, parallel, rounding }
     }
 }
 
@@ -610,10 +633,10 @@ impl Hook for FakeQuantHook<'_> {
             use rayon::prelude::*;
             return data
                 .par_chunks_mut(PARALLEL_MIN)
-                .try_for_each(|chunk| apply_quantizer(chunk, &[chunk.len()], q))
+                .try_for_each(|chunk| apply_quantizer(chunk, &[chunk.len()], q, self.rounding))
                 .map_err(HookError::from);
         }
-        apply_quantizer(data, &shape, q).map_err(HookError::from)
+        apply_quantizer(data, &shape, q, self.rounding).map_err(HookError::from)
     }
 }
 

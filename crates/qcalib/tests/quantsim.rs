@@ -260,6 +260,20 @@ fn qdq_export_runs_and_matches_the_simulation() {
 }
 
 #[test]
+fn with_onnx_rounding_the_simulation_is_what_the_qdq_export_computes() {
+    let mut s = calibrated(SimOptions::default());
+    s.set_rounding(qcalib::Rounding::HalfToEven).unwrap();
+    let feeds = batch(4, 17);
+    let want = run(&s, &feeds);
+    let model =
+        qgraph::model_from_proto(qcalib::to_qdq_model(&s, qcalib::QdqOptions::default()).unwrap(), None)
+            .unwrap();
+    let session = qexec::Session::new(model, qexec::SessionOptions::threads(1)).unwrap();
+    let got = session.run(&[("input", feeds[0].1.clone())]).unwrap();
+    assert_eq!(got[0].as_f32().unwrap().iter().copied().collect::<Vec<_>>(), want);
+}
+
+#[test]
 fn int16_activations_raise_the_opset() {
     let precision = DefaultPrecision { param: Precision::Int(8), activation: Precision::Int(16) };
     let s = calibrated(SimOptions { precision, ..SimOptions::default() });

@@ -46,6 +46,10 @@ pub struct QuantsimArgs {
     /// Gather activation statistics with float weights (AIMET quantizes weights first).
     #[arg(long)]
     calibrate_activations_with_float_weights: bool,
+    /// Tie rounding of activations: `aimet` (away from zero) or `onnx` (to even, what the QDQ
+    /// export computes).
+    #[arg(long, default_value = "aimet", value_parser = parse_rounding)]
+    rounding: qcalib::Rounding,
     /// Encodings file version: 1.0.0, 0.6.1 or 2.0.0.
     #[arg(long, default_value = "1.0.0", value_parser = parse_version)]
     encoding_version: EncodingVersion,
@@ -82,6 +86,14 @@ fn parse_scheme(s: &str) -> Result<Scheme, String> {
     Scheme::parse(s).ok_or_else(|| {
         format!("unknown scheme '{s}' (min_max, tf_enhanced, percentile, percentile:P, mse, entropy)")
     })
+}
+
+fn parse_rounding(s: &str) -> Result<qcalib::Rounding, String> {
+    match s {
+        "aimet" => Ok(qcalib::Rounding::HalfAwayFromZero),
+        "onnx" => Ok(qcalib::Rounding::HalfToEven),
+        _ => Err(format!("unknown rounding '{s}' (aimet, onnx)")),
+    }
 }
 
 fn parse_precision(s: &str) -> Result<Precision, String> {
@@ -180,6 +192,7 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         scheme: a.scheme,
         threads: a.threads,
         calibrate_with_float_weights: a.calibrate_activations_with_float_weights,
+        rounding: a.rounding,
     };
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
     std::fs::create_dir_all(&a.out)
