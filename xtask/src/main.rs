@@ -6,6 +6,7 @@ mod bench;
 mod conformance;
 mod python;
 mod zoo;
+mod zoo_analyze;
 mod zoo_calib;
 mod zoo_data;
 mod zoo_exec;
@@ -14,9 +15,10 @@ use anyhow::{Result, bail};
 
 const USAGE: &str = "usage: cargo xtask <command>
 commands:
-  zoo [exec|calib]
+  zoo [exec|calib|analyze]
                  run every check on the real models of ../shared/zoo (fails if it is missing);
-                 `exec` runs only the interpreter parity checks, `calib` only QuantSim vs AIMET
+                 `exec` runs only the interpreter parity checks, `calib` only QuantSim vs AIMET,
+                 `analyze` only the per-layer sensitivity vs AIMET
   conformance [--update]
                  run the ONNX backend node tests; fail if a test of the manifest fails
   bench [load]   measure against the reference implementation in the same run, print ratios

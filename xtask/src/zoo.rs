@@ -57,12 +57,14 @@ pub fn run(only: Option<&str>) -> Result<()> {
     match only {
         Some("exec") => return crate::zoo_exec::check(&zoo),
         Some("calib") => return crate::zoo_calib::check(&zoo),
+        Some("analyze") => return crate::zoo_analyze::check(&zoo),
         _ => {}
     }
     check_graphs(&zoo)?;
     check_bn_folding()?;
     crate::zoo_exec::check(&zoo)?;
     crate::zoo_calib::check(&zoo)?;
+    crate::zoo_analyze::check(&zoo)?;
     fuzz_loader(&zoo.join("models/mobilenetv1_025_128.onnx"), 2000)?;
     println!("zoo: all checks passed in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())

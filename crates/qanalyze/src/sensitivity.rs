@@ -1,0 +1,150 @@
+//! Per-layer sensitivity, "enable one" (spec §5.1): every quantizer of the calibrated simulation
+//! off except one layer's — its outputs, parameters and the inputs no node produces — scored
+//! against the FP32 outputs, for every layer in topological order. Encodings are not recomputed
+//! between layers, exactly as AIMET does; afterwards every quantizer is restored.
+
+use qcalib::{Feeds, QuantSim, QuantizerId};
+use qgraph::{NodeId, Tensor};
+
+/// Errors of the analysis.
+#[derive(Debug, thiserror::Error)]
+pub enum AnalyzeError {
+    /// The simulation failed.
+    #[error(transparent)]
+    Calib(#[from] qcalib::CalibError),
+    /// The FP32 reference run failed.
+    #[error(transparent)]
+    Exec(#[from] qexec::ExecError),
+    /// The data cannot be scored.
+    #[error("analysis: {0}")]
+    Data(String),
+}
+
+/// How a layer's effect on the outputs is scored (higher is better for both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// AIMET's PSNR (spec §5.2): pooled over all samples and elements, minimum over outputs.
+    Psnr,
+    /// Signal-to-quantization-noise ratio in dB, pooled the same way.
+    Sqnr,
+}
+
+impl Metric {
+    fn score(self, reference: &[f32], simulated: &[f32]) -> Result<f64, AnalyzeError> {
+        let kernel = |e: qkernels::KernelError| AnalyzeError::Data(e.to_string());
+        match self {
+            Metric::Psnr => qkernels::psnr_aimet(reference, simulated)
+                .map_err(kernel)?
+                .ok_or_else(|| AnalyzeError::Data("the FP32 outputs are not finite".into())),
+            Metric::Sqnr => qkernels::sqnr_db(reference, simulated).map_err(kernel),
+        }
+    }
+}
+
+/// One layer's score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerScore {
+    /// The node name (AIMET's op name).
+    pub layer: String,
+    /// The metric with only this layer quantized.
+    pub score: f64,
+}
+
+/// The layers of the simulation as AIMET counts them (every node but `Constant`, in topological
+/// order) with their currently enabled quantizers; layers without any are left out.
+pub fn layers(sim: &QuantSim) -> Result<Vec<(NodeId, Vec<QuantizerId>)>, AnalyzeError> {
+    let g = &sim.model().graph;
+    let p = sim.placement();
+    let mut out = Vec::new();
+    for node in g.topological_order().map_err(qcalib::CalibError::from)? {
+        if g.node(node).op_type == "Constant" {
+            continue;
+        }
+        let qs: Vec<QuantizerId> =
+            p.op_quantizers(g, node).into_iter().filter(|&q| p.quantizer(q).enabled).collect();
+        if !qs.is_empty() {
+            out.push((node, qs));
+        }
+    }
+    Ok(out)
+}
+
+/// The float outputs of a batch list, concatenated per output over all batches.
+fn pooled(outputs: Vec<Vec<Tensor>>) -> Result<Vec<Vec<f32>>, AnalyzeError> {
+    let mut pooled: Vec<Vec<f32>> = Vec::new();
+    for batch in outputs {
+        for (i, t) in batch.into_iter().enumerate() {
+            let Some(a) = t.as_f32() else { continue };
+            if pooled.len() <= i {
+                pooled.resize(i + 1, Vec::new());
+            }
+            pooled[i].extend(a.iter().copied());
+        }
+    }
+    Ok(pooled)
+}
+
+fn run_all(
+    batches: &[Feeds],
+    run: impl Fn(&[(&str, Tensor)]) -> Result<Vec<Tensor>, AnalyzeError>,
+) -> Result<Vec<Vec<f32>>, AnalyzeError> {
+    let mut outs = Vec::with_capacity(batches.len());
+    for feeds in batches {
+        let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        outs.push(run(&named)?);
+    }
+    pooled(outs)
+}
+
+/// Scores every layer with only its quantizers enabled. `progress(done, total)` is called after
+/// each layer. The simulation is restored before returning (also on error).
+pub fn enable_one(
+    sim: &mut QuantSim,
+    batches: &[Feeds],
+    metric: Metric,
+    threads: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<LayerScore>, AnalyzeError> {
+    if batches.is_empty() {
+        return Err(AnalyzeError::Data("no batches to score the layers on".into()));
+    }
+    let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(threads))?;
+    let reference = run_all(batches, |f| Ok(float.run(f)?))?;
+    if reference.iter().all(Vec::is_empty) {
+        return Err(AnalyzeError::Data("the model has no float outputs to score".into()));
+    }
+    let layers = layers(sim)?;
+    let all: Vec<QuantizerId> = sim.placement().quantizer_ids();
+    let was_enabled: Vec<bool> = all.iter().map(|&q| sim.placement().quantizer(q).enabled).collect();
+    let set = |sim: &mut QuantSim, qs: &[QuantizerId], on: bool| {
+        let p = sim.placement_mut();
+        qs.iter().for_each(|&q| p.quantizer_mut(q).enabled = on);
+    };
+    let result = (|| {
+        set(sim, &all, false);
+        let g_names: Vec<String> =
+            layers.iter().map(|(n, _)| sim.model().graph.node(*n).name.clone()).collect();
+        let mut scores = Vec::with_capacity(layers.len());
+        for (k, ((_, qs), name)) in layers.iter().zip(g_names).enumerate() {
+            set(sim, qs, true);
+            sim.refresh()?;
+            let simulated = run_all(batches, |f| Ok(sim.run(f)?))?;
+            let mut score = f64::INFINITY;
+            for (r, s) in reference.iter().zip(&simulated) {
+                if !r.is_empty() {
+                    score = score.min(metric.score(r, s)?);
+                }
+            }
+            scores.push(LayerScore { layer: name, score });
+            set(sim, qs, false);
+            progress(k + 1, layers.len());
+        }
+        Ok(scores)
+    })();
+    let p = sim.placement_mut();
+    for (&q, &on) in all.iter().zip(&was_enabled) {
+        p.quantizer_mut(q).enabled = on;
+    }
+    sim.refresh()?;
+    result
+}

@@ -1,0 +1,108 @@
+//! Enable-one sensitivity on a small CNN built in the test: one score per layer in topological
+//! order, quantizers restored afterwards, identical results on one and two threads, a coarser
+//! layer scoring worse, and a typed error without data.
+
+use qanalyze::{AnalyzeError, Metric};
+use qcalib::{Precision, QuantSim, QuantsimConfig, SimOptions};
+use qgraph::{Attribute, DType, Dim, Graph, Model, NodeSpec, Shape, Tensor, ValueId};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn node(g: &mut Graph, op: &str, inputs: Vec<ValueId>, out: &str, attrs: Vec<(&str, Attribute)>) -> ValueId {
+    let id = g.add_node(NodeSpec {
+        name: out.into(),
+        op_type: op.into(),
+        domain: String::new(),
+        attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        inputs: inputs.into_iter().map(Some).collect(),
+        outputs: vec![out.into()],
+    });
+    g.node(id).outputs()[0].unwrap()
+}
+
+/// input → Conv → Relu → Conv → GlobalAveragePool → Flatten → Gemm.
+fn model() -> Model {
+    let mut g = Graph::new("cnn");
+    let x = g.add_input(
+        "input",
+        DType::F32,
+        Shape(vec![Dim::Symbol("N".into()), Dim::Known(2), Dim::Known(6), Dim::Known(6)]),
+    );
+    let w0 = g.add_initializer("w0", Tensor::from_vec(&[4, 2, 3, 3], values(72, 1)).unwrap());
+    let w1 = g.add_initializer("w1", Tensor::from_vec(&[4, 4, 1, 1], values(16, 2)).unwrap());
+    let wf = g.add_initializer("wf", Tensor::from_vec(&[5, 4], values(20, 3)).unwrap());
+    let pads = ("pads", Attribute::Ints(vec![1, 1, 1, 1]));
+    let c0 = node(&mut g, "Conv", vec![x, w0], "conv0", vec![pads]);
+    let r0 = node(&mut g, "Relu", vec![c0], "relu0", vec![]);
+    let c1 = node(&mut g, "Conv", vec![r0, w1], "conv1", vec![]);
+    let p = node(&mut g, "GlobalAveragePool", vec![c1], "pool", vec![]);
+    let f = node(&mut g, "Flatten", vec![p], "flat", vec![]);
+    let y = node(&mut g, "Gemm", vec![f, wf], "fc", vec![("transB", Attribute::Int(1))]);
+    g.add_output(y);
+    Model::new(g, 13)
+}
+
+fn batches() -> Vec<qcalib::Feeds> {
+    (0..2)
+        .map(|i| vec![("input".to_string(), Tensor::from_vec(&[4, 2, 6, 6], values(288, 10 + i)).unwrap())])
+        .collect()
+}
+
+fn calibrated(threads: usize) -> QuantSim {
+    let options = SimOptions { threads, ..SimOptions::default() };
+    let mut sim = QuantSim::new(model(), QuantsimConfig::load("default").unwrap(), options).unwrap();
+    sim.calibrate(batches(), &mut |_| {}).unwrap();
+    sim
+}
+
+#[test]
+fn one_score_per_layer_and_the_simulation_is_restored() {
+    let mut sim = calibrated(1);
+    let before = qcalib::encodings_json(&sim, qcalib::EncodingVersion::V1_0_0);
+    let feeds = &batches()[0];
+    let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let out_before = sim.run(&named).unwrap();
+    let mut calls = 0;
+    let scores = qanalyze::enable_one(&mut sim, &batches(), Metric::Psnr, 1, &mut |_, _| calls += 1).unwrap();
+    let names: Vec<&str> = scores.iter().map(|s| s.layer.as_str()).collect();
+    // Conv+Relu is a supergroup; Flatten carries no quantizer.
+    assert_eq!(names, ["conv0", "relu0", "conv1", "pool", "fc"]);
+    assert_eq!(calls, scores.len());
+    assert!(scores.iter().all(|s| s.score.is_finite() && s.score > 10.0), "{scores:?}");
+    assert_eq!(qcalib::encodings_json(&sim, qcalib::EncodingVersion::V1_0_0), before);
+    assert_eq!(sim.run(&named).unwrap(), out_before);
+}
+
+#[test]
+fn results_do_not_depend_on_threads_and_coarser_layers_score_worse() {
+    let mut one = calibrated(1);
+    let mut two = calibrated(2);
+    let a = qanalyze::enable_one(&mut one, &batches(), Metric::Sqnr, 1, &mut |_, _| {}).unwrap();
+    let b = qanalyze::enable_one(&mut two, &batches(), Metric::Sqnr, 2, &mut |_, _| {}).unwrap();
+    assert_eq!(a, b);
+    // conv1 at 4 bits scores worse than at 8.
+    let g = &one.model().graph;
+    let conv1 = g.node_id("conv1").unwrap();
+    for q in one.placement().op_quantizers(g, conv1) {
+        one.placement_mut().quantizer_mut(q).set_precision(Precision::Int(4));
+    }
+    one.compute_encodings().unwrap();
+    let c = qanalyze::enable_one(&mut one, &batches(), Metric::Sqnr, 1, &mut |_, _| {}).unwrap();
+    let score = |v: &[qanalyze::LayerScore]| v.iter().find(|s| s.layer == "conv1").unwrap().score;
+    assert!(score(&c) < score(&a) - 6.0, "{} vs {}", score(&c), score(&a));
+}
+
+#[test]
+fn no_data_is_a_typed_error() {
+    let mut sim = calibrated(1);
+    let err = qanalyze::enable_one(&mut sim, &[], Metric::Psnr, 1, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, AnalyzeError::Data(_)), "{err}");
+}

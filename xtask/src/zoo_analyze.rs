@@ -1,0 +1,111 @@
+//! Per-layer sensitivity on the zoo against AIMET 2.42's `analyze_per_layer_sensitivity` output
+//! (`../shared/zoo/aimet/<model>/litemp_default_int16_10pct/layer_sensitivity.json`): W8A8, config
+//! `default`, min-max on the 100 calibration images, PSNR on the first 32 of them.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use qanalyze::Metric;
+use qcalib::{QuantSim, QuantsimConfig, SimOptions};
+use serde_json::Value;
+
+use crate::zoo_data::{self, CLASSIFIERS};
+
+/// Spearman rank correlation (average ranks for ties).
+fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    fn ranks(x: &[f64]) -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..x.len()).collect();
+        idx.sort_by(|&i, &j| x[i].total_cmp(&x[j]));
+        let mut r = vec![0.0; x.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && x[idx[j + 1]] == x[idx[i]] {
+                j += 1;
+            }
+            for &k in &idx[i..=j] {
+                r[k] = (i + j) as f64 / 2.0;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = a.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = ra.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = rb.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
+pub fn check(zoo: &Path) -> Result<()> {
+    println!("per-layer sensitivity (enable one, AIMET PSNR on 32 calibration images) vs AIMET 2.42:");
+    println!(
+        "  {:<20} {:>7} {:>11} {:>10} {:>9} {:>8} {:>9}",
+        "model", "layers", "≤0.05 dB", "max |Δ| dB", "Spearman", "ours s", "AIMET s"
+    );
+    let calib: Vec<usize> = (0..500).filter(|r| r % 5 == 0).collect();
+    let mut failures = Vec::new();
+    for c in CLASSIFIERS {
+        let dir = zoo.join(format!("aimet/{}/litemp_default_int16_10pct", c.name));
+        let aimet: serde_json::Map<String, Value> =
+            serde_json::from_slice(&std::fs::read(dir.join("layer_sensitivity.json"))?)?;
+        let timings: Value = serde_json::from_slice(&std::fs::read(dir.join("timings.json"))?)?;
+        let aimet_s = timings["seconds_by_step"]["sensitivity_analysis"].as_f64();
+        let images = zoo_data::raw_images(zoo, c.images)?;
+        let options = SimOptions { threads: 0, ..SimOptions::default() };
+        let model = qgraph::load_path(zoo.join(format!("models/{}.onnx", c.name)))?;
+        let mut sim = QuantSim::new(model, QuantsimConfig::load("default")?, options)?;
+        let input = sim.model().graph.value(sim.model().graph.inputs()[0]).name.clone();
+        sim.calibrate(calib.chunks(32).map(|r| vec![(input.clone(), c.batch(&images, r))]), &mut |_| {})?;
+        let batches = vec![vec![(input.clone(), c.batch(&images, &calib[..32]))]];
+        let started = Instant::now();
+        let ours = qanalyze::enable_one(&mut sim, &batches, Metric::Psnr, 0, &mut |_, _| {})?;
+        let secs = started.elapsed().as_secs_f64();
+        let ours_map: HashMap<&str, f64> = ours.iter().map(|l| (l.layer.as_str(), l.score)).collect();
+        let mut missing: Vec<&String> = aimet.keys().filter(|k| !ours_map.contains_key(k.as_str())).collect();
+        missing.sort();
+        if !missing.is_empty() || ours.len() != aimet.len() {
+            bail!(
+                "{}: layers differ from AIMET's ({} vs {}; missing {:?})",
+                c.name,
+                ours.len(),
+                aimet.len(),
+                missing
+            );
+        }
+        let (mut a, mut o) = (Vec::new(), Vec::new());
+        for (name, v) in &aimet {
+            a.push(v.as_f64().context("AIMET score")?);
+            o.push(ours_map[name.as_str()]);
+        }
+        let diffs: Vec<f64> = a.iter().zip(&o).map(|(x, y)| (x - y).abs()).collect();
+        let close = diffs.iter().filter(|&&d| d <= 0.05).count();
+        let worst = diffs.iter().copied().fold(0f64, f64::max);
+        let rho = spearman(&a, &o);
+        println!(
+            "  {:<20} {:>7} {:>11} {:>10.3} {:>9.4} {:>8.1} {:>9}",
+            c.name,
+            aimet.len(),
+            format!("{close}/{}", aimet.len()),
+            worst,
+            rho,
+            secs,
+            aimet_s.map_or("?".into(), |s| format!("{s:.1}"))
+        );
+        if close * 100 < aimet.len() * 95 || rho < 0.99 {
+            failures.push(format!(
+                "{}: {close}/{} layers within 0.05 dB, Spearman {rho:.4}",
+                c.name,
+                aimet.len()
+            ));
+        }
+    }
+    if !failures.is_empty() {
+        bail!("per-layer sensitivity differs from AIMET's:\n  {}", failures.join("\n  "));
+    }
+    Ok(())
+}
