@@ -2,6 +2,10 @@
 //! off except one layer's — its outputs, parameters and the inputs no node produces — scored
 //! against the FP32 outputs, for every layer in topological order. Encodings are not recomputed
 //! between layers, exactly as AIMET does; afterwards every quantizer is restored.
+//!
+//! Only the layer's downstream is recomputed: the FP32 values of every tensor are kept from one
+//! float run per batch (memory: all intermediates of the batch), and each layer's run resumes
+//! from them (qexec `resume`).
 
 use qcalib::{Feeds, QuantSim, QuantizerId};
 use qgraph::{NodeId, Tensor};
@@ -96,6 +100,25 @@ fn run_all(
     pooled(outs)
 }
 
+/// Where a resumed run must start when only the given quantizers are on: the tensors they sit on,
+/// except that a quantized node output starts from its producer's inputs (the producer reruns so
+/// the hook sees its output).
+fn changed_values(sim: &QuantSim, qs: &[QuantizerId]) -> Vec<qgraph::ValueId> {
+    let g = &sim.model().graph;
+    let mut out = Vec::new();
+    for t in sim.placement().tensors().iter().filter(|t| qs.contains(&t.quantizer)) {
+        match g.producer_node(t.value) {
+            Some(node) if g.static_value(t.value).is_none() => {
+                out.extend(node.inputs().iter().flatten().copied())
+            }
+            _ => out.push(t.value),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// Scores every layer with only its quantizers enabled. `progress(done, total)` is called after
 /// each layer. The simulation is restored before returning (also on error).
 pub fn enable_one(
@@ -109,7 +132,17 @@ pub fn enable_one(
         return Err(AnalyzeError::Data("no batches to score the layers on".into()));
     }
     let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(threads))?;
-    let reference = run_all(batches, |f| Ok(float.run(f)?))?;
+    // FP32 values of every tensor, per batch: a layer's run recomputes only what lies downstream
+    // of its quantizers and reads the rest from here.
+    let mut caches = Vec::with_capacity(batches.len());
+    let mut reference_outputs = Vec::with_capacity(batches.len());
+    for feeds in batches {
+        let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let run = float.run_with(&named, qexec::RunOptions::default().keep(qexec::Keep::All))?;
+        reference_outputs.push(run.outputs);
+        caches.push(run.kept);
+    }
+    let reference = pooled(reference_outputs)?;
     if reference.iter().all(Vec::is_empty) {
         return Err(AnalyzeError::Data("the model has no float outputs to score".into()));
     }
@@ -124,11 +157,17 @@ pub fn enable_one(
         set(sim, &all, false);
         let g_names: Vec<String> =
             layers.iter().map(|(n, _)| sim.model().graph.node(*n).name.clone()).collect();
+        let g_inputs: Vec<qgraph::ValueId> = sim.model().graph.inputs().to_vec();
         let mut scores = Vec::with_capacity(layers.len());
         for (k, ((_, qs), name)) in layers.iter().zip(g_names).enumerate() {
             set(sim, qs, true);
             sim.refresh()?;
-            let simulated = run_all(batches, |f| Ok(sim.run(f)?))?;
+            let changed = changed_values(sim, qs);
+            let simulated = if changed.iter().any(|v| g_inputs.contains(v)) {
+                run_all(batches, |f| Ok(sim.run(f)?))?
+            } else {
+                pooled(caches.iter().map(|c| sim.run_resumed(c, &changed)).collect::<Result<_, _>>()?)?
+            };
             let mut score = f64::INFINITY;
             for (r, s) in reference.iter().zip(&simulated) {
                 if !r.is_empty() {

@@ -106,3 +106,37 @@ fn no_data_is_a_typed_error() {
     let err = qanalyze::enable_one(&mut sim, &[], Metric::Psnr, 1, &mut |_, _| {}).unwrap_err();
     assert!(matches!(err, AnalyzeError::Data(_)), "{err}");
 }
+
+/// Runs a model on named inputs and returns its first output's values.
+type Runner<'a> = &'a dyn Fn(&[(&str, Tensor)]) -> Vec<f32>;
+
+#[test]
+fn resuming_from_fp32_values_scores_like_full_runs() {
+    let mut sim = calibrated(1);
+    let fast = qanalyze::enable_one(&mut sim, &batches(), Metric::Psnr, 1, &mut |_, _| {}).unwrap();
+    // The naive way: every layer alone, full forward passes.
+    let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(1)).unwrap();
+    let run_all = |f: Runner<'_>| -> Vec<f32> {
+        batches()
+            .iter()
+            .flat_map(|b| {
+                let named: Vec<(&str, Tensor)> = b.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+                f(&named)
+            })
+            .collect()
+    };
+    let reference = run_all(&|f| float.run(f).unwrap()[0].as_f32().unwrap().iter().copied().collect());
+    let layers = qanalyze::layers(&sim).unwrap();
+    let all = sim.placement().quantizer_ids();
+    for q in &all {
+        sim.placement_mut().quantizer_mut(*q).enabled = false;
+    }
+    for ((_, qs), score) in layers.iter().zip(&fast) {
+        qs.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = true);
+        sim.refresh().unwrap();
+        let got = run_all(&|f| sim.run(f).unwrap()[0].as_f32().unwrap().iter().copied().collect());
+        let naive = qkernels::psnr_aimet(&reference, &got).unwrap().unwrap();
+        assert_eq!(naive, score.score, "{}", score.layer);
+        qs.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = false);
+    }
+}

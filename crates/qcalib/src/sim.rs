@@ -435,6 +435,25 @@ impl QuantSim {
         let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() };
         Ok(session.run_with(feeds, opts)?.outputs)
     }
+
+    /// Runs the simulation again on the batch whose FP32 values `cache` holds (a `Keep::All` run
+    /// of the float model), recomputing only the nodes downstream of `changed` — the tensors
+    /// whose quantizers differ from FP32 (enabled ones, and the weights and constants they
+    /// quantize). Everything upstream is read from the cache. Graph inputs are read from the
+    /// cache as they are: one whose quantizer is enabled needs a full [`QuantSim::run`].
+    pub fn run_resumed(&self, cache: &qexec::ValueCache, changed: &[ValueId]) -> Result<Vec<Tensor>> {
+        let session = self.session.as_ref().ok_or_else(|| CalibError::Quantizer {
+            tensor: "(model)".into(),
+            detail: "the simulation has no encodings yet: calibrate or load encodings first".into(),
+        })?;
+        let mut hook = FakeQuantHook::new(
+            &self.placement,
+            self.model.graph.value_count(),
+            self.options.threads != 1,
+            self.options.rounding,
+        );
+        Ok(session.resume(cache, changed, RunOptions::with_hook(&mut hook))?.outputs)
+    }
 }
 
 fn int_encodings(q: &Quantizer) -> Option<&[Encoding]> {
