@@ -1,6 +1,7 @@
 //! Per-layer sensitivity on the zoo against AIMET 2.42's `analyze_per_layer_sensitivity` output
 //! (`../shared/zoo/aimet/<model>/litemp_default_int16_10pct/layer_sensitivity.json`): W8A8, config
-//! `default`, min-max on the 100 calibration images, PSNR on the first 32 of them.
+//! `default`, min-max on the 100 calibration images, PSNR on the first 32 of them; then Lite-MP
+//! (10 % of the layers to int16, recalibrated) against AIMET's flipped layers and top-1.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -102,6 +103,49 @@ pub fn check(zoo: &Path) -> Result<()> {
                 c.name,
                 aimet.len()
             ));
+        }
+        // Lite-MP: flip the 10 % most sensitive layers to int16, recalibrate, evaluate.
+        let flipped = qmix::flip_layers_to_higher_precision(
+            &mut sim,
+            &ours,
+            10.0,
+            qcalib::Precision::Int(16),
+            qcalib::Precision::Int(16),
+        )?;
+        sim.calibrate(calib.chunks(32).map(|r| vec![(input.clone(), c.batch(&images, r))]), &mut |_| {})?;
+        let labels: Vec<i64> = zoo_data::labels(zoo)?.to_vec();
+        let eval: Vec<usize> = (0..500).filter(|r| r % 5 != 0).collect();
+        let mut correct = 0usize;
+        for rows in eval.chunks(32) {
+            let out = sim.run(&[(input.as_str(), c.batch(&images, rows))])?;
+            let preds = zoo_data::argmax_rows(&out[0], c.label_offset)?;
+            correct += preds.iter().zip(rows).filter(|(p, r)| **p == labels[**r]).count();
+        }
+        let top1 = correct as f64 / eval.len() as f64;
+        let aimet_flips: Value = serde_json::from_slice(&std::fs::read(dir.join("flipped_layers.json"))?)?;
+        let aimet_set: Vec<&str> = aimet_flips["flipped_layers"]
+            .as_array()
+            .context("flipped_layers")?
+            .iter()
+            .filter_map(|l| l["layer"].as_str())
+            .collect();
+        let same = flipped.iter().filter(|f| aimet_set.contains(&f.layer.as_str())).count();
+        let results: Value = serde_json::from_slice(&std::fs::read(dir.join("results.json"))?)?;
+        let aimet_top1 = results["w8a8_mixed"]["top1"].as_f64().context("w8a8_mixed top1")?;
+        println!(
+            "      Lite-MP 10 % → int16: {} layers flipped, {same} of AIMET's {}; top-1 after recalibration {top1:.4} (AIMET {aimet_top1:.4})",
+            flipped.len(),
+            aimet_set.len()
+        );
+        if same != aimet_set.len() || flipped.len() != aimet_set.len() {
+            failures.push(format!(
+                "{}: Lite-MP flipped {same}/{} of AIMET's layers",
+                c.name,
+                aimet_set.len()
+            ));
+        }
+        if (top1 - aimet_top1).abs() > 0.005 + 1e-9 {
+            failures.push(format!("{}: Lite-MP top-1 {top1:.4} vs AIMET {aimet_top1:.4}", c.name));
         }
     }
     if !failures.is_empty() {

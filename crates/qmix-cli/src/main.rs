@@ -2,6 +2,8 @@
 //! parses arguments, runs the job and maps errors to exit codes (0 ok, 1 user error, 2 internal).
 #![forbid(unsafe_code)]
 
+mod dataset;
+mod litemp;
 mod quantsim;
 
 use std::path::{Path, PathBuf};
@@ -54,13 +56,10 @@ enum Command {
     ///
     /// Example: qmix quantsim model.onnx --calib input=calib.npy --config default --qdq
     Quantsim(quantsim::QuantsimArgs),
-    /// Lite-MP: per-layer sensitivity, flip the worst layers to higher precision, report scores.
+    /// Lite-MP: score every layer, flip the most sensitive to int16/fp16, recalibrate, report.
     ///
-    /// Example: qmix litemp model.onnx --percent 10 --override int16
-    Litemp {
-        /// The ONNX model.
-        model: PathBuf,
-    },
+    /// Example: qmix litemp model.onnx --calib input=calib.npy --percent 10 --override int16
+    Litemp(litemp::LitempArgs),
 }
 
 fn parse_input(s: &str) -> Result<(String, PathBuf), String> {
@@ -179,13 +178,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Quantsim(args) => quantsim::run(args),
-        Command::Litemp { model } => {
-            println!(
-                "litemp {}: not implemented yet (arrives with the qanalyze and qmix crates)",
-                model.display()
-            );
-            Ok(())
-        }
+        Command::Litemp(args) => litemp::run(args),
     }
 }
 

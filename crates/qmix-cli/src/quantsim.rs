@@ -5,13 +5,13 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::Context;
 use qcalib::{
     DefaultPrecision, EncodingVersion, Precision, QdqOptions, QuantSim, QuantsimConfig, Scheme, SimOptions,
 };
 use qgraph::Tensor;
 
+use crate::dataset::{Dataset, EvalArgs, bar, predictions, user};
 use crate::{Failure, read_tensor, write_tensor};
 
 /// Arguments of `qmix quantsim`.
@@ -62,15 +62,8 @@ pub struct QuantsimArgs {
     /// In the QDQ model, store Conv/Gemm biases as int32 plus DequantizeLinear.
     #[arg(long)]
     int32_bias: bool,
-    /// Evaluation data, NAME=FILE.npy (repeatable): the simulated outputs are written as .npy.
-    #[arg(long = "eval", value_parser = crate::parse_input)]
-    eval: Vec<(String, PathBuf)>,
-    /// Class labels (.npy of integers) for the evaluation data: prints FP32 and simulated top-1.
-    #[arg(long)]
-    labels: Option<PathBuf>,
-    /// Index of class 0 in the model's scores (1 for 1001-class ImageNet models).
-    #[arg(long, default_value_t = 0)]
-    label_offset: usize,
+    #[command(flatten)]
+    evaluation: EvalArgs,
     /// Output folder.
     #[arg(long, default_value = "quantsim_out")]
     out: PathBuf,
@@ -82,7 +75,7 @@ pub struct QuantsimArgs {
     quiet: bool,
 }
 
-fn parse_scheme(s: &str) -> Result<Scheme, String> {
+pub(crate) fn parse_scheme(s: &str) -> Result<Scheme, String> {
     Scheme::parse(s).ok_or_else(|| {
         format!("unknown scheme '{s}' (min_max, tf_enhanced, percentile, percentile:P, mse, entropy)")
     })
@@ -96,92 +89,12 @@ fn parse_rounding(s: &str) -> Result<qcalib::Rounding, String> {
     }
 }
 
-fn parse_precision(s: &str) -> Result<Precision, String> {
+pub(crate) fn parse_precision(s: &str) -> Result<Precision, String> {
     Precision::parse(s).ok_or_else(|| format!("unknown precision '{s}' (int4..int16, fp16, bf16)"))
 }
 
 fn parse_version(s: &str) -> Result<EncodingVersion, String> {
     EncodingVersion::parse(s).ok_or_else(|| format!("unknown encodings version '{s}' (0.6.1, 1.0.0, 2.0.0)"))
-}
-
-/// Named arrays with samples along axis 0, sliced into batches.
-struct Dataset {
-    inputs: Vec<(String, Tensor)>,
-    samples: usize,
-}
-
-impl Dataset {
-    fn load(files: &[(String, PathBuf)]) -> anyhow::Result<Dataset> {
-        let mut inputs = Vec::new();
-        let mut samples = None;
-        for (name, file) in files {
-            let t = read_tensor(file)?;
-            let n =
-                *t.shape().first().with_context(|| format!("{}: a scalar has no samples", file.display()))?;
-            match samples {
-                Some(m) if m != n => bail!("{}: {n} samples, but the other inputs have {m}", file.display()),
-                _ => samples = Some(n),
-            }
-            inputs.push((name.clone(), t));
-        }
-        let samples = samples.context("no data given")?;
-        if samples == 0 {
-            bail!("the data holds zero samples");
-        }
-        Ok(Dataset { inputs, samples })
-    }
-
-    fn batch(&self, rows: std::ops::Range<usize>) -> Vec<(String, Tensor)> {
-        self.inputs.iter().map(|(n, t)| (n.clone(), slice_rows(t, rows.clone()))).collect()
-    }
-
-    fn batches(&self, size: usize) -> impl Iterator<Item = Vec<(String, Tensor)>> + '_ {
-        (0..self.samples).step_by(size.max(1)).map(move |s| self.batch(s..(s + size).min(self.samples)))
-    }
-}
-
-fn slice_rows(t: &Tensor, rows: std::ops::Range<usize>) -> Tensor {
-    use ndarray::{Axis, Slice};
-    macro_rules! slice {
-        ($($v:ident),*) => {
-            match t {
-                $(Tensor::$v(a) => Tensor::$v(a.slice_axis(Axis(0), Slice::from(rows)).to_owned().into_shared()),)*
-                other => other.clone(),
-            }
-        };
-    }
-    slice!(F32, F64, I64, I32, U8, I8, Bool)
-}
-
-fn bar(total: usize, what: &str, quiet: bool) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(total as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{msg:>12} [{bar:30}] {pos}/{len} batches, {elapsed} elapsed, ETA {eta}",
-        )
-        .expect("the template is valid")
-        .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
-}
-
-fn user<E: Into<anyhow::Error>>(e: E) -> Failure {
-    Failure::User(e.into())
-}
-
-/// Argmax of each row of the first output, minus `offset`.
-fn predictions(t: &Tensor, offset: usize) -> Vec<i64> {
-    let classes = t.shape().last().copied().unwrap_or(1).max(1);
-    t.to_f64_vec()
-        .chunks(classes)
-        .map(|row| {
-            row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b }) as i64 - offset as i64
-        })
-        .collect()
 }
 
 pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
@@ -217,7 +130,7 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         None => {
             let calib = Dataset::load(&a.calib).map_err(Failure::User)?;
             let batches = calib.samples.div_ceil(a.batch.max(1));
-            let pb = bar(batches, "calibrating", a.quiet);
+            let pb = bar(batches, "calibrating", "batches", a.quiet);
             let started = Instant::now();
             sim.calibrate(calib.batches(a.batch), &mut |done| pb.set_position(done as u64)).map_err(user)?;
             pb.finish_and_clear();
@@ -237,7 +150,7 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         println!("saved statistics to {}", path.display());
     }
     write_outputs(&a, &sim)?;
-    if !a.eval.is_empty() {
+    if !a.evaluation.eval.is_empty() {
         evaluate(&a, &sim)?;
     }
     Ok(())
@@ -268,9 +181,9 @@ fn write_outputs(a: &QuantsimArgs, sim: &QuantSim) -> Result<(), Failure> {
 }
 
 fn evaluate(a: &QuantsimArgs, sim: &QuantSim) -> Result<(), Failure> {
-    let data = Dataset::load(&a.eval).map_err(Failure::User)?;
+    let data = Dataset::load(&a.evaluation.eval).map_err(Failure::User)?;
     let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(a.threads))?;
-    let pb = bar(data.samples.div_ceil(a.batch.max(1)), "evaluating", a.quiet);
+    let pb = bar(data.samples.div_ceil(a.batch.max(1)), "evaluating", "batches", a.quiet);
     let (mut sim_out, mut float_out): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
     let started = Instant::now();
     for (i, feeds) in data.batches(a.batch).enumerate() {
@@ -289,14 +202,15 @@ fn evaluate(a: &QuantsimArgs, sim: &QuantSim) -> Result<(), Failure> {
         data.samples,
         path.display()
     );
-    if let Some(labels) = &a.labels {
+    if let Some(labels) = &a.evaluation.labels {
         let labels: Vec<i64> =
             read_tensor(labels).map_err(Failure::User)?.to_f64_vec().iter().map(|&v| v as i64).collect();
         if labels.len() != data.samples {
             return Err(user(anyhow::anyhow!("{} labels for {} samples", labels.len(), data.samples)));
         }
         let top1 = |outs: &[Tensor]| -> f64 {
-            let preds: Vec<i64> = outs.iter().flat_map(|t| predictions(t, a.label_offset)).collect();
+            let preds: Vec<i64> =
+                outs.iter().flat_map(|t| predictions(t, a.evaluation.label_offset)).collect();
             preds.iter().zip(&labels).filter(|(p, l)| p == l).count() as f64 / labels.len() as f64
         };
         println!("top-1: FP32 {:.4}, simulated {:.4}", top1(&float_out), top1(&sim_out));

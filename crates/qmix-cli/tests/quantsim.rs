@@ -150,3 +150,52 @@ fn bad_configs_and_data_exit_with_a_named_culprit() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("'x'") && err.contains("no usable data"), "{err}");
 }
+
+#[test]
+fn litemp_scores_flips_and_writes_its_reports() {
+    let dir = scratch("litemp");
+    let model = save_model(&dir);
+    let calib = data(&dir, "calib.npy", 8, None);
+    let out = dir.join("out");
+    let o = qmix(&[
+        "litemp",
+        model.to_str().unwrap(),
+        "--calib",
+        &format!("x={}", calib.display()),
+        "--percent",
+        "50",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "layer_sensitivity.json",
+        "layer_sensitivity_ranked.json",
+        "flipped_layers.json",
+        "model_mixed.encodings",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let flipped: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("flipped_layers.json")).unwrap()).unwrap();
+    let n = flipped["n_layers"].as_u64().unwrap();
+    assert_eq!(flipped["n_flipped"].as_u64().unwrap(), n.div_ceil(2));
+    let enc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model_mixed.encodings")).unwrap()).unwrap();
+    let bws: Vec<u64> =
+        enc["activation_encodings"].as_array().unwrap().iter().map(|e| e["bw"].as_u64().unwrap()).collect();
+    assert!(bws.contains(&16) && bws.contains(&8), "{bws:?}");
+    let o = qmix(&[
+        "litemp",
+        model.to_str().unwrap(),
+        "--calib",
+        &format!("x={}", calib.display()),
+        "--override",
+        "int8",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+}

@@ -1,0 +1,108 @@
+//! What the job commands share: evaluation options, `.npy` datasets (named arrays with samples along axis 0) sliced
+//! into batches, progress bars that `--quiet` hides, user errors, and top-1 predictions.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use qgraph::Tensor;
+
+use crate::{Failure, read_tensor};
+
+/// Evaluation options shared by the job commands.
+#[derive(clap::Args)]
+pub(crate) struct EvalArgs {
+    /// Evaluation data, NAME=FILE.npy (repeatable).
+    #[arg(long = "eval", value_parser = crate::parse_input)]
+    pub eval: Vec<(String, PathBuf)>,
+    /// Class labels (.npy of integers) for the evaluation data: prints top-1.
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Index of class 0 in the model's scores (1 for 1001-class ImageNet models).
+    #[arg(long, default_value_t = 0)]
+    pub label_offset: usize,
+}
+
+/// Named arrays with samples along axis 0, sliced into batches.
+pub(crate) struct Dataset {
+    inputs: Vec<(String, Tensor)>,
+    /// Samples along axis 0 (the same for every input).
+    pub samples: usize,
+}
+
+impl Dataset {
+    pub fn load(files: &[(String, PathBuf)]) -> anyhow::Result<Dataset> {
+        let mut inputs = Vec::new();
+        let mut samples = None;
+        for (name, file) in files {
+            let t = read_tensor(file)?;
+            let n =
+                *t.shape().first().with_context(|| format!("{}: a scalar has no samples", file.display()))?;
+            match samples {
+                Some(m) if m != n => bail!("{}: {n} samples, but the other inputs have {m}", file.display()),
+                _ => samples = Some(n),
+            }
+            inputs.push((name.clone(), t));
+        }
+        let samples = samples.context("no data given")?;
+        if samples == 0 {
+            bail!("the data holds zero samples");
+        }
+        Ok(Dataset { inputs, samples })
+    }
+
+    pub fn batch(&self, rows: std::ops::Range<usize>) -> Vec<(String, Tensor)> {
+        self.inputs.iter().map(|(n, t)| (n.clone(), slice_rows(t, rows.clone()))).collect()
+    }
+
+    pub fn batches(&self, size: usize) -> impl Iterator<Item = Vec<(String, Tensor)>> + '_ {
+        (0..self.samples).step_by(size.max(1)).map(move |s| self.batch(s..(s + size).min(self.samples)))
+    }
+}
+
+fn slice_rows(t: &Tensor, rows: std::ops::Range<usize>) -> Tensor {
+    use ndarray::{Axis, Slice};
+    macro_rules! slice {
+        ($($v:ident),*) => {
+            match t {
+                $(Tensor::$v(a) => Tensor::$v(a.slice_axis(Axis(0), Slice::from(rows)).to_owned().into_shared()),)*
+                other => other.clone(),
+            }
+        };
+    }
+    slice!(F32, F64, I64, I32, U8, I8, Bool)
+}
+
+/// A progress bar on stderr counting `unit` (hidden with `quiet`).
+pub(crate) fn bar(total: usize, what: &str, unit: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg:>12} [{bar:30}] {pos}/{len} {prefix}, {elapsed} elapsed, ETA {eta}",
+        )
+        .expect("the template is valid")
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb.set_prefix(unit.to_string());
+    pb
+}
+
+/// A user error (exit code 1).
+pub(crate) fn user<E: Into<anyhow::Error>>(e: E) -> Failure {
+    Failure::User(e.into())
+}
+
+/// Argmax of each row of the first output, minus `offset`.
+pub(crate) fn predictions(t: &Tensor, offset: usize) -> Vec<i64> {
+    let classes = t.shape().last().copied().unwrap_or(1).max(1);
+    t.to_f64_vec()
+        .chunks(classes)
+        .map(|row| {
+            row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b }) as i64 - offset as i64
+        })
+        .collect()
+}

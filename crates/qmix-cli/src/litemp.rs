@@ -1,0 +1,191 @@
+//! `qmix litemp`: AIMET's Lite-MP workflow in one command — calibrate W8A8, score every layer
+//! with only its quantizers on (AIMET's PSNR on the first calibration samples), flip the most
+//! sensitive share of layers to a higher precision, recalibrate, and write the sensitivity
+//! (in layer order and ranked), the flipped layers and the mixed-precision encodings; with
+//! evaluation data, FP32, W8A8 and mixed top-1.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use qcalib::{DefaultPrecision, EncodingVersion, Precision, QuantSim, QuantsimConfig, Scheme, SimOptions};
+use qgraph::Tensor;
+use serde_json::json;
+
+use crate::Failure;
+use crate::dataset::{Dataset, EvalArgs, bar, predictions, user};
+
+/// Arguments of `qmix litemp`.
+#[derive(clap::Args)]
+pub struct LitempArgs {
+    /// The FP32 ONNX model.
+    model: PathBuf,
+    /// Calibration data for a graph input, NAME=FILE.npy with samples along axis 0 (repeatable).
+    #[arg(long = "calib", value_parser = crate::parse_input, required = true)]
+    calib: Vec<(String, PathBuf)>,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Calibration samples (the first ones) the layers are scored on.
+    #[arg(long, default_value_t = 32)]
+    psnr_samples: usize,
+    /// Quantsim config: a preset (default, default_per_tensor, htp_v73) or a JSON file.
+    #[arg(long, default_value = "default")]
+    config: String,
+    /// Calibration scheme: min_max, tf_enhanced, percentile, percentile:P, mse or entropy.
+    #[arg(long, default_value = "min_max", value_parser = crate::quantsim::parse_scheme)]
+    scheme: Scheme,
+    /// Share of the layers flipped, in percent.
+    #[arg(long, default_value_t = 10.0)]
+    percent: f64,
+    /// Precision of the flipped layers: int16 or fp16 (weights and activations).
+    #[arg(long = "override", default_value = "int16", value_parser = crate::quantsim::parse_precision)]
+    override_precision: Precision,
+    #[command(flatten)]
+    evaluation: EvalArgs,
+    /// Output folder.
+    #[arg(long, default_value = "litemp_out")]
+    out: PathBuf,
+    /// Interpreter threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn write_json(path: &std::path::Path, v: &serde_json::Value) -> Result<(), Failure> {
+    qgraph::write_atomically(path, qcalib::to_pretty_json(v).as_bytes())?;
+    Ok(())
+}
+
+/// One forward pass (FP32 or simulated) on named inputs.
+type Forward<'a> = &'a dyn Fn(&[(&str, Tensor)]) -> Result<Vec<Tensor>, Failure>;
+
+/// Top-1 of `run` over the evaluation set, if labels were given.
+fn top1(
+    data: &Dataset,
+    labels: Option<&[i64]>,
+    batch: usize,
+    offset: usize,
+    run: Forward<'_>,
+) -> Result<Option<f64>, Failure> {
+    let Some(labels) = labels else { return Ok(None) };
+    let mut preds = Vec::with_capacity(data.samples);
+    for feeds in data.batches(batch) {
+        let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        preds.extend(predictions(&run(&named)?[0], offset));
+    }
+    Ok(Some(preds.iter().zip(labels).filter(|(p, l)| p == l).count() as f64 / labels.len() as f64))
+}
+
+pub fn run(a: LitempArgs) -> Result<(), Failure> {
+    if !matches!(a.override_precision, Precision::Int(16) | Precision::Float16) {
+        return Err(user(anyhow::anyhow!("--override must be int16 or fp16, not {}", a.override_precision)));
+    }
+    let config = QuantsimConfig::load(&a.config).map_err(user)?;
+    let options = SimOptions {
+        scheme: a.scheme,
+        threads: a.threads,
+        precision: DefaultPrecision::default(),
+        ..SimOptions::default()
+    };
+    let mut sim = QuantSim::new(qgraph::load_path(&a.model)?, config, options).map_err(user)?;
+    let calib = Dataset::load(&a.calib).map_err(Failure::User)?;
+    let eval = if a.evaluation.eval.is_empty() {
+        None
+    } else {
+        Some(Dataset::load(&a.evaluation.eval).map_err(Failure::User)?)
+    };
+    let labels: Option<Vec<i64>> = match &a.evaluation.labels {
+        Some(path) => Some(
+            crate::read_tensor(path).map_err(Failure::User)?.to_f64_vec().iter().map(|&v| v as i64).collect(),
+        ),
+        None => None,
+    };
+    if let (Some(l), Some(e)) = (&labels, &eval)
+        && l.len() != e.samples
+    {
+        return Err(user(anyhow::anyhow!("{} labels for {} evaluation samples", l.len(), e.samples)));
+    }
+    std::fs::create_dir_all(&a.out)
+        .map_err(|e| user(anyhow::anyhow!("cannot create {}: {e}", a.out.display())))?;
+    let started = Instant::now();
+    let batches = calib.samples.div_ceil(a.batch.max(1));
+    let pb = bar(batches, "calibrating", "batches", a.quiet);
+    sim.calibrate(calib.batches(a.batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
+    pb.finish_and_clear();
+    println!(
+        "{}: calibrated W8A8 on {} samples in {:.1} s",
+        a.model.display(),
+        calib.samples,
+        started.elapsed().as_secs_f64()
+    );
+    let scored = calib.batch(0..a.psnr_samples.clamp(1, calib.samples));
+    let layers = qanalyze::layers(&sim).map_err(user)?.len();
+    let pb = bar(layers, "scoring", "layers", a.quiet);
+    let started = Instant::now();
+    let scores = qanalyze::enable_one(&mut sim, &[scored], qanalyze::Metric::Psnr, a.threads, &mut |d, _| {
+        pb.set_position(d as u64)
+    })
+    .map_err(user)?;
+    pb.finish_and_clear();
+    println!(
+        "scored {} layers (PSNR with only that layer quantized) in {:.1} s",
+        scores.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let (eval_ref, labels_ref) = (eval.as_ref(), labels.as_deref());
+    let w8a8 = match eval_ref {
+        Some(e) => top1(e, labels_ref, a.batch, a.evaluation.label_offset, &|f| sim.run(f).map_err(user))?,
+        None => None,
+    };
+    let flipped = qmix::flip_layers_to_higher_precision(
+        &mut sim,
+        &scores,
+        a.percent,
+        a.override_precision,
+        a.override_precision,
+    )
+    .map_err(user)?;
+    let pb = bar(batches, "recalibrating", "batches", a.quiet);
+    sim.calibrate(calib.batches(a.batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
+    pb.finish_and_clear();
+    let mut ranked = scores.clone();
+    ranked.sort_by(|x, y| x.score.total_cmp(&y.score));
+    println!("most sensitive layers (PSNR dB, lowest first; * = flipped to {}):", a.override_precision);
+    for s in ranked.iter().take(10) {
+        let mark = if flipped.iter().any(|f| f.layer == s.layer) { "*" } else { " " };
+        println!("  {mark} {:>7.2}  {}", s.score, s.layer);
+    }
+    // `{layer: score}` in layer order, as AIMET writes it (JSON maps here sort their keys).
+    let entries: Vec<String> = scores
+        .iter()
+        .map(|s| format!("    {}: {}", serde_json::Value::String(s.layer.clone()), json!(s.score)))
+        .collect();
+    let text = format!("{{\n{}\n}}\n", entries.join(",\n"));
+    qgraph::write_atomically(&a.out.join("layer_sensitivity.json"), text.as_bytes())?;
+
+    let ranked_json: Vec<serde_json::Value> = ranked.iter().map(|s| json!([s.layer, s.score])).collect();
+    write_json(
+        &a.out.join("layer_sensitivity_ranked.json"),
+        &json!({"metric": "psnr_db", "higher_is_better": true, "ranked": ranked_json}),
+    )?;
+    let flipped_json: Vec<serde_json::Value> =
+        flipped.iter().map(|f| json!({"layer": f.layer, "psnr_db": f.score})).collect();
+    write_json(
+        &a.out.join("flipped_layers.json"),
+        &json!({"percent": a.percent, "override": a.override_precision.to_string(), "n_layers": scores.len(), "n_flipped": flipped.len(), "flipped_layers": flipped_json}),
+    )?;
+    qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &a.out.join("model_mixed.encodings"))
+        .map_err(user)?;
+    println!("flipped {} of {} layers; wrote {}", flipped.len(), scores.len(), a.out.display());
+    if let Some(e) = eval_ref {
+        let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(a.threads))?;
+        let fp32 = top1(e, labels_ref, a.batch, a.evaluation.label_offset, &|f| Ok(float.run(f)?))?;
+        let mixed = top1(e, labels_ref, a.batch, a.evaluation.label_offset, &|f| sim.run(f).map_err(user))?;
+        if let (Some(fp), Some(w), Some(m)) = (fp32, w8a8, mixed) {
+            println!("top-1 on {} samples: FP32 {fp:.4}, W8A8 {w:.4}, Lite-MP {m:.4}", e.samples);
+        }
+    }
+    Ok(())
+}
