@@ -147,19 +147,16 @@ pub fn enable_one(
         return Err(AnalyzeError::Data("the model has no float outputs to score".into()));
     }
     let layers = layers(sim)?;
-    let all: Vec<QuantizerId> = sim.placement().quantizer_ids();
-    let was_enabled: Vec<bool> = all.iter().map(|&q| sim.placement().quantizer(q).enabled).collect();
     let set = |sim: &mut QuantSim, qs: &[QuantizerId], on: bool| {
         let p = sim.placement_mut();
         qs.iter().for_each(|&q| p.quantizer_mut(q).enabled = on);
     };
-    let result = (|| {
+    with_enabled(sim, |sim| {
+        let all = sim.placement().quantizer_ids();
         set(sim, &all, false);
-        let g_names: Vec<String> =
-            layers.iter().map(|(n, _)| sim.model().graph.node(*n).name.clone()).collect();
         let g_inputs: Vec<qgraph::ValueId> = sim.model().graph.inputs().to_vec();
         let mut scores = Vec::with_capacity(layers.len());
-        for (k, ((_, qs), name)) in layers.iter().zip(g_names).enumerate() {
+        for (k, (node, qs)) in layers.iter().enumerate() {
             set(sim, qs, true);
             sim.refresh()?;
             let changed = changed_values(sim, qs);
@@ -168,22 +165,123 @@ pub fn enable_one(
             } else {
                 pooled(caches.iter().map(|c| sim.run_resumed(c, &changed)).collect::<Result<_, _>>()?)?
             };
-            let mut score = f64::INFINITY;
-            for (r, s) in reference.iter().zip(&simulated) {
-                if !r.is_empty() {
-                    score = score.min(metric.score(r, s)?);
-                }
-            }
-            scores.push(LayerScore { layer: name, score });
+            let score = min_over_outputs(metric, &reference, &simulated)?;
+            scores.push(LayerScore { layer: sim.model().graph.node(*node).name.clone(), score });
             set(sim, qs, false);
             progress(k + 1, layers.len());
         }
         Ok(scores)
-    })();
+    })
+}
+
+/// The metric of every output, the worst (lowest) one.
+fn min_over_outputs(
+    metric: Metric,
+    reference: &[Vec<f32>],
+    simulated: &[Vec<f32>],
+) -> Result<f64, AnalyzeError> {
+    let mut score = f64::INFINITY;
+    for (r, s) in reference.iter().zip(simulated) {
+        if !r.is_empty() {
+            score = score.min(metric.score(r, s)?);
+        }
+    }
+    Ok(score)
+}
+
+/// The FP32 outputs of `batches`, pooled per output.
+fn float_reference(sim: &QuantSim, batches: &[Feeds], threads: usize) -> Result<Vec<Vec<f32>>, AnalyzeError> {
+    if batches.is_empty() {
+        return Err(AnalyzeError::Data("no batches to score on".into()));
+    }
+    let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(threads))?;
+    let reference = run_all(batches, |f| Ok(float.run(f)?))?;
+    if reference.iter().all(Vec::is_empty) {
+        return Err(AnalyzeError::Data("the model has no float outputs to score".into()));
+    }
+    Ok(reference)
+}
+
+/// Runs `body` with some quantizers switched on or off, then restores every quantizer and the
+/// session, whatever `body` returned.
+fn with_enabled<T>(
+    sim: &mut QuantSim,
+    body: impl FnOnce(&mut QuantSim) -> Result<T, AnalyzeError>,
+) -> Result<T, AnalyzeError> {
+    let all: Vec<QuantizerId> = sim.placement().quantizer_ids();
+    let was: Vec<bool> = all.iter().map(|&q| sim.placement().quantizer(q).enabled).collect();
+    let result = body(sim);
     let p = sim.placement_mut();
-    for (&q, &on) in all.iter().zip(&was_enabled) {
+    for (&q, &on) in all.iter().zip(&was) {
         p.quantizer_mut(q).enabled = on;
     }
     sim.refresh()?;
     result
+}
+
+/// Per-layer sensitivity, "disable one" (spec §5.4 step 4): everything quantized except one
+/// layer's quantizers, for every layer in topological order (full forward passes).
+pub fn disable_one(
+    sim: &mut QuantSim,
+    batches: &[Feeds],
+    metric: Metric,
+    threads: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<LayerScore>, AnalyzeError> {
+    let reference = float_reference(sim, batches, threads)?;
+    let layers = layers(sim)?;
+    with_enabled(sim, |sim| {
+        let mut scores = Vec::with_capacity(layers.len());
+        for (k, (node, qs)) in layers.iter().enumerate() {
+            qs.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = false);
+            sim.refresh()?;
+            let simulated = run_all(batches, |f| Ok(sim.run(f)?))?;
+            let score = min_over_outputs(metric, &reference, &simulated)?;
+            scores.push(LayerScore { layer: sim.model().graph.node(*node).name.clone(), score });
+            qs.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = true);
+            progress(k + 1, layers.len());
+        }
+        Ok(scores)
+    })
+}
+
+/// How much of the damage comes from weights and how much from activations (spec §5.4 step 2).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelChecks {
+    /// Every enabled quantizer on.
+    pub all: f64,
+    /// Only parameter quantizers on.
+    pub weights_only: f64,
+    /// Only activation quantizers on.
+    pub activations_only: f64,
+}
+
+/// Scores the whole simulation, its weights alone and its activations alone (no recalibration).
+pub fn model_checks(
+    sim: &mut QuantSim,
+    batches: &[Feeds],
+    metric: Metric,
+    threads: usize,
+) -> Result<ModelChecks, AnalyzeError> {
+    let reference = float_reference(sim, batches, threads)?;
+    let score = |sim: &QuantSim| -> Result<f64, AnalyzeError> {
+        let simulated = run_all(batches, |f| Ok(sim.run(f)?))?;
+        min_over_outputs(metric, &reference, &simulated)
+    };
+    let all = score(sim)?;
+    let mut only = |params: bool| {
+        with_enabled(sim, |sim| {
+            let ids = sim.placement().quantizer_ids();
+            for q in ids {
+                if sim.placement().quantizer(q).is_param != params {
+                    sim.placement_mut().quantizer_mut(q).enabled = false;
+                }
+            }
+            sim.refresh()?;
+            score(sim)
+        })
+    };
+    let weights_only = only(true)?;
+    let activations_only = only(false)?;
+    Ok(ModelChecks { all, weights_only, activations_only })
 }

@@ -140,3 +140,22 @@ fn resuming_from_fp32_values_scores_like_full_runs() {
         qs.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = false);
     }
 }
+
+#[test]
+fn disable_one_and_whole_model_checks() {
+    let mut sim = calibrated(1);
+    let before = qcalib::encodings_json(&sim, qcalib::EncodingVersion::V1_0_0);
+    let enabled = qanalyze::enable_one(&mut sim, &batches(), Metric::Psnr, 1, &mut |_, _| {}).unwrap();
+    let disabled = qanalyze::disable_one(&mut sim, &batches(), Metric::Psnr, 1, &mut |_, _| {}).unwrap();
+    let checks = qanalyze::model_checks(&mut sim, &batches(), Metric::Psnr, 1).unwrap();
+    assert_eq!(
+        enabled.iter().map(|s| &s.layer).collect::<Vec<_>>(),
+        disabled.iter().map(|s| &s.layer).collect::<Vec<_>>()
+    );
+    // (Errors of different quantizers can cancel, so no ordering between these is guaranteed.)
+    assert!(disabled.iter().all(|s| s.score.is_finite() && s.score > 10.0), "{disabled:?}");
+    for v in [checks.all, checks.weights_only, checks.activations_only] {
+        assert!(v.is_finite() && v > 10.0 && v < 100.0, "{checks:?}");
+    }
+    assert_eq!(qcalib::encodings_json(&sim, qcalib::EncodingVersion::V1_0_0), before);
+}

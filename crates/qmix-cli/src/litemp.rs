@@ -121,6 +121,13 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         started.elapsed().as_secs_f64()
     );
     let scored = calib.batch(0..a.psnr_samples.clamp(1, calib.samples));
+    let checks =
+        qanalyze::model_checks(&mut sim, std::slice::from_ref(&scored), qanalyze::Metric::Psnr, a.threads)
+            .map_err(user)?;
+    println!(
+        "PSNR of the W8A8 simulation: {:.2} dB (weights only {:.2} dB, activations only {:.2} dB)",
+        checks.all, checks.weights_only, checks.activations_only
+    );
     let layers = qanalyze::layers(&sim).map_err(user)?.len();
     let pb = bar(layers, "scoring", "layers", a.quiet);
     let started = Instant::now();
