@@ -4,6 +4,7 @@
 
 mod bench;
 mod conformance;
+mod models;
 mod python;
 mod zoo;
 mod zoo_analyze;
@@ -22,6 +23,7 @@ commands:
   conformance [--update]
                  run the ONNX backend node tests; fail if a test of the manifest fails
   bench [load]   measure against the reference implementation in the same run, print ratios
+  models         rebuild the small models and data of models/ (deterministic)
   inspect MODEL  print a model summary (inputs/outputs, ops, parameters, MACs at batch 1)";
 
 fn main() -> Result<()> {
@@ -30,6 +32,7 @@ fn main() -> Result<()> {
         Some("zoo") => zoo::run(args.get(1).map(String::as_str)),
         Some("conformance") => conformance::run(args.get(1).map(String::as_str) == Some("--update")),
         Some("bench") => bench::run(args.get(1).map(String::as_str)),
+        Some("models") => models::run(),
         Some("inspect") => {
             let Some(path) = args.get(1) else { bail!("{USAGE}") };
             let mut m = qgraph::load_path(path)?;

@@ -4,7 +4,7 @@
 
 use qanalyze::{AnalyzeError, Metric};
 use qcalib::{Precision, QuantSim, QuantsimConfig, SimOptions};
-use qgraph::{Attribute, DType, Dim, Graph, Model, NodeSpec, Shape, Tensor, ValueId};
+use qgraph::{Attribute, DType, Dim, Graph, Model, Shape, Tensor};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -14,18 +14,6 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
-}
-
-fn node(g: &mut Graph, op: &str, inputs: Vec<ValueId>, out: &str, attrs: Vec<(&str, Attribute)>) -> ValueId {
-    let id = g.add_node(NodeSpec {
-        name: out.into(),
-        op_type: op.into(),
-        domain: String::new(),
-        attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-        inputs: inputs.into_iter().map(Some).collect(),
-        outputs: vec![out.into()],
-    });
-    g.node(id).outputs()[0].unwrap()
 }
 
 /// input → Conv → Relu → Conv → GlobalAveragePool → Flatten → Gemm.
@@ -40,12 +28,12 @@ fn model() -> Model {
     let w1 = g.add_initializer("w1", Tensor::from_vec(&[4, 4, 1, 1], values(16, 2)).unwrap());
     let wf = g.add_initializer("wf", Tensor::from_vec(&[5, 4], values(20, 3)).unwrap());
     let pads = ("pads", Attribute::Ints(vec![1, 1, 1, 1]));
-    let c0 = node(&mut g, "Conv", vec![x, w0], "conv0", vec![pads]);
-    let r0 = node(&mut g, "Relu", vec![c0], "relu0", vec![]);
-    let c1 = node(&mut g, "Conv", vec![r0, w1], "conv1", vec![]);
-    let p = node(&mut g, "GlobalAveragePool", vec![c1], "pool", vec![]);
-    let f = node(&mut g, "Flatten", vec![p], "flat", vec![]);
-    let y = node(&mut g, "Gemm", vec![f, wf], "fc", vec![("transB", Attribute::Int(1))]);
+    let c0 = g.add_op("Conv", "conv0", &[x, w0], vec![pads]);
+    let r0 = g.add_op("Relu", "relu0", &[c0], vec![]);
+    let c1 = g.add_op("Conv", "conv1", &[r0, w1], vec![]);
+    let p = g.add_op("GlobalAveragePool", "pool", &[c1], vec![]);
+    let f = g.add_op("Flatten", "flat", &[p], vec![]);
+    let y = g.add_op("Gemm", "fc", &[f, wf], vec![("transB", Attribute::Int(1))]);
     g.add_output(y);
     Model::new(g, 13)
 }

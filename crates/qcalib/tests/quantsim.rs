@@ -6,7 +6,7 @@ use qcalib::{
     CalibError, DefaultPrecision, EncodingVersion, Granularity, LoadOptions, Precision, QuantSim,
     QuantsimConfig, Scheme, SimOptions,
 };
-use qgraph::{Attribute, DType, Dim, Graph, Model, NodeSpec, Shape, Tensor};
+use qgraph::{Attribute, DType, Dim, Graph, Model, Shape, Tensor};
 
 /// Deterministic values in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -23,24 +23,6 @@ fn t(shape: &[usize], data: Vec<f32>) -> Tensor {
     Tensor::from_vec(shape, data).unwrap()
 }
 
-fn node(
-    g: &mut Graph,
-    op: &str,
-    inputs: Vec<qgraph::ValueId>,
-    out: &str,
-    attrs: Vec<(&str, Attribute)>,
-) -> qgraph::ValueId {
-    let id = g.add_node(NodeSpec {
-        name: format!("{op}_{out}"),
-        op_type: op.into(),
-        domain: String::new(),
-        attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-        inputs: inputs.into_iter().map(Some).collect(),
-        outputs: vec![out.into()],
-    });
-    g.node(id).outputs()[0].unwrap()
-}
-
 /// input [N,1,8,8] → Conv(4, 3×3) → Clip(0, 6) → depthwise Conv → Relu → Add(clip) →
 /// GlobalAveragePool → Flatten → Gemm(10).
 fn cnn() -> Model {
@@ -53,20 +35,20 @@ fn cnn() -> Model {
     let w0 = g.add_initializer("conv0.weight", t(&[4, 1, 3, 3], values(36, 1)));
     let b0 = g.add_initializer("conv0.bias", t(&[4], values(4, 2)));
     let pads = ("pads", Attribute::Ints(vec![1, 1, 1, 1]));
-    let c0 = node(&mut g, "Conv", vec![x, w0, b0], "conv0", vec![pads.clone()]);
+    let c0 = g.add_op("Conv", "conv0", &[x, w0, b0], vec![pads.clone()]);
     let lo = g.add_initializer("clip.min", Tensor::scalar(0f32));
     let hi = g.add_initializer("clip.max", Tensor::scalar(6f32));
-    let r0 = node(&mut g, "Clip", vec![c0, lo, hi], "clip0", vec![]);
+    let r0 = g.add_op("Clip", "clip0", &[c0, lo, hi], vec![]);
     let w1 = g.add_initializer("dw.weight", t(&[4, 1, 3, 3], values(36, 3)));
     let b1 = g.add_initializer("dw.bias", t(&[4], values(4, 4)));
-    let c1 = node(&mut g, "Conv", vec![r0, w1, b1], "dw", vec![pads, ("group", Attribute::Int(4))]);
-    let r1 = node(&mut g, "Relu", vec![c1], "relu1", vec![]);
-    let a = node(&mut g, "Add", vec![r1, r0], "add", vec![]);
-    let p = node(&mut g, "GlobalAveragePool", vec![a], "pool", vec![]);
-    let f = node(&mut g, "Flatten", vec![p], "flat", vec![]);
+    let c1 = g.add_op("Conv", "dw", &[r0, w1, b1], vec![pads, ("group", Attribute::Int(4))]);
+    let r1 = g.add_op("Relu", "relu1", &[c1], vec![]);
+    let a = g.add_op("Add", "add", &[r1, r0], vec![]);
+    let p = g.add_op("GlobalAveragePool", "pool", &[a], vec![]);
+    let f = g.add_op("Flatten", "flat", &[p], vec![]);
     let w2 = g.add_initializer("fc.weight", t(&[10, 4], values(40, 5)));
     let b2 = g.add_initializer("fc.bias", t(&[10], values(10, 6)));
-    let y = node(&mut g, "Gemm", vec![f, w2, b2], "logits", vec![("transB", Attribute::Int(1))]);
+    let y = g.add_op("Gemm", "logits", &[f, w2, b2], vec![("transB", Attribute::Int(1))]);
     g.add_output(y);
     Model::new(g, 13)
 }
@@ -332,19 +314,19 @@ fn layer_norm_model() -> Model {
     let mut g = Graph::new("ln");
     let x = g.add_input("x", DType::F32, Shape(vec![Dim::Symbol("N".into()), Dim::Known(4)]));
     let axes = ("axes", Attribute::Ints(vec![-1]));
-    let mean = node(&mut g, "ReduceMean", vec![x], "mean", vec![axes.clone()]);
-    let d = node(&mut g, "Sub", vec![x, mean], "centred", vec![]);
+    let mean = g.add_op("ReduceMean", "mean", &[x], vec![axes.clone()]);
+    let d = g.add_op("Sub", "centred", &[x, mean], vec![]);
     let two = g.add_initializer("two", Tensor::scalar(2f32));
-    let sq = node(&mut g, "Pow", vec![d, two], "squared", vec![]);
-    let var = node(&mut g, "ReduceMean", vec![sq], "variance", vec![axes]);
+    let sq = g.add_op("Pow", "squared", &[d, two], vec![]);
+    let var = g.add_op("ReduceMean", "variance", &[sq], vec![axes]);
     let eps = g.add_initializer("eps", Tensor::scalar(1e-5f32));
-    let ve = node(&mut g, "Add", vec![var, eps], "var_eps", vec![]);
-    let sd = node(&mut g, "Sqrt", vec![ve], "std", vec![]);
-    let n = node(&mut g, "Div", vec![d, sd], "normed", vec![]);
+    let ve = g.add_op("Add", "var_eps", &[var, eps], vec![]);
+    let sd = g.add_op("Sqrt", "std", &[ve], vec![]);
+    let n = g.add_op("Div", "normed", &[d, sd], vec![]);
     let gamma = g.add_initializer("gamma", t(&[4], vec![1.0, 0.5, -0.5, 2.0]));
-    let scaled = node(&mut g, "Mul", vec![n, gamma], "scaled", vec![]);
+    let scaled = g.add_op("Mul", "scaled", &[n, gamma], vec![]);
     let beta = g.add_initializer("beta", t(&[4], vec![0.1, 0.2, 0.3, 0.4]));
-    let y = node(&mut g, "Add", vec![scaled, beta], "y", vec![]);
+    let y = g.add_op("Add", "y", &[scaled, beta], vec![]);
     g.add_output(y);
     Model::new(g, 13)
 }
@@ -373,7 +355,7 @@ fn the_layer_norm_pass_keeps_only_the_output_and_gamma_quantized() {
 fn a_layer_can_be_switched_to_another_precision() {
     let mut s = calibrated(SimOptions::default());
     let g = &s.model().graph;
-    let conv = g.node_id("Conv_conv0").unwrap();
+    let conv = g.node_id("conv0").unwrap();
     let qs = s.placement().op_quantizers(g, conv);
     let names: Vec<String> = qs
         .iter()

@@ -502,6 +502,26 @@ impl Graph {
         id
     }
 
+    /// Appends a default-domain node with one output named like the node, and returns that
+    /// output: the short form for building small graphs by hand.
+    pub fn add_op(
+        &mut self,
+        op_type: &str,
+        name: &str,
+        inputs: &[ValueId],
+        attrs: Vec<(&str, Attribute)>,
+    ) -> ValueId {
+        let id = self.add_node(NodeSpec {
+            name: name.into(),
+            op_type: op_type.into(),
+            domain: String::new(),
+            attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            inputs: inputs.iter().copied().map(Some).collect(),
+            outputs: vec![name.into()],
+        });
+        self.nodes[id.index()].outputs[0].expect("add_node creates every output")
+    }
+
     /// Renames a value (names are labels; ids do not change). The new name must be free.
     pub fn rename_value(&mut self, v: ValueId, new_name: &str) -> Result<()> {
         if let Some(&other) = self.by_name.get(new_name) {

@@ -20,7 +20,9 @@ pub struct LitempArgs {
     /// The FP32 ONNX model.
     model: PathBuf,
     /// Calibration data for a graph input, NAME=FILE.npy with samples along axis 0 (repeatable).
-    #[arg(long = "calib", value_parser = crate::parse_input, required = true)]
+    /// Default: `<model>_calib.npy` beside the model, for its first input (and likewise
+    /// `<model>_eval.npy` and `<model>_labels.npy` for evaluation when present).
+    #[arg(long = "calib", value_parser = crate::parse_input)]
     calib: Vec<(String, PathBuf)>,
     /// Samples per batch.
     #[arg(long, default_value_t = 32)]
@@ -90,13 +92,26 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         ..SimOptions::default()
     };
     let mut sim = QuantSim::new(qgraph::load_path(&a.model)?, config, options).map_err(user)?;
-    let calib = Dataset::load(&a.calib).map_err(Failure::User)?;
-    let eval = if a.evaluation.eval.is_empty() {
-        None
-    } else {
-        Some(Dataset::load(&a.evaluation.eval).map_err(Failure::User)?)
-    };
-    let labels: Option<Vec<i64>> = match &a.evaluation.labels {
+    // Data beside the model (`<stem>_calib.npy`, …) serves when no file is named.
+    let stem = a.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let beside =
+        |kind: &str| Some(a.model.with_file_name(format!("{stem}_{kind}.npy"))).filter(|p| p.is_file());
+    let first_input = sim.model().graph.inputs().first().map(|&v| sim.model().graph.value(v).name.clone());
+    let default_feed =
+        |kind: &str| first_input.clone().zip(beside(kind)).map(|f| vec![f]).unwrap_or_default();
+    let calib_files = if a.calib.is_empty() { default_feed("calib") } else { a.calib.clone() };
+    if calib_files.is_empty() {
+        return Err(user(anyhow::anyhow!(
+            "no calibration data: give --calib NAME=FILE.npy or put {stem}_calib.npy beside the model"
+        )));
+    }
+    let eval_files =
+        if a.evaluation.eval.is_empty() { default_feed("eval") } else { a.evaluation.eval.clone() };
+    let labels_file = a.evaluation.labels.clone().or_else(|| beside("labels"));
+    let calib = Dataset::load(&calib_files).map_err(Failure::User)?;
+    let eval =
+        if eval_files.is_empty() { None } else { Some(Dataset::load(&eval_files).map_err(Failure::User)?) };
+    let labels: Option<Vec<i64>> = match &labels_file {
         Some(path) => Some(
             crate::read_tensor(path).map_err(Failure::User)?.to_f64_vec().iter().map(|&v| v as i64).collect(),
         ),
