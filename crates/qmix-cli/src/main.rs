@@ -22,9 +22,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print a model's inputs/outputs, op histogram, parameter count and MACs.
+    /// Print a model's inputs/outputs, op histogram, parameter count and MACs (and, with
+    /// --config, a quantizer placement summary).
     ///
-    /// Example: qmix inspect model.onnx --dim seq=128
+    /// Example: qmix inspect model.onnx --dim seq=128 --config default
     Inspect {
         /// The ONNX model.
         model: PathBuf,
@@ -34,6 +35,9 @@ enum Command {
         /// Size of a named symbolic dim, e.g. --dim seq=128 (repeatable).
         #[arg(long = "dim", value_parser = parse_dim)]
         dims: Vec<(String, usize)>,
+        /// Also summarise where a quantsim config (preset or JSON file) places quantizers.
+        #[arg(long)]
+        config: Option<String>,
     },
     /// Run a model in FP32 on .npy inputs and write every output as .npy.
     ///
@@ -101,6 +105,29 @@ fn write_tensor(path: &Path, t: &Tensor) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Quantizer counts per kind (enabled / placed) and granularity under a config.
+fn print_placement(sim: &qcalib::QuantSim, config: &str) {
+    let p = sim.placement();
+    let mut rows: std::collections::BTreeMap<&str, (usize, usize, usize)> = std::collections::BTreeMap::new();
+    for t in p.tensors() {
+        let q = p.quantizer(t.quantizer);
+        let row = rows.entry(t.role.kind()).or_default();
+        row.1 += 1;
+        if q.enabled {
+            row.0 += 1;
+            if matches!(q.granularity, qcalib::Granularity::PerChannel { .. }) {
+                row.2 += 1;
+            }
+        }
+    }
+    let shared = p.tensors().len() - p.quantizer_ids().len();
+    println!("quantizers under config '{config}' (W8A8): kind, enabled/placed, per-channel");
+    for (kind, (on, all, pc)) in rows {
+        println!("  {kind:<9} {on:>5}/{all:<5} {pc:>5}");
+    }
+    println!("  {shared} tensors share a quantizer with another (tying)");
+}
+
 fn parse_dim(s: &str) -> Result<(String, usize), String> {
     let (name, n) = s.split_once('=').ok_or_else(|| format!("expected NAME=SIZE, got '{s}'"))?;
     let n = n.parse().map_err(|_| format!("'{n}' is not a size"))?;
@@ -134,7 +161,7 @@ impl From<GraphError> for Failure {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Inspect { model, batch, dims } => {
+        Command::Inspect { model, batch, dims, config } => {
             let mut m = qgraph::load_path(&model)?;
             let bindings = dims.into_iter().fold(DimBindings::all(batch), |b, (n, v)| b.with(&n, v));
             let report = m.infer_shapes(&bindings)?;
@@ -142,6 +169,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             for id in report.unknown_ops {
                 let n = m.graph.node(id);
                 println!("note: no shape rule for op {} (node '{}')", n.op_type, n.name);
+            }
+            if let Some(name) = config {
+                let config = qcalib::QuantsimConfig::load(&name).map_err(|e| Failure::User(e.into()))?;
+                let sim = qcalib::QuantSim::new(m, config, qcalib::SimOptions::default())
+                    .map_err(|e| Failure::User(e.into()))?;
+                print_placement(&sim, &name);
             }
             Ok(())
         }

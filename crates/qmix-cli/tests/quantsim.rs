@@ -212,3 +212,18 @@ fn the_main_job_runs_on_the_default_model() {
     assert!(stdout.contains("top-1 on 400 samples: FP32 0.8650"), "{stdout}");
     assert!(out.join("flipped_layers.json").is_file());
 }
+
+#[test]
+fn inspect_summarises_the_placement_of_a_config() {
+    let dir = scratch("inspect");
+    let model = save_model(&dir);
+    let o = qmix(&["inspect", model.to_str().unwrap(), "--config", "default_per_tensor"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("quantizers under config 'default_per_tensor'") && stdout.contains("param"),
+        "{stdout}"
+    );
+    let o = qmix(&["inspect", model.to_str().unwrap(), "--config", "nope"]);
+    assert_eq!(o.status.code(), Some(1));
+}
