@@ -52,8 +52,7 @@ impl Precision {
             "fp16" | "float16" | "f16" => Some(Precision::Float16),
             "bf16" | "bfloat16" => Some(Precision::BFloat16),
             _ => {
-                let bits: u32 =
-                    s.strip_prefix("int").or_else(|| s.strip_prefix('w')).unwrap_or(s).parse().ok()?;
+                let bits: u32 = s.strip_prefix("int")?.parse().ok()?;
                 (2..=16).contains(&bits).then_some(Precision::Int(bits))
             }
         }

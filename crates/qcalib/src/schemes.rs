@@ -386,6 +386,16 @@ fn percentile_range(h: &TfHistogram, p: f64) -> Option<(f64, f64)> {
 mod tests {
     use super::*;
 
+    /// `n` Laplace-distributed values (deterministic quantiles): a bulk and long thin tails.
+    fn laplace(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let u = (i as f64 + 0.5) / n as f64;
+                (if u < 0.5 { (2.0 * u).ln() } else { -(2.0 * (1.0 - u)).ln() }) as f32
+            })
+            .collect()
+    }
+
     #[test]
     fn fixed_range_follows_the_python_rule() {
         let e = encoding_from_fixed_range(0.0, 1.0, QuantSpec::asymmetric(8));
@@ -401,14 +411,7 @@ mod tests {
     fn tf_enhanced_clips_a_long_tail_min_max_does_not() {
         // Laplace-distributed values (deterministic quantiles): a few far-out values set the
         // min-max range; TF-enhanced trades their saturation for finer steps in the bulk.
-        let n = 200_000;
-        let data: Vec<f32> = (0..n)
-            .map(|i| {
-                let u = (i as f64 + 0.5) / n as f64;
-                let x = if u < 0.5 { (2.0 * u).ln() } else { -(2.0 * (1.0 - u)).ln() };
-                x as f32
-            })
-            .collect();
+        let data = laplace(200_000);
         let mut s = ChannelStats::new(Scheme::TfEnhanced);
         s.observe(&data);
         let spec = QuantSpec::asymmetric(8);
@@ -419,13 +422,7 @@ mod tests {
 
     #[test]
     fn mse_clips_less_than_tf_enhanced_weights_saturation_more_than_min_max() {
-        let n = 200_000;
-        let data: Vec<f32> = (0..n)
-            .map(|i| {
-                let u = (i as f64 + 0.5) / n as f64;
-                (if u < 0.5 { (2.0 * u).ln() } else { -(2.0 * (1.0 - u)).ln() }) as f32
-            })
-            .collect();
+        let data = laplace(200_000);
         let mut s = ChannelStats::new(Scheme::Mse);
         s.observe(&data);
         let spec = QuantSpec::asymmetric(8);
@@ -439,13 +436,7 @@ mod tests {
 
     #[test]
     fn entropy_clips_a_long_tail() {
-        let n = 200_000;
-        let data: Vec<f32> = (0..n)
-            .map(|i| {
-                let u = (i as f64 + 0.5) / n as f64;
-                (if u < 0.5 { (2.0 * u).ln() } else { -(2.0 * (1.0 - u)).ln() }) as f32
-            })
-            .collect();
+        let data = laplace(200_000);
         let mut s = ChannelStats::new(Scheme::Entropy);
         s.observe(&data);
         let spec = QuantSpec::symmetric(8);

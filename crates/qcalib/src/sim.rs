@@ -420,18 +420,24 @@ impl QuantSim {
         Ok(model)
     }
 
-    /// Runs the simulated model (calibrate or load encodings first).
-    pub fn run(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
+    /// The simulation session and a fake-quant hook for one run.
+    fn session_and_hook(&self) -> Result<(&Session, FakeQuantHook<'_>)> {
         let session = self.session.as_ref().ok_or_else(|| CalibError::Quantizer {
             tensor: "(model)".into(),
             detail: "the simulation has no encodings yet: calibrate or load encodings first".into(),
         })?;
-        let mut hook = FakeQuantHook::new(
+        let hook = FakeQuantHook::new(
             &self.placement,
             self.model.graph.value_count(),
             self.options.threads != 1,
             self.options.rounding,
         );
+        Ok((session, hook))
+    }
+
+    /// Runs the simulated model (calibrate or load encodings first).
+    pub fn run(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
+        let (session, mut hook) = self.session_and_hook()?;
         let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() };
         Ok(session.run_with(feeds, opts)?.outputs)
     }
@@ -442,16 +448,7 @@ impl QuantSim {
     /// quantize). Everything upstream is read from the cache. Graph inputs are read from the
     /// cache as they are: one whose quantizer is enabled needs a full [`QuantSim::run`].
     pub fn run_resumed(&self, cache: &qexec::ValueCache, changed: &[ValueId]) -> Result<Vec<Tensor>> {
-        let session = self.session.as_ref().ok_or_else(|| CalibError::Quantizer {
-            tensor: "(model)".into(),
-            detail: "the simulation has no encodings yet: calibrate or load encodings first".into(),
-        })?;
-        let mut hook = FakeQuantHook::new(
-            &self.placement,
-            self.model.graph.value_count(),
-            self.options.threads != 1,
-            self.options.rounding,
-        );
+        let (session, mut hook) = self.session_and_hook()?;
         Ok(session.resume(cache, changed, RunOptions::with_hook(&mut hook))?.outputs)
     }
 }
