@@ -7,6 +7,7 @@ mod conformance;
 mod models;
 mod python;
 mod zoo;
+mod zoo_amp;
 mod zoo_analyze;
 mod zoo_calib;
 mod zoo_data;
@@ -16,7 +17,7 @@ use anyhow::{Result, bail};
 
 const USAGE: &str = "usage: cargo xtask <command>
 commands:
-  zoo [exec|calib|analyze]
+  zoo [exec|calib|analyze|amp]
                  run every check on the real models of ../shared/zoo (fails if it is missing);
                  `exec` runs only the interpreter parity checks, `calib` only QuantSim vs AIMET,
                  `analyze` only the per-layer sensitivity vs AIMET

@@ -58,6 +58,7 @@ pub fn run(only: Option<&str>) -> Result<()> {
         Some("exec") => return crate::zoo_exec::check(&zoo),
         Some("calib") => return crate::zoo_calib::check(&zoo),
         Some("analyze") => return crate::zoo_analyze::check(&zoo),
+        Some("amp") => return crate::zoo_amp::check(&zoo),
         _ => {}
     }
     check_graphs(&zoo)?;
@@ -65,6 +66,7 @@ pub fn run(only: Option<&str>) -> Result<()> {
     crate::zoo_exec::check(&zoo)?;
     crate::zoo_calib::check(&zoo)?;
     crate::zoo_analyze::check(&zoo)?;
+    crate::zoo_amp::check(&zoo)?;
     fuzz_loader(&zoo.join("models/mobilenetv1_025_128.onnx"), 2000)?;
     println!("zoo: all checks passed in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())

@@ -9,5 +9,6 @@
 mod sensitivity;
 
 pub use sensitivity::{
-    AnalyzeError, LayerScore, Metric, ModelChecks, disable_one, enable_one, layers, model_checks,
+    AnalyzeError, FloatReference, LayerScore, Metric, ModelChecks, disable_one, enable_one, layers,
+    model_checks,
 };

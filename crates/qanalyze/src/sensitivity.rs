@@ -24,24 +24,105 @@ pub enum AnalyzeError {
     Data(String),
 }
 
-/// How a layer's effect on the outputs is scored (higher is better for both).
+/// How a layer's effect on the outputs is scored (higher is better for all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Metric {
     /// AIMET's PSNR (spec §5.2): pooled over all samples and elements, minimum over outputs.
     Psnr,
     /// Signal-to-quantization-noise ratio in dB, pooled the same way.
     Sqnr,
+    /// The SQNR of AIMET's AMP phase 1 (spec §7.11), first output only: per batch
+    /// `mean(x²) / (mean((x − x̂)²) + 1e−4)`, summed over batches, divided by the sample count
+    /// (not the batch count, as AIMET does), in dB.
+    AmpSqnr,
 }
 
 impl Metric {
-    fn score(self, reference: &[f32], simulated: &[f32]) -> Result<f64, AnalyzeError> {
+    /// The name reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Psnr => "psnr_db",
+            Metric::Sqnr => "sqnr_db",
+            Metric::AmpSqnr => "amp_sqnr_db",
+        }
+    }
+
+    fn pooled_score(self, reference: &[f32], simulated: &[f32]) -> Result<f64, AnalyzeError> {
         let kernel = |e: qkernels::KernelError| AnalyzeError::Data(e.to_string());
         match self {
             Metric::Psnr => qkernels::psnr_aimet(reference, simulated)
                 .map_err(kernel)?
                 .ok_or_else(|| AnalyzeError::Data("the FP32 outputs are not finite".into())),
-            Metric::Sqnr => qkernels::sqnr_db(reference, simulated).map_err(kernel),
+            Metric::Sqnr | Metric::AmpSqnr => qkernels::sqnr_db(reference, simulated).map_err(kernel),
         }
+    }
+
+    /// The score of simulated outputs against the FP32 ones, both given per batch and output.
+    fn score(self, reference: &BatchOutputs, simulated: &BatchOutputs) -> Result<f64, AnalyzeError> {
+        if self == Metric::AmpSqnr {
+            let mut sum = 0f64;
+            for (r, s) in reference.per_batch.iter().zip(&simulated.per_batch) {
+                let (Some(r), Some(s)) = (r.first(), s.first()) else { continue };
+                if r.len() != s.len() {
+                    return Err(AnalyzeError::Data(format!(
+                        "output sizes differ: {} vs {}",
+                        r.len(),
+                        s.len()
+                    )));
+                }
+                let n = r.len().max(1) as f64;
+                let signal: f64 = r.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / n;
+                let noise: f64 =
+                    r.iter().zip(s).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>() / n;
+                sum += signal / (noise + 1e-4);
+            }
+            return Ok(10.0 * (sum / reference.samples.max(1) as f64).log10());
+        }
+        let (r, s) = (reference.pooled(), simulated.pooled());
+        let mut score = f64::INFINITY;
+        for (r, s) in r.iter().zip(&s) {
+            if !r.is_empty() {
+                score = score.min(self.pooled_score(r, s)?);
+            }
+        }
+        Ok(score)
+    }
+}
+
+/// The float outputs of a list of batches: per batch, per output (non-float outputs left empty).
+#[derive(Debug, Clone, Default)]
+struct BatchOutputs {
+    per_batch: Vec<Vec<Vec<f32>>>,
+    samples: usize,
+}
+
+impl BatchOutputs {
+    fn push(&mut self, outputs: Vec<Tensor>) {
+        self.samples += outputs.first().and_then(|t| t.shape().first().copied()).unwrap_or(1);
+        self.per_batch.push(
+            outputs
+                .iter()
+                .map(|t| t.as_f32().map(|a| a.iter().copied().collect()).unwrap_or_default())
+                .collect(),
+        );
+    }
+
+    /// Each output concatenated over all batches.
+    fn pooled(&self) -> Vec<Vec<f32>> {
+        let mut pooled: Vec<Vec<f32>> = Vec::new();
+        for batch in &self.per_batch {
+            for (i, t) in batch.iter().enumerate() {
+                if pooled.len() <= i {
+                    pooled.resize(i + 1, Vec::new());
+                }
+                pooled[i].extend_from_slice(t);
+            }
+        }
+        pooled
+    }
+
+    fn is_empty(&self) -> bool {
+        self.per_batch.iter().all(|b| b.iter().all(Vec::is_empty))
     }
 }
 
@@ -73,31 +154,16 @@ pub fn layers(sim: &QuantSim) -> Result<Vec<(NodeId, Vec<QuantizerId>)>, Analyze
     Ok(out)
 }
 
-/// The float outputs of a batch list, concatenated per output over all batches.
-fn pooled(outputs: Vec<Vec<Tensor>>) -> Result<Vec<Vec<f32>>, AnalyzeError> {
-    let mut pooled: Vec<Vec<f32>> = Vec::new();
-    for batch in outputs {
-        for (i, t) in batch.into_iter().enumerate() {
-            let Some(a) = t.as_f32() else { continue };
-            if pooled.len() <= i {
-                pooled.resize(i + 1, Vec::new());
-            }
-            pooled[i].extend(a.iter().copied());
-        }
-    }
-    Ok(pooled)
-}
-
 fn run_all(
     batches: &[Feeds],
     run: impl Fn(&[(&str, Tensor)]) -> Result<Vec<Tensor>, AnalyzeError>,
-) -> Result<Vec<Vec<f32>>, AnalyzeError> {
-    let mut outs = Vec::with_capacity(batches.len());
+) -> Result<BatchOutputs, AnalyzeError> {
+    let mut outs = BatchOutputs::default();
     for feeds in batches {
         let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         outs.push(run(&named)?);
     }
-    pooled(outs)
+    Ok(outs)
 }
 
 /// Where a resumed run must start when only the given quantizers are on: the tensors they sit on,
@@ -119,6 +185,68 @@ fn changed_values(sim: &QuantSim, qs: &[QuantizerId]) -> Vec<qgraph::ValueId> {
     out
 }
 
+/// The FP32 run of a list of batches, kept to score simulations against and to resume from: the
+/// value of every tensor per batch (memory: all intermediates of every batch) and the outputs.
+pub struct FloatReference {
+    batches: Vec<Feeds>,
+    caches: Vec<qexec::ValueCache>,
+    outputs: BatchOutputs,
+}
+
+impl FloatReference {
+    /// Runs the float model of `sim` on `batches`.
+    pub fn new(sim: &QuantSim, batches: &[Feeds], threads: usize) -> Result<FloatReference, AnalyzeError> {
+        if batches.is_empty() {
+            return Err(AnalyzeError::Data("no batches to score on".into()));
+        }
+        let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(threads))?;
+        let mut caches = Vec::with_capacity(batches.len());
+        let mut outputs = BatchOutputs::default();
+        for feeds in batches {
+            let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+            let run = float.run_with(&named, qexec::RunOptions::default().keep(qexec::Keep::All))?;
+            outputs.push(run.outputs);
+            caches.push(run.kept);
+        }
+        if outputs.is_empty() {
+            return Err(AnalyzeError::Data("the model has no float outputs to score".into()));
+        }
+        Ok(FloatReference { batches: batches.to_vec(), caches, outputs })
+    }
+
+    /// Samples in the batches.
+    pub fn samples(&self) -> usize {
+        self.outputs.samples
+    }
+
+    /// Scores the simulation as it is (full forward passes).
+    pub fn score(&self, sim: &QuantSim, metric: Metric) -> Result<f64, AnalyzeError> {
+        let simulated = run_all(&self.batches, |f| Ok(sim.run(f)?))?;
+        metric.score(&self.outputs, &simulated)
+    }
+
+    /// Scores the simulation when `enabled` are its only enabled quantizers: only what lies
+    /// downstream of them is recomputed, the rest is read from the FP32 values. The caller
+    /// guarantees that no other quantizer is enabled.
+    pub fn score_only(
+        &self,
+        sim: &QuantSim,
+        enabled: &[QuantizerId],
+        metric: Metric,
+    ) -> Result<f64, AnalyzeError> {
+        let changed = changed_values(sim, enabled);
+        let inputs = sim.model().graph.inputs();
+        if changed.iter().any(|v| inputs.contains(v)) {
+            return self.score(sim, metric);
+        }
+        let mut simulated = BatchOutputs::default();
+        for cache in &self.caches {
+            simulated.push(sim.run_resumed(cache, &changed)?);
+        }
+        metric.score(&self.outputs, &simulated)
+    }
+}
+
 /// Scores every layer with only its quantizers enabled. `progress(done, total)` is called after
 /// each layer. The simulation is restored before returning (also on error).
 pub fn enable_one(
@@ -128,24 +256,7 @@ pub fn enable_one(
     threads: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LayerScore>, AnalyzeError> {
-    if batches.is_empty() {
-        return Err(AnalyzeError::Data("no batches to score the layers on".into()));
-    }
-    let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(threads))?;
-    // FP32 values of every tensor, per batch: a layer's run recomputes only what lies downstream
-    // of its quantizers and reads the rest from here.
-    let mut caches = Vec::with_capacity(batches.len());
-    let mut reference_outputs = Vec::with_capacity(batches.len());
-    for feeds in batches {
-        let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        let run = float.run_with(&named, qexec::RunOptions::default().keep(qexec::Keep::All))?;
-        reference_outputs.push(run.outputs);
-        caches.push(run.kept);
-    }
-    let reference = pooled(reference_outputs)?;
-    if reference.iter().all(Vec::is_empty) {
-        return Err(AnalyzeError::Data("the model has no float outputs to score".into()));
-    }
+    let reference = FloatReference::new(sim, batches, threads)?;
     let layers = layers(sim)?;
     let set = |sim: &mut QuantSim, qs: &[QuantizerId], on: bool| {
         let p = sim.placement_mut();
@@ -154,52 +265,17 @@ pub fn enable_one(
     with_enabled(sim, |sim| {
         let all = sim.placement().quantizer_ids();
         set(sim, &all, false);
-        let g_inputs: Vec<qgraph::ValueId> = sim.model().graph.inputs().to_vec();
         let mut scores = Vec::with_capacity(layers.len());
         for (k, (node, qs)) in layers.iter().enumerate() {
             set(sim, qs, true);
             sim.refresh()?;
-            let changed = changed_values(sim, qs);
-            let simulated = if changed.iter().any(|v| g_inputs.contains(v)) {
-                run_all(batches, |f| Ok(sim.run(f)?))?
-            } else {
-                pooled(caches.iter().map(|c| sim.run_resumed(c, &changed)).collect::<Result<_, _>>()?)?
-            };
-            let score = min_over_outputs(metric, &reference, &simulated)?;
+            let score = reference.score_only(sim, qs, metric)?;
             scores.push(LayerScore { layer: sim.model().graph.node(*node).name.clone(), score });
             set(sim, qs, false);
             progress(k + 1, layers.len());
         }
         Ok(scores)
     })
-}
-
-/// The metric of every output, the worst (lowest) one.
-fn min_over_outputs(
-    metric: Metric,
-    reference: &[Vec<f32>],
-    simulated: &[Vec<f32>],
-) -> Result<f64, AnalyzeError> {
-    let mut score = f64::INFINITY;
-    for (r, s) in reference.iter().zip(simulated) {
-        if !r.is_empty() {
-            score = score.min(metric.score(r, s)?);
-        }
-    }
-    Ok(score)
-}
-
-/// The FP32 outputs of `batches`, pooled per output.
-fn float_reference(sim: &QuantSim, batches: &[Feeds], threads: usize) -> Result<Vec<Vec<f32>>, AnalyzeError> {
-    if batches.is_empty() {
-        return Err(AnalyzeError::Data("no batches to score on".into()));
-    }
-    let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(threads))?;
-    let reference = run_all(batches, |f| Ok(float.run(f)?))?;
-    if reference.iter().all(Vec::is_empty) {
-        return Err(AnalyzeError::Data("the model has no float outputs to score".into()));
-    }
-    Ok(reference)
 }
 
 /// Runs `body` with some quantizers switched on or off, then restores every quantizer and the
@@ -228,15 +304,14 @@ pub fn disable_one(
     threads: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LayerScore>, AnalyzeError> {
-    let reference = float_reference(sim, batches, threads)?;
+    let reference = FloatReference::new(sim, batches, threads)?;
     let layers = layers(sim)?;
     with_enabled(sim, |sim| {
         let mut scores = Vec::with_capacity(layers.len());
         for (k, (node, qs)) in layers.iter().enumerate() {
             qs.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = false);
             sim.refresh()?;
-            let simulated = run_all(batches, |f| Ok(sim.run(f)?))?;
-            let score = min_over_outputs(metric, &reference, &simulated)?;
+            let score = reference.score(sim, metric)?;
             scores.push(LayerScore { layer: sim.model().graph.node(*node).name.clone(), score });
             qs.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = true);
             progress(k + 1, layers.len());
@@ -263,11 +338,8 @@ pub fn model_checks(
     metric: Metric,
     threads: usize,
 ) -> Result<ModelChecks, AnalyzeError> {
-    let reference = float_reference(sim, batches, threads)?;
-    let score = |sim: &QuantSim| -> Result<f64, AnalyzeError> {
-        let simulated = run_all(batches, |f| Ok(sim.run(f)?))?;
-        min_over_outputs(metric, &reference, &simulated)
-    };
+    let reference = FloatReference::new(sim, batches, threads)?;
+    let score = |sim: &QuantSim| reference.score(sim, metric);
     let all = score(sim)?;
     let mut only = |params: bool| {
         with_enabled(sim, |sim| {

@@ -5,6 +5,7 @@ use crate::error::Result;
 use crate::graph::Graph;
 use crate::ids::{NodeId, ValueId};
 use crate::ops::{Fact, ParamRole, op_spec};
+use crate::shape::{Dim, Shape};
 
 /// A parameter input of a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,11 +74,13 @@ impl Graph {
     }
 
     /// Multiply-accumulates of one node per sample (batch excluded), for Conv, ConvTranspose, Gemm
-    /// and MatMul, from the shapes on the graph (run `Model::infer_shapes` first).
+    /// and MatMul, from the shapes on the graph (run `Model::infer_shapes` first). Symbolic dims
+    /// count as 1 (bind them when inferring shapes for exact counts), as AIMET's dummy input does.
     pub fn node_macs(&self, node: NodeId) -> Option<u64> {
         let n = self.node(node);
         let spec = n.is_onnx_domain().then(|| op_spec(&n.op_type)).flatten()?;
-        let fact = |v: ValueId| Fact::typed(self.value(v).dtype, self.value(v).shape.clone());
+        let ones = |s: &Shape| Shape(s.0.iter().map(|d| Dim::Known(d.known().unwrap_or(1))).collect());
+        let fact = |v: ValueId| Fact::typed(self.value(v).dtype, self.value(v).shape.as_ref().map(ones));
         let inputs: Vec<Option<Fact>> = n.inputs().iter().map(|v| v.map(fact)).collect();
         let outputs: Vec<Fact> = n.outputs().iter().map(|v| v.map(fact).unwrap_or_default()).collect();
         spec.macs(n, &inputs, &outputs)

@@ -1,7 +1,7 @@
 //! What the job commands share: evaluation options, `.npy` datasets (named arrays with samples along axis 0) sliced
 //! into batches, progress bars that `--quiet` hides, user errors, and top-1 predictions.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -71,6 +71,81 @@ fn slice_rows(t: &Tensor, rows: std::ops::Range<usize>) -> Tensor {
         };
     }
     slice!(F32, F64, I64, I32, U8, I8, Bool)
+}
+
+/// The data of a job: calibration samples, and evaluation samples with labels when present.
+pub(crate) struct JobData {
+    pub calib: Dataset,
+    pub eval: Option<Dataset>,
+    pub labels: Option<Vec<i64>>,
+}
+
+impl JobData {
+    /// Loads the named files; with none named, `<model>_calib.npy`, `<model>_eval.npy` and
+    /// `<model>_labels.npy` beside the model serve for its first input.
+    pub fn load(
+        model: &Path,
+        first_input: Option<String>,
+        calib: &[(String, PathBuf)],
+        evaluation: &EvalArgs,
+    ) -> Result<JobData, Failure> {
+        let stem = model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let beside =
+            |kind: &str| Some(model.with_file_name(format!("{stem}_{kind}.npy"))).filter(|p| p.is_file());
+        let default_feed =
+            |kind: &str| first_input.clone().zip(beside(kind)).map(|f| vec![f]).unwrap_or_default();
+        let calib_files = if calib.is_empty() { default_feed("calib") } else { calib.to_vec() };
+        if calib_files.is_empty() {
+            return Err(user(anyhow::anyhow!(
+                "no calibration data: give --calib NAME=FILE.npy or put {stem}_calib.npy beside the model"
+            )));
+        }
+        let eval_files =
+            if evaluation.eval.is_empty() { default_feed("eval") } else { evaluation.eval.clone() };
+        let labels_file = evaluation.labels.clone().or_else(|| beside("labels"));
+        let calib = Dataset::load(&calib_files).map_err(Failure::User)?;
+        let eval = if eval_files.is_empty() {
+            None
+        } else {
+            Some(Dataset::load(&eval_files).map_err(Failure::User)?)
+        };
+        let labels: Option<Vec<i64>> = match &labels_file {
+            Some(path) => Some(
+                crate::read_tensor(path)
+                    .map_err(Failure::User)?
+                    .to_f64_vec()
+                    .iter()
+                    .map(|&v| v as i64)
+                    .collect(),
+            ),
+            None => None,
+        };
+        if let (Some(l), Some(e)) = (&labels, &eval)
+            && l.len() != e.samples
+        {
+            return Err(user(anyhow::anyhow!("{} labels for {} evaluation samples", l.len(), e.samples)));
+        }
+        Ok(JobData { calib, eval, labels })
+    }
+}
+
+/// One forward pass (FP32 or simulated) on named inputs.
+pub(crate) type Forward<'a> = &'a dyn Fn(&[(&str, Tensor)]) -> Result<Vec<Tensor>, Failure>;
+
+/// Top-1 of `run` over `data` against `labels`.
+pub(crate) fn top1(
+    data: &Dataset,
+    labels: &[i64],
+    batch: usize,
+    offset: usize,
+    run: Forward<'_>,
+) -> Result<f64, Failure> {
+    let mut preds = Vec::with_capacity(data.samples);
+    for feeds in data.batches(batch) {
+        let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        preds.extend(predictions(&run(&named)?[0], offset));
+    }
+    Ok(preds.iter().zip(labels).filter(|(p, l)| p == l).count() as f64 / labels.len().max(1) as f64)
 }
 
 /// A progress bar on stderr counting `unit` (hidden with `quiet`).

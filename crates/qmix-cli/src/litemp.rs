@@ -8,11 +8,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use qcalib::{DefaultPrecision, EncodingVersion, Precision, QuantSim, QuantsimConfig, Scheme, SimOptions};
-use qgraph::Tensor;
 use serde_json::json;
 
 use crate::Failure;
-use crate::dataset::{Dataset, EvalArgs, bar, predictions, user};
+use crate::dataset::{Dataset, EvalArgs, Forward, JobData, bar, user};
 
 /// Arguments of `qmix litemp`.
 #[derive(clap::Args)]
@@ -60,9 +59,6 @@ fn write_json(path: &std::path::Path, v: &serde_json::Value) -> Result<(), Failu
     Ok(())
 }
 
-/// One forward pass (FP32 or simulated) on named inputs.
-type Forward<'a> = &'a dyn Fn(&[(&str, Tensor)]) -> Result<Vec<Tensor>, Failure>;
-
 /// Top-1 of `run` over the evaluation set, if labels were given.
 fn top1(
     data: &Dataset,
@@ -71,13 +67,7 @@ fn top1(
     offset: usize,
     run: Forward<'_>,
 ) -> Result<Option<f64>, Failure> {
-    let Some(labels) = labels else { return Ok(None) };
-    let mut preds = Vec::with_capacity(data.samples);
-    for feeds in data.batches(batch) {
-        let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        preds.extend(predictions(&run(&named)?[0], offset));
-    }
-    Ok(Some(preds.iter().zip(labels).filter(|(p, l)| p == l).count() as f64 / labels.len() as f64))
+    labels.map(|l| crate::dataset::top1(data, l, batch, offset, run)).transpose()
 }
 
 pub fn run(a: LitempArgs) -> Result<(), Failure> {
@@ -92,36 +82,8 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         ..SimOptions::default()
     };
     let mut sim = QuantSim::new(qgraph::load_path(&a.model)?, config, options).map_err(user)?;
-    // Data beside the model (`<stem>_calib.npy`, …) serves when no file is named.
-    let stem = a.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let beside =
-        |kind: &str| Some(a.model.with_file_name(format!("{stem}_{kind}.npy"))).filter(|p| p.is_file());
     let first_input = sim.model().graph.inputs().first().map(|&v| sim.model().graph.value(v).name.clone());
-    let default_feed =
-        |kind: &str| first_input.clone().zip(beside(kind)).map(|f| vec![f]).unwrap_or_default();
-    let calib_files = if a.calib.is_empty() { default_feed("calib") } else { a.calib.clone() };
-    if calib_files.is_empty() {
-        return Err(user(anyhow::anyhow!(
-            "no calibration data: give --calib NAME=FILE.npy or put {stem}_calib.npy beside the model"
-        )));
-    }
-    let eval_files =
-        if a.evaluation.eval.is_empty() { default_feed("eval") } else { a.evaluation.eval.clone() };
-    let labels_file = a.evaluation.labels.clone().or_else(|| beside("labels"));
-    let calib = Dataset::load(&calib_files).map_err(Failure::User)?;
-    let eval =
-        if eval_files.is_empty() { None } else { Some(Dataset::load(&eval_files).map_err(Failure::User)?) };
-    let labels: Option<Vec<i64>> = match &labels_file {
-        Some(path) => Some(
-            crate::read_tensor(path).map_err(Failure::User)?.to_f64_vec().iter().map(|&v| v as i64).collect(),
-        ),
-        None => None,
-    };
-    if let (Some(l), Some(e)) = (&labels, &eval)
-        && l.len() != e.samples
-    {
-        return Err(user(anyhow::anyhow!("{} labels for {} evaluation samples", l.len(), e.samples)));
-    }
+    let JobData { calib, eval, labels } = JobData::load(&a.model, first_input, &a.calib, &a.evaluation)?;
     std::fs::create_dir_all(&a.out)
         .map_err(|e| user(anyhow::anyhow!("cannot create {}: {e}", a.out.display())))?;
     let started = Instant::now();

@@ -2,6 +2,7 @@
 //! parses arguments, runs the job and maps errors to exit codes (0 ok, 1 user error, 2 internal).
 #![forbid(unsafe_code)]
 
+mod amp;
 mod dataset;
 mod litemp;
 mod quantsim;
@@ -64,6 +65,11 @@ enum Command {
     ///
     /// Example: qmix litemp model.onnx --calib input=calib.npy --percent 10 --override int16
     Litemp(litemp::LitempArgs),
+    /// Auto mixed precision (AIMET's greedy AMP): per-group sensitivity, then the cheapest
+    /// per-group precision plan within an allowed drop, with its Pareto front. Resumable.
+    ///
+    /// Example: qmix amp model.onnx --calib input=calib.npy --eval input=eval.npy --labels labels.npy --allowed-drop 0.01
+    Amp(amp::AmpArgs),
 }
 
 fn parse_input(s: &str) -> Result<(String, PathBuf), String> {
@@ -140,6 +146,14 @@ enum Failure {
     Internal(anyhow::Error),
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::User(e) | Failure::Internal(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
 impl From<ExecError> for Failure {
     fn from(e: ExecError) -> Self {
         match e {
@@ -212,6 +226,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Quantsim(args) => quantsim::run(args),
         Command::Litemp(args) => litemp::run(args),
+        Command::Amp(args) => amp::run(args),
     }
 }
 

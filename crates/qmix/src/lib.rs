@@ -1,7 +1,75 @@
-//! `qmix`: mixed-precision choice — Lite-MP today; AIMET-style greedy AMP with a Pareto front and
-//! bit-ops model, and better searches, arrive with the rest of the `qmix` issue.
+//! `qmix`: mixed-precision choice — which layers run at higher precision.
+//!
+//! - Lite-MP (spec §6): flip the most sensitive layers to int16/fp16.
+//! - Greedy AMP (spec §7): quantizer groups, candidates checked against `supported_kernels`,
+//!   phase-1 sensitivity per (group, candidate), phase-2 search over the cumulative list with a
+//!   bit-ops model, a resumable cache, and the full Pareto front on request.
 #![forbid(unsafe_code)]
 
+mod amp;
+mod amp_cache;
+mod amp_report;
+mod bitops;
+mod candidate;
+mod groups;
 mod lite_mp;
+mod search;
 
+use std::path::PathBuf;
+
+pub use amp::{
+    AccuracyEntry, AmpData, AmpEvent, AmpOptions, AmpOutcome, AmpResult, AmpWork, ParetoPoint, Phase2,
+    choose_mixed_precision,
+};
+pub use amp_report::write_amp_report;
+pub use bitops::{BitOps, CostedOp, MacOps};
+pub use candidate::{Candidate, effective_bits, supported_candidates};
+pub use groups::{QuantizerGroup, find_quantizer_groups};
 pub use lite_mp::{FlipError, Flipped, flip_layers_to_higher_precision};
+pub use search::{SearchAlgo, pareto_indices, search};
+
+/// Errors of mixed-precision search.
+#[derive(Debug, thiserror::Error)]
+pub enum AmpError {
+    /// The simulation failed.
+    #[error(transparent)]
+    Sim(#[from] qcalib::CalibError),
+    /// Scoring failed.
+    #[error(transparent)]
+    Analyze(#[from] qanalyze::AnalyzeError),
+    /// The graph is malformed.
+    #[error(transparent)]
+    Graph(#[from] qgraph::GraphError),
+    /// A group whose ops support none of the candidates.
+    #[error(
+        "no candidate is supported by every op of quantizer group '{group}' (ops: {ops}); check supported_kernels in the config or allow all candidates"
+    )]
+    Unsupported {
+        /// The group's quantizers.
+        group: String,
+        /// Its op types.
+        ops: String,
+    },
+    /// Bad settings.
+    #[error("AMP: {0}")]
+    Settings(String),
+    /// The phase-2 metric failed.
+    #[error("phase-2 evaluation: {0}")]
+    Eval(String),
+    /// The results cache cannot be used.
+    #[error("AMP cache {path}: {detail}")]
+    Cache {
+        /// The cache file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}

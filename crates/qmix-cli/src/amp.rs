@@ -1,0 +1,217 @@
+//! `qmix amp`: AIMET's greedy auto mixed precision in one command — quantizer groups, baseline
+//! candidates, phase-1 sensitivity per (group, candidate), a phase-2 search for the cheapest point
+//! within the allowed drop (or the full front), then the final simulation's encodings, the
+//! accuracy and Pareto lists, a summary and two SVG charts. Resumable: rerun the same command
+//! after an interruption and cached evaluations are not repeated.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use qanalyze::{FloatReference, Metric};
+use qcalib::{DefaultPrecision, EncodingVersion, QuantSim, QuantsimConfig, Scheme, SimOptions};
+use qmix::{AmpData, AmpEvent, AmpOptions, Candidate, MacOps, Phase2, SearchAlgo};
+
+use crate::Failure;
+use crate::dataset::{EvalArgs, JobData, bar, top1, user};
+
+/// Arguments of `qmix amp`.
+#[derive(clap::Args)]
+pub struct AmpArgs {
+    /// The FP32 ONNX model.
+    model: PathBuf,
+    /// Calibration data for a graph input, NAME=FILE.npy with samples along axis 0 (repeatable).
+    /// Default: `<model>_calib.npy` beside the model (and `<model>_eval.npy`,
+    /// `<model>_labels.npy` for phase 2).
+    #[arg(long = "calib", value_parser = crate::parse_input)]
+    calib: Vec<(String, PathBuf)>,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Quantsim config: a preset (default, default_per_tensor, htp_v73) or a JSON file.
+    #[arg(long, default_value = "default")]
+    config: String,
+    /// Calibration scheme: min_max, tf_enhanced, percentile, percentile:P, mse or entropy.
+    #[arg(long, default_value = "min_max", value_parser = crate::quantsim::parse_scheme)]
+    scheme: Scheme,
+    /// Candidates, comma-separated, e.g. w16a16,w8a16,w16a8,w8a8 (wfp16afp16 for float16).
+    #[arg(long, default_value = "w16a16,w8a16,w16a8,w8a8", value_parser = parse_candidates)]
+    candidates: Candidates,
+    /// Allowed drop of the phase-2 score below FP32 (e.g. 0.01 = 1 pp of top-1). Without it the
+    /// last point of the list is taken (as AIMET does); add --full-front to see them all.
+    #[arg(long)]
+    allowed_drop: Option<f64>,
+    /// Phase-2 search: binary, interpolation or brute_force.
+    #[arg(long, default_value = "binary")]
+    search: SearchAlgo,
+    /// Evaluate every point of the accuracy list (the full Pareto front), not only the searched ones.
+    #[arg(long)]
+    full_front: bool,
+    /// Calibration samples (the first ones) phase 1 scores groups on.
+    #[arg(long, default_value_t = 32)]
+    phase1_samples: usize,
+    /// Phase-1 metric: amp_sqnr (AIMET's), sqnr or psnr.
+    #[arg(long, default_value = "amp_sqnr", value_parser = parse_metric)]
+    phase1_metric: Metric,
+    /// Count only Conv and Gemm in bit-ops, as AIMET does (default: also ConvTranspose, MatMul).
+    #[arg(long)]
+    aimet_macs: bool,
+    /// Give every group every candidate, ignoring the config's supported_kernels.
+    #[arg(long)]
+    use_all_candidates: bool,
+    #[command(flatten)]
+    evaluation: EvalArgs,
+    /// Output folder (also holds the resumable cache in .cache/).
+    #[arg(long, default_value = "amp_out")]
+    out: PathBuf,
+    /// Discard cached results from an earlier run.
+    #[arg(long)]
+    clean_start: bool,
+    /// Interpreter threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// A parsed candidate list.
+#[derive(Clone)]
+struct Candidates(Vec<Candidate>);
+
+fn parse_candidates(s: &str) -> Result<Candidates, String> {
+    let list: Result<Vec<Candidate>, String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            Candidate::parse(c).ok_or_else(|| format!("'{c}' is not a candidate like w8a16 or wfp16afp16"))
+        })
+        .collect();
+    let list = list?;
+    if list.is_empty() {
+        return Err("no candidates given".into());
+    }
+    Ok(Candidates(list))
+}
+
+fn parse_metric(s: &str) -> Result<Metric, String> {
+    match s {
+        "amp_sqnr" => Ok(Metric::AmpSqnr),
+        "sqnr" => Ok(Metric::Sqnr),
+        "psnr" => Ok(Metric::Psnr),
+        _ => Err(format!("unknown metric '{s}': amp_sqnr, sqnr or psnr")),
+    }
+}
+
+pub fn run(a: AmpArgs) -> Result<(), Failure> {
+    let candidates = a.candidates.0.clone();
+    let highest =
+        candidates.iter().copied().fold(candidates[0], |m, c| if c.cost() > m.cost() { c } else { m });
+    let config = QuantsimConfig::load(&a.config).map_err(user)?;
+    let options = SimOptions {
+        scheme: a.scheme,
+        threads: a.threads,
+        precision: DefaultPrecision { param: highest.param, activation: highest.activation },
+        ..SimOptions::default()
+    };
+    let mut sim = QuantSim::new(qgraph::load_path(&a.model)?, config, options).map_err(user)?;
+    let first_input = sim.model().graph.inputs().first().map(|&v| sim.model().graph.value(v).name.clone());
+    let JobData { calib, eval, labels } = JobData::load(&a.model, first_input, &a.calib, &a.evaluation)?;
+    let batch = a.batch.max(1);
+    let calibration: Vec<qcalib::Feeds> = calib.batches(batch).collect();
+    let phase1_samples = a.phase1_samples.clamp(1, calib.samples);
+    let phase1: Vec<qcalib::Feeds> =
+        (0..phase1_samples).step_by(batch).map(|s| calib.batch(s..(s + batch).min(phase1_samples))).collect();
+    let eval_set = eval.as_ref().unwrap_or(&calib);
+    let offset = a.evaluation.label_offset;
+    let eval_batches: Vec<qcalib::Feeds> = eval_set.batches(batch).collect();
+    // Phase 2: top-1 with labels, else the SQNR of the outputs against FP32.
+    let sqnr_reference = match &labels {
+        Some(_) => None,
+        None => Some(FloatReference::new(&sim, &eval_batches, a.threads).map_err(user)?),
+    };
+    let description = match &labels {
+        Some(l) => format!("top-1 on {} samples ({} labels, offset {offset})", eval_set.samples, l.len()),
+        None => format!("sqnr_db against FP32 on {} samples", eval_set.samples),
+    };
+    let mut eval_fn = |sim: &QuantSim| -> Result<f64, String> {
+        match (&labels, &sqnr_reference) {
+            (Some(l), _) => {
+                top1(eval_set, l, batch, offset, &|f| sim.run(f).map_err(user)).map_err(|e| e.to_string())
+            }
+            (None, Some(r)) => r.score(sim, Metric::Sqnr).map_err(|e| e.to_string()),
+            (None, None) => Err("no phase-2 metric".into()),
+        }
+    };
+    let amp_options = AmpOptions {
+        candidates,
+        allowed_accuracy_drop: a.allowed_drop,
+        search: a.search,
+        full_front: a.full_front,
+        phase1_metric: a.phase1_metric,
+        use_all_amp_candidates: a.use_all_candidates,
+        mac_ops: if a.aimet_macs { MacOps::AimetCompatible } else { MacOps::All },
+        results_dir: Some(a.out.clone()),
+        clean_start: a.clean_start,
+        threads: a.threads,
+    };
+    println!(
+        "{}: AMP over {} with {} calibration samples, phase 1 on {}, phase 2 = {description}",
+        a.model.display(),
+        a.candidates.0.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        calib.samples,
+        phase1_samples,
+    );
+    let started = Instant::now();
+    let mut pb = bar(0, "", "steps", true);
+    let quiet = a.quiet;
+    let mut progress = |e: AmpEvent| match e {
+        AmpEvent::Stage { name, total } => {
+            pb.finish_and_clear();
+            pb = bar(total, name, "steps", quiet);
+        }
+        AmpEvent::Step(d) => pb.set_position(d as u64),
+    };
+    let result = qmix::choose_mixed_precision(
+        &mut sim,
+        &AmpData { calibration: &calibration, phase1: &phase1 },
+        Phase2 { description, eval: &mut eval_fn },
+        &amp_options,
+        &mut progress,
+    )
+    .map_err(user)?;
+    pb.finish_and_clear();
+    qmix::write_amp_report(&result, a.allowed_drop, &a.out).map_err(user)?;
+    qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &a.out.join("model_amp.encodings"))
+        .map_err(user)?;
+    let w = result.work;
+    println!(
+        "{} quantizer groups, {} (group, candidate) entries; FP32 {:.4}; {}",
+        result.groups.len(),
+        result.accuracy_list.len(),
+        result.fp32_score,
+        result.baseline_scores.iter().map(|(c, s)| format!("{c} {s:.4}")).collect::<Vec<_>>().join(", ")
+    );
+    let flipped = result.assignment.iter().filter(|&&c| c != result.baseline).count();
+    println!(
+        "chosen: score {:.4} at {:.3} of the {} bit-ops ({} of {} groups below {}); {:?}",
+        result.final_score,
+        result.final_relative_bitops,
+        result.baseline,
+        flipped,
+        result.groups.len(),
+        result.baseline,
+        result.outcome
+    );
+    println!(
+        "this run: {} phase-1 and {} phase-2 evaluations, {} calibrations, {} points reused; {} points on record; {:.1} s",
+        w.phase1_evaluations,
+        w.phase2_evaluations,
+        w.calibrations,
+        w.reused_points,
+        result.points.len(),
+        started.elapsed().as_secs_f64()
+    );
+    println!("wrote {}", a.out.display());
+    Ok(())
+}

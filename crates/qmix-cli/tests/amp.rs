@@ -1,0 +1,118 @@
+//! `qmix amp` on the committed default model: it writes its results, and a run killed at any
+//! moment (SIGKILL) resumes from its cache to exactly the result of an uninterrupted run, without
+//! evaluating again what the cache holds; a cache made with other settings is refused.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bars_cnn.onnx")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qmix-amp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn amp(out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_qmix"));
+    c.arg("amp").arg(model()).args([
+        "--config",
+        "default_per_tensor",
+        "--full-front",
+        "--quiet",
+        "--threads",
+        "1",
+    ]);
+    c.arg("--out").arg(out).args(extra);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    c
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn run_to_end(out: &Path, extra: &[&str]) {
+    let o = amp(out, extra).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// What must not depend on interruptions: the lists, the choice and the final encodings.
+fn outcome(out: &Path) -> (serde_json::Value, serde_json::Value, serde_json::Value, Vec<u8>) {
+    let mut info = json(&out.join("amp_info.json"));
+    info.as_object_mut().unwrap().remove("seconds");
+    info.as_object_mut().unwrap().remove("work_this_run");
+    (
+        json(&out.join("accuracy_list.json")),
+        json(&out.join("pareto_list.json")),
+        info,
+        std::fs::read(out.join("model_amp.encodings")).unwrap(),
+    )
+}
+
+#[test]
+fn writes_lists_plots_and_encodings() {
+    let out = scratch("files");
+    run_to_end(&out, &[]);
+    for f in [
+        "accuracy_list.json",
+        "pareto_list.json",
+        "amp_info.json",
+        "pareto_curve.svg",
+        "quantizer_group_sensitivity.svg",
+        "model_amp.encodings",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let info = json(&out.join("amp_info.json"));
+    assert_eq!(info["quantizer_groups"], 5);
+    assert_eq!(info["accuracy_list_entries"], 15);
+    let svg = std::fs::read_to_string(out.join("pareto_curve.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("Pareto front"));
+    // A finished run reruns from its cache without evaluating anything.
+    run_to_end(&out, &[]);
+    let work = &json(&out.join("amp_info.json"))["work_this_run"];
+    assert_eq!(
+        (work["phase1_evaluations"].as_u64(), work["phase2_evaluations"].as_u64()),
+        (Some(0), Some(0))
+    );
+    // Other settings are refused while the cache exists, accepted with --clean-start.
+    let o = amp(&out, &["--candidates", "w16a16,w8a8"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("other settings"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    run_to_end(&out, &["--candidates", "w16a16,w8a8", "--clean-start"]);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn killed_runs_resume_to_the_same_result() {
+    let reference = scratch("reference");
+    let started = Instant::now();
+    run_to_end(&reference, &[]);
+    let full = started.elapsed();
+    let expected = outcome(&reference);
+    // Kill at moments spread over the run, then finish it; each time from a fresh folder.
+    for k in 1..=6u32 {
+        let out = scratch(&format!("killed{k}"));
+        let mut child = amp(&out, &[]).spawn().unwrap();
+        std::thread::sleep(full.mul_f64(f64::from(k) / 7.0).max(Duration::from_millis(1)));
+        let _ = child.kill();
+        let _ = child.wait();
+        run_to_end(&out, &[]);
+        assert_eq!(outcome(&out), expected, "killed after {k}/7 of the run");
+        run_to_end(&out, &[]);
+        let work = &json(&out.join("amp_info.json"))["work_this_run"];
+        assert_eq!(work["phase1_evaluations"], 0);
+        assert_eq!(work["phase2_evaluations"], 0);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    std::fs::remove_dir_all(&reference).unwrap();
+}

@@ -1,0 +1,587 @@
+//! Greedy auto mixed precision (spec §7), AIMET's algorithm with deterministic group order, a
+//! resumable cache and an optional full Pareto front:
+//!
+//! 1. FP32 score, then every baseline candidate applied to all groups, calibrated and scored
+//!    (phase-2 metric); the best is the starting point, the cheapest in bit-ops the floor.
+//! 2. Phase 1: for each other candidate, calibrate with the groups that support it set to it
+//!    (parameter encodings from a calibration with quantized weights, activation encodings from
+//!    one with float weights — AIMET's "optimized" variant), then score each group alone with only
+//!    its quantizers on. Only the group's downstream is recomputed, from cached FP32 values. The
+//!    (group, candidate) list is sorted least sensitive first.
+//! 3. Phase 2: point `i` applies list entries `0..=i` on top of the starting point, recalibrates
+//!    and scores with the phase-2 metric. A search finds the last point within the allowed drop
+//!    from FP32; optionally every point is evaluated (the full front). Points whose effective
+//!    quantizer state equals an evaluated one reuse its score.
+//!
+//! Exception rules are not re-applied after precision changes (the placement's rules were applied
+//! once, at construction).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use qanalyze::{FloatReference, Metric};
+use qcalib::{Feeds, Precision, QuantSim, QuantizerId};
+use serde_json::json;
+
+use crate::AmpError;
+use crate::amp_cache::AmpCache;
+use crate::bitops::{BitOps, MacOps};
+use crate::candidate::{Candidate, supported_candidates};
+use crate::groups::{QuantizerGroup, find_quantizer_groups};
+use crate::search::{SearchAlgo, search};
+
+/// Settings of an AMP run.
+#[derive(Debug, Clone)]
+pub struct AmpOptions {
+    /// Candidates in the user's order.
+    pub candidates: Vec<Candidate>,
+    /// Allowed drop of the phase-2 score below FP32; `None`: no target (the last point).
+    pub allowed_accuracy_drop: Option<f64>,
+    /// Phase-2 search.
+    pub search: SearchAlgo,
+    /// Evaluate every point of the accuracy list, not only those the search visits.
+    pub full_front: bool,
+    /// Phase-1 metric, scored against the FP32 outputs of the phase-1 batches.
+    pub phase1_metric: Metric,
+    /// Give every group every candidate, ignoring the config's `supported_kernels`.
+    pub use_all_amp_candidates: bool,
+    /// Which ops count in bit-ops.
+    pub mac_ops: MacOps,
+    /// Where results and the resumable cache go (`None`: nothing written, nothing cached).
+    pub results_dir: Option<PathBuf>,
+    /// Discard an existing cache.
+    pub clean_start: bool,
+    /// Threads of the FP32 reference runs.
+    pub threads: usize,
+}
+
+/// The data AMP runs on.
+pub struct AmpData<'a> {
+    /// Calibration batches (every recalibration uses all of them).
+    pub calibration: &'a [Feeds],
+    /// Batches phase 1 scores groups on.
+    pub phase1: &'a [Feeds],
+}
+
+/// The phase-2 metric: a score of the simulation as it is, higher is better (e.g. top-1).
+pub struct Phase2<'a> {
+    /// What it measures on which data — part of the cache's identity.
+    pub description: String,
+    /// Scores the simulation.
+    pub eval: &'a mut dyn FnMut(&QuantSim) -> Result<f64, String>,
+}
+
+/// Progress of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AmpEvent {
+    /// A stage starts with about `total` steps.
+    Stage {
+        /// Stage name.
+        name: &'static str,
+        /// Expected steps.
+        total: usize,
+    },
+    /// Steps done in the current stage.
+    Step(usize),
+}
+
+/// One phase-1 result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccuracyEntry {
+    /// Group index.
+    pub group: usize,
+    /// The candidate.
+    pub candidate: Candidate,
+    /// Phase-1 score with only this group quantized, at this candidate.
+    pub score: f64,
+    /// Bit-ops saved by this group alone at this candidate (AIMET's tie-break).
+    pub bitops_reduction: f64,
+}
+
+/// One evaluated phase-2 point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParetoPoint {
+    /// Entries `0..=index` of the accuracy list applied.
+    pub index: usize,
+    /// Bit-ops relative to the starting point.
+    pub relative_bitops: f64,
+    /// Phase-2 score.
+    pub score: f64,
+}
+
+/// How the run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AmpOutcome {
+    /// Even the best candidate misses the target: everything stays at it.
+    BaselineMissesTarget,
+    /// The cheapest candidate meets the target: everything goes to it.
+    LowestMeetsTarget,
+    /// Phase 2 found a point (or kept the starting point when none meets the target).
+    Searched,
+}
+
+/// Work done by this run (cached results are not counted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AmpWork {
+    /// Phase-2 metric evaluations (FP32, baselines, points).
+    pub phase2_evaluations: usize,
+    /// Phase-1 evaluations.
+    pub phase1_evaluations: usize,
+    /// Calibrations over the calibration data.
+    pub calibrations: usize,
+    /// Points whose score was taken from an evaluated point with the same quantizer state.
+    pub reused_points: usize,
+}
+
+/// The result of [`choose_mixed_precision`]; the simulation is left at `assignment`, calibrated.
+#[derive(Debug, Clone)]
+pub struct AmpResult {
+    /// The quantizer groups.
+    pub groups: Vec<QuantizerGroup>,
+    /// Candidates each group may take.
+    pub supported: Vec<Vec<Candidate>>,
+    /// Phase-2 score with no quantizer on.
+    pub fp32_score: f64,
+    /// Phase-2 score of each baseline candidate applied everywhere.
+    pub baseline_scores: Vec<(Candidate, f64)>,
+    /// The starting point (best baseline).
+    pub baseline: Candidate,
+    /// The cheapest baseline.
+    pub lowest: Candidate,
+    /// Phase-1 list, least sensitive first.
+    pub accuracy_list: Vec<AccuracyEntry>,
+    /// Evaluated phase-2 points, in list order.
+    pub points: Vec<ParetoPoint>,
+    /// The applied prefix (`0..=i`), if any.
+    pub chosen_point: Option<usize>,
+    /// Final candidate per group.
+    pub assignment: Vec<Candidate>,
+    /// Phase-2 score of the final state.
+    pub final_score: f64,
+    /// Bit-ops of the final state relative to the starting point.
+    pub final_relative_bitops: f64,
+    /// How the run ended.
+    pub outcome: AmpOutcome,
+    /// Work done by this run.
+    pub work: AmpWork,
+    /// Seconds per stage.
+    pub timings: Vec<(&'static str, f64)>,
+    /// Bit-ops model.
+    pub bitops: BitOps,
+    /// Name of the phase-1 metric.
+    pub phase1_metric: &'static str,
+}
+
+fn set_group(sim: &mut QuantSim, group: &QuantizerGroup, c: Candidate) {
+    let p = sim.placement_mut();
+    for &q in &group.activations {
+        p.quantizer_mut(q).set_precision(c.activation);
+    }
+    for &q in &group.params {
+        p.quantizer_mut(q).set_precision(c.param);
+    }
+}
+
+fn set_enabled(sim: &mut QuantSim, qs: impl IntoIterator<Item = QuantizerId>, on: bool) {
+    let p = sim.placement_mut();
+    for q in qs {
+        p.quantizer_mut(q).enabled = on;
+    }
+}
+
+/// FNV-1a over the bytes of every batch: identifies the data in the cache settings.
+fn checksum(batches: &[Feeds]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: u8| {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    for feeds in batches {
+        for (name, t) in feeds {
+            name.bytes().for_each(&mut eat);
+            t.shape().iter().for_each(|d| d.to_le_bytes().into_iter().for_each(&mut eat));
+            match t.as_f32() {
+                Some(a) => a.iter().for_each(|v| v.to_bits().to_le_bytes().into_iter().for_each(&mut eat)),
+                None => t
+                    .to_f64_vec()
+                    .iter()
+                    .for_each(|v| v.to_bits().to_le_bytes().into_iter().for_each(&mut eat)),
+            }
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// What a group's quantizers actually are at a candidate: its activation side only if it has
+/// activations, its parameter side only if it has parameters.
+fn effective_state(
+    groups: &[QuantizerGroup],
+    assignment: &[Candidate],
+) -> Vec<(Option<Precision>, Option<Precision>)> {
+    groups
+        .iter()
+        .zip(assignment)
+        .map(|(g, c)| {
+            ((!g.activations.is_empty()).then_some(c.activation), (!g.params.is_empty()).then_some(c.param))
+        })
+        .collect()
+}
+
+struct Run<'a, 'p, 'g> {
+    sim: &'a mut QuantSim,
+    data: &'a AmpData<'a>,
+    phase2: Phase2<'p>,
+    groups: Vec<QuantizerGroup>,
+    cache: AmpCache,
+    work: AmpWork,
+    progress: &'g mut dyn FnMut(AmpEvent),
+}
+
+impl Run<'_, '_, '_> {
+    fn apply(&mut self, assignment: &[Candidate]) {
+        for (g, &c) in self.groups.clone().iter().zip(assignment) {
+            set_group(self.sim, g, c);
+        }
+    }
+
+    fn calibrate(&mut self) -> Result<(), AmpError> {
+        self.sim.calibrate(self.data.calibration.iter().cloned(), &mut |_| {})?;
+        self.work.calibrations += 1;
+        Ok(())
+    }
+
+    fn evaluate(&mut self) -> Result<f64, AmpError> {
+        self.work.phase2_evaluations += 1;
+        let score = (self.phase2.eval)(self.sim).map_err(AmpError::Eval)?;
+        if score.is_nan() {
+            return Err(AmpError::Eval("the phase-2 metric returned NaN".into()));
+        }
+        Ok(score)
+    }
+
+    /// Sets the final assignment and calibrates it.
+    fn finish(&mut self, assignment: Vec<Candidate>) -> Result<Vec<Candidate>, AmpError> {
+        self.apply(&assignment);
+        self.calibrate()?;
+        Ok(assignment)
+    }
+
+    fn group_quantizers(&self) -> Vec<QuantizerId> {
+        self.groups.iter().flat_map(QuantizerGroup::quantizers).collect()
+    }
+}
+
+/// Chooses a per-group precision for `sim` (spec §7) and leaves it there, calibrated. `sim` must
+/// hold the quantizers to mix enabled (normally built at the highest candidate).
+pub fn choose_mixed_precision(
+    sim: &mut QuantSim,
+    data: &AmpData<'_>,
+    phase2: Phase2<'_>,
+    options: &AmpOptions,
+    progress: &mut dyn FnMut(AmpEvent),
+) -> Result<AmpResult, AmpError> {
+    if options.candidates.is_empty() {
+        return Err(AmpError::Settings("no candidates given".into()));
+    }
+    for c in &options.candidates {
+        for p in [c.activation, c.param] {
+            qcalib::Placement::check_precision(&format!("candidate {c}"), p)?;
+        }
+    }
+    if data.calibration.is_empty() || data.phase1.is_empty() {
+        return Err(AmpError::Settings("AMP needs calibration and phase-1 batches".into()));
+    }
+    if let Some(d) = options.allowed_accuracy_drop
+        && !(d.is_finite() && d >= 0.0)
+    {
+        return Err(AmpError::Settings(format!(
+            "allowed accuracy drop must be a finite number ≥ 0, got {d}"
+        )));
+    }
+    let mut timings: Vec<(&'static str, f64)> = Vec::new();
+    let started = Instant::now();
+    let groups = find_quantizer_groups(&sim.model().graph, sim.placement())?;
+    if groups.is_empty() {
+        return Err(AmpError::Settings("the simulation has no enabled quantizer to mix".into()));
+    }
+    let mut supported = Vec::with_capacity(groups.len());
+    for g in &groups {
+        let ops: Vec<&str> = g.op_types.iter().map(String::as_str).collect();
+        let s = supported_candidates(sim.config(), &ops, &options.candidates, options.use_all_amp_candidates)
+            .ok_or_else(|| AmpError::Unsupported { group: g.label(), ops: g.op_types.join(", ") })?;
+        supported.push(s);
+    }
+    let mut baseline_options: Vec<Candidate> = Vec::new();
+    for c in &options.candidates {
+        if supported.iter().any(|s| s.contains(c)) {
+            baseline_options.push(*c);
+        }
+    }
+    let labels: Vec<String> = options.candidates.iter().map(ToString::to_string).collect();
+    let settings = json!({
+        "model": sim.model().graph.name,
+        "nodes": sim.model().graph.node_count(),
+        "groups": groups.iter().map(QuantizerGroup::label).collect::<Vec<_>>(),
+        "candidates": labels,
+        "supported": supported.iter().map(|s| s.iter().map(ToString::to_string).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "scheme": format!("{:?}", sim.options().scheme),
+        "calibration": checksum(data.calibration),
+        "phase1_data": checksum(data.phase1),
+        "phase1_metric": options.phase1_metric.name(),
+        "phase2": phase2.description,
+    });
+    let cache = AmpCache::open(options.results_dir.as_deref(), settings, options.clean_start)?;
+    timings.push(("setup", started.elapsed().as_secs_f64()));
+    let mut run = Run { sim, data, phase2, groups, cache, work: AmpWork::default(), progress };
+    let n_groups = run.groups.len();
+
+    // FP32 and baselines.
+    let started = Instant::now();
+    (run.progress)(AmpEvent::Stage { name: "baselines", total: baseline_options.len() + 1 });
+    let fp32_score = match run.cache.fp32 {
+        Some(s) => s,
+        None => {
+            let all = run.group_quantizers();
+            set_enabled(run.sim, all.iter().copied(), false);
+            run.sim.refresh()?;
+            let s = run.evaluate();
+            set_enabled(run.sim, all, true);
+            let s = s?;
+            run.cache.fp32 = Some(s);
+            run.cache.save()?;
+            s
+        }
+    };
+    (run.progress)(AmpEvent::Step(1));
+    let assignment_for = |c: Candidate| -> Vec<Candidate> {
+        supported.iter().map(|s| if s.contains(&c) { c } else { s[0] }).collect()
+    };
+    let mut baseline_scores = Vec::new();
+    for (k, &c) in baseline_options.iter().enumerate() {
+        let score = match run.cache.baseline.get(&c.to_string()) {
+            Some(&s) => s,
+            None => {
+                run.apply(&assignment_for(c));
+                run.calibrate()?;
+                let s = run.evaluate()?;
+                run.cache.baseline.insert(c.to_string(), s);
+                run.cache.save()?;
+                s
+            }
+        };
+        baseline_scores.push((c, score));
+        (run.progress)(AmpEvent::Step(k + 2));
+    }
+    let (baseline, best_score) = baseline_scores
+        .iter()
+        .copied()
+        .fold(None, |best: Option<(Candidate, f64)>, (c, s)| match best {
+            Some((_, b)) if b >= s => best,
+            _ => Some((c, s)),
+        })
+        .expect("at least one baseline option");
+    let starting = assignment_for(baseline);
+    let bitops = BitOps::new(run.sim, &run.groups, baseline, options.mac_ops);
+    let start_bitops = bitops.total(&starting);
+    let relative = |a: &[Candidate]| if start_bitops > 0.0 { bitops.total(a) / start_bitops } else { 1.0 };
+    let (lowest, lowest_score) = baseline_scores
+        .iter()
+        .copied()
+        .fold(None, |low: Option<(Candidate, f64, f64)>, (c, s)| {
+            let b = bitops.total(&assignment_for(c));
+            match low {
+                Some((_, lb, ls)) if lb < b || (lb == b && ls >= s) => low,
+                _ => Some((c, b, s)),
+            }
+        })
+        .map(|(c, _, s)| (c, s))
+        .expect("at least one baseline option");
+    timings.push(("baselines", started.elapsed().as_secs_f64()));
+
+    let mut result = AmpResult {
+        groups: Vec::new(),
+        supported: supported.clone(),
+        fp32_score,
+        baseline_scores: baseline_scores.clone(),
+        baseline,
+        lowest,
+        accuracy_list: Vec::new(),
+        points: Vec::new(),
+        chosen_point: None,
+        assignment: Vec::new(),
+        final_score: best_score,
+        final_relative_bitops: 1.0,
+        outcome: AmpOutcome::Searched,
+        work: AmpWork::default(),
+        timings: Vec::new(),
+        bitops: bitops.clone(),
+        phase1_metric: options.phase1_metric.name(),
+    };
+    if let Some(drop) = options.allowed_accuracy_drop {
+        if fp32_score - best_score > drop {
+            result.assignment = run.finish(starting.clone())?;
+            result.outcome = AmpOutcome::BaselineMissesTarget;
+        } else if fp32_score - lowest_score < drop {
+            let a = run.finish(assignment_for(lowest))?;
+            result.final_relative_bitops = relative(&a);
+            result.final_score = lowest_score;
+            result.assignment = a;
+            result.outcome = AmpOutcome::LowestMeetsTarget;
+        }
+        if result.outcome != AmpOutcome::Searched {
+            result.groups = run.groups;
+            result.work = run.work;
+            result.timings = timings;
+            return Ok(result);
+        }
+    }
+
+    // Phase 1.
+    let started = Instant::now();
+    let mut phase1_candidates: Vec<Candidate> = Vec::new();
+    for s in &supported {
+        for &c in s {
+            if c != baseline && !phase1_candidates.contains(&c) {
+                phase1_candidates.push(c);
+            }
+        }
+    }
+    let entries: usize = supported.iter().map(|s| s.iter().filter(|&&c| c != baseline).count()).sum();
+    (run.progress)(AmpEvent::Stage { name: "phase 1", total: entries });
+    let max_candidate =
+        options.candidates.iter().copied().fold(baseline, |m, c| if c.cost() > m.cost() { c } else { m });
+    let mut accuracy_list = Vec::with_capacity(entries);
+    let mut reference: Option<FloatReference> = None;
+    let all_quantizers = run.group_quantizers();
+    for &c in &phase1_candidates {
+        let members: Vec<usize> = (0..n_groups).filter(|&g| supported[g].contains(&c)).collect();
+        let todo: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|&g| !run.cache.phase1.contains_key(&(g, c.to_string())))
+            .collect();
+        if !todo.is_empty() {
+            if reference.is_none() {
+                reference = Some(FloatReference::new(run.sim, data.phase1, options.threads)?);
+            }
+            let mut a = starting.clone();
+            members.iter().for_each(|&g| a[g] = c);
+            run.apply(&a);
+            run.calibrate()?;
+            let params: Vec<QuantizerId> =
+                members.iter().flat_map(|&g| run.groups[g].params.clone()).collect();
+            set_enabled(run.sim, params.iter().copied(), false);
+            let calibrated = run.calibrate();
+            set_enabled(run.sim, params.iter().copied(), true);
+            calibrated?;
+            set_enabled(run.sim, all_quantizers.iter().copied(), false);
+            for &g in &todo {
+                let qs: Vec<QuantizerId> = run.groups[g].quantizers().collect();
+                set_enabled(run.sim, qs.iter().copied(), true);
+                let scored = run.sim.refresh().map_err(AmpError::from).and_then(|()| {
+                    Ok(reference.as_ref().expect("built above").score_only(
+                        run.sim,
+                        &qs,
+                        options.phase1_metric,
+                    )?)
+                });
+                set_enabled(run.sim, qs, false);
+                let score = scored?;
+                run.work.phase1_evaluations += 1;
+                run.cache.phase1.insert((g, c.to_string()), score);
+                run.cache.save()?;
+                (run.progress)(AmpEvent::Step(run.cache.phase1.len().min(entries)));
+            }
+            set_enabled(run.sim, all_quantizers.iter().copied(), true);
+        }
+        for g in members {
+            let score = run.cache.phase1[&(g, c.to_string())];
+            accuracy_list.push(AccuracyEntry {
+                group: g,
+                candidate: c,
+                score,
+                bitops_reduction: bitops.reduction(g, c, max_candidate),
+            });
+        }
+    }
+    // Least sensitive first; ties: more bits, larger saving, earlier group.
+    accuracy_list.sort_by(|x, y| {
+        y.score
+            .total_cmp(&x.score)
+            .then(y.candidate.total_bits().cmp(&x.candidate.total_bits()))
+            .then(y.bitops_reduction.total_cmp(&x.bitops_reduction))
+            .then(x.group.cmp(&y.group))
+    });
+    timings.push(("phase 1", started.elapsed().as_secs_f64()));
+
+    // Phase 2.
+    let started = Instant::now();
+    let n = accuracy_list.len();
+    let target = options.allowed_accuracy_drop.map_or(f64::NEG_INFINITY, |d| fp32_score - d);
+    let point_assignment = |i: usize| -> Vec<Candidate> {
+        let mut a = starting.clone();
+        accuracy_list[..=i].iter().for_each(|e| a[e.group] = e.candidate);
+        a
+    };
+    let expected = if options.full_front { n } else { (usize::BITS - n.leading_zeros()) as usize + 2 };
+    (run.progress)(AmpEvent::Stage { name: "phase 2", total: expected });
+    let mut done = 0usize;
+    let mut point = |run: &mut Run, i: usize| -> Result<f64, AmpError> {
+        if let Some(&(_, s)) = run.cache.phase2.get(&i) {
+            return Ok(s);
+        }
+        let a = point_assignment(i);
+        let state = effective_state(&run.groups, &a);
+        let same = run
+            .cache
+            .phase2
+            .iter()
+            .find(|(j, _)| effective_state(&run.groups, &point_assignment(**j)) == state);
+        let score = match same {
+            Some((_, &(_, s))) => {
+                run.work.reused_points += 1;
+                s
+            }
+            None => {
+                run.apply(&a);
+                run.calibrate()?;
+                run.evaluate()?
+            }
+        };
+        run.cache.phase2.insert(i, (relative(&a), score));
+        run.cache.save()?;
+        done += 1;
+        (run.progress)(AmpEvent::Step(done.min(expected)));
+        Ok(score)
+    };
+    let chosen = search(options.search, n, target, &mut |i| point(&mut run, i))?;
+    if options.full_front {
+        for i in 0..n {
+            point(&mut run, i)?;
+        }
+    }
+    let nothing_meets_target = chosen == 0 && point(&mut run, 0)? < target;
+    let (assignment, chosen_point, final_score) = if nothing_meets_target {
+        (starting.clone(), None, best_score)
+    } else {
+        (point_assignment(chosen), Some(chosen), run.cache.phase2[&chosen].1)
+    };
+    let assignment = run.finish(assignment)?;
+    timings.push(("phase 2", started.elapsed().as_secs_f64()));
+    result.points = run
+        .cache
+        .phase2
+        .iter()
+        .filter(|(i, _)| **i < n)
+        .map(|(&index, &(relative_bitops, score))| ParetoPoint { index, relative_bitops, score })
+        .collect();
+    result.final_relative_bitops = relative(&assignment);
+    result.assignment = assignment;
+    result.chosen_point = chosen_point;
+    result.final_score = final_score;
+    result.accuracy_list = accuracy_list;
+    result.groups = run.groups;
+    result.work = run.work;
+    result.timings = timings;
+    Ok(result)
+}

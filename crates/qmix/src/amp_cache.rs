@@ -1,0 +1,119 @@
+//! The AMP results cache (`<results_dir>/.cache/amp_cache.json`): every evaluation AMP makes — the
+//! FP32 score, each baseline candidate, each phase-1 (group, candidate) score, each phase-2 point —
+//! is written as soon as it is known (temp file + rename), so a killed run resumes without
+//! evaluating anything twice. The cache records the settings it was made with; a run with other
+//! settings refuses it unless told to start clean.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::AmpError;
+
+/// Cache format tag; bump when the layout changes.
+const FORMAT: &str = "qmix-amp-cache 1";
+
+/// The cached evaluations of one AMP problem.
+#[derive(Debug, Default)]
+pub(crate) struct AmpCache {
+    path: Option<PathBuf>,
+    settings: Value,
+    pub fp32: Option<f64>,
+    /// Score per baseline candidate label.
+    pub baseline: BTreeMap<String, f64>,
+    /// Score per (group index, candidate label).
+    pub phase1: BTreeMap<(usize, String), f64>,
+    /// (relative bit-ops, score) per accuracy-list point.
+    pub phase2: BTreeMap<usize, (f64, f64)>,
+}
+
+fn corrupt(path: &Path, detail: impl Into<String>) -> AmpError {
+    AmpError::Cache { path: path.to_path_buf(), detail: detail.into() }
+}
+
+impl AmpCache {
+    /// Opens the cache of `results_dir` (none: an in-memory cache), deleting it first with
+    /// `clean_start`.
+    pub fn open(
+        results_dir: Option<&Path>,
+        settings: Value,
+        clean_start: bool,
+    ) -> Result<AmpCache, AmpError> {
+        let Some(dir) = results_dir else { return Ok(AmpCache { settings, ..AmpCache::default() }) };
+        let cache_dir = dir.join(".cache");
+        std::fs::create_dir_all(&cache_dir)
+            .map_err(|source| AmpError::Io { path: cache_dir.clone(), source })?;
+        let path = cache_dir.join("amp_cache.json");
+        let mut cache =
+            AmpCache { path: Some(path.clone()), settings: settings.clone(), ..AmpCache::default() };
+        if clean_start || !path.exists() {
+            return Ok(cache);
+        }
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| AmpError::Io { path: path.clone(), source })?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| corrupt(&path, format!("not valid JSON ({e}); delete it or start clean")))?;
+        if v["format"] != FORMAT {
+            return Err(corrupt(&path, format!("not a {FORMAT} file; delete it or start clean")));
+        }
+        if v["settings"] != settings {
+            return Err(corrupt(
+                &path,
+                format!(
+                    "made with other settings ({}), this run has {}; start clean to discard it",
+                    v["settings"], settings
+                ),
+            ));
+        }
+        let num = |x: &Value, what: &str| {
+            x.as_f64().ok_or_else(|| corrupt(&path, format!("{what} is not a number")))
+        };
+        cache.fp32 = v.get("fp32").filter(|x| !x.is_null()).map(|x| num(x, "fp32")).transpose()?;
+        for e in v["baseline"].as_array().into_iter().flatten() {
+            let label =
+                e["candidate"].as_str().ok_or_else(|| corrupt(&path, "baseline entry without candidate"))?;
+            cache.baseline.insert(label.to_string(), num(&e["score"], "baseline score")?);
+        }
+        for e in v["phase1"].as_array().into_iter().flatten() {
+            let group =
+                e["group"].as_u64().ok_or_else(|| corrupt(&path, "phase-1 entry without group"))? as usize;
+            let label =
+                e["candidate"].as_str().ok_or_else(|| corrupt(&path, "phase-1 entry without candidate"))?;
+            cache.phase1.insert((group, label.to_string()), num(&e["score"], "phase-1 score")?);
+        }
+        for e in v["phase2"].as_array().into_iter().flatten() {
+            let point =
+                e["point"].as_u64().ok_or_else(|| corrupt(&path, "phase-2 entry without point"))? as usize;
+            cache
+                .phase2
+                .insert(point, (num(&e["relative_bitops"], "bit-ops")?, num(&e["score"], "phase-2 score")?));
+        }
+        Ok(cache)
+    }
+
+    /// Writes the cache (temp file + rename).
+    pub fn save(&self) -> Result<(), AmpError> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let baseline: Vec<Value> =
+            self.baseline.iter().map(|(c, s)| json!({"candidate": c, "score": s})).collect();
+        let phase1: Vec<Value> =
+            self.phase1.iter().map(|((g, c), s)| json!({"group": g, "candidate": c, "score": s})).collect();
+        let phase2: Vec<Value> = self
+            .phase2
+            .iter()
+            .map(|(i, (b, s))| json!({"point": i, "relative_bitops": b, "score": s}))
+            .collect();
+        let v = json!({
+            "format": FORMAT,
+            "settings": self.settings,
+            "fp32": self.fp32,
+            "baseline": baseline,
+            "phase1": phase1,
+            "phase2": phase2,
+        });
+        let text = serde_json::to_string_pretty(&v).expect("JSON values serialise");
+        qgraph::write_atomically(path, text.as_bytes())
+            .map_err(|e| AmpError::Cache { path: path.clone(), detail: e.to_string() })
+    }
+}
