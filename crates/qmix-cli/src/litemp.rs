@@ -38,6 +38,13 @@ pub struct LitempArgs {
     /// Share of the layers flipped, in percent.
     #[arg(long, default_value_t = 10.0)]
     percent: f64,
+    /// Flip this many layers instead of a share.
+    #[arg(long, conflicts_with = "until_psnr")]
+    count: Option<usize>,
+    /// Flip the fewest layers that bring the whole simulation's PSNR (on the scored samples,
+    /// recalibrated) to this many dB, instead of a share.
+    #[arg(long)]
+    until_psnr: Option<f64>,
     /// Precision of the flipped layers: int16 or fp16 (weights and activations).
     #[arg(long = "override", default_value = "int16", value_parser = crate::quantsim::parse_precision)]
     override_precision: Precision,
@@ -108,9 +115,13 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     let layers = qanalyze::layers(&sim).map_err(user)?.len();
     let pb = bar(layers, "scoring", "layers", a.quiet);
     let started = Instant::now();
-    let scores = qanalyze::enable_one(&mut sim, &[scored], qanalyze::Metric::Psnr, a.threads, &mut |d, _| {
-        pb.set_position(d as u64)
-    })
+    let scores = qanalyze::enable_one(
+        &mut sim,
+        std::slice::from_ref(&scored),
+        qanalyze::Metric::Psnr,
+        a.threads,
+        &mut |d, _| pb.set_position(d as u64),
+    )
     .map_err(user)?;
     pb.finish_and_clear();
     println!(
@@ -123,17 +134,40 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         Some(e) => top1(e, labels_ref, a.batch, a.evaluation.label_offset, &|f| sim.run(f).map_err(user))?,
         None => None,
     };
-    let flipped = qmix::flip_layers_to_higher_precision(
-        &mut sim,
-        &scores,
-        a.percent,
-        a.override_precision,
-        a.override_precision,
-    )
-    .map_err(user)?;
-    let pb = bar(batches, "recalibrating", "batches", a.quiet);
-    sim.calibrate(calib.batches(a.batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
-    pb.finish_and_clear();
+    let o = a.override_precision;
+    let flipped = if let Some(target) = a.until_psnr {
+        let reference =
+            qanalyze::FloatReference::new(&sim, std::slice::from_ref(&scored), a.threads).map_err(user)?;
+        let calibration: Vec<qcalib::Feeds> = calib.batches(a.batch).collect();
+        let r = qmix::flip_until(
+            &mut sim,
+            &scores,
+            o,
+            o,
+            &calibration,
+            &reference,
+            qanalyze::Metric::Psnr,
+            target,
+        )
+        .map_err(user)?;
+        let verdict = if r.reached { "reaches" } else { "even with every layer flipped misses" };
+        println!(
+            "{} layers flipped: PSNR {:.2} dB {verdict} the target {target} dB",
+            r.flipped.len(),
+            r.score
+        );
+        r.flipped
+    } else {
+        let flipped = match a.count {
+            Some(n) => qmix::flip_count(&mut sim, &scores, n, o, o),
+            None => qmix::flip_layers_to_higher_precision(&mut sim, &scores, a.percent, o, o),
+        }
+        .map_err(user)?;
+        let pb = bar(batches, "recalibrating", "batches", a.quiet);
+        sim.calibrate(calib.batches(a.batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
+        pb.finish_and_clear();
+        flipped
+    };
     let mut ranked = scores.clone();
     ranked.sort_by(|x, y| x.score.total_cmp(&y.score));
     println!("most sensitive layers (PSNR dB, lowest first; * = flipped to {}):", a.override_precision);
@@ -158,7 +192,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         flipped.iter().map(|f| json!({"layer": f.layer, "psnr_db": f.score})).collect();
     write_json(
         &a.out.join("flipped_layers.json"),
-        &json!({"percent": a.percent, "override": a.override_precision.to_string(), "n_layers": scores.len(), "n_flipped": flipped.len(), "flipped_layers": flipped_json}),
+        &json!({"percent": a.percent, "count": a.count, "until_psnr": a.until_psnr, "override": a.override_precision.to_string(), "n_layers": scores.len(), "n_flipped": flipped.len(), "flipped_layers": flipped_json}),
     )?;
     qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &a.out.join("model_mixed.encodings"))
         .map_err(user)?;

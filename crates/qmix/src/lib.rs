@@ -25,7 +25,7 @@ pub use amp_report::write_amp_report;
 pub use bitops::{BitOps, CostedOp, MacOps};
 pub use candidate::{Candidate, effective_bits, supported_candidates};
 pub use groups::{QuantizerGroup, find_quantizer_groups};
-pub use lite_mp::{FlipError, Flipped, flip_layers_to_higher_precision};
+pub use lite_mp::{FlipError, FlipUntil, Flipped, flip_count, flip_layers_to_higher_precision, flip_until};
 pub use search::{SearchAlgo, pareto_indices, search};
 
 /// Errors of mixed-precision search.
