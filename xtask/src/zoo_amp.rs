@@ -69,6 +69,7 @@ pub fn check(zoo: &Path) -> Result<()> {
         allowed_accuracy_drop: Some(0.01),
         search: SearchAlgo::Binary,
         full_front: false,
+        budget_search: true,
         phase1_metric: Metric::AmpSqnr,
         use_all_amp_candidates: false,
         mac_ops: MacOps::AimetCompatible,

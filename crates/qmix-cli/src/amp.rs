@@ -46,6 +46,10 @@ pub struct AmpArgs {
     /// Evaluate every point of the accuracy list (the full Pareto front), not only the searched ones.
     #[arg(long)]
     full_front: bool,
+    /// Also search the budget-optimal plans (exact knapsack on the phase-1 scores, verified by
+    /// evaluation) and keep the cheaper plan of the two searches that meets the target.
+    #[arg(long)]
+    budget_search: bool,
     /// Calibration samples (the first ones) phase 1 scores groups on.
     #[arg(long, default_value_t = 32)]
     phase1_samples: usize,
@@ -148,6 +152,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         allowed_accuracy_drop: a.allowed_drop,
         search: a.search,
         full_front: a.full_front,
+        budget_search: a.budget_search,
         phase1_metric: a.phase1_metric,
         use_all_amp_candidates: a.use_all_candidates,
         mac_ops: if a.aimet_macs { MacOps::AimetCompatible } else { MacOps::All },
@@ -203,6 +208,19 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         result.baseline,
         result.outcome
     );
+    if let Some(b) = &result.budget {
+        println!(
+            "budget search: {} predicted plans, {} evaluated, {}; area between its front and the greedy one {:+.4} (positive: budget better); final plan from the {} search",
+            b.plans.len(),
+            b.evaluated.len(),
+            b.chosen.map_or("none meets the target".into(), |i| format!(
+                "cheapest meeting the target at {:.3} bit-ops",
+                b.plans[i].relative_bitops
+            )),
+            b.area_vs_greedy,
+            result.chosen_by
+        );
+    }
     println!(
         "this run: {} phase-1 and {} phase-2 evaluations, {} calibrations, {} points reused; {} points on record; {:.1} s",
         w.phase1_evaluations,

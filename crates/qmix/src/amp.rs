@@ -26,6 +26,7 @@ use serde_json::json;
 use crate::AmpError;
 use crate::amp_cache::AmpCache;
 use crate::bitops::{BitOps, MacOps};
+use crate::budget::{Plan, area_between, predicted_front};
 use crate::candidate::{Candidate, supported_candidates};
 use crate::groups::{QuantizerGroup, find_quantizer_groups};
 use crate::search::{SearchAlgo, search};
@@ -41,6 +42,9 @@ pub struct AmpOptions {
     pub search: SearchAlgo,
     /// Evaluate every point of the accuracy list, not only those the search visits.
     pub full_front: bool,
+    /// Also search the budget-optimal plans (an exact knapsack on the phase-1 scores) and take
+    /// the cheapest plan of either search that meets the target.
+    pub budget_search: bool,
     /// Phase-1 metric, scored against the FP32 outputs of the phase-1 batches.
     pub phase1_metric: Metric,
     /// Give every group every candidate, ignoring the config's `supported_kernels`.
@@ -109,6 +113,20 @@ pub struct ParetoPoint {
     pub score: f64,
 }
 
+/// The budget-optimal search: predicted plans and the ones evaluated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetSearch {
+    /// The predicted front, most expensive plan first.
+    pub plans: Vec<Plan>,
+    /// Evaluated plans: (index in `plans`, phase-2 score).
+    pub evaluated: Vec<(usize, f64)>,
+    /// The plan the search chose, if one meets the target.
+    pub chosen: Option<usize>,
+    /// Area between the evaluated budget front and the evaluated greedy front (score × relative
+    /// bit-ops over the range both cover; positive: the budget front is better).
+    pub area_vs_greedy: f64,
+}
+
 /// How the run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AmpOutcome {
@@ -170,6 +188,10 @@ pub struct AmpResult {
     pub bitops: BitOps,
     /// Name of the phase-1 metric.
     pub phase1_metric: &'static str,
+    /// The budget-optimal search, when asked for.
+    pub budget: Option<BudgetSearch>,
+    /// Which search the final plan comes from: `greedy`, `budget` or `baseline`.
+    pub chosen_by: &'static str,
 }
 
 fn set_group(sim: &mut QuantSim, group: &QuantizerGroup, c: Candidate) {
@@ -188,6 +210,9 @@ fn set_enabled(sim: &mut QuantSim, qs: impl IntoIterator<Item = QuantizerId>, on
         p.quantizer_mut(q).enabled = on;
     }
 }
+
+/// Bit-ops steps of the budget knapsack (costs are rounded up to 1/4096 of the most expensive plan).
+const BUDGET_RESOLUTION: usize = 4096;
 
 /// FNV-1a over the bytes of every batch: identifies the data in the cache settings.
 fn checksum(batches: &[Feeds]) -> String {
@@ -212,19 +237,20 @@ fn checksum(batches: &[Feeds]) -> String {
     format!("{h:016x}")
 }
 
-/// What a group's quantizers actually are at a candidate: its activation side only if it has
-/// activations, its parameter side only if it has parameters.
-fn effective_state(
-    groups: &[QuantizerGroup],
-    assignment: &[Candidate],
-) -> Vec<(Option<Precision>, Option<Precision>)> {
+/// What the quantizers actually are under an assignment, as a cache key: per group its activation
+/// side only if it has activations, its parameter side only if it has parameters.
+fn state_key(groups: &[QuantizerGroup], assignment: &[Candidate]) -> String {
+    let side = |p: Option<Precision>| p.map_or_else(String::new, |p| p.to_string());
     groups
         .iter()
         .zip(assignment)
         .map(|(g, c)| {
-            ((!g.activations.is_empty()).then_some(c.activation), (!g.params.is_empty()).then_some(c.param))
+            let a = (!g.activations.is_empty()).then_some(c.activation);
+            let w = (!g.params.is_empty()).then_some(c.param);
+            format!("{}/{}", side(a), side(w))
         })
-        .collect()
+        .collect::<Vec<_>>()
+        .join(";")
 }
 
 struct Run<'a, 'p, 'g> {
@@ -264,6 +290,22 @@ impl Run<'_, '_, '_> {
         self.apply(&assignment);
         self.calibrate()?;
         Ok(assignment)
+    }
+
+    /// The phase-2 score of an assignment: from the cache when the same quantizer state was scored
+    /// before, else applied, recalibrated, scored and cached.
+    fn score_plan(&mut self, assignment: &[Candidate]) -> Result<f64, AmpError> {
+        let key = state_key(&self.groups, assignment);
+        if let Some(&s) = self.cache.plans.get(&key) {
+            self.work.reused_points += 1;
+            return Ok(s);
+        }
+        self.apply(assignment);
+        self.calibrate()?;
+        let s = self.evaluate()?;
+        self.cache.plans.insert(key, s);
+        self.cache.save()?;
+        Ok(s)
     }
 
     fn group_quantizers(&self) -> Vec<QuantizerId> {
@@ -416,6 +458,8 @@ pub fn choose_mixed_precision(
         timings: Vec::new(),
         bitops: bitops.clone(),
         phase1_metric: options.phase1_metric.name(),
+        budget: None,
+        chosen_by: "baseline",
     };
     if let Some(drop) = options.allowed_accuracy_drop {
         if fp32_score - best_score > drop {
@@ -531,23 +575,7 @@ pub fn choose_mixed_precision(
             return Ok(s);
         }
         let a = point_assignment(i);
-        let state = effective_state(&run.groups, &a);
-        let same = run
-            .cache
-            .phase2
-            .iter()
-            .find(|(j, _)| effective_state(&run.groups, &point_assignment(**j)) == state);
-        let score = match same {
-            Some((_, &(_, s))) => {
-                run.work.reused_points += 1;
-                s
-            }
-            None => {
-                run.apply(&a);
-                run.calibrate()?;
-                run.evaluate()?
-            }
-        };
+        let score = run.score_plan(&a)?;
         run.cache.phase2.insert(i, (relative(&a), score));
         run.cache.save()?;
         done += 1;
@@ -561,13 +589,12 @@ pub fn choose_mixed_precision(
         }
     }
     let nothing_meets_target = chosen == 0 && point(&mut run, 0)? < target;
-    let (assignment, chosen_point, final_score) = if nothing_meets_target {
+    let (mut assignment, chosen_point, mut final_score) = if nothing_meets_target {
         (starting.clone(), None, best_score)
     } else {
+        result.chosen_by = "greedy";
         (point_assignment(chosen), Some(chosen), run.cache.phase2[&chosen].1)
     };
-    let assignment = run.finish(assignment)?;
-    timings.push(("phase 2", started.elapsed().as_secs_f64()));
     result.points = run
         .cache
         .phase2
@@ -575,6 +602,51 @@ pub fn choose_mixed_precision(
         .filter(|(i, _)| **i < n)
         .map(|(&index, &(relative_bitops, score))| ParetoPoint { index, relative_bitops, score })
         .collect();
+    if options.budget_search {
+        let mut per_group: Vec<Vec<(Candidate, f64)>> = vec![Vec::new(); n_groups];
+        accuracy_list.iter().for_each(|e| per_group[e.group].push((e.candidate, e.score)));
+        let mut plans = predicted_front(&per_group, &starting, &bitops, BUDGET_RESOLUTION);
+        plans.reverse();
+        (run.progress)(AmpEvent::Stage { name: "budget search", total: expected });
+        let mut evaluated: Vec<(usize, f64)> = Vec::new();
+        let picked = search(options.search, plans.len(), target, &mut |i| {
+            let s = run.score_plan(&plans[i].assignment)?;
+            if !evaluated.iter().any(|e| e.0 == i) {
+                evaluated.push((i, s));
+            }
+            (run.progress)(AmpEvent::Step(evaluated.len().min(expected)));
+            Ok::<f64, AmpError>(s)
+        })?;
+        evaluated.sort_by_key(|e| e.0);
+        let meets = evaluated.iter().find(|e| e.0 == picked).is_some_and(|e| e.1 >= target);
+        let budget_points: Vec<(f64, f64)> =
+            evaluated.iter().map(|&(i, s)| (plans[i].relative_bitops, s)).collect();
+        let greedy_points: Vec<(f64, f64)> =
+            result.points.iter().map(|p| (p.relative_bitops, p.score)).collect();
+        if meets {
+            let (b_rel, b_score) = (
+                plans[picked].relative_bitops,
+                evaluated.iter().find(|e| e.0 == picked).map_or(f64::NAN, |e| e.1),
+            );
+            let greedy_rel = relative(&assignment);
+            if b_rel < greedy_rel
+                || (b_rel == greedy_rel && b_score > final_score)
+                || result.chosen_by == "baseline"
+            {
+                assignment = plans[picked].assignment.clone();
+                final_score = b_score;
+                result.chosen_by = "budget";
+            }
+        }
+        result.budget = Some(BudgetSearch {
+            area_vs_greedy: area_between(&budget_points, &greedy_points),
+            plans,
+            evaluated,
+            chosen: meets.then_some(picked),
+        });
+    }
+    let assignment = run.finish(assignment)?;
+    timings.push(("phase 2", started.elapsed().as_secs_f64()));
     result.final_relative_bitops = relative(&assignment);
     result.assignment = assignment;
     result.chosen_point = chosen_point;

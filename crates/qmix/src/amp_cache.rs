@@ -26,6 +26,8 @@ pub(crate) struct AmpCache {
     pub phase1: BTreeMap<(usize, String), f64>,
     /// (relative bit-ops, score) per accuracy-list point.
     pub phase2: BTreeMap<usize, (f64, f64)>,
+    /// Phase-2 score per quantizer state (see `amp::state_key`), whichever search asked for it.
+    pub plans: BTreeMap<String, f64>,
 }
 
 fn corrupt(path: &Path, detail: impl Into<String>) -> AmpError {
@@ -89,6 +91,10 @@ impl AmpCache {
                 .phase2
                 .insert(point, (num(&e["relative_bitops"], "bit-ops")?, num(&e["score"], "phase-2 score")?));
         }
+        for e in v["plans"].as_array().into_iter().flatten() {
+            let state = e["state"].as_str().ok_or_else(|| corrupt(&path, "plan entry without state"))?;
+            cache.plans.insert(state.to_string(), num(&e["score"], "plan score")?);
+        }
         Ok(cache)
     }
 
@@ -104,6 +110,7 @@ impl AmpCache {
             .iter()
             .map(|(i, (b, s))| json!({"point": i, "relative_bitops": b, "score": s}))
             .collect();
+        let plans: Vec<Value> = self.plans.iter().map(|(k, s)| json!({"state": k, "score": s})).collect();
         let v = json!({
             "format": FORMAT,
             "settings": self.settings,
@@ -111,6 +118,7 @@ impl AmpCache {
             "baseline": baseline,
             "phase1": phase1,
             "phase2": phase2,
+            "plans": plans,
         });
         let text = serde_json::to_string_pretty(&v).expect("JSON values serialise");
         qgraph::write_atomically(path, text.as_bytes())

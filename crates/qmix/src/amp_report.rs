@@ -65,6 +65,15 @@ pub fn amp_info(r: &AmpResult, allowed_drop: Option<f64>) -> Value {
             "reused_points": r.work.reused_points,
         },
         "seconds": r.timings.iter().map(|(k, s)| json!([k, s])).collect::<Vec<_>>(),
+        "chosen_by": r.chosen_by,
+        "budget_search": r.budget.as_ref().map(|b| json!({
+            "predicted_plans": b.plans.len(),
+            "evaluated": b.evaluated.iter().map(|&(i, s)| json!({
+                "plan": i, "relative_bitops": b.plans[i].relative_bitops, "predicted_noise": b.plans[i].predicted_noise,
+                "score": s, "chosen": b.chosen == Some(i),
+            })).collect::<Vec<_>>(),
+            "area_vs_greedy": b.area_vs_greedy,
+        })),
         "groups": groups,
     })
 }

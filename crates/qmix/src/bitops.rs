@@ -86,6 +86,32 @@ impl BitOps {
             .sum()
     }
 
+    /// Bit-ops of the ops whose weight quantizer is in `group`, at `candidate`.
+    pub fn group_cost(&self, group: usize, candidate: Candidate) -> f64 {
+        self.ops
+            .iter()
+            .filter(|op| op.group == Some(group))
+            .map(|op| {
+                let a =
+                    if op.group_has_activations { candidate.activation } else { self.baseline.activation };
+                op.macs as f64 * effective_bits(a) * effective_bits(candidate.param)
+            })
+            .sum()
+    }
+
+    /// Bit-ops of the ops no group sets (they stay at the starting candidate).
+    pub fn fixed_cost(&self) -> f64 {
+        self.ops
+            .iter()
+            .filter(|op| op.group.is_none())
+            .map(|op| {
+                op.macs as f64
+                    * effective_bits(self.baseline.activation)
+                    * effective_bits(self.baseline.param)
+            })
+            .sum()
+    }
+
     /// Bit-ops with every group at `candidate`.
     pub fn uniform(&self, groups: usize, candidate: Candidate) -> f64 {
         self.total(&vec![candidate; groups])

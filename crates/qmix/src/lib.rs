@@ -4,12 +4,15 @@
 //! - Greedy AMP (spec §7): quantizer groups, candidates checked against `supported_kernels`,
 //!   phase-1 sensitivity per (group, candidate), phase-2 search over the cumulative list with a
 //!   bit-ops model, a resumable cache, and the full Pareto front on request.
+//! - Budget-optimal search: an exact knapsack over the groups on the phase-1 scores gives the best
+//!   predicted plan for every bit-ops budget; phase 2 verifies them by evaluation.
 #![forbid(unsafe_code)]
 
 mod amp;
 mod amp_cache;
 mod amp_report;
 mod bitops;
+mod budget;
 mod candidate;
 mod groups;
 mod lite_mp;
@@ -18,11 +21,12 @@ mod search;
 use std::path::PathBuf;
 
 pub use amp::{
-    AccuracyEntry, AmpData, AmpEvent, AmpOptions, AmpOutcome, AmpResult, AmpWork, ParetoPoint, Phase2,
-    choose_mixed_precision,
+    AccuracyEntry, AmpData, AmpEvent, AmpOptions, AmpOutcome, AmpResult, AmpWork, BudgetSearch, ParetoPoint,
+    Phase2, choose_mixed_precision,
 };
 pub use amp_report::write_amp_report;
 pub use bitops::{BitOps, CostedOp, MacOps};
+pub use budget::{Plan, area_between, predicted_front};
 pub use candidate::{Candidate, effective_bits, supported_candidates};
 pub use groups::{QuantizerGroup, find_quantizer_groups};
 pub use lite_mp::{FlipError, FlipUntil, Flipped, flip_count, flip_layers_to_higher_precision, flip_until};
