@@ -75,6 +75,7 @@ pub fn check(zoo: &Path) -> Result<()> {
         mac_ops: MacOps::AimetCompatible,
         results_dir: Some(results_dir.clone()),
         clean_start: true,
+        shard: None,
         threads: 0,
     };
     let started = Instant::now();

@@ -70,6 +70,10 @@ pub struct AmpArgs {
     /// Discard cached results from an earlier run.
     #[arg(long)]
     clean_start: bool,
+    /// Compute only phase-1 shard I of N (I/N, from 0) into its own cache file in OUT/.cache, then
+    /// stop; a run without --shard merges all shard files it finds there.
+    #[arg(long, value_parser = parse_shard)]
+    shard: Option<(usize, usize)>,
     /// Interpreter threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -96,6 +100,18 @@ fn parse_candidates(s: &str) -> Result<Candidates, String> {
         return Err("no candidates given".into());
     }
     Ok(Candidates(list))
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let (i, n) = s.split_once('/').ok_or_else(|| format!("expected I/N, got '{s}'"))?;
+    let (i, n): (usize, usize) = (
+        i.trim().parse().map_err(|_| format!("bad shard index '{i}'"))?,
+        n.trim().parse().map_err(|_| format!("bad shard count '{n}'"))?,
+    );
+    if n == 0 || i >= n {
+        return Err(format!("shard {i}/{n}: need 0 ≤ I < N"));
+    }
+    Ok((i, n))
 }
 
 fn parse_metric(s: &str) -> Result<Metric, String> {
@@ -158,6 +174,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         mac_ops: if a.aimet_macs { MacOps::AimetCompatible } else { MacOps::All },
         results_dir: Some(a.out.clone()),
         clean_start: a.clean_start,
+        shard: a.shard,
         threads: a.threads,
     };
     println!(
@@ -186,6 +203,15 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
     )
     .map_err(user)?;
     pb.finish_and_clear();
+    if let Some((i, n)) = a.shard {
+        println!(
+            "phase-1 shard {i}/{n}: {} evaluations in {:.1} s, cached in {}",
+            result.work.phase1_evaluations,
+            started.elapsed().as_secs_f64(),
+            a.out.join(".cache").display()
+        );
+        return Ok(());
+    }
     qmix::write_amp_report(&result, a.allowed_drop, &a.out).map_err(user)?;
     qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &a.out.join("model_amp.encodings"))
         .map_err(user)?;

@@ -116,3 +116,20 @@ fn killed_runs_resume_to_the_same_result() {
     }
     std::fs::remove_dir_all(&reference).unwrap();
 }
+
+#[test]
+fn phase_one_shards_merge_into_the_same_result() {
+    let reference = scratch("unsharded");
+    run_to_end(&reference, &[]);
+    let out = scratch("sharded");
+    for shard in ["0/3", "1/3", "2/3"] {
+        run_to_end(&out, &["--shard", shard]);
+    }
+    run_to_end(&out, &[]);
+    assert_eq!(json(&out.join("amp_info.json"))["work_this_run"]["phase1_evaluations"], 0);
+    assert_eq!(outcome(&out), outcome(&reference));
+    let o = amp(&out, &["--shard", "3/3"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_dir_all(&reference).unwrap();
+}

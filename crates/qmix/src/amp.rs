@@ -55,6 +55,10 @@ pub struct AmpOptions {
     pub results_dir: Option<PathBuf>,
     /// Discard an existing cache.
     pub clean_start: bool,
+    /// Compute only shard `i` of `n` of phase 1 (every `n`-th (candidate, group) entry from the
+    /// `i`-th) into its own cache file beside the main one, then stop. A later run without a
+    /// shard merges every shard's results it finds for the same settings.
+    pub shard: Option<(usize, usize)>,
     /// Threads of the FP32 reference runs.
     pub threads: usize,
 }
@@ -136,6 +140,8 @@ pub enum AmpOutcome {
     LowestMeetsTarget,
     /// Phase 2 found a point (or kept the starting point when none meets the target).
     Searched,
+    /// A phase-1 shard was computed; no phase 2.
+    ShardDone,
 }
 
 /// Work done by this run (cached results are not counted).
@@ -372,7 +378,12 @@ pub fn choose_mixed_precision(
         "phase1_metric": options.phase1_metric.name(),
         "phase2": phase2.description,
     });
-    let cache = AmpCache::open(options.results_dir.as_deref(), settings, options.clean_start)?;
+    if let Some((i, n)) = options.shard
+        && (n == 0 || i >= n)
+    {
+        return Err(AmpError::Settings(format!("shard {i}/{n}: need 0 ≤ i < n")));
+    }
+    let cache = AmpCache::open(options.results_dir.as_deref(), settings, options.clean_start, options.shard)?;
     timings.push(("setup", started.elapsed().as_secs_f64()));
     let mut run = Run { sim, data, phase2, groups, cache, work: AmpWork::default(), progress };
     let n_groups = run.groups.len();
@@ -497,13 +508,20 @@ pub fn choose_mixed_precision(
     let mut accuracy_list = Vec::with_capacity(entries);
     let mut reference: Option<FloatReference> = None;
     let all_quantizers = run.group_quantizers();
+    let mut entry_index = 0usize;
     for &c in &phase1_candidates {
         let members: Vec<usize> = (0..n_groups).filter(|&g| supported[g].contains(&c)).collect();
-        let todo: Vec<usize> = members
+        let mine: Vec<usize> = members
             .iter()
-            .copied()
-            .filter(|&g| !run.cache.phase1.contains_key(&(g, c.to_string())))
+            .map(|&g| {
+                entry_index += 1;
+                (g, entry_index - 1)
+            })
+            .filter(|&(_, k)| options.shard.is_none_or(|(i, n)| k % n == i))
+            .map(|(g, _)| g)
             .collect();
+        let todo: Vec<usize> =
+            mine.into_iter().filter(|&g| !run.cache.phase1.contains_key(&(g, c.to_string()))).collect();
         if !todo.is_empty() {
             if reference.is_none() {
                 reference = Some(FloatReference::new(run.sim, data.phase1, options.threads)?);
@@ -538,6 +556,9 @@ pub fn choose_mixed_precision(
             }
             set_enabled(run.sim, all_quantizers.iter().copied(), true);
         }
+        if options.shard.is_some() {
+            continue;
+        }
         for g in members {
             let score = run.cache.phase1[&(g, c.to_string())];
             accuracy_list.push(AccuracyEntry {
@@ -547,6 +568,15 @@ pub fn choose_mixed_precision(
                 bitops_reduction: bitops.reduction(g, c, max_candidate),
             });
         }
+    }
+    if options.shard.is_some() {
+        timings.push(("phase 1 shard", started.elapsed().as_secs_f64()));
+        result.outcome = AmpOutcome::ShardDone;
+        result.assignment = run.finish(starting.clone())?;
+        result.groups = run.groups;
+        result.work = run.work;
+        result.timings = timings;
+        return Ok(result);
     }
     // Least sensitive first; ties: more bits, larger saving, earlier group.
     accuracy_list.sort_by(|x, y| {

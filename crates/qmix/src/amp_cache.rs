@@ -3,6 +3,11 @@
 //! is written as soon as it is known (temp file + rename), so a killed run resumes without
 //! evaluating anything twice. The cache records the settings it was made with; a run with other
 //! settings refuses it unless told to start clean.
+//!
+//! A phase-1 shard (`--shard i/n`) writes `amp_cache.shard-i-of-n.json` instead; the main cache
+//! merges every shard file of the same settings when it opens, so shards computed anywhere (copy
+//! the files into `.cache/`) combine deterministically: each entry is the same number whoever
+//! computes it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,32 +41,61 @@ fn corrupt(path: &Path, detail: impl Into<String>) -> AmpError {
 
 impl AmpCache {
     /// Opens the cache of `results_dir` (none: an in-memory cache), deleting it first with
-    /// `clean_start`.
+    /// `clean_start`; the main cache (no `shard`) also takes in every shard file.
     pub fn open(
         results_dir: Option<&Path>,
         settings: Value,
         clean_start: bool,
+        shard: Option<(usize, usize)>,
     ) -> Result<AmpCache, AmpError> {
         let Some(dir) = results_dir else { return Ok(AmpCache { settings, ..AmpCache::default() }) };
         let cache_dir = dir.join(".cache");
         std::fs::create_dir_all(&cache_dir)
             .map_err(|source| AmpError::Io { path: cache_dir.clone(), source })?;
-        let path = cache_dir.join("amp_cache.json");
-        let mut cache =
-            AmpCache { path: Some(path.clone()), settings: settings.clone(), ..AmpCache::default() };
-        if clean_start || !path.exists() {
+        let name = match shard {
+            Some((i, n)) => format!("amp_cache.shard-{i}-of-{n}.json"),
+            None => "amp_cache.json".into(),
+        };
+        let path = cache_dir.join(name);
+        let mut cache = AmpCache { path: Some(path.clone()), settings, ..AmpCache::default() };
+        if clean_start {
             return Ok(cache);
         }
+        if path.exists() {
+            cache.merge_file(&path)?;
+        }
+        if shard.is_none() {
+            let mut shards: Vec<PathBuf> = std::fs::read_dir(&cache_dir)
+                .map_err(|source| AmpError::Io { path: cache_dir.clone(), source })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("amp_cache.shard-") && n.ends_with(".json"))
+                })
+                .collect();
+            shards.sort();
+            for p in shards {
+                cache.merge_file(&p)?;
+            }
+        }
+        Ok(cache)
+    }
+
+    /// Adds the entries of a cache file, which must have been made with the same settings.
+    fn merge_file(&mut self, path: &Path) -> Result<(), AmpError> {
+        let settings = self.settings.clone();
+        let cache = self;
         let text =
-            std::fs::read_to_string(&path).map_err(|source| AmpError::Io { path: path.clone(), source })?;
+            std::fs::read_to_string(path).map_err(|source| AmpError::Io { path: path.into(), source })?;
         let v: Value = serde_json::from_str(&text)
-            .map_err(|e| corrupt(&path, format!("not valid JSON ({e}); delete it or start clean")))?;
+            .map_err(|e| corrupt(path, format!("not valid JSON ({e}); delete it or start clean")))?;
         if v["format"] != FORMAT {
-            return Err(corrupt(&path, format!("not a {FORMAT} file; delete it or start clean")));
+            return Err(corrupt(path, format!("not a {FORMAT} file; delete it or start clean")));
         }
         if v["settings"] != settings {
             return Err(corrupt(
-                &path,
+                path,
                 format!(
                     "made with other settings ({}), this run has {}; start clean to discard it",
                     v["settings"], settings
@@ -69,33 +103,35 @@ impl AmpCache {
             ));
         }
         let num = |x: &Value, what: &str| {
-            x.as_f64().ok_or_else(|| corrupt(&path, format!("{what} is not a number")))
+            x.as_f64().ok_or_else(|| corrupt(path, format!("{what} is not a number")))
         };
-        cache.fp32 = v.get("fp32").filter(|x| !x.is_null()).map(|x| num(x, "fp32")).transpose()?;
+        if let Some(f) = v.get("fp32").filter(|x| !x.is_null()) {
+            cache.fp32 = Some(num(f, "fp32")?);
+        }
         for e in v["baseline"].as_array().into_iter().flatten() {
             let label =
-                e["candidate"].as_str().ok_or_else(|| corrupt(&path, "baseline entry without candidate"))?;
+                e["candidate"].as_str().ok_or_else(|| corrupt(path, "baseline entry without candidate"))?;
             cache.baseline.insert(label.to_string(), num(&e["score"], "baseline score")?);
         }
         for e in v["phase1"].as_array().into_iter().flatten() {
             let group =
-                e["group"].as_u64().ok_or_else(|| corrupt(&path, "phase-1 entry without group"))? as usize;
+                e["group"].as_u64().ok_or_else(|| corrupt(path, "phase-1 entry without group"))? as usize;
             let label =
-                e["candidate"].as_str().ok_or_else(|| corrupt(&path, "phase-1 entry without candidate"))?;
+                e["candidate"].as_str().ok_or_else(|| corrupt(path, "phase-1 entry without candidate"))?;
             cache.phase1.insert((group, label.to_string()), num(&e["score"], "phase-1 score")?);
         }
         for e in v["phase2"].as_array().into_iter().flatten() {
             let point =
-                e["point"].as_u64().ok_or_else(|| corrupt(&path, "phase-2 entry without point"))? as usize;
+                e["point"].as_u64().ok_or_else(|| corrupt(path, "phase-2 entry without point"))? as usize;
             cache
                 .phase2
                 .insert(point, (num(&e["relative_bitops"], "bit-ops")?, num(&e["score"], "phase-2 score")?));
         }
         for e in v["plans"].as_array().into_iter().flatten() {
-            let state = e["state"].as_str().ok_or_else(|| corrupt(&path, "plan entry without state"))?;
+            let state = e["state"].as_str().ok_or_else(|| corrupt(path, "plan entry without state"))?;
             cache.plans.insert(state.to_string(), num(&e["score"], "plan score")?);
         }
-        Ok(cache)
+        Ok(())
     }
 
     /// Writes the cache (temp file + rename).
