@@ -2,7 +2,9 @@
 //! printed as ratios. `bench load`: qgraph's loader against Python's `onnx.load`; `bench exec`:
 //! qexec against onnxruntime on the zoo models at batch 1 and 32, on 1 and 2 threads; `bench sim`:
 //! the simulated W8A8 forward against our FP32 forward and onnxruntime FP32, and the time and peak
-//! memory of calibrating on 100 images.
+//! memory of calibrating on 100 images; `bench analyze`: enable-one PSNR analysis of
+//! mobilenetv2_keras on 32 images, resumed from FP32 values, against a naive full forward per layer
+//! of our own code and AIMET's time.
 
 use std::time::Instant;
 
@@ -15,12 +17,14 @@ pub fn run(what: Option<&str>) -> Result<()> {
         Some("load") => load(),
         Some("exec") => exec(),
         Some("sim") => sim(),
+        Some("analyze") => analyze(),
         None => {
             load()?;
             exec()?;
-            sim()
+            sim()?;
+            analyze()
         }
-        Some(other) => bail!("unknown benchmark '{other}' (available: load, exec, sim)"),
+        Some(other) => bail!("unknown benchmark '{other}' (available: load, exec, sim, analyze)"),
     }
 }
 
@@ -183,5 +187,61 @@ fn load() -> Result<()> {
             .parse()?;
         println!("{name:<28} {ours:>10.1} {theirs:>14.1} {:>8.2}", ours / theirs);
     }
+    Ok(())
+}
+
+fn analyze() -> Result<()> {
+    let zoo = zoo::zoo_dir()?;
+    let name = "mobilenetv2_keras";
+    let c = zoo_data::CLASSIFIERS.iter().find(|c| c.name == name).context("classifier")?;
+    let images = zoo_data::raw_images(&zoo, c.images)?;
+    let calib_rows: Vec<usize> = (0..500).filter(|r| r % 5 == 0).collect();
+    let options = qcalib::SimOptions { threads: 0, ..qcalib::SimOptions::default() };
+    let model = qgraph::load_path(zoo.join(format!("models/{name}.onnx")))?;
+    let mut sim = qcalib::QuantSim::new(model, qcalib::QuantsimConfig::load("default")?, options)?;
+    sim.calibrate(
+        calib_rows.chunks(32).map(|r| vec![("input".to_string(), c.batch(&images, r))]),
+        &mut |_| {},
+    )?;
+    let batches = vec![vec![("input".to_string(), c.batch(&images, &calib_rows[..32]))]];
+    let started = Instant::now();
+    let ours = qanalyze::enable_one(&mut sim, &batches, qanalyze::Metric::Psnr, 0, &mut |_, _| {})?;
+    let ours_s = started.elapsed().as_secs_f64();
+    // The naive way: every layer alone, a full forward pass each.
+    let reference = qanalyze::FloatReference::new(&sim, &batches, 0)?;
+    let layers = qanalyze::layers(&sim)?;
+    let placement = sim.placement().clone();
+    let all = sim.placement().quantizer_ids();
+    all.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = false);
+    let (mut naive_nodes, mut resumed_nodes) = (0usize, 0usize);
+    let started = Instant::now();
+    let mut same = 0usize;
+    for ((_, qs), score) in layers.iter().zip(&ours) {
+        qs.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = true);
+        sim.refresh()?;
+        let naive = reference.score(&sim, qanalyze::Metric::Psnr)?;
+        same += usize::from(naive == score.score);
+        naive_nodes += sim.model().graph.node_count();
+        resumed_nodes += reference.nodes_recomputed(&sim, qs);
+        qs.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = false);
+    }
+    let naive_s = started.elapsed().as_secs_f64();
+    *sim.placement_mut() = placement;
+    let aimet: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        zoo.join(format!("aimet/{name}/litemp_default_int16_10pct/timings.json")),
+    )?)?;
+    let aimet_s = aimet["seconds_by_step"]["sensitivity_analysis"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "enable-one PSNR analysis of {name}, {} layers, 32 images, all cores: ours {ours_s:.1} s; naive full forward per layer {naive_s:.1} s ({:.2}×); AIMET {aimet_s:.1} s ({:.1}×)",
+        layers.len(),
+        naive_s / ours_s,
+        aimet_s / ours_s
+    );
+    println!(
+        "  node executions per batch: {resumed_nodes} resumed vs {naive_nodes} naive ({} saved, {:.0} %); scores bit-identical for {same} of {} layers",
+        naive_nodes - resumed_nodes,
+        100.0 * (naive_nodes - resumed_nodes) as f64 / naive_nodes as f64,
+        layers.len()
+    );
     Ok(())
 }

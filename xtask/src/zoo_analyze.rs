@@ -151,5 +151,68 @@ pub fn check(zoo: &Path) -> Result<()> {
     if !failures.is_empty() {
         bail!("per-layer sensitivity differs from AIMET's:\n  {}", failures.join("\n  "));
     }
+    report_and_screenshot(zoo)
+}
+
+/// `qmix analyze` end to end on mobilenetv2_keras (its data written as .npy first), then a
+/// headless-Chromium screenshot of the HTML report when Chromium is installed.
+fn report_and_screenshot(zoo: &Path) -> Result<()> {
+    let c = CLASSIFIERS.iter().find(|c| c.name == "mobilenetv2_keras").context("classifier")?;
+    let dir = crate::zoo::out_dir()?.join("analysis_mobilenetv2_keras");
+    std::fs::create_dir_all(&dir)?;
+    let images = zoo_data::raw_images(zoo, c.images)?;
+    let labels = zoo_data::labels(zoo)?;
+    let rows = |calib: bool| -> Vec<usize> { (0..500).filter(|r| (r % 5 == 0) == calib).collect() };
+    for (file, calib) in [("calib.npy", true), ("eval.npy", false)] {
+        let qgraph::Tensor::F32(x) = c.batch(&images, &rows(calib)) else { bail!("f32 batch expected") };
+        ndarray_npy::write_npy(dir.join(file), &x.to_owned())?;
+    }
+    ndarray_npy::write_npy(dir.join("labels.npy"), &labels.select(ndarray::Axis(0), &rows(false)))?;
+    let started = Instant::now();
+    let model = zoo.join("models/mobilenetv2_keras.onnx");
+    let status = std::process::Command::new(env!("CARGO"))
+        .current_dir(crate::zoo::workspace_root())
+        .args(["run", "--release", "-q", "-p", "qmix-cli", "--", "analyze"])
+        .arg(&model)
+        .arg(format!("--calib=input={}", dir.join("calib.npy").display()))
+        .arg(format!("--eval=input={}", dir.join("eval.npy").display()))
+        .arg("--labels")
+        .arg(dir.join("labels.npy"))
+        .args(["--label-offset", "1", "--quiet", "--out"])
+        .arg(&dir)
+        .status()?;
+    if !status.success() {
+        bail!("qmix analyze failed on {}", model.display());
+    }
+    let html = std::fs::read_to_string(dir.join("report.html"))?;
+    println!(
+        "  qmix analyze mobilenetv2_keras: {:.1} s, report.html {} KiB with {} charts",
+        started.elapsed().as_secs_f64(),
+        html.len() / 1024,
+        html.matches("<svg").count()
+    );
+    let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| std::process::Command::new(b).arg("--version").output().is_ok_and(|o| o.status.success()))
+    else {
+        println!("  (no Chromium on PATH: the report's screenshot is skipped; apt-get install chromium)");
+        return Ok(());
+    };
+    let png = dir.join("report.png");
+    let _ = std::fs::remove_file(&png);
+    let out = std::process::Command::new(chromium)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1250,3600"])
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(format!("file://{}", dir.join("report.html").display()))
+        .output()?;
+    let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
+    if !out.status.success() || size < 50_000 {
+        bail!(
+            "Chromium did not render {} ({size} bytes): {}",
+            png.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    println!("  rendered in headless {chromium}: {} ({} KiB)", png.display(), size / 1024);
     Ok(())
 }

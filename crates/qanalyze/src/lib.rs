@@ -1,12 +1,18 @@
 //! `qanalyze`: per-layer quantization sensitivity — which layers hurt when quantized — scored
 //! the way AIMET's `analyze_per_layer_sensitivity` scores them (spec §5.1–5.2).
 //!
-//! Status: enable-one (resuming each layer from the FP32 values) and disable-one analyses and the
-//! whole-model checks, with AIMET's PSNR or SQNR; the HTML report, per-layer MSE and ranges arrive
-//! with the rest of the `qanalyze` issue.
+//! Also: whole-model checks, disable-one, per-layer output MSE, quantizer ranges, histograms, and
+//! the analysis report (JSON, terminal table, self-contained HTML with inline SVG charts).
 #![forbid(unsafe_code)]
 
+mod analysis;
+mod report;
 mod sensitivity;
+
+pub use analysis::{
+    HISTOGRAM_BINS, LayerMse, RangeEntry, TensorHistogram, histograms, per_layer_mse, ranges,
+};
+pub use report::AnalysisReport;
 
 pub use sensitivity::{
     AnalyzeError, FloatReference, LayerScore, Metric, ModelChecks, disable_one, enable_one, layers,

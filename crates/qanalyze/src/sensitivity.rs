@@ -214,9 +214,30 @@ impl FloatReference {
         Ok(FloatReference { batches: batches.to_vec(), caches, outputs })
     }
 
+    /// The batches.
+    pub fn batches(&self) -> &[Feeds] {
+        &self.batches
+    }
+
+    /// The FP32 value of every tensor, per batch.
+    pub fn values(&self) -> &[qexec::ValueCache] {
+        &self.caches
+    }
+
     /// Samples in the batches.
     pub fn samples(&self) -> usize {
         self.outputs.samples
+    }
+
+    /// Nodes a [`FloatReference::score_only`] run with `enabled` recomputes per batch (the others
+    /// are read from the FP32 values); all nodes when a graph input is quantized.
+    pub fn nodes_recomputed(&self, sim: &QuantSim, enabled: &[QuantizerId]) -> usize {
+        let g = &sim.model().graph;
+        let changed = changed_values(sim, enabled);
+        if changed.iter().any(|v| g.inputs().contains(v)) {
+            return g.node_count();
+        }
+        g.downstream_nodes(&changed).len()
     }
 
     /// Scores the simulation as it is (full forward passes).

@@ -442,6 +442,16 @@ impl QuantSim {
         Ok(session.run_with(feeds, opts)?.outputs)
     }
 
+    /// Runs the simulated model keeping every value it fed or computed, as the fake-quant hook
+    /// left it (quantized where a quantizer is enabled): outputs and the values by tensor.
+    pub fn run_keeping_all(&self, feeds: &[(&str, Tensor)]) -> Result<(Vec<Tensor>, qexec::ValueCache)> {
+        let (session, mut hook) = self.session_and_hook()?;
+        let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() }
+            .keep(qexec::Keep::All);
+        let run = session.run_with(feeds, opts)?;
+        Ok((run.outputs, run.kept))
+    }
+
     /// Runs the simulation again on the batch whose FP32 values `cache` holds (a `Keep::All` run
     /// of the float model), recomputing only the nodes downstream of `changed` — the tensors
     /// whose quantizers differ from FP32 (enabled ones, and the weights and constants they

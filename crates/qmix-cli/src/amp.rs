@@ -8,31 +8,17 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use qanalyze::{FloatReference, Metric};
-use qcalib::{DefaultPrecision, EncodingVersion, QuantSim, QuantsimConfig, Scheme, SimOptions};
+use qcalib::{DefaultPrecision, EncodingVersion, QuantSim, QuantsimConfig, SimOptions};
 use qmix::{AmpData, AmpEvent, AmpOptions, Candidate, MacOps, Phase2, SearchAlgo};
 
 use crate::Failure;
-use crate::dataset::{EvalArgs, JobData, bar, top1, user};
+use crate::dataset::{EvalArgs, JobArgs, JobData, bar, top1, user};
 
 /// Arguments of `qmix amp`.
 #[derive(clap::Args)]
 pub struct AmpArgs {
-    /// The FP32 ONNX model.
-    model: PathBuf,
-    /// Calibration data for a graph input, NAME=FILE.npy with samples along axis 0 (repeatable).
-    /// Default: `<model>_calib.npy` beside the model (and `<model>_eval.npy`,
-    /// `<model>_labels.npy` for phase 2).
-    #[arg(long = "calib", value_parser = crate::parse_input)]
-    calib: Vec<(String, PathBuf)>,
-    /// Samples per batch.
-    #[arg(long, default_value_t = 32)]
-    batch: usize,
-    /// Quantsim config: a preset (default, default_per_tensor, htp_v73) or a JSON file.
-    #[arg(long, default_value = "default")]
-    config: String,
-    /// Calibration scheme: min_max, tf_enhanced, percentile, percentile:P, mse or entropy.
-    #[arg(long, default_value = "min_max", value_parser = crate::quantsim::parse_scheme)]
-    scheme: Scheme,
+    #[command(flatten)]
+    job: JobArgs,
     /// Candidates, comma-separated, e.g. w16a16,w8a16,w16a8,w8a8 (wfp16afp16 for float16).
     #[arg(long, default_value = "w16a16,w8a16,w16a8,w8a8", value_parser = parse_candidates)]
     candidates: Candidates,
@@ -127,17 +113,18 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
     let candidates = a.candidates.0.clone();
     let highest =
         candidates.iter().copied().fold(candidates[0], |m, c| if c.cost() > m.cost() { c } else { m });
-    let config = QuantsimConfig::load(&a.config).map_err(user)?;
+    let config = QuantsimConfig::load(&a.job.config).map_err(user)?;
     let options = SimOptions {
-        scheme: a.scheme,
+        scheme: a.job.scheme,
         threads: a.threads,
         precision: DefaultPrecision { param: highest.param, activation: highest.activation },
         ..SimOptions::default()
     };
-    let mut sim = QuantSim::new(qgraph::load_path(&a.model)?, config, options).map_err(user)?;
+    let mut sim = QuantSim::new(qgraph::load_path(&a.job.model)?, config, options).map_err(user)?;
     let first_input = sim.model().graph.inputs().first().map(|&v| sim.model().graph.value(v).name.clone());
-    let JobData { calib, eval, labels } = JobData::load(&a.model, first_input, &a.calib, &a.evaluation)?;
-    let batch = a.batch.max(1);
+    let JobData { calib, eval, labels } =
+        JobData::load(&a.job.model, first_input, &a.job.calib, &a.evaluation)?;
+    let batch = a.job.batch.max(1);
     let calibration: Vec<qcalib::Feeds> = calib.batches(batch).collect();
     let phase1_samples = a.phase1_samples.clamp(1, calib.samples);
     let phase1: Vec<qcalib::Feeds> =
@@ -179,7 +166,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
     };
     println!(
         "{}: AMP over {} with {} calibration samples, phase 1 on {}, phase 2 = {description}",
-        a.model.display(),
+        a.job.model.display(),
         a.candidates.0.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
         calib.samples,
         phase1_samples,

@@ -23,6 +23,27 @@ pub(crate) struct EvalArgs {
     pub label_offset: usize,
 }
 
+/// What every job command takes: the model, its calibration data, batch size, config and scheme.
+#[derive(clap::Args)]
+pub(crate) struct JobArgs {
+    /// The FP32 ONNX model.
+    pub model: PathBuf,
+    /// Calibration data for a graph input, NAME=FILE.npy with samples along axis 0 (repeatable).
+    /// Default: `<model>_calib.npy` beside the model, for its first input (and likewise
+    /// `<model>_eval.npy` and `<model>_labels.npy` for evaluation when present).
+    #[arg(long = "calib", value_parser = crate::parse_input)]
+    pub calib: Vec<(String, PathBuf)>,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Quantsim config: a preset (default, default_per_tensor, htp_v73) or a JSON file.
+    #[arg(long, default_value = "default")]
+    pub config: String,
+    /// Calibration scheme: min_max, tf_enhanced, percentile, percentile:P, mse or entropy.
+    #[arg(long, default_value = "min_max", value_parser = crate::quantsim::parse_scheme)]
+    pub scheme: qcalib::Scheme,
+}
+
 /// Named arrays with samples along axis 0, sliced into batches.
 pub(crate) struct Dataset {
     inputs: Vec<(String, Tensor)>,

@@ -7,34 +7,20 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use qcalib::{DefaultPrecision, EncodingVersion, Precision, QuantSim, QuantsimConfig, Scheme, SimOptions};
+use qcalib::{DefaultPrecision, EncodingVersion, Precision, QuantSim, QuantsimConfig, SimOptions};
 use serde_json::json;
 
 use crate::Failure;
-use crate::dataset::{Dataset, EvalArgs, Forward, JobData, bar, user};
+use crate::dataset::{Dataset, EvalArgs, Forward, JobArgs, JobData, bar, user};
 
 /// Arguments of `qmix litemp`.
 #[derive(clap::Args)]
 pub struct LitempArgs {
-    /// The FP32 ONNX model.
-    model: PathBuf,
-    /// Calibration data for a graph input, NAME=FILE.npy with samples along axis 0 (repeatable).
-    /// Default: `<model>_calib.npy` beside the model, for its first input (and likewise
-    /// `<model>_eval.npy` and `<model>_labels.npy` for evaluation when present).
-    #[arg(long = "calib", value_parser = crate::parse_input)]
-    calib: Vec<(String, PathBuf)>,
-    /// Samples per batch.
-    #[arg(long, default_value_t = 32)]
-    batch: usize,
+    #[command(flatten)]
+    job: JobArgs,
     /// Calibration samples (the first ones) the layers are scored on.
     #[arg(long, default_value_t = 32)]
     psnr_samples: usize,
-    /// Quantsim config: a preset (default, default_per_tensor, htp_v73) or a JSON file.
-    #[arg(long, default_value = "default")]
-    config: String,
-    /// Calibration scheme: min_max, tf_enhanced, percentile, percentile:P, mse or entropy.
-    #[arg(long, default_value = "min_max", value_parser = crate::quantsim::parse_scheme)]
-    scheme: Scheme,
     /// Share of the layers flipped, in percent.
     #[arg(long, default_value_t = 10.0)]
     percent: f64,
@@ -81,26 +67,27 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     if !matches!(a.override_precision, Precision::Int(16) | Precision::Float16) {
         return Err(user(anyhow::anyhow!("--override must be int16 or fp16, not {}", a.override_precision)));
     }
-    let config = QuantsimConfig::load(&a.config).map_err(user)?;
+    let config = QuantsimConfig::load(&a.job.config).map_err(user)?;
     let options = SimOptions {
-        scheme: a.scheme,
+        scheme: a.job.scheme,
         threads: a.threads,
         precision: DefaultPrecision::default(),
         ..SimOptions::default()
     };
-    let mut sim = QuantSim::new(qgraph::load_path(&a.model)?, config, options).map_err(user)?;
+    let mut sim = QuantSim::new(qgraph::load_path(&a.job.model)?, config, options).map_err(user)?;
     let first_input = sim.model().graph.inputs().first().map(|&v| sim.model().graph.value(v).name.clone());
-    let JobData { calib, eval, labels } = JobData::load(&a.model, first_input, &a.calib, &a.evaluation)?;
+    let JobData { calib, eval, labels } =
+        JobData::load(&a.job.model, first_input, &a.job.calib, &a.evaluation)?;
     std::fs::create_dir_all(&a.out)
         .map_err(|e| user(anyhow::anyhow!("cannot create {}: {e}", a.out.display())))?;
     let started = Instant::now();
-    let batches = calib.samples.div_ceil(a.batch.max(1));
+    let batches = calib.samples.div_ceil(a.job.batch.max(1));
     let pb = bar(batches, "calibrating", "batches", a.quiet);
-    sim.calibrate(calib.batches(a.batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
+    sim.calibrate(calib.batches(a.job.batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
     pb.finish_and_clear();
     println!(
         "{}: calibrated W8A8 on {} samples in {:.1} s",
-        a.model.display(),
+        a.job.model.display(),
         calib.samples,
         started.elapsed().as_secs_f64()
     );
@@ -131,14 +118,16 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     );
     let (eval_ref, labels_ref) = (eval.as_ref(), labels.as_deref());
     let w8a8 = match eval_ref {
-        Some(e) => top1(e, labels_ref, a.batch, a.evaluation.label_offset, &|f| sim.run(f).map_err(user))?,
+        Some(e) => {
+            top1(e, labels_ref, a.job.batch, a.evaluation.label_offset, &|f| sim.run(f).map_err(user))?
+        }
         None => None,
     };
     let o = a.override_precision;
     let flipped = if let Some(target) = a.until_psnr {
         let reference =
             qanalyze::FloatReference::new(&sim, std::slice::from_ref(&scored), a.threads).map_err(user)?;
-        let calibration: Vec<qcalib::Feeds> = calib.batches(a.batch).collect();
+        let calibration: Vec<qcalib::Feeds> = calib.batches(a.job.batch).collect();
         let r = qmix::flip_until(
             &mut sim,
             &scores,
@@ -164,7 +153,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         }
         .map_err(user)?;
         let pb = bar(batches, "recalibrating", "batches", a.quiet);
-        sim.calibrate(calib.batches(a.batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
+        sim.calibrate(calib.batches(a.job.batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
         pb.finish_and_clear();
         flipped
     };
@@ -199,8 +188,9 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     println!("flipped {} of {} layers; wrote {}", flipped.len(), scores.len(), a.out.display());
     if let Some(e) = eval_ref {
         let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(a.threads))?;
-        let fp32 = top1(e, labels_ref, a.batch, a.evaluation.label_offset, &|f| Ok(float.run(f)?))?;
-        let mixed = top1(e, labels_ref, a.batch, a.evaluation.label_offset, &|f| sim.run(f).map_err(user))?;
+        let fp32 = top1(e, labels_ref, a.job.batch, a.evaluation.label_offset, &|f| Ok(float.run(f)?))?;
+        let mixed =
+            top1(e, labels_ref, a.job.batch, a.evaluation.label_offset, &|f| sim.run(f).map_err(user))?;
         if let (Some(fp), Some(w), Some(m)) = (fp32, w8a8, mixed) {
             println!("top-1 on {} samples: FP32 {fp:.4}, W8A8 {w:.4}, Lite-MP {m:.4}", e.samples);
         }

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod amp;
+mod analyze;
 mod dataset;
 mod litemp;
 mod quantsim;
@@ -70,6 +71,11 @@ enum Command {
     ///
     /// Example: qmix amp model.onnx --calib input=calib.npy --eval input=eval.npy --labels labels.npy --allowed-drop 0.01
     Amp(amp::AmpArgs),
+    /// Quantization analysis: whole-model checks, per-layer sensitivity (enable one, optionally
+    /// disable one), per-layer output MSE, ranges and histograms; JSON and an HTML report.
+    ///
+    /// Example: qmix analyze model.onnx --calib input=calib.npy --out analysis_out/
+    Analyze(analyze::AnalyzeArgs),
 }
 
 fn parse_input(s: &str) -> Result<(String, PathBuf), String> {
@@ -227,6 +233,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Quantsim(args) => quantsim::run(args),
         Command::Litemp(args) => litemp::run(args),
         Command::Amp(args) => amp::run(args),
+        Command::Analyze(args) => analyze::run(args),
     }
 }
 

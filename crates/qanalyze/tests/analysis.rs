@@ -1,6 +1,7 @@
-//! Enable-one sensitivity on a small CNN built in the test: one score per layer in topological
-//! order, quantizers restored afterwards, identical results on one and two threads, a coarser
-//! layer scoring worse, and a typed error without data.
+//! The analysis on a small CNN built in the test: enable-one sensitivity (one score per layer in
+//! topological order, quantizers restored afterwards, identical results on one and two threads, a
+//! coarser layer scoring worse, a typed error without data), disable-one and whole-model checks,
+//! per-layer MSE, ranges, histograms and the report in its three forms.
 
 use qanalyze::{AnalyzeError, Metric};
 use qcalib::{Precision, QuantSim, QuantsimConfig, SimOptions};
@@ -146,4 +147,71 @@ fn disable_one_and_whole_model_checks() {
         assert!(v.is_finite() && v > 10.0 && v < 100.0, "{checks:?}");
     }
     assert_eq!(qcalib::encodings_json(&sim, qcalib::EncodingVersion::V1_0_0), before);
+}
+
+#[test]
+fn mse_ranges_histograms_and_the_report() {
+    let mut sim = calibrated(1);
+    let reference = qanalyze::FloatReference::new(&sim, &batches(), 1).unwrap();
+    let mse = qanalyze::per_layer_mse(&sim, &reference).unwrap();
+    assert_eq!(
+        mse.iter().map(|m| m.layer.as_str()).collect::<Vec<_>>(),
+        ["conv0", "relu0", "conv1", "pool", "fc"]
+    );
+    assert!(mse.iter().all(|m| m.mse > 0.0 && m.mse < 1e-2), "{mse:?}");
+    // With every quantizer off the simulation is FP32: no error anywhere.
+    let placement = sim.placement().clone();
+    let all = sim.placement().quantizer_ids();
+    all.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = false);
+    sim.refresh().unwrap();
+    assert!(qanalyze::per_layer_mse(&sim, &reference).unwrap().iter().all(|m| m.mse == 0.0));
+    *sim.placement_mut() = placement;
+    sim.refresh().unwrap();
+
+    let ranges = qanalyze::ranges(&sim);
+    assert!(ranges.iter().any(|r| r.kind == "param" && r.channels == 4));
+    for r in &ranges {
+        assert!(r.encoding_min <= 0.0 && r.encoding_max >= 0.0, "{r:?}");
+        if let Some((lo, hi)) = r.observed {
+            // Min-max: the encoding covers what calibration saw, up to one step.
+            assert!(r.encoding_min <= lo + r.delta && r.encoding_max >= hi - r.delta, "{r:?}");
+        }
+    }
+    let g = &sim.model().graph;
+    let conv1 = g.node_id("conv1").unwrap();
+    let hists = qanalyze::histograms(&sim, &reference, &[conv1]);
+    assert_eq!(hists.iter().map(|h| h.kind).collect::<Vec<_>>(), ["activation", "weight"]);
+    assert_eq!(hists[0].counts.iter().sum::<u64>(), 2 * 4 * 4 * 36);
+    assert_eq!(hists[1].counts.iter().sum::<u64>(), 16);
+    assert!(hists.iter().all(|h| h.encoding.is_some_and(|(a, b)| h.lo <= a && b <= h.hi)));
+
+    let scores = qanalyze::enable_one(&mut sim, &batches(), Metric::Psnr, 1, &mut |_, _| {}).unwrap();
+    let checks = qanalyze::model_checks(&mut sim, &batches(), Metric::Psnr, 1).unwrap();
+    let report = qanalyze::AnalysisReport {
+        model: "cnn <test>".into(),
+        settings: serde_json::json!({"config": "default"}),
+        metric: Metric::Psnr,
+        checks,
+        evaluations: vec![("top-1".into(), 0.5)],
+        layer_ops: vec![("conv1".into(), "Conv".into())],
+        enable_one: scores.clone(),
+        disable_one: None,
+        mse,
+        ranges,
+        histograms: hists,
+        placement: sim.placement().report(&sim.model().graph),
+        seconds: vec![("enable one".into(), 0.1)],
+    };
+    let json = report.to_json();
+    assert_eq!(json["metric"]["higher_is_better"], true);
+    assert_eq!(json["enable_one"]["scores"].as_array().unwrap().len(), scores.len());
+    let worst = scores.iter().min_by(|a, b| a.score.total_cmp(&b.score)).unwrap();
+    assert_eq!(json["enable_one"]["ranked"][0][0], worst.layer.as_str());
+    let table = report.top_table(3);
+    assert_eq!(table.lines().count(), 4);
+    assert!(table.lines().nth(1).unwrap().contains(&worst.layer));
+    let html = report.to_html();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
+    assert!(html.contains("cnn &lt;test&gt;") && !html.contains("<script"));
+    assert_eq!(html.matches("<svg").count(), 3 + 2);
 }

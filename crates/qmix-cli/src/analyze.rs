@@ -1,0 +1,196 @@
+//! `qmix analyze`: the quantization analysis of one model — calibrate, score the whole simulation
+//! (all quantizers, weights only, activations only), score every layer with only its quantizers on
+//! (and, on request, with all but its own), measure each layer's output MSE against FP32, collect
+//! quantizer ranges and histograms of the most sensitive layers — then print the top of the
+//! ranking and write `analysis.json`, AIMET's `layer_sensitivity.json` and a self-contained
+//! `report.html`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use qanalyze::{AnalysisReport, FloatReference, Metric};
+use qcalib::{DefaultPrecision, Precision, QuantSim, QuantsimConfig, SimOptions};
+use serde_json::json;
+
+use crate::Failure;
+use crate::dataset::{EvalArgs, JobArgs, JobData, bar, top1, user};
+
+/// Arguments of `qmix analyze`.
+#[derive(clap::Args)]
+pub struct AnalyzeArgs {
+    #[command(flatten)]
+    job: JobArgs,
+    /// Parameter precision: int4..int16, fp16, bf16.
+    #[arg(long, default_value = "int8", value_parser = crate::quantsim::parse_precision)]
+    param: Precision,
+    /// Activation precision.
+    #[arg(long = "act", default_value = "int8", value_parser = crate::quantsim::parse_precision)]
+    activation: Precision,
+    /// Calibration samples (the first ones) layers are scored on.
+    #[arg(long, default_value_t = 32)]
+    samples: usize,
+    /// Sensitivity metric: psnr (AIMET's) or sqnr.
+    #[arg(long, default_value = "psnr", value_parser = parse_metric)]
+    metric: Metric,
+    /// Also score every layer with all quantizers on but its own (one full run per layer).
+    #[arg(long)]
+    disable_one: bool,
+    /// Layers in the printed ranking.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Most sensitive layers whose activation and weight histograms go in the report.
+    #[arg(long, default_value_t = 6)]
+    histograms: usize,
+    #[command(flatten)]
+    evaluation: EvalArgs,
+    /// Output folder.
+    #[arg(long, default_value = "analysis_out")]
+    out: PathBuf,
+    /// Interpreter threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_metric(s: &str) -> Result<Metric, String> {
+    match s {
+        "psnr" => Ok(Metric::Psnr),
+        "sqnr" => Ok(Metric::Sqnr),
+        _ => Err(format!("unknown metric '{s}': psnr or sqnr")),
+    }
+}
+
+pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
+    let config = QuantsimConfig::load(&a.job.config).map_err(user)?;
+    let options = SimOptions {
+        scheme: a.job.scheme,
+        threads: a.threads,
+        precision: DefaultPrecision { param: a.param, activation: a.activation },
+        ..SimOptions::default()
+    };
+    let mut sim = QuantSim::new(qgraph::load_path(&a.job.model)?, config, options).map_err(user)?;
+    let g = &sim.model().graph;
+    let first_input = g.inputs().first().map(|&v| g.value(v).name.clone());
+    let JobData { calib, eval, labels } =
+        JobData::load(&a.job.model, first_input, &a.job.calib, &a.evaluation)?;
+    std::fs::create_dir_all(&a.out)
+        .map_err(|e| user(anyhow::anyhow!("cannot create {}: {e}", a.out.display())))?;
+    let batch = a.job.batch.max(1);
+    let mut seconds: Vec<(String, f64)> = Vec::new();
+    let mut step = Instant::now();
+    let mut lap = |name: &str, seconds: &mut Vec<(String, f64)>| {
+        seconds.push((name.to_string(), step.elapsed().as_secs_f64()));
+        step = Instant::now();
+    };
+
+    let pb = bar(calib.samples.div_ceil(batch), "calibrating", "batches", a.quiet);
+    sim.calibrate(calib.batches(batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
+    pb.finish_and_clear();
+    lap("calibration", &mut seconds);
+    let n = a.samples.clamp(1, calib.samples);
+    let scored: Vec<qcalib::Feeds> =
+        (0..n).step_by(batch).map(|s| calib.batch(s..(s + batch).min(n))).collect();
+    let reference = FloatReference::new(&sim, &scored, a.threads).map_err(user)?;
+    let checks = qanalyze::model_checks(&mut sim, &scored, a.metric, a.threads).map_err(user)?;
+    lap("whole-model checks", &mut seconds);
+    let layers = qanalyze::layers(&sim).map_err(user)?;
+    let pb = bar(layers.len(), "enable one", "layers", a.quiet);
+    let enable_one =
+        qanalyze::enable_one(&mut sim, &scored, a.metric, a.threads, &mut |d, _| pb.set_position(d as u64))
+            .map_err(user)?;
+    pb.finish_and_clear();
+    lap("enable one", &mut seconds);
+    let disable_one = if a.disable_one {
+        let pb = bar(layers.len(), "disable one", "layers", a.quiet);
+        let d = qanalyze::disable_one(&mut sim, &scored, a.metric, a.threads, &mut |d, _| {
+            pb.set_position(d as u64)
+        })
+        .map_err(user)?;
+        pb.finish_and_clear();
+        lap("disable one", &mut seconds);
+        Some(d)
+    } else {
+        None
+    };
+    let mse = qanalyze::per_layer_mse(&sim, &reference).map_err(user)?;
+    let ranges = qanalyze::ranges(&sim);
+    let mut worst: Vec<&qanalyze::LayerScore> = enable_one.iter().collect();
+    worst.sort_by(|x, y| x.score.total_cmp(&y.score));
+    let g = &sim.model().graph;
+    let worst_nodes: Vec<qgraph::NodeId> =
+        worst.iter().take(a.histograms).filter_map(|l| g.node_id(&l.layer)).collect();
+    let histograms = qanalyze::histograms(&sim, &reference, &worst_nodes);
+    lap("MSE, ranges, histograms", &mut seconds);
+    let mut evaluations = Vec::new();
+    if let (Some(e), Some(l)) = (&eval, &labels) {
+        let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(a.threads))?;
+        let offset = a.evaluation.label_offset;
+        evaluations.push((
+            format!("FP32 top-1 ({} samples)", e.samples),
+            top1(e, l, batch, offset, &|f| Ok(float.run(f)?))?,
+        ));
+        evaluations.push((
+            format!("simulated top-1 ({} samples)", e.samples),
+            top1(e, l, batch, offset, &|f| sim.run(f).map_err(user))?,
+        ));
+        lap("evaluation", &mut seconds);
+    }
+    let layer_ops: Vec<(String, String)> =
+        layers.iter().map(|(node, _)| (g.node(*node).name.clone(), g.node(*node).op_type.clone())).collect();
+    let report = AnalysisReport {
+        model: a.job.model.display().to_string(),
+        settings: json!({
+            "config": a.job.config, "scheme": a.job.scheme.aimet_name(), "param": a.param.to_string(), "activation": a.activation.to_string(),
+            "calibration_samples": calib.samples, "scored_samples": n, "batch": batch, "threads": a.threads,
+        }),
+        metric: a.metric,
+        checks,
+        evaluations,
+        layer_ops,
+        enable_one,
+        disable_one,
+        mse,
+        ranges,
+        histograms,
+        placement: sim.placement().report(g),
+        seconds,
+    };
+    println!(
+        "{}: {} of the W{}A{} simulation: {:.2} (weights only {:.2}, activations only {:.2})",
+        a.job.model.display(),
+        a.metric.name(),
+        a.param.bits(),
+        a.activation.bits(),
+        checks.all,
+        checks.weights_only,
+        checks.activations_only
+    );
+    for (k, v) in &report.evaluations {
+        println!("{k}: {v:.4}");
+    }
+    println!("most sensitive of {} layers (enable one, lowest first):", report.enable_one.len());
+    print!("{}", report.top_table(a.top));
+    // `{layer: score}` in layer order, as AIMET writes it.
+    let entries: Vec<String> = report
+        .enable_one
+        .iter()
+        .map(|s| format!("    {}: {}", serde_json::Value::String(s.layer.clone()), json!(s.score)))
+        .collect();
+    qgraph::write_atomically(
+        &a.out.join("layer_sensitivity.json"),
+        format!("{{\n{}\n}}\n", entries.join(",\n")).as_bytes(),
+    )?;
+    qgraph::write_atomically(
+        &a.out.join("analysis.json"),
+        qcalib::to_pretty_json(&report.to_json()).as_bytes(),
+    )?;
+    qgraph::write_atomically(&a.out.join("report.html"), report.to_html().as_bytes())?;
+    let total: f64 = report.seconds.iter().map(|(_, s)| s).sum();
+    println!(
+        "wrote {} (analysis.json, layer_sensitivity.json, report.html) in {total:.1} s",
+        a.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! `qmix analyze` on the committed default model: the ranking on the terminal, `analysis.json`
+//! with every section, AIMET's `layer_sensitivity.json` and a self-contained `report.html`.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn writes_the_analysis_and_its_report() {
+    let out = std::env::temp_dir().join(format!("qmix-analyze-{}", std::process::id()));
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bars_cnn.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
+        .arg("analyze")
+        .arg(&model)
+        .args(["--disable-one", "--quiet", "--threads", "1", "--top", "3", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("most sensitive of 4 layers") && stdout.contains("FP32 top-1"), "{stdout}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("analysis.json")).unwrap()).unwrap();
+    for key in [
+        "checks",
+        "enable_one",
+        "disable_one",
+        "per_layer_mse",
+        "ranges",
+        "histograms",
+        "placement",
+        "evaluations",
+    ] {
+        assert!(!v[key].is_null(), "{key} missing");
+    }
+    assert_eq!(v["enable_one"]["scores"].as_array().unwrap().len(), 4);
+    let sensitivity: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("layer_sensitivity.json")).unwrap()).unwrap();
+    assert_eq!(sensitivity.as_object().unwrap().len(), 4);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    // Self-contained: inline SVG, nothing fetched, no script.
+    assert!(html.contains("<svg") && !html.contains("<script"));
+    assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
+    std::fs::remove_dir_all(&out).unwrap();
+}
