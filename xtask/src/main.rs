@@ -20,11 +20,14 @@ commands:
   zoo [exec|calib|analyze|amp]
                  run every check on the real models of ../shared/zoo (fails if it is missing);
                  `exec` runs only the interpreter parity checks, `calib` only QuantSim vs AIMET,
-                 `analyze` only the per-layer sensitivity vs AIMET
+                 `analyze` only the per-layer sensitivity vs AIMET (and the HTML report),
+                 `amp` only AMP vs AIMET
   conformance [--update]
                  run the ONNX backend node tests; fail if a test of the manifest fails
-  bench [load]   measure against the reference implementation in the same run, print ratios
-  models         rebuild the small models and data of models/ (deterministic)
+  bench [load|exec|sim|analyze]
+                 measure against the reference implementation in the same run, print ratios
+  models [bars|digits]
+                 rebuild bars_cnn (deterministic; the default) or retrain digits_cnn (Python)
   inspect MODEL  print a model summary (inputs/outputs, ops, parameters, MACs at batch 1)";
 
 fn main() -> Result<()> {
@@ -33,7 +36,7 @@ fn main() -> Result<()> {
         Some("zoo") => zoo::run(args.get(1).map(String::as_str)),
         Some("conformance") => conformance::run(args.get(1).map(String::as_str) == Some("--update")),
         Some("bench") => bench::run(args.get(1).map(String::as_str)),
-        Some("models") => models::run(),
+        Some("models") => models::run(args.get(1).map(String::as_str)),
         Some("inspect") => {
             let Some(path) = args.get(1) else { bail!("{USAGE}") };
             let mut m = qgraph::load_path(path)?;

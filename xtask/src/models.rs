@@ -9,8 +9,8 @@
 
 use std::path::Path;
 
-use anyhow::{Result, ensure};
-use ndarray::{Array1, Array4};
+use anyhow::{Context, Result, ensure};
+use ndarray::{Array1, Array4, ArrayD};
 use qgraph::{Attribute, DType, Dim, Graph, Model, Shape, Tensor};
 
 /// Side of the square images.
@@ -103,11 +103,96 @@ fn bars_cnn() -> Result<Model> {
     Ok(m)
 }
 
-pub fn run() -> Result<()> {
+pub fn run(which: Option<&str>) -> Result<()> {
     let dir = crate::zoo::workspace_root().join("models");
-    build(&dir)?;
+    match which {
+        None | Some("bars") => build(&dir)?,
+        Some("digits") => build_digits(&dir)?,
+        Some(other) => anyhow::bail!("unknown model '{other}' (bars, digits)"),
+    }
     println!("wrote {}", dir.display());
     Ok(())
+}
+
+/// Pinned packages of the digits trainer.
+const TRAINER_PACKAGES: &[&str] = &["numpy==2.4.6", "scikit-learn==1.5.2"];
+
+/// Trains `digits_cnn` and writes it with its data into `dir`.
+fn build_digits(dir: &Path) -> Result<()> {
+    let ok = std::process::Command::new("python3").args(["-c", "import numpy, sklearn"]).output();
+    if !ok.is_ok_and(|o| o.status.success()) {
+        let status = std::process::Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args(TRAINER_PACKAGES)
+            .status()?;
+        ensure!(status.success(), "pip could not install {}", TRAINER_PACKAGES.join(" "));
+    }
+    let work = crate::zoo::workspace_root().join("target/xtask/digits");
+    std::fs::create_dir_all(&work)?;
+    crate::python::run_script("train_digits.py", &[&work.display().to_string()])?;
+    let read = |name: &str| -> Result<Tensor> {
+        let a: ArrayD<f32> = ndarray_npy::read_npy(work.join(format!("{name}.npy")))
+            .with_context(|| format!("reading the trained {name}"))?;
+        Ok(Tensor::F32(a.into_shared()))
+    };
+    let model = digits_cnn(&read)?;
+    let eval = read("eval")?;
+    let labels: Array1<i64> = ndarray_npy::read_npy(work.join("labels.npy"))?;
+    let session = qexec::Session::new(model.clone(), qexec::SessionOptions::threads(1))?;
+    let logits = session.run(&[("input", eval)])?;
+    let preds = crate::zoo_data::argmax_rows(&logits[0], 0)?;
+    let correct = preds.iter().zip(labels.iter()).filter(|(p, l)| p == l).count();
+    println!("digits_cnn: FP32 top-1 {correct}/{} on its held-out evaluation digits", labels.len());
+    ensure!(
+        correct * 10 >= labels.len() * 9,
+        "digits_cnn reaches only {correct}/{}: training failed",
+        labels.len()
+    );
+    qgraph::save_path(&model, dir.join("digits_cnn.onnx"))?;
+    for f in ["calib", "eval", "labels"] {
+        std::fs::copy(work.join(format!("{f}.npy")), dir.join(format!("digits_cnn_{f}.npy")))?;
+    }
+    Ok(())
+}
+
+/// The digits network around trained weights (`weight(name)` reads one).
+fn digits_cnn(weight: &dyn Fn(&str) -> Result<Tensor>) -> Result<Model> {
+    let mut g = Graph::new("digits_cnn");
+    let x = g.add_input(
+        "input",
+        DType::F32,
+        Shape(vec![Dim::Symbol("batch".into()), Dim::Known(1), Dim::Known(SIDE), Dim::Known(SIDE)]),
+    );
+    let init = |g: &mut Graph, name: &str, file: &str| -> Result<qgraph::ValueId> {
+        Ok(g.add_initializer(name, weight(file)?))
+    };
+    let pads = || ("pads", Attribute::Ints(vec![1, 1, 1, 1]));
+    let (zero, six) = (
+        g.add_initializer("relu6.min", Tensor::from_vec(&[], vec![0f32]).expect("scalar")),
+        g.add_initializer("relu6.max", Tensor::from_vec(&[], vec![6f32]).expect("scalar")),
+    );
+    let (w, b) = (init(&mut g, "stem.weight", "conv_w")?, init(&mut g, "stem.bias", "conv_b")?);
+    let stem = g.add_op("Conv", "stem", &[x, w, b], vec![pads()]);
+    let stem_act = g.add_op("Clip", "stem_relu6", &[stem, zero, six], vec![]);
+    let (w, b) = (init(&mut g, "depthwise.weight", "dw_w")?, init(&mut g, "depthwise.bias", "dw_b")?);
+    let dw = g.add_op("Conv", "depthwise", &[stem_act, w, b], vec![pads(), ("group", Attribute::Int(8))]);
+    let dw_act = g.add_op("Clip", "depthwise_relu6", &[dw, zero, six], vec![]);
+    let (w, b) = (init(&mut g, "pointwise.weight", "pw_w")?, init(&mut g, "pointwise.bias", "pw_b")?);
+    let pw = g.add_op("Conv", "pointwise", &[dw_act, w, b], vec![]);
+    let residual = g.add_op("Add", "residual", &[pw, stem_act], vec![]);
+    let pooled = g.add_op(
+        "AveragePool",
+        "pooled",
+        &[residual],
+        vec![("kernel_shape", Attribute::Ints(vec![2, 2])), ("strides", Attribute::Ints(vec![2, 2]))],
+    );
+    let flat = g.add_op("Flatten", "flat", &[pooled], vec![]);
+    let (w, b) = (init(&mut g, "classifier.weight", "fc_w")?, init(&mut g, "classifier.bias", "fc_b")?);
+    let logits = g.add_op("Gemm", "logits", &[flat, w, b], vec![("transB", Attribute::Int(1))]);
+    g.add_output(logits);
+    let mut m = Model::new(g, 13);
+    m.producer_name = "quantkit xtask models digits".into();
+    Ok(m)
 }
 
 /// Writes every model of `models/` and its data into `dir`.
