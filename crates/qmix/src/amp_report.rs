@@ -162,7 +162,8 @@ fn pareto_svg(r: &AmpResult, front: &[usize], target: Option<f64>) -> DrawResult
         // The band that matters: from a little below the target (or the chosen point) to FP32.
         let floor = target.unwrap_or(r.final_score).min(r.final_score);
         let band = (r.fp32_score - floor).abs().max(0.005);
-        let near_range = (floor - band)..(r.fp32_score.max(floor) + 0.25 * band);
+        let top = r.points.iter().map(|p| p.score).fold(r.fp32_score.max(floor), f64::max);
+        let near_range = (floor - band)..(top + 0.15 * band);
         pareto_panel(&near, r, front, target, "zoomed near the target", near_range)?;
         root.present()?;
     }
@@ -208,6 +209,19 @@ where
         )?
         .label("evaluated point")
         .legend(|(x, y)| Circle::new((x + 10, y), 3, BLUE.mix(0.5).filled()));
+    if let Some(b) = &r.budget {
+        let pts: Vec<(f64, f64)> = b
+            .evaluated
+            .iter()
+            .map(|&(i, s)| (b.plans[i].relative_bitops, s))
+            .filter(|p| inside(p.1))
+            .collect();
+        let orange = RGBColor(230, 120, 0);
+        chart
+            .draw_series(pts.iter().map(|&p| TriangleMarker::new(p, 6, orange.filled())))?
+            .label("budget-optimal plan (evaluated)")
+            .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 6, orange.filled()));
+    }
     let mut line: Vec<(f64, f64)> = front
         .iter()
         .map(|&k| (r.points[k].relative_bitops, r.points[k].score))
