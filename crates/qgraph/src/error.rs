@@ -14,6 +14,14 @@ pub enum GraphError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Loading a model file failed.
+    #[error("{path}: {source}")]
+    InFile {
+        /// The model file.
+        path: PathBuf,
+        /// Why.
+        source: Box<GraphError>,
+    },
     /// The bytes end in the middle of a protobuf message: the file is cut short.
     #[error("truncated ONNX file: {detail}")]
     Truncated {

@@ -26,6 +26,7 @@ pub fn load_path(path: impl AsRef<Path>) -> Result<Model> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|source| GraphError::Io { path: path.into(), source })?;
     load_bytes(&bytes, path.parent())
+        .map_err(|e| GraphError::InFile { path: path.into(), source: Box::new(e) })
 }
 
 /// Loads a model from bytes. `base_dir` is where external data files live; `None` makes tensors

@@ -188,7 +188,10 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         &amp_options,
         &mut progress,
     )
-    .map_err(user)?;
+    .map_err(|e| match e {
+        qmix::AmpError::Cache { .. } => user(anyhow::anyhow!("{e} (rerun with --clean-start to discard it)")),
+        e => user(e),
+    })?;
     pb.finish_and_clear();
     if let Some((i, n)) = a.shard {
         println!(

@@ -63,11 +63,21 @@ impl Dataset {
                 Some(m) if m != n => bail!("{}: {n} samples, but the other inputs have {m}", file.display()),
                 _ => samples = Some(n),
             }
+            let values = t.to_f64_vec();
+            if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+                let what = if values[at].is_nan() { "NaN" } else { "an infinite value" };
+                let sample = at / (values.len() / n.max(1)).max(1);
+                bail!(
+                    "{}: sample {sample} (input '{name}') holds {what}; clean the data or drop that sample",
+                    file.display()
+                );
+            }
             inputs.push((name.clone(), t));
         }
         let samples = samples.context("no data given")?;
         if samples == 0 {
-            bail!("the data holds zero samples");
+            let names: Vec<String> = files.iter().map(|(_, f)| f.display().to_string()).collect();
+            bail!("{}: holds zero samples", names.join(", "));
         }
         Ok(Dataset { inputs, samples })
     }

@@ -61,6 +61,7 @@ enum Command {
     /// write AIMET encodings (and a QDQ model), optionally evaluate.
     ///
     /// Example: qmix quantsim model.onnx --calib input=calib.npy --config default --qdq
+    #[command(visible_alias = "quantize")]
     Quantsim(quantsim::QuantsimArgs),
     /// Lite-MP: score every layer, flip the most sensitive to int16/fp16, recalibrate, report.
     ///
@@ -238,7 +239,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    // Bad arguments are user errors (exit code 1); help and version print and exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::User(e)) => {
             eprintln!("error: {e:#}");

@@ -148,7 +148,7 @@ fn bad_configs_and_data_exit_with_a_named_culprit() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("'x'") && err.contains("no usable data"), "{err}");
+    assert!(err.contains("'x'") && err.contains("nan.npy") && err.contains("NaN"), "{err}");
 }
 
 #[test]

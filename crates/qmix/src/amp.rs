@@ -632,6 +632,8 @@ pub fn choose_mixed_precision(
         .filter(|(i, _)| **i < n)
         .map(|(&index, &(relative_bitops, score))| ParetoPoint { index, relative_bitops, score })
         .collect();
+    timings.push(("phase 2", started.elapsed().as_secs_f64()));
+    let started = Instant::now();
     if options.budget_search {
         let mut per_group: Vec<Vec<(Candidate, f64)>> = vec![Vec::new(); n_groups];
         accuracy_list.iter().for_each(|e| per_group[e.group].push((e.candidate, e.score)));
@@ -676,7 +678,10 @@ pub fn choose_mixed_precision(
         });
     }
     let assignment = run.finish(assignment)?;
-    timings.push(("phase 2", started.elapsed().as_secs_f64()));
+    timings.push((
+        if options.budget_search { "budget search" } else { "final calibration" },
+        started.elapsed().as_secs_f64(),
+    ));
     result.final_relative_bitops = relative(&assignment);
     result.assignment = assignment;
     result.chosen_point = chosen_point;
