@@ -122,8 +122,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
     };
     let mut sim = QuantSim::new(qgraph::load_path(&a.job.model)?, config, options).map_err(user)?;
     let first_input = sim.model().graph.inputs().first().map(|&v| sim.model().graph.value(v).name.clone());
-    let JobData { calib, eval, labels } =
-        JobData::load(&a.job.model, first_input, &a.job.calib, &a.evaluation)?;
+    let JobData { calib, eval, labels } = JobData::load(&a.job, first_input, &a.evaluation)?;
     let batch = a.job.batch.max(1);
     let calibration: Vec<qcalib::Feeds> = calib.batches(batch).collect();
     let phase1_samples = a.phase1_samples.clamp(1, calib.samples);
@@ -164,7 +163,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         shard: a.shard,
         threads: a.threads,
     };
-    println!(
+    say!(
         "{}: AMP over {} with {} calibration samples, phase 1 on {}, phase 2 = {description}",
         a.job.model.display(),
         a.candidates.0.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
@@ -194,7 +193,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
     })?;
     pb.finish_and_clear();
     if let Some((i, n)) = a.shard {
-        println!(
+        say!(
             "phase-1 shard {i}/{n}: {} evaluations in {:.1} s, cached in {}",
             result.work.phase1_evaluations,
             started.elapsed().as_secs_f64(),
@@ -206,7 +205,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
     qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &a.out.join("model_amp.encodings"))
         .map_err(user)?;
     let w = result.work;
-    println!(
+    say!(
         "{} quantizer groups, {} (group, candidate) entries; FP32 {:.4}; {}",
         result.groups.len(),
         result.accuracy_list.len(),
@@ -214,7 +213,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         result.baseline_scores.iter().map(|(c, s)| format!("{c} {s:.4}")).collect::<Vec<_>>().join(", ")
     );
     let flipped = result.assignment.iter().filter(|&&c| c != result.baseline).count();
-    println!(
+    say!(
         "chosen: score {:.4} at {:.3} of the {} bit-ops ({} of {} groups below {}); {:?}",
         result.final_score,
         result.final_relative_bitops,
@@ -225,7 +224,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         result.outcome
     );
     if let Some(b) = &result.budget {
-        println!(
+        say!(
             "budget search: {} predicted plans, {} evaluated, {}; area between its front and the greedy one {:+.4} (positive: budget better); final plan from the {} search",
             b.plans.len(),
             b.evaluated.len(),
@@ -237,7 +236,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
             result.chosen_by
         );
     }
-    println!(
+    say!(
         "this run: {} phase-1 and {} phase-2 evaluations, {} calibrations, {} points reused; {} points on record; {:.1} s",
         w.phase1_evaluations,
         w.phase2_evaluations,
@@ -246,6 +245,19 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         result.points.len(),
         started.elapsed().as_secs_f64()
     );
-    println!("wrote {}", a.out.display());
+    say!("wrote {}", a.out.display());
+    crate::summary(serde_json::json!({
+        "command": "amp",
+        "model": a.job.model.display().to_string(),
+        "out": a.out.display().to_string(),
+        "fp32": result.fp32_score,
+        "baselines": result.baseline_scores.iter().map(|(c, s)| (c.to_string(), *s)).collect::<std::collections::BTreeMap<_, _>>(),
+        "final_score": result.final_score,
+        "final_relative_bitops": result.final_relative_bitops,
+        "outcome": format!("{:?}", result.outcome),
+        "chosen_by": result.chosen_by,
+        "groups": result.groups.len(),
+        "evaluations_this_run": {"phase1": w.phase1_evaluations, "phase2": w.phase2_evaluations},
+    }));
     Ok(())
 }

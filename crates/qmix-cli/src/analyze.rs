@@ -73,8 +73,7 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     let mut sim = QuantSim::new(qgraph::load_path(&a.job.model)?, config, options).map_err(user)?;
     let g = &sim.model().graph;
     let first_input = g.inputs().first().map(|&v| g.value(v).name.clone());
-    let JobData { calib, eval, labels } =
-        JobData::load(&a.job.model, first_input, &a.job.calib, &a.evaluation)?;
+    let JobData { calib, eval, labels } = JobData::load(&a.job, first_input, &a.evaluation)?;
     std::fs::create_dir_all(&a.out)
         .map_err(|e| user(anyhow::anyhow!("cannot create {}: {e}", a.out.display())))?;
     let batch = a.job.batch.max(1);
@@ -157,7 +156,7 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
         placement: sim.placement().report(g),
         seconds,
     };
-    println!(
+    say!(
         "{}: {} of the W{}A{} simulation: {:.2} (weights only {:.2}, activations only {:.2})",
         a.job.model.display(),
         a.metric.name(),
@@ -168,10 +167,10 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
         checks.activations_only
     );
     for (k, v) in &report.evaluations {
-        println!("{k}: {v:.4}");
+        say!("{k}: {v:.4}");
     }
-    println!("most sensitive of {} layers (enable one, lowest first):", report.enable_one.len());
-    print!("{}", report.top_table(a.top));
+    say!("most sensitive of {} layers (enable one, lowest first):", report.enable_one.len());
+    say!("{}", report.top_table(a.top).trim_end());
     // `{layer: score}` in layer order, as AIMET writes it.
     let entries: Vec<String> = report
         .enable_one
@@ -188,9 +187,17 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     )?;
     qgraph::write_atomically(&a.out.join("report.html"), report.to_html().as_bytes())?;
     let total: f64 = report.seconds.iter().map(|(_, s)| s).sum();
-    println!(
-        "wrote {} (analysis.json, layer_sensitivity.json, report.html) in {total:.1} s",
-        a.out.display()
-    );
+    say!("wrote {} (analysis.json, layer_sensitivity.json, report.html) in {total:.1} s", a.out.display());
+    let mut ranked: Vec<&qanalyze::LayerScore> = report.enable_one.iter().collect();
+    ranked.sort_by(|x, y| x.score.total_cmp(&y.score));
+    crate::summary(json!({
+        "command": "analyze",
+        "model": a.job.model.display().to_string(),
+        "out": a.out.display().to_string(),
+        "metric": a.metric.name(),
+        "checks": {"all": checks.all, "weights_only": checks.weights_only, "activations_only": checks.activations_only},
+        "most_sensitive": ranked.iter().take(a.top).map(|l| json!([l.layer, l.score])).collect::<Vec<_>>(),
+        "evaluations": report.evaluations.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+    }));
     Ok(())
 }

@@ -42,6 +42,62 @@ pub(crate) struct JobArgs {
     /// Calibration scheme: min_max, tf_enhanced, percentile, percentile:P, mse or entropy.
     #[arg(long, default_value = "min_max", value_parser = crate::quantsim::parse_scheme)]
     pub scheme: qcalib::Scheme,
+    #[command(flatten)]
+    pub preprocess: Preprocess,
+}
+
+/// How integer data (e.g. u8 images) becomes a float model input; float data is used as it is.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub(crate) struct Preprocess {
+    /// Integer data: x = (raw + OFFSET) · SCALE.
+    #[arg(long, requires = "scale", allow_hyphen_values = true)]
+    pub offset: Option<f32>,
+    /// See --offset (without it, x = raw · SCALE).
+    #[arg(long)]
+    pub scale: Option<f32>,
+    /// Integer image data, channels on axis 1: x = (raw / 255 − MEAN[c]) / STD[c]; comma-separated,
+    /// one value per channel or one for all (e.g. 0.485,0.456,0.406).
+    #[arg(long, value_delimiter = ',', conflicts_with = "scale", requires = "std")]
+    pub mean: Vec<f32>,
+    /// See --mean.
+    #[arg(long, value_delimiter = ',', requires = "mean")]
+    pub std: Vec<f32>,
+}
+
+impl Preprocess {
+    /// `t` as the model will see it.
+    fn apply(&self, t: Tensor, file: &Path) -> anyhow::Result<Tensor> {
+        if t.dtype().is_float() || (self.scale.is_none() && self.mean.is_empty()) {
+            return Ok(t);
+        }
+        let shape = t.shape().to_vec();
+        let mut values: Vec<f32> = t.to_f64_vec().into_iter().map(|v| v as f32).collect();
+        if let Some(scale) = self.scale {
+            let offset = self.offset.unwrap_or(0.0);
+            values.iter_mut().for_each(|v| *v = (*v + offset) * scale);
+        } else {
+            let channels = shape.get(1).copied().unwrap_or(1);
+            let per = |list: &[f32], what: &str| -> anyhow::Result<Vec<f32>> {
+                match list.len() {
+                    1 => Ok(vec![list[0]; channels]),
+                    n if n == channels => Ok(list.to_vec()),
+                    n => {
+                        bail!("{}: --{what} has {n} values for {channels} channels (axis 1)", file.display())
+                    }
+                }
+            };
+            let (mean, std) = (per(&self.mean, "mean")?, per(&self.std, "std")?);
+            if let Some(c) = std.iter().position(|&s| s == 0.0) {
+                bail!("--std is 0 for channel {c}");
+            }
+            let plane: usize = shape.iter().skip(2).product();
+            for (i, v) in values.iter_mut().enumerate() {
+                let c = (i / plane.max(1)) % channels;
+                *v = (*v / 255.0 - mean[c]) / std[c];
+            }
+        }
+        Tensor::from_vec(&shape, values).context("preprocessed data keeps its shape")
+    }
 }
 
 /// Named arrays with samples along axis 0, sliced into batches.
@@ -52,11 +108,11 @@ pub(crate) struct Dataset {
 }
 
 impl Dataset {
-    pub fn load(files: &[(String, PathBuf)]) -> anyhow::Result<Dataset> {
+    pub fn load(files: &[(String, PathBuf)], preprocess: &Preprocess) -> anyhow::Result<Dataset> {
         let mut inputs = Vec::new();
         let mut samples = None;
         for (name, file) in files {
-            let t = read_tensor(file)?;
+            let t = preprocess.apply(read_tensor(file)?, file)?;
             let n =
                 *t.shape().first().with_context(|| format!("{}: a scalar has no samples", file.display()))?;
             match samples {
@@ -115,11 +171,11 @@ impl JobData {
     /// Loads the named files; with none named, `<model>_calib.npy`, `<model>_eval.npy` and
     /// `<model>_labels.npy` beside the model serve for its first input.
     pub fn load(
-        model: &Path,
+        job: &JobArgs,
         first_input: Option<String>,
-        calib: &[(String, PathBuf)],
         evaluation: &EvalArgs,
     ) -> Result<JobData, Failure> {
+        let (model, calib, pre) = (&job.model, &job.calib, &job.preprocess);
         let stem = model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let beside =
             |kind: &str| Some(model.with_file_name(format!("{stem}_{kind}.npy"))).filter(|p| p.is_file());
@@ -134,11 +190,11 @@ impl JobData {
         let eval_files =
             if evaluation.eval.is_empty() { default_feed("eval") } else { evaluation.eval.clone() };
         let labels_file = evaluation.labels.clone().or_else(|| beside("labels"));
-        let calib = Dataset::load(&calib_files).map_err(Failure::User)?;
+        let calib = Dataset::load(&calib_files, pre).map_err(Failure::User)?;
         let eval = if eval_files.is_empty() {
             None
         } else {
-            Some(Dataset::load(&eval_files).map_err(Failure::User)?)
+            Some(Dataset::load(&eval_files, pre).map_err(Failure::User)?)
         };
         let labels: Option<Vec<i64>> = match &labels_file {
             Some(path) => Some(

@@ -76,8 +76,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     };
     let mut sim = QuantSim::new(qgraph::load_path(&a.job.model)?, config, options).map_err(user)?;
     let first_input = sim.model().graph.inputs().first().map(|&v| sim.model().graph.value(v).name.clone());
-    let JobData { calib, eval, labels } =
-        JobData::load(&a.job.model, first_input, &a.job.calib, &a.evaluation)?;
+    let JobData { calib, eval, labels } = JobData::load(&a.job, first_input, &a.evaluation)?;
     std::fs::create_dir_all(&a.out)
         .map_err(|e| user(anyhow::anyhow!("cannot create {}: {e}", a.out.display())))?;
     let started = Instant::now();
@@ -85,7 +84,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     let pb = bar(batches, "calibrating", "batches", a.quiet);
     sim.calibrate(calib.batches(a.job.batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
     pb.finish_and_clear();
-    println!(
+    say!(
         "{}: calibrated W8A8 on {} samples in {:.1} s",
         a.job.model.display(),
         calib.samples,
@@ -95,9 +94,11 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     let checks =
         qanalyze::model_checks(&mut sim, std::slice::from_ref(&scored), qanalyze::Metric::Psnr, a.threads)
             .map_err(user)?;
-    println!(
+    say!(
         "PSNR of the W8A8 simulation: {:.2} dB (weights only {:.2} dB, activations only {:.2} dB)",
-        checks.all, checks.weights_only, checks.activations_only
+        checks.all,
+        checks.weights_only,
+        checks.activations_only
     );
     let layers = qanalyze::layers(&sim).map_err(user)?.len();
     let pb = bar(layers, "scoring", "layers", a.quiet);
@@ -111,7 +112,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     )
     .map_err(user)?;
     pb.finish_and_clear();
-    println!(
+    say!(
         "scored {} layers (PSNR with only that layer quantized) in {:.1} s",
         scores.len(),
         started.elapsed().as_secs_f64()
@@ -140,11 +141,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         )
         .map_err(user)?;
         let verdict = if r.reached { "reaches" } else { "even with every layer flipped misses" };
-        println!(
-            "{} layers flipped: PSNR {:.2} dB {verdict} the target {target} dB",
-            r.flipped.len(),
-            r.score
-        );
+        say!("{} layers flipped: PSNR {:.2} dB {verdict} the target {target} dB", r.flipped.len(), r.score);
         r.flipped
     } else {
         let flipped = match a.count {
@@ -159,10 +156,10 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     };
     let mut ranked = scores.clone();
     ranked.sort_by(|x, y| x.score.total_cmp(&y.score));
-    println!("most sensitive layers (PSNR dB, lowest first; * = flipped to {}):", a.override_precision);
+    say!("most sensitive layers (PSNR dB, lowest first; * = flipped to {}):", a.override_precision);
     for s in ranked.iter().take(10) {
         let mark = if flipped.iter().any(|f| f.layer == s.layer) { "*" } else { " " };
-        println!("  {mark} {:>7.2}  {}", s.score, s.layer);
+        say!("  {mark} {:>7.2}  {}", s.score, s.layer);
     }
     // `{layer: score}` in layer order, as AIMET writes it (JSON maps here sort their keys).
     let entries: Vec<String> = scores
@@ -185,15 +182,26 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     )?;
     qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &a.out.join("model_mixed.encodings"))
         .map_err(user)?;
-    println!("flipped {} of {} layers; wrote {}", flipped.len(), scores.len(), a.out.display());
+    say!("flipped {} of {} layers; wrote {}", flipped.len(), scores.len(), a.out.display());
+    let mut top1_scores = None;
     if let Some(e) = eval_ref {
         let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(a.threads))?;
         let fp32 = top1(e, labels_ref, a.job.batch, a.evaluation.label_offset, &|f| Ok(float.run(f)?))?;
         let mixed =
             top1(e, labels_ref, a.job.batch, a.evaluation.label_offset, &|f| sim.run(f).map_err(user))?;
         if let (Some(fp), Some(w), Some(m)) = (fp32, w8a8, mixed) {
-            println!("top-1 on {} samples: FP32 {fp:.4}, W8A8 {w:.4}, Lite-MP {m:.4}", e.samples);
+            say!("top-1 on {} samples: FP32 {fp:.4}, W8A8 {w:.4}, Lite-MP {m:.4}", e.samples);
+            top1_scores = Some(json!({"fp32": fp, "w8a8": w, "mixed": m, "samples": e.samples}));
         }
     }
+    crate::summary(json!({
+        "command": "litemp",
+        "model": a.job.model.display().to_string(),
+        "out": a.out.display().to_string(),
+        "psnr_db": {"all": checks.all, "weights_only": checks.weights_only, "activations_only": checks.activations_only},
+        "layers": scores.len(),
+        "flipped": flipped.iter().map(|f| f.layer.clone()).collect::<Vec<_>>(),
+        "top1": top1_scores,
+    }));
     Ok(())
 }

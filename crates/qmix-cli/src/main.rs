@@ -2,6 +2,14 @@
 //! parses arguments, runs the job and maps errors to exit codes (0 ok, 1 user error, 2 internal).
 #![forbid(unsafe_code)]
 
+/// Human-readable output of a job: stdout normally, stderr under `--json` (stdout then holds only
+/// the JSON summary).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        if $crate::json_mode() { eprintln!($($arg)*) } else { println!($($arg)*) }
+    };
+}
+
 mod amp;
 mod analyze;
 mod dataset;
@@ -15,9 +23,26 @@ use clap::{Parser, Subcommand};
 use qexec::{ExecError, RunOptions, Session, SessionOptions};
 use qgraph::{DimBindings, GraphError, Tensor};
 
+/// Whether `--json` was given.
+static JSON_MODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn json_mode() -> bool {
+    JSON_MODE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Prints a job's machine-readable summary on stdout under `--json`.
+fn summary(v: serde_json::Value) {
+    if json_mode() {
+        println!("{v}");
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "qmix", version, about = "Simulate quantization of ONNX models and choose mixed precision")]
 struct Cli {
+    /// Print a machine-readable JSON summary on stdout (human-readable lines go to stderr).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -84,10 +109,49 @@ fn parse_input(s: &str) -> Result<(String, PathBuf), String> {
     Ok((name.to_string(), PathBuf::from(file)))
 }
 
-/// Reads a .npy file of any element type the interpreter takes.
+/// Reads a .npy file, or one array of a .npz file (`FILE.npz` holding one array, or
+/// `FILE.npz:NAME`), of any element type the interpreter takes.
 fn read_tensor(path: &Path) -> anyhow::Result<Tensor> {
     use ndarray::ArrayD;
-    use ndarray_npy::read_npy;
+    use ndarray_npy::{NpzReader, read_npy};
+    let text = path.to_string_lossy();
+    let (file, member) = match text.split_once(".npz:") {
+        Some((stem, name)) => (PathBuf::from(format!("{stem}.npz")), Some(name.to_string())),
+        None => (path.to_path_buf(), None),
+    };
+    if file.extension().is_some_and(|e| e == "npz") {
+        let open = || -> anyhow::Result<NpzReader<std::fs::File>> {
+            let f = std::fs::File::open(&file)
+                .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", file.display()))?;
+            NpzReader::new(f)
+                .map_err(|e| anyhow::anyhow!("{}: not a readable .npz file: {e}", file.display()))
+        };
+        let names = open()?.names().map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        let name = match (member, names.as_slice()) {
+            (Some(m), _) => {
+                names.iter().find(|n| n.trim_end_matches(".npy") == m).cloned().ok_or_else(|| {
+                    anyhow::anyhow!("{} has no array '{m}' (it holds {})", file.display(), names.join(", "))
+                })?
+            }
+            (None, [only]) => only.clone(),
+            (None, _) => anyhow::bail!(
+                "{} holds {} arrays ({}): name one as {}:NAME",
+                file.display(),
+                names.len(),
+                names.join(", "),
+                file.display()
+            ),
+        };
+        macro_rules! attempt {
+            ($($t:ty => $variant:ident),*) => {$(
+                if let Ok(a) = open()?.by_name::<ndarray::OwnedRepr<$t>, ndarray::IxDyn>(&name) {
+                    return Ok(Tensor::$variant(a.into_shared()));
+                }
+            )*};
+        }
+        attempt!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, u8 => U8, i8 => I8, bool => Bool);
+        anyhow::bail!("cannot read array '{name}' of {} as a supported dtype", file.display());
+    }
     macro_rules! attempt {
         ($($t:ty => $variant:ident),*) => {$(
             if let Ok(a) = read_npy::<_, ArrayD<$t>>(path) {
@@ -247,6 +311,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
         }
     };
+    JSON_MODE.store(cli.json, std::sync::atomic::Ordering::Relaxed);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::User(e)) => {

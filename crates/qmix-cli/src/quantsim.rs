@@ -11,7 +11,7 @@ use qcalib::{
 };
 use qgraph::Tensor;
 
-use crate::dataset::{Dataset, EvalArgs, bar, predictions, user};
+use crate::dataset::{Dataset, EvalArgs, Preprocess, bar, predictions, user};
 use crate::{Failure, read_tensor, write_tensor};
 
 /// Arguments of `qmix quantsim`.
@@ -64,6 +64,8 @@ pub struct QuantsimArgs {
     int32_bias: bool,
     #[command(flatten)]
     evaluation: EvalArgs,
+    #[command(flatten)]
+    preprocess: Preprocess,
     /// Output folder.
     #[arg(long, default_value = "quantsim_out")]
     out: PathBuf,
@@ -112,7 +114,7 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         .map_err(|e| user(anyhow::anyhow!("cannot create {}: {e}", a.out.display())))?;
     let placement = sim.placement();
     let enabled = placement.quantizer_ids().iter().filter(|&&q| placement.quantizer(q).enabled).count();
-    println!(
+    say!(
         "{}: {} tensors carry quantizers ({} enabled), config '{}', {} weights / {} activations, {:?}",
         a.model.display(),
         placement.tensors().len(),
@@ -125,16 +127,16 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
     match &a.load_stats {
         Some(stats) => {
             qcalib::load_stats(&mut sim, stats).map_err(user)?;
-            println!("encodings computed from the statistics in {}", stats.display());
+            say!("encodings computed from the statistics in {}", stats.display());
         }
         None => {
-            let calib = Dataset::load(&a.calib).map_err(Failure::User)?;
+            let calib = Dataset::load(&a.calib, &a.preprocess).map_err(Failure::User)?;
             let batches = calib.samples.div_ceil(a.batch.max(1));
             let pb = bar(batches, "calibrating", "batches", a.quiet);
             let started = Instant::now();
             sim.calibrate(calib.batches(a.batch), &mut |done| pb.set_position(done as u64)).map_err(user)?;
             pb.finish_and_clear();
-            println!(
+            say!(
                 "calibrated on {} samples in {} batches in {:.2} s",
                 calib.samples,
                 batches,
@@ -147,12 +149,18 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
     }
     if let Some(path) = &a.save_stats {
         qcalib::save_stats(&sim, path).map_err(user)?;
-        println!("saved statistics to {}", path.display());
+        say!("saved statistics to {}", path.display());
     }
     write_outputs(&a, &sim)?;
-    if !a.evaluation.eval.is_empty() {
-        evaluate(&a, &sim)?;
-    }
+    let top1 = if a.evaluation.eval.is_empty() { None } else { evaluate(&a, &sim)? };
+    crate::summary(serde_json::json!({
+        "command": "quantsim",
+        "model": a.model.display().to_string(),
+        "out": a.out.display().to_string(),
+        "encodings": a.out.join("model.encodings").display().to_string(),
+        "top1": top1.map(|(f, s)| serde_json::json!({"fp32": f, "simulated": s})),
+        "warnings": sim.warnings(),
+    }));
     Ok(())
 }
 
@@ -164,7 +172,7 @@ fn write_outputs(a: &QuantsimArgs, sim: &QuantSim) -> Result<(), Failure> {
     let report = a.out.join("placement.json");
     let text = qcalib::to_pretty_json(&sim.placement().report(&sim.model().graph));
     qgraph::write_atomically(&report, text.as_bytes())?;
-    println!(
+    say!(
         "wrote {} (version {}), {} and {}",
         encodings.display(),
         a.encoding_version.as_str(),
@@ -175,13 +183,14 @@ fn write_outputs(a: &QuantsimArgs, sim: &QuantSim) -> Result<(), Failure> {
         let qdq = a.out.join("model_qdq.onnx");
         let options = QdqOptions { prequantize_weights: a.prequantize_weights, int32_bias: a.int32_bias };
         qcalib::write_qdq_model(sim, options, &qdq).map_err(user)?;
-        println!("wrote {}", qdq.display());
+        say!("wrote {}", qdq.display());
     }
     Ok(())
 }
 
-fn evaluate(a: &QuantsimArgs, sim: &QuantSim) -> Result<(), Failure> {
-    let data = Dataset::load(&a.evaluation.eval).map_err(Failure::User)?;
+/// Runs the evaluation data; returns FP32 and simulated top-1 when labels were given.
+fn evaluate(a: &QuantsimArgs, sim: &QuantSim) -> Result<Option<(f64, f64)>, Failure> {
+    let data = Dataset::load(&a.evaluation.eval, &a.preprocess).map_err(Failure::User)?;
     let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(a.threads))?;
     let pb = bar(data.samples.div_ceil(a.batch.max(1)), "evaluating", "batches", a.quiet);
     let (mut sim_out, mut float_out): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
@@ -197,7 +206,7 @@ fn evaluate(a: &QuantsimArgs, sim: &QuantSim) -> Result<(), Failure> {
     let joined = concat(&sim_out).map_err(Failure::User)?;
     let path = a.out.join("sim_outputs.npy");
     write_tensor(&path, &joined).map_err(Failure::User)?;
-    println!(
+    say!(
         "evaluated {} samples (simulated and FP32) in {secs:.2} s; simulated outputs in {}",
         data.samples,
         path.display()
@@ -213,9 +222,11 @@ fn evaluate(a: &QuantsimArgs, sim: &QuantSim) -> Result<(), Failure> {
                 outs.iter().flat_map(|t| predictions(t, a.evaluation.label_offset)).collect();
             preds.iter().zip(&labels).filter(|(p, l)| p == l).count() as f64 / labels.len() as f64
         };
-        println!("top-1: FP32 {:.4}, simulated {:.4}", top1(&float_out), top1(&sim_out));
+        let (f, s) = (top1(&float_out), top1(&sim_out));
+        say!("top-1: FP32 {f:.4}, simulated {s:.4}");
+        return Ok(Some((f, s)));
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Concatenates f32 batches along axis 0.

@@ -211,6 +211,11 @@ fn the_main_job_runs_on_the_default_model() {
     assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(stdout.contains("top-1 on 400 samples: FP32 0.9825, W8A8 0.9825, Lite-MP 0.9825"), "{stdout}");
     assert!(out.join("flipped_layers.json").is_file());
+    // With --json, stdout holds exactly one JSON summary.
+    let o = qmix(&["litemp", model.to_str().unwrap(), "--quiet", "--json", "--out", out.to_str().unwrap()]);
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["top1"]["fp32"], 0.9825);
+    assert_eq!(summary["layers"], 8);
 }
 
 #[test]
