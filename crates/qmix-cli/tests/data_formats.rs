@@ -19,7 +19,8 @@ fn qmix(args: &[&str]) -> std::process::Output {
 }
 
 fn encodings(out: &Path) -> serde_json::Value {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("model.encodings")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.encodings")).unwrap()).unwrap();
     v["activation_encodings"].clone()
 }
 
@@ -55,10 +56,22 @@ fn npy_npz_and_integer_images_give_the_same_simulation() {
     let b = run(&npz, &["--mean", "0.5", "--std", "0.25"], "meanstd");
     assert_eq!(a, b);
     // A .npz with several arrays needs the name; a wrong name lists what is there.
-    let o = qmix(&["quantize", model, "--calib", &format!("input={}", dir.join("data.npz").display()), "--quiet"]);
+    let o = qmix(&[
+        "quantize",
+        model,
+        "--calib",
+        &format!("input={}", dir.join("data.npz").display()),
+        "--quiet",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("data.npz:NAME"));
-    let o = qmix(&["quantize", model, "--calib", &format!("input={}:nope", dir.join("data.npz").display()), "--quiet"]);
+    let o = qmix(&[
+        "quantize",
+        model,
+        "--calib",
+        &format!("input={}:nope", dir.join("data.npz").display()),
+        "--quiet",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.code() == Some(1) && err.contains("'nope'") && err.contains("images"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
