@@ -728,6 +728,15 @@ impl Placement {
         }
     }
 
+    /// Applies the exception rules again (spec §3.3; AIMET's `_apply_exception_rules`), as AIMET
+    /// does after mixed-precision changes: norm parameters at ≥ 8 bits with their symmetry, and
+    /// with a `hw_version`, dynamic MatMul inputs adjusted to each other.
+    pub fn reapply_exception_rules(&mut self, g: &Graph, config: &QuantsimConfig) -> Result<()> {
+        let order = g.topological_order()?;
+        self.apply_exception_rules(g, config, &order);
+        Ok(())
+    }
+
     fn apply_exception_rules(&mut self, g: &Graph, config: &QuantsimConfig, order: &[NodeId]) {
         let old_hw =
             config.defaults.hw_version.as_deref().is_some_and(|h| ["V66", "V68", "V69"].contains(&h));

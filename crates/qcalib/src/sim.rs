@@ -127,6 +127,13 @@ impl QuantSim {
         &mut self.placement
     }
 
+    /// Applies the config's exception rules to the current precisions (after mixed-precision
+    /// changes, as AIMET does before recalibrating).
+    pub fn apply_exception_rules(&mut self) -> Result<()> {
+        self.session = None;
+        self.placement.reapply_exception_rules(&self.model.graph, &self.config)
+    }
+
     /// The gathered statistics of a quantizer.
     pub fn stats(&self, q: QuantizerId) -> Option<&QuantizerStats> {
         self.stats.get(&q)

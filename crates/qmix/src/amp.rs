@@ -13,8 +13,8 @@
 //!    from FP32; optionally every point is evaluated (the full front). Points whose effective
 //!    quantizer state equals an evaluated one reuse its score.
 //!
-//! Exception rules are not re-applied after precision changes (the placement's rules were applied
-//! once, at construction).
+//! Phase-2 points and the final plan get the config's exception rules applied again before their
+//! recalibration, as AIMET does.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -270,10 +270,18 @@ struct Run<'a, 'p, 'g> {
 }
 
 impl Run<'_, '_, '_> {
+    /// Sets every group to its candidate.
     fn apply(&mut self, assignment: &[Candidate]) {
         for (g, &c) in self.groups.clone().iter().zip(assignment) {
             set_group(self.sim, g, c);
         }
+    }
+
+    /// Sets a phase-2 point and applies the exception rules again, as AIMET's
+    /// `_optimize_mp_profile_and_evaluate_model` does before recalibrating.
+    fn apply_point(&mut self, assignment: &[Candidate]) -> Result<(), AmpError> {
+        self.apply(assignment);
+        Ok(self.sim.apply_exception_rules()?)
     }
 
     fn calibrate(&mut self) -> Result<(), AmpError> {
@@ -293,7 +301,7 @@ impl Run<'_, '_, '_> {
 
     /// Sets the final assignment and calibrates it.
     fn finish(&mut self, assignment: Vec<Candidate>) -> Result<Vec<Candidate>, AmpError> {
-        self.apply(&assignment);
+        self.apply_point(&assignment)?;
         self.calibrate()?;
         Ok(assignment)
     }
@@ -306,7 +314,7 @@ impl Run<'_, '_, '_> {
             self.work.reused_points += 1;
             return Ok(s);
         }
-        self.apply(assignment);
+        self.apply_point(assignment)?;
         self.calibrate()?;
         let s = self.evaluate()?;
         self.cache.plans.insert(key, s);

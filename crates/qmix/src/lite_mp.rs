@@ -1,8 +1,9 @@
 //! Lite-MP (spec §6): flip the most sensitive layers to a higher precision. Layers are sorted by
 //! score, lowest (most sensitive) first, ties in their analysis order; the first
 //! `ceil(n · percent / 100)` are flipped: their producer-less inputs and outputs to the
-//! activation precision, every parameter (enabled or not) to the parameter precision. As in
-//! AIMET, the caller recalibrates afterwards (flipped quantizers lose their encodings).
+//! activation precision, every parameter (enabled or not) to the parameter precision; then the
+//! config's exception rules are applied again. As in AIMET, the caller recalibrates afterwards
+//! (flipped quantizers lose their encodings).
 //! Variants: flip a given count, or the fewest layers that bring the whole simulation's score to a
 //! target (binary search on the count, each probe recalibrated and scored).
 
@@ -102,6 +103,7 @@ pub fn flip_count(
         }
         flipped.push(Flipped { layer: s.layer.clone(), score: s.score });
     }
+    sim.apply_exception_rules()?;
     Ok(flipped)
 }
 

@@ -104,3 +104,23 @@ fn flip_until_finds_the_fewest_layers_reaching_the_target() {
     assert!(k >= 1 && at(&mut calibrated(4), k - 1) < target, "{k} layers, but fewer reach {target}");
     assert_eq!(reference.score(&s, qanalyze::Metric::Psnr).unwrap(), r.score);
 }
+
+#[test]
+fn flips_apply_the_exception_rules_again() {
+    // x → LayerNormalization(γ, β): at int8 AIMET's rule makes γ asymmetric, at int16 symmetric.
+    let mut g = qgraph::Graph::new("ln");
+    let x = g.add_input("x", qgraph::DType::F32, qgraph::Shape::known(&[2, 4]));
+    let gamma = g.add_initializer("gamma", Tensor::from_vec(&[4], vec![1.0f32, 0.5, -0.25, 2.0]).unwrap());
+    let beta = g.add_initializer("beta", Tensor::from_vec(&[4], vec![0.1f32, 0.0, -0.1, 0.2]).unwrap());
+    let y = g.add_op("LayerNormalization", "ln", &[x, gamma, beta], vec![]);
+    g.add_output(y);
+    let model = qgraph::Model::new(g, 17);
+    let mut s =
+        QuantSim::new(model, QuantsimConfig::load("default").unwrap(), SimOptions::default()).unwrap();
+    let gq = s.placement().quantizer_of(s.model().graph.value_id("gamma").unwrap()).unwrap();
+    assert!(!s.placement().quantizer(gq).symmetric);
+    let scores = vec![qanalyze::LayerScore { layer: "ln".into(), score: 1.0 }];
+    qmix::flip_count(&mut s, &scores, 1, Precision::Int(16), Precision::Int(16)).unwrap();
+    let q = s.placement().quantizer(gq);
+    assert_eq!((q.precision, q.symmetric), (Precision::Int(16), true));
+}
