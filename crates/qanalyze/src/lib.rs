@@ -3,6 +3,7 @@
 //!
 //! Also: whole-model checks, disable-one, per-layer output MSE, quantizer ranges, histograms, and
 //! the analysis report (JSON, terminal table, self-contained HTML with inline SVG charts).
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
 mod analysis;

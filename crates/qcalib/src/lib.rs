@@ -1,16 +1,7 @@
 //! `qcalib`: quantization simulation as AIMET defines it — quantizer placement from an
 //! AIMET-compatible quantsim config, calibration schemes, encodings, the QuantSim itself, and
 //! export (AIMET encodings JSON).
-//!
-//! ```no_run
-//! use qcalib::{QuantSim, QuantsimConfig, SimOptions};
-//! let model = qgraph::load_path("model.onnx")?;
-//! let mut sim = QuantSim::new(model, QuantsimConfig::load("default")?, SimOptions::default())?;
-//! # let batches: Vec<qcalib::Feeds> = Vec::new();
-//! sim.calibrate(batches, &mut |_| {})?;
-//! qcalib::write_encodings(&sim, qcalib::EncodingVersion::V1_0_0, "model.encodings".as_ref())?;
-//! # Ok::<(), qcalib::CalibError>(())
-//! ```
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
 mod config;

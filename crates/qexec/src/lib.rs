@@ -7,17 +7,7 @@
 //! [`Hook`] on every tensor a node produces — the attachment point of quantization simulation and
 //! calibration, which never rewrite the graph. [`Session::resume`] recomputes only the nodes
 //! downstream of changed values, reading the rest from a [`ValueCache`].
-//!
-//! ```no_run
-//! use qexec::{Session, SessionOptions};
-//! use qgraph::Tensor;
-//! let model = qgraph::load_path("model.onnx")?;
-//! let session = Session::new(model, SessionOptions::threads(1))?;
-//! let x = Tensor::from_vec(&[1, 3, 224, 224], vec![0.5f32; 3 * 224 * 224]).unwrap();
-//! let outputs = session.run(&[("input", x)])?;
-//! println!("{:?}", outputs[0].shape());
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
+#![doc = include_str!("../README.md")]
 
 mod buffers;
 mod error;

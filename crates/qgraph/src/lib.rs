@@ -6,14 +6,7 @@
 //! producer/consumer queries, per-op metadata ([`ops::op_spec`]: weight inputs, per-channel axes,
 //! MACs, shape inference), passes (batch-norm folding, Identity removal, constant folding of shape
 //! sub-graphs, dead-node elimination) and saving back to ONNX. No numeric kernels live here.
-//!
-//! ```no_run
-//! use qgraph::{DimBindings, load_path};
-//! let mut model = load_path("model.onnx")?;
-//! model.infer_shapes(&DimBindings::all(1))?;
-//! println!("{}", model.summary());
-//! # Ok::<(), qgraph::GraphError>(())
-//! ```
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
 mod attr;

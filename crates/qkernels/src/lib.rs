@@ -6,15 +6,7 @@
 //!
 //! Every kernel here is the scalar reference that defines the semantics; vectorised bodies must
 //! reproduce it bit for bit.
-//!
-//! ```
-//! use qkernels::{Encoding, QuantSpec, fake_quant};
-//! let enc = Encoding::from_range(-1.0, 2.0, QuantSpec::asymmetric(8)).unwrap();
-//! assert_eq!(enc.offset, -85.0);
-//! let mut x = [0.5f32, 7.0, f32::NAN];
-//! fake_quant(&mut x, &enc);
-//! assert_eq!(x[1] as f64, enc.max as f32 as f64);
-//! ```
+#![doc = include_str!("../README.md")]
 #![deny(unsafe_code)]
 
 pub mod dispatch;

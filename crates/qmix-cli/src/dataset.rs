@@ -55,8 +55,8 @@ pub(crate) struct Preprocess {
     /// See --offset (without it, x = raw · SCALE).
     #[arg(long)]
     pub scale: Option<f32>,
-    /// Integer image data, channels on axis 1: x = (raw / 255 − MEAN[c]) / STD[c]; comma-separated,
-    /// one value per channel or one for all (e.g. 0.485,0.456,0.406).
+    /// Integer image data, channels on axis 1: x = (raw / 255 − mean) / std, per channel;
+    /// comma-separated, one value per channel or one for all (e.g. 0.485,0.456,0.406).
     #[arg(long, value_delimiter = ',', conflicts_with = "scale", requires = "std")]
     pub mean: Vec<f32>,
     /// See --mean.

@@ -6,6 +6,7 @@
 //!   bit-ops model, a resumable cache, and the full Pareto front on request.
 //! - Budget-optimal search: an exact knapsack over the groups on the phase-1 scores gives the best
 //!   predicted plan for every bit-ops budget; phase 2 verifies them by evaluation.
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
 mod amp;
