@@ -12,6 +12,7 @@ macro_rules! say {
 
 mod amp;
 mod analyze;
+mod automp;
 mod dataset;
 mod litemp;
 mod quantsim;
@@ -102,6 +103,11 @@ enum Command {
     ///
     /// Example: qmix analyze model.onnx --calib input=calib.npy --out analysis_out/
     Analyze(analyze::AnalyzeArgs),
+    /// Quark-style auto mixed precision: from the wide precision, move layers to the narrow one,
+    /// least sensitive first, while top-1 (or the outputs' L2 error) stays within the target.
+    ///
+    /// Example: qmix automp model.onnx --calib input=calib.npy --eval input=eval.npy --labels labels.npy --max-drop 0.01
+    Automp(automp::AutompArgs),
 }
 
 fn parse_input(s: &str) -> Result<(String, PathBuf), String> {
@@ -299,6 +305,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Litemp(args) => litemp::run(args),
         Command::Amp(args) => amp::run(args),
         Command::Analyze(args) => analyze::run(args),
+        Command::Automp(args) => automp::run(args),
     }
 }
 

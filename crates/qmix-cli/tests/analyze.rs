@@ -42,3 +42,30 @@ fn writes_the_analysis_and_its_report() {
     assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn automp_moves_layers_while_the_target_holds() {
+    let out = std::env::temp_dir().join(format!("qmix-automp-{}", std::process::id()));
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits_cnn.onnx");
+    let run = |extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
+            .arg("automp")
+            .arg(&model)
+            .args(["--wide", "w8a8", "--narrow", "w4a4", "--quiet", "--json", "--threads", "1", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(out.join("automp.json")).unwrap()).unwrap()
+    };
+    let strict = run(&["--max-drop", "0.01"]);
+    let narrowed = strict["narrowed"].as_array().unwrap().len();
+    assert!((1..8).contains(&narrowed), "{strict}");
+    assert!(strict["score"].as_f64().unwrap() >= 0.9825 - 0.01 - 1e-12);
+    // Skipping failures never moves fewer layers than stopping at the first one.
+    let skipping = run(&["--max-drop", "0.01", "--skip-failures"]);
+    assert!(skipping["narrowed"].as_array().unwrap().len() >= narrowed);
+    assert!(out.join("model_automp.encodings").is_file());
+    std::fs::remove_dir_all(&out).unwrap();
+}

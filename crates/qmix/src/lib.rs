@@ -4,6 +4,8 @@
 //! - Greedy AMP (spec §7): quantizer groups, candidates checked against `supported_kernels`,
 //!   phase-1 sensitivity per (group, candidate), phase-2 search over the cumulative list with a
 //!   bit-ops model, a resumable cache, and the full Pareto front on request.
+//! - Quark-style walk: from the wide precision, move layers to the narrow one, least sensitive
+//!   first, while the score stays at the target.
 //! - Budget-optimal search: an exact knapsack over the groups on the phase-1 scores gives the best
 //!   predicted plan for every bit-ops budget; phase 2 verifies them by evaluation.
 #![doc = include_str!("../README.md")]
@@ -17,6 +19,7 @@ mod budget;
 mod candidate;
 mod groups;
 mod lite_mp;
+mod quark;
 mod search;
 
 use std::path::PathBuf;
@@ -31,6 +34,7 @@ pub use budget::{Plan, area_between, predicted_front};
 pub use candidate::{Candidate, effective_bits, supported_candidates};
 pub use groups::{QuantizerGroup, find_quantizer_groups};
 pub use lite_mp::{FlipError, FlipUntil, Flipped, flip_count, flip_layers_to_higher_precision, flip_until};
+pub use quark::{NarrowResult, narrow_until};
 pub use search::{SearchAlgo, pareto_indices, search};
 
 /// Errors of mixed-precision search.
