@@ -67,15 +67,24 @@ enum Command {
         #[arg(long)]
         config: Option<String>,
     },
-    /// Run a model in FP32 on .npy inputs and write every output as .npy.
+    /// Run a model on .npy inputs — in FP32, or simulated with AIMET encodings — and write every
+    /// output as .npy.
     ///
     /// Example: qmix run model.onnx --input input=images.npy --out results/
+    /// Example: qmix run model.onnx --input input=images.npy --encodings model.encodings --config default
     Run {
         /// The ONNX model.
         model: PathBuf,
         /// A graph input and its data, NAME=FILE.npy (repeatable; f32, f64, i64, i32, u8 or i8).
         #[arg(long = "input", value_parser = parse_input, required = true)]
         inputs: Vec<(String, PathBuf)>,
+        /// Simulate quantization with these encodings (AIMET JSON, 0.6.1/1.0.0/2.0.0); tensors
+        /// without an entry stay in float.
+        #[arg(long)]
+        encodings: Option<PathBuf>,
+        /// Quantsim config placing the quantizers the encodings fill (with --encodings).
+        #[arg(long, default_value = "default", requires = "encodings")]
+        config: String,
         /// Folder for the outputs (one OUTPUT_NAME.npy each).
         #[arg(long, default_value = ".")]
         out: PathBuf,
@@ -269,35 +278,55 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Run { model, inputs, out, threads } => {
+        Command::Run { model, inputs, encodings, config, out, threads } => {
             let m = qgraph::load_path(&model)?;
-            let session = Session::new(m, SessionOptions::threads(threads))?;
             let mut feeds = Vec::with_capacity(inputs.len());
             for (name, file) in &inputs {
                 feeds.push((name.as_str(), read_tensor(file).map_err(Failure::User)?));
             }
             let started = std::time::Instant::now();
-            let result = session.run_with(&feeds, RunOptions::default())?;
+            let (outputs, graph, note) = match &encodings {
+                Some(file) => {
+                    let config = qcalib::QuantsimConfig::load(&config).map_err(dataset::user)?;
+                    let options = qcalib::SimOptions { threads, ..qcalib::SimOptions::default() };
+                    let mut sim = qcalib::QuantSim::new(m, config, options).map_err(dataset::user)?;
+                    let loaded = qcalib::read_encodings(file).map_err(dataset::user)?;
+                    let load = qcalib::LoadOptions { freeze: true, keep_missing: false };
+                    let count = qcalib::load_encodings(&mut sim, &loaded, load).map_err(dataset::user)?;
+                    let outputs = sim.run(&feeds).map_err(dataset::user)?;
+                    let note = format!("simulated with {count} quantized tensors from {}", file.display());
+                    (outputs, sim.model().graph.clone(), note)
+                }
+                None => {
+                    let session = Session::new(m, SessionOptions::threads(threads))?;
+                    let result = session.run_with(&feeds, RunOptions::default())?;
+                    let note = format!(
+                        "ran {} nodes on {} thread(s); peak intermediate memory {:.1} MiB",
+                        result.stats.nodes_run,
+                        session.threads(),
+                        result.stats.peak_bytes as f64 / (1 << 20) as f64
+                    );
+                    (result.outputs, session.model().graph.clone(), note)
+                }
+            };
             let secs = started.elapsed().as_secs_f64();
             std::fs::create_dir_all(&out)
                 .map_err(|e| Failure::User(anyhow::anyhow!("cannot create {}: {e}", out.display())))?;
-            let g = &session.model().graph;
-            for (&v, t) in g.outputs().iter().zip(&result.outputs) {
-                let name = &g.value(v).name;
+            let mut written = Vec::new();
+            for (&v, t) in graph.outputs().iter().zip(&outputs) {
+                let name = &graph.value(v).name;
                 let file: String = name
                     .chars()
                     .map(|c| if c.is_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
                     .collect();
                 let path = out.join(format!("{file}.npy"));
                 write_tensor(&path, t).map_err(Failure::User)?;
-                println!("{name}: {} {:?} -> {}", t.dtype(), t.shape(), path.display());
+                say!("{name}: {} {:?} -> {}", t.dtype(), t.shape(), path.display());
+                written.push(path.display().to_string());
             }
-            println!(
-                "ran {} nodes in {:.1} ms on {} thread(s); peak intermediate memory {:.1} MiB",
-                result.stats.nodes_run,
-                secs * 1e3,
-                session.threads(),
-                result.stats.peak_bytes as f64 / (1 << 20) as f64
+            say!("{note} in {:.1} ms", secs * 1e3);
+            summary(
+                serde_json::json!({"command": "run", "model": model.display().to_string(), "outputs": written, "simulated": encodings.is_some()}),
             );
             Ok(())
         }

@@ -92,3 +92,32 @@ fn run_reports_bad_inputs_with_exit_code_1() {
         assert!(err.contains(expect) && err.lines().count() == 1, "{arg}: {err}");
     }
 }
+
+/// `qmix run --encodings` reproduces the simulation `qmix quantize` evaluated.
+#[test]
+fn run_simulates_with_exported_encodings() {
+    let dir = scratch("simulated");
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    let model = models.join("bars_cnn.onnx");
+    let calib = format!("input={}", models.join("bars_cnn_calib.npy").display());
+    let eval = format!("input={}", models.join("bars_cnn_eval.npy").display());
+    let q = dir.join("q");
+    let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
+        .args(["quantize", model.to_str().unwrap(), "--calib", &calib, "--eval", &eval, "--quiet", "--out"])
+        .arg(&q)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = dir.join("r");
+    let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
+        .args(["run", model.to_str().unwrap(), "--input", &eval, "--encodings"])
+        .arg(q.join("model.encodings"))
+        .arg("--out")
+        .arg(&r)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |p: PathBuf| -> ArrayD<f32> { ndarray_npy::read_npy(p).unwrap() };
+    assert_eq!(read(r.join("logits.npy")), read(q.join("sim_outputs.npy")));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
