@@ -55,13 +55,22 @@ pub(crate) struct Preprocess {
     /// See --offset (without it, x = raw · SCALE).
     #[arg(long)]
     pub scale: Option<f32>,
-    /// Integer image data, channels on axis 1: x = (raw / 255 − mean) / std, per channel;
+    /// Integer image data, channels on axis 1 (NCHW) or last (NHWC): x = (raw / 255 − mean) / std, per channel;
     /// comma-separated, one value per channel or one for all (e.g. 0.485,0.456,0.406).
     #[arg(long, value_delimiter = ',', conflicts_with = "scale", requires = "std")]
     pub mean: Vec<f32>,
     /// See --mean.
     #[arg(long, value_delimiter = ',', requires = "mean")]
     pub std: Vec<f32>,
+    /// Image folders: side of the centre crop.
+    #[arg(long, default_value_t = 224)]
+    pub image_size: u32,
+    /// Image folders: the shorter side is resized to this first (default: image size · 256/224).
+    #[arg(long)]
+    pub resize: Option<u32>,
+    /// Image folders: NCHW or NHWC batches.
+    #[arg(long, value_enum, default_value_t = crate::images::Layout::Nchw)]
+    pub layout: crate::images::Layout,
 }
 
 impl Preprocess {
@@ -76,13 +85,14 @@ impl Preprocess {
             let offset = self.offset.unwrap_or(0.0);
             values.iter_mut().for_each(|v| *v = (*v + offset) * scale);
         } else {
-            let channels = shape.get(1).copied().unwrap_or(1);
+            let nhwc = self.layout == crate::images::Layout::Nhwc;
+            let channels = if nhwc { shape.last() } else { shape.get(1) }.copied().unwrap_or(1);
             let per = |list: &[f32], what: &str| -> anyhow::Result<Vec<f32>> {
                 match list.len() {
                     1 => Ok(vec![list[0]; channels]),
                     n if n == channels => Ok(list.to_vec()),
                     n => {
-                        bail!("{}: --{what} has {n} values for {channels} channels (axis 1)", file.display())
+                        bail!("{}: --{what} has {n} values for {channels} channels", file.display())
                     }
                 }
             };
@@ -92,7 +102,7 @@ impl Preprocess {
             }
             let plane: usize = shape.iter().skip(2).product();
             for (i, v) in values.iter_mut().enumerate() {
-                let c = (i / plane.max(1)) % channels;
+                let c = if nhwc { i % channels.max(1) } else { (i / plane.max(1)) % channels };
                 *v = (*v / 255.0 - mean[c]) / std[c];
             }
         }
@@ -112,7 +122,13 @@ impl Dataset {
         let mut inputs = Vec::new();
         let mut samples = None;
         for (name, file) in files {
-            let t = preprocess.apply(read_tensor(file)?, file)?;
+            let raw = if file.is_dir() {
+                let resize = preprocess.resize.unwrap_or((preprocess.image_size * 256).div_ceil(224));
+                crate::images::load_folder(file, resize, preprocess.image_size, preprocess.layout)?
+            } else {
+                read_tensor(file)?
+            };
+            let t = preprocess.apply(raw, file)?;
             let n =
                 *t.shape().first().with_context(|| format!("{}: a scalar has no samples", file.display()))?;
             match samples {

@@ -14,6 +14,7 @@ mod amp;
 mod analyze;
 mod automp;
 mod dataset;
+mod images;
 mod litemp;
 mod quantsim;
 

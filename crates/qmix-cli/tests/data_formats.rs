@@ -76,3 +76,88 @@ fn npy_npz_and_integer_images_give_the_same_simulation() {
     assert!(o.status.code() == Some(1) && err.contains("'nope'") && err.contains("images"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn folders_of_images_are_resized_cropped_and_normalised() {
+    let dir = std::env::temp_dir().join(format!("qmix-images-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for k in 0..3u32 {
+        let img = image::RgbImage::from_fn(40 + 4 * k, 30, |x, y| {
+            image::Rgb([(x * 6) as u8, (y * 8) as u8, (k * 80) as u8])
+        });
+        img.save(images.join(format!("img{k}.png"))).unwrap();
+    }
+    std::fs::write(images.join("notes.txt"), "not an image").unwrap();
+    // x [N, 3, 8, 8] → Conv 1×1 (2 channels) → GlobalAveragePool.
+    let mut g = qgraph::Graph::new("rgb");
+    let x = g.add_input(
+        "input",
+        qgraph::DType::F32,
+        qgraph::Shape(vec![
+            qgraph::Dim::Symbol("N".into()),
+            qgraph::Dim::Known(3),
+            qgraph::Dim::Known(8),
+            qgraph::Dim::Known(8),
+        ]),
+    );
+    let w = g.add_initializer(
+        "w",
+        qgraph::Tensor::from_vec(&[2, 3, 1, 1], vec![0.5f32, -0.25, 1.0, 0.75, 0.1, -0.5]).unwrap(),
+    );
+    let c = g.add_op("Conv", "conv", &[x, w], vec![]);
+    let y = g.add_op("GlobalAveragePool", "pool", &[c], vec![]);
+    g.add_output(y);
+    let model = dir.join("rgb.onnx");
+    qgraph::save_path(&qgraph::Model::new(g, 13), &model).unwrap();
+    let folder = format!("input={}", images.display());
+    let out = dir.join("out");
+    let o = qmix(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "--calib",
+        &folder,
+        "--eval",
+        &folder,
+        "--image-size",
+        "8",
+        "--resize",
+        "10",
+        "--mean",
+        "0.485,0.456,0.406",
+        "--std",
+        "0.229,0.224,0.225",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let outputs: ndarray::ArrayD<f32> = ndarray_npy::read_npy(out.join("sim_outputs.npy")).unwrap();
+    assert_eq!(outputs.shape(), &[3, 2, 1, 1]);
+    // An empty folder, and a crop larger than the resize, are named errors.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = qmix(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "--calib",
+        &format!("input={}", empty.display()),
+        "--quiet",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no .jpg, .jpeg or .png images"));
+    let o = qmix(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "--calib",
+        &folder,
+        "--image-size",
+        "16",
+        "--resize",
+        "10",
+        "--quiet",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,72 @@
+//! Folders of JPEG/PNG images as model input, the ImageNet way: each image (sorted by file name)
+//! decoded to RGB, its shorter side resized to `resize` (bilinear), centre-cropped to
+//! `size`×`size`, and stacked into a u8 batch `[N, 3, size, size]` (or `[N, size, size, 3]`);
+//! `--mean/--std` or `--offset/--scale` then make the float input.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use image::imageops::FilterType;
+use qgraph::Tensor;
+
+/// Channel order of the stacked batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub(crate) enum Layout {
+    /// `[N, 3, H, W]`.
+    #[default]
+    Nchw,
+    /// `[N, H, W, 3]`.
+    Nhwc,
+}
+
+/// Whether `name` is an image file this loader reads.
+fn is_image(name: &Path) -> bool {
+    name.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| ["jpg", "jpeg", "png"].contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// Loads every image of `dir`, resized (shorter side `resize`), centre-cropped to `size`.
+pub(crate) fn load_folder(dir: &Path, resize: u32, size: u32, layout: Layout) -> anyhow::Result<Tensor> {
+    if size == 0 || resize < size {
+        bail!("--image-size {size} must be at least 1 and not above --resize {resize}");
+    }
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_image(p))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{}: no .jpg, .jpeg or .png images", dir.display());
+    }
+    let s = size as usize;
+    let mut data = vec![0u8; files.len() * 3 * s * s];
+    for (n, file) in files.iter().enumerate() {
+        let img =
+            image::open(file).with_context(|| format!("{}: not a readable image", file.display()))?.to_rgb8();
+        let (w, h) = img.dimensions();
+        let scale = resize as f64 / w.min(h) as f64;
+        let (nw, nh) =
+            (((w as f64 * scale).round() as u32).max(size), ((h as f64 * scale).round() as u32).max(size));
+        let resized = image::imageops::resize(&img, nw, nh, FilterType::Triangle);
+        let crop =
+            image::imageops::crop_imm(&resized, (nw - size) / 2, (nh - size) / 2, size, size).to_image();
+        let sample = &mut data[n * 3 * s * s..(n + 1) * 3 * s * s];
+        for (x, y, p) in crop.enumerate_pixels() {
+            let (x, y) = (x as usize, y as usize);
+            for c in 0..3 {
+                let at = match layout {
+                    Layout::Nchw => c * s * s + y * s + x,
+                    Layout::Nhwc => (y * s + x) * 3 + c,
+                };
+                sample[at] = p[c];
+            }
+        }
+    }
+    let shape = match layout {
+        Layout::Nchw => [files.len(), 3, s, s],
+        Layout::Nhwc => [files.len(), s, s, 3],
+    };
+    Tensor::from_vec(&shape, data).context("image batch shape")
+}
