@@ -178,11 +178,11 @@ fn report_and_screenshot(zoo: &Path) -> Result<()> {
         .arg(format!("--eval=input={}", dir.join("eval.npy").display()))
         .arg("--labels")
         .arg(dir.join("labels.npy"))
-        .args(["--label-offset", "1", "--quiet", "--out"])
+        .args(["--label-offset", "1", "--quiet", "--json", "--out"])
         .arg(&dir)
-        .status()?;
-    if !status.success() {
-        bail!("qmix analyze failed on {}", model.display());
+        .output()?;
+    if !status.status.success() {
+        bail!("qmix analyze failed on {}: {}", model.display(), String::from_utf8_lossy(&status.stderr));
     }
     let html = std::fs::read_to_string(dir.join("report.html"))?;
     println!(

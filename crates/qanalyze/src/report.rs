@@ -114,7 +114,7 @@ impl AnalysisReport {
                 l.score,
                 mse,
                 self.op_of(&l.layer),
-                l.layer
+                short(&l.layer, 90)
             );
         }
         out
