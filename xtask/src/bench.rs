@@ -188,13 +188,8 @@ fn minilm_analysis(zoo: &std::path::Path) -> Result<()> {
     sim.calibrate([bench_inputs(zoo, name, 64)?], &mut |_| {})?;
     let before = peak_rss_mib().unwrap_or(0.0);
     let started = Instant::now();
-    let scores = qanalyze::enable_one(
-        &mut sim,
-        &[bench_inputs(zoo, name, 32)?],
-        qanalyze::Metric::Sqnr,
-        0,
-        &mut |_, _| {},
-    )?;
+    let fp32 = qanalyze::FloatReference::new(&sim, &[bench_inputs(zoo, name, 32)?], 0)?;
+    let scores = qanalyze::enable_one(&mut sim, &fp32, qanalyze::Metric::Sqnr, &mut |_, _| {})?;
     println!(
         "enable-one SQNR analysis of {name} (htp_v73, W8A16), {} layers, 32 rows × 48 tokens: {:.1} s; process peak RSS {:.0} MiB (before the analysis {before:.0} MiB)",
         scores.len(),
@@ -234,10 +229,10 @@ fn analyze() -> Result<()> {
     )?;
     let batches = vec![vec![("input".to_string(), c.batch(&images, &calib_rows[..32]))]];
     let started = Instant::now();
-    let ours = qanalyze::enable_one(&mut sim, &batches, qanalyze::Metric::Psnr, 0, &mut |_, _| {})?;
-    let ours_s = started.elapsed().as_secs_f64();
-    // The naive way: every layer alone, a full forward pass each.
     let reference = qanalyze::FloatReference::new(&sim, &batches, 0)?;
+    let ours = qanalyze::enable_one(&mut sim, &reference, qanalyze::Metric::Psnr, &mut |_, _| {})?;
+    let ours_s = started.elapsed().as_secs_f64();
+    // The naive way: every layer alone, a full forward pass each (against the same FP32 outputs).
     let layers = qanalyze::layers(&sim)?;
     let placement = sim.placement().clone();
     let all = sim.placement().quantizer_ids();

@@ -64,7 +64,8 @@ pub fn check(zoo: &Path) -> Result<()> {
         sim.calibrate(calib.chunks(32).map(|r| vec![(input.clone(), c.batch(&images, r))]), &mut |_| {})?;
         let batches = vec![vec![(input.clone(), c.batch(&images, &calib[..32]))]];
         let started = Instant::now();
-        let ours = qanalyze::enable_one(&mut sim, &batches, Metric::Psnr, 0, &mut |_, _| {})?;
+        let fp32 = qanalyze::FloatReference::new(&sim, &batches, 0)?;
+        let ours = qanalyze::enable_one(&mut sim, &fp32, Metric::Psnr, &mut |_, _| {})?;
         let secs = started.elapsed().as_secs_f64();
         let ours_map: HashMap<&str, f64> = ours.iter().map(|l| (l.layer.as_str(), l.score)).collect();
         let mut missing: Vec<&String> = aimet.keys().filter(|k| !ours_map.contains_key(k.as_str())).collect();

@@ -268,16 +268,15 @@ impl FloatReference {
     }
 }
 
-/// Scores every layer with only its quantizers enabled. `progress(done, total)` is called after
-/// each layer. The simulation is restored before returning (also on error).
+/// Scores every layer with only its quantizers enabled, against `reference` (the FP32 run of the
+/// batches to score on). `progress(done, total)` is called after each layer. The simulation is
+/// restored before returning (also on error).
 pub fn enable_one(
     sim: &mut QuantSim,
-    batches: &[Feeds],
+    reference: &FloatReference,
     metric: Metric,
-    threads: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LayerScore>, AnalyzeError> {
-    let reference = FloatReference::new(sim, batches, threads)?;
     let layers = layers(sim)?;
     let set = |sim: &mut QuantSim, qs: &[QuantizerId], on: bool| {
         let p = sim.placement_mut();
@@ -320,12 +319,10 @@ fn with_enabled<T>(
 /// layer's quantizers, for every layer in topological order (full forward passes).
 pub fn disable_one(
     sim: &mut QuantSim,
-    batches: &[Feeds],
+    reference: &FloatReference,
     metric: Metric,
-    threads: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LayerScore>, AnalyzeError> {
-    let reference = FloatReference::new(sim, batches, threads)?;
     let layers = layers(sim)?;
     with_enabled(sim, |sim| {
         let mut scores = Vec::with_capacity(layers.len());
@@ -355,11 +352,9 @@ pub struct ModelChecks {
 /// Scores the whole simulation, its weights alone and its activations alone (no recalibration).
 pub fn model_checks(
     sim: &mut QuantSim,
-    batches: &[Feeds],
+    reference: &FloatReference,
     metric: Metric,
-    threads: usize,
 ) -> Result<ModelChecks, AnalyzeError> {
-    let reference = FloatReference::new(sim, batches, threads)?;
     let score = |sim: &QuantSim| reference.score(sim, metric);
     let all = score(sim)?;
     let mut only = |params: bool| {

@@ -45,6 +45,11 @@ fn batches() -> Vec<qcalib::Feeds> {
         .collect()
 }
 
+/// The FP32 run of the test batches, to score against.
+fn fp32(sim: &QuantSim, threads: usize) -> qanalyze::FloatReference {
+    qanalyze::FloatReference::new(sim, &batches(), threads).unwrap()
+}
+
 fn calibrated(threads: usize) -> QuantSim {
     let options = SimOptions { threads, ..SimOptions::default() };
     let mut sim = QuantSim::new(model(), QuantsimConfig::load("default").unwrap(), options).unwrap();
@@ -60,7 +65,8 @@ fn one_score_per_layer_and_the_simulation_is_restored() {
     let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let out_before = sim.run(&named).unwrap();
     let mut calls = 0;
-    let scores = qanalyze::enable_one(&mut sim, &batches(), Metric::Psnr, 1, &mut |_, _| calls += 1).unwrap();
+    let fp32_sim = fp32(&sim, 1);
+    let scores = qanalyze::enable_one(&mut sim, &fp32_sim, Metric::Psnr, &mut |_, _| calls += 1).unwrap();
     let names: Vec<&str> = scores.iter().map(|s| s.layer.as_str()).collect();
     // Conv+Relu is a supergroup; Flatten carries no quantizer.
     assert_eq!(names, ["conv0", "relu0", "conv1", "pool", "fc"]);
@@ -74,8 +80,10 @@ fn one_score_per_layer_and_the_simulation_is_restored() {
 fn results_do_not_depend_on_threads_and_coarser_layers_score_worse() {
     let mut one = calibrated(1);
     let mut two = calibrated(2);
-    let a = qanalyze::enable_one(&mut one, &batches(), Metric::Sqnr, 1, &mut |_, _| {}).unwrap();
-    let b = qanalyze::enable_one(&mut two, &batches(), Metric::Sqnr, 2, &mut |_, _| {}).unwrap();
+    let fp32_one = fp32(&one, 1);
+    let a = qanalyze::enable_one(&mut one, &fp32_one, Metric::Sqnr, &mut |_, _| {}).unwrap();
+    let fp32_two = fp32(&two, 2);
+    let b = qanalyze::enable_one(&mut two, &fp32_two, Metric::Sqnr, &mut |_, _| {}).unwrap();
     assert_eq!(a, b);
     // conv1 at 4 bits scores worse than at 8.
     let g = &one.model().graph;
@@ -84,15 +92,16 @@ fn results_do_not_depend_on_threads_and_coarser_layers_score_worse() {
         one.placement_mut().quantizer_mut(q).set_precision(Precision::Int(4));
     }
     one.compute_encodings().unwrap();
-    let c = qanalyze::enable_one(&mut one, &batches(), Metric::Sqnr, 1, &mut |_, _| {}).unwrap();
+    let fp32_one = fp32(&one, 1);
+    let c = qanalyze::enable_one(&mut one, &fp32_one, Metric::Sqnr, &mut |_, _| {}).unwrap();
     let score = |v: &[qanalyze::LayerScore]| v.iter().find(|s| s.layer == "conv1").unwrap().score;
     assert!(score(&c) < score(&a) - 6.0, "{} vs {}", score(&c), score(&a));
 }
 
 #[test]
 fn no_data_is_a_typed_error() {
-    let mut sim = calibrated(1);
-    let err = qanalyze::enable_one(&mut sim, &[], Metric::Psnr, 1, &mut |_, _| {}).unwrap_err();
+    let sim = calibrated(1);
+    let err = qanalyze::FloatReference::new(&sim, &[], 1).err().unwrap();
     assert!(matches!(err, AnalyzeError::Data(_)), "{err}");
 }
 
@@ -102,7 +111,8 @@ type Runner<'a> = &'a dyn Fn(&[(&str, Tensor)]) -> Vec<f32>;
 #[test]
 fn resuming_from_fp32_values_scores_like_full_runs() {
     let mut sim = calibrated(1);
-    let fast = qanalyze::enable_one(&mut sim, &batches(), Metric::Psnr, 1, &mut |_, _| {}).unwrap();
+    let fp32_sim = fp32(&sim, 1);
+    let fast = qanalyze::enable_one(&mut sim, &fp32_sim, Metric::Psnr, &mut |_, _| {}).unwrap();
     // The naive way: every layer alone, full forward passes.
     let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(1)).unwrap();
     let run_all = |f: Runner<'_>| -> Vec<f32> {
@@ -134,9 +144,10 @@ fn resuming_from_fp32_values_scores_like_full_runs() {
 fn disable_one_and_whole_model_checks() {
     let mut sim = calibrated(1);
     let before = qcalib::encodings_json(&sim, qcalib::EncodingVersion::V1_0_0);
-    let enabled = qanalyze::enable_one(&mut sim, &batches(), Metric::Psnr, 1, &mut |_, _| {}).unwrap();
-    let disabled = qanalyze::disable_one(&mut sim, &batches(), Metric::Psnr, 1, &mut |_, _| {}).unwrap();
-    let checks = qanalyze::model_checks(&mut sim, &batches(), Metric::Psnr, 1).unwrap();
+    let fp32_sim = fp32(&sim, 1);
+    let enabled = qanalyze::enable_one(&mut sim, &fp32_sim, Metric::Psnr, &mut |_, _| {}).unwrap();
+    let disabled = qanalyze::disable_one(&mut sim, &fp32_sim, Metric::Psnr, &mut |_, _| {}).unwrap();
+    let checks = qanalyze::model_checks(&mut sim, &fp32_sim, Metric::Psnr).unwrap();
     assert_eq!(
         enabled.iter().map(|s| &s.layer).collect::<Vec<_>>(),
         disabled.iter().map(|s| &s.layer).collect::<Vec<_>>()
@@ -152,7 +163,7 @@ fn disable_one_and_whole_model_checks() {
 #[test]
 fn mse_ranges_histograms_and_the_report() {
     let mut sim = calibrated(1);
-    let reference = qanalyze::FloatReference::new(&sim, &batches(), 1).unwrap();
+    let reference = fp32(&sim, 1);
     let mse = qanalyze::per_layer_mse(&sim, &reference).unwrap();
     assert_eq!(
         mse.iter().map(|m| m.layer.as_str()).collect::<Vec<_>>(),
@@ -185,8 +196,8 @@ fn mse_ranges_histograms_and_the_report() {
     assert_eq!(hists[1].counts.iter().sum::<u64>(), 16);
     assert!(hists.iter().all(|h| h.encoding.is_some_and(|(a, b)| h.lo <= a && b <= h.hi)));
 
-    let scores = qanalyze::enable_one(&mut sim, &batches(), Metric::Psnr, 1, &mut |_, _| {}).unwrap();
-    let checks = qanalyze::model_checks(&mut sim, &batches(), Metric::Psnr, 1).unwrap();
+    let scores = qanalyze::enable_one(&mut sim, &reference, Metric::Psnr, &mut |_, _| {}).unwrap();
+    let checks = qanalyze::model_checks(&mut sim, &reference, Metric::Psnr).unwrap();
     let report = qanalyze::AnalysisReport {
         model: "cnn <test>".into(),
         settings: serde_json::json!({"config": "default"}),

@@ -92,21 +92,19 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     let scored: Vec<qcalib::Feeds> =
         (0..n).step_by(batch).map(|s| calib.batch(s..(s + batch).min(n))).collect();
     let reference = FloatReference::new(&sim, &scored, a.threads).map_err(user)?;
-    let checks = qanalyze::model_checks(&mut sim, &scored, a.metric, a.threads).map_err(user)?;
+    let checks = qanalyze::model_checks(&mut sim, &reference, a.metric).map_err(user)?;
     lap("whole-model checks", &mut seconds);
     let layers = qanalyze::layers(&sim).map_err(user)?;
     let pb = bar(layers.len(), "enable one", "layers", a.quiet);
     let enable_one =
-        qanalyze::enable_one(&mut sim, &scored, a.metric, a.threads, &mut |d, _| pb.set_position(d as u64))
+        qanalyze::enable_one(&mut sim, &reference, a.metric, &mut |d, _| pb.set_position(d as u64))
             .map_err(user)?;
     pb.finish_and_clear();
     lap("enable one", &mut seconds);
     let disable_one = if a.disable_one {
         let pb = bar(layers.len(), "disable one", "layers", a.quiet);
-        let d = qanalyze::disable_one(&mut sim, &scored, a.metric, a.threads, &mut |d, _| {
-            pb.set_position(d as u64)
-        })
-        .map_err(user)?;
+        let d = qanalyze::disable_one(&mut sim, &reference, a.metric, &mut |d, _| pb.set_position(d as u64))
+            .map_err(user)?;
         pb.finish_and_clear();
         lap("disable one", &mut seconds);
         Some(d)

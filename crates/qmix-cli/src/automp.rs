@@ -84,10 +84,10 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
         (0..n).step_by(batch).map(|s| calib.batch(s..(s + batch).min(n))).collect();
     let layers = qanalyze::layers(&narrow).map_err(user)?.len();
     let pb = bar(layers, "scoring", "layers", a.quiet);
-    let scores = qanalyze::enable_one(&mut narrow, &scored, Metric::Psnr, a.threads, &mut |d, _| {
-        pb.set_position(d as u64)
-    })
-    .map_err(user)?;
+    let fp32 = FloatReference::new(&narrow, &scored, a.threads).map_err(user)?;
+    let scores =
+        qanalyze::enable_one(&mut narrow, &fp32, Metric::Psnr, &mut |d, _| pb.set_position(d as u64))
+            .map_err(user)?;
     pb.finish_and_clear();
     say!("scored {} layers at {} (PSNR with only that layer quantized)", scores.len(), a.narrow);
 

@@ -135,10 +135,20 @@ impl Dataset {
                 Some(m) if m != n => bail!("{}: {n} samples, but the other inputs have {m}", file.display()),
                 _ => samples = Some(n),
             }
-            let values = t.to_f64_vec();
-            if let Some(at) = values.iter().position(|v| !v.is_finite()) {
-                let what = if values[at].is_nan() { "NaN" } else { "an infinite value" };
-                let sample = at / (values.len() / n.max(1)).max(1);
+            // Only float data can hold NaN or Inf; f32 (the common case) is scanned in place.
+            let bad = match t.as_f32() {
+                Some(a) => a.iter().enumerate().find(|(_, v)| !v.is_finite()).map(|(at, v)| (at, v.is_nan())),
+                None if t.dtype().is_float() => t
+                    .to_f64_vec()
+                    .into_iter()
+                    .enumerate()
+                    .find(|(_, v)| !v.is_finite())
+                    .map(|(at, v)| (at, v.is_nan())),
+                None => None,
+            };
+            if let Some((at, nan)) = bad {
+                let what = if nan { "NaN" } else { "an infinite value" };
+                let sample = at / (t.len() / n.max(1)).max(1);
                 bail!(
                     "{}: sample {sample} (input '{name}') holds {what}; clean the data or drop that sample",
                     file.display()

@@ -91,9 +91,9 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         started.elapsed().as_secs_f64()
     );
     let scored = calib.batch(0..a.psnr_samples.clamp(1, calib.samples));
-    let checks =
-        qanalyze::model_checks(&mut sim, std::slice::from_ref(&scored), qanalyze::Metric::Psnr, a.threads)
-            .map_err(user)?;
+    let reference =
+        qanalyze::FloatReference::new(&sim, std::slice::from_ref(&scored), a.threads).map_err(user)?;
+    let checks = qanalyze::model_checks(&mut sim, &reference, qanalyze::Metric::Psnr).map_err(user)?;
     say!(
         "PSNR of the W8A8 simulation: {:.2} dB (weights only {:.2} dB, activations only {:.2} dB)",
         checks.all,
@@ -103,13 +103,9 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     let layers = qanalyze::layers(&sim).map_err(user)?.len();
     let pb = bar(layers, "scoring", "layers", a.quiet);
     let started = Instant::now();
-    let scores = qanalyze::enable_one(
-        &mut sim,
-        std::slice::from_ref(&scored),
-        qanalyze::Metric::Psnr,
-        a.threads,
-        &mut |d, _| pb.set_position(d as u64),
-    )
+    let scores = qanalyze::enable_one(&mut sim, &reference, qanalyze::Metric::Psnr, &mut |d, _| {
+        pb.set_position(d as u64)
+    })
     .map_err(user)?;
     pb.finish_and_clear();
     say!(

@@ -272,8 +272,8 @@ struct Run<'a, 'p, 'g> {
 impl Run<'_, '_, '_> {
     /// Sets every group to its candidate.
     fn apply(&mut self, assignment: &[Candidate]) {
-        for (g, &c) in self.groups.clone().iter().zip(assignment) {
-            set_group(self.sim, g, c);
+        for (g, &c) in self.groups.iter().zip(assignment) {
+            set_group(&mut *self.sim, g, c);
         }
     }
 

@@ -35,7 +35,8 @@ fn calibrated(bits: u32) -> QuantSim {
 }
 
 fn scores(s: &mut QuantSim) -> Vec<qanalyze::LayerScore> {
-    qanalyze::enable_one(s, &batches()[..1], qanalyze::Metric::Psnr, 1, &mut |_, _| {}).unwrap()
+    let fp32 = qanalyze::FloatReference::new(s, &batches()[..1], 1).unwrap();
+    qanalyze::enable_one(s, &fp32, qanalyze::Metric::Psnr, &mut |_, _| {}).unwrap()
 }
 
 #[test]
