@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use qanalyze::Metric;
 use qcalib::{DefaultPrecision, Precision, QuantSim, QuantsimConfig, SimOptions};
-use qmix::{AmpData, AmpOptions, Candidate, MacOps, Phase2, SearchAlgo};
+use qmix::{AmpData, AmpOptions, Candidate, MacOps, Phase2, Phase3Options, SearchAlgo};
 use serde_json::Value;
 
 use crate::zoo_data::{self, CLASSIFIERS};
@@ -77,6 +77,7 @@ pub fn check(zoo: &Path) -> Result<()> {
         clean_start: true,
         shard: None,
         threads: 0,
+        phase3: Some(Phase3Options::default()),
     };
     let started = Instant::now();
     let r = qmix::choose_mixed_precision(
@@ -163,7 +164,8 @@ pub fn check(zoo: &Path) -> Result<()> {
         r.points.len()
     );
     let budget_s = r.timings.iter().find(|(k, _)| *k == "budget search").map_or(0.0, |t| t.1);
-    let greedy_s = secs - budget_s;
+    let phase3_s = r.timings.iter().find(|(k, _)| *k == "phase 3").map_or(0.0, |t| t.1);
+    let greedy_s = secs - budget_s - phase3_s;
     println!(
         "  time of AIMET's algorithm: {greedy_s:.0} s ({} calibrations, {} phase-1 and {} phase-2 evaluations in all) vs AIMET {aimet_total:.0} s: {:.1}× faster",
         r.work.calibrations,
@@ -181,6 +183,38 @@ pub fn check(zoo: &Path) -> Result<()> {
             )),
             r.chosen_by
         );
+    }
+    if let Some(p3) = &r.phase3 {
+        match &p3.skipped {
+            Some(why) => println!("  phase 3: skipped, {why}"),
+            None => {
+                println!(
+                    "  phase 3 (+{phase3_s:.0} s, exact over {} groups and {} edges, front of {} plans): the chosen plan has {} converts ({:.0} predicted cycles)",
+                    p3.graph.nodes.len(),
+                    p3.graph.edges.len(),
+                    p3.front.len(),
+                    p3.phase2_converts,
+                    p3.phase2_convert_cycles
+                );
+                for plan in &p3.plans {
+                    println!(
+                        "    alpha {:.1}: {} converts ({:.0} cycles), {} groups raised, {:.3} of the bit-ops, top-1 {}",
+                        plan.alpha,
+                        plan.converts,
+                        plan.convert_cycles,
+                        plan.raised.len(),
+                        plan.relative_bitops,
+                        plan.score.map_or("-".into(), |s| format!("{s:.4}"))
+                    );
+                    if plan.assignment.is_some()
+                        && (plan.weighted_cut > p3.phase2_weighted_cut * (1.0 + 1e-12)
+                            || plan.relative_bitops < r.final_relative_bitops - 1e-12)
+                    {
+                        failures.push(format!("phase-3 plan for alpha {} has a larger convert cost or fewer bit-ops than phase 2's", plan.alpha));
+                    }
+                }
+            }
+        }
     }
     println!("  results, Pareto curve and sensitivity chart: {}", results_dir.display());
     if r.final_score < r.fp32_score - 0.01 - 1e-9 {

@@ -9,7 +9,9 @@ use std::time::Instant;
 
 use qanalyze::{FloatReference, Metric};
 use qcalib::{DefaultPrecision, EncodingVersion, QuantSim, QuantsimConfig, SimOptions};
-use qmix::{AmpData, AmpEvent, AmpOptions, Candidate, MacOps, Phase2, SearchAlgo};
+use qmix::{
+    AmpData, AmpEvent, AmpOptions, Candidate, MacOps, Phase2, Phase3Options, Phase3Threshold, SearchAlgo,
+};
 
 use crate::Failure;
 use crate::dataset::{EvalArgs, JobArgs, JobData, bar, top1, user};
@@ -48,6 +50,17 @@ pub struct AmpArgs {
     /// Give every group every candidate, ignoring the config's supported_kernels.
     #[arg(long)]
     use_all_candidates: bool,
+    /// Phase 3: on the chosen plan, raise activation precisions to cut precision converts, one
+    /// exact plan per alpha, each recalibrated and scored (the final encodings stay phase 2's).
+    #[arg(long)]
+    phase3: bool,
+    /// Phase-3 alphas: convert budgets as fractions of the phase-2 plan's.
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0])]
+    phase3_alphas: Vec<f64>,
+    /// Phase-3 budget rule: cycles (AIMET's default, predicted convert cycles), size (converted
+    /// elements) or count (number of converts).
+    #[arg(long, default_value = "cycles", value_parser = parse_threshold)]
+    phase3_budget: Phase3Threshold,
     #[command(flatten)]
     evaluation: EvalArgs,
     /// Output folder (also holds the resumable cache in .cache/).
@@ -98,6 +111,15 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
         return Err(format!("shard {i}/{n}: need 0 ≤ I < N"));
     }
     Ok((i, n))
+}
+
+fn parse_threshold(s: &str) -> Result<Phase3Threshold, String> {
+    match s {
+        "cycles" => Ok(Phase3Threshold::WeightedWithPredictedConvertCost),
+        "size" => Ok(Phase3Threshold::WeightedWithTensorSize),
+        "count" => Ok(Phase3Threshold::UnweightedCutSize),
+        _ => Err(format!("unknown phase-3 budget '{s}': cycles, size or count")),
+    }
 }
 
 fn parse_metric(s: &str) -> Result<Metric, String> {
@@ -162,6 +184,9 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         clean_start: a.clean_start,
         shard: a.shard,
         threads: a.threads,
+        phase3: a
+            .phase3
+            .then(|| Phase3Options { alphas: a.phase3_alphas.clone(), threshold: a.phase3_budget }),
     };
     say!(
         "{}: AMP over {} with {} calibration samples, phase 1 on {}, phase 2 = {description}",
@@ -236,6 +261,37 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
             result.chosen_by
         );
     }
+    if let Some(p3) = &result.phase3 {
+        match &p3.skipped {
+            Some(why) => say!("phase 3 skipped: {why}"),
+            None => {
+                say!(
+                    "phase 3 ({}): {} groups, {} edges; phase-2 plan has {} converts ({:.0} predicted cycles); exact front of {} plans",
+                    p3.threshold.name(),
+                    p3.graph.nodes.len(),
+                    p3.graph.edges.len(),
+                    p3.phase2_converts,
+                    p3.phase2_convert_cycles,
+                    p3.front.len()
+                );
+                for plan in &p3.plans {
+                    match plan.score {
+                        Some(score) => say!(
+                            "  alpha {:.1}: {} converts ({:.0} cycles), {} groups raised, {:.3} bit-ops, score {score:.4}",
+                            plan.alpha,
+                            plan.converts,
+                            plan.convert_cycles,
+                            plan.raised.len(),
+                            plan.relative_bitops
+                        ),
+                        None => {
+                            say!("  alpha {:.1}: no plan fits a budget of {:.0}", plan.alpha, plan.budget)
+                        }
+                    }
+                }
+            }
+        }
+    }
     say!(
         "this run: {} phase-1 and {} phase-2 evaluations, {} calibrations, {} points reused; {} points on record; {:.1} s",
         w.phase1_evaluations,
@@ -258,6 +314,9 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         "chosen_by": result.chosen_by,
         "groups": result.groups.len(),
         "evaluations_this_run": {"phase1": w.phase1_evaluations, "phase2": w.phase2_evaluations},
+        "phase3": result.phase3.as_ref().map(|p3| p3.plans.iter().map(|p| serde_json::json!({
+            "alpha": p.alpha, "converts": p.converts, "relative_bitops": p.relative_bitops, "score": p.score,
+        })).collect::<Vec<_>>()),
     }));
     Ok(())
 }

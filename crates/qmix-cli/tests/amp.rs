@@ -133,3 +133,35 @@ fn phase_one_shards_merge_into_the_same_result() {
     std::fs::remove_dir_all(&out).unwrap();
     std::fs::remove_dir_all(&reference).unwrap();
 }
+
+#[test]
+fn phase3_writes_one_plan_per_alpha() {
+    let out = scratch("phase3");
+    let digits = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits_cnn.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
+        .arg("amp")
+        .arg(digits)
+        .args(["--config", "default_per_tensor", "--candidates", "w8a16,w8a8,w4a8,w8a4,w4a4"])
+        .args(["--allowed-drop", "0.005", "--phase3", "--quiet", "--threads", "1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p3 = json(&out.join("phase3.json"));
+    assert!(p3["skipped"].is_null(), "the chosen plan mixes precisions: {p3}");
+    let plans = p3["plans"].as_array().unwrap();
+    assert_eq!(plans.len(), 6);
+    let converts: Vec<u64> = plans.iter().map(|p| p["converts"].as_u64().unwrap()).collect();
+    assert!(converts.windows(2).all(|w| w[0] >= w[1]), "fewer converts as alpha falls: {converts:?}");
+    assert_eq!(converts[5], 0);
+    for alpha in ["1.0", "0.8", "0.6", "0.4", "0.2", "0.0"] {
+        let data = json(&out.join(format!("AMP_phase_3_data_alpha_{alpha}.json")));
+        assert!(data["score"].as_f64().is_some(), "alpha {alpha} scored");
+        assert!(out.join(format!("AMP_ph3_export_alpha_{alpha}.encodings")).is_file());
+        assert!(out.join(format!("AMP_ph3_quantizer_group_graph_phase3sol_alpha{alpha}.dot")).is_file());
+    }
+    // Phase 3 leaves the phase-2 choice in place.
+    let phase2 = std::fs::read(out.join("model_amp.encodings")).unwrap();
+    assert_eq!(phase2, std::fs::read(out.join("AMP_ph3_export_alpha_1.0.encodings")).unwrap());
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -28,6 +28,7 @@ use crate::amp_cache::AmpCache;
 use crate::bitops::{BitOps, MacOps};
 use crate::budget::{Plan, area_between, predicted_front};
 use crate::candidate::{Candidate, supported_candidates};
+use crate::convert_ops::{GroupGraph, Phase3Options, Phase3Result, plan_phase3};
 use crate::groups::{QuantizerGroup, find_quantizer_groups};
 use crate::search::{SearchAlgo, search};
 
@@ -61,6 +62,9 @@ pub struct AmpOptions {
     pub shard: Option<(usize, usize)>,
     /// Threads of the FP32 reference runs.
     pub threads: usize,
+    /// Run phase 3 (convert-op reduction) on the chosen plan: one plan per alpha, each
+    /// recalibrated and scored; the simulation stays at the phase-2 choice.
+    pub phase3: Option<Phase3Options>,
 }
 
 /// The data AMP runs on.
@@ -198,6 +202,8 @@ pub struct AmpResult {
     pub budget: Option<BudgetSearch>,
     /// Which search the final plan comes from: `greedy`, `budget` or `baseline`.
     pub chosen_by: &'static str,
+    /// Phase 3, when asked for and the search ran.
+    pub phase3: Option<Phase3Result>,
 }
 
 fn set_group(sim: &mut QuantSim, group: &QuantizerGroup, c: Candidate) {
@@ -316,6 +322,22 @@ impl Run<'_, '_, '_> {
         }
         self.apply_point(assignment)?;
         self.calibrate()?;
+        let s = self.evaluate()?;
+        self.cache.plans.insert(key, s);
+        self.cache.save()?;
+        Ok(s)
+    }
+
+    /// Sets an assignment and recalibrates it; its phase-2 score comes from the cache when the same
+    /// quantizer state was scored before.
+    fn calibrated_score(&mut self, assignment: &[Candidate]) -> Result<f64, AmpError> {
+        self.apply_point(assignment)?;
+        self.calibrate()?;
+        let key = state_key(&self.groups, assignment);
+        if let Some(&s) = self.cache.plans.get(&key) {
+            self.work.reused_points += 1;
+            return Ok(s);
+        }
         let s = self.evaluate()?;
         self.cache.plans.insert(key, s);
         self.cache.save()?;
@@ -479,6 +501,7 @@ pub fn choose_mixed_precision(
         phase1_metric: options.phase1_metric.name(),
         budget: None,
         chosen_by: "baseline",
+        phase3: None,
     };
     if let Some(drop) = options.allowed_accuracy_drop {
         if fp32_score - best_score > drop {
@@ -685,11 +708,28 @@ pub fn choose_mixed_precision(
             chosen: meets.then_some(picked),
         });
     }
+    if options.budget_search {
+        timings.push(("budget search", started.elapsed().as_secs_f64()));
+    }
+    if let Some(phase3) = &options.phase3 {
+        let started = Instant::now();
+        let graph = GroupGraph::new(&run.sim.model().graph, run.sim.placement(), &run.groups);
+        let mut planned =
+            plan_phase3(graph, &run.groups, &supported, &assignment, &bitops, start_bitops, phase3)?;
+        let todo = planned.plans.iter().filter(|p| p.assignment.is_some()).count();
+        (run.progress)(AmpEvent::Stage { name: "phase 3", total: todo });
+        for (k, plan) in planned.plans.iter_mut().enumerate() {
+            let Some(a) = &plan.assignment else { continue };
+            plan.score = Some(run.calibrated_score(a)?);
+            plan.encodings = Some(qcalib::encodings_json(run.sim, qcalib::EncodingVersion::V1_0_0));
+            (run.progress)(AmpEvent::Step((k + 1).min(todo)));
+        }
+        result.phase3 = Some(planned);
+        timings.push(("phase 3", started.elapsed().as_secs_f64()));
+    }
+    let started = Instant::now();
     let assignment = run.finish(assignment)?;
-    timings.push((
-        if options.budget_search { "budget search" } else { "final calibration" },
-        started.elapsed().as_secs_f64(),
-    ));
+    timings.push(("final calibration", started.elapsed().as_secs_f64()));
     result.final_relative_bitops = relative(&assignment);
     result.assignment = assignment;
     result.chosen_point = chosen_point;

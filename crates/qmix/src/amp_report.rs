@@ -2,15 +2,18 @@
 //! (every evaluated phase-2 point, Pareto-optimal ones marked), `amp_info.json` (scores, choice,
 //! flipped quantizer counts, timings, work done) and two SVG charts drawn with `plotters`:
 //! `pareto_curve.svg` (score against relative bit-ops) and `quantizer_group_sensitivity.svg`
-//! (phase-1 score per group and candidate). Every file is written atomically.
+//! (phase-1 score per group and candidate), and the phase-3 plans when phase 3 ran. Every file is
+//! written atomically.
 
 use std::path::Path;
 
 use plotters::prelude::*;
+use qcalib::Precision;
 use serde_json::{Value, json};
 
 use crate::AmpError;
 use crate::amp::AmpResult;
+use crate::convert_ops::Phase3Result;
 use crate::search::pareto_indices;
 
 fn write(path: &Path, text: &str) -> Result<(), AmpError> {
@@ -112,6 +115,91 @@ pub fn write_amp_report(r: &AmpResult, allowed_drop: Option<f64>, dir: &Path) ->
     let svg =
         sensitivity_svg(r).map_err(|e| AmpError::Settings(format!("drawing the sensitivity chart: {e}")))?;
     write(&dir.join("quantizer_group_sensitivity.svg"), &svg)?;
+    if let Some(p3) = &r.phase3 {
+        write_phase3(r, p3, dir)?;
+    }
+    Ok(())
+}
+
+/// Phase-3 files: `phase3.json` (the front and every alpha's plan), and per alpha AIMET's
+/// `AMP_phase_3_data_alpha_<a>.json`, `AMP_ph3_export_alpha_<a>.encodings` and a Graphviz file of
+/// the group graph coloured by activation precision (plus one for the phase-2 plan).
+fn write_phase3(r: &AmpResult, p3: &Phase3Result, dir: &Path) -> Result<(), AmpError> {
+    let bits = |a: &[Precision], b: u32| p3.graph.nodes.iter().filter(|&&g| a[g].bits() == b).count();
+    let phase2_act = &p3.phase2_activation;
+    let plans: Vec<Value> = p3
+        .plans
+        .iter()
+        .map(|p| {
+            json!({"alpha": p.alpha, "budget": p.budget, "feasible": p.assignment.is_some(), "converts": p.converts,
+                   "weighted_cut": p.weighted_cut, "convert_cycles": p.convert_cycles, "relative_bitops": p.relative_bitops,
+                   "score": p.score, "raised_groups": p.raised,
+                   "assignment": p.assignment.as_ref().map(|a| a.iter().map(ToString::to_string).collect::<Vec<_>>())})
+        })
+        .collect();
+    let edges: Vec<Value> = p3
+        .graph
+        .edges
+        .iter()
+        .map(|e| json!({"from": e.from, "to": e.to, "tensor": e.tensor, "tensor_size": e.tensor_size, "convert_cycles": e.convert_cycles}))
+        .collect();
+    let summary = json!({
+        "threshold": p3.threshold.name(),
+        "skipped": p3.skipped,
+        "groups": p3.graph.nodes,
+        "edges": edges,
+        "phase2_converts": p3.phase2_converts,
+        "phase2_weighted_cut": p3.phase2_weighted_cut,
+        "phase2_convert_cycles": p3.phase2_convert_cycles,
+        "front": p3.front.iter().map(|&(cut, rel)| json!({"weighted_cut": cut, "relative_bitops": rel})).collect::<Vec<_>>(),
+        "plans": plans,
+    });
+    write(&dir.join("phase3.json"), &qcalib::to_pretty_json(&summary))?;
+    if p3.skipped.is_some() {
+        return Ok(());
+    }
+    write(&dir.join("AMP_ph3_quantizer_group_graph_phase2sol.dot"), &p3.graph.to_dot(&r.groups, phase2_act))?;
+    for p in &p3.plans {
+        let alpha = format!("{:?}", p.alpha);
+        let act: Option<Vec<Precision>> =
+            p.assignment.as_ref().map(|a| a.iter().map(|c| c.activation).collect());
+        let status = match (&act, p.alpha == 1.0) {
+            (_, true) => "alpha = 1.0; solution copied from phase 2.",
+            (Some(_), false) => "optimal",
+            (None, false) => "infeasible",
+        };
+        let data = json!({
+            "graph_number_of_nodes": p3.graph.nodes.len(),
+            "graph_number_of_edges": p3.graph.edges.len(),
+            "alpha": p.alpha,
+            "sampling_version": p3.threshold.name(),
+            "budget": p.budget,
+            "problem_status": status,
+            "relative_bitops": p.relative_bitops,
+            "num_nodes_8bits_phase2": bits(phase2_act, 8),
+            "num_nodes_16bits_phase2": bits(phase2_act, 16),
+            "num_nodes_8bits_phase3": act.as_ref().map(|a| bits(a, 8)),
+            "num_nodes_16bits_phase3": act.as_ref().map(|a| bits(a, 16)),
+            "num_precision_changes_phase_2": p3.phase2_converts,
+            "num_precision_changes_phase_3": act.as_ref().map(|_| p.converts),
+            "weighted_cut_size_phase_2": p3.phase2_weighted_cut,
+            "weighted_cut_size_phase_3": act.as_ref().map(|_| p.weighted_cut),
+            "score": p.score,
+        });
+        write(&dir.join(format!("AMP_phase_3_data_alpha_{alpha}.json")), &qcalib::to_pretty_json(&data))?;
+        if let Some(act) = &act {
+            write(
+                &dir.join(format!("AMP_ph3_quantizer_group_graph_phase3sol_alpha{alpha}.dot")),
+                &p3.graph.to_dot(&r.groups, act),
+            )?;
+        }
+        if let Some(enc) = &p.encodings {
+            write(
+                &dir.join(format!("AMP_ph3_export_alpha_{alpha}.encodings")),
+                &qcalib::to_pretty_json(enc),
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -8,6 +8,8 @@
 //!   first, while the score stays at the target.
 //! - Budget-optimal search: an exact knapsack over the groups on the phase-1 scores gives the best
 //!   predicted plan for every bit-ops budget; phase 2 verifies them by evaluation.
+//! - Phase 3 (spec §7.9): raise activation precisions to cut precision converts, solved exactly
+//!   over the quantizer-group graph for every convert budget.
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
@@ -17,6 +19,7 @@ mod amp_report;
 mod bitops;
 mod budget;
 mod candidate;
+mod convert_ops;
 mod groups;
 mod lite_mp;
 mod quark;
@@ -32,6 +35,10 @@ pub use amp_report::write_amp_report;
 pub use bitops::{BitOps, CostedOp, MacOps};
 pub use budget::{Plan, area_between, predicted_front};
 pub use candidate::{Candidate, effective_bits, supported_candidates};
+pub use convert_ops::{
+    CutWeight, FrontPoint, FrontTooWide, GroupEdge, GroupGraph, Phase3Options, Phase3Plan, Phase3Result,
+    Phase3Threshold, exact_front, plan_phase3, predicted_convert_cycles,
+};
 pub use groups::{QuantizerGroup, find_quantizer_groups};
 pub use lite_mp::{FlipError, FlipUntil, Flipped, flip_count, flip_layers_to_higher_precision, flip_until};
 pub use quark::{NarrowResult, narrow_until};

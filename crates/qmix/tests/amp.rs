@@ -84,3 +84,48 @@ fn the_predicted_front_is_the_brute_force_optimum() {
     let cheapest = all.iter().map(|b| b.0).fold(f64::INFINITY, f64::min);
     assert!((front[0].relative_bitops - cheapest).abs() < 1e-12);
 }
+
+#[test]
+fn phase3_raises_activations_to_cut_converts_at_least_cost() {
+    let s = sim("default_per_tensor");
+    let groups = find_quantizer_groups(&s.model().graph, s.placement()).unwrap();
+    let graph = qmix::GroupGraph::new(&s.model().graph, s.placement(), &groups);
+    // Conv input → Relu output → pooled → logits; the Gemm weight is a group without activations.
+    assert_eq!(graph.nodes, vec![0, 1, 2, 4]);
+    let ends: Vec<(usize, usize)> = graph.edges.iter().map(|e| (e.from, e.to)).collect();
+    assert_eq!(ends, vec![(0, 1), (1, 2), (2, 4)]);
+    assert!(graph.edges.iter().all(|e| e.convert_cycles > 2000.0));
+    let c = |n: &str| Candidate::parse(n).unwrap();
+    let all = vec![c("w16a16"), c("w8a16"), c("w16a8"), c("w8a8")];
+    let supported = vec![all.clone(); groups.len()];
+    let bitops = BitOps::new(&s, &groups, c("w16a16"), MacOps::All);
+    let start = bitops.total(&vec![c("w16a16"); groups.len()]);
+    // The Conv at 8-bit activations between 16-bit islands, logits at 8 bits: two converts.
+    let phase2 = vec![c("w8a8"), c("w8a16"), c("w8a16"), c("w8a8"), c("w8a8")];
+    let options = qmix::Phase3Options {
+        alphas: vec![1.0, 0.5, 0.0],
+        threshold: qmix::Phase3Threshold::UnweightedCutSize,
+    };
+    let p3 = qmix::plan_phase3(graph, &groups, &supported, &phase2, &bitops, start, &options).unwrap();
+    assert_eq!(p3.phase2_converts, 2);
+    let [keep, half, none] = &p3.plans[..] else { panic!("three plans") };
+    assert_eq!(keep.assignment.as_deref(), Some(&phase2[..]));
+    assert_eq!((keep.converts, keep.raised.len()), (2, 0));
+    // One convert allowed: raising the logits costs no bit-ops (no weighted op reads them).
+    assert_eq!((half.converts, half.raised.clone()), (1, vec![4]));
+    assert_eq!(half.relative_bitops, keep.relative_bitops);
+    // None allowed: the Conv's activations go to 16 bits too, its weights stay at 8.
+    assert_eq!((none.converts, none.raised.clone()), (0, vec![0, 4]));
+    assert_eq!(none.assignment.as_ref().unwrap()[0], c("w8a16"));
+    assert!(none.relative_bitops > keep.relative_bitops);
+    // The front runs from no converts (dearest) to one (as cheap as the phase-2 plan, which it
+    // dominates).
+    assert_eq!(p3.front.len(), 2);
+    assert_eq!(p3.front[0], (0.0, none.relative_bitops));
+    assert_eq!(p3.front[1], (1.0, keep.relative_bitops));
+    // A plan with no converts has nothing to reduce.
+    let uniform = vec![c("w8a8"); groups.len()];
+    let graph = qmix::GroupGraph::new(&s.model().graph, s.placement(), &groups);
+    let p3 = qmix::plan_phase3(graph, &groups, &supported, &uniform, &bitops, start, &options).unwrap();
+    assert!(p3.skipped.is_some() && p3.plans.is_empty());
+}
