@@ -236,7 +236,8 @@ fn pareto_svg(r: &AmpResult, front: &[usize], target: Option<f64>) -> DrawResult
         let root = SVGBackend::with_string(&mut svg, (900, 1000)).into_drawing_area();
         root.fill(&WHITE)?;
         let (all, near) = root.split_vertically(560);
-        let scores = r.points.iter().map(|p| p.score).chain([r.fp32_score]).chain(target);
+        let phase3 = r.phase3.iter().flat_map(|p3| p3.plans.iter().filter_map(|p| p.score));
+        let scores = r.points.iter().map(|p| p.score).chain([r.fp32_score]).chain(target).chain(phase3);
         let (lo, hi) = scores.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), s| (l.min(s), h.max(s)));
         let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
         pareto_panel(
@@ -309,6 +310,30 @@ where
             .draw_series(pts.iter().map(|&p| TriangleMarker::new(p, 6, orange.filled())))?
             .label("budget-optimal plan (evaluated)")
             .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 6, orange.filled()));
+    }
+    if let Some(p3) = &r.phase3 {
+        let purple = RGBColor(140, 60, 180);
+        // Alphas that give the same plan share one marker.
+        let mut pts: Vec<(f64, f64, Vec<String>)> = Vec::new();
+        for p in p3.plans.iter().filter(|p| p.alpha < 1.0) {
+            let Some(score) = p.score.filter(|&s| inside(s)) else { continue };
+            match pts.iter_mut().find(|q| q.0 == p.relative_bitops && q.1 == score) {
+                Some(q) => q.2.push(format!("{:.1}", p.alpha)),
+                None => pts.push((p.relative_bitops, score, vec![format!("{:.1}", p.alpha)])),
+            }
+        }
+        chart
+            .draw_series(pts.iter().map(|(x, y, alphas)| {
+                EmptyElement::at((*x, *y))
+                    + Rectangle::new([(-4, -4), (4, 4)], purple.filled())
+                    + Text::new(
+                        format!("α {}", alphas.join(", ")),
+                        (6, -14),
+                        ("sans-serif", 12).into_font().color(&purple),
+                    )
+            }))?
+            .label("phase-3 plan (fewer converts)")
+            .legend(move |(x, y)| Rectangle::new([(x + 6, y - 4), (x + 14, y + 4)], purple.filled()));
     }
     let mut line: Vec<(f64, f64)> = front
         .iter()
