@@ -11,7 +11,7 @@ use plotters::prelude::*;
 use serde_json::{Value, json};
 
 use crate::analysis::{LayerMse, RangeEntry, TensorHistogram};
-use crate::sensitivity::{LayerScore, Metric, ModelChecks};
+use crate::sensitivity::{LayerScore, ModelChecks};
 
 /// Everything one analysis produced.
 #[derive(Debug, Clone)]
@@ -20,8 +20,10 @@ pub struct AnalysisReport {
     pub model: String,
     /// Settings (config, scheme, precisions, samples, threads…), as given.
     pub settings: Value,
-    /// Sensitivity metric.
-    pub metric: Metric,
+    /// Sensitivity metric's name.
+    pub metric: String,
+    /// Whether a higher sensitivity score means a layer hurts less.
+    pub higher_is_better: bool,
     /// Whole-model checks.
     pub checks: ModelChecks,
     /// Extra named results (e.g. FP32 and simulated top-1).
@@ -44,9 +46,10 @@ pub struct AnalysisReport {
     pub seconds: Vec<(String, f64)>,
 }
 
+/// Most sensitive first (ties in topological order).
 fn ranked(scores: &[LayerScore]) -> Vec<&LayerScore> {
     let mut r: Vec<&LayerScore> = scores.iter().collect();
-    r.sort_by(|a, b| a.score.total_cmp(&b.score));
+    r.sort_by(|a, b| b.sensitivity().total_cmp(&a.sensitivity()));
     r
 }
 
@@ -71,6 +74,15 @@ impl AnalysisReport {
         self.layer_ops.iter().find(|(l, _)| l == layer).map_or("", |(_, o)| o.as_str())
     }
 
+    /// A score as text: fixed point, or scientific for error-like metrics and tiny values.
+    pub fn format_score(&self, v: f64) -> String {
+        if !self.higher_is_better || (v != 0.0 && v.abs() < 0.01) {
+            format!("{v:.3e}")
+        } else {
+            format!("{v:.3}")
+        }
+    }
+
     fn mse_of(&self, layer: &str) -> Option<f64> {
         self.mse.iter().find(|m| m.layer == layer).map(|m| m.mse)
     }
@@ -81,7 +93,7 @@ impl AnalysisReport {
         json!({
             "model": self.model,
             "settings": self.settings,
-            "metric": {"name": self.metric.name(), "higher_is_better": true},
+            "metric": {"name": self.metric, "higher_is_better": self.higher_is_better},
             "checks": {"all": self.checks.all, "weights_only": self.checks.weights_only, "activations_only": self.checks.activations_only},
             "evaluations": self.evaluations.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
             "enable_one": {"scores": scores(&self.enable_one), "ranked": ranked(&self.enable_one).iter().map(|l| json!([l.layer, l.score])).collect::<Vec<_>>()},
@@ -103,15 +115,16 @@ impl AnalysisReport {
 
     /// The `n` most sensitive layers as a plain-text table.
     pub fn top_table(&self, n: usize) -> String {
+        let width = self.metric.len().max(9);
         let mut out =
-            format!("{:>4}  {:>9}  {:>11}  {:<18} layer\n", "rank", self.metric.name(), "output MSE", "op");
+            format!("{:>4}  {:>width$}  {:>11}  {:<18} layer\n", "rank", &self.metric, "output MSE", "op");
         for (k, l) in ranked(&self.enable_one).into_iter().take(n).enumerate() {
             let mse = self.mse_of(&l.layer).map_or("-".into(), |m| format!("{m:.3e}"));
             let _ = writeln!(
                 out,
-                "{:>4}  {:>9.3}  {:>11}  {:<18} {}",
+                "{:>4}  {:>width$}  {:>11}  {:<18} {}",
                 k + 1,
-                l.score,
+                self.format_score(l.score),
                 mse,
                 self.op_of(&l.layer),
                 short(&l.layer, 90)
@@ -139,30 +152,35 @@ impl AnalysisReport {
         let _ = write!(
             h,
             "<h2>Whole model</h2><table><tr><th>quantizers on</th><th>{}</th></tr>\
-             <tr><td>all</td><td class=n>{:.3}</td></tr><tr><td>weights only</td><td class=n>{:.3}</td></tr>\
-             <tr><td>activations only</td><td class=n>{:.3}</td></tr>",
-            self.metric.name(),
-            self.checks.all,
-            self.checks.weights_only,
-            self.checks.activations_only
+             <tr><td>all</td><td class=n>{}</td></tr><tr><td>weights only</td><td class=n>{}</td></tr>\
+             <tr><td>activations only</td><td class=n>{}</td></tr>",
+            &self.metric,
+            self.format_score(self.checks.all),
+            self.format_score(self.checks.weights_only),
+            self.format_score(self.checks.activations_only)
         );
         for (k, v) in &self.evaluations {
             let _ = write!(h, "<tr><td>{}</td><td class=n>{v:.4}</td></tr>", esc(k));
         }
         h.push_str("</table>");
-        let worse =
-            if self.checks.weights_only < self.checks.activations_only { "weights" } else { "activations" };
+        let weights_worse = if self.higher_is_better {
+            self.checks.weights_only < self.checks.activations_only
+        } else {
+            self.checks.weights_only > self.checks.activations_only
+        };
+        let worse = if weights_worse { "weights" } else { "activations" };
         let _ = write!(
             h,
-            "<p class=\"note\">Most of the damage comes from the {worse} (lower {} is worse).</p>",
-            self.metric.name()
+            "<p class=\"note\">Most of the damage comes from the {worse} ({} {} is worse).</p>",
+            if self.higher_is_better { "lower" } else { "higher" },
+            &self.metric
         );
         // Sensitivity.
         h.push_str("<h2>Per-layer sensitivity</h2>");
         let _ = write!(
             h,
             "<p class=\"note\">Enable one: {} with only that layer's quantizers on, layers in topological order; the ten most sensitive in red.{}</p>",
-            self.metric.name(),
+            &self.metric,
             if self.disable_one.is_some() {
                 " Disable one (everything on but that layer) as the orange line."
             } else {
@@ -179,9 +197,9 @@ impl AnalysisReport {
             let mse = self.mse_of(&l.layer).map_or("-".into(), |m| format!("{m:.3e}"));
             let _ = write!(
                 h,
-                "<tr><td class=n>{}</td><td class=n>{:.3}</td><td class=n>{mse}</td><td>{}</td><td title=\"{}\">{}</td></tr>",
+                "<tr><td class=n>{}</td><td class=n>{}</td><td class=n>{mse}</td><td>{}</td><td title=\"{}\">{}</td></tr>",
                 k + 1,
-                l.score,
+                self.format_score(l.score),
                 esc(self.op_of(&l.layer)),
                 esc(&l.layer),
                 esc(&short(&l.layer, 110))
@@ -245,8 +263,16 @@ impl AnalysisReport {
                 self.enable_one.len(),
                 padded(lo.min(0.0), hi),
                 "layer (topological order)",
-                self.metric.name(),
-                &|y| format!("{y:.0}"),
+                &self.metric,
+                &|y| {
+                    if hi.abs().max(lo.abs()) < 1.0 {
+                        format!("{y:.1e}")
+                    } else if hi - lo < 10.0 {
+                        format!("{y:.2}")
+                    } else {
+                        format!("{y:.0}")
+                    }
+                },
             )?;
             let worst: Vec<&str> =
                 ranked(&self.enable_one).iter().take(10).map(|l| l.layer.as_str()).collect();
@@ -279,7 +305,7 @@ impl AnalysisReport {
             let (lo, hi) = finite_range(logs.iter().copied());
             let mut chart =
                 indexed_chart(&root, logs.len(), padded(lo, hi), "layer (topological order)", "MSE", &|y| {
-                    format!("1e{y:.0}")
+                    format!("{:.1e}", 10f64.powf(*y))
                 })?;
             let base = padded(lo, hi).start;
             chart.draw_series(logs.iter().enumerate().map(|(i, &y)| {

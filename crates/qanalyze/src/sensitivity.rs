@@ -3,6 +3,10 @@
 //! against the FP32 outputs, for every layer in topological order. Encodings are not recomputed
 //! between layers, exactly as AIMET does; afterwards every quantizer is restored.
 //!
+//! Scores come from a [`Scorer`]: the built-in [`Metric`]s (AIMET's PSNR, SQNR, AMP SQNR, MSE,
+//! top-k logit PSNR, arg-max agreement) or a [`UserMetric`] closure; each says whether higher is
+//! better, and [`LayerScore::sensitivity`] ranks layers the same way whatever the direction.
+//!
 //! Only the layer's downstream is recomputed: the FP32 values of every tensor are kept from one
 //! float run per batch (memory: all intermediates of the batch), and each layer's run resumes
 //! from them (qexec `resume`).
@@ -24,7 +28,7 @@ pub enum AnalyzeError {
     Data(String),
 }
 
-/// How a layer's effect on the outputs is scored (higher is better for all).
+/// The built-in ways to score simulated outputs against the FP32 ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Metric {
     /// AIMET's PSNR (spec §5.2): pooled over all samples and elements, minimum over outputs.
@@ -35,94 +39,271 @@ pub enum Metric {
     /// `mean(x²) / (mean((x − x̂)²) + 1e−4)`, summed over batches, divided by the sample count
     /// (not the batch count, as AIMET does), in dB.
     AmpSqnr,
+    /// Mean squared error pooled over samples, maximum over outputs (lower is better).
+    Mse,
+    /// AIMET's PSNR on the FP32 output's `k` largest logits of each row only (first output, last
+    /// axis = classes): the logits a classification depends on.
+    TopKPsnr(usize),
+    /// Share of rows of the first output whose arg-max equals the FP32 arg-max.
+    Top1Agreement,
+}
+
+/// A way to score simulated outputs against the FP32 outputs of the same batches. [`Metric`]
+/// implements it; [`UserMetric`] wraps a closure (e.g. top-1 against labels).
+pub trait Scorer {
+    /// The name reports use.
+    fn metric_name(&self) -> String;
+    /// Whether a higher score means less damage.
+    fn higher_is_better(&self) -> bool;
+    /// The score of `simulated` against `reference`.
+    fn score(&self, reference: &Outputs, simulated: &Outputs) -> Result<f64, AnalyzeError>;
+}
+
+impl<T: Scorer + ?Sized> Scorer for &T {
+    fn metric_name(&self) -> String {
+        (**self).metric_name()
+    }
+    fn higher_is_better(&self) -> bool {
+        (**self).higher_is_better()
+    }
+    fn score(&self, reference: &Outputs, simulated: &Outputs) -> Result<f64, AnalyzeError> {
+        (**self).score(reference, simulated)
+    }
+}
+
+/// A metric given as a closure of (FP32 outputs, simulated outputs).
+pub struct UserMetric<F> {
+    name: String,
+    higher_is_better: bool,
+    f: F,
+}
+
+impl<F: Fn(&Outputs, &Outputs) -> Result<f64, String>> UserMetric<F> {
+    /// A metric called `name`, scored by `f`.
+    pub fn new(name: impl Into<String>, higher_is_better: bool, f: F) -> UserMetric<F> {
+        UserMetric { name: name.into(), higher_is_better, f }
+    }
+}
+
+impl<F: Fn(&Outputs, &Outputs) -> Result<f64, String>> Scorer for UserMetric<F> {
+    fn metric_name(&self) -> String {
+        self.name.clone()
+    }
+    fn higher_is_better(&self) -> bool {
+        self.higher_is_better
+    }
+    fn score(&self, reference: &Outputs, simulated: &Outputs) -> Result<f64, AnalyzeError> {
+        let s = (self.f)(reference, simulated)
+            .map_err(|e| AnalyzeError::Data(format!("metric {}: {e}", self.name)))?;
+        if s.is_nan() {
+            return Err(AnalyzeError::Data(format!("metric {} returned NaN", self.name)));
+        }
+        Ok(s)
+    }
+}
+
+fn sizes_differ(r: usize, s: usize) -> AnalyzeError {
+    AnalyzeError::Data(format!("output sizes differ: {r} vs {s}"))
+}
+
+/// Output 0 of one batch, FP32 and simulated, as rows of `classes` logits.
+struct BatchLogits {
+    classes: usize,
+    reference: Vec<f32>,
+    simulated: Vec<f32>,
+}
+
+/// Classes of an output: the size of its last axis.
+fn classes_of(t: &Tensor) -> usize {
+    t.shape().last().copied().unwrap_or(1).max(1)
 }
 
 impl Metric {
     /// The name reports use.
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            Metric::Psnr => "psnr_db",
-            Metric::Sqnr => "sqnr_db",
-            Metric::AmpSqnr => "amp_sqnr_db",
+            Metric::Psnr => "psnr_db".into(),
+            Metric::Sqnr => "sqnr_db".into(),
+            Metric::AmpSqnr => "amp_sqnr_db".into(),
+            Metric::Mse => "mse".into(),
+            Metric::TopKPsnr(k) => format!("top{k}_psnr_db"),
+            Metric::Top1Agreement => "top1_agreement".into(),
         }
+    }
+
+    /// Parses a name as [`Metric::name`] gives it, or without its `_db` unit (`top5_psnr`).
+    pub fn parse(s: &str) -> Option<Metric> {
+        let s = s.strip_suffix("_db").unwrap_or(s);
+        Some(match s {
+            "psnr" => Metric::Psnr,
+            "sqnr" => Metric::Sqnr,
+            "amp_sqnr" => Metric::AmpSqnr,
+            "mse" => Metric::Mse,
+            "top1_agreement" => Metric::Top1Agreement,
+            _ => {
+                let k: usize = s.strip_prefix("top")?.strip_suffix("_psnr")?.parse().ok()?;
+                (k > 0).then_some(Metric::TopKPsnr(k))?
+            }
+        })
     }
 
     fn pooled_score(self, reference: &[f32], simulated: &[f32]) -> Result<f64, AnalyzeError> {
         let kernel = |e: qkernels::KernelError| AnalyzeError::Data(e.to_string());
         match self {
-            Metric::Psnr => qkernels::psnr_aimet(reference, simulated)
+            Metric::Mse => qkernels::mse(reference, simulated).map_err(kernel),
+            Metric::Sqnr => qkernels::sqnr_db(reference, simulated).map_err(kernel),
+            _ => qkernels::psnr_aimet(reference, simulated)
                 .map_err(kernel)?
                 .ok_or_else(|| AnalyzeError::Data("the FP32 outputs are not finite".into())),
-            Metric::Sqnr | Metric::AmpSqnr => qkernels::sqnr_db(reference, simulated).map_err(kernel),
         }
     }
 
-    /// The score of simulated outputs against the FP32 ones, both given per batch and output.
-    fn score(self, reference: &BatchOutputs, simulated: &BatchOutputs) -> Result<f64, AnalyzeError> {
-        if self == Metric::AmpSqnr {
-            let mut sum = 0f64;
-            for (r, s) in reference.per_batch.iter().zip(&simulated.per_batch) {
-                let (Some(r), Some(s)) = (r.first(), s.first()) else { continue };
-                if r.len() != s.len() {
-                    return Err(AnalyzeError::Data(format!(
-                        "output sizes differ: {} vs {}",
-                        r.len(),
-                        s.len()
-                    )));
+    fn amp_sqnr(reference: &Outputs, simulated: &Outputs) -> Result<f64, AnalyzeError> {
+        let mut sum = 0f64;
+        for (r, s) in reference.per_batch.iter().zip(&simulated.per_batch) {
+            let (Some(r), Some(s)) = (r.first().map(floats), s.first().map(floats)) else { continue };
+            if r.len() != s.len() {
+                return Err(sizes_differ(r.len(), s.len()));
+            }
+            let n = r.len().max(1) as f64;
+            let signal: f64 = r.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / n;
+            let noise: f64 =
+                r.iter().zip(&s).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>() / n;
+            sum += signal / (noise + 1e-4);
+        }
+        Ok(10.0 * (sum / reference.samples.max(1) as f64).log10())
+    }
+
+    /// Output 0 of every batch: the FP32 logits, the simulated ones and the row length.
+    fn rows(reference: &Outputs, simulated: &Outputs) -> Result<Vec<BatchLogits>, AnalyzeError> {
+        let mut out = Vec::new();
+        for (r, s) in reference.per_batch.iter().zip(&simulated.per_batch) {
+            let (Some(rt), Some(st)) = (r.first(), s.first()) else { continue };
+            let (r, s) = (floats(rt), floats(st));
+            if r.len() != s.len() {
+                return Err(sizes_differ(r.len(), s.len()));
+            }
+            out.push(BatchLogits { classes: classes_of(rt), reference: r, simulated: s });
+        }
+        Ok(out)
+    }
+
+    fn top_k_psnr(k: usize, reference: &Outputs, simulated: &Outputs) -> Result<f64, AnalyzeError> {
+        let (mut picked_r, mut picked_s) = (Vec::new(), Vec::new());
+        for b in Self::rows(reference, simulated)? {
+            for (row_r, row_s) in b.reference.chunks(b.classes).zip(b.simulated.chunks(b.classes)) {
+                let mut order: Vec<usize> = (0..row_r.len()).collect();
+                order.sort_by(|&a, &b| row_r[b].total_cmp(&row_r[a]).then(a.cmp(&b)));
+                for &i in order.iter().take(k) {
+                    picked_r.push(row_r[i]);
+                    picked_s.push(row_s[i]);
                 }
-                let n = r.len().max(1) as f64;
-                let signal: f64 = r.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / n;
-                let noise: f64 =
-                    r.iter().zip(s).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>() / n;
-                sum += signal / (noise + 1e-4);
-            }
-            return Ok(10.0 * (sum / reference.samples.max(1) as f64).log10());
-        }
-        let (r, s) = (reference.pooled(), simulated.pooled());
-        let mut score = f64::INFINITY;
-        for (r, s) in r.iter().zip(&s) {
-            if !r.is_empty() {
-                score = score.min(self.pooled_score(r, s)?);
             }
         }
-        Ok(score)
+        Metric::Psnr.pooled_score(&picked_r, &picked_s)
+    }
+
+    fn top1_agreement(reference: &Outputs, simulated: &Outputs) -> Result<f64, AnalyzeError> {
+        let argmax = |row: &[f32]| {
+            row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
+        };
+        let (mut rows, mut same) = (0usize, 0usize);
+        for b in Self::rows(reference, simulated)? {
+            for (row_r, row_s) in b.reference.chunks(b.classes).zip(b.simulated.chunks(b.classes)) {
+                rows += 1;
+                same += usize::from(argmax(row_r) == argmax(row_s));
+            }
+        }
+        if rows == 0 {
+            return Err(AnalyzeError::Data("no rows to compare".into()));
+        }
+        Ok(same as f64 / rows as f64)
     }
 }
 
-/// The float outputs of a list of batches: per batch, per output (non-float outputs left empty).
+impl Scorer for Metric {
+    fn metric_name(&self) -> String {
+        self.name()
+    }
+
+    fn higher_is_better(&self) -> bool {
+        *self != Metric::Mse
+    }
+
+    fn score(&self, reference: &Outputs, simulated: &Outputs) -> Result<f64, AnalyzeError> {
+        match *self {
+            Metric::AmpSqnr => Metric::amp_sqnr(reference, simulated),
+            Metric::TopKPsnr(0) => Err(AnalyzeError::Data("top-k PSNR needs k ≥ 1".into())),
+            Metric::TopKPsnr(k) => Metric::top_k_psnr(k, reference, simulated),
+            Metric::Top1Agreement => Metric::top1_agreement(reference, simulated),
+            Metric::Psnr | Metric::Sqnr | Metric::Mse => {
+                // Worst over outputs: the lowest PSNR/SQNR, the highest MSE.
+                let mut worst: Option<f64> = None;
+                for i in 0..reference.output_count() {
+                    let (r, s) = (reference.pooled(i), simulated.pooled(i));
+                    if r.is_empty() {
+                        continue;
+                    }
+                    let v = self.pooled_score(&r, &s)?;
+                    worst = Some(match worst {
+                        None => v,
+                        Some(w) if *self == Metric::Mse => w.max(v),
+                        Some(w) => w.min(v),
+                    });
+                }
+                Ok(worst.unwrap_or(if *self == Metric::Mse { 0.0 } else { f64::INFINITY }))
+            }
+        }
+    }
+}
+
+fn floats(t: &Tensor) -> Vec<f32> {
+    t.as_f32().map(|a| a.iter().copied().collect()).unwrap_or_default()
+}
+
+/// The outputs of a list of batches, per batch and output, as the model produced them.
 #[derive(Debug, Clone, Default)]
-struct BatchOutputs {
-    per_batch: Vec<Vec<Vec<f32>>>,
+pub struct Outputs {
+    per_batch: Vec<Vec<Tensor>>,
     samples: usize,
 }
 
-impl BatchOutputs {
+impl Outputs {
     fn push(&mut self, outputs: Vec<Tensor>) {
         self.samples += outputs.first().and_then(|t| t.shape().first().copied()).unwrap_or(1);
-        self.per_batch.push(
-            outputs
-                .iter()
-                .map(|t| t.as_f32().map(|a| a.iter().copied().collect()).unwrap_or_default())
-                .collect(),
-        );
+        self.per_batch.push(outputs);
     }
 
-    /// Each output concatenated over all batches.
-    fn pooled(&self) -> Vec<Vec<f32>> {
-        let mut pooled: Vec<Vec<f32>> = Vec::new();
+    /// Per batch, the model's outputs in order.
+    pub fn batches(&self) -> &[Vec<Tensor>] {
+        &self.per_batch
+    }
+
+    /// Samples over all batches (the first axis of the first output).
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    /// Outputs per batch.
+    pub fn output_count(&self) -> usize {
+        self.per_batch.iter().map(Vec::len).max().unwrap_or(0)
+    }
+
+    /// Output `i` of every batch concatenated, as f32 (empty when it is not a float tensor).
+    pub fn pooled(&self, i: usize) -> Vec<f32> {
+        let mut out = Vec::new();
         for batch in &self.per_batch {
-            for (i, t) in batch.iter().enumerate() {
-                if pooled.len() <= i {
-                    pooled.resize(i + 1, Vec::new());
-                }
-                pooled[i].extend_from_slice(t);
+            if let Some(a) = batch.get(i).and_then(Tensor::as_f32) {
+                out.extend(a.iter().copied());
             }
         }
-        pooled
+        out
     }
 
     fn is_empty(&self) -> bool {
-        self.per_batch.iter().all(|b| b.iter().all(Vec::is_empty))
+        (0..self.output_count()).all(|i| {
+            self.per_batch.iter().all(|b| b.get(i).and_then(Tensor::as_f32).is_none_or(|a| a.is_empty()))
+        })
     }
 }
 
@@ -133,6 +314,16 @@ pub struct LayerScore {
     pub layer: String,
     /// The metric with only this layer quantized.
     pub score: f64,
+    /// Whether a higher score means the layer hurts less.
+    pub higher_is_better: bool,
+}
+
+impl LayerScore {
+    /// How much the layer hurts, comparable across layers whatever the metric's direction:
+    /// higher is more sensitive.
+    pub fn sensitivity(&self) -> f64 {
+        if self.higher_is_better { -self.score } else { self.score }
+    }
 }
 
 /// The layers of the simulation as AIMET counts them (every node but `Constant`, in topological
@@ -157,8 +348,8 @@ pub fn layers(sim: &QuantSim) -> Result<Vec<(NodeId, Vec<QuantizerId>)>, Analyze
 fn run_all(
     batches: &[Feeds],
     run: impl Fn(&[(&str, Tensor)]) -> Result<Vec<Tensor>, AnalyzeError>,
-) -> Result<BatchOutputs, AnalyzeError> {
-    let mut outs = BatchOutputs::default();
+) -> Result<Outputs, AnalyzeError> {
+    let mut outs = Outputs::default();
     for feeds in batches {
         let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         outs.push(run(&named)?);
@@ -190,7 +381,7 @@ fn changed_values(sim: &QuantSim, qs: &[QuantizerId]) -> Vec<qgraph::ValueId> {
 pub struct FloatReference {
     batches: Vec<Feeds>,
     caches: Vec<qexec::ValueCache>,
-    outputs: BatchOutputs,
+    outputs: Outputs,
 }
 
 impl FloatReference {
@@ -201,7 +392,7 @@ impl FloatReference {
         }
         let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(threads))?;
         let mut caches = Vec::with_capacity(batches.len());
-        let mut outputs = BatchOutputs::default();
+        let mut outputs = Outputs::default();
         for feeds in batches {
             let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
             let run = float.run_with(&named, qexec::RunOptions::default().keep(qexec::Keep::All))?;
@@ -241,7 +432,7 @@ impl FloatReference {
     }
 
     /// Scores the simulation as it is (full forward passes).
-    pub fn score(&self, sim: &QuantSim, metric: Metric) -> Result<f64, AnalyzeError> {
+    pub fn score(&self, sim: &QuantSim, metric: impl Scorer) -> Result<f64, AnalyzeError> {
         let simulated = run_all(&self.batches, |f| Ok(sim.run(f)?))?;
         metric.score(&self.outputs, &simulated)
     }
@@ -253,14 +444,14 @@ impl FloatReference {
         &self,
         sim: &QuantSim,
         enabled: &[QuantizerId],
-        metric: Metric,
+        metric: impl Scorer,
     ) -> Result<f64, AnalyzeError> {
         let changed = changed_values(sim, enabled);
         let inputs = sim.model().graph.inputs();
         if changed.iter().any(|v| inputs.contains(v)) {
             return self.score(sim, metric);
         }
-        let mut simulated = BatchOutputs::default();
+        let mut simulated = Outputs::default();
         for cache in &self.caches {
             simulated.push(sim.run_resumed(cache, &changed)?);
         }
@@ -274,7 +465,7 @@ impl FloatReference {
 pub fn enable_one(
     sim: &mut QuantSim,
     reference: &FloatReference,
-    metric: Metric,
+    metric: impl Scorer,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LayerScore>, AnalyzeError> {
     let layers = layers(sim)?;
@@ -289,8 +480,12 @@ pub fn enable_one(
         for (k, (node, qs)) in layers.iter().enumerate() {
             set(sim, qs, true);
             sim.refresh()?;
-            let score = reference.score_only(sim, qs, metric)?;
-            scores.push(LayerScore { layer: sim.model().graph.node(*node).name.clone(), score });
+            let score = reference.score_only(sim, qs, &metric)?;
+            scores.push(LayerScore {
+                layer: sim.model().graph.node(*node).name.clone(),
+                score,
+                higher_is_better: metric.higher_is_better(),
+            });
             set(sim, qs, false);
             progress(k + 1, layers.len());
         }
@@ -320,7 +515,7 @@ fn with_enabled<T>(
 pub fn disable_one(
     sim: &mut QuantSim,
     reference: &FloatReference,
-    metric: Metric,
+    metric: impl Scorer,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LayerScore>, AnalyzeError> {
     let layers = layers(sim)?;
@@ -329,8 +524,12 @@ pub fn disable_one(
         for (k, (node, qs)) in layers.iter().enumerate() {
             qs.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = false);
             sim.refresh()?;
-            let score = reference.score(sim, metric)?;
-            scores.push(LayerScore { layer: sim.model().graph.node(*node).name.clone(), score });
+            let score = reference.score(sim, &metric)?;
+            scores.push(LayerScore {
+                layer: sim.model().graph.node(*node).name.clone(),
+                score,
+                higher_is_better: metric.higher_is_better(),
+            });
             qs.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = true);
             progress(k + 1, layers.len());
         }
@@ -353,9 +552,9 @@ pub struct ModelChecks {
 pub fn model_checks(
     sim: &mut QuantSim,
     reference: &FloatReference,
-    metric: Metric,
+    metric: impl Scorer,
 ) -> Result<ModelChecks, AnalyzeError> {
-    let score = |sim: &QuantSim| reference.score(sim, metric);
+    let score = |sim: &QuantSim| reference.score(sim, &metric);
     let all = score(sim)?;
     let mut only = |params: bool| {
         with_enabled(sim, |sim| {

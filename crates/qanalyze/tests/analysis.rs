@@ -201,7 +201,8 @@ fn mse_ranges_histograms_and_the_report() {
     let report = qanalyze::AnalysisReport {
         model: "cnn <test>".into(),
         settings: serde_json::json!({"config": "default"}),
-        metric: Metric::Psnr,
+        metric: Metric::Psnr.name(),
+        higher_is_better: true,
         checks,
         evaluations: vec![("top-1".into(), 0.5)],
         layer_ops: vec![("conv1".into(), "Conv".into())],
@@ -225,4 +226,74 @@ fn mse_ranges_histograms_and_the_report() {
     assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
     assert!(html.contains("cnn &lt;test&gt;") && !html.contains("<script"));
     assert_eq!(html.matches("<svg").count(), 3 + 2);
+}
+
+/// The simulated outputs of the test batches, flattened, with their row length.
+fn simulated_logits(sim: &QuantSim) -> (Vec<f32>, usize) {
+    let mut out = Vec::new();
+    let mut classes = 0;
+    for feeds in batches() {
+        let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let y = sim.run(&named).unwrap().remove(0);
+        classes = *y.shape().last().unwrap();
+        out.extend(y.as_f32().unwrap().iter().copied());
+    }
+    (out, classes)
+}
+
+#[test]
+fn metrics_score_as_defined_and_carry_their_direction() {
+    use qanalyze::Scorer;
+    let mut sim = calibrated(1);
+    let reference = fp32(&sim, 1);
+    let (fp32_logits, classes) = {
+        let mut off = calibrated(1);
+        let ids = off.placement().quantizer_ids();
+        ids.iter().for_each(|&q| off.placement_mut().quantizer_mut(q).enabled = false);
+        off.refresh().unwrap();
+        simulated_logits(&off)
+    };
+    let (sim_logits, _) = simulated_logits(&sim);
+    // MSE: the plain mean over every logit; lower is better.
+    let mse = reference.score(&sim, Metric::Mse).unwrap();
+    assert!((mse - qkernels::mse(&fp32_logits, &sim_logits).unwrap()).abs() <= 1e-12 * mse.max(1.0));
+    assert!(!Metric::Mse.higher_is_better() && Metric::Psnr.higher_is_better());
+    // Top-k PSNR with k = every class is the PSNR of all logits.
+    let all = reference.score(&sim, Metric::TopKPsnr(classes)).unwrap();
+    assert!((all - reference.score(&sim, Metric::Psnr).unwrap()).abs() < 1e-9);
+    let top1 = reference.score(&sim, Metric::TopKPsnr(1)).unwrap();
+    let largest: Vec<(f32, f32)> = fp32_logits
+        .chunks(classes)
+        .zip(sim_logits.chunks(classes))
+        .map(|(r, s)| {
+            let i = (0..classes).fold(0, |b, i| if r[i] > r[b] { i } else { b });
+            (r[i], s[i])
+        })
+        .collect();
+    let (r, s): (Vec<f32>, Vec<f32>) = largest.into_iter().unzip();
+    assert_eq!(top1, qkernels::psnr_aimet(&r, &s).unwrap().unwrap());
+    // Arg-max agreement, and a user metric: top-1 against labels (here: the FP32 arg-max of
+    // every row, so both agree).
+    let argmax = |row: &[f32]| (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+    let labels: Vec<usize> = fp32_logits.chunks(classes).map(argmax).collect();
+    let top1_vs_labels = qanalyze::UserMetric::new("top1", true, |_fp32, simulated: &qanalyze::Outputs| {
+        let logits = (0..simulated.output_count()).next().map(|i| simulated.pooled(i)).unwrap_or_default();
+        let hits = logits.chunks(classes).zip(&labels).filter(|(row, l)| argmax(row) == **l).count();
+        Ok(hits as f64 / labels.len() as f64)
+    });
+    let agreement = reference.score(&sim, Metric::Top1Agreement).unwrap();
+    assert!((0.0..=1.0).contains(&agreement));
+    assert_eq!(reference.score(&sim, &top1_vs_labels).unwrap(), agreement);
+    // Enable-one with a lower-is-better metric ranks the largest error first.
+    let by_mse = qanalyze::enable_one(&mut sim, &reference, Metric::Mse, &mut |_, _| {}).unwrap();
+    assert!(by_mse.iter().all(|l| !l.higher_is_better && l.sensitivity() == l.score));
+    let by_user = qanalyze::enable_one(&mut sim, &reference, &top1_vs_labels, &mut |_, _| {}).unwrap();
+    assert_eq!(by_user.len(), by_mse.len());
+    // Names parse back.
+    for m in
+        [Metric::Psnr, Metric::Sqnr, Metric::AmpSqnr, Metric::Mse, Metric::TopKPsnr(5), Metric::Top1Agreement]
+    {
+        assert_eq!(Metric::parse(&m.name()), Some(m));
+    }
+    assert_eq!(Metric::parse("top0_psnr"), None);
 }

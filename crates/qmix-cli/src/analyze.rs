@@ -29,7 +29,9 @@ pub struct AnalyzeArgs {
     /// Calibration samples (the first ones) layers are scored on.
     #[arg(long, default_value_t = 32)]
     samples: usize,
-    /// Sensitivity metric: psnr (AIMET's) or sqnr.
+    /// Sensitivity metric: psnr (AIMET's), sqnr, mse (lower is better), topK_psnr (AIMET's PSNR on
+    /// each row's K largest FP32 logits, e.g. top5_psnr) or top1_agreement (share of rows whose
+    /// arg-max stays the FP32 one).
     #[arg(long, default_value = "psnr", value_parser = parse_metric)]
     metric: Metric,
     /// Also score every layer with all quantizers on but its own (one full run per layer).
@@ -55,11 +57,9 @@ pub struct AnalyzeArgs {
 }
 
 fn parse_metric(s: &str) -> Result<Metric, String> {
-    match s {
-        "psnr" => Ok(Metric::Psnr),
-        "sqnr" => Ok(Metric::Sqnr),
-        _ => Err(format!("unknown metric '{s}': psnr or sqnr")),
-    }
+    Metric::parse(s).filter(|m| *m != Metric::AmpSqnr).ok_or_else(|| {
+        format!("unknown metric '{s}': psnr, sqnr, mse, top5_psnr (any K ≥ 1) or top1_agreement")
+    })
 }
 
 pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
@@ -142,7 +142,8 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
             "config": a.job.config, "scheme": a.job.scheme.aimet_name(), "param": a.param.to_string(), "activation": a.activation.to_string(),
             "calibration_samples": calib.samples, "scored_samples": n, "batch": batch, "threads": a.threads,
         }),
-        metric: a.metric,
+        metric: a.metric.name(),
+        higher_is_better: qanalyze::Scorer::higher_is_better(&a.metric),
         checks,
         evaluations,
         layer_ops,
@@ -155,19 +156,19 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
         seconds,
     };
     say!(
-        "{}: {} of the W{}A{} simulation: {:.2} (weights only {:.2}, activations only {:.2})",
+        "{}: {} of the W{}A{} simulation: {} (weights only {}, activations only {})",
         a.job.model.display(),
         a.metric.name(),
         a.param.bits(),
         a.activation.bits(),
-        checks.all,
-        checks.weights_only,
-        checks.activations_only
+        report.format_score(checks.all),
+        report.format_score(checks.weights_only),
+        report.format_score(checks.activations_only)
     );
     for (k, v) in &report.evaluations {
         say!("{k}: {v:.4}");
     }
-    say!("most sensitive of {} layers (enable one, lowest first):", report.enable_one.len());
+    say!("most sensitive of {} layers (enable one, most sensitive first):", report.enable_one.len());
     say!("{}", report.top_table(a.top).trim_end());
     // `{layer: score}` in layer order, as AIMET writes it.
     let entries: Vec<String> = report
@@ -187,12 +188,13 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     let total: f64 = report.seconds.iter().map(|(_, s)| s).sum();
     say!("wrote {} (analysis.json, layer_sensitivity.json, report.html) in {total:.1} s", a.out.display());
     let mut ranked: Vec<&qanalyze::LayerScore> = report.enable_one.iter().collect();
-    ranked.sort_by(|x, y| x.score.total_cmp(&y.score));
+    ranked.sort_by(|x, y| y.sensitivity().total_cmp(&x.sensitivity()));
     crate::summary(json!({
         "command": "analyze",
         "model": a.job.model.display().to_string(),
         "out": a.out.display().to_string(),
         "metric": a.metric.name(),
+        "higher_is_better": report.higher_is_better,
         "checks": {"all": checks.all, "weights_only": checks.weights_only, "activations_only": checks.activations_only},
         "most_sensitive": ranked.iter().take(a.top).map(|l| json!([l.layer, l.score])).collect::<Vec<_>>(),
         "evaluations": report.evaluations.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),

@@ -197,7 +197,7 @@ pub struct AmpResult {
     /// Bit-ops model.
     pub bitops: BitOps,
     /// Name of the phase-1 metric.
-    pub phase1_metric: &'static str,
+    pub phase1_metric: String,
     /// The budget-optimal search, when asked for.
     pub budget: Option<BudgetSearch>,
     /// Which search the final plan comes from: `greedy`, `budget` or `baseline`.

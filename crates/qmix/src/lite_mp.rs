@@ -1,5 +1,6 @@
-//! Lite-MP (spec §6): flip the most sensitive layers to a higher precision. Layers are sorted by
-//! score, lowest (most sensitive) first, ties in their analysis order; the first
+//! Lite-MP (spec §6): flip the most sensitive layers to a higher precision. Layers are sorted most
+//! sensitive first (lowest score, or highest for a lower-is-better metric such as MSE), ties in
+//! their analysis order; the first
 //! `ceil(n · percent / 100)` are flipped: their producer-less inputs and outputs to the
 //! activation precision, every parameter (enabled or not) to the parameter precision; then the
 //! config's exception rules are applied again. As in AIMET, the caller recalibrates afterwards
@@ -89,7 +90,7 @@ pub fn flip_count(
         return Err(FlipError::Count { count, scored: scores.len() });
     }
     let mut ranked: Vec<&LayerScore> = scores.iter().collect();
-    ranked.sort_by(|a, b| a.score.total_cmp(&b.score));
+    ranked.sort_by(|a, b| b.sensitivity().total_cmp(&a.sensitivity()));
     let mut flipped = Vec::with_capacity(count);
     for s in ranked.into_iter().take(count) {
         let g = &sim.model().graph;

@@ -120,8 +120,18 @@ fn flips_apply_the_exception_rules_again() {
         QuantSim::new(model, QuantsimConfig::load("default").unwrap(), SimOptions::default()).unwrap();
     let gq = s.placement().quantizer_of(s.model().graph.value_id("gamma").unwrap()).unwrap();
     assert!(!s.placement().quantizer(gq).symmetric);
-    let scores = vec![qanalyze::LayerScore { layer: "ln".into(), score: 1.0 }];
+    let scores = vec![qanalyze::LayerScore { layer: "ln".into(), score: 1.0, higher_is_better: true }];
     qmix::flip_count(&mut s, &scores, 1, Precision::Int(16), Precision::Int(16)).unwrap();
     let q = s.placement().quantizer(gq);
     assert_eq!((q.precision, q.symmetric), (Precision::Int(16), true));
+}
+
+#[test]
+fn a_lower_is_better_metric_flips_the_largest_scores() {
+    let mut s = calibrated(8);
+    let fp32 = qanalyze::FloatReference::new(&s, &batches()[..1], 1).unwrap();
+    let mse = qanalyze::enable_one(&mut s, &fp32, qanalyze::Metric::Mse, &mut |_, _| {}).unwrap();
+    let worst = mse.iter().max_by(|a, b| a.score.total_cmp(&b.score)).unwrap().layer.clone();
+    let flipped = qmix::flip_count(&mut s, &mse, 1, Precision::Int(16), Precision::Int(16)).unwrap();
+    assert_eq!(flipped[0].layer, worst);
 }
