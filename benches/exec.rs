@@ -1,5 +1,6 @@
 //! Criterion bench: the interpreter's hot kernels on MobileNetV2 and MiniLM layer shapes, each a
-//! one-node model run through a single-threaded `qexec::Session` — pointwise (1×1) Conv, the
+//! one-node model run through a single-threaded `qexec::Session` — pointwise (1×1) Conv (wide
+//! and shallow at 112×112, deep and small at 7×7), the
 //! strided 3×3 stem Conv, depthwise 3×3 Conv at stride 1 and 2 (with fused Clip), and MatMul.
 //! Throughput is reported in MACs so the numbers compare across shapes.
 
@@ -62,6 +63,15 @@ fn kernels(c: &mut Criterion) {
     group.sample_size(20);
     let cases: Vec<Case> = vec![
         ("conv1x1_96to24_56x56", vec![1, 96, 56, 56], vec![24, 96, 1, 1], vec![], false, 24 * 96 * 56 * 56),
+        (
+            "conv1x1_16to96_112x112",
+            vec![1, 16, 112, 112],
+            vec![96, 16, 1, 1],
+            vec![],
+            true,
+            96 * 16 * 112 * 112,
+        ),
+        ("conv1x1_160to960_7x7", vec![1, 160, 7, 7], vec![960, 160, 1, 1], vec![], true, 960 * 160 * 7 * 7),
         (
             "conv3x3s2_stem_3to32_224",
             vec![1, 3, 224, 224],

@@ -107,6 +107,10 @@ qkernels::multiversion! {
         for (iy, src) in x.chunks_exact(g.w).enumerate() {
             let at = (iy as isize + g.pt) as usize * s * phase_len;
             let Some(phased) = rows.get_mut(at..at + s * phase_len) else { break };
+            if s == 2 {
+                split_pairs(src, spans, g.pl, phased, phase_len);
+                continue;
+            }
             for (dst, &(lo, hi, start)) in phased.chunks_mut(phase_len).zip(spans) {
                 let dst = &mut dst[lo..hi];
                 if s == 1 {
@@ -119,9 +123,52 @@ qkernels::multiversion! {
     }
 }
 
-/// One register block: `BLOCK` outputs of `R` output rows starting at `bases` in `rows`.
+/// Stride 2: one pass over an input row writes both phases. Phase `p` element `j` holds input
+/// column `2j + p − pl`; where both phases are valid, input pairs split into the two phases.
 #[inline(always)]
-fn block<const R: usize>(
+fn split_pairs(
+    src: &[f32],
+    spans: &[(usize, usize, usize)],
+    pl: isize,
+    phased: &mut [f32],
+    phase_len: usize,
+) {
+    let (p0, p1) = phased.split_at_mut(phase_len);
+    let (lo, hi) = (spans[0].0.max(spans[1].0), spans[0].1.min(spans[1].1));
+    if lo < hi {
+        let first = (2 * lo) as isize - pl;
+        if first >= 0 {
+            let first = first as usize;
+            let pairs = src[first..].chunks_exact(2);
+            for ((a, b), pair) in p0[lo..hi].iter_mut().zip(&mut p1[lo..hi]).zip(pairs) {
+                *a = pair[0];
+                *b = pair[1];
+            }
+        }
+    }
+    // The few elements outside the common range (and everything if there is none).
+    let common = lo < hi && (2 * lo) as isize >= pl;
+    for (p, dst) in [p0, p1].into_iter().enumerate() {
+        let (plo, phi, start) = spans[p];
+        let edges = if common {
+            [(plo, lo.clamp(plo, phi)), (hi.clamp(plo, phi), phi)]
+        } else {
+            [(plo, phi), (phi, phi)]
+        };
+        for (a, b) in edges {
+            for j in a..b {
+                dst[j] = src[start + 2 * (j - plo)];
+            }
+        }
+    }
+}
+
+/// One register block: `BLOCK` outputs of `R` output rows starting at `bases` in `rows`.
+///
+/// # Safety
+/// `bases[r] + taps[t] + BLOCK <= rows.len()` for every row `r` and tap `t`.
+#[inline(always)]
+unsafe fn block<const R: usize>(
     rows: &[f32],
     taps: &[usize],
     k: &[f32],
@@ -131,10 +178,10 @@ fn block<const R: usize>(
     let mut acc = [[bias; BLOCK]; R];
     for (&off, &w) in taps.iter().zip(k) {
         for r in 0..R {
-            let at = bases[r] + off;
-            let v: &[f32; BLOCK] = rows[at..at + BLOCK].try_into().unwrap_or(&[0.0; BLOCK]);
+            // SAFETY: the caller guarantees the window lies inside `rows`.
+            let v = unsafe { &*rows.as_ptr().add(bases[r] + off).cast::<[f32; BLOCK]>() };
             for i in 0..BLOCK {
-                acc[r][i] += w * v[i];
+                acc[r][i] = w.mul_add(v[i], acc[r][i]);
             }
         }
     }
@@ -151,14 +198,26 @@ qkernels::multiversion! {
             for i in 0..BLOCK {
                 clamped[i] = clamp_keep_nan(acc[i], lo, hi);
             }
-            dst.copy_from_slice(&clamped[..dst.len()]);
+            // Full and half blocks as fixed-size copies (vector stores, no call); other tails as slices.
+            if let Ok(full) = <&mut [f32; BLOCK]>::try_from(&mut *dst) {
+                *full = clamped;
+            } else if let Ok(half) = <&mut [f32; BLOCK / 2]>::try_from(&mut *dst) {
+                half.copy_from_slice(&clamped[..BLOCK / 2]);
+            } else {
+                dst.copy_from_slice(&clamped[..dst.len()]);
+            }
         };
+        let rows_out = out.len() / ow.max(1);
+        let last_base = rows_out.saturating_sub(1) * step + (ow.max(1) - 1) / BLOCK * BLOCK;
+        let reach = last_base + taps.iter().copied().max().unwrap_or(0) + BLOCK;
+        assert!(reach <= rows.len() && k.len() >= taps.len(), "depthwise rows too short for the taps");
         let mut pairs = out.chunks_exact_mut(2 * ow);
         let mut oy = 0;
         for pair in pairs.by_ref() {
             let (top, bottom) = pair.split_at_mut(ow);
             for x0 in (0..ow).step_by(BLOCK) {
-                let acc = block::<2>(rows, taps, k, [oy * step + x0, (oy + 1) * step + x0], bias);
+                // SAFETY: every base is at most `last_base`, checked against `rows` above.
+                let acc = unsafe { block::<2>(rows, taps, k, [oy * step + x0, (oy + 1) * step + x0], bias) };
                 let n = BLOCK.min(ow - x0);
                 store(&mut top[x0..x0 + n], &acc[0]);
                 store(&mut bottom[x0..x0 + n], &acc[1]);
@@ -167,7 +226,8 @@ qkernels::multiversion! {
         }
         let last = pairs.into_remainder();
         for x0 in (0..last.len()).step_by(BLOCK) {
-            let acc = block::<1>(rows, taps, k, [oy * step + x0], bias);
+            // SAFETY: as above.
+            let acc = unsafe { block::<1>(rows, taps, k, [oy * step + x0], bias) };
             let n = BLOCK.min(ow - x0);
             store(&mut last[x0..x0 + n], &acc[0]);
         }
