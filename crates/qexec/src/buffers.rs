@@ -43,6 +43,11 @@ impl BufferPool {
         let Tensor::F32(a) = t else { return };
         let Ok(owned) = a.try_into_owned_nocopy() else { return };
         let (buf, _) = owned.into_raw_vec_and_offset();
+        self.put(buf);
+    }
+
+    /// Takes back a scratch buffer a kernel got from [`BufferPool::take`].
+    pub fn put(&self, buf: Vec<f32>) {
         if buf.capacity() < 1024 {
             return;
         }

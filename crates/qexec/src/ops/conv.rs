@@ -211,8 +211,17 @@ fn im2col(x: &[f32], g: &Geometry, channels: usize, col: &mut [f32]) {
                         let start = (xlo as isize + offx) as usize;
                         dst[xlo..xhi].copy_from_slice(&src[start..start + (xhi - xlo)]);
                     } else {
-                        for (ox, d) in dst.iter_mut().enumerate().take(xhi).skip(xlo) {
-                            *d = src[(ox as isize * g.sw as isize + offx) as usize];
+                        // Every sw-th input from `start`: the first of each whole sw-run, then
+                        // the last one alone (it may have no full run left after it).
+                        let start = (xlo as isize * g.sw as isize + offx) as usize;
+                        let n = xhi - xlo;
+                        let whole = n.min((src.len() - start) / g.sw);
+                        for (d, run) in dst[xlo..xlo + whole].iter_mut().zip(src[start..].chunks_exact(g.sw))
+                        {
+                            *d = run[0];
+                        }
+                        for i in whole..n {
+                            dst[xlo + i] = src[start + i * g.sw];
                         }
                     }
                 }
@@ -257,7 +266,8 @@ impl Conv {
             && g.pl == 0
             && g.oh == g.h
             && g.ow == g.w;
-        let mut col = if direct { Vec::new() } else { vec![0f32; kk * ohw] };
+        // im2col writes every element, so a recycled buffer will do.
+        let mut col = if direct { Vec::new() } else { ctx.pool.take(kk * ohw) };
         for grp in 0..groups {
             let xg = &x[grp * cg * g.h * g.w..(grp + 1) * cg * g.h * g.w];
             let src: &[f32] = if direct {
@@ -290,6 +300,7 @@ impl Conv {
                 gemm_rows(w_g, src, bias_g, act, ctx.epilogue, kk, ohw, dst)?;
             }
         }
+        ctx.pool.put(col);
         Ok(())
     }
 }
