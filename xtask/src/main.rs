@@ -15,6 +15,10 @@ mod zoo_exec;
 
 use anyhow::{Result, bail};
 
+/// The allocator of the `qmix` binary, so the benches measure what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "usage: cargo xtask <command>
 commands:
   zoo [exec|calib|analyze|amp]

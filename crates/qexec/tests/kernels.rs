@@ -322,3 +322,24 @@ fn quantize_linear_rounds_half_to_even_and_saturates() {
     );
     assert_close(&run(m, &f, 1)[0], &[-64.0, 63.5, 0.0, 20.0], &[2, 2], 0.0);
 }
+
+#[test]
+fn short_wide_matmul_shares_columns_across_threads_bit_identically() {
+    // A batch-1 transformer's tokens against a wide weight: split by columns on two threads.
+    let (m, k, n) = (10, 24, 200);
+    let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.25 - 1.5).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| (i % 11) as f32 * 0.125 - 0.6).collect();
+    let mut want = vec![0f32; m * n];
+    for r in 0..m {
+        for c in 0..n {
+            want[r * n + c] =
+                (0..k).map(|j| f64::from(a[r * k + j]) * f64::from(b[j * n + c])).sum::<f64>() as f32;
+        }
+    }
+    let (model, feeds) =
+        one_node("MatMul", vec![Src::Fed(f32t(&[1, m, k], a)), Src::Fed(f32t(&[k, n], b))], vec![], 1, 13);
+    let one = run(model.clone(), &feeds, 1);
+    let two = run(model, &feeds, 2);
+    assert_close(&two[0], &want, &[1, m, n], 1e-5);
+    assert_eq!(one[0].as_f32(), two[0].as_f32());
+}

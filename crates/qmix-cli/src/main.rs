@@ -25,6 +25,12 @@ use clap::{Parser, Subcommand};
 use qexec::{ExecError, RunOptions, Session, SessionOptions};
 use qgraph::{DimBindings, GraphError, Tensor};
 
+/// mimalloc keeps freed pages for reuse: every forward pass allocates and frees activations of
+/// the same large sizes, which the system allocator hands back to the kernel and faults in again
+/// (zeroed) each time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Whether `--json` was given.
 static JSON_MODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 

@@ -181,7 +181,7 @@ unsafe fn block<const R: usize>(
             // SAFETY: the caller guarantees the window lies inside `rows`.
             let v = unsafe { &*rows.as_ptr().add(bases[r] + off).cast::<[f32; BLOCK]>() };
             for i in 0..BLOCK {
-                acc[r][i] = w.mul_add(v[i], acc[r][i]);
+                acc[r][i] += w * v[i];
             }
         }
     }

@@ -109,6 +109,45 @@ fn row_bands(
     }
 }
 
+/// Whether a product of `rows` × `cols` is better shared out by columns: few rows (a batch-1
+/// transformer's tokens) against a wide weight, where row bands would make every thread pack the
+/// whole weight for a few rows each.
+fn wide_and_short(ctx: &ExecCtx<'_>, rows: usize, cols: usize) -> bool {
+    ctx.threads > 1 && rows <= 64 * ctx.threads && cols >= 64 * ctx.threads
+}
+
+/// `out = a · b` ([rows, k] · [k, n]) with one band of columns of `b` per thread, each computed
+/// into its own buffer and copied into place.
+fn column_bands(
+    ctx: &ExecCtx<'_>,
+    rows: usize,
+    k: usize,
+    n: usize,
+    a: MatRef<'_>,
+    b: &[f32],
+    out: &mut [f32],
+) -> KernelResult<()> {
+    let band = n.div_ceil(ctx.threads).next_multiple_of(16);
+    let starts: Vec<usize> = (0..n).step_by(band).collect();
+    let parts: Vec<(usize, Vec<f32>)> = starts
+        .into_par_iter()
+        .map(|c0| {
+            let w = band.min(n - c0);
+            let mut part = vec![0f32; rows * w];
+            let bm = MatRef { data: &b[c0..], rs: n, cs: 1 };
+            sgemm(rows, w, k, a, bm, 1.0, &mut part, w, false, gemm::Parallelism::None)?;
+            Ok((c0, part))
+        })
+        .collect::<KernelResult<_>>()?;
+    for (c0, part) in parts {
+        let w = part.len() / rows.max(1);
+        for (dst, src) in out.chunks_mut(n).zip(part.chunks(w.max(1))) {
+            dst[c0..c0 + w].copy_from_slice(src);
+        }
+    }
+    Ok(())
+}
+
 /// `MatMul` with numpy semantics: 1-D operands promoted, batch dims broadcast.
 struct MatMul;
 
@@ -165,7 +204,9 @@ impl Kernel for MatMul {
         };
         let (oa, ob) = (offsets(&sa, m * k), offsets(&sb, k * n));
         let b_shared = ob.iter().all(|&o| o == 0) && oa.windows(2).all(|w| w[1] == w[0] + m * k);
-        if b_shared && count > 0 {
+        if b_shared && count > 0 && wide_and_short(ctx, count * m, n) {
+            column_bands(ctx, count * m, k, n, MatRef { data: &a[oa[0]..], rs: k, cs: 1 }, &b, &mut out)?;
+        } else if b_shared && count > 0 {
             // One product with the batch folded into the rows of `a`, split in row bands.
             let a_rows = MatRef { data: &a[oa[0]..], rs: k, cs: 1 };
             row_bands(ctx, count * m, n, &mut out, |r0, band| {
