@@ -197,15 +197,7 @@ pub fn check(zoo: &Path) -> Result<()> {
                     p3.phase2_convert_cycles
                 );
                 for plan in &p3.plans {
-                    println!(
-                        "    alpha {:.1}: {} converts ({:.0} cycles), {} groups raised, {:.3} of the bit-ops, top-1 {}",
-                        plan.alpha,
-                        plan.converts,
-                        plan.convert_cycles,
-                        plan.raised.len(),
-                        plan.relative_bitops,
-                        plan.score.map_or("-".into(), |s| format!("{s:.4}"))
-                    );
+                    println!("    {}", plan.summary());
                     if plan.assignment.is_some()
                         && (plan.weighted_cut > p3.phase2_weighted_cut * (1.0 + 1e-12)
                             || plan.relative_bitops < r.final_relative_bitops - 1e-12)

@@ -275,19 +275,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
                     p3.front.len()
                 );
                 for plan in &p3.plans {
-                    match plan.score {
-                        Some(score) => say!(
-                            "  alpha {:.1}: {} converts ({:.0} cycles), {} groups raised, {:.3} bit-ops, score {score:.4}",
-                            plan.alpha,
-                            plan.converts,
-                            plan.convert_cycles,
-                            plan.raised.len(),
-                            plan.relative_bitops
-                        ),
-                        None => {
-                            say!("  alpha {:.1}: no plan fits a budget of {:.0}", plan.alpha, plan.budget)
-                        }
-                    }
+                    say!("  {}", plan.summary());
                 }
             }
         }

@@ -315,31 +315,36 @@ impl Run<'_, '_, '_> {
     /// The phase-2 score of an assignment: from the cache when the same quantizer state was scored
     /// before, else applied, recalibrated, scored and cached.
     fn score_plan(&mut self, assignment: &[Candidate]) -> Result<f64, AmpError> {
-        let key = state_key(&self.groups, assignment);
-        if let Some(&s) = self.cache.plans.get(&key) {
-            self.work.reused_points += 1;
+        if let Some(s) = self.cached_score(assignment) {
             return Ok(s);
         }
         self.apply_point(assignment)?;
         self.calibrate()?;
-        let s = self.evaluate()?;
-        self.cache.plans.insert(key, s);
-        self.cache.save()?;
-        Ok(s)
+        self.evaluate_and_cache(assignment)
     }
 
-    /// Sets an assignment and recalibrates it; its phase-2 score comes from the cache when the same
-    /// quantizer state was scored before.
+    /// Sets an assignment and recalibrates it (so its encodings can be read); its phase-2 score
+    /// comes from the cache when the same quantizer state was scored before.
     fn calibrated_score(&mut self, assignment: &[Candidate]) -> Result<f64, AmpError> {
         self.apply_point(assignment)?;
         self.calibrate()?;
-        let key = state_key(&self.groups, assignment);
-        if let Some(&s) = self.cache.plans.get(&key) {
-            self.work.reused_points += 1;
-            return Ok(s);
+        match self.cached_score(assignment) {
+            Some(s) => Ok(s),
+            None => self.evaluate_and_cache(assignment),
         }
+    }
+
+    /// The cached score of an assignment's quantizer state, counted as a reused point.
+    fn cached_score(&mut self, assignment: &[Candidate]) -> Option<f64> {
+        let s = self.cache.plans.get(&state_key(&self.groups, assignment)).copied();
+        self.work.reused_points += usize::from(s.is_some());
+        s
+    }
+
+    /// Scores the simulation as it is and caches the score under the assignment's state.
+    fn evaluate_and_cache(&mut self, assignment: &[Candidate]) -> Result<f64, AmpError> {
         let s = self.evaluate()?;
-        self.cache.plans.insert(key, s);
+        self.cache.plans.insert(state_key(&self.groups, assignment), s);
         self.cache.save()?;
         Ok(s)
     }

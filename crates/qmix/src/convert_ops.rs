@@ -232,6 +232,17 @@ impl GroupGraph {
             .fold(0.0, |sum, e| sum + self.weight(e, weight))
     }
 
+    /// Under `assignment`: the number of converts, their weight under `weight`, and their
+    /// predicted cycles.
+    pub fn convert_totals(&self, assignment: &[Candidate], weight: CutWeight) -> (usize, f64, f64) {
+        let act: Vec<Precision> = assignment.iter().map(|c| c.activation).collect();
+        (
+            self.cut(&act, CutWeight::Count) as usize,
+            self.cut(&act, weight),
+            self.cut(&act, CutWeight::PredictedCycles),
+        )
+    }
+
     /// Graphviz text of the graph, nodes coloured by activation precision (8-bit cyan, 16-bit
     /// red, others grey) and labelled with the group's index and first tensor.
     pub fn to_dot(&self, groups: &[QuantizerGroup], activation: &[Precision]) -> String {
@@ -369,26 +380,21 @@ pub fn exact_front(
         arenas.push(arena);
         frontier = extended.into_iter().zip(&keep).filter(|&(_, &k)| k).map(|(u, _)| u).collect();
     }
+    // Every node has left the frontier: one state remains, its list already Pareto-pruned and
+    // ordered by cut. Each plan is read back through the `prev` links.
     let finals = arenas.last().expect("the last arena");
-    let all: Vec<Entry> = states
+    Ok(states
         .values()
         .flatten()
-        .map(|&e| {
-            let mut x = finals[e as usize];
-            x.prev = e;
-            x
-        })
-        .collect();
-    Ok(pareto(all)
-        .into_iter()
-        .map(|e| {
+        .map(|&id| {
             let mut choice = vec![0usize; n];
-            let mut at = e.prev;
+            let mut at = id;
             for v in (0..n).rev() {
                 let entry = arenas[v + 1][at as usize];
                 choice[v] = entry.choice as usize;
                 at = entry.prev;
             }
+            let e = finals[id as usize];
             FrontPoint { cut: e.cut, cost: e.cost, choice }
         })
         .collect())
@@ -433,6 +439,24 @@ pub struct Phase3Plan {
     pub score: Option<f64>,
     /// Encodings (format 1.0.0) of the recalibrated plan (filled in by the AMP run).
     pub encodings: Option<serde_json::Value>,
+}
+
+impl Phase3Plan {
+    /// One line for a terminal: the plan's converts, raised groups, bit-ops and score.
+    pub fn summary(&self) -> String {
+        if self.assignment.is_none() {
+            return format!("alpha {:.1}: no plan fits a budget of {:.0}", self.alpha, self.budget);
+        }
+        format!(
+            "alpha {:.1}: {} converts ({:.0} cycles), {} groups raised, {:.3} of the bit-ops, score {}",
+            self.alpha,
+            self.converts,
+            self.convert_cycles,
+            self.raised.len(),
+            self.relative_bitops,
+            self.score.map_or("-".into(), |s| format!("{s:.4}"))
+        )
+    }
 }
 
 /// What phase 3 found.
@@ -485,32 +509,24 @@ pub fn plan_phase3(
         }
     }
     let weight = options.threshold.weight();
-    let activation: Vec<Precision> = phase2.iter().map(|c| c.activation).collect();
     let relative = |a: &[Candidate]| if start_bitops > 0.0 { bitops.total(a) / start_bitops } else { 1.0 };
-    let measure = |a: &[Candidate]| {
-        let act: Vec<Precision> = a.iter().map(|c| c.activation).collect();
-        (
-            graph.cut(&act, CutWeight::Count) as usize,
-            graph.cut(&act, weight),
-            graph.cut(&act, CutWeight::PredictedCycles),
-        )
-    };
-    let (phase2_converts, phase2_weighted_cut, phase2_convert_cycles) = measure(phase2);
+    let (phase2_converts, phase2_weighted_cut, phase2_convert_cycles) = graph.convert_totals(phase2, weight);
     let mut result = Phase3Result {
         threshold: options.threshold,
         phase2_converts,
         phase2_weighted_cut,
         phase2_convert_cycles,
-        phase2_activation: activation.clone(),
+        phase2_activation: phase2.iter().map(|c| c.activation).collect(),
         front: Vec::new(),
         plans: Vec::new(),
         skipped: None,
-        graph: graph.clone(),
+        graph,
     };
     if phase2_converts == 0 {
         result.skipped = Some("the phase-2 plan has no precision converts".into());
         return Ok(result);
     }
+    let graph = &result.graph;
     let mut labels: Vec<Precision> = Vec::new();
     let mut label = |p: Precision| -> u32 {
         match labels.iter().position(|&l| l == p) {
@@ -559,7 +575,7 @@ pub fn plan_phase3(
         let (budget, assignment) = if alpha == 1.0 {
             (phase2_weighted_cut, Some(phase2.to_vec()))
         } else {
-            let budget = options.threshold.budget(&graph, alpha, phase2_weighted_cut);
+            let budget = options.threshold.budget(graph, alpha, phase2_weighted_cut);
             let slack = budget.abs() * 1e-12;
             (budget, front.iter().rev().find(|p| p.cut <= budget + slack).map(assignment_of))
         };
@@ -576,7 +592,7 @@ pub fn plan_phase3(
             encodings: None,
         };
         if let Some(a) = assignment {
-            (plan.converts, plan.weighted_cut, plan.convert_cycles) = measure(&a);
+            (plan.converts, plan.weighted_cut, plan.convert_cycles) = graph.convert_totals(&a, weight);
             plan.relative_bitops = relative(&a);
             plan.raised = (0..a.len()).filter(|&g| a[g].activation != phase2[g].activation).collect();
             plan.assignment = Some(a);

@@ -135,19 +135,15 @@ fn split_pairs(
 ) {
     let (p0, p1) = phased.split_at_mut(phase_len);
     let (lo, hi) = (spans[0].0.max(spans[1].0), spans[0].1.min(spans[1].1));
-    if lo < hi {
-        let first = (2 * lo) as isize - pl;
-        if first >= 0 {
-            let first = first as usize;
-            let pairs = src[first..].chunks_exact(2);
-            for ((a, b), pair) in p0[lo..hi].iter_mut().zip(&mut p1[lo..hi]).zip(pairs) {
-                *a = pair[0];
-                *b = pair[1];
-            }
+    let common = lo < hi && (2 * lo) as isize >= pl;
+    if common {
+        let pairs = src[((2 * lo) as isize - pl) as usize..].chunks_exact(2);
+        for ((a, b), pair) in p0[lo..hi].iter_mut().zip(&mut p1[lo..hi]).zip(pairs) {
+            *a = pair[0];
+            *b = pair[1];
         }
     }
     // The few elements outside the common range (and everything if there is none).
-    let common = lo < hi && (2 * lo) as isize >= pl;
     for (p, dst) in [p0, p1].into_iter().enumerate() {
         let (plo, phi, start) = spans[p];
         let edges = if common {

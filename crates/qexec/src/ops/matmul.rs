@@ -133,7 +133,8 @@ fn column_bands(
         .into_par_iter()
         .map(|c0| {
             let w = band.min(n - c0);
-            let mut part = vec![0f32; rows * w];
+            // The product overwrites every element, so a recycled buffer will do.
+            let mut part = ctx.pool.take(rows * w);
             let bm = MatRef { data: &b[c0..], rs: n, cs: 1 };
             sgemm(rows, w, k, a, bm, 1.0, &mut part, w, false, gemm::Parallelism::None)?;
             Ok((c0, part))
@@ -144,6 +145,7 @@ fn column_bands(
         for (dst, src) in out.chunks_mut(n).zip(part.chunks(w.max(1))) {
             dst[c0..c0 + w].copy_from_slice(src);
         }
+        ctx.pool.put(part);
     }
     Ok(())
 }
