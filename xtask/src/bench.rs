@@ -5,7 +5,8 @@
 //! memory of calibrating on 100 images; `bench analyze`: enable-one PSNR analysis of
 //! mobilenetv2_keras on 32 images, resumed from FP32 values, against a naive full forward per layer
 //! of our own code and AIMET's time, then the time and peak memory of the analysis of
-//! all_minilm_l6_v2.
+//! all_minilm_l6_v2; `bench kernels`: the qkernels criterion bench, tabulated as GB/s and as a
+//! ratio to `memcpy` of the same size.
 
 use std::time::Instant;
 
@@ -19,13 +20,15 @@ pub fn run(what: Option<&str>) -> Result<()> {
         Some("exec") => exec(),
         Some("sim") => sim(),
         Some("analyze") => analyze(),
+        Some("kernels") => kernels(),
         None => {
             load()?;
             exec()?;
             sim()?;
-            analyze()
+            analyze()?;
+            kernels()
         }
-        Some(other) => bail!("unknown benchmark '{other}' (available: load, exec, sim, analyze)"),
+        Some(other) => bail!("unknown benchmark '{other}' (available: load, exec, sim, analyze, kernels)"),
     }
 }
 
@@ -268,4 +271,60 @@ fn analyze() -> Result<()> {
         layers.len()
     );
     minilm_analysis(&zoo)
+}
+
+/// Runs `cargo bench --bench kernels` and prints each kernel's throughput per buffer size with its
+/// ratio to `memcpy` of the same size (read from criterion's estimates).
+fn kernels() -> Result<()> {
+    let root = zoo::workspace_root();
+    let status = std::process::Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .args([
+            "bench",
+            "-q",
+            "--bench",
+            "kernels",
+            "--",
+            "--noplot",
+            "--warm-up-time",
+            "1",
+            "--measurement-time",
+            "3",
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running cargo bench --bench kernels")?;
+    if !status.success() {
+        bail!("cargo bench --bench kernels failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), Into::into);
+    let sizes = [("4KiB", 4u64 << 10), ("1MiB", 1 << 20), ("64MiB", 64 << 20)];
+    let gbps = |kernel: &str, (label, bytes): (&str, u64)| -> Result<f64> {
+        let path = target.join(format!("criterion/qkernels/{kernel}/{label}/new/estimates.json"));
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+        )?;
+        let ns = json["mean"]["point_estimate"].as_f64().context("no mean estimate")?;
+        Ok(bytes as f64 / ns)
+    };
+    print!("{:<28}", "GB/s (× memcpy)");
+    sizes.iter().for_each(|(label, _)| print!("{label:>18}"));
+    println!();
+    for kernel in [
+        "memcpy",
+        "fake_quant_int8",
+        "fake_quant_int16",
+        "fake_quant_int8_per_channel",
+        "fake_cast_f16",
+        "min_max",
+        "tf_histogram",
+    ] {
+        print!("{kernel:<28}");
+        for size in sizes {
+            let (ours, copy) = (gbps(kernel, size)?, gbps("memcpy", size)?);
+            print!("{:>18}", format!("{ours:.1} ({:.2}×)", ours / copy));
+        }
+        println!();
+    }
+    Ok(())
 }

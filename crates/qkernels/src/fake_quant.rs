@@ -24,6 +24,18 @@ fn round_half_up_or_below_zero(t: f32) -> f32 {
     if t - f >= 0.5 { f + 1.0 } else { f }
 }
 
+/// The largest f32 below ½ (`0.5 − 2⁻²⁵`).
+const BELOW_HALF: f32 = 0.499_999_97;
+
+/// `round_half_away(t)` for `t > −0.5`, in two instructions: `trunc(t + (½ − 2⁻²⁵))`. The sum
+/// rounds up to the next integer exactly when `t` is at or above a half-integer (a `.5` tie
+/// becomes `n + 1 − 2⁻²⁵`, which rounds to `n + 1` in every binade up to 2²³, and the float just
+/// below a tie stays below `n + 1`); checked on every f32 of `(−0.5, 2²⁴)` by a test. Never −0.
+#[inline(always)]
+fn round_half_away_above_minus_half(t: f32) -> f32 {
+    (t + BELOW_HALF).trunc()
+}
+
 /// The f32 constants of one encoding, as the kernel uses them.
 #[derive(Debug, Clone, Copy)]
 struct Grid {
@@ -32,27 +44,50 @@ struct Grid {
     delta: f32,
     offset: f32,
     steps: f32,
+    /// Whether clamping `x` to `[min, max]` already keeps the rounded index in `[0, N]` (the
+    /// index at `min` rounds to 0 and at `max` to `N` under both roundings; as `x/Δ − offset`
+    /// is monotone in `x`, every index in between does too), so the kernel skips the index clamp.
+    /// True for every grid-aligned encoding; false only for hand-made inconsistent ones.
+    bounded: bool,
 }
 
 impl Grid {
     fn of(e: &Encoding) -> Grid {
-        Grid {
+        let mut g = Grid {
             min: e.min as f32,
             max: e.max as f32,
             delta: e.delta as f32,
-            offset: e.offset as f32,
+            // `+ 0.0` turns an offset of −0 into +0, so `q + offset` never yields −0.
+            offset: e.offset as f32 + 0.0,
             steps: e.steps as f32,
-        }
+            bounded: false,
+        };
+        // Strictly within ½ of 0 and of N: both roundings give 0 and N there.
+        let t_min = g.min / g.delta - g.offset;
+        let t_max = g.max / g.delta - g.offset;
+        g.bounded = t_min.abs() < 0.5 && (t_max - g.steps).abs() < 0.5;
+        g
+    }
+
+    /// `x` clamped to `[min, max]`, NaN mapped to `min`. Compare-and-select clamps map to single
+    /// max/min instructions (f32::max/min need extra NaN handling): a NaN `x` fails `x > min` and
+    /// becomes `min`; nothing later is NaN.
+    #[inline(always)]
+    fn clamp(&self, x: f32) -> f32 {
+        let v = if x > self.min { x } else { self.min };
+        if v < self.max { v } else { self.max }
+    }
+
+    /// `x/Δ − offset` of the clamped `x`: the grid index before rounding.
+    #[inline(always)]
+    fn steps_of(&self, x: f32) -> f32 {
+        self.clamp(x) / self.delta - self.offset
     }
 
     /// Grid index of `x` in `[0, N]`.
     #[inline(always)]
     fn index(&self, x: f32, rounding: Rounding) -> f32 {
-        // Compare-and-select clamps map to single max/min instructions (f32::max/min need extra
-        // NaN handling): a NaN `x` fails `x > min` and becomes `min`; nothing later is NaN.
-        let v = if x > self.min { x } else { self.min };
-        let v = if v < self.max { v } else { self.max };
-        let t = v / self.delta - self.offset;
+        let t = self.steps_of(x);
         let q = match rounding {
             Rounding::HalfAwayFromZero => round_half_up_or_below_zero(t),
             Rounding::HalfToEven => t.round_ties_even(),
@@ -64,6 +99,17 @@ impl Grid {
     #[inline(always)]
     fn qdq(&self, x: f32, rounding: Rounding) -> f32 {
         self.delta * (self.index(x, rounding) + self.offset)
+    }
+
+    /// [`Grid::qdq`] for a `bounded` grid: one clamp, and the index rounded without a clamp.
+    #[inline(always)]
+    fn qdq_bounded(&self, x: f32, rounding: Rounding) -> f32 {
+        let t = self.steps_of(x);
+        let q = match rounding {
+            Rounding::HalfAwayFromZero => round_half_away_above_minus_half(t),
+            Rounding::HalfToEven => t.round_ties_even(),
+        };
+        self.delta * (q + self.offset)
     }
 }
 
@@ -78,11 +124,14 @@ pub fn fake_quant_with(data: &mut [f32], enc: &Encoding, rounding: Rounding) {
 }
 
 crate::multiversion! {
-    /// The fake-quant loop, one copy per rounding mode so each vectorises.
+    /// The fake-quant loop, one copy per rounding mode and clamp form so each vectorises.
     fn qdq_slice(data: &mut [f32], g: &Grid, rounding: Rounding) {
-        match rounding {
-            Rounding::HalfAwayFromZero => data.iter_mut().for_each(|x| *x = g.qdq(*x, Rounding::HalfAwayFromZero)),
-            Rounding::HalfToEven => data.iter_mut().for_each(|x| *x = g.qdq(*x, Rounding::HalfToEven)),
+        use Rounding::{HalfAwayFromZero as Away, HalfToEven as Even};
+        match (rounding, g.bounded) {
+            (Away, true) => data.iter_mut().for_each(|x| *x = g.qdq_bounded(*x, Away)),
+            (Even, true) => data.iter_mut().for_each(|x| *x = g.qdq_bounded(*x, Even)),
+            (Away, false) => data.iter_mut().for_each(|x| *x = g.qdq(*x, Away)),
+            (Even, false) => data.iter_mut().for_each(|x| *x = g.qdq(*x, Even)),
         }
     }
 }
@@ -233,6 +282,31 @@ mod tests {
         let mut y: Vec<f32> = [0.5f32, 2.5].iter().map(|s| s / 128.0).collect();
         fake_quant_with(&mut y, &e, Rounding::HalfToEven);
         assert_eq!(y.iter().map(|v| v * 128.0).collect::<Vec<_>>(), [0.0, 2.0]);
+    }
+
+    #[test]
+    fn trunc_of_t_plus_below_half_rounds_half_away_on_every_f32_above_minus_half() {
+        // Every f32 in (−0.5, 0] and [0, 2²⁴) (above 2²⁴ every f32 is an integer).
+        crate::multiversion! {
+            fn mismatches(bits: std::ops::Range<u32>) -> usize {
+                bits.map(f32::from_bits)
+                    .filter(|t| round_half_away_above_minus_half(*t).to_bits() != (t.round() + 0.0).to_bits())
+                    .count()
+            }
+        }
+        assert_eq!(mismatches(0x8000_0000..0xBF00_0000) + mismatches(0..0x4B80_0000), 0);
+    }
+
+    #[test]
+    fn inconsistent_encodings_take_the_clamped_path() {
+        // min and max off the grid: the index at max is 300 > N, so the kernel clamps the index.
+        let e = Encoding { min: -1.0, max: 2.0, delta: 0.01, offset: -100.0, bitwidth: 8, steps: 255.0 };
+        assert!(!Grid::of(&e).bounded);
+        let mut x = [2.0f32, -1.0, f32::NAN];
+        fake_quant(&mut x, &e);
+        assert_eq!(x, [0.01f32 * 155.0, -1.0, -1.0]);
+        let aligned = Encoding::from_range(-1.0, 2.0, QuantSpec::asymmetric(8)).unwrap();
+        assert!(Grid::of(&aligned).bounded);
     }
 
     #[test]

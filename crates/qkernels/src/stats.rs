@@ -39,23 +39,27 @@ impl MinMax {
     }
 }
 
+/// Lanes of [`extremes`]: four AVX2 registers (two AVX-512 ones) of independent running extremes,
+/// so the loop is bound by loads rather than by the latency of one min/max chain.
+const LANES: usize = 32;
+
 crate::multiversion! {
-    /// Smallest and largest non-NaN value (`(+inf, −inf)` when there is none), over eight
-    /// interleaved lanes so the loop vectorises.
+    /// Smallest and largest non-NaN value (`(+inf, −inf)` when there is none), over interleaved
+    /// lanes so the loop vectorises. A compare-and-select (`x < lo`) is one min instruction and
+    /// skips a NaN `x` (the comparison is false), where `f32::min` needs extra NaN handling.
     fn extremes(data: &[f32]) -> (f32, f32) {
-        let mut lo = [f32::INFINITY; 8];
-        let mut hi = [f32::NEG_INFINITY; 8];
-        let mut chunks = data.chunks_exact(8);
+        let mut lo = [f32::INFINITY; LANES];
+        let mut hi = [f32::NEG_INFINITY; LANES];
+        let mut chunks = data.chunks_exact(LANES);
         for c in chunks.by_ref() {
-            for i in 0..8 {
-                // f32::min/max ignore a NaN operand.
-                lo[i] = lo[i].min(c[i]);
-                hi[i] = hi[i].max(c[i]);
+            for i in 0..LANES {
+                lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
+                hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
             }
         }
         for (i, &x) in chunks.remainder().iter().enumerate() {
-            lo[i] = lo[i].min(x);
-            hi[i] = hi[i].max(x);
+            lo[i] = if x < lo[i] { x } else { lo[i] };
+            hi[i] = if x > hi[i] { x } else { hi[i] };
         }
         (lo.iter().copied().fold(f32::INFINITY, f32::min), hi.iter().copied().fold(f32::NEG_INFINITY, f32::max))
     }
