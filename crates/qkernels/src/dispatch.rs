@@ -2,9 +2,9 @@
 //! loop is written once as a plain Rust body; [`multiversion!`](crate::multiversion) compiles it
 //! three times — for AVX-512, for AVX2+FMA, and for the baseline target — and calls the best one
 //! the CPU supports (detected once per process). The compiler vectorises each copy for its
-//! instruction set; no `-C target-cpu` is needed. On aarch64 the baseline copy is already a NEON one
-//! (NEON is part of every aarch64 target), so it needs no copy of its own. Tests can force a lower level with
-//! [`force`] to check every copy against the scalar reference.
+//! instruction set; no `-C target-cpu` is needed. On aarch64 the baseline copy is already a NEON
+//! one (NEON is part of every aarch64 target), so it needs no copy of its own. Tests can force a
+//! lower level with [`force`] to check every copy against the scalar reference.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, Ordering};

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use proptest::prelude::*;
 use qkernels::dispatch::{self, Isa};
-use qkernels::{Encoding, MinMax, QuantSpec, Rounding};
+use qkernels::{Encoding, MinMax, QuantSpec, Rounding, TfHistogram};
 
 /// `dispatch::force` is process-wide: tests that force a level take turns.
 static LEVEL: Mutex<()> = Mutex::new(());
@@ -199,4 +199,36 @@ fn per_block_layout_errors_name_the_problem() {
         qkernels::fake_quant_per_block(&mut data, &[3, 4], 1, 1, 2, &[e; 6], Rounding::HalfAwayFromZero)
             .is_err()
     );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    #[test]
+    fn tf_histogram_counts_as_the_spec_at_every_level(
+        first in proptest::collection::vec(-4.0f32..4.0, 1..50),
+        second in proptest::collection::vec(prop_oneof![8 => -20.0f32..20.0, 1 => Just(f32::NAN), 1 => Just(f32::INFINITY)], 0..700),
+    ) {
+        // The second batch, counted on the range the first one fixed (spec §2.3).
+        let mut fixed = TfHistogram::new();
+        fixed.observe(&first);
+        let Some((lo, width, _, _)) = fixed.parts() else { return Ok(()) };
+        let mut counts = vec![0u64; qkernels::TF_BUCKETS];
+        for &x in &second {
+            let i = ((f64::from(x) - lo) / width).round();
+            if i >= 0.0 && i < qkernels::TF_BUCKETS as f64 {
+                counts[i as usize] += 1;
+            }
+        }
+        at_every_level(|level| {
+            let mut h = TfHistogram::new();
+            h.observe(&first);
+            let before: Vec<f64> = h.parts().unwrap().2.to_vec();
+            h.observe(&second);
+            let n = second.len().max(1) as f64;
+            let want: Vec<u64> = before.iter().zip(&counts).map(|(p, &c)| ((p + c as f64 / n) / 2.0).to_bits()).collect();
+            let got: Vec<u64> = h.parts().unwrap().2.iter().map(|p| p.to_bits()).collect();
+            assert_eq!(got, want, "{level:?}");
+        });
+    }
 }
