@@ -284,7 +284,7 @@ fn epilogues_equal_on_tensor_and_replace_it_where_kernels_apply_them() {
         }
         assert_eq!(results[0], results[1], "{threads} thread(s)");
         assert_eq!(calls[0], values);
-        // Conv+Relu fused, the depthwise Conv and the Clip apply the epilogue; Add does not.
-        assert_eq!(calls[1], vec![g.value_id("add_out").unwrap()]);
+        // Conv+Relu fused, the depthwise Conv, the Clip and the Add all apply the epilogue.
+        assert!(calls[1].is_empty(), "{:?}", calls[1]);
     }
 }

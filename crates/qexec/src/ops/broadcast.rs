@@ -74,15 +74,38 @@ impl Plan {
         self.dims.iter().product()
     }
 
-    /// `out[i] = op(a[…], b[…])` over the output, `out` holding `self.len()` elements. With
-    /// `a_is_out`, `a` is read from `out` itself (in place; `a` must then have the output shape).
-    pub(crate) fn run(&self, op: F32Op, a: &[f32], b: &[f32], out: &mut [f32], a_is_out: bool) {
+    /// Elements of one output row (the innermost dimension of the plan): callers split the
+    /// output at multiples of it for [`Plan::run_rows`].
+    pub(crate) fn row_len(&self) -> usize {
+        self.dims.last().copied().unwrap_or(1)
+    }
+
+    /// `out[i] = op(a[…], b[…])` over the output rows `first_row..` that `out` holds (whole rows;
+    /// the whole output is `self.len()` elements from row 0). With `a_is_out`, `a` is read from
+    /// `out` itself (in place; `a` must then have the output shape).
+    pub(crate) fn run_rows(
+        &self,
+        op: F32Op,
+        a: &[f32],
+        b: &[f32],
+        out: &mut [f32],
+        first_row: usize,
+        a_is_out: bool,
+    ) {
         let rank = self.dims.len();
         let inner = self.dims[rank - 1];
         let (ia, ib) = (self.sa[rank - 1], self.sb[rank - 1]);
-        let outer: usize = self.dims[..rank - 1].iter().product();
+        let outer = out.len() / inner.max(1);
+        // The coordinates and input offsets of the first row.
         let mut idx = vec![0usize; rank - 1];
         let (mut oa, mut ob) = (0usize, 0usize);
+        let mut rest = first_row;
+        for d in (0..rank - 1).rev() {
+            idx[d] = rest % self.dims[d];
+            rest /= self.dims[d];
+            oa += idx[d] * self.sa[d];
+            ob += idx[d] * self.sb[d];
+        }
         for o in 0..outer {
             let dst = &mut out[o * inner..(o + 1) * inner];
             let rb = &b[ob..];

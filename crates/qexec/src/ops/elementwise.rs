@@ -568,16 +568,28 @@ impl Kernel for Binary {
                 let plan = Plan::new(a.shape(), b.shape())?;
                 let b = b.clone();
                 let bs = super::f32_data(&b)?;
+                // In bands of whole rows, in parallel, each quantized (the epilogue) while in cache.
+                let row = plan.row_len().max(1);
+                let band = row * (BAND_ELEMENTS / row).max(1);
+                let epilogue = ctx.epilogue;
+                let run = |a: &[f32], out: &mut [f32], a_is_out: bool| {
+                    for_each_chunk_mut(ctx, out, band, |start, c| {
+                        for (k, part) in c.chunks_mut(band).enumerate() {
+                            plan.run_rows(fop, a, &bs, part, (start + k * band) / row, a_is_out);
+                            if let Some(e) = epilogue {
+                                e(part);
+                            }
+                        }
+                    })
+                };
                 if plan.shape == a.shape() {
                     let mut a = into_f32_unique(take_input(inputs, 0)?)?;
-                    let out = a.as_slice_mut().ok_or("internal")?;
-                    plan.run(fop, &[], &bs, out, true);
-                    Tensor::F32(a)
-                } else {
-                    let mut out = ctx.pool.take(plan.len());
-                    plan.run(fop, &super::f32_data(a)?, &bs, &mut out, false);
-                    super::tensor_from(&plan.shape, out)?
+                    run(&[], a.as_slice_mut().ok_or("internal")?, true);
+                    return Ok(vec![Tensor::F32(a)]);
                 }
+                let mut out = ctx.pool.take(plan.len());
+                run(&super::f32_data(a)?, &mut out, false);
+                return Ok(vec![super::tensor_from(&plan.shape, out)?]);
             }
             _ => {
                 super::same_dtype(a.dtype(), b.dtype())?;
@@ -587,9 +599,23 @@ impl Kernel for Binary {
                 numeric!(a.dtype(), go(op, a, b))?
             }
         };
-        Ok(vec![out])
+        // The paths above that do not fuse the epilogue apply it to the whole f32 result.
+        match (ctx.epilogue, out) {
+            (Some(e), out @ Tensor::F32(_)) => {
+                Ok(vec![map_f32(out, &ExecCtx { epilogue: None, ..*ctx }, e)?])
+            }
+            (_, out) => Ok(vec![out]),
+        }
+    }
+
+    fn applies_epilogue(&self) -> bool {
+        true
     }
 }
+
+/// Elements per band of a broadcasting f32 binary op: a band is computed, then quantized by the
+/// hook's epilogue, while it is in cache.
+const BAND_ELEMENTS: usize = 1 << 14;
 
 /// Variadic broadcasting reductions over inputs.
 #[derive(Debug, Clone, Copy)]
