@@ -45,9 +45,10 @@ struct Grid {
     offset: f32,
     steps: f32,
     /// Whether clamping `x` to `[min, max]` already keeps the rounded index in `[0, N]` (the
-    /// index at `min` rounds to 0 and at `max` to `N` under both roundings; as `x/Δ − offset`
-    /// is monotone in `x`, every index in between does too), so the kernel skips the index clamp.
-    /// True for every grid-aligned encoding; false only for hand-made inconsistent ones.
+    /// index at `min` is within ½ of 0 and at `max` within ½ of `N`, so both roundings give 0
+    /// and `N` there; as `x/Δ − offset` is monotone in `x`, every index in between is in range),
+    /// so the kernel skips the index clamp. True for the encodings computed from ranges; false
+    /// for hand-made inconsistent ones and grids too fine for f32 (32-bit bias bookkeeping).
     bounded: bool,
 }
 
@@ -62,7 +63,6 @@ impl Grid {
             steps: e.steps as f32,
             bounded: false,
         };
-        // Strictly within ½ of 0 and of N: both roundings give 0 and N there.
         let t_min = g.min / g.delta - g.offset;
         let t_max = g.max / g.delta - g.offset;
         g.bounded = t_min.abs() < 0.5 && (t_max - g.steps).abs() < 0.5;
