@@ -15,25 +15,26 @@ pub enum Rounding {
     HalfToEven,
 }
 
-/// `round_half_away(t)` wherever the result survives the clamp to `[0, N]` that follows: equal
-/// for `t ≥ 0` (ties round up, as away from zero), and ≤ 0 like it for `t < 0`. Cheaper (floor,
-/// subtract, compare) and exact: `t − floor(t)` has no rounding error for `|t| < 2²³`.
-#[inline(always)]
-fn round_half_up_or_below_zero(t: f32) -> f32 {
-    let f = t.floor();
-    if t - f >= 0.5 { f + 1.0 } else { f }
-}
-
 /// The largest f32 below ½ (`0.5 − 2⁻²⁵`).
 const BELOW_HALF: f32 = 0.499_999_97;
 
-/// `round_half_away(t)` for `t > −0.5`, in two instructions: `trunc(t + (½ − 2⁻²⁵))`. The sum
-/// rounds up to the next integer exactly when `t` is at or above a half-integer (a `.5` tie
-/// becomes `n + 1 − 2⁻²⁵`, which rounds to `n + 1` in every binade up to 2²³, and the float just
-/// below a tie stays below `n + 1`); checked on every f32 of `(−0.5, 2²⁴)` by a test. Never −0.
+/// `round_half_away(t)` for `t > −0.5`, and ≤ 0 like it below (where the index clamp that
+/// follows makes both 0), in two instructions: `trunc(t + (½ − 2⁻²⁵))`. The sum rounds up to the
+/// next integer exactly when `t` is at or above a half-integer (a `.5` tie becomes
+/// `n + 1 − 2⁻²⁵`, which rounds to `n + 1` in every binade up to 2²³, and the float just below a
+/// tie stays below `n + 1`); checked on every f32 of `(−0.5, 2²⁴)` by a test. Never −0 there.
 #[inline(always)]
 fn round_half_away_above_minus_half(t: f32) -> f32 {
     (t + BELOW_HALF).trunc()
+}
+
+/// `t` rounded to an integer as `rounding` says (exact for `t > −0.5`, ≤ 0 below).
+#[inline(always)]
+fn round_steps(t: f32, rounding: Rounding) -> f32 {
+    match rounding {
+        Rounding::HalfAwayFromZero => round_half_away_above_minus_half(t),
+        Rounding::HalfToEven => t.round_ties_even(),
+    }
 }
 
 /// The f32 constants of one encoding, as the kernel uses them.
@@ -87,11 +88,7 @@ impl Grid {
     /// Grid index of `x` in `[0, N]`.
     #[inline(always)]
     fn index(&self, x: f32, rounding: Rounding) -> f32 {
-        let t = self.steps_of(x);
-        let q = match rounding {
-            Rounding::HalfAwayFromZero => round_half_up_or_below_zero(t),
-            Rounding::HalfToEven => t.round_ties_even(),
-        };
+        let q = round_steps(self.steps_of(x), rounding);
         let q = if q > 0.0 { q } else { 0.0 };
         if q < self.steps { q } else { self.steps }
     }
@@ -104,12 +101,7 @@ impl Grid {
     /// [`Grid::qdq`] for a `bounded` grid: one clamp, and the index rounded without a clamp.
     #[inline(always)]
     fn qdq_bounded(&self, x: f32, rounding: Rounding) -> f32 {
-        let t = self.steps_of(x);
-        let q = match rounding {
-            Rounding::HalfAwayFromZero => round_half_away_above_minus_half(t),
-            Rounding::HalfToEven => t.round_ties_even(),
-        };
-        self.delta * (q + self.offset)
+        self.delta * (round_steps(self.steps_of(x), rounding) + self.offset)
     }
 }
 
