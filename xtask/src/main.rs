@@ -21,9 +21,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USAGE: &str = "usage: cargo xtask <command>
 commands:
-  zoo [exec|calib|analyze|amp]
+  zoo [exec|calib|minilm|analyze|amp]
                  run every check on the real models of ../shared/zoo (fails if it is missing);
                  `exec` runs only the interpreter parity checks, `calib` only QuantSim vs AIMET,
+                 `minilm` only MiniLM's W8A16 export and STS-B scores,
                  `analyze` only the per-layer sensitivity vs AIMET (and the HTML report),
                  `amp` only AMP vs AIMET
   conformance [--update]

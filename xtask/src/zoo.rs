@@ -57,6 +57,7 @@ pub fn run(only: Option<&str>) -> Result<()> {
     match only {
         Some("exec") => return crate::zoo_exec::check(&zoo),
         Some("calib") => return crate::zoo_calib::check(&zoo),
+        Some("minilm") => return crate::zoo_calib::check_minilm(&zoo),
         Some("analyze") => return crate::zoo_analyze::check(&zoo),
         Some("amp") => return crate::zoo_amp::check(&zoo),
         _ => {}

@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::zoo_data::{self, CLASSIFIERS};
 
 /// Spearman rank correlation (average ranks for ties).
-fn spearman(a: &[f64], b: &[f64]) -> f64 {
+pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
     fn ranks(x: &[f64]) -> Vec<f64> {
         let mut idx: Vec<usize> = (0..x.len()).collect();
         idx.sort_by(|&i, &j| x[i].total_cmp(&x[j]));

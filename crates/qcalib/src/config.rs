@@ -330,6 +330,21 @@ impl QuantsimConfig {
         PRESETS.iter().map(|(n, _, _)| *n).collect()
     }
 
+    /// Adds a graph pass to the `supergroup_pass_list` (e.g. `MaskedSoftmax`, which no shipped
+    /// config names, on top of a preset); a pass already listed is not added twice.
+    pub fn add_pass(&mut self, name: &str) -> Result<()> {
+        if !KNOWN_PASSES.contains(&name) {
+            return Err(config_error(
+                "supergroup_pass_list",
+                format!("unknown pass '{name}' (known: {})", KNOWN_PASSES.join(", ")),
+            ));
+        }
+        if !self.supergroup_passes.iter().any(|p| p == name) {
+            self.supergroup_passes.push(name.to_string());
+        }
+        Ok(())
+    }
+
     /// A built-in preset by name (or alias), else a JSON file at that path.
     pub fn load(name_or_path: &str) -> Result<QuantsimConfig> {
         if let Some((_, _, text)) =

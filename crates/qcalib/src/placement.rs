@@ -1,8 +1,8 @@
 //! Quantizer placement (spec §3.2–3.7): which tensors of a graph get a quantizer and in which
 //! state, decided from a quantsim config exactly as AIMET decides it — params and activations,
-//! data-movement outputs left alone, the config applied level by level, supergroups, the MatmulAdd
-//! pass, exception rules for norms and dynamic MatMul, and quantizer tying through Concat,
-//! AveragePool, Relu and Resize.
+//! data-movement outputs left alone, the config applied level by level, supergroups, the MatmulAdd,
+//! norm and MaskedSoftmax passes, exception rules for norms and dynamic MatMul, and quantizer tying
+//! through Concat, AveragePool, Relu and Resize.
 //!
 //! State lives in a side table: [`Placement`] maps a tensor (`ValueId`) to a [`QuantizerId`];
 //! several tensors may share one quantizer (tying). The graph itself is never modified.
@@ -306,8 +306,13 @@ impl Placement {
         } else {
             Vec::new()
         };
+        let fused = if config.supergroup_passes.iter().any(|s| s == "MaskedSoftmax") {
+            masked_softmax_fusions(g, &order)
+        } else {
+            HashSet::new()
+        };
         p.collect_params(g, &order, &matmul_add)?;
-        p.collect_activations(g, &order);
+        p.collect_activations(g, &order, &fused);
         p.configure(g, config, &order, precision, &matmul_add);
         p.apply_param_symmetry_to_inputs(g, config, &order);
         p.apply_exception_rules(g, config, &order);
@@ -345,8 +350,9 @@ impl Placement {
         Ok(())
     }
 
-    fn collect_activations(&mut self, g: &Graph, order: &[NodeId]) {
-        let float = |v: ValueId| g.value(v).dtype.is_none_or(|d| d.is_float());
+    /// Activation quantizers (spec §3.2), none on the `unquantized` tensors (inside fusions).
+    fn collect_activations(&mut self, g: &Graph, order: &[NodeId], unquantized: &HashSet<ValueId>) {
+        let float = |v: ValueId| g.value(v).dtype.is_none_or(|d| d.is_float()) && !unquantized.contains(&v);
         let ignored =
             |v: ValueId| g.producer_node(v).is_some_and(|n| IGNORED_OUTPUT_OPS.contains(&n.op_type.as_str()));
         for &v in g.inputs() {
@@ -1091,4 +1097,134 @@ fn matmul_add_matches(g: &Graph, order: &[NodeId]) -> Vec<(NodeId, NodeId, Value
         }
     }
     out
+}
+
+/// Ops a mask may pass through between its producer and the masked `Add` (single data input).
+const MASK_CARRIERS: [&str; 8] =
+    ["Cast", "Expand", "Identity", "Reshape", "Squeeze", "Tile", "Transpose", "Unsqueeze"];
+
+/// Magnitude from which a constant is taken for a mask fill value (`-1e4` of early BERT exports,
+/// `-1e9`, `finfo.min`, `-inf`).
+const MASK_FILL_MAGNITUDE: f32 = 1e4;
+
+/// Whether `v` is a static tensor whose every element is a large negative fill value.
+fn is_mask_fill(g: &Graph, v: ValueId) -> bool {
+    g.static_value(v)
+        .and_then(|t| t.as_f32())
+        .is_some_and(|a| !a.is_empty() && a.iter().all(|&x| x <= -MASK_FILL_MAGNITUDE))
+}
+
+/// The tensors a `MaskedSoftmax` fusion leaves without a quantizer: the intermediate outputs of
+/// the fused group and its mask fill values (spec §3.2 (d)). Two decomposed forms are fused:
+/// * `Softmax(Where(c, scores, fill))`: the `Where` output and `fill`;
+/// * `Softmax(Add(scores, mask))` where `mask` comes, through data-movement ops, from
+///   `Where(c, a, b)` with static `a`, `b` (one of them a fill) or from `Mul(x, fill)`: the `Add`
+///   output, the mask chain's outputs and the producer's static operands. The mask producer joins
+///   the group only when every one of its uses is such a masked `Add` (a mask shared by the
+///   attention layers of a transformer is), otherwise the mask keeps its quantizer.
+///
+/// A fill value is a static tensor of elements ≤ −10⁴. The `Add`/`Where` must be the softmax's
+/// only input producer with no other consumer.
+fn masked_softmax_fusions(g: &Graph, order: &[NodeId]) -> HashSet<ValueId> {
+    let sole_use = |v: ValueId, node: NodeId| !g.is_output(v) && g.consumer_nodes(v) == [node];
+    let mut internal = HashSet::new();
+    // Mask producer output → what the masked `Add`s using it pass through and fill with.
+    let mut masks: HashMap<ValueId, MaskUses> = HashMap::new();
+    for &softmax in order {
+        let s = g.node(softmax);
+        if s.op_type != "Softmax" {
+            continue;
+        }
+        let Some(x) = s.input(0) else { continue };
+        let Some(producer) = g.producer(x).map(|o| o.node) else { continue };
+        if !sole_use(x, softmax) {
+            continue;
+        }
+        let p = g.node(producer);
+        match p.op_type.as_str() {
+            "Where" => {
+                if let Some(fill) = p.input(2).filter(|&f| is_mask_fill(g, f)) {
+                    internal.extend([x, fill]);
+                }
+            }
+            "Add" => {
+                for slot in 0..2 {
+                    let Some(mask) = p.input(slot) else { continue };
+                    if let Some(source) = mask_source(g, mask) {
+                        internal.insert(x);
+                        let uses = masks.entry(source.producer_output).or_default();
+                        uses.carriers.extend(source.carriers);
+                        uses.statics.extend(source.statics);
+                        uses.adds.insert(producer);
+                        break;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for (root, uses) in masks {
+        let only_masking = |v: ValueId| {
+            !g.is_output(v)
+                && g.consumer_nodes(v).iter().all(|c| {
+                    uses.adds.contains(c)
+                        || g.node(*c).outputs().iter().flatten().any(|o| uses.carriers.contains(o))
+                })
+        };
+        if only_masking(root) && uses.carriers.iter().all(|&v| only_masking(v)) {
+            internal.insert(root);
+            internal.extend(uses.carriers);
+            internal.extend(uses.statics);
+        }
+    }
+    internal
+}
+
+/// How the masked `Add`s of one mask producer reach it.
+#[derive(Default)]
+struct MaskUses {
+    /// Outputs of the [`MASK_CARRIERS`] between the producer and the `Add`s.
+    carriers: Vec<ValueId>,
+    /// The producer's static operands (fill values and the `Where`'s other branch).
+    statics: Vec<ValueId>,
+    /// The masked `Add`s.
+    adds: HashSet<NodeId>,
+}
+
+/// Where an additive mask comes from.
+struct MaskSource {
+    producer_output: ValueId,
+    /// Carrier outputs passed on the way back from the mask.
+    carriers: Vec<ValueId>,
+    statics: Vec<ValueId>,
+}
+
+/// Traces an additive mask back through [`MASK_CARRIERS`] to a `Where(c, a, b)` with static `a`
+/// and `b`, one of them a fill, or a `Mul` with a fill operand.
+fn mask_source(g: &Graph, mask: ValueId) -> Option<MaskSource> {
+    let mut chain = Vec::new();
+    let mut v = mask;
+    loop {
+        let node = g.producer_node(v)?;
+        match node.op_type.as_str() {
+            op if MASK_CARRIERS.contains(&op) => {
+                chain.push(v);
+                v = node.input(0)?;
+            }
+            "Where" => {
+                let (a, b) = (node.input(1)?, node.input(2)?);
+                let both_static = g.static_value(a).is_some() && g.static_value(b).is_some();
+                return (both_static && (is_mask_fill(g, a) || is_mask_fill(g, b))).then(|| MaskSource {
+                    producer_output: v,
+                    carriers: chain,
+                    statics: vec![a, b],
+                });
+            }
+            "Mul" => {
+                let fill = node.inputs().iter().flatten().copied().find(|&f| is_mask_fill(g, f))?;
+                return Some(MaskSource { producer_output: v, carriers: chain, statics: vec![fill] });
+            }
+            _ => return None,
+        }
+    }
 }

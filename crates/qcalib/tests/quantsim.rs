@@ -373,3 +373,80 @@ fn a_layer_can_be_switched_to_another_precision() {
     let w = doc["param_encodings"].as_array().unwrap().iter().find(|e| e["name"] == "conv0.weight").unwrap();
     assert_eq!(w["bw"], 16);
 }
+
+/// Attention-style masked softmaxes over scores x [N, 6] and a keep mask [N, 6]:
+/// `mask = Where(keep, 0, f32::MIN)` shared by `Softmax(x + mask)` and `Softmax(2x + mask)`, and
+/// `Softmax(Where(keep, x, −1e9))`.
+fn masked_softmax_model() -> Model {
+    let mut g = Graph::new("attention");
+    let dims = || Shape(vec![Dim::Symbol("N".into()), Dim::Known(6)]);
+    let x = g.add_input("x", DType::F32, dims());
+    let keep = g.add_input("keep", DType::Bool, dims());
+    let zero = g.add_initializer("zero", Tensor::scalar(0f32));
+    let lowest = g.add_initializer("lowest", Tensor::scalar(f32::MIN));
+    let mask = g.add_op("Where", "mask", &[keep, zero, lowest], vec![]);
+    let axis = ("axis", Attribute::Int(-1));
+    let m1 = g.add_op("Add", "masked1", &[x, mask], vec![]);
+    let p1 = g.add_op("Softmax", "probs1", &[m1], vec![axis.clone()]);
+    let two = g.add_initializer("two", Tensor::scalar(2f32));
+    let x2 = g.add_op("Mul", "scaled", &[x, two], vec![]);
+    let m2 = g.add_op("Add", "masked2", &[mask, x2], vec![]);
+    let p2 = g.add_op("Softmax", "probs2", &[m2], vec![axis.clone()]);
+    let fill = g.add_initializer("fill", Tensor::scalar(-1e9f32));
+    let m3 = g.add_op("Where", "masked3", &[keep, x, fill], vec![]);
+    let p3 = g.add_op("Softmax", "probs3", &[m3], vec![axis]);
+    for p in [p1, p2, p3] {
+        g.add_output(p);
+    }
+    Model::new(g, 13)
+}
+
+fn masked_softmax_feeds(n: usize, seed: u64) -> qcalib::Feeds {
+    let x = t(&[n, 6], values(n * 6, seed).iter().map(|v| v * 3.0).collect());
+    let keep = Tensor::from_vec(&[n, 6], (0..n * 6).map(|i| i % 6 < 4).collect::<Vec<bool>>()).unwrap();
+    vec![("x".to_string(), x), ("keep".to_string(), keep)]
+}
+
+/// Largest |simulated − float| over the three softmax outputs on fresh rows.
+fn masked_softmax_error(config: QuantsimConfig) -> (f32, Vec<String>, QuantSim) {
+    let precision = DefaultPrecision { param: Precision::Int(8), activation: Precision::Int(16) };
+    let options = SimOptions { precision, ..SimOptions::default() };
+    let mut s = QuantSim::new(masked_softmax_model(), config, options).unwrap();
+    s.calibrate((0..2).map(|i| masked_softmax_feeds(8, 40 + i)).collect::<Vec<_>>(), &mut |_| {}).unwrap();
+    let feeds = masked_softmax_feeds(8, 7);
+    let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let float = qexec::Session::new(s.model().clone(), qexec::SessionOptions::default()).unwrap();
+    let reference = float.run(&named).unwrap();
+    let simulated = s.run(&named).unwrap();
+    let mut err = 0f32;
+    for (a, b) in reference.iter().zip(&simulated) {
+        for (u, v) in a.as_f32().unwrap().iter().zip(b.as_f32().unwrap().iter()) {
+            err = err.max((u - v).abs());
+        }
+    }
+    let warnings = s.warnings().to_vec();
+    (err, warnings, s)
+}
+
+#[test]
+fn the_masked_softmax_pass_leaves_masks_in_float() {
+    let mut config = QuantsimConfig::load("htp_v73").unwrap();
+    let (plain_err, plain_warnings, plain) = masked_softmax_error(config.clone());
+    // AIMET's htp_v73 (no MaskedSoftmax pass): the masked sums share a grid spanning f32::MIN, so
+    // every score rounds to 0 and the softmax is flat.
+    assert_eq!(enabled(&plain, "masked1"), Some(true));
+    assert!(plain_warnings.iter().any(|w| w.contains("'masked1'")), "{plain_warnings:?}");
+    assert!(plain_err > 0.1, "{plain_err}");
+
+    config.supergroup_passes.push("MaskedSoftmax".into());
+    let (err, warnings, s) = masked_softmax_error(config);
+    let g = &s.model().graph;
+    for inner in ["mask", "masked1", "masked2", "masked3", "zero", "lowest", "fill"] {
+        assert_eq!(s.placement().quantizer_of(g.value_id(inner).unwrap()), None, "{inner}");
+    }
+    for quantized in ["x", "scaled", "probs1", "probs2", "probs3"] {
+        assert_eq!(enabled(&s, quantized), Some(true), "{quantized}");
+    }
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert!(err < 1e-3, "{err}");
+}

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use qanalyze::{FloatReference, Metric};
-use qcalib::{DefaultPrecision, EncodingVersion, QuantSim, QuantsimConfig, SimOptions};
+use qcalib::{DefaultPrecision, EncodingVersion, QuantSim, SimOptions};
 use qmix::{
     AmpData, AmpEvent, AmpOptions, Candidate, MacOps, Phase2, Phase3Options, Phase3Threshold, SearchAlgo,
 };
@@ -135,7 +135,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
     let candidates = a.candidates.0.clone();
     let highest =
         candidates.iter().copied().fold(candidates[0], |m, c| if c.cost() > m.cost() { c } else { m });
-    let config = QuantsimConfig::load(&a.job.config).map_err(user)?;
+    let config = crate::dataset::quantsim_config(&a.job.config, &a.job.passes)?;
     let options = SimOptions {
         scheme: a.job.scheme,
         threads: a.threads,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use qanalyze::{AnalysisReport, FloatReference, Metric};
-use qcalib::{DefaultPrecision, Precision, QuantSim, QuantsimConfig, SimOptions};
+use qcalib::{DefaultPrecision, Precision, QuantSim, SimOptions};
 use serde_json::json;
 
 use crate::Failure;
@@ -63,7 +63,7 @@ fn parse_metric(s: &str) -> Result<Metric, String> {
 }
 
 pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
-    let config = QuantsimConfig::load(&a.job.config).map_err(user)?;
+    let config = crate::dataset::quantsim_config(&a.job.config, &a.job.passes)?;
     let options = SimOptions {
         scheme: a.job.scheme,
         threads: a.threads,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use qanalyze::{FloatReference, Metric};
-use qcalib::{DefaultPrecision, EncodingVersion, QuantSim, QuantsimConfig, SimOptions};
+use qcalib::{DefaultPrecision, EncodingVersion, QuantSim, SimOptions};
 use qmix::Candidate;
 use serde_json::json;
 
@@ -58,7 +58,7 @@ fn parse_candidate(s: &str) -> Result<Candidate, String> {
 }
 
 pub fn run(a: AutompArgs) -> Result<(), Failure> {
-    let config = QuantsimConfig::load(&a.job.config).map_err(user)?;
+    let config = crate::dataset::quantsim_config(&a.job.config, &a.job.passes)?;
     let model = qgraph::load_path(&a.job.model)?;
     let sim_at = |c: Candidate| {
         let precision = DefaultPrecision { param: c.param, activation: c.activation };

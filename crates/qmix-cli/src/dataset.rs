@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use qcalib::QuantsimConfig;
 use qgraph::Tensor;
 
 use crate::{Failure, read_tensor};
@@ -39,11 +40,24 @@ pub(crate) struct JobArgs {
     /// Quantsim config: a preset (default, default_per_tensor, htp_v73) or a JSON file.
     #[arg(long, default_value = "default")]
     pub config: String,
+    /// A graph pass to apply on top of the config's `supergroup_pass_list` (repeatable):
+    /// MaskedSoftmax, MatmulAdd, LayerNormalization, RMSNormalization.
+    #[arg(long = "pass")]
+    pub passes: Vec<String>,
     /// Calibration scheme: min_max, tf_enhanced, percentile, percentile:P, mse or entropy.
     #[arg(long, default_value = "min_max", value_parser = crate::quantsim::parse_scheme)]
     pub scheme: qcalib::Scheme,
     #[command(flatten)]
     pub preprocess: Preprocess,
+}
+
+/// The quantsim config `name` (preset or JSON file) with the extra graph `passes`.
+pub(crate) fn quantsim_config(name: &str, passes: &[String]) -> Result<QuantsimConfig, Failure> {
+    let mut config = QuantsimConfig::load(name).map_err(user)?;
+    for pass in passes {
+        config.add_pass(pass).map_err(user)?;
+    }
+    Ok(config)
 }
 
 /// How integer data (e.g. u8 images) becomes a float model input; float data is used as it is.

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use qcalib::{DefaultPrecision, EncodingVersion, Precision, QuantSim, QuantsimConfig, SimOptions};
+use qcalib::{DefaultPrecision, EncodingVersion, Precision, QuantSim, SimOptions};
 use serde_json::json;
 
 use crate::Failure;
@@ -67,7 +67,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     if !matches!(a.override_precision, Precision::Int(16) | Precision::Float16) {
         return Err(user(anyhow::anyhow!("--override must be int16 or fp16, not {}", a.override_precision)));
     }
-    let config = QuantsimConfig::load(&a.job.config).map_err(user)?;
+    let config = crate::dataset::quantsim_config(&a.job.config, &a.job.passes)?;
     let options = SimOptions {
         scheme: a.job.scheme,
         threads: a.threads,

@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use qcalib::{
-    DefaultPrecision, EncodingVersion, Precision, QdqOptions, QuantSim, QuantsimConfig, Scheme, SimOptions,
-};
+use qcalib::{DefaultPrecision, EncodingVersion, Precision, QdqOptions, QuantSim, Scheme, SimOptions};
 use qgraph::Tensor;
 
 use crate::dataset::{Dataset, EvalArgs, Preprocess, bar, predictions, user};
@@ -34,6 +32,10 @@ pub struct QuantsimArgs {
     /// Quantsim config: a preset (default, default_per_tensor, htp_v73) or a JSON file.
     #[arg(long, default_value = "default")]
     config: String,
+    /// A graph pass to apply on top of the config's `supergroup_pass_list` (repeatable):
+    /// MaskedSoftmax, MatmulAdd, LayerNormalization, RMSNormalization.
+    #[arg(long = "pass")]
+    passes: Vec<String>,
     /// Calibration scheme: min_max, tf_enhanced, percentile, percentile:P, mse or entropy.
     #[arg(long, default_value = "min_max", value_parser = parse_scheme)]
     scheme: Scheme,
@@ -100,7 +102,7 @@ fn parse_version(s: &str) -> Result<EncodingVersion, String> {
 }
 
 pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
-    let config = QuantsimConfig::load(&a.config).map_err(user)?;
+    let config = crate::dataset::quantsim_config(&a.config, &a.passes)?;
     let model = qgraph::load_path(&a.model)?;
     let options = SimOptions {
         precision: DefaultPrecision { param: a.param, activation: a.activation },

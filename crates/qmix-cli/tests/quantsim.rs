@@ -136,6 +136,11 @@ fn bad_configs_and_data_exit_with_a_named_culprit() {
         dir.to_str().unwrap(),
     ]);
     assert_eq!(o.status.code(), Some(1));
+    let o =
+        qmix(&["quantsim", model, "--calib", &feed, "--pass", "MaskSoftmax", "--out", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("'MaskSoftmax'") && err.contains("MaskedSoftmax"), "{err}");
     let nan = data(&dir, "nan.npy", 4, Some(f32::NAN));
     let o = qmix(&[
         "quantsim",
