@@ -1,9 +1,15 @@
 //! Recycled f32 buffers. Every run of a CNN allocates the same large activation buffers over and
 //! over; zero-filling fresh ones costs as much as a small layer. The session hands intermediates it
 //! no longer needs back here, and kernels that overwrite their whole output take buffers from here.
+//!
+//! A buffer never shrinks: a kernel gets a [`Scratch`], a prefix of a pooled allocation, and the
+//! tensor made from it keeps the whole allocation behind a view of the prefix. So the part past
+//! the prefix stays initialized and a later, longer request reuses it without a fill.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::Mutex;
 
+use ndarray::{ArrayD, IxDyn, s};
 use qgraph::Tensor;
 
 /// How many free buffers the pool keeps at most.
@@ -15,27 +21,64 @@ pub(crate) struct BufferPool {
     free: Mutex<Vec<Vec<f32>>>,
 }
 
+/// `len` elements at the front of a pooled allocation, with unspecified (finite, previously
+/// computed) contents: the caller must overwrite every element.
+#[derive(Debug)]
+pub(crate) struct Scratch {
+    data: Vec<f32>,
+    len: usize,
+}
+
+impl Deref for Scratch {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.data[..self.len]
+    }
+}
+
+impl DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.data[..self.len]
+    }
+}
+
+impl Scratch {
+    /// A tensor of `shape` over the prefix (the allocation goes with it, back to the pool when
+    /// the session recycles the tensor).
+    pub fn into_tensor(self, shape: &[usize]) -> Result<Tensor, String> {
+        let (full, len) = (self.data.len(), self.len);
+        let n: usize = shape.iter().product();
+        if n != len {
+            return Err(format!("internal: {len} elements for shape {shape:?}"));
+        }
+        let whole = ArrayD::from_shape_vec(IxDyn(&[full]), self.data).map_err(|e| e.to_string())?;
+        let prefix =
+            whole.slice_move(s![..len]).into_shape_with_order(IxDyn(shape)).map_err(|e| e.to_string())?;
+        Ok(Tensor::F32(prefix.into_shared()))
+    }
+}
+
 impl BufferPool {
-    /// A buffer of `len` elements with unspecified (finite, previously computed) contents: the
-    /// caller must overwrite every element.
-    pub fn take(&self, len: usize) -> Vec<f32> {
+    /// Scratch space of `len` elements: the smallest free buffer that already holds `len`
+    /// initialized elements, else one with the capacity (its tail zero-filled), else a new one.
+    pub fn take(&self, len: usize) -> Scratch {
         let reused = self.free.lock().ok().and_then(|mut free| {
-            // Best fit by capacity (a shorter length is extended, zero-filling only the tail).
-            let best = free
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.capacity() >= len)
-                .min_by_key(|(_, b)| b.capacity())
-                .map(|(i, _)| i)?;
+            let smallest = |fits: &dyn Fn(&Vec<f32>) -> bool| {
+                free.iter().enumerate().filter(|(_, b)| fits(b)).min_by_key(|(_, b)| b.len()).map(|(i, _)| i)
+            };
+            let best = smallest(&|b| b.len() >= len).or_else(|| smallest(&|b| b.capacity() >= len))?;
             Some(free.swap_remove(best))
         });
-        match reused {
+        let data = match reused {
             Some(mut b) => {
-                b.resize(len, 0.0);
+                if b.len() < len {
+                    b.resize(len, 0.0);
+                }
                 b
             }
             None => vec![0.0; len],
-        }
+        };
+        Scratch { data, len }
     }
 
     /// Takes back the buffer of `t` if nothing else references it.
@@ -43,22 +86,23 @@ impl BufferPool {
         let Tensor::F32(a) = t else { return };
         let Ok(owned) = a.try_into_owned_nocopy() else { return };
         let (buf, _) = owned.into_raw_vec_and_offset();
-        self.put(buf);
+        self.keep(buf);
     }
 
-    /// Takes back a scratch buffer a kernel got from [`BufferPool::take`].
-    pub fn put(&self, buf: Vec<f32>) {
-        if buf.capacity() < 1024 {
+    /// Takes back scratch space a kernel got from [`BufferPool::take`].
+    pub fn put(&self, scratch: Scratch) {
+        self.keep(scratch.data);
+    }
+
+    fn keep(&self, buf: Vec<f32>) {
+        if buf.len() < 1024 {
             return;
         }
         if let Ok(mut free) = self.free.lock() {
             if free.len() < MAX_FREE {
                 free.push(buf);
-            } else if let Some((i, _)) = free
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, b)| b.capacity())
-                .filter(|(_, b)| b.capacity() < buf.capacity())
+            } else if let Some((i, _)) =
+                free.iter().enumerate().min_by_key(|(_, b)| b.len()).filter(|(_, b)| b.len() < buf.len())
             {
                 // A full pool keeps the largest buffers: after small runs (batch 1) a session
                 // must still recycle the big buffers of larger batches.

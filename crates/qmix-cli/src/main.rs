@@ -98,6 +98,10 @@ enum Command {
         /// Worker threads (0 = one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Run this many times and report the first and the median time (for timing and
+        /// profiling; the outputs of the last run are written).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
     },
     /// Simulate quantization: place quantizers from a quantsim config, calibrate on .npy data,
     /// write AIMET encodings (and a QDQ model), optionally evaluate.
@@ -285,13 +289,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Run { model, inputs, encodings, config, out, threads } => {
+        Command::Run { model, inputs, encodings, config, out, threads, repeat } => {
             let m = qgraph::load_path(&model)?;
             let mut feeds = Vec::with_capacity(inputs.len());
             for (name, file) in &inputs {
                 feeds.push((name.as_str(), read_tensor(file).map_err(Failure::User)?));
             }
-            let started = std::time::Instant::now();
+            let mut times_ms = Vec::new();
             let (outputs, graph, note) = match &encodings {
                 Some(file) => {
                     let config = qcalib::QuantsimConfig::load(&config).map_err(dataset::user)?;
@@ -300,13 +304,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     let loaded = qcalib::read_encodings(file).map_err(dataset::user)?;
                     let load = qcalib::LoadOptions { freeze: true, keep_missing: false };
                     let count = qcalib::load_encodings(&mut sim, &loaded, load).map_err(dataset::user)?;
-                    let outputs = sim.run(&feeds).map_err(dataset::user)?;
+                    let outputs = repeated(repeat, &mut times_ms, || sim.run(&feeds).map_err(dataset::user))?;
                     let note = format!("simulated with {count} quantized tensors from {}", file.display());
                     (outputs, sim.model().graph.clone(), note)
                 }
                 None => {
                     let session = Session::new(m, SessionOptions::threads(threads))?;
-                    let result = session.run_with(&feeds, RunOptions::default())?;
+                    let result = repeated(repeat, &mut times_ms, || {
+                        Ok(session.run_with(&feeds, RunOptions::default())?)
+                    })?;
                     let note = format!(
                         "ran {} nodes on {} thread(s); peak intermediate memory {:.1} MiB",
                         result.stats.nodes_run,
@@ -316,7 +322,6 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     (result.outputs, session.model().graph.clone(), note)
                 }
             };
-            let secs = started.elapsed().as_secs_f64();
             std::fs::create_dir_all(&out)
                 .map_err(|e| Failure::User(anyhow::anyhow!("cannot create {}: {e}", out.display())))?;
             let mut written = Vec::new();
@@ -331,7 +336,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 say!("{name}: {} {:?} -> {}", t.dtype(), t.shape(), path.display());
                 written.push(path.display().to_string());
             }
-            say!("{note} in {:.1} ms", secs * 1e3);
+            let first = times_ms[0];
+            if repeat > 1 {
+                times_ms.sort_by(f64::total_cmp);
+                say!(
+                    "{note}; {repeat} runs: first {first:.1} ms, median {:.1} ms",
+                    times_ms[times_ms.len() / 2]
+                );
+            } else {
+                say!("{note} in {first:.1} ms");
+            }
             summary(
                 serde_json::json!({"command": "run", "model": model.display().to_string(), "outputs": written, "simulated": encodings.is_some()}),
             );
@@ -366,4 +380,19 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Calls `run` `repeat` times, pushing each call's wall time (ms) to `times_ms`; the last result.
+fn repeated<T>(
+    repeat: u32,
+    times_ms: &mut Vec<f64>,
+    mut run: impl FnMut() -> Result<T, Failure>,
+) -> Result<T, Failure> {
+    let mut last = None;
+    for _ in 0..repeat {
+        let started = std::time::Instant::now();
+        last = Some(run()?);
+        times_ms.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(last.expect("repeat is at least 1"))
 }

@@ -267,14 +267,15 @@ impl Conv {
             && g.oh == g.h
             && g.ow == g.w;
         // im2col writes every element, so a recycled buffer will do.
-        let mut col = if direct { Vec::new() } else { ctx.pool.take(kk * ohw) };
+        let mut col = (!direct).then(|| ctx.pool.take(kk * ohw));
         for grp in 0..groups {
             let xg = &x[grp * cg * g.h * g.w..(grp + 1) * cg * g.h * g.w];
-            let src: &[f32] = if direct {
-                xg
-            } else {
-                im2col(xg, g, cg, &mut col);
-                &col
+            let src: &[f32] = match col.as_mut() {
+                None => xg,
+                Some(col) => {
+                    im2col(xg, g, cg, col);
+                    col
+                }
             };
             let w_g = &w[grp * mg * kk..(grp + 1) * mg * kk];
             let dst = &mut out[grp * mg * ohw..(grp + 1) * mg * ohw];
@@ -300,7 +301,9 @@ impl Conv {
                 gemm_rows(w_g, src, bias_g, act, ctx.epilogue, kk, ohw, dst)?;
             }
         }
-        ctx.pool.put(col);
+        if let Some(col) = col {
+            ctx.pool.put(col);
+        }
         Ok(())
     }
 }
@@ -390,7 +393,7 @@ fn convolve(
         image(&x[i * plane..(i + 1) * plane], &w, bias.as_deref(), &g, ctx, o)
     })?;
     let shape: Vec<usize> = if rank == 1 { vec![g.n, g.m, g.ow] } else { vec![g.n, g.m, g.oh, g.ow] };
-    Ok(vec![super::tensor_from(&shape, out)?])
+    Ok(vec![out.into_tensor(&shape)?])
 }
 
 impl Kernel for Conv {

@@ -589,7 +589,7 @@ impl Kernel for Binary {
                 }
                 let mut out = ctx.pool.take(plan.len());
                 run(&super::f32_data(a)?, &mut out, false);
-                return Ok(vec![super::tensor_from(&plan.shape, out)?]);
+                return Ok(vec![out.into_tensor(&plan.shape)?]);
             }
             _ => {
                 super::same_dtype(a.dtype(), b.dtype())?;

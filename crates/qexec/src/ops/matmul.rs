@@ -129,7 +129,7 @@ fn column_bands(
 ) -> KernelResult<()> {
     let band = n.div_ceil(ctx.threads).next_multiple_of(16);
     let starts: Vec<usize> = (0..n).step_by(band).collect();
-    let parts: Vec<(usize, Vec<f32>)> = starts
+    let parts: Vec<(usize, crate::buffers::Scratch)> = starts
         .into_par_iter()
         .map(|c0| {
             let w = band.min(n - c0);
@@ -249,7 +249,7 @@ impl Kernel for MatMul {
         if !b_vec {
             shape.push(n);
         }
-        Ok(vec![super::tensor_from(&shape, out)?])
+        Ok(vec![out.into_tensor(&shape)?])
     }
 
     fn fuses_activation(&self) -> bool {
@@ -316,7 +316,7 @@ impl Kernel for GemmOp {
         if let Some(act) = fused {
             act.apply(&mut out);
         }
-        Ok(vec![super::tensor_from(&[m, n], out)?])
+        Ok(vec![out.into_tensor(&[m, n])?])
     }
 
     fn fuses_activation(&self) -> bool {
