@@ -9,7 +9,7 @@ use qgraph::{Dim, Model, NodeId, Tensor, ValueId, ValueSource};
 
 use crate::buffers::BufferPool;
 use crate::error::{ExecError, Result};
-use crate::hook::{Hook, TensorEvent, TensorKind};
+use crate::hook::{Epilogue, Hook, TensorEvent, TensorKind};
 use crate::ops::{self, Activation, ExecCtx, Kernel};
 
 /// How a session is built.
@@ -149,6 +149,23 @@ struct Step {
     kernel: Box<dyn Kernel>,
     /// The activation of the next step, if this step can apply it itself.
     fuse: Option<Activation>,
+}
+
+/// How a step runs the activation of the next step.
+enum Fusion<'h> {
+    /// The kernel applies it to its output (no quantizer in between).
+    InKernel(Activation),
+    /// The kernel's epilogue applies the hook's transform of the kernel output, the activation,
+    /// then the transform of the activation output (if the hook has one).
+    BetweenEpilogues(Activation, Epilogue<'h>, Option<Epilogue<'h>>),
+}
+
+impl Fusion<'_> {
+    fn activation(&self) -> Activation {
+        match self {
+            Fusion::InKernel(a) | Fusion::BetweenEpilogues(a, _, _) => *a,
+        }
+    }
 }
 
 /// A model compiled for execution.
@@ -411,29 +428,57 @@ impl Session {
                 }
             }
             let produced = node.outputs().first().copied().flatten();
-            let fused = match (step.fuse, produced) {
-                (Some(act), Some(out))
-                    if fusion_allowed
-                        && self.steps.get(i + 1).is_some_and(&runs)
-                        && options.hook.as_ref().is_none_or(|h| !h.observes(out)) =>
-                {
-                    Some(act)
+            let hook = options.hook.as_deref();
+            let activation_out =
+                |i: usize| g.node(self.steps[i + 1].node).outputs().first().copied().flatten();
+            let fusion = match (step.fuse, produced) {
+                (Some(act), Some(out)) if fusion_allowed && self.steps.get(i + 1).is_some_and(&runs) => {
+                    match hook {
+                        None => Some(Fusion::InKernel(act)),
+                        Some(h) if !h.observes(out) => Some(Fusion::InKernel(act)),
+                        // A quantizer between the kernel and its activation: both epilogues and
+                        // the activation between them, per block, when the hook has an
+                        // elementwise form for both values.
+                        Some(h) if step.kernel.applies_epilogue() => {
+                            let after = activation_out(i);
+                            match (h.epilogue(out), after) {
+                                (Some(before), Some(v)) if !h.observes(v) || h.epilogue(v).is_some() => {
+                                    Some(Fusion::BetweenEpilogues(act, before, h.epilogue(v)))
+                                }
+                                _ => None,
+                            }
+                        }
+                        _ => None,
+                    }
                 }
                 _ => None,
             };
+            let fused = fusion.as_ref().map(Fusion::activation);
             // The value the kernel's first output becomes (the activation's, when fused), and the
             // hook's epilogue for it if the kernel can apply one.
-            let first_out = if fused.is_some() {
-                g.node(self.steps[i + 1].node).outputs().first().copied().flatten()
-            } else {
-                produced
-            };
-            let epilogue = match (step.kernel.applies_epilogue(), first_out, options.hook.as_deref()) {
-                (true, Some(v), Some(h)) if h.observes(v) => h.epilogue(v).map(|f| (v, f)),
+            let first_out = if fused.is_some() { activation_out(i) } else { produced };
+            let composite;
+            let epilogue = match (&fusion, step.kernel.applies_epilogue(), first_out, hook) {
+                (Some(Fusion::BetweenEpilogues(act, before, after)), _, Some(v), _) => {
+                    let (act, before, after) = (*act, *before, *after);
+                    composite = move |block: &mut [f32]| {
+                        before(block);
+                        act.apply(block);
+                        if let Some(after) = after {
+                            after(block);
+                        }
+                    };
+                    Some((v, &composite as Epilogue<'_>))
+                }
+                (_, true, Some(v), Some(h)) if h.observes(v) => h.epilogue(v).map(|f| (v, f)),
                 _ => None,
             };
             let step_ctx = ExecCtx { epilogue: epilogue.map(|(_, f)| f), ..ctx };
-            let outs = step.kernel.run(&mut inputs, &step_ctx, fused).map_err(|detail| {
+            let kernel_activation = match fusion {
+                Some(Fusion::InKernel(act)) => Some(act),
+                _ => None,
+            };
+            let outs = step.kernel.run(&mut inputs, &step_ctx, kernel_activation).map_err(|detail| {
                 ExecError::Kernel { node: node.name.clone(), op: node.op_type.clone(), detail }
             })?;
             let applied = epilogue.map(|(v, _)| v);

@@ -276,15 +276,20 @@ fn epilogues_equal_on_tensor_and_replace_it_where_kernels_apply_them() {
             .collect();
         let mut results = Vec::new();
         let mut calls = Vec::new();
+        let mut nodes_run = Vec::new();
         for as_epilogue in [false, true] {
             let mut hook = Rounding { values: values.clone(), as_epilogue, on_tensor_calls: Vec::new() };
             let out = session.run_with(&[("x", input(3))], RunOptions::with_hook(&mut hook)).unwrap();
             results.push(out.outputs[0].as_f32().unwrap().iter().copied().collect::<Vec<_>>());
             calls.push(hook.on_tensor_calls);
+            nodes_run.push(out.stats.nodes_run);
         }
         assert_eq!(results[0], results[1], "{threads} thread(s)");
         assert_eq!(calls[0], values);
         // Conv+Relu fused, the depthwise Conv, the Clip and the Add all apply the epilogue.
         assert!(calls[1].is_empty(), "{:?}", calls[1]);
+        // With epilogues the depthwise Conv also runs the Clip between its epilogue and the
+        // Clip's: one step fewer.
+        assert_eq!(nodes_run[1] + 1, nodes_run[0]);
     }
 }
