@@ -343,3 +343,37 @@ fn short_wide_matmul_shares_columns_across_threads_bit_identically() {
     assert_close(&two[0], &want, &[1, m, n], 1e-5);
     assert_eq!(one[0].as_f32(), two[0].as_f32());
 }
+
+#[test]
+fn transpose_matches_ndarray_for_every_permutation() {
+    let shape = [2usize, 1, 3, 4];
+    let values: Vec<f32> = (0..24).map(|i| i as f32).collect();
+    let reference = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&shape), values.clone()).unwrap();
+    let mut perms = Vec::new();
+    for a in 0..4 {
+        for b in 0..4 {
+            for c in 0..4 {
+                for d in 0..4 {
+                    let p = [a, b, c, d];
+                    if (0..4).all(|x| p.contains(&x)) {
+                        perms.push(p);
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(perms.len(), 24);
+    for p in perms {
+        let (m, f) = one_node(
+            "Transpose",
+            vec![Src::Fed(f32t(&shape, values.clone()))],
+            vec![("perm", ints(&p))],
+            1,
+            13,
+        );
+        let want = reference.view().permuted_axes(ndarray::IxDyn(&p));
+        let want_shape: Vec<usize> = want.shape().to_vec();
+        let want: Vec<f32> = want.iter().copied().collect();
+        assert_close(&run(m, &f, 1)[0], &want, &want_shape, 0.0);
+    }
+}

@@ -151,7 +151,14 @@ fn apply(op: F32Op, x: f32, y: f32) -> f32 {
 fn row_with(op: F32Op, a: &[f32], ia: usize, b: &[f32], ib: usize, out: &mut [f32]) {
     let n = out.len();
     match (ia, ib) {
-        (1, 1) => out.iter_mut().zip(&a[..n]).zip(&b[..n]).for_each(|((o, &x), &y)| *o = apply(op, x, y)),
+        (1, 1) => {
+            // Indexed over equal-length slices rather than a two-level zip, whose fold the
+            // compiler leaves out of line, without the caller's target features.
+            let (a, b) = (&a[..n], &b[..n]);
+            for i in 0..n {
+                out[i] = apply(op, a[i], b[i]);
+            }
+        }
         (1, 0) => {
             let y = b[0];
             out.iter_mut().zip(&a[..n]).for_each(|(o, &x)| *o = apply(op, x, y));

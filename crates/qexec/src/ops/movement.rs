@@ -149,11 +149,67 @@ fn strides_of(shape: &[usize]) -> Vec<usize> {
 /// DepthToSpace/SpaceToDepth rearrangements).
 fn rearrange(x: &Tensor, split: &[usize], perm: &[usize], out: &[usize]) -> KernelResult<Tensor> {
     let t = reshape(x.clone(), split)?;
-    Ok(with_dtype!(t.dtype(), T => {
-        let a = typed::<T>(&t)?.view().permuted_axes(IxDyn(perm));
-        let owned = a.as_standard_layout().into_owned();
-        T::wrap(owned.into_shape_with_order(IxDyn(out)).map_err(|e| e.to_string())?.into_shared())
+    reshape(transpose(&t, perm)?, out)
+}
+
+/// `x` with its axes permuted: output axis `i` is input axis `perm[i]`.
+fn transpose(x: &Tensor, perm: &[usize]) -> KernelResult<Tensor> {
+    let out_shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
+    Ok(with_dtype!(x.dtype(), T => {
+        let a = typed::<T>(x)?;
+        super::tensor_from(&out_shape, permute(&contiguous(a), a.shape(), perm))?
     }))
+}
+
+/// Row-major `input` of `shape` with its axes permuted by `perm`. Output axes that stay adjacent
+/// in the input merge, size-1 axes drop out, and the innermost output axis is copied as a run
+/// (a slice copy where it is contiguous in the input, a strided gather otherwise).
+fn permute<T: Copy>(input: &[T], shape: &[usize], perm: &[usize]) -> Vec<T> {
+    let total: usize = shape.iter().product();
+    let in_strides = strides_of(shape);
+    // (extent, input stride) per output axis, merged.
+    let mut axes: Vec<(usize, usize)> = Vec::with_capacity(perm.len());
+    for &p in perm {
+        let (n, s) = (shape[p], in_strides[p]);
+        if n == 1 {
+            continue;
+        }
+        match axes.last_mut() {
+            Some((pn, ps)) if *ps == s * n => {
+                *pn *= n;
+                *ps = s;
+            }
+            _ => axes.push((n, s)),
+        }
+    }
+    let mut out = Vec::with_capacity(total);
+    if total == 0 {
+        return out;
+    }
+    let Some(&(inner, inner_stride)) = axes.last() else {
+        out.extend_from_slice(&input[..total]);
+        return out;
+    };
+    let outer = &axes[..axes.len() - 1];
+    let mut idx = vec![0usize; outer.len()];
+    let mut base = 0usize;
+    for _ in 0..total / inner {
+        if inner_stride == 1 {
+            out.extend_from_slice(&input[base..base + inner]);
+        } else {
+            out.extend((0..inner).map(|j| input[base + j * inner_stride]));
+        }
+        for d in (0..outer.len()).rev() {
+            idx[d] += 1;
+            base += outer[d].1;
+            if idx[d] < outer[d].0 {
+                break;
+            }
+            base -= outer[d].1 * outer[d].0;
+            idx[d] = 0;
+        }
+    }
+    out
 }
 
 /// Reinterprets `t` with a new shape of the same element count (shares the buffer when it is in
@@ -378,10 +434,7 @@ impl Kernel for Movement {
                 if seen != (0..rank).collect::<Vec<_>>() {
                     return Err(format!("perm {perm:?} is not a permutation of rank {rank}"));
                 }
-                vec![with_dtype!(x.dtype(), T => {
-                    let a = typed::<T>(x)?.view().permuted_axes(IxDyn(&perm));
-                    wrap(a.as_standard_layout().into_owned())
-                })]
+                vec![transpose(x, &perm)?]
             }
             Movement::Concat { axis } => {
                 let parts: Vec<&Tensor> = inputs.iter().flatten().collect();
