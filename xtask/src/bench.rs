@@ -48,13 +48,7 @@ fn median_ms(mut f: impl FnMut(), runs: usize) -> f64 {
 /// The inputs of a zoo model at `batch`: real images (preprocessed) or STS-B tokens.
 fn bench_inputs(zoo: &std::path::Path, name: &str, batch: usize) -> Result<Vec<(String, qgraph::Tensor)>> {
     if name == "all_minilm_l6_v2" {
-        return Ok(zoo_data::stsb_tokens(zoo)?
-            .into_iter()
-            .map(|(n, a)| {
-                let rows = a.slice(ndarray::s![0..batch, ..]).to_owned().into_dyn().into_shared();
-                (n.to_string(), qgraph::Tensor::I64(rows))
-            })
-            .collect());
+        return Ok(zoo_data::stsb_rows(&zoo_data::stsb_tokens(zoo)?, 0..batch));
     }
     let c = zoo_data::CLASSIFIERS.iter().find(|c| c.name == name).context("unknown model")?;
     let images = zoo_data::raw_images(zoo, c.images)?;

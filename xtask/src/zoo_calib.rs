@@ -353,6 +353,7 @@ pub fn check(zoo: &Path) -> Result<()> {
     }
     Ok(())
 }
+
 /// The MiniLM checks alone (`cargo xtask zoo minilm`).
 pub fn check_minilm(zoo: &Path) -> Result<()> {
     let mut failures = Vec::new();
@@ -363,31 +364,18 @@ pub fn check_minilm(zoo: &Path) -> Result<()> {
     Ok(())
 }
 
-/// STS-B token rows `r` as named i64 feeds.
-fn stsb_rows(
-    tokens: &[(&'static str, ndarray::Array2<i64>)],
-    r: std::ops::Range<usize>,
-) -> Vec<(String, qgraph::Tensor)> {
-    tokens
-        .iter()
-        .map(|(n, a)| {
-            let t = a.slice(ndarray::s![r.clone(), ..]).to_owned().into_dyn().into_shared();
-            (n.to_string(), qgraph::Tensor::I64(t))
-        })
-        .collect()
-}
-
 /// A forward pass: named feeds in, every output of the model out.
 type Forward<'a> = dyn Fn(&[(&str, qgraph::Tensor)]) -> Result<Vec<qgraph::Tensor>> + 'a;
 
-/// The zoo README's STS-B score: Spearman between the gold score of pair i and the cosine of the
-/// sentence embeddings of rows i and i + 1379, the embeddings computed by `run` (all outputs of
+/// The zoo README's STS-B score: Spearman between the `gold` score of pair i and the cosine of the
+/// sentence embeddings of `tokens` rows i and i + 1379, the embeddings computed by `run` (all outputs of
 /// the model for a batch of feeds) in batches of 64 rows of similar length.
-fn stsb_spearman(zoo: &Path, graph: &qgraph::Graph, run: &Forward<'_>) -> Result<f64> {
-    let tokens = zoo_data::stsb_tokens(zoo)?;
-    let gold_path = zoo.join("data/stsb_test_gold_scores.npy");
-    let gold: ndarray::Array1<f32> =
-        read_npy(&gold_path).with_context(|| format!("reading {}", gold_path.display()))?;
+fn stsb_spearman(
+    tokens: &[(&'static str, ndarray::Array2<i64>)],
+    gold: &[f64],
+    graph: &qgraph::Graph,
+    run: &Forward<'_>,
+) -> Result<f64> {
     let at = graph
         .outputs()
         .iter()
@@ -427,8 +415,7 @@ fn stsb_spearman(zoo: &Path, graph: &qgraph::Graph, run: &Forward<'_>) -> Result
     };
     let pairs = gold.len();
     let cos: Vec<f64> = (0..pairs).map(|i| cosine(&embeddings[i], &embeddings[i + pairs])).collect();
-    let gold: Vec<f64> = gold.iter().map(|&g| f64::from(g)).collect();
-    Ok(crate::zoo_analyze::spearman(&gold, &cos))
+    Ok(crate::zoo_analyze::spearman(gold, &cos))
 }
 
 /// MiniLM with the `htp_v73` config at W8A16: calibrate on 64 STS-B rows, export QDQ (opset 21,
@@ -444,11 +431,14 @@ fn check_minilm_w8a16(zoo: &Path, failures: &mut Vec<String>) -> Result<()> {
     let calibrated = |config: QuantsimConfig| -> Result<(QuantSim, f64)> {
         let mut sim = QuantSim::new(model.clone(), config, options)?;
         let started = Instant::now();
-        sim.calibrate([stsb_rows(&tokens, 0..32), stsb_rows(&tokens, 32..64)], &mut |_| {})?;
+        sim.calibrate(
+            [zoo_data::stsb_rows(&tokens, 0..32), zoo_data::stsb_rows(&tokens, 32..64)],
+            &mut |_| {},
+        )?;
         Ok((sim, started.elapsed().as_secs_f64()))
     };
     let (sim, calib_s) = calibrated(QuantsimConfig::load("htp_v73")?)?;
-    let eval = stsb_rows(&tokens, 64..96);
+    let eval = zoo_data::stsb_rows(&tokens, 64..96);
     let named: Vec<(&str, qgraph::Tensor)> = eval.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let ours = sim.run(&named)?.swap_remove(0);
     let dir = crate::zoo::out_dir()?;
@@ -482,12 +472,16 @@ fn check_minilm_w8a16(zoo: &Path, failures: &mut Vec<String>) -> Result<()> {
     let started = Instant::now();
     let graph = &sim.model().graph;
     let session = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::default())?;
-    let fp32 = stsb_spearman(zoo, graph, &|feeds| Ok(session.run(feeds)?))?;
-    let aimet_config = stsb_spearman(zoo, graph, &|feeds| Ok(sim.run(feeds)?))?;
+    let gold_path = zoo.join("data/stsb_test_gold_scores.npy");
+    let gold: ndarray::Array1<f32> =
+        read_npy(&gold_path).with_context(|| format!("reading {}", gold_path.display()))?;
+    let gold: Vec<f64> = gold.iter().map(|&g| f64::from(g)).collect();
+    let fp32 = stsb_spearman(&tokens, &gold, graph, &|feeds| Ok(session.run(feeds)?))?;
+    let aimet_config = stsb_spearman(&tokens, &gold, graph, &|feeds| Ok(sim.run(feeds)?))?;
     let mut config = QuantsimConfig::load("htp_v73")?;
-    config.supergroup_passes.push("MaskedSoftmax".into());
+    config.add_pass("MaskedSoftmax")?;
     let (fused, _) = calibrated(config)?;
-    let masked = stsb_spearman(zoo, graph, &|feeds| Ok(fused.run(feeds)?))?;
+    let masked = stsb_spearman(&tokens, &gold, graph, &|feeds| Ok(fused.run(feeds)?))?;
     println!(
         "  all_minilm_l6_v2 STS-B Spearman: FP32 {fp32:.4} (README 0.8203); W8A16 htp_v73 {aimet_config:.4}; \
          with the MaskedSoftmax pass {masked:.4} ({} warning(s)); {:.1} s",

@@ -92,6 +92,19 @@ pub fn stsb_tokens(zoo: &Path) -> Result<Vec<(&'static str, Array2<i64>)>> {
         .collect()
 }
 
+/// STS-B token rows `r` (from [`stsb_tokens`]) as named i64 feeds.
+pub fn stsb_rows(tokens: &[(&'static str, Array2<i64>)], r: std::ops::Range<usize>) -> Vec<(String, Tensor)> {
+    tokens
+        .iter()
+        .map(|(n, a)| {
+            (
+                n.to_string(),
+                Tensor::I64(a.slice(ndarray::s![r.clone(), ..]).to_owned().into_dyn().into_shared()),
+            )
+        })
+        .collect()
+}
+
 /// Argmax (first maximum) of each row of a [N, C] scores tensor of any dtype, minus `label_offset`.
 pub fn argmax_rows(logits: &Tensor, label_offset: usize) -> Result<Vec<i64>> {
     let classes = *logits.shape().last().context("logits have no dims")?;

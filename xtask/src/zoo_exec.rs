@@ -156,11 +156,8 @@ fn check_minilm(zoo: &Path) -> Result<()> {
     let started = Instant::now();
     let model = qgraph::load_path(zoo.join("models/all_minilm_l6_v2.onnx"))?;
     let session = Session::new(model, SessionOptions::default())?;
-    let tokens = zoo_data::stsb_tokens(zoo)?;
-    let feeds: Vec<(&str, Tensor)> = tokens
-        .iter()
-        .map(|(n, a)| (*n, Tensor::I64(a.slice(ndarray::s![0..64, ..]).to_owned().into_dyn().into_shared())))
-        .collect();
+    let rows = zoo_data::stsb_rows(&zoo_data::stsb_tokens(zoo)?, 0..64);
+    let feeds: Vec<(&str, Tensor)> = rows.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let outputs = session.run(&feeds)?;
     let names: Vec<String> = session
         .model()

@@ -148,14 +148,12 @@ enum Unary {
 }
 
 /// Applies `f` (then the context's epilogue, if any) to an f32 tensor, in place when the buffer
-/// is not shared, in chunks of at most 64 Ki elements shared evenly among the threads (a
-/// transformer's batch-1 GELU input is 72 Ki elements: two fixed 64 Ki chunks would leave one
-/// thread idle).
+/// is not shared, in chunks shared evenly among the threads.
 fn map_f32(t: Tensor, ctx: &ExecCtx<'_>, f: impl Fn(&mut [f32]) + Sync + Send) -> KernelResult<Tensor> {
     let mut a = into_f32_unique(t)?;
     let s = a.as_slice_mut().ok_or("internal: non-contiguous tensor")?;
     let epilogue = ctx.epilogue;
-    let grain = s.len().div_ceil(ctx.threads.max(1)).clamp(1 << 12, 1 << 16);
+    let grain = super::even_chunk(ctx, s.len(), 1);
     for_each_chunk_mut(ctx, s, grain, |_, c| {
         f(c);
         if let Some(e) = epilogue {

@@ -198,10 +198,9 @@ impl Kernel for Softmax {
         let mut a = into_f32_unique(x)?;
         let data = a.as_slice_mut().ok_or("internal")?;
         if inner == 1 && self.kind == SoftmaxKind::Softmax {
-            // Whole rows shared evenly among the threads, at most 64 Ki elements a chunk.
             let n = n.max(1);
-            let rows = (data.len() / n).div_ceil(ctx.threads.max(1)).clamp(1, ((1 << 16) / n).max(1));
-            super::for_each_chunk_mut(ctx, data, rows * n, |_, c| c.chunks_mut(n).for_each(softmax_row));
+            let grain = super::even_chunk(ctx, data.len(), n);
+            super::for_each_chunk_mut(ctx, data, grain, |_, c| c.chunks_mut(n).for_each(softmax_row));
             return Ok(vec![Tensor::F32(a)]);
         }
         let mut lane = vec![0f32; n];
