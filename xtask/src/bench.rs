@@ -6,7 +6,9 @@
 //! mobilenetv2_keras on 32 images, resumed from FP32 values, against a naive full forward per layer
 //! of our own code and AIMET's time, then the time and peak memory of the analysis of
 //! all_minilm_l6_v2; `bench kernels`: the qkernels criterion bench, tabulated as GB/s and as a
-//! ratio to `memcpy` of the same size.
+//! ratio to `memcpy` of the same size. `exec` and `sim` interleave the contenders (rounds of a
+//! few runs each, onnxruntime kept running in a helper process) so that the slow spells of a
+//! shared machine fall on all of them alike.
 
 use std::time::Instant;
 
@@ -34,15 +36,64 @@ pub fn run(what: Option<&str>) -> Result<()> {
 
 fn median_ms(mut f: impl FnMut(), runs: usize) -> f64 {
     f();
-    let mut times: Vec<f64> = (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
+    let mut times: Vec<f64> = (0..runs).map(|_| time_ms(&mut f)).collect();
+    median(&mut times)
+}
+
+fn time_ms(f: &mut impl FnMut()) -> f64 {
+    let t = Instant::now();
+    f();
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn median(times: &mut [f64]) -> f64 {
     times.sort_by(f64::total_cmp);
-    times[runs / 2]
+    times[times.len() / 2]
+}
+
+/// A timed contender: given a run count, runs once untimed (its caches and threads are cold after
+/// another contender's turn), then that many times, and returns each timed run's wall time (ms).
+type Contender<'a> = Box<dyn FnMut(usize) -> Result<Vec<f64>> + 'a>;
+
+/// Our runs as a contender.
+fn ours<'a>(mut f: impl FnMut() + 'a) -> Contender<'a> {
+    Box::new(move |runs| {
+        f();
+        Ok((0..runs).map(|_| time_ms(&mut f)).collect())
+    })
+}
+
+/// onnxruntime in `python/time_ort.py`, kept running, as a contender.
+fn onnxruntime<'a>(model: &std::path::Path, threads: usize, feeds: &[String]) -> Result<Contender<'a>> {
+    let mut args = vec![model.display().to_string(), threads.to_string()];
+    args.extend(feeds.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = python::Server::start("time_ort.py", &args)?;
+    Ok(Box::new(move |runs| {
+        let reply = server.ask(&runs.to_string())?;
+        Ok(reply.split_whitespace().map(str::parse).collect::<Result<Vec<f64>, _>>()?)
+    }))
+}
+
+/// Median wall times (ms) of the contenders, measured in `rounds` rounds of `per_round` runs
+/// each, taking turns, so that the machine's slow spells (this is a shared machine) fall on all
+/// of them alike. A 100 ms pause between turns lets the previous contender's worker threads stop
+/// spinning (onnxruntime's spin for longer than 20 ms: with that pause our two-thread batch-1 runs
+/// measured 40 % slower than alone).
+fn interleaved(contenders: &mut [Contender<'_>], rounds: usize, per_round: usize) -> Result<Vec<f64>> {
+    let mut times = vec![Vec::with_capacity(rounds * per_round); contenders.len()];
+    for _ in 0..rounds {
+        for (c, t) in contenders.iter_mut().zip(&mut times) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            t.extend(c(per_round)?);
+        }
+    }
+    Ok(times.iter_mut().map(|t| median(t)).collect())
+}
+
+/// Rounds and timed runs per round at a batch size: 30 runs at batch 1, 10 at batch 32.
+fn schedule(batch: usize) -> (usize, usize) {
+    if batch == 1 { (6, 5) } else { (5, 2) }
 }
 
 /// The inputs of a zoo model at `batch`: real images (preprocessed) or STS-B tokens.
@@ -79,18 +130,18 @@ fn exec() -> Result<()> {
                 files.push(format!("{n}={}", f.display()));
             }
             for threads in [1, 2] {
-                let runs = if batch == 1 { 30 } else { 10 };
+                let (rounds, per_round) = schedule(batch);
                 let session =
                     qexec::Session::new(qgraph::load_path(&path)?, qexec::SessionOptions::threads(threads))?;
                 let feeds: Vec<(&str, qgraph::Tensor)> =
                     inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-                let ours = median_ms(|| drop(session.run(&feeds).unwrap()), runs);
-                let mut args = vec![path.display().to_string(), runs.to_string(), threads.to_string()];
-                args.extend(files.iter().cloned());
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                let theirs: f64 = python::script_output("time_ort.py", &args)?.trim().parse()?;
+                let mut contenders =
+                    [ours(|| drop(session.run(&feeds).unwrap())), onnxruntime(&path, threads, &files)?];
+                let medians = interleaved(&mut contenders, rounds, per_round)?;
+                let (ours, theirs) = (medians[0], medians[1]);
                 println!(
-                    "{name:<20} {batch:>5} {threads:>7} {runs:>5} {ours:>10.2} {theirs:>10.2} {:>7.2}",
+                    "{name:<20} {batch:>5} {threads:>7} {:>5} {ours:>10.2} {theirs:>10.2} {:>7.2}",
+                    rounds * per_round,
                     ours / theirs
                 );
             }
@@ -150,21 +201,19 @@ fn sim() -> Result<()> {
         let feeds: Vec<(&str, qgraph::Tensor)> =
             inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         for (threads, sim) in [1, 2].into_iter().zip(&sims) {
-            let runs = if batch == 1 { 30 } else { 10 };
+            let (rounds, per_round) = schedule(batch);
             let session =
                 qexec::Session::new(qgraph::load_path(&path)?, qexec::SessionOptions::threads(threads))?;
-            let simulated = median_ms(|| drop(sim.run(&feeds).unwrap()), runs);
-            let fp32 = median_ms(|| drop(session.run(&feeds).unwrap()), runs);
-            let args = [
-                path.display().to_string(),
-                runs.to_string(),
-                threads.to_string(),
-                format!("input={}", file.display()),
+            let mut contenders = [
+                ours(|| drop(sim.run(&feeds).unwrap())),
+                ours(|| drop(session.run(&feeds).unwrap())),
+                onnxruntime(&path, threads, &[format!("input={}", file.display())])?,
             ];
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let ort: f64 = python::script_output("time_ort.py", &args)?.trim().parse()?;
+            let medians = interleaved(&mut contenders, rounds, per_round)?;
+            let (simulated, fp32, ort) = (medians[0], medians[1], medians[2]);
             println!(
-                "{name:<20} {batch:>5} {threads:>7} {runs:>5} {simulated:>9.2} {fp32:>9.2} {ort:>9.2} {:>9.2} {:>9.2}",
+                "{name:<20} {batch:>5} {threads:>7} {:>5} {simulated:>9.2} {fp32:>9.2} {ort:>9.2} {:>9.2} {:>9.2}",
+                rounds * per_round,
                 simulated / fp32,
                 simulated / ort
             );

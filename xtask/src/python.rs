@@ -61,3 +61,53 @@ pub fn script_output(script: &str, args: &[&str]) -> Result<String> {
     }
     Ok(String::from_utf8(out.stdout)?)
 }
+
+/// A helper script kept running to answer requests: one line written to its standard input, one
+/// line read back from its standard output.
+pub struct Server {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Server {
+    /// Starts `script` with `args` and waits for its first line (its "ready").
+    pub fn start(script: &str, args: &[&str]) -> Result<Server> {
+        let mut child = Command::new(python())
+            .arg(scripts_dir().join(script))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {script}"))?;
+        let stdin = child.stdin.take().context("server stdin")?;
+        let stdout = std::io::BufReader::new(child.stdout.take().context("server stdout")?);
+        let mut server = Server { child, stdin, stdout };
+        server.read_line().with_context(|| format!("{script} did not start"))?;
+        Ok(server)
+    }
+
+    /// Sends `request` and returns the reply line.
+    pub fn ask(&mut self, request: &str) -> Result<String> {
+        use std::io::Write;
+        writeln!(self.stdin, "{request}")?;
+        self.stdin.flush()?;
+        self.read_line()
+    }
+
+    fn read_line(&mut self) -> Result<String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("the helper script exited ({:?})", self.child.try_wait()?);
+        }
+        Ok(line)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

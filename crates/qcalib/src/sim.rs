@@ -449,6 +449,15 @@ impl QuantSim {
         Ok(session.run_with(feeds, opts)?.outputs)
     }
 
+    /// Runs the simulated model timing every step (kernel and fake-quant of its outputs).
+    pub fn run_profiled(&self, feeds: &[(&str, Tensor)]) -> Result<(Vec<Tensor>, Vec<qexec::StepTime>)> {
+        let (session, mut hook) = self.session_and_hook()?;
+        let opts =
+            RunOptions { hook: Some(&mut hook), hook_inputs: true, profile: true, ..RunOptions::default() };
+        let run = session.run_with(feeds, opts)?;
+        Ok((run.outputs, run.profile))
+    }
+
     /// Runs the simulated model keeping every value it fed or computed, as the fake-quant hook
     /// left it (quantized where a quantizer is enabled): outputs and the values by tensor.
     pub fn run_keeping_all(&self, feeds: &[(&str, Tensor)]) -> Result<(Vec<Tensor>, qexec::ValueCache)> {

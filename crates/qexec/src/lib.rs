@@ -17,4 +17,4 @@ mod session;
 
 pub use error::{ExecError, Result};
 pub use hook::{Epilogue, Hook, HookError, TensorEvent, TensorKind};
-pub use session::{Keep, RunOptions, RunResult, RunStats, Session, SessionOptions, ValueCache};
+pub use session::{Keep, RunOptions, RunResult, RunStats, Session, SessionOptions, StepTime, ValueCache};

@@ -59,6 +59,8 @@ pub struct RunOptions<'a> {
     pub hook_inputs: bool,
     /// Also call the hook on initializers and constants, once per run, before their first reader.
     pub hook_params: bool,
+    /// Time every step (kernel and the hook calls on its outputs) into [`RunResult::profile`].
+    pub profile: bool,
 }
 
 impl<'a> RunOptions<'a> {
@@ -70,6 +72,12 @@ impl<'a> RunOptions<'a> {
     /// Sets the keep policy.
     pub fn keep(mut self, keep: Keep) -> RunOptions<'a> {
         self.keep = keep;
+        self
+    }
+
+    /// Sets whether steps are timed.
+    pub fn profile(mut self, profile: bool) -> RunOptions<'a> {
+        self.profile = profile;
         self
     }
 }
@@ -141,6 +149,21 @@ pub struct RunResult {
     pub kept: ValueCache,
     /// Measurements.
     pub stats: RunStats,
+    /// With [`RunOptions::profile`]: the time of every step that ran, in execution order.
+    pub profile: Vec<StepTime>,
+}
+
+/// The wall time of one executed step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepTime {
+    /// The node whose kernel ran.
+    pub node: NodeId,
+    /// The activation node it applied itself, if fused.
+    pub fused: Option<NodeId>,
+    /// From the kernel call to the end of the hook calls on its outputs.
+    pub elapsed: std::time::Duration,
+    /// The shape of the step's first output.
+    pub output_shape: Vec<usize>,
 }
 
 /// One compiled node.
@@ -372,6 +395,7 @@ impl Session {
         stats.peak_bytes = live;
         let fusion_allowed = !keep_all;
         let mut skip_next = false;
+        let mut profile = Vec::new();
         for (i, step) in self.steps.iter().enumerate() {
             if skip_next {
                 skip_next = false;
@@ -478,6 +502,7 @@ impl Session {
                 Some(Fusion::InKernel(act)) => Some(act),
                 _ => None,
             };
+            let started = options.profile.then(std::time::Instant::now);
             let outs = step.kernel.run(&mut inputs, &step_ctx, kernel_activation).map_err(|detail| {
                 ExecError::Kernel { node: node.name.clone(), op: node.op_type.clone(), detail }
             })?;
@@ -492,6 +517,10 @@ impl Session {
                 node
             };
             let out_id = if fused.is_some() { self.steps[i + 1].node } else { step.node };
+            let output_shape = match (&started, outs.first()) {
+                (Some(_), Some(t)) => t.shape().to_vec(),
+                _ => Vec::new(),
+            };
             let mut outs = outs.into_iter();
             for &slot in out_node.outputs() {
                 let t = outs.next();
@@ -513,6 +542,11 @@ impl Session {
                 store[v.index()] = Some(t);
             }
             stats.peak_bytes = stats.peak_bytes.max(live);
+            if let Some(started) = started {
+                let fused = fused.map(|_| out_id);
+                let elapsed = started.elapsed();
+                profile.push(StepTime { node: step.node, fused, elapsed, output_shape });
+            }
         }
         let mut outputs = Vec::with_capacity(g.outputs().len());
         for &v in g.outputs() {
@@ -533,7 +567,7 @@ impl Session {
                 }
             }
         }
-        Ok(RunResult { outputs, kept, stats })
+        Ok(RunResult { outputs, kept, stats, profile })
     }
 }
 

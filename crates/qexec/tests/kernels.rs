@@ -157,8 +157,9 @@ proptest! {
 
 #[test]
 fn depthwise_with_fused_clip_matches_reference() {
-    let (c, h, w) = (5, 9, 11);
-    for stride in [1, 2] {
+    // Narrow planes (blocks of 8 columns), and wide ones (blocks of 16, vectorised stride split).
+    let c = 5;
+    for (stride, h, w) in [1, 2].into_iter().flat_map(|s| [(s, 9, 11), (s, 6, 45), (s, 5, 7)]) {
         let x: Vec<f32> = (0..2 * c * h * w).map(|i| (i % 17) as f32 * 0.3 - 2.0).collect();
         let wt: Vec<f32> = (0..c * 9).map(|i| (i % 7) as f32 * 0.2 - 0.5).collect();
         let b: Vec<f32> = (0..c).map(|i| i as f32 * 0.1).collect();

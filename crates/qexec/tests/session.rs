@@ -106,6 +106,34 @@ fn hook_sees_every_node_output_in_order_and_fusion_steps_aside() {
 }
 
 #[test]
+fn a_profiled_run_times_every_step_with_its_fused_activation() {
+    let session = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
+    let plain = session.run_with(&[("x", input(2))], RunOptions::default()).unwrap();
+    assert!(plain.profile.is_empty());
+    let run = session.run_with(&[("x", input(2))], RunOptions::default().profile(true)).unwrap();
+    assert_eq!(run.outputs[0], plain.outputs[0]);
+    let g = &session.model().graph;
+    let steps: Vec<(&str, Option<&str>, &[usize])> = run
+        .profile
+        .iter()
+        .map(|s| {
+            (g.node(s.node).name.as_str(), s.fused.map(|f| g.node(f).name.as_str()), &s.output_shape[..])
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("conv1", Some("relu1"), &[2, 4, 6, 6][..]),
+            ("conv2", Some("clip2"), &[2, 4, 6, 6]),
+            ("add", None, &[2, 4, 6, 6]),
+            ("gap", None, &[2, 4, 1, 1]),
+            ("flat", None, &[2, 4]),
+            ("fc", None, &[2, 3]),
+        ]
+    );
+}
+
+#[test]
 fn hook_can_rewrite_tensors_and_params() {
     let session = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
     let g = &session.model().graph;

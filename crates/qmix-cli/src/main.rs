@@ -16,6 +16,7 @@ mod automp;
 mod dataset;
 mod images;
 mod litemp;
+mod profile;
 mod quantsim;
 
 use std::path::{Path, PathBuf};
@@ -102,6 +103,10 @@ enum Command {
         /// profiling; the outputs of the last run are written).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         repeat: u32,
+        /// Time every step and print the N slowest (default 25) and the time per op type (means
+        /// over the --repeat runs; a fused activation is timed with its producer).
+        #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "25")]
+        profile: Option<usize>,
     },
     /// Simulate quantization: place quantizers from a quantsim config, calibrate on .npy data,
     /// write AIMET encodings (and a QDQ model), optionally evaluate.
@@ -289,13 +294,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Run { model, inputs, encodings, config, out, threads, repeat } => {
+        Command::Run { model, inputs, encodings, config, out, threads, repeat, profile } => {
             let m = qgraph::load_path(&model)?;
             let mut feeds = Vec::with_capacity(inputs.len());
             for (name, file) in &inputs {
                 feeds.push((name.as_str(), read_tensor(file).map_err(Failure::User)?));
             }
             let mut times_ms = Vec::new();
+            let mut steps = profile::Profile::default();
             let (outputs, graph, note) = match &encodings {
                 Some(file) => {
                     let config = qcalib::QuantsimConfig::load(&config).map_err(dataset::user)?;
@@ -304,14 +310,24 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     let loaded = qcalib::read_encodings(file).map_err(dataset::user)?;
                     let load = qcalib::LoadOptions { freeze: true, keep_missing: false };
                     let count = qcalib::load_encodings(&mut sim, &loaded, load).map_err(dataset::user)?;
-                    let outputs = repeated(repeat, &mut times_ms, || sim.run(&feeds).map_err(dataset::user))?;
+                    let outputs = repeated(repeat, &mut times_ms, || {
+                        if profile.is_none() {
+                            return sim.run(&feeds).map_err(dataset::user);
+                        }
+                        let (outputs, times) = sim.run_profiled(&feeds).map_err(dataset::user)?;
+                        steps.add(&times);
+                        Ok(outputs)
+                    })?;
                     let note = format!("simulated with {count} quantized tensors from {}", file.display());
                     (outputs, sim.model().graph.clone(), note)
                 }
                 None => {
                     let session = Session::new(m, SessionOptions::threads(threads))?;
                     let result = repeated(repeat, &mut times_ms, || {
-                        Ok(session.run_with(&feeds, RunOptions::default())?)
+                        let result =
+                            session.run_with(&feeds, RunOptions::default().profile(profile.is_some()))?;
+                        steps.add(&result.profile);
+                        Ok(result)
                     })?;
                     let note = format!(
                         "ran {} nodes on {} thread(s); peak intermediate memory {:.1} MiB",
@@ -345,6 +361,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 );
             } else {
                 say!("{note} in {first:.1} ms");
+            }
+            if let Some(top) = profile {
+                steps.report(&graph, top).iter().for_each(|line| say!("{line}"));
             }
             summary(
                 serde_json::json!({"command": "run", "model": model.display().to_string(), "outputs": written, "simulated": encodings.is_some()}),

@@ -110,13 +110,15 @@ fn run_simulates_with_exported_encodings() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r = dir.join("r");
     let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
-        .args(["run", model.to_str().unwrap(), "--input", &eval, "--encodings"])
+        .args(["run", model.to_str().unwrap(), "--input", &eval, "--profile", "3", "--encodings"])
         .arg(q.join("model.encodings"))
         .arg("--out")
         .arg(&r)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("profile: ") && stdout.contains("op type"), "{stdout}");
     let read = |p: PathBuf| -> ArrayD<f32> { ndarray_npy::read_npy(p).unwrap() };
     assert_eq!(read(r.join("logits.npy")), read(q.join("sim_outputs.npy")));
     std::fs::remove_dir_all(&dir).unwrap();

@@ -1,8 +1,8 @@
 //! Depthwise convolution (one filter per channel), the memory-bound half of MobileNet-style
 //! networks. Each channel's input is laid out once as zero-padded rows split into their stride
 //! phases, so every kernel tap reads a contiguous run with no bounds checks; outputs are computed
-//! in register blocks of two rows × `BLOCK` columns with all taps accumulated before one clamped
-//! store (the fused Relu/Clip).
+//! in register blocks (two rows × `BLOCK` columns, four rows × `BLOCK / 2` for narrow planes) with
+//! all taps accumulated with fused multiply-adds before one clamped store (the fused Relu/Clip).
 
 use rayon::prelude::*;
 
@@ -73,19 +73,15 @@ pub(super) fn image(
     let (hw, khw, ohw) = (g.h * g.w, g.kh * g.kw, g.oh * g.ow);
     let channel = |rows: &mut Vec<f32>, ch: usize, plane: &mut [f32]| {
         build_rows(&x[ch * hw..(ch + 1) * hw], &layout.spans, g, layout.phase_len, rows);
-        let b = bias.map_or(0.0, |b| b[ch]);
-        let step = g.sh * g.sw * layout.phase_len;
-        rows_product(
-            rows,
-            &layout.taps,
-            &k[ch * khw..(ch + 1) * khw],
-            b,
-            layout.lo,
-            layout.hi,
-            step,
-            g.ow,
-            plane,
-        );
+        let c = Channel {
+            taps: &layout.taps,
+            k: &k[ch * khw..(ch + 1) * khw],
+            bias: bias.map_or(0.0, |b| b[ch]),
+            lo: layout.lo,
+            hi: layout.hi,
+            step: g.sh * g.sw * layout.phase_len,
+        };
+        rows_product(rows, &c, g.ow, plane);
         if let Some(f) = ctx.epilogue {
             f(plane);
         }
@@ -137,10 +133,14 @@ fn split_pairs(
     let (lo, hi) = (spans[0].0.max(spans[1].0), spans[0].1.min(spans[1].1));
     let common = lo < hi && (2 * lo) as isize >= pl;
     if common {
-        let pairs = src[((2 * lo) as isize - pl) as usize..].chunks_exact(2);
-        for ((a, b), pair) in p0[lo..hi].iter_mut().zip(&mut p1[lo..hi]).zip(pairs) {
-            *a = pair[0];
-            *b = pair[1];
+        // An indexed loop over equal-length slices, which the loop vectoriser turns into
+        // vector loads and shuffles (iterator zips of pairs stay scalar).
+        let src = &src[((2 * lo) as isize - pl) as usize..];
+        let n = (hi - lo).min(src.len() / 2);
+        let (even, odd, src) = (&mut p0[lo..lo + n], &mut p1[lo..lo + n], &src[..2 * n]);
+        for j in 0..n {
+            even[j] = src[2 * j];
+            odd[j] = src[2 * j + 1];
         }
     }
     // The few elements outside the common range (and everything if there is none).
@@ -159,73 +159,100 @@ fn split_pairs(
     }
 }
 
-/// One register block: `BLOCK` outputs of `R` output rows starting at `bases` in `rows`.
+/// One register block: `W` outputs of `R` output rows starting at `bases` in `rows`, all taps
+/// accumulated with fused multiply-adds onto the bias, then clamped to `[lo, hi]`.
 ///
 /// # Safety
-/// `bases[r] + taps[t] + BLOCK <= rows.len()` for every row `r` and tap `t`.
+/// `bases[r] + taps[t] + W <= rows.len()` for every row `r` and tap `t`.
 #[inline(always)]
-unsafe fn block<const R: usize>(
+unsafe fn block<const R: usize, const W: usize>(
     rows: &[f32],
-    taps: &[usize],
-    k: &[f32],
+    c: &Channel<'_>,
     bases: [usize; R],
-    bias: f32,
-) -> [[f32; BLOCK]; R] {
-    let mut acc = [[bias; BLOCK]; R];
-    for (&off, &w) in taps.iter().zip(k) {
+) -> [[f32; W]; R] {
+    let mut acc = [[c.bias; W]; R];
+    for (&off, &w) in c.taps.iter().zip(c.k) {
         for r in 0..R {
             // SAFETY: the caller guarantees the window lies inside `rows`.
-            let v = unsafe { &*rows.as_ptr().add(bases[r] + off).cast::<[f32; BLOCK]>() };
-            for i in 0..BLOCK {
-                acc[r][i] += w * v[i];
+            let v = unsafe { &*rows.as_ptr().add(bases[r] + off).cast::<[f32; W]>() };
+            for i in 0..W {
+                acc[r][i] = w.mul_add(v[i], acc[r][i]);
             }
+        }
+    }
+    for row in &mut acc {
+        for v in row.iter_mut() {
+            *v = clamp_keep_nan(*v, c.lo, c.hi);
         }
     }
     acc
 }
 
-qkernels::multiversion! {
-    /// The multiply-adds of one channel over its padded rows; `step` is the distance between
-    /// the first padded rows of consecutive output rows; outputs are clamped to `[lo, hi]`.
-    #[allow(clippy::too_many_arguments)]
-    fn rows_product(rows: &[f32], taps: &[usize], k: &[f32], bias: f32, lo: f32, hi: f32, step: usize, ow: usize, out: &mut [f32]) {
-        let store = |dst: &mut [f32], acc: &[f32; BLOCK]| {
-            let mut clamped = [0f32; BLOCK];
-            for i in 0..BLOCK {
-                clamped[i] = clamp_keep_nan(acc[i], lo, hi);
+/// What one channel's product needs besides its rows and output.
+struct Channel<'a> {
+    taps: &'a [usize],
+    k: &'a [f32],
+    bias: f32,
+    lo: f32,
+    hi: f32,
+    /// Distance between the first padded rows of consecutive output rows.
+    step: usize,
+}
+
+/// Stores a block's row into `dst` (at most `W` long): whole as a fixed-size array (vector
+/// stores), a tail element by element.
+#[inline(always)]
+fn store<const W: usize>(dst: &mut [f32], acc: &[f32; W]) {
+    match <&mut [f32; W]>::try_from(&mut *dst) {
+        Ok(full) => *full = *acc,
+        Err(_) => dst.iter_mut().zip(acc).for_each(|(d, v)| *d = *v),
+    }
+}
+
+/// The product in blocks of `R` rows × `W` columns (then single rows).
+#[inline(always)]
+fn blocked_product<const R: usize, const W: usize>(
+    rows: &[f32],
+    c: &Channel<'_>,
+    ow: usize,
+    out: &mut [f32],
+) {
+    let rows_out = out.len() / ow.max(1);
+    let last_base = rows_out.saturating_sub(1) * c.step + (ow.max(1) - 1) / W * W;
+    let reach = last_base + c.taps.iter().copied().max().unwrap_or(0) + W;
+    assert!(reach <= rows.len() && c.k.len() >= c.taps.len(), "depthwise rows too short for the taps");
+    let mut groups = out.chunks_exact_mut(R * ow);
+    let mut oy = 0;
+    for group in groups.by_ref() {
+        for x0 in (0..ow).step_by(W) {
+            let bases = std::array::from_fn(|r| (oy + r) * c.step + x0);
+            // SAFETY: every base is at most `last_base`, checked against `rows` above.
+            let acc = unsafe { block::<R, W>(rows, c, bases) };
+            let n = W.min(ow - x0);
+            for (r, acc) in acc.iter().enumerate() {
+                store(&mut group[r * ow + x0..r * ow + x0 + n], acc);
             }
-            // Full and half blocks as fixed-size copies (vector stores, no call); other tails as slices.
-            if let Ok(full) = <&mut [f32; BLOCK]>::try_from(&mut *dst) {
-                *full = clamped;
-            } else if let Ok(half) = <&mut [f32; BLOCK / 2]>::try_from(&mut *dst) {
-                half.copy_from_slice(&clamped[..BLOCK / 2]);
-            } else {
-                dst.copy_from_slice(&clamped[..dst.len()]);
-            }
-        };
-        let rows_out = out.len() / ow.max(1);
-        let last_base = rows_out.saturating_sub(1) * step + (ow.max(1) - 1) / BLOCK * BLOCK;
-        let reach = last_base + taps.iter().copied().max().unwrap_or(0) + BLOCK;
-        assert!(reach <= rows.len() && k.len() >= taps.len(), "depthwise rows too short for the taps");
-        let mut pairs = out.chunks_exact_mut(2 * ow);
-        let mut oy = 0;
-        for pair in pairs.by_ref() {
-            let (top, bottom) = pair.split_at_mut(ow);
-            for x0 in (0..ow).step_by(BLOCK) {
-                // SAFETY: every base is at most `last_base`, checked against `rows` above.
-                let acc = unsafe { block::<2>(rows, taps, k, [oy * step + x0, (oy + 1) * step + x0], bias) };
-                let n = BLOCK.min(ow - x0);
-                store(&mut top[x0..x0 + n], &acc[0]);
-                store(&mut bottom[x0..x0 + n], &acc[1]);
-            }
-            oy += 2;
         }
-        let last = pairs.into_remainder();
-        for x0 in (0..last.len()).step_by(BLOCK) {
+        oy += R;
+    }
+    for row in groups.into_remainder().chunks_mut(ow.max(1)) {
+        for x0 in (0..ow).step_by(W) {
             // SAFETY: as above.
-            let acc = unsafe { block::<1>(rows, taps, k, [oy * step + x0], bias) };
-            let n = BLOCK.min(ow - x0);
-            store(&mut last[x0..x0 + n], &acc[0]);
+            let acc = unsafe { block::<1, W>(rows, c, [oy * c.step + x0]) };
+            store(&mut row[x0..x0 + W.min(ow - x0)], &acc[0]);
+        }
+        oy += 1;
+    }
+}
+
+qkernels::multiversion! {
+    /// The multiply-adds of one channel over its padded rows, outputs clamped to `[lo, hi]`:
+    /// blocks of 2 rows × 16 columns, or 4 × 8 for rows of at most 8 outputs.
+    fn rows_product(rows: &[f32], c: &Channel<'_>, ow: usize, out: &mut [f32]) {
+        if ow <= BLOCK / 2 {
+            blocked_product::<4, { BLOCK / 2 }>(rows, c, ow, out);
+        } else {
+            blocked_product::<2, BLOCK>(rows, c, ow, out);
         }
     }
 }
