@@ -1,6 +1,6 @@
 //! Every dispatched kernel at every instruction-set level this CPU has, against a plain scalar
 //! reference written from the spec (§1.2): outputs must be bit-identical, on random data with
-//! NaN, ±inf, subnormals, values on the encoding's bounds and exact rounding ties.
+//! NaN, ±inf, −0, subnormals, values on the encoding's bounds and exact rounding ties.
 
 use std::sync::Mutex;
 
@@ -40,6 +40,7 @@ fn value(e: Encoding) -> impl Strategy<Value = f32> {
         1 => Just(f32::INFINITY),
         1 => Just(f32::NEG_INFINITY),
         1 => Just(1e-40f32),
+        1 => Just(-0.0f32),
         1 => Just(e.min as f32),
         1 => Just(e.max as f32),
         // x/Δ − offset exactly on a .5 tie.
