@@ -15,9 +15,6 @@ pub enum Rounding {
     HalfToEven,
 }
 
-/// The smallest Δ (and 1/Δ the largest) the kernel divides through the reciprocal.
-const RECIPROCAL_MIN: f32 = 7.888_609e-31; // 2⁻¹⁰⁰
-
 /// The largest f32 below ½ (`0.5 − 2⁻²⁵`).
 const BELOW_HALF: f32 = 0.499_999_97;
 
@@ -46,17 +43,13 @@ struct Grid {
     min: f32,
     max: f32,
     delta: f32,
-    /// `1/Δ` rounded to nearest.
-    recip: f32,
     offset: f32,
     steps: f32,
     /// Whether clamping `x` to `[min, max]` already keeps the rounded index in `[0, N]` (the
     /// index at `min` is within ½ of 0 and at `max` within ½ of `N`, so both roundings give 0
     /// and `N` there; as `x/Δ − offset` is monotone in `x`, every index in between is in range),
-    /// so the kernel skips the index clamp, and whether the kernel may divide through the
-    /// reciprocal ([`Grid::quotient`]): Δ within 2^±100 and an integer offset. True for the
-    /// encodings computed from ranges; false for hand-made inconsistent ones and grids too fine
-    /// for f32 (32-bit bias bookkeeping), which take the plain path.
+    /// so the kernel skips the index clamp. True for the encodings computed from ranges; false
+    /// for hand-made inconsistent ones and grids too fine for f32 (32-bit bias bookkeeping).
     bounded: bool,
 }
 
@@ -66,7 +59,6 @@ impl Grid {
             min: e.min as f32,
             max: e.max as f32,
             delta: e.delta as f32,
-            recip: 1.0 / e.delta as f32,
             // `+ 0.0` turns an offset of −0 into +0, so `q + offset` never yields −0.
             offset: e.offset as f32 + 0.0,
             steps: e.steps as f32,
@@ -74,10 +66,7 @@ impl Grid {
         };
         let t_min = g.min / g.delta - g.offset;
         let t_max = g.max / g.delta - g.offset;
-        g.bounded = t_min.abs() < 0.5
-            && (t_max - g.steps).abs() < 0.5
-            && (RECIPROCAL_MIN..=1.0 / RECIPROCAL_MIN).contains(&g.delta)
-            && g.offset.fract() == 0.0;
+        g.bounded = t_min.abs() < 0.5 && (t_max - g.steps).abs() < 0.5;
         g
     }
 
@@ -109,25 +98,10 @@ impl Grid {
         self.delta * (self.index(x, rounding) + self.offset)
     }
 
-    /// `x/Δ` without a division (Markstein's correction): `q = x·(1/Δ)` is within one ulp of the
-    /// quotient, so the residual `x − qΔ` is exact as one fused multiply-add, and
-    /// `q + residual·(1/Δ)` rounds to the correctly rounded quotient. The residual can be inexact
-    /// only for a subnormal `x`; with Δ ≥ 2⁻¹⁰⁰ its quotient is below 2⁻²⁶, so `x/Δ − offset`
-    /// rounds to `−offset` either way (the offset is an integer). A test compares it with
-    /// division, and the kernel's results with the plain path.
-    #[inline(always)]
-    fn quotient(&self, x: f32) -> f32 {
-        let q = x * self.recip;
-        let residual = (-q).mul_add(self.delta, x);
-        residual.mul_add(self.recip, q)
-    }
-
-    /// [`Grid::qdq`] for a `bounded` grid: one clamp, the quotient through the reciprocal, and
-    /// the index rounded without a clamp.
+    /// [`Grid::qdq`] for a `bounded` grid: one clamp, and the index rounded without a clamp.
     #[inline(always)]
     fn qdq_bounded(&self, x: f32, rounding: Rounding) -> f32 {
-        let t = self.quotient(self.clamp(x)) - self.offset;
-        self.delta * (round_steps(t, rounding) + self.offset)
+        self.delta * (round_steps(self.steps_of(x), rounding) + self.offset)
     }
 }
 
@@ -288,42 +262,6 @@ pub fn quantize_to_int(data: &[f32], enc: &Encoding, signed: bool, rounding: Rou
 mod tests {
     use super::*;
     use crate::encoding::QuantSpec;
-
-    #[test]
-    fn the_reciprocal_quotient_equals_division() {
-        // Deltas over twelve binades with random mantissas; dividends: random, every tie of the
-        // step domain and its float neighbours, the grid points and subnormals.
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        let unit = |bits: u64| (bits >> 40) as f32 / (1u64 << 24) as f32;
-        for _ in 0..400 {
-            let delta = (unit(next()) + 0.5) * 2f32.powi((next() % 24) as i32 - 16);
-            let e = Encoding::from_scale_offset(delta as f64, 0.0, 8, 255.0);
-            let g = Grid::of(&e);
-            let mut xs: Vec<f32> = (0..2000).map(|_| (unit(next()) - 0.5) * 600.0 * delta).collect();
-            for k in -300..300 {
-                let tie = (k as f32 + 0.5) * delta;
-                xs.extend([tie, tie.next_up(), tie.next_down(), k as f32 * delta]);
-            }
-            for &x in &xs {
-                assert_eq!(g.quotient(x).to_bits(), (x / g.delta).to_bits(), "{x:e} / {:e}", g.delta);
-            }
-            // Zero comes out as +0 for either sign, and subnormal dividends may be off in their
-            // last bits; the fake-quant results equal those of the plain path.
-            assert!(g.bounded);
-            xs.extend([-0.0, 1e-40, -1e-40, 1e-45, f32::MIN_POSITIVE.next_down()]);
-            for x in xs {
-                for rounding in [Rounding::HalfAwayFromZero, Rounding::HalfToEven] {
-                    assert_eq!(g.qdq_bounded(x, rounding).to_bits(), g.qdq(x, rounding).to_bits(), "{x:e}");
-                }
-            }
-        }
-    }
 
     #[test]
     fn ties_in_the_step_domain_round_up() {
