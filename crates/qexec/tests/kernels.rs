@@ -156,6 +156,34 @@ proptest! {
 }
 
 #[test]
+fn wide_convs_split_by_columns_or_rows_equal_one_thread_and_the_reference() {
+    // Single images whose outputs are wider (oh·ow) than tall (channels) are shared out by bands
+    // of output rows on two threads, taller ones by bands of channels; with many input channels
+    // the row bands shrink to fit the cache (several per thread, in sequence on one thread).
+    // All must equal one thread bit for bit, and the reference.
+    let cases = [(8, 20, 6, 1, 1, 1), (6, 19, 10, 3, 2, 1), (4, 9, 40, 3, 1, 1), (3, 17, 5, 1, 1, 1)];
+    let more = [(3, 45, 8, 3, 1, 2), (64, 20, 6, 3, 1, 1), (64, 12, 8, 3, 1, 1), (32, 31, 4, 3, 1, 2)];
+    for (c, h, m, k, group, stride) in cases.into_iter().chain(more) {
+        let geo = ConvGeo { group, stride: [stride, stride], dilation: [1, 1], pads: [k / 2; 4] };
+        let (xs, ws) = ([1, c, h, h + 3], [m, c / group, k, k]);
+        let x: Vec<f32> = (0..xs.iter().product::<usize>()).map(|i| (i % 23) as f32 * 0.09 - 1.0).collect();
+        let wt: Vec<f32> = (0..ws.iter().product::<usize>()).map(|i| (i % 13) as f32 * 0.07 - 0.4).collect();
+        let b: Vec<f32> = (0..m).map(|i| i as f32 * 0.1 - 0.2).collect();
+        let (want, shape) = conv_ref(&x, xs, &wt, ws, Some(&b), geo);
+        let (model, feeds) = one_node(
+            "Conv",
+            vec![Src::Fed(f32t(&xs, x)), Src::Weight(f32t(&ws, wt)), Src::Weight(f32t(&[m], b))],
+            conv_attrs([k, k], geo),
+            1,
+            13,
+        );
+        let one = run(model.clone(), &feeds, 1);
+        assert_close(&one[0], &want, &shape, 1e-5);
+        assert_eq!(run(model, &feeds, 2)[0], one[0], "c {c} h {h} m {m} k {k}");
+    }
+}
+
+#[test]
 fn depthwise_with_fused_clip_matches_reference() {
     // Narrow planes (blocks of 8 columns), and wide ones (blocks of 16, vectorised stride split).
     let c = 5;

@@ -7,7 +7,7 @@ use qgraph::{Node, Tensor};
 use rayon::prelude::*;
 
 use super::depthwise;
-use super::matmul::{MatRef, sgemm};
+use super::matmul::{MatRef, sgemm, sgemm_into};
 use super::{Activation, ExecCtx, Kernel, f32_data, input, opt_input};
 use crate::error::{KernelResult, Result};
 
@@ -187,9 +187,10 @@ pub(super) fn valid_range(off: isize, s: usize, len: usize, out: usize) -> (usiz
 /// Floats of output a column block of a Conv product holds (about 256 KiB: an L2-sized tile).
 const COLUMN_BLOCK_FLOATS: usize = 64 * 1024;
 
-/// Unrolls the receptive fields of one group of one image into `col` ([c·kh·kw, oh·ow]).
-fn im2col(x: &[f32], g: &Geometry, channels: usize, col: &mut [f32]) {
-    let ohw = g.oh * g.ow;
+/// Unrolls the receptive fields of output rows `oys` of one group of one image into `col`
+/// ([c·kh·kw, oys.len()·ow]).
+fn im2col(x: &[f32], g: &Geometry, channels: usize, oys: std::ops::Range<usize>, col: &mut [f32]) {
+    let ohw = oys.len() * g.ow;
     for c in 0..channels {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ky in 0..g.kh {
@@ -197,8 +198,8 @@ fn im2col(x: &[f32], g: &Geometry, channels: usize, col: &mut [f32]) {
                 let row = &mut col[((c * g.kh + ky) * g.kw + kx) * ohw..][..ohw];
                 let offx = kx as isize * g.dw as isize - g.pl;
                 let (xlo, xhi) = valid_range(offx, g.sw, g.w, g.ow);
-                for oy in 0..g.oh {
-                    let dst = &mut row[oy * g.ow..(oy + 1) * g.ow];
+                for (i, oy) in oys.clone().enumerate() {
+                    let dst = &mut row[i * g.ow..(i + 1) * g.ow];
                     let iy = (oy * g.sh) as isize - g.pt + (ky * g.dh) as isize;
                     if iy < 0 || iy >= g.h as isize {
                         dst.fill(0.0);
@@ -210,6 +211,15 @@ fn im2col(x: &[f32], g: &Geometry, channels: usize, col: &mut [f32]) {
                     if g.sw == 1 {
                         let start = (xlo as isize + offx) as usize;
                         dst[xlo..xhi].copy_from_slice(&src[start..start + (xhi - xlo)]);
+                    } else if g.sw == 2 && xhi > xlo {
+                        // Every other input: an indexed loop over slices of matching lengths,
+                        // which the loop vectoriser turns into loads and shuffles.
+                        let start = (xlo as isize * 2 + offx) as usize;
+                        let d = &mut dst[xlo..xhi];
+                        let s = &src[start..start + 2 * d.len() - 1];
+                        for i in 0..d.len() {
+                            d[i] = s[2 * i];
+                        }
                     } else {
                         // Every sw-th input from `start`: the first of each whole sw-run, then
                         // the last one alone (it may have no full run left after it).
@@ -266,39 +276,60 @@ impl Conv {
             && g.pl == 0
             && g.oh == g.h
             && g.ow == g.w;
+        let threads = ctx.threads;
+        // Wide outputs (early CNN layers) on several threads: bands of output rows (columns of
+        // the product) in parallel. Tall ones: bands of output channels in parallel, after one
+        // im2col of the whole image. On one thread: bands of output rows in sequence. Row bands
+        // unroll (im2col) only their own part of the input, at most an L2-sized tile of it.
+        let by_columns = threads > 1 && ohw >= mg && ohw >= 2 * threads * 64;
+        let by_channels = threads > 1 && !by_columns && mg >= 2 * threads;
+        let per_thread = if by_columns { g.oh.div_ceil(threads) } else { g.oh };
+        let band =
+            if direct { per_thread } else { (COLUMN_BLOCK_FLOATS / (kk * g.ow).max(1)).clamp(1, per_thread) };
         // im2col writes every element, so a recycled buffer will do.
-        let mut col = (!direct).then(|| ctx.pool.take(kk * ohw));
+        let mut col = (!direct && by_channels).then(|| ctx.pool.take(kk * ohw));
         for grp in 0..groups {
             let xg = &x[grp * cg * g.h * g.w..(grp + 1) * cg * g.h * g.w];
-            let src: &[f32] = match col.as_mut() {
-                None => xg,
-                Some(col) => {
-                    im2col(xg, g, cg, col);
-                    col
-                }
-            };
             let w_g = &w[grp * mg * kk..(grp + 1) * mg * kk];
             let dst = &mut out[grp * mg * ohw..(grp + 1) * mg * ohw];
             let bias_g = bias.map(|b| &b[grp * mg..(grp + 1) * mg]);
-            if ctx.threads > 1 && mg >= 2 * ctx.threads {
-                // Each thread takes a band of output channels (contiguous rows of the output).
-                let band = mg.div_ceil(ctx.threads);
-                dst.par_chunks_mut(band * ohw).enumerate().try_for_each(|(i, rows)| {
-                    let r0 = i * band;
-                    let r1 = r0 + rows.len() / ohw;
-                    gemm_rows(
-                        &w_g[r0 * kk..r1 * kk],
-                        src,
-                        bias_g.map(|b| &b[r0..r1]),
-                        act,
-                        ctx.epilogue,
-                        kk,
-                        ohw,
-                        rows,
-                    )
+            let product = GroupProduct { w: w_g, bias: bias_g, act, epilogue: ctx.epilogue, kk, ohw };
+            let out = SharedRows { ptr: dst.as_mut_ptr(), rows: mg, ohw };
+            if by_channels {
+                let src: &[f32] = match col.as_mut() {
+                    None => xg,
+                    Some(col) => {
+                        im2col(xg, g, cg, 0..g.oh, col);
+                        col
+                    }
+                };
+                let band = mg.div_ceil(threads);
+                (0..mg).step_by(band).collect::<Vec<_>>().into_par_iter().try_for_each(|r0| {
+                    // SAFETY: the bands' row ranges are disjoint and `dst` is not otherwise
+                    // accessed until they all finish.
+                    unsafe { product.run(out, r0..(r0 + band).min(mg), 0..ohw, src, ohw) }
                 })?;
+                continue;
+            }
+            let rows_band = |oy0: usize| -> KernelResult<()> {
+                let oys = oy0..(oy0 + band).min(g.oh);
+                let cols = oys.start * g.ow..oys.end * g.ow;
+                if direct {
+                    // SAFETY: the bands' column ranges are disjoint and `dst` is not otherwise
+                    // accessed until they all finish.
+                    return unsafe { product.run(out, 0..mg, cols.clone(), &xg[cols.start..], ohw) };
+                }
+                let mut part = ctx.pool.take(kk * cols.len());
+                im2col(xg, g, cg, oys, &mut part);
+                // SAFETY: as above.
+                let done = unsafe { product.run(out, 0..mg, cols.clone(), &part, cols.len()) };
+                ctx.pool.put(part);
+                done
+            };
+            if by_columns {
+                (0..g.oh).step_by(band).collect::<Vec<_>>().into_par_iter().try_for_each(rows_band)?;
             } else {
-                gemm_rows(w_g, src, bias_g, act, ctx.epilogue, kk, ohw, dst)?;
+                (0..g.oh).step_by(band).try_for_each(rows_band)?;
             }
         }
         if let Some(col) = col {
@@ -308,40 +339,93 @@ impl Conv {
     }
 }
 
-/// `out[r, :] = epilogue(act(bias[r] + w[r, :] · src))` for the rows of `w` ([rows, kk]) against
-/// `src` ([kk, ohw]), single-threaded, in column blocks small enough that each block's bias,
-/// product, activation and epilogue happen while it is in cache.
-#[allow(clippy::too_many_arguments)]
-fn gemm_rows(
-    w: &[f32],
-    src: &[f32],
-    bias: Option<&[f32]>,
+/// One group's product `out[r, :] = epilogue(act(bias[r] + w[r, :] · src))`, `w` [rows, kk]
+/// against `src` [kk, ohw] (which [`GroupProduct::run`] gets in parts).
+struct GroupProduct<'a> {
+    w: &'a [f32],
+    bias: Option<&'a [f32]>,
     act: Option<Activation>,
-    epilogue: Option<crate::hook::Epilogue<'_>>,
+    epilogue: Option<crate::hook::Epilogue<'a>>,
     kk: usize,
     ohw: usize,
-    out: &mut [f32],
-) -> KernelResult<()> {
-    let rows = out.len() / ohw.max(1);
-    let block = (COLUMN_BLOCK_FLOATS / rows.max(1)).clamp(64, ohw.max(64)).next_multiple_of(16);
-    let lhs = MatRef { data: w, rs: kk, cs: 1 };
-    let (lo, hi) = Activation::bounds(act);
-    for c0 in (0..ohw).step_by(block) {
-        let n = block.min(ohw - c0);
-        let rhs = MatRef { data: &src[c0..], rs: ohw, cs: 1 };
-        sgemm(rows, n, kk, lhs, rhs, 1.0, &mut out[c0..], ohw, false, gemm::Parallelism::None)?;
-        if bias.is_some() || act.is_some() || epilogue.is_some() {
-            for (r, row) in out[c0..].chunks_mut(ohw).enumerate() {
-                if bias.is_some() || act.is_some() {
-                    bias_clamp(&mut row[..n], bias.map_or(0.0, |b| b[r]), lo, hi);
+}
+
+/// A [rows, ohw] output that threads share, each computing a disjoint block of it.
+#[derive(Clone, Copy)]
+struct SharedRows {
+    ptr: *mut f32,
+    rows: usize,
+    ohw: usize,
+}
+
+// SAFETY: the pointer is only written through `GroupProduct::run`, whose callers give each thread
+// a disjoint block of the output.
+unsafe impl Send for SharedRows {}
+// SAFETY: as above.
+unsafe impl Sync for SharedRows {}
+
+impl GroupProduct<'_> {
+    /// Computes rows `rows` × columns `cols` of `out`, single-threaded, in column blocks small
+    /// enough that each block's bias, product, activation and epilogue happen while it is in
+    /// cache. `src` holds the columns `cols` of the source, row stride `src_rs`.
+    ///
+    /// # Safety
+    /// `out.ptr` is valid for `out.rows × out.ohw` elements, and nothing else reads or writes the
+    /// block `rows × cols` of it during the call.
+    unsafe fn run(
+        &self,
+        out: SharedRows,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        src: &[f32],
+        src_rs: usize,
+    ) -> KernelResult<()> {
+        let (kk, ohw) = (self.kk, self.ohw);
+        if rows.end > out.rows || cols.end > ohw || out.ohw != ohw || self.w.len() < rows.end * kk {
+            return Err("internal: conv product block outside its output".into());
+        }
+        let m = rows.len();
+        let block = (COLUMN_BLOCK_FLOATS / m.max(1)).clamp(64, ohw.max(64)).next_multiple_of(16);
+        let lhs = MatRef { data: &self.w[rows.start * kk..rows.end * kk], rs: kk, cs: 1 };
+        let (lo, hi) = Activation::bounds(self.act);
+        let first = rows.start * ohw;
+        for c0 in cols.clone().step_by(block) {
+            let n = block.min(cols.end - c0);
+            let rhs = MatRef { data: src.get(c0 - cols.start..).unwrap_or_default(), rs: src_rs, cs: 1 };
+            let len = (out.rows * ohw).saturating_sub(first + c0);
+            // SAFETY: the block starts inside the output (checked above) with `len` elements
+            // after it; the caller gives this call the rows × cols block alone.
+            unsafe {
+                sgemm_into(
+                    m,
+                    n,
+                    kk,
+                    lhs,
+                    rhs,
+                    1.0,
+                    out.ptr.add(first + c0),
+                    len,
+                    ohw,
+                    false,
+                    gemm::Parallelism::None,
+                )?
+            };
+            if self.bias.is_none() && self.act.is_none() && self.epilogue.is_none() {
+                continue;
+            }
+            for r in rows.clone() {
+                // SAFETY: row `r`'s columns `c0..c0 + n` lie in this call's block.
+                let row = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(r * ohw + c0), n) };
+                if self.bias.is_some() || self.act.is_some() {
+                    bias_clamp(row, self.bias.map_or(0.0, |b| b[r]), lo, hi);
                 }
-                if let Some(f) = epilogue {
-                    f(&mut row[..n]);
+                if let Some(f) = self.epilogue {
+                    f(row);
                 }
             }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 qkernels::multiversion! {

@@ -2,7 +2,7 @@
 //! networks. Each channel's input is laid out once as zero-padded rows split into their stride
 //! phases, so every kernel tap reads a contiguous run with no bounds checks; outputs are computed
 //! in register blocks (two rows × `BLOCK` columns, four rows × `BLOCK / 2` for narrow planes) with
-//! all taps accumulated with fused multiply-adds before one clamped store (the fused Relu/Clip).
+//! all taps accumulated before one clamped store (the fused Relu/Clip).
 
 use rayon::prelude::*;
 
@@ -160,7 +160,9 @@ fn split_pairs(
 }
 
 /// One register block: `W` outputs of `R` output rows starting at `bases` in `rows`, all taps
-/// accumulated with fused multiply-adds onto the bias, then clamped to `[lo, hi]`.
+/// accumulated onto the bias (a multiply and an add each, not fused: as fast on AVX2 cores with
+/// separate add ports, and the results stay those AIMET's reference runs were compared with),
+/// then clamped to `[lo, hi]`.
 ///
 /// # Safety
 /// `bases[r] + taps[t] + W <= rows.len()` for every row `r` and tap `t`.
@@ -176,7 +178,7 @@ unsafe fn block<const R: usize, const W: usize>(
             // SAFETY: the caller guarantees the window lies inside `rows`.
             let v = unsafe { &*rows.as_ptr().add(bases[r] + off).cast::<[f32; W]>() };
             for i in 0..W {
-                acc[r][i] = w.mul_add(v[i], acc[r][i]);
+                acc[r][i] += w * v[i];
             }
         }
     }

@@ -50,28 +50,59 @@ pub(crate) fn sgemm(
     accumulate: bool,
     par: gemm::Parallelism,
 ) -> KernelResult<()> {
+    let (ptr, len) = (c.as_mut_ptr(), c.len());
+    // SAFETY: `c` is borrowed mutably for the call, so the product is the only access to it, and
+    // it is valid for its `len` elements.
+    unsafe { sgemm_into(m, n, k, a, b, alpha, ptr, len, c_rs, accumulate, par) }
+}
+
+/// [`sgemm`] into a raw output of `c_len` elements, for threads that write disjoint columns of
+/// one output (no `&mut` slice of it may exist while they run). Checks every operand's extent.
+///
+/// # Safety
+/// `c` is valid for reads and writes of `c_len` elements, and nothing else reads or writes the
+/// elements the product writes (rows `0..m`, columns `0..n`, row stride `c_rs`) during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    alpha: f32,
+    c: *mut f32,
+    c_len: usize,
+    c_rs: usize,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) -> KernelResult<()> {
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let c_fits = (m - 1) * c_rs + n <= c.len() && c_rs >= n;
+    let c_fits = (m - 1) * c_rs + n <= c_len && c_rs >= n;
     if !a.fits(m, k) || !b.fits(k, n) || !c_fits {
         return Err(format!("internal: gemm operands too small for {m}x{k}x{n}"));
     }
     if k == 0 {
         if !accumulate {
-            (0..m).for_each(|i| c[i * c_rs..i * c_rs + n].fill(0.0));
+            for i in 0..m {
+                // SAFETY: row `i`'s first `n` elements lie within `c_len` (checked above) and
+                // belong to this call (the caller's contract).
+                unsafe { std::slice::from_raw_parts_mut(c.add(i * c_rs), n) }.fill(0.0);
+            }
         }
         return Ok(());
     }
     // SAFETY: the checks above guarantee that every (row, col) index the product reads from `a`
     // (m×k), `b` (k×n) and writes to `c` (m×n, row stride `c_rs`, unit column stride) lies inside
-    // the slices; `c` is borrowed mutably, so it aliases neither `a` nor `b`.
+    // their extents; the caller guarantees those writes alias nothing the product reads (`a` and
+    // `b` are shared borrows, which a region only this call accesses cannot overlap).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             c_rs as isize,
             accumulate,
