@@ -74,6 +74,10 @@ enum Command {
         /// Also summarise where a quantsim config (preset or JSON file) places quantizers.
         #[arg(long)]
         config: Option<String>,
+        /// A graph pass to apply on top of the config's `supergroup_pass_list` (repeatable):
+        /// MaskedSoftmax, MatmulAdd, LayerNormalization, RMSNormalization.
+        #[arg(long = "pass", requires = "config")]
+        passes: Vec<String>,
     },
     /// Run a model on .npy inputs — in FP32, or simulated with AIMET encodings — and write every
     /// output as .npy.
@@ -93,6 +97,10 @@ enum Command {
         /// Quantsim config placing the quantizers the encodings fill (with --encodings).
         #[arg(long, default_value = "default", requires = "encodings")]
         config: String,
+        /// A graph pass to apply on top of the config's `supergroup_pass_list` (repeatable, with
+        /// --encodings): MaskedSoftmax, MatmulAdd, LayerNormalization, RMSNormalization.
+        #[arg(long = "pass", requires = "encodings")]
+        passes: Vec<String>,
         /// Folder for the outputs (one OUTPUT_NAME.npy each).
         #[arg(long, default_value = ".")]
         out: PathBuf,
@@ -277,7 +285,7 @@ impl From<GraphError> for Failure {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Inspect { model, batch, dims, config } => {
+        Command::Inspect { model, batch, dims, config, passes } => {
             let mut m = qgraph::load_path(&model)?;
             let bindings = dims.into_iter().fold(DimBindings::all(batch), |b, (n, v)| b.with(&n, v));
             let report = m.infer_shapes(&bindings)?;
@@ -287,14 +295,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 println!("note: no shape rule for op {} (node '{}')", n.op_type, n.name);
             }
             if let Some(name) = config {
-                let config = qcalib::QuantsimConfig::load(&name).map_err(|e| Failure::User(e.into()))?;
+                let config = dataset::quantsim_config(&name, &passes)?;
                 let sim = qcalib::QuantSim::new(m, config, qcalib::SimOptions::default())
                     .map_err(|e| Failure::User(e.into()))?;
                 print_placement(&sim, &name);
             }
             Ok(())
         }
-        Command::Run { model, inputs, encodings, config, out, threads, repeat, profile } => {
+        Command::Run { model, inputs, encodings, config, passes, out, threads, repeat, profile } => {
             let m = qgraph::load_path(&model)?;
             let mut feeds = Vec::with_capacity(inputs.len());
             for (name, file) in &inputs {
@@ -304,7 +312,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let mut steps = profile::Profile::default();
             let (outputs, graph, note) = match &encodings {
                 Some(file) => {
-                    let config = qcalib::QuantsimConfig::load(&config).map_err(dataset::user)?;
+                    let config = dataset::quantsim_config(&config, &passes)?;
                     let options = qcalib::SimOptions { threads, ..qcalib::SimOptions::default() };
                     let mut sim = qcalib::QuantSim::new(m, config, options).map_err(dataset::user)?;
                     let loaded = qcalib::read_encodings(file).map_err(dataset::user)?;

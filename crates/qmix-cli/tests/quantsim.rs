@@ -236,4 +236,10 @@ fn inspect_summarises_the_placement_of_a_config() {
     );
     let o = qmix(&["inspect", model.to_str().unwrap(), "--config", "nope"]);
     assert_eq!(o.status.code(), Some(1));
+    // Graph passes apply here as in the job commands; an unknown one is a user error.
+    let o = qmix(&["inspect", model.to_str().unwrap(), "--config", "default", "--pass", "MatmulAdd"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = qmix(&["inspect", model.to_str().unwrap(), "--config", "default", "--pass", "Nope"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("MaskedSoftmax"));
 }
