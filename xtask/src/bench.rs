@@ -77,9 +77,9 @@ fn onnxruntime<'a>(model: &std::path::Path, threads: usize, feeds: &[String]) ->
 
 /// Median wall times (ms) of the contenders, measured in `rounds` rounds of `per_round` runs
 /// each, taking turns, so that the machine's slow spells (this is a shared machine) fall on all
-/// of them alike. A 100 ms pause between turns lets the previous contender's worker threads stop
-/// spinning (onnxruntime's spin for longer than 20 ms: with that pause our two-thread batch-1 runs
-/// measured 40 % slower than alone).
+/// of them alike. A 100 ms pause between turns is meant to let the previous contender's worker
+/// threads stop spinning (with 20 ms, our two-thread batch-1 runs once measured 40 % slower than
+/// alone; with 100 ms they still do at times, unexplained — see the README).
 fn interleaved(contenders: &mut [Contender<'_>], rounds: usize, per_round: usize) -> Result<Vec<f64>> {
     let mut times = vec![Vec::with_capacity(rounds * per_round); contenders.len()];
     for _ in 0..rounds {

@@ -304,7 +304,7 @@ impl Conv {
                     }
                 };
                 let band = mg.div_ceil(threads);
-                (0..mg).step_by(band).collect::<Vec<_>>().into_par_iter().try_for_each(|r0| {
+                (0..mg).into_par_iter().step_by(band).try_for_each(|r0| {
                     // SAFETY: the bands' row ranges are disjoint and `dst` is not otherwise
                     // accessed until they all finish.
                     unsafe { product.run(out, r0..(r0 + band).min(mg), 0..ohw, src, ohw) }
@@ -327,7 +327,7 @@ impl Conv {
                 done
             };
             if by_columns {
-                (0..g.oh).step_by(band).collect::<Vec<_>>().into_par_iter().try_for_each(rows_band)?;
+                (0..g.oh).into_par_iter().step_by(band).try_for_each(rows_band)?;
             } else {
                 (0..g.oh).step_by(band).try_for_each(rows_band)?;
             }
