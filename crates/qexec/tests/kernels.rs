@@ -185,9 +185,12 @@ fn wide_convs_split_by_columns_or_rows_equal_one_thread_and_the_reference() {
 
 #[test]
 fn depthwise_with_fused_clip_matches_reference() {
-    // Narrow planes (blocks of 8 columns), and wide ones (blocks of 16, vectorised stride split).
+    // Small planes (channel groups interleaved, 5 channels: one partial group), and planes large
+    // enough for the planar kernel (blocks of 16 columns, vectorised stride split; 4 × 8 blocks
+    // for narrow rows).
     let c = 5;
-    for (stride, h, w) in [1, 2].into_iter().flat_map(|s| [(s, 9, 11), (s, 6, 45), (s, 5, 7)]) {
+    let planes = [(9, 11), (6, 45), (5, 7), (70, 67), (600, 7)];
+    for (stride, h, w) in [1, 2].into_iter().flat_map(|s| planes.map(|(h, w)| (s, h, w))) {
         let x: Vec<f32> = (0..2 * c * h * w).map(|i| (i % 17) as f32 * 0.3 - 2.0).collect();
         let wt: Vec<f32> = (0..c * 9).map(|i| (i % 7) as f32 * 0.2 - 0.5).collect();
         let b: Vec<f32> = (0..c).map(|i| i as f32 * 0.1).collect();

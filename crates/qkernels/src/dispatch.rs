@@ -35,6 +35,7 @@ pub fn available() -> Vec<Isa> {
 }
 
 /// The level dispatched loops use now: the CPU's best, capped by [`force`].
+#[inline]
 pub fn detected() -> Isa {
     let best = supported();
     match FORCED.load(Ordering::Relaxed) {
@@ -46,6 +47,7 @@ pub fn detected() -> Isa {
 }
 
 /// The best level this CPU supports.
+#[inline]
 fn supported() -> Isa {
     static LEVEL: OnceLock<Isa> = OnceLock::new();
     *LEVEL.get_or_init(|| {

@@ -265,7 +265,7 @@ impl Conv {
         let (cg, mg, ohw) = (g.c / groups, g.m / groups, g.oh * g.ow);
         let kk = cg * g.kh * g.kw;
         if groups == g.c && g.m == g.c {
-            depthwise::image(x, w, bias, act, g, ctx, out);
+            depthwise::image(&depthwise::Image { x, k: w, bias, act, g }, ctx, out);
             return Ok(());
         }
         let direct = g.kh == 1

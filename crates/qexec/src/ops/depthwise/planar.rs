@@ -1,13 +1,14 @@
-//! Depthwise convolution (one filter per channel), the memory-bound half of MobileNet-style
-//! networks. Each channel's input is laid out once as zero-padded rows split into their stride
+//! Depthwise convolution on planes, for large planes (the early layers of MobileNet-style
+//! networks): each channel's input is laid out once as zero-padded rows split into their stride
 //! phases, so every kernel tap reads a contiguous run with no bounds checks; outputs are computed
 //! in register blocks (two rows × `BLOCK` columns, four rows × `BLOCK / 2` for narrow planes) with
 //! all taps accumulated before one clamped store (the fused Relu/Clip).
 
 use rayon::prelude::*;
 
-use super::conv::{Geometry, valid_range};
-use super::{Activation, ExecCtx, clamp_keep_nan};
+use super::super::conv::{Geometry, valid_range};
+use super::super::{Activation, ExecCtx, clamp_keep_nan};
+use super::Image;
 
 /// Output columns a register block computes at once.
 const BLOCK: usize = 16;
@@ -59,16 +60,9 @@ impl Layout {
     }
 }
 
-/// Depthwise convolution of one image: `x` is [c, h, w], `k` [c, kh, kw], `out` [c, oh, ow].
-pub(super) fn image(
-    x: &[f32],
-    k: &[f32],
-    bias: Option<&[f32]>,
-    act: Option<Activation>,
-    g: &Geometry,
-    ctx: &ExecCtx<'_>,
-    out: &mut [f32],
-) {
+/// Depthwise convolution of one image, channel by channel.
+pub(super) fn image(im: &Image<'_>, ctx: &ExecCtx<'_>, out: &mut [f32]) {
+    let Image { x, k, bias, act, g } = *im;
     let layout = Layout::new(g, act);
     let (hw, khw, ohw) = (g.h * g.w, g.kh * g.kw, g.oh * g.ow);
     let channel = |rows: &mut Vec<f32>, ch: usize, plane: &mut [f32]| {
