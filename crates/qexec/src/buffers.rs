@@ -81,6 +81,20 @@ impl BufferPool {
         Scratch { data, len }
     }
 
+    /// A copy of an f32 tensor in a pooled buffer, which the caller then owns alone (other
+    /// dtypes come back as they are). A hook that rewrites a fed input in place would otherwise
+    /// copy it into fresh memory on every run, and page faults on a large batch cost as much as
+    /// the copy.
+    pub fn owned_copy(&self, t: Tensor) -> Tensor {
+        let Tensor::F32(a) = &t else { return t };
+        let mut copy = self.take(a.len());
+        match a.as_slice() {
+            Some(src) => copy.copy_from_slice(src),
+            None => copy.iter_mut().zip(a.iter()).for_each(|(d, &v)| *d = v),
+        }
+        copy.into_tensor(a.shape()).unwrap_or(t)
+    }
+
     /// Takes back the buffer of `t` if nothing else references it.
     pub fn recycle(&self, t: Tensor) {
         let Tensor::F32(a) = t else { return };

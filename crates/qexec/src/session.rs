@@ -387,6 +387,9 @@ impl Session {
         let (mut live, mut stats) = (0usize, RunStats::default());
         for (v, mut t) in fed {
             if options.hook_inputs {
+                if options.hook.as_deref().is_some_and(|h| h.observes(v)) {
+                    t = self.buffers.owned_copy(t);
+                }
                 call_hook(&mut options, g, v, TensorKind::GraphInput, &mut t)?;
             }
             live += tensor_bytes(&t);

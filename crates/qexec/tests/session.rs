@@ -172,6 +172,31 @@ fn hook_can_rewrite_tensors_and_params() {
 }
 
 #[test]
+fn a_hook_rewriting_a_fed_input_leaves_the_callers_tensor_alone() {
+    let session = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
+    let x = input(1);
+    let original = x.clone().as_f32().unwrap().to_owned();
+    let halved = Tensor::F32(original.mapv(|v| v * 0.5).into_shared());
+    let mut halve = |e: TensorEvent<'_>, t: &mut Tensor| -> Result<(), qexec::HookError> {
+        if let (TensorKind::GraphInput, Tensor::F32(a)) = (e.kind, t) {
+            a.mapv_inplace(|v| v * 0.5);
+        }
+        Ok(())
+    };
+    // Twice: the second run's copy of the input comes from the session's recycled buffers.
+    for _ in 0..2 {
+        let mut opts = RunOptions::with_hook(&mut halve);
+        opts.hook_inputs = true;
+        let out = session.run_with(&[("x", x.clone())], opts).unwrap();
+        assert_eq!(
+            out.outputs[0].as_f32().unwrap().iter().copied().collect::<Vec<_>>(),
+            output(&session, &halved)
+        );
+    }
+    assert_eq!(x.as_f32().unwrap(), original);
+}
+
+#[test]
 fn resume_recomputes_only_downstream_and_matches_a_full_run() {
     let session = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
     let g = &session.model().graph;
