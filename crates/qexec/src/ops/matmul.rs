@@ -147,8 +147,8 @@ fn wide_and_short(ctx: &ExecCtx<'_>, rows: usize, cols: usize) -> bool {
     ctx.threads > 1 && rows <= 64 * ctx.threads && cols >= 64 * ctx.threads
 }
 
-/// `out = a · b` ([rows, k] · [k, n]) with one band of columns of `b` per thread, each computed
-/// into its own buffer and copied into place.
+/// `out = a · b` ([rows, k] · [k, n]) with one band of columns of `b` per thread, each written
+/// straight into its columns of `out`.
 fn column_bands(
     ctx: &ExecCtx<'_>,
     rows: usize,
@@ -159,26 +159,38 @@ fn column_bands(
     out: &mut [f32],
 ) -> KernelResult<()> {
     let band = n.div_ceil(ctx.threads).next_multiple_of(16);
-    let starts: Vec<usize> = (0..n).step_by(band).collect();
-    let parts: Vec<(usize, crate::buffers::Scratch)> = starts
-        .into_par_iter()
-        .map(|c0| {
-            let w = band.min(n - c0);
-            // The product overwrites every element, so a recycled buffer will do.
-            let mut part = ctx.pool.take(rows * w);
-            let bm = MatRef { data: &b[c0..], rs: n, cs: 1 };
-            sgemm(rows, w, k, a, bm, 1.0, &mut part, w, false, gemm::Parallelism::None)?;
-            Ok((c0, part))
-        })
-        .collect::<KernelResult<_>>()?;
-    for (c0, part) in parts {
-        let w = part.len() / rows.max(1);
-        for (dst, src) in out.chunks_mut(n).zip(part.chunks(w.max(1))) {
-            dst[c0..c0 + w].copy_from_slice(src);
+    let shared = SharedOutput { ptr: out.as_mut_ptr(), len: out.len() };
+    (0..n).into_par_iter().step_by(band).try_for_each(|c0| {
+        let w = band.min(n - c0);
+        let bm = MatRef { data: &b[c0..], rs: n, cs: 1 };
+        let (dst, len) = shared.from(c0)?;
+        // SAFETY: the bands write disjoint columns (`c0..c0 + w` of every row, row stride `n`) of
+        // `out`, which nothing else touches until they all finish; `sgemm_into` checks the extent.
+        unsafe { sgemm_into(rows, w, k, a, bm, 1.0, dst, len, n, false, gemm::Parallelism::None) }
+    })
+}
+
+/// An output that threads share, each writing a disjoint block of it.
+#[derive(Clone, Copy)]
+struct SharedOutput {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: the pointer is only written through `sgemm_into` by `column_bands`, which gives each
+// thread a disjoint block of the output.
+unsafe impl Send for SharedOutput {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOutput {}
+
+impl SharedOutput {
+    /// The output from element `at` on: its first element and how many follow.
+    fn from(&self, at: usize) -> KernelResult<(*mut f32, usize)> {
+        if at > self.len {
+            return Err("internal: product block outside its output".into());
         }
-        ctx.pool.put(part);
+        Ok((self.ptr.wrapping_add(at), self.len - at))
     }
-    Ok(())
 }
 
 /// `MatMul` with numpy semantics: 1-D operands promoted, batch dims broadcast.
