@@ -8,8 +8,8 @@
 use rayon::prelude::*;
 
 use super::super::conv::Geometry;
-use super::super::{Activation, ExecCtx};
-use super::Image;
+use super::super::{Activation, ExecCtx, clamp_keep_nan};
+use super::{Image, padded};
 
 /// Kernel sizes (taps) the interleaved layout serves: 3×3 and 5×5.
 pub(super) const TAPS: [usize; 2] = [9, 25];
@@ -34,17 +34,6 @@ struct Interleaved {
     columns: (usize, usize),
     lo: f32,
     hi: f32,
-}
-
-/// The padded input's (height, width): what the outputs read, padding included.
-fn padded(g: &Geometry) -> (usize, usize) {
-    ((g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1, (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1)
-}
-
-/// Pixels of the padded input (for `oh, ow ≥ 1`).
-pub(super) fn padded_pixels(g: &Geometry) -> usize {
-    let (hp, wp) = padded(g);
-    hp * wp
 }
 
 impl Interleaved {
@@ -241,9 +230,7 @@ unsafe fn pixels<const P: usize, const T: usize>(
     }
     for px in &mut acc {
         for v in px.iter_mut() {
-            // `clamp_keep_nan` as two selects on `v`, which vectorise (its branches do not here).
-            let below_hi = if *v > hi { hi } else { *v };
-            *v = if *v < lo { lo } else { below_hi };
+            *v = clamp_keep_nan(*v, lo, hi);
         }
     }
     acc

@@ -24,13 +24,19 @@ pub(super) struct Image<'a> {
     pub g: &'a Geometry,
 }
 
+/// The padded input's (height, width) that the outputs read, padding included (for `oh, ow ≥ 1`).
+fn padded(g: &Geometry) -> (usize, usize) {
+    ((g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1, (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1)
+}
+
 /// Computes `im` into `out` in the layout that suits its size.
 pub(super) fn image(im: &Image<'_>, ctx: &ExecCtx<'_>, out: &mut [f32]) {
     let g = im.g;
     if g.oh == 0 || g.ow == 0 {
         return;
     }
-    if interleaved::TAPS.contains(&(g.kh * g.kw)) && interleaved::padded_pixels(g) <= INTERLEAVED_MAX_PIXELS {
+    let (hp, wp) = padded(g);
+    if interleaved::TAPS.contains(&(g.kh * g.kw)) && hp * wp <= INTERLEAVED_MAX_PIXELS {
         interleaved::image(im, ctx, out);
     } else {
         planar::image(im, ctx, out);

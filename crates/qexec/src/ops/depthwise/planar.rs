@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::super::conv::{Geometry, valid_range};
 use super::super::{Activation, ExecCtx, clamp_keep_nan};
-use super::Image;
+use super::{Image, padded};
 
 /// Output columns a register block computes at once.
 const BLOCK: usize = 16;
@@ -32,8 +32,8 @@ struct Layout {
 impl Layout {
     fn new(g: &Geometry, act: Option<Activation>) -> Layout {
         let s = g.sw;
-        let padded = (g.ow - 1) * s + (g.kw - 1) * g.dw + 1;
-        let phase_len = padded.div_ceil(s) + BLOCK;
+        let (padded_rows, padded_width) = padded(g);
+        let phase_len = padded_width.div_ceil(s) + BLOCK;
         let row_len = s * phase_len;
         // Phase element j holds padded column p + j·s, i.e. input column p + j·s − pl.
         let spans = (0..s)
@@ -50,7 +50,7 @@ impl Layout {
             })
             .collect();
         let (lo, hi) = Activation::bounds(act);
-        Layout { phase_len, rows: (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1, spans, taps, lo, hi }
+        Layout { phase_len, rows: padded_rows, spans, taps, lo, hi }
     }
 
     /// A zeroed buffer for one channel's padded rows. Channels overwrite only the valid regions,
