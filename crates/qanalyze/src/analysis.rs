@@ -80,7 +80,7 @@ pub fn per_layer_mse(sim: &QuantSim, reference: &FloatReference) -> Result<Vec<L
     let g = &sim.model().graph;
     let layers = layers(sim)?;
     let mut sums = vec![(0f64, 0usize); layers.len()];
-    for (feeds, fp32) in reference.batches().iter().zip(reference.values()) {
+    for (feeds, fp32) in reference.pieces() {
         let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         let (_, simulated) = sim.run_keeping_all(&named)?;
         for (k, (node, _)) in layers.iter().enumerate() {
@@ -177,9 +177,8 @@ pub fn histograms(sim: &QuantSim, reference: &FloatReference, nodes: &[NodeId]) 
         let n = g.node(node);
         if let Some(v) = n.output(0) {
             let values: Vec<f32> = reference
-                .values()
-                .iter()
-                .filter_map(|c| {
+                .pieces()
+                .filter_map(|(_, c)| {
                     c.get(v).and_then(Tensor::as_f32).map(|a| a.iter().copied().collect::<Vec<_>>())
                 })
                 .flatten()

@@ -9,10 +9,12 @@
 //!
 //! Only the layer's downstream is recomputed: the FP32 values of every tensor are kept from one
 //! float run per batch (memory: all intermediates of the batch), and each layer's run resumes
-//! from them (qexec `resume`).
+//! from them (qexec `resume`). Batches of a model with a free batch axis run sample by sample,
+//! one sample per thread (see [`FloatReference`]).
 
 use qcalib::{Feeds, QuantSim, QuantizerId};
 use qgraph::{NodeId, Tensor};
+use rayon::prelude::*;
 
 /// Errors of the analysis.
 #[derive(Debug, thiserror::Error)]
@@ -345,18 +347,6 @@ pub fn layers(sim: &QuantSim) -> Result<Vec<(NodeId, Vec<QuantizerId>)>, Analyze
     Ok(out)
 }
 
-fn run_all(
-    batches: &[Feeds],
-    run: impl Fn(&[(&str, Tensor)]) -> Result<Vec<Tensor>, AnalyzeError>,
-) -> Result<Outputs, AnalyzeError> {
-    let mut outs = Outputs::default();
-    for feeds in batches {
-        let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        outs.push(run(&named)?);
-    }
-    Ok(outs)
-}
-
 /// Where a resumed run must start when only the given quantizers are on: the tensors they sit on,
 /// except that a quantized node output starts from its producer's inputs (the producer reruns so
 /// the hook sees its output).
@@ -376,33 +366,195 @@ fn changed_values(sim: &QuantSim, qs: &[QuantizerId]) -> Vec<qgraph::ValueId> {
     out
 }
 
+/// Whether every batch can run sample by sample: each graph input's declared first axis is free
+/// (not a fixed size) and the feeds of each batch share their first axis.
+fn splittable(sim: &QuantSim, batches: &[Feeds]) -> bool {
+    let g = &sim.model().graph;
+    let free = g
+        .inputs()
+        .iter()
+        .all(|&v| g.value(v).shape.as_ref().and_then(|s| s.0.first()).is_some_and(|d| d.known().is_none()));
+    free && batches.iter().all(|b| {
+        let n = b.first().and_then(|(_, t)| t.shape().first().copied());
+        n.is_some_and(|n| n > 0) && b.iter().all(|(_, t)| t.shape().first().copied() == n)
+    })
+}
+
+/// The samples of a batch that [`splittable`] accepted, each a batch of one.
+fn samples_of(batch: &Feeds) -> Vec<Feeds> {
+    let n = batch.first().map_or(0, |(_, t)| t.shape()[0]);
+    (0..n)
+        .map(|i| {
+            batch
+                .iter()
+                .map(|(name, t)| (name.clone(), t.rows(i, 1).expect("splittable: every feed has n rows")))
+                .collect()
+        })
+        .collect()
+}
+
+fn named(feeds: &Feeds) -> Vec<(&str, Tensor)> {
+    feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect()
+}
+
+/// Runs `run(batch, piece)` on every piece of the batches, in parallel on `pool` when there is
+/// one; the results per batch and piece, in order whatever the thread count.
+fn run_pieces<T: Send>(
+    pool: Option<&rayon::ThreadPool>,
+    pieces: &[Vec<Feeds>],
+    run: impl Fn(usize, usize) -> Result<T, AnalyzeError> + Sync + Send,
+) -> Result<Vec<Vec<T>>, AnalyzeError> {
+    let index: Vec<(usize, usize)> =
+        pieces.iter().enumerate().flat_map(|(b, ps)| (0..ps.len()).map(move |p| (b, p))).collect();
+    let flat: Vec<T> = match pool {
+        Some(pool) => pool.install(|| index.par_iter().map(|&(b, p)| run(b, p)).collect::<Result<_, _>>())?,
+        None => index.iter().map(|&(b, p)| run(b, p)).collect::<Result<_, _>>()?,
+    };
+    let mut flat = flat.into_iter();
+    Ok(pieces.iter().map(|ps| flat.by_ref().take(ps.len()).collect()).collect())
+}
+
+/// The outputs of every batch: its pieces' outputs stacked along the first axis.
+fn stacked(per_piece: Vec<Vec<Vec<Tensor>>>) -> Result<Outputs, AnalyzeError> {
+    let mut outs = Outputs::default();
+    for (b, mut pieces) in per_piece.into_iter().enumerate() {
+        if pieces.len() == 1 {
+            outs.push(pieces.pop().expect("one piece"));
+            continue;
+        }
+        let count = pieces.first().map_or(0, Vec::len);
+        let batch = (0..count)
+            .map(|i| {
+                let parts: Vec<Tensor> = pieces.iter().filter_map(|p| p.get(i).cloned()).collect();
+                Tensor::concat_rows(&parts).filter(|_| parts.len() == pieces.len()).ok_or_else(|| {
+                    AnalyzeError::Data(format!("the outputs of the samples of batch {b} do not stack"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        outs.push(batch);
+    }
+    Ok(outs)
+}
+
+/// A piece's FP32 run: its outputs and the value of every tensor.
+type FloatRun = (Vec<Tensor>, qexec::ValueCache);
+
+/// The FP32 runs of the pieces, keeping every value: on `pool` when there is one, each run then
+/// on its calling thread; otherwise on `threads` threads each.
+fn float_runs(
+    sim: &QuantSim,
+    pieces: &[Vec<Feeds>],
+    pool: Option<&rayon::ThreadPool>,
+    threads: usize,
+) -> Result<Vec<Vec<FloatRun>>, AnalyzeError> {
+    let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(threads))?;
+    run_pieces(pool, pieces, |b, p| {
+        let options = qexec::RunOptions::default().keep(qexec::Keep::All).serial(pool.is_some());
+        let run = float.run_with(&named(&pieces[b][p]), options)?;
+        Ok((run.outputs, run.kept))
+    })
+}
+
+/// Whether one sample's intermediates take more memory than the model's weights. Sample by
+/// sample, every run reads the weights once per sample; batch by batch, every layer's output
+/// goes through memory. So a CNN on images (megabytes of activations per sample) runs faster
+/// sample by sample and a transformer on short sequences (large weights, small activations)
+/// batch by batch.
+fn intermediates_outweigh_weights(sim: &QuantSim, sample: &Feeds) -> Result<bool, AnalyzeError> {
+    let g = &sim.model().graph;
+    let weights: usize =
+        g.initializers().filter_map(|v| g.static_value(v)).map(|t| t.len() * t.dtype().size_of()).sum();
+    let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(1))?;
+    let run = float.run_with(&named(sample), qexec::RunOptions::default().keep(qexec::Keep::All))?;
+    Ok(run.kept.bytes() > weights)
+}
+
 /// The FP32 run of a list of batches, kept to score simulations against and to resume from: the
-/// value of every tensor per batch (memory: all intermediates of every batch) and the outputs.
+/// value of every tensor (memory: all intermediates of every batch) and the outputs.
+///
+/// When every graph input has a free first axis, each batch is cut into its samples, and every
+/// run (the FP32 one and each simulation scored) takes the samples one per thread, each through
+/// the whole graph on that thread: a sample's intermediates stay in cache, where a batch's spill
+/// to memory between layers. The samples' outputs are stacked back into their batch's, so
+/// metrics see the batches as given, and results do not depend on the thread count. A model
+/// whose outputs do not keep the samples on their first axis runs batch by batch.
 pub struct FloatReference {
     batches: Vec<Feeds>,
-    caches: Vec<qexec::ValueCache>,
+    /// Per batch, what runs: its samples, or the whole batch.
+    pieces: Vec<Vec<Feeds>>,
+    /// Per batch and piece, the FP32 value of every tensor.
+    caches: Vec<Vec<qexec::ValueCache>>,
     outputs: Outputs,
+    /// Whether the batches run sample by sample (each run on one thread).
+    split: bool,
+    /// Where sample runs go in parallel (with more than one thread).
+    pool: Option<rayon::ThreadPool>,
 }
 
 impl FloatReference {
-    /// Runs the float model of `sim` on `batches`.
+    /// Runs the float model of `sim` on `batches`, on `threads` threads (0: one per core).
     pub fn new(sim: &QuantSim, batches: &[Feeds], threads: usize) -> Result<FloatReference, AnalyzeError> {
         if batches.is_empty() {
             return Err(AnalyzeError::Data("no batches to score on".into()));
         }
-        let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(threads))?;
-        let mut caches = Vec::with_capacity(batches.len());
-        let mut outputs = Outputs::default();
-        for feeds in batches {
-            let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-            let run = float.run_with(&named, qexec::RunOptions::default().keep(qexec::Keep::All))?;
-            outputs.push(run.outputs);
-            caches.push(run.kept);
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        } else {
+            threads
+        };
+        if splittable(sim, batches) {
+            let pieces: Vec<Vec<Feeds>> = batches.iter().map(samples_of).collect();
+            if !intermediates_outweigh_weights(sim, &pieces[0][0])? {
+                return FloatReference::whole_batches(sim, batches, threads);
+            }
+            let pool = (threads > 1)
+                .then(|| rayon::ThreadPoolBuilder::new().num_threads(threads).build())
+                .transpose()
+                .map_err(|e| AnalyzeError::Data(format!("cannot start {threads} threads: {e}")))?;
+            let runs = float_runs(sim, &pieces, pool.as_ref(), 1)?;
+            let one_row = |t: &Tensor| t.shape().first() == Some(&1);
+            if runs.iter().flatten().all(|(outs, _)| outs.iter().all(one_row)) {
+                return FloatReference::assemble(batches, pieces, runs, true, pool);
+            }
         }
+        FloatReference::whole_batches(sim, batches, threads)
+    }
+
+    fn whole_batches(
+        sim: &QuantSim,
+        batches: &[Feeds],
+        threads: usize,
+    ) -> Result<FloatReference, AnalyzeError> {
+        let pieces: Vec<Vec<Feeds>> = batches.iter().map(|b| vec![b.clone()]).collect();
+        let runs = float_runs(sim, &pieces, None, threads)?;
+        FloatReference::assemble(batches, pieces, runs, false, None)
+    }
+
+    fn assemble(
+        batches: &[Feeds],
+        pieces: Vec<Vec<Feeds>>,
+        runs: Vec<Vec<FloatRun>>,
+        split: bool,
+        pool: Option<rayon::ThreadPool>,
+    ) -> Result<FloatReference, AnalyzeError> {
+        let (outputs, caches): (Vec<Vec<Vec<Tensor>>>, Vec<Vec<qexec::ValueCache>>) =
+            runs.into_iter().map(|ps| ps.into_iter().unzip()).unzip();
+        let outputs = stacked(outputs)?;
         if outputs.is_empty() {
             return Err(AnalyzeError::Data("the model has no float outputs to score".into()));
         }
-        Ok(FloatReference { batches: batches.to_vec(), caches, outputs })
+        Ok(FloatReference { batches: batches.to_vec(), pieces, caches, outputs, split, pool })
+    }
+
+    /// Runs `run(feeds, cache)` on every piece, as this reference runs them, and stacks the
+    /// outputs per batch.
+    fn simulate(
+        &self,
+        run: impl Fn(&Feeds, &qexec::ValueCache) -> Result<Vec<Tensor>, AnalyzeError> + Sync + Send,
+    ) -> Result<Outputs, AnalyzeError> {
+        let outs =
+            run_pieces(self.pool.as_ref(), &self.pieces, |b, p| run(&self.pieces[b][p], &self.caches[b][p]))?;
+        stacked(outs)
     }
 
     /// The batches.
@@ -410,9 +562,10 @@ impl FloatReference {
         &self.batches
     }
 
-    /// The FP32 value of every tensor, per batch.
-    pub fn values(&self) -> &[qexec::ValueCache] {
-        &self.caches
+    /// What runs, in order: each piece of a batch (a sample, or the whole batch) with the FP32
+    /// value of every tensor it computed.
+    pub fn pieces(&self) -> impl Iterator<Item = (&Feeds, &qexec::ValueCache)> {
+        self.pieces.iter().flatten().zip(self.caches.iter().flatten())
     }
 
     /// Samples in the batches.
@@ -433,7 +586,10 @@ impl FloatReference {
 
     /// Scores the simulation as it is (full forward passes).
     pub fn score(&self, sim: &QuantSim, metric: impl Scorer) -> Result<f64, AnalyzeError> {
-        let simulated = run_all(&self.batches, |f| Ok(sim.run(f)?))?;
+        let simulated = self.simulate(|feeds, _| {
+            let feeds = named(feeds);
+            Ok(if self.split { sim.run_serial(&feeds)? } else { sim.run(&feeds)? })
+        })?;
         metric.score(&self.outputs, &simulated)
     }
 
@@ -451,10 +607,13 @@ impl FloatReference {
         if changed.iter().any(|v| inputs.contains(v)) {
             return self.score(sim, metric);
         }
-        let mut simulated = Outputs::default();
-        for cache in &self.caches {
-            simulated.push(sim.run_resumed(cache, &changed)?);
-        }
+        let simulated = self.simulate(|_, cache| {
+            Ok(if self.split {
+                sim.run_resumed_serial(cache, &changed)?
+            } else {
+                sim.run_resumed(cache, &changed)?
+            })
+        })?;
         metric.score(&self.outputs, &simulated)
     }
 }

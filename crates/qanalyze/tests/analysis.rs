@@ -1,6 +1,7 @@
 //! The analysis on a small CNN built in the test: enable-one sensitivity (one score per layer in
-//! topological order, quantizers restored afterwards, identical results on one and two threads, a
-//! coarser layer scoring worse, a typed error without data), disable-one and whole-model checks,
+//! topological order, quantizers restored afterwards, identical results on one and two threads and
+//! with batches run whole or sample by sample, a coarser layer scoring worse, a typed error without
+//! data), disable-one and whole-model checks,
 //! per-layer MSE, ranges, histograms and the report in its three forms.
 
 use qanalyze::{AnalyzeError, Metric};
@@ -19,12 +20,12 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 
 /// input → Conv → Relu → Conv → GlobalAveragePool → Flatten → Gemm.
 fn model() -> Model {
+    model_with_batch(Dim::Symbol("N".into()))
+}
+
+fn model_with_batch(batch: Dim) -> Model {
     let mut g = Graph::new("cnn");
-    let x = g.add_input(
-        "input",
-        DType::F32,
-        Shape(vec![Dim::Symbol("N".into()), Dim::Known(2), Dim::Known(6), Dim::Known(6)]),
-    );
+    let x = g.add_input("input", DType::F32, Shape(vec![batch, Dim::Known(2), Dim::Known(6), Dim::Known(6)]));
     let w0 = g.add_initializer("w0", Tensor::from_vec(&[4, 2, 3, 3], values(72, 1)).unwrap());
     let w1 = g.add_initializer("w1", Tensor::from_vec(&[4, 4, 1, 1], values(16, 2)).unwrap());
     let wf = g.add_initializer("wf", Tensor::from_vec(&[5, 4], values(20, 3)).unwrap());
@@ -96,6 +97,32 @@ fn results_do_not_depend_on_threads_and_coarser_layers_score_worse() {
     let c = qanalyze::enable_one(&mut one, &fp32_one, Metric::Sqnr, &mut |_, _| {}).unwrap();
     let score = |v: &[qanalyze::LayerScore]| v.iter().find(|s| s.layer == "conv1").unwrap().score;
     assert!(score(&c) < score(&a) - 6.0, "{} vs {}", score(&c), score(&a));
+}
+
+#[test]
+fn samples_run_apart_score_like_whole_batches() {
+    // A fixed batch axis keeps the batches whole; a free one runs them sample by sample.
+    let calibrated_with = |batch: Dim| {
+        let options = SimOptions { threads: 2, ..SimOptions::default() };
+        let mut sim =
+            QuantSim::new(model_with_batch(batch), QuantsimConfig::load("default").unwrap(), options)
+                .unwrap();
+        sim.calibrate(batches(), &mut |_| {}).unwrap();
+        sim
+    };
+    let mut whole = calibrated_with(Dim::Known(4));
+    let mut apart = calibrated_with(Dim::Symbol("N".into()));
+    for metric in [Metric::Psnr, Metric::AmpSqnr, Metric::Top1Agreement] {
+        let (fp32_whole, fp32_apart) = (fp32(&whole, 2), fp32(&apart, 2));
+        assert_eq!((fp32_whole.pieces().count(), fp32_apart.pieces().count()), (2, 8));
+        let a = qanalyze::enable_one(&mut whole, &fp32_whole, metric, &mut |_, _| {}).unwrap();
+        let b = qanalyze::enable_one(&mut apart, &fp32_apart, metric, &mut |_, _| {}).unwrap();
+        assert_eq!(a, b, "{metric:?}");
+        let checks = |sim: &mut QuantSim, r: &qanalyze::FloatReference| {
+            qanalyze::model_checks(sim, r, metric).unwrap()
+        };
+        assert_eq!(checks(&mut whole, &fp32_whole), checks(&mut apart, &fp32_apart), "{metric:?}");
+    }
 }
 
 #[test]

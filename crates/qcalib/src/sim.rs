@@ -427,8 +427,9 @@ impl QuantSim {
         Ok(model)
     }
 
-    /// The simulation session and a fake-quant hook for one run.
-    fn session_and_hook(&self) -> Result<(&Session, FakeQuantHook<'_>)> {
+    /// The simulation session and a fake-quant hook for one run (`serial`: the run stays on the
+    /// calling thread).
+    fn session_and_hook(&self, serial: bool) -> Result<(&Session, FakeQuantHook<'_>)> {
         let session = self.session.as_ref().ok_or_else(|| CalibError::Quantizer {
             tensor: "(model)".into(),
             detail: "the simulation has no encodings yet: calibrate or load encodings first".into(),
@@ -436,7 +437,7 @@ impl QuantSim {
         let hook = FakeQuantHook::new(
             &self.placement,
             self.model.graph.value_count(),
-            self.options.threads != 1,
+            self.options.threads != 1 && !serial,
             self.options.rounding,
         );
         Ok((session, hook))
@@ -444,14 +445,24 @@ impl QuantSim {
 
     /// Runs the simulated model (calibrate or load encodings first).
     pub fn run(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
-        let (session, mut hook) = self.session_and_hook()?;
-        let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() };
+        self.run_on(feeds, false)
+    }
+
+    /// Runs the simulated model with every kernel on the calling thread, for callers that run
+    /// several inputs at once, one per thread (same results as [`QuantSim::run`]).
+    pub fn run_serial(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
+        self.run_on(feeds, true)
+    }
+
+    fn run_on(&self, feeds: &[(&str, Tensor)], serial: bool) -> Result<Vec<Tensor>> {
+        let (session, mut hook) = self.session_and_hook(serial)?;
+        let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, serial, ..RunOptions::default() };
         Ok(session.run_with(feeds, opts)?.outputs)
     }
 
     /// Runs the simulated model timing every step (kernel and fake-quant of its outputs).
     pub fn run_profiled(&self, feeds: &[(&str, Tensor)]) -> Result<(Vec<Tensor>, Vec<qexec::StepTime>)> {
-        let (session, mut hook) = self.session_and_hook()?;
+        let (session, mut hook) = self.session_and_hook(false)?;
         let opts =
             RunOptions { hook: Some(&mut hook), hook_inputs: true, profile: true, ..RunOptions::default() };
         let run = session.run_with(feeds, opts)?;
@@ -461,7 +472,7 @@ impl QuantSim {
     /// Runs the simulated model keeping every value it fed or computed, as the fake-quant hook
     /// left it (quantized where a quantizer is enabled): outputs and the values by tensor.
     pub fn run_keeping_all(&self, feeds: &[(&str, Tensor)]) -> Result<(Vec<Tensor>, qexec::ValueCache)> {
-        let (session, mut hook) = self.session_and_hook()?;
+        let (session, mut hook) = self.session_and_hook(false)?;
         let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() }
             .keep(qexec::Keep::All);
         let run = session.run_with(feeds, opts)?;
@@ -474,8 +485,18 @@ impl QuantSim {
     /// quantize). Everything upstream is read from the cache. Graph inputs are read from the
     /// cache as they are: one whose quantizer is enabled needs a full [`QuantSim::run`].
     pub fn run_resumed(&self, cache: &qexec::ValueCache, changed: &[ValueId]) -> Result<Vec<Tensor>> {
-        let (session, mut hook) = self.session_and_hook()?;
-        Ok(session.resume(cache, changed, RunOptions::with_hook(&mut hook))?.outputs)
+        self.resume_on(cache, changed, false)
+    }
+
+    /// [`QuantSim::run_resumed`] with every kernel on the calling thread (as
+    /// [`QuantSim::run_serial`]).
+    pub fn run_resumed_serial(&self, cache: &qexec::ValueCache, changed: &[ValueId]) -> Result<Vec<Tensor>> {
+        self.resume_on(cache, changed, true)
+    }
+
+    fn resume_on(&self, cache: &qexec::ValueCache, changed: &[ValueId], serial: bool) -> Result<Vec<Tensor>> {
+        let (session, mut hook) = self.session_and_hook(serial)?;
+        Ok(session.resume(cache, changed, RunOptions::with_hook(&mut hook).serial(serial))?.outputs)
     }
 }
 

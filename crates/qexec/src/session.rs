@@ -61,6 +61,9 @@ pub struct RunOptions<'a> {
     pub hook_params: bool,
     /// Time every step (kernel and the hook calls on its outputs) into [`RunResult::profile`].
     pub profile: bool,
+    /// Run every kernel on the calling thread, whatever the session's thread count: for callers
+    /// that run several inputs at once, one per thread.
+    pub serial: bool,
 }
 
 impl<'a> RunOptions<'a> {
@@ -78,6 +81,12 @@ impl<'a> RunOptions<'a> {
     /// Sets whether steps are timed.
     pub fn profile(mut self, profile: bool) -> RunOptions<'a> {
         self.profile = profile;
+        self
+    }
+
+    /// Sets whether the run stays on the calling thread.
+    pub fn serial(mut self, serial: bool) -> RunOptions<'a> {
+        self.serial = serial;
         self
     }
 }
@@ -350,8 +359,8 @@ impl Session {
         options: RunOptions<'_>,
     ) -> Result<RunResult> {
         match &self.pool {
-            Some(pool) => pool.install(|| self.execute_here(fed, cache, dirty, options)),
-            None => self.execute_here(fed, cache, dirty, options),
+            Some(pool) if !options.serial => pool.install(|| self.execute_here(fed, cache, dirty, options)),
+            _ => self.execute_here(fed, cache, dirty, options),
         }
     }
 
@@ -363,7 +372,8 @@ impl Session {
         mut options: RunOptions<'_>,
     ) -> Result<RunResult> {
         let g = &self.model.graph;
-        let ctx = ExecCtx { threads: self.threads, pool: &self.buffers, epilogue: None };
+        let threads = if options.serial { 1 } else { self.threads };
+        let ctx = ExecCtx { threads, pool: &self.buffers, epilogue: None };
         let nvalues = g.value_count();
         // `requested`: values to hand back; `keep`: values never freed (those and the outputs).
         let mut requested = vec![false; nvalues];

@@ -2,7 +2,7 @@
 //! shape values are held as `Tensor`s; cloning one shares the buffer instead of copying it.
 
 use half::{bf16, f16};
-use ndarray::{ArcArray, ArrayD, IxDyn};
+use ndarray::{ArcArray, ArrayD, Axis, IxDyn, Slice};
 
 use crate::dtype::DType;
 
@@ -173,6 +173,31 @@ impl Tensor {
         self.len() == 0
     }
 
+    /// Rows `start..start + len` of the first axis, as a new tensor; `None` for a scalar or a
+    /// range past the end.
+    pub fn rows(&self, start: usize, len: usize) -> Option<Tensor> {
+        fn cut<T: Element>(a: &ArcArray<T, IxDyn>, start: usize, len: usize) -> Tensor {
+            T::wrap(a.slice_axis(Axis(0), Slice::from(start..start + len)).to_owned().into_shared())
+        }
+        let n = *self.shape().first()?;
+        if start.checked_add(len)? > n {
+            return None;
+        }
+        Some(with_array!(self, a => cut(a, start, len)))
+    }
+
+    /// The tensors stacked along their first axis; `None` unless they share a dtype and their
+    /// trailing dimensions, and have at least one axis.
+    pub fn concat_rows(parts: &[Tensor]) -> Option<Tensor> {
+        fn cat<T: Element>(_first: &ArcArray<T, IxDyn>, parts: &[Tensor]) -> Option<Tensor> {
+            let views: Vec<_> =
+                parts.iter().map(|t| T::unwrap(t).map(|a| a.view())).collect::<Option<_>>()?;
+            ndarray::concatenate(Axis(0), &views).ok().map(|a| T::wrap(a.into_shared()))
+        }
+        let first = parts.first().filter(|t| !t.shape().is_empty())?;
+        with_array!(first, a => cat(a, parts))
+    }
+
     /// The array if the tensor holds `T`.
     pub fn view<T: Element>(&self) -> Option<&ArcArray<T, IxDyn>> {
         T::unwrap(self)
@@ -296,6 +321,19 @@ mod tests {
             assert_eq!(Tensor::from_le_bytes(d, &[2, 3], &bytes).unwrap(), t, "{d}");
             assert!(Tensor::from_le_bytes(d, &[2, 2], &bytes).is_none());
         }
+    }
+
+    #[test]
+    fn rows_cut_and_concat_rows_rejoin() {
+        let t = Tensor::from_i64s(DType::I64, &[3, 2], &[1, 2, 3, 4, 5, 6]).unwrap();
+        let parts: Vec<Tensor> = (0..3).map(|i| t.rows(i, 1).unwrap()).collect();
+        assert_eq!(parts[1], Tensor::from_i64s(DType::I64, &[1, 2], &[3, 4]).unwrap());
+        assert_eq!(Tensor::concat_rows(&parts).unwrap(), t);
+        assert!(t.rows(2, 2).is_none());
+        assert!(Tensor::scalar(1.0f32).rows(0, 1).is_none());
+        let other = Tensor::from_vec(&[1, 2], vec![1.0f32, 2.0]).unwrap();
+        assert!(Tensor::concat_rows(&[parts[0].clone(), other]).is_none());
+        assert!(Tensor::concat_rows(&[]).is_none());
     }
 
     #[test]
