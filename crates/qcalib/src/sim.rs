@@ -430,17 +430,23 @@ impl QuantSim {
     /// The simulation session and a fake-quant hook for one run (`serial`: the run stays on the
     /// calling thread).
     fn session_and_hook(&self, serial: bool) -> Result<(&Session, FakeQuantHook<'_>)> {
-        let session = self.session.as_ref().ok_or_else(|| CalibError::Quantizer {
+        Ok((self.session()?, self.hook(serial)))
+    }
+
+    fn session(&self) -> Result<&Session> {
+        self.session.as_ref().ok_or_else(|| CalibError::Quantizer {
             tensor: "(model)".into(),
             detail: "the simulation has no encodings yet: calibrate or load encodings first".into(),
-        })?;
-        let hook = FakeQuantHook::new(
+        })
+    }
+
+    fn hook(&self, serial: bool) -> FakeQuantHook<'_> {
+        FakeQuantHook::new(
             &self.placement,
             self.model.graph.value_count(),
             self.options.threads != 1 && !serial,
             self.options.rounding,
-        );
-        Ok((session, hook))
+        )
     }
 
     /// Runs the simulated model (calibrate or load encodings first).
@@ -454,10 +460,20 @@ impl QuantSim {
         self.run_on(feeds, true)
     }
 
+    /// A batch runs sample by sample when the model allows it (qexec `run_per_sample`), each
+    /// sample with its own hook: fake-quant is elementwise, so the values are the batch's.
     fn run_on(&self, feeds: &[(&str, Tensor)], serial: bool) -> Result<Vec<Tensor>> {
-        let (session, mut hook) = self.session_and_hook(serial)?;
-        let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, serial, ..RunOptions::default() };
-        Ok(session.run_with(feeds, opts)?.outputs)
+        let session = self.session()?;
+        let run = |feeds: &[(&str, Tensor)], serial: bool| {
+            let mut hook = self.hook(serial);
+            let opts =
+                RunOptions { hook: Some(&mut hook), hook_inputs: true, serial, ..RunOptions::default() };
+            session.run_with(feeds, opts)
+        };
+        if !serial && let Some(result) = session.run_per_sample(feeds, |f| run(f, true))? {
+            return Ok(result.outputs);
+        }
+        Ok(run(feeds, serial)?.outputs)
     }
 
     /// Runs the simulated model timing every step (kernel and fake-quant of its outputs).

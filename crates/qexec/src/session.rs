@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use rayon::prelude::*;
+
 use qgraph::{Dim, Model, NodeId, Tensor, ValueId, ValueSource};
 
 use crate::buffers::BufferPool;
@@ -207,6 +209,8 @@ pub struct Session {
     threads: usize,
     pool: Option<rayon::ThreadPool>,
     buffers: BufferPool,
+    /// Whether a batch may run sample by sample ([`qgraph::samples_independent`]).
+    samples_apart: bool,
 }
 
 fn tensor_bytes(t: &Tensor) -> usize {
@@ -262,7 +266,8 @@ impl Session {
         } else {
             None
         };
-        Ok(Session { model, steps, threads, pool, buffers: BufferPool::default() })
+        let samples_apart = qgraph::samples_independent(&model).is_ok();
+        Ok(Session { model, steps, threads, pool, buffers: BufferPool::default(), samples_apart })
     }
 
     /// The model the session runs.
@@ -285,8 +290,75 @@ impl Session {
         Ok(self.run_with(feeds, RunOptions::default())?.outputs)
     }
 
-    /// Runs the graph on named inputs with a hook and a keep policy.
+    /// Runs the graph on named inputs with a hook and a keep policy. A batch of a model that
+    /// keeps its samples apart ([`qgraph::samples_independent`]) runs sample by sample when no
+    /// hook, profile or kept value asks for the batch's tensors (see
+    /// [`Session::run_per_sample`]).
     pub fn run_with(&self, feeds: &[(&str, Tensor)], options: RunOptions<'_>) -> Result<RunResult> {
+        let fed = self.checked_feeds(feeds)?;
+        let plain = options.hook.is_none() && matches!(options.keep, Keep::Outputs) && !options.profile;
+        if plain && !options.serial {
+            let serial = |f: &[(&str, Tensor)]| self.run_with(f, RunOptions::default().serial(true));
+            if let Some(result) = self.per_sample(feeds, serial)? {
+                return Ok(result);
+            }
+        }
+        self.execute(fed, None, None, options)
+    }
+
+    /// Runs a batch sample by sample when the model keeps its samples apart: `run` gets each
+    /// sample as a batch of one (on the session's threads, one sample each, so `run` should
+    /// keep to its calling thread), and the outputs are stacked back along the first axis, the
+    /// same values a run of the whole batch gives, without streaming every layer's output for
+    /// the whole batch through memory. `None` (nothing run) when the model or the feeds do not
+    /// allow it: a fixed batch axis, feeds of different lengths, a single sample, or an op that
+    /// mixes samples. Stats: the nodes of one sample's run, and the peak of the samples running
+    /// at once.
+    pub fn run_per_sample(
+        &self,
+        feeds: &[(&str, Tensor)],
+        run: impl Fn(&[(&str, Tensor)]) -> Result<RunResult> + Sync + Send,
+    ) -> Result<Option<RunResult>> {
+        self.checked_feeds(feeds)?;
+        self.per_sample(feeds, run)
+    }
+
+    fn per_sample(
+        &self,
+        feeds: &[(&str, Tensor)],
+        run: impl Fn(&[(&str, Tensor)]) -> Result<RunResult> + Sync + Send,
+    ) -> Result<Option<RunResult>> {
+        let n = feeds.first().and_then(|(_, t)| t.shape().first().copied()).unwrap_or(0);
+        if !self.samples_apart || n < 2 || feeds.iter().any(|(_, t)| t.shape().first() != Some(&n)) {
+            return Ok(None);
+        }
+        let samples: Vec<Vec<(&str, Tensor)>> = (0..n)
+            .map(|i| feeds.iter().map(|(name, t)| t.rows(i, 1).map(|r| (*name, r))).collect::<Option<_>>())
+            .collect::<Option<_>>()
+            .unwrap_or_default();
+        let results: Vec<RunResult> = match &self.pool {
+            Some(pool) => pool.install(|| samples.par_iter().map(|f| run(f)).collect::<Result<_>>())?,
+            None => samples.iter().map(|f| run(f)).collect::<Result<_>>()?,
+        };
+        let count = self.model.graph.outputs().len();
+        let mut outputs = Vec::with_capacity(count);
+        for i in 0..count {
+            let parts: Vec<Tensor> = results.iter().filter_map(|r| r.outputs.get(i).cloned()).collect();
+            match Tensor::concat_rows(&parts).filter(|t| t.shape().first() == Some(&n)) {
+                Some(t) => outputs.push(t),
+                None => return Ok(None),
+            }
+        }
+        let at_once = self.threads.min(n);
+        let stats = RunStats {
+            nodes_run: results.iter().map(|r| r.stats.nodes_run).max().unwrap_or(0),
+            peak_bytes: results.iter().map(|r| r.stats.peak_bytes).max().unwrap_or(0) * at_once,
+        };
+        Ok(Some(RunResult { outputs, kept: ValueCache::new(), stats, profile: Vec::new() }))
+    }
+
+    /// The feeds by value id, checked against the graph's inputs (names, dtypes, shapes).
+    fn checked_feeds(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<(ValueId, Tensor)>> {
         let g = &self.model.graph;
         let mut fed: Vec<(ValueId, Tensor)> = Vec::with_capacity(feeds.len());
         for (name, t) in feeds {
@@ -309,7 +381,7 @@ impl Session {
                 return Err(ExecError::MissingInput { name: g.value(v).name.clone() });
             }
         }
-        self.execute(fed, None, None, options)
+        Ok(fed)
     }
 
     /// Re-runs only the nodes downstream of `changed`, reading every other value from `cache`

@@ -1,6 +1,7 @@
 //! Session behaviour: the hook sees (and may rewrite) every produced tensor, fusion steps aside
 //! for observed tensors, resume recomputes only what changed and equals a full run, results do
-//! not depend on the thread count, memory is released, and bad inputs give errors that name the
+//! not depend on the thread count, a batch runs sample by sample with the same values, memory is
+//! released, and bad inputs give errors that name the
 //! culprit.
 
 mod common;
@@ -230,6 +231,32 @@ fn results_are_identical_on_one_and_two_threads() {
     for n in [1, 3] {
         assert_eq!(output(&one, &input(n)), output(&two, &input(n)));
     }
+}
+
+#[test]
+fn a_batch_runs_sample_by_sample_with_the_batchs_values() {
+    let session = Session::new(small_cnn(), SessionOptions::threads(2)).unwrap();
+    let feeds = [("x", input(5))];
+    let apart = session.run_with(&feeds, RunOptions::default()).unwrap();
+    let whole = session.run_with(&feeds, RunOptions::default().serial(true)).unwrap();
+    assert_eq!(apart.outputs, whole.outputs);
+    assert_eq!(apart.outputs[0].shape(), [5, 3]);
+    assert_eq!(apart.stats.nodes_run, whole.stats.nodes_run);
+    assert!(apart.stats.peak_bytes < whole.stats.peak_bytes, "{:?} vs {:?}", apart.stats, whole.stats);
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let counted = |f: &[(&str, Tensor)]| {
+        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(f[0].1.shape()[0], 1);
+        session.run_with(f, RunOptions::default().serial(true))
+    };
+    let run = session.run_per_sample(&feeds, counted).unwrap().unwrap();
+    assert_eq!((run.outputs, calls.into_inner()), (whole.outputs, 5));
+    // One sample, or a bad feed: nothing to split, or the feed's error.
+    assert!(session.run_per_sample(&[("x", input(1))], |_| unreachable!()).unwrap().is_none());
+    assert!(matches!(
+        session.run_per_sample(&[("y", input(2))], |_| unreachable!()),
+        Err(ExecError::UnknownInput { .. })
+    ));
 }
 
 #[test]

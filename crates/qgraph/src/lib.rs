@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod attr;
+mod batch;
 mod dtype;
 mod error;
 mod graph;
@@ -25,6 +26,7 @@ mod summary;
 mod tensor;
 
 pub use attr::Attribute;
+pub use batch::samples_independent;
 pub use dtype::DType;
 pub use error::{GraphError, Result};
 pub use graph::{Graph, Model, Node, NodeSpec, Opset, Value, ValueSource};

@@ -1,5 +1,6 @@
 //! Graph queries: producers/consumers, parameter detection and per-channel axes for every op
-//! variant of spec §1.3, MAC counts, and shape inference across op families.
+//! variant of spec §1.3, MAC counts, shape inference across op families, and which graphs keep
+//! the samples of a batch apart.
 
 #![allow(dead_code)]
 mod common;
@@ -275,4 +276,68 @@ fn unknown_ops_are_listed_not_fatal() {
     let mut m = Model::new(g, 13);
     let report = m.infer_shapes(&DimBindings::all(1)).unwrap();
     assert_eq!(report.unknown_ops.len(), 1);
+}
+
+/// x[N,3,8,8] → Conv → `tail` (one op on the conv output, with static extra inputs) → output.
+fn conv_then(op: &str, extra: &[Tensor], attrs: Vec<(&str, Attribute)>) -> Model {
+    let mut g = Graph::new("tail");
+    let shape = Shape(vec![Dim::Symbol("N".into()), Dim::Known(3), Dim::Known(8), Dim::Known(8)]);
+    let x = g.add_input("x", DType::F32, shape);
+    let w = g.add_initializer("w", tensor(&[4, 3, 3, 3], 1));
+    let c = node(&mut g, "Conv", "conv", &[Some(x), Some(w)], &["c"], vec![]);
+    let mut inputs = vec![Some(c[0])];
+    for (i, t) in extra.iter().enumerate() {
+        inputs.push(Some(g.add_initializer(&format!("k{i}"), t.clone())));
+    }
+    let y = node(&mut g, op, "tail", &inputs, &["y"], attrs);
+    g.add_output(y[0]);
+    Model::new(g, 13)
+}
+
+#[test]
+fn samples_are_independent_only_through_ops_that_keep_them_apart() {
+    let i64s = |v: &[i64]| Tensor::from_vec(&[v.len()], v.to_vec()).unwrap();
+    assert_eq!(qgraph::samples_independent(&conv_bn_classifier()), Ok(()));
+    let keeps = [
+        conv_then("Relu", &[], vec![]),
+        conv_then("Reshape", &[i64s(&[-1, 144])], vec![]),
+        conv_then("Reshape", &[i64s(&[0, 4, 36])], vec![]),
+        conv_then("Transpose", &[], vec![("perm", Attribute::Ints(vec![0, 2, 3, 1]))]),
+        conv_then("Softmax", &[], vec![("axis", Attribute::Int(1))]),
+        conv_then("ReduceMean", &[], vec![("axes", Attribute::Ints(vec![2, 3]))]),
+        conv_then("Add", &[tensor(&[4, 1, 1], 3)], vec![]),
+        conv_then("Add", &[tensor(&[1, 4, 6, 6], 3)], vec![]),
+    ];
+    for m in &keeps {
+        assert_eq!(
+            qgraph::samples_independent(m),
+            Ok(()),
+            "{}",
+            m.graph.node(m.graph.node_id("tail").unwrap()).op_type
+        );
+    }
+    let mixes = [
+        (conv_then("Reshape", &[i64s(&[-1])], vec![]), "Reshape node 'tail' may reshape the batch axis"),
+        (conv_then("Reshape", &[i64s(&[1, -1])], vec![]), "Reshape node 'tail' may reshape the batch axis"),
+        (
+            conv_then("Transpose", &[], vec![("perm", Attribute::Ints(vec![1, 0, 2, 3]))]),
+            "moves the batch axis",
+        ),
+        (conv_then("Softmax", &[], vec![("axis", Attribute::Int(0))]), "works along the batch axis"),
+        (conv_then("ReduceMean", &[], vec![]), "reduces every axis"),
+        (conv_then("Add", &[tensor(&[2, 4, 6, 6], 3)], vec![]), "broadcasts an operand over the batch axis"),
+        (conv_then("Shape", &[], vec![]), "Shape node 'tail' is not known to keep samples apart"),
+        (
+            conv_then("Concat", &[tensor(&[1, 4, 6, 6], 3)], vec![("axis", Attribute::Int(1))]),
+            "joins batched",
+        ),
+    ];
+    for (m, why) in &mixes {
+        let err = qgraph::samples_independent(m).unwrap_err();
+        assert!(err.contains(why), "{err} (expected: {why})");
+    }
+    let mut fixed = conv_bn_classifier();
+    let x = fixed.graph.inputs()[0];
+    fixed.graph.value_mut(x).shape = Some(Shape::known(&[2, 3, 8, 8]));
+    assert!(qgraph::samples_independent(&fixed).unwrap_err().contains("no free first axis"));
 }
