@@ -4,6 +4,7 @@
 //! lies downstream of the values that changed.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
@@ -431,7 +432,18 @@ impl Session {
         options: RunOptions<'_>,
     ) -> Result<RunResult> {
         match &self.pool {
-            Some(pool) if !options.serial => pool.install(|| self.execute_here(fed, cache, dirty, options)),
+            Some(pool) if !options.serial => pool.install(|| {
+                let running = AtomicBool::new(true);
+                let runner = rayon::current_thread_index();
+                rayon::scope(|s| {
+                    for _ in 1..self.threads {
+                        s.spawn(|_| keep_busy(&running, runner));
+                    }
+                    let result = self.execute_here(fed, cache, dirty, options);
+                    running.store(false, Ordering::Release);
+                    result
+                })
+            }),
             _ => self.execute_here(fed, cache, dirty, options),
         }
     }
@@ -670,4 +682,21 @@ fn call_hook(
     let name = &g.value(v).name;
     hook.on_tensor(TensorEvent { value: v, name, kind }, t)
         .map_err(|source| ExecError::Hook { name: name.clone(), source })
+}
+
+/// Keeps a worker of the session's pool looking for the run's parallel work until the run ends,
+/// instead of letting it fall asleep between kernels. On a virtual machine a sleeping vCPU halts,
+/// and waking it for every parallel kernel costs more than the kernel gains once the host
+/// has stopped polling for it (a run after a pause took longer on two threads than on one).
+/// A worker that picks this up on the thread running the graph returns at once: it would
+/// otherwise wait for the run it sits under.
+fn keep_busy(running: &AtomicBool, runner: Option<usize>) {
+    if rayon::current_thread_index() == runner {
+        return;
+    }
+    while running.load(Ordering::Acquire) {
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::hint::spin_loop();
+        }
+    }
 }
