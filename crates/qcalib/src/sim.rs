@@ -404,7 +404,11 @@ impl QuantSim {
             }
         }
         let model = self.substituted_model(false)?;
-        self.session = Some(Session::new(model, SessionOptions::threads(self.options.threads))?);
+        let mut session = Session::new(model, SessionOptions::threads(self.options.threads))?;
+        if let Some(previous) = self.session.take() {
+            session.reuse_buffers(previous);
+        }
+        self.session = Some(session);
         Ok(())
     }
 

@@ -271,6 +271,13 @@ impl Session {
         Ok(Session { model, steps, threads, pool, buffers: BufferPool::default(), samples_apart })
     }
 
+    /// Takes over the recycled activation buffers of `previous` (a session it replaces, e.g. one
+    /// rebuilt with other weights), so the first runs reuse warm memory instead of faulting in
+    /// fresh pages.
+    pub fn reuse_buffers(&mut self, previous: Session) {
+        self.buffers = previous.buffers;
+    }
+
     /// The model the session runs.
     pub fn model(&self) -> &Model {
         &self.model

@@ -260,6 +260,15 @@ fn a_batch_runs_sample_by_sample_with_the_batchs_values() {
 }
 
 #[test]
+fn a_session_taking_over_anothers_buffers_runs_the_same() {
+    let first = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
+    let expected = output(&first, &input(3));
+    let mut second = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
+    second.reuse_buffers(first);
+    assert_eq!(output(&second, &input(3)), expected);
+}
+
+#[test]
 fn intermediates_are_freed_after_their_last_reader() {
     let session = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
     let run = session.run_with(&[("x", input(4))], RunOptions::default()).unwrap();
