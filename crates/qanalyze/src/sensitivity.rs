@@ -9,7 +9,7 @@
 //!
 //! Only the layer's downstream is recomputed: the FP32 values of every tensor are kept from one
 //! float run per batch (memory: all intermediates of the batch), and each layer's run resumes
-//! from them (qexec `resume`). Batches of a model with a free batch axis run sample by sample,
+//! from them (qexec `resume`). Batches of a model that keeps samples apart run sample by sample,
 //! one sample per thread (see [`FloatReference`]).
 
 use qcalib::{Feeds, QuantSim, QuantizerId};
@@ -366,18 +366,14 @@ fn changed_values(sim: &QuantSim, qs: &[QuantizerId]) -> Vec<qgraph::ValueId> {
     out
 }
 
-/// Whether every batch can run sample by sample: each graph input's declared first axis is free
-/// (not a fixed size) and the feeds of each batch share their first axis.
-fn splittable(sim: &QuantSim, batches: &[Feeds]) -> bool {
-    let g = &sim.model().graph;
-    let free = g
-        .inputs()
-        .iter()
-        .all(|&v| g.value(v).shape.as_ref().and_then(|s| s.0.first()).is_some_and(|d| d.known().is_none()));
-    free && batches.iter().all(|b| {
-        let n = b.first().and_then(|(_, t)| t.shape().first().copied());
-        n.is_some_and(|n| n > 0) && b.iter().all(|(_, t)| t.shape().first().copied() == n)
-    })
+/// Whether every batch can run sample by sample: the model keeps samples apart
+/// ([`qexec::Session::keeps_samples_apart`]) and the feeds of each batch share their first axis.
+fn splittable(float: &qexec::Session, batches: &[Feeds]) -> bool {
+    float.keeps_samples_apart()
+        && batches.iter().all(|b| {
+            let n = b.first().and_then(|(_, t)| t.shape().first().copied());
+            n.is_some_and(|n| n > 0) && b.iter().all(|(_, t)| t.shape().first().copied() == n)
+        })
 }
 
 /// The samples of a batch that [`splittable`] accepted, each a batch of one.
@@ -440,14 +436,12 @@ fn stacked(per_piece: Vec<Vec<Vec<Tensor>>>) -> Result<Outputs, AnalyzeError> {
 type FloatRun = (Vec<Tensor>, qexec::ValueCache);
 
 /// The FP32 runs of the pieces, keeping every value: on `pool` when there is one, each run then
-/// on its calling thread; otherwise on `threads` threads each.
+/// on its calling thread; otherwise on the session's threads.
 fn float_runs(
-    sim: &QuantSim,
+    float: &qexec::Session,
     pieces: &[Vec<Feeds>],
     pool: Option<&rayon::ThreadPool>,
-    threads: usize,
 ) -> Result<Vec<Vec<FloatRun>>, AnalyzeError> {
-    let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(threads))?;
     run_pieces(pool, pieces, |b, p| {
         let options = qexec::RunOptions::default().keep(qexec::Keep::All).serial(pool.is_some());
         let run = float.run_with(&named(&pieces[b][p]), options)?;
@@ -460,24 +454,24 @@ fn float_runs(
 /// goes through memory. So a CNN on images (megabytes of activations per sample) runs faster
 /// sample by sample and a transformer on short sequences (large weights, small activations)
 /// batch by batch.
-fn intermediates_outweigh_weights(sim: &QuantSim, sample: &Feeds) -> Result<bool, AnalyzeError> {
-    let g = &sim.model().graph;
+fn intermediates_outweigh_weights(float: &qexec::Session, sample: &Feeds) -> Result<bool, AnalyzeError> {
+    let g = &float.model().graph;
     let weights: usize =
         g.initializers().filter_map(|v| g.static_value(v)).map(|t| t.len() * t.dtype().size_of()).sum();
-    let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(1))?;
-    let run = float.run_with(&named(sample), qexec::RunOptions::default().keep(qexec::Keep::All))?;
-    Ok(run.kept.bytes() > weights)
+    let options = qexec::RunOptions::default().keep(qexec::Keep::All).serial(true);
+    Ok(float.run_with(&named(sample), options)?.kept.bytes() > weights)
 }
 
 /// The FP32 run of a list of batches, kept to score simulations against and to resume from: the
 /// value of every tensor (memory: all intermediates of every batch) and the outputs.
 ///
-/// When every graph input has a free first axis, each batch is cut into its samples, and every
-/// run (the FP32 one and each simulation scored) takes the samples one per thread, each through
-/// the whole graph on that thread: a sample's intermediates stay in cache, where a batch's spill
-/// to memory between layers. The samples' outputs are stacked back into their batch's, so
-/// metrics see the batches as given, and results do not depend on the thread count. A model
-/// whose outputs do not keep the samples on their first axis runs batch by batch.
+/// When the model keeps samples apart ([`qgraph::samples_independent`]) and one sample's
+/// intermediates outweigh its weights, each batch is cut into its samples, and every run (the
+/// FP32 one and each simulation scored) takes the samples one per thread, each through the
+/// whole graph on that thread: a sample's intermediates stay in cache, where a batch's spill to
+/// memory between layers. The samples' outputs are stacked back into their batch's, so metrics
+/// see the batches as given, and results do not depend on the thread count. Other models run
+/// batch by batch.
 pub struct FloatReference {
     batches: Vec<Feeds>,
     /// Per batch, what runs: its samples, or the whole batch.
@@ -502,31 +496,20 @@ impl FloatReference {
         } else {
             threads
         };
-        if splittable(sim, batches) {
+        let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(threads))?;
+        if splittable(&float, batches) {
             let pieces: Vec<Vec<Feeds>> = batches.iter().map(samples_of).collect();
-            if !intermediates_outweigh_weights(sim, &pieces[0][0])? {
-                return FloatReference::whole_batches(sim, batches, threads);
-            }
-            let pool = (threads > 1)
-                .then(|| rayon::ThreadPoolBuilder::new().num_threads(threads).build())
-                .transpose()
-                .map_err(|e| AnalyzeError::Data(format!("cannot start {threads} threads: {e}")))?;
-            let runs = float_runs(sim, &pieces, pool.as_ref(), 1)?;
-            let one_row = |t: &Tensor| t.shape().first() == Some(&1);
-            if runs.iter().flatten().all(|(outs, _)| outs.iter().all(one_row)) {
+            if intermediates_outweigh_weights(&float, &pieces[0][0])? {
+                let pool = (threads > 1)
+                    .then(|| rayon::ThreadPoolBuilder::new().num_threads(threads).build())
+                    .transpose()
+                    .map_err(|e| AnalyzeError::Data(format!("cannot start {threads} threads: {e}")))?;
+                let runs = float_runs(&float, &pieces, pool.as_ref())?;
                 return FloatReference::assemble(batches, pieces, runs, true, pool);
             }
         }
-        FloatReference::whole_batches(sim, batches, threads)
-    }
-
-    fn whole_batches(
-        sim: &QuantSim,
-        batches: &[Feeds],
-        threads: usize,
-    ) -> Result<FloatReference, AnalyzeError> {
         let pieces: Vec<Vec<Feeds>> = batches.iter().map(|b| vec![b.clone()]).collect();
-        let runs = float_runs(sim, &pieces, None, threads)?;
+        let runs = float_runs(&float, &pieces, None)?;
         FloatReference::assemble(batches, pieces, runs, false, None)
     }
 

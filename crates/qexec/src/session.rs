@@ -271,6 +271,12 @@ impl Session {
         Ok(Session { model, steps, threads, pool, buffers: BufferPool::default(), samples_apart })
     }
 
+    /// Whether the model keeps the samples of a batch apart ([`qgraph::samples_independent`]),
+    /// so a batch may run sample by sample.
+    pub fn keeps_samples_apart(&self) -> bool {
+        self.samples_apart
+    }
+
     /// Takes over the recycled activation buffers of `previous` (a session it replaces, e.g. one
     /// rebuilt with other weights), so the first runs reuse warm memory instead of faulting in
     /// fresh pages.
@@ -340,10 +346,10 @@ impl Session {
         if !self.samples_apart || n < 2 || feeds.iter().any(|(_, t)| t.shape().first() != Some(&n)) {
             return Ok(None);
         }
-        let samples: Vec<Vec<(&str, Tensor)>> = (0..n)
-            .map(|i| feeds.iter().map(|(name, t)| t.rows(i, 1).map(|r| (*name, r))).collect::<Option<_>>())
-            .collect::<Option<_>>()
-            .unwrap_or_default();
+        let samples: Option<Vec<Vec<(&str, Tensor)>>> = (0..n)
+            .map(|i| feeds.iter().map(|(name, t)| t.rows(i, 1).map(|r| (*name, r))).collect())
+            .collect();
+        let Some(samples) = samples else { return Ok(None) };
         let results: Vec<RunResult> = match &self.pool {
             Some(pool) => pool.install(|| samples.par_iter().map(|f| run(f)).collect::<Result<_>>())?,
             None => samples.iter().map(|f| run(f)).collect::<Result<_>>()?,
@@ -446,9 +452,9 @@ impl Session {
                     for _ in 1..self.threads {
                         s.spawn(|_| keep_busy(&running, runner));
                     }
-                    let result = self.execute_here(fed, cache, dirty, options);
-                    running.store(false, Ordering::Release);
-                    result
+                    // Ends the keepers however the run ends (a panic included), so the scope can.
+                    let _end = RunEnd(&running);
+                    self.execute_here(fed, cache, dirty, options)
                 })
             }),
             _ => self.execute_here(fed, cache, dirty, options),
@@ -689,6 +695,15 @@ fn call_hook(
     let name = &g.value(v).name;
     hook.on_tensor(TensorEvent { value: v, name, kind }, t)
         .map_err(|source| ExecError::Hook { name: name.clone(), source })
+}
+
+/// Clears the running flag of [`keep_busy`] when dropped.
+struct RunEnd<'a>(&'a AtomicBool);
+
+impl Drop for RunEnd<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Keeps a worker of the session's pool looking for the run's parallel work until the run ends,

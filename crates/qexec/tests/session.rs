@@ -236,6 +236,7 @@ fn results_are_identical_on_one_and_two_threads() {
 #[test]
 fn a_batch_runs_sample_by_sample_with_the_batchs_values() {
     let session = Session::new(small_cnn(), SessionOptions::threads(2)).unwrap();
+    assert!(session.keeps_samples_apart());
     let feeds = [("x", input(5))];
     let apart = session.run_with(&feeds, RunOptions::default()).unwrap();
     let whole = session.run_with(&feeds, RunOptions::default().serial(true)).unwrap();
