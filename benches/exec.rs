@@ -1,7 +1,8 @@
 //! Criterion bench: the interpreter's hot kernels on MobileNetV2 and MiniLM layer shapes, each a
 //! one-node model run through a single-threaded `qexec::Session` — pointwise (1×1) Conv (wide
 //! and shallow at 112×112, deep and small at 7×7), the
-//! strided 3×3 stem Conv, depthwise 3×3 Conv at stride 1 and 2 (with fused Clip), and MatMul.
+//! strided 3×3 stem Conv, depthwise 3×3 Conv at stride 1 and 2 on 56×56 and 112×112 planes (with
+//! fused Clip), and MatMul.
 //! Throughput is reported in MACs so the numbers compare across shapes.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -95,6 +96,22 @@ fn kernels(c: &mut Criterion) {
             vec![("group", Attribute::Int(144)), ("strides", ints(&[2, 2])), ("pads", ints(&[0, 0, 1, 1]))],
             true,
             144 * 9 * 28 * 28,
+        ),
+        (
+            "depthwise3x3s1_32_112x112",
+            vec![1, 32, 112, 112],
+            vec![32, 1, 3, 3],
+            vec![("group", Attribute::Int(32)), ("pads", ints(&[1, 1, 1, 1]))],
+            true,
+            32 * 9 * 112 * 112,
+        ),
+        (
+            "depthwise3x3s2_96_112x112",
+            vec![1, 96, 112, 112],
+            vec![96, 1, 3, 3],
+            vec![("group", Attribute::Int(96)), ("strides", ints(&[2, 2])), ("pads", ints(&[0, 0, 1, 1]))],
+            true,
+            96 * 9 * 56 * 56,
         ),
         ("matmul_48x384x1536", vec![1, 48, 384], vec![384, 1536], vec![], false, 48 * 384 * 1536),
     ];

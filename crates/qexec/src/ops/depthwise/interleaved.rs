@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use super::super::conv::Geometry;
 use super::super::{Activation, ExecCtx, clamp_keep_nan};
 use super::{Image, padded};
+use crate::buffers::Lease;
 
 /// Kernel sizes (taps) the interleaved layout serves: 3×3 and 5×5.
 pub(super) const TAPS: [usize; 2] = [9, 25];
@@ -288,12 +289,20 @@ qkernels::multiversion! {
     }
 }
 
-/// What one thread reuses from group to group: the interleaved input (its padding stays zero),
-/// the interleaved output, and the weights as one vector per tap.
-struct Buffers {
-    input: Vec<[f32; LANES]>,
-    output: Vec<[f32; LANES]>,
+/// What one thread reuses from group to group: the interleaved input (zeroed once; its padding
+/// stays zero), the interleaved output (pooled), and the weights as one vector per tap.
+struct Buffers<'p> {
+    input: Lease<'p>,
+    output: Lease<'p>,
     weights: Vec<[f32; LANES]>,
+}
+
+/// A buffer of floats as whole vectors of `LANES` (a trailing part-vector left out).
+fn vectors(floats: &mut [f32]) -> &mut [[f32; LANES]] {
+    let n = floats.len() / LANES;
+    // SAFETY: `[f32; LANES]` has the size of `LANES` floats and the alignment of one, so the
+    // first `n · LANES` floats are `n` such arrays; the borrow of `floats` covers them all.
+    unsafe { std::slice::from_raw_parts_mut(floats.as_mut_ptr().cast::<[f32; LANES]>(), n) }
 }
 
 /// Depthwise convolution of one image through channel groups interleaved `LANES` at a time
@@ -303,12 +312,13 @@ pub(super) fn image(im: &Image<'_>, ctx: &ExecCtx<'_>, out: &mut [f32]) {
     let layout = Interleaved::new(g, act);
     let (hw, khw, ohw) = (g.h * g.w, g.kh * g.kw, g.oh * g.ow);
     let buffers = || Buffers {
-        input: vec![[0f32; LANES]; layout.hp * layout.wp],
-        output: vec![[0f32; LANES]; ohw],
+        input: ctx.pool.lease_zeroed(layout.hp * layout.wp * LANES),
+        output: ctx.pool.lease_zeroed(ohw * LANES),
         weights: vec![[0f32; LANES]; khw],
     };
-    let group = |b: &mut Buffers, (gi, planes): (usize, &mut [f32])| {
-        let Buffers { input: buf, output: obuf, weights: kv } = b;
+    let group = |b: &mut Buffers<'_>, (gi, planes): (usize, &mut [f32])| {
+        let (buf, obuf) = (vectors(&mut b.input), vectors(&mut b.output));
+        let kv = &mut b.weights;
         let c0 = gi * LANES;
         let channels = planes.len() / ohw;
         interleave_rows(&x[c0 * hw..(c0 + channels) * hw], hw, g.w, layout.columns, &layout.rows, buf);

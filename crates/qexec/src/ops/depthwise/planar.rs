@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use super::super::conv::{Geometry, valid_range};
 use super::super::{Activation, ExecCtx, clamp_keep_nan};
 use super::{Image, padded};
+use crate::buffers::{BufferPool, Lease};
 
 /// Output columns a register block computes at once.
 const BLOCK: usize = 16;
@@ -55,8 +56,8 @@ impl Layout {
 
     /// A zeroed buffer for one channel's padded rows. Channels overwrite only the valid regions,
     /// which are the same for all of them, so the padding stays zero.
-    fn buffer(&self, g: &Geometry) -> Vec<f32> {
-        vec![0.0; self.rows * g.sw * self.phase_len]
+    fn buffer<'p>(&self, g: &Geometry, pool: &'p BufferPool) -> Lease<'p> {
+        pool.lease_zeroed(self.rows * g.sw * self.phase_len)
     }
 }
 
@@ -65,7 +66,7 @@ pub(super) fn image(im: &Image<'_>, ctx: &ExecCtx<'_>, out: &mut [f32]) {
     let Image { x, k, bias, act, g } = *im;
     let layout = Layout::new(g, act);
     let (hw, khw, ohw) = (g.h * g.w, g.kh * g.kw, g.oh * g.ow);
-    let channel = |rows: &mut Vec<f32>, ch: usize, plane: &mut [f32]| {
+    let channel = |rows: &mut Lease<'_>, ch: usize, plane: &mut [f32]| {
         build_rows(&x[ch * hw..(ch + 1) * hw], &layout.spans, g, layout.phase_len, rows);
         let c = Channel {
             taps: &layout.taps,
@@ -83,9 +84,9 @@ pub(super) fn image(im: &Image<'_>, ctx: &ExecCtx<'_>, out: &mut [f32]) {
     if ctx.threads > 1 {
         out.par_chunks_mut(ohw)
             .enumerate()
-            .for_each_init(|| layout.buffer(g), |rows, (ch, p)| channel(rows, ch, p));
+            .for_each_init(|| layout.buffer(g, ctx.pool), |rows, (ch, p)| channel(rows, ch, p));
     } else {
-        let mut rows = layout.buffer(g);
+        let mut rows = layout.buffer(g, ctx.pool);
         out.chunks_mut(ohw).enumerate().for_each(|(ch, p)| channel(&mut rows, ch, p));
     }
 }
