@@ -163,6 +163,9 @@ fn wide_convs_split_by_columns_or_rows_equal_one_thread_and_the_reference() {
     // All must equal one thread bit for bit, and the reference.
     let cases = [(8, 20, 6, 1, 1, 1), (6, 19, 10, 3, 2, 1), (4, 9, 40, 3, 1, 1), (3, 17, 5, 1, 1, 1)];
     let more = [(3, 45, 8, 3, 1, 2), (64, 20, 6, 3, 1, 1), (64, 12, 8, 3, 1, 1), (32, 31, 4, 3, 1, 2)];
+    // A stem-like stride-2 layer on an odd width: whole 16-column runs of the unrolled rows, a few
+    // pairs after them and the last column alone.
+    let more = more.into_iter().chain([(3, 40, 16, 3, 1, 2)]);
     for (c, h, m, k, group, stride) in cases.into_iter().chain(more) {
         let geo = ConvGeo { group, stride: [stride, stride], dilation: [1, 1], pads: [k / 2; 4] };
         let (xs, ws) = ([1, c, h, h + 3], [m, c / group, k, k]);

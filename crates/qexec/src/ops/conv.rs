@@ -187,51 +187,64 @@ pub(super) fn valid_range(off: isize, s: usize, len: usize, out: usize) -> (usiz
 /// Floats of output a column block of a Conv product holds (about 256 KiB: an L2-sized tile).
 const COLUMN_BLOCK_FLOATS: usize = 64 * 1024;
 
-/// Unrolls the receptive fields of output rows `oys` of one group of one image into `col`
-/// ([c·kh·kw, oys.len()·ow]).
-fn im2col(x: &[f32], g: &Geometry, channels: usize, oys: std::ops::Range<usize>, col: &mut [f32]) {
-    let ohw = oys.len() * g.ow;
-    for c in 0..channels {
-        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let row = &mut col[((c * g.kh + ky) * g.kw + kx) * ohw..][..ohw];
-                let offx = kx as isize * g.dw as isize - g.pl;
-                let (xlo, xhi) = valid_range(offx, g.sw, g.w, g.ow);
-                for (i, oy) in oys.clone().enumerate() {
-                    let dst = &mut row[i * g.ow..(i + 1) * g.ow];
-                    let iy = (oy * g.sh) as isize - g.pt + (ky * g.dh) as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    dst[..xlo].fill(0.0);
-                    dst[xhi..].fill(0.0);
-                    if g.sw == 1 {
-                        let start = (xlo as isize + offx) as usize;
-                        dst[xlo..xhi].copy_from_slice(&src[start..start + (xhi - xlo)]);
-                    } else if g.sw == 2 && xhi > xlo {
-                        // Every other input: an indexed loop over slices of matching lengths,
-                        // which the loop vectoriser turns into loads and shuffles.
-                        let start = (xlo as isize * 2 + offx) as usize;
-                        let d = &mut dst[xlo..xhi];
-                        let s = &src[start..start + 2 * d.len() - 1];
-                        for i in 0..d.len() {
-                            d[i] = s[2 * i];
+qkernels::multiversion! {
+    /// Unrolls the receptive fields of output rows `oys` of one group of one image into `col`
+    /// ([c·kh·kw, oys.len()·ow]).
+    fn im2col(x: &[f32], g: &Geometry, channels: usize, oys: std::ops::Range<usize>, col: &mut [f32]) {
+        let ohw = oys.len() * g.ow;
+        for c in 0..channels {
+            let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let row = &mut col[((c * g.kh + ky) * g.kw + kx) * ohw..][..ohw];
+                    let offx = kx as isize * g.dw as isize - g.pl;
+                    let (xlo, xhi) = valid_range(offx, g.sw, g.w, g.ow);
+                    for (i, oy) in oys.clone().enumerate() {
+                        let dst = &mut row[i * g.ow..(i + 1) * g.ow];
+                        let iy = (oy * g.sh) as isize - g.pt + (ky * g.dh) as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            dst.fill(0.0);
+                            continue;
                         }
-                    } else {
-                        // Every sw-th input from `start`: the first of each whole sw-run, then
-                        // the last one alone (it may have no full run left after it).
-                        let start = (xlo as isize * g.sw as isize + offx) as usize;
-                        let n = xhi - xlo;
-                        let whole = n.min((src.len() - start) / g.sw);
-                        for (d, run) in dst[xlo..xlo + whole].iter_mut().zip(src[start..].chunks_exact(g.sw))
-                        {
-                            *d = run[0];
-                        }
-                        for i in whole..n {
-                            dst[xlo + i] = src[start + i * g.sw];
+                        let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                        dst[..xlo].fill(0.0);
+                        dst[xhi..].fill(0.0);
+                        if g.sw == 1 {
+                            let start = (xlo as isize + offx) as usize;
+                            dst[xlo..xhi].copy_from_slice(&src[start..start + (xhi - xlo)]);
+                        } else if g.sw == 2 && xhi > xlo {
+                            // Every other input: sixteen outputs at a time from arrays of fixed
+                            // length (vector loads and shuffles, no bounds checks), the few
+                            // remaining pairs one by one, then the last input alone.
+                            let start = (xlo as isize * 2 + offx) as usize;
+                            let Some((last, d)) = dst[xlo..xhi].split_last_mut() else { continue };
+                            let pairs = &src[start..start + 2 * d.len()];
+                            let (mut outs, mut ins) = (d.chunks_exact_mut(16), pairs.chunks_exact(32));
+                            for (o, i) in outs.by_ref().zip(ins.by_ref()) {
+                                let (o, i): (&mut [f32; 16], &[f32; 32]) =
+                                    (o.try_into().expect("16 outputs"), i.try_into().expect("32 inputs"));
+                                for j in 0..16 {
+                                    o[j] = i[2 * j];
+                                }
+                            }
+                            let rest = ins.remainder().chunks_exact(2);
+                            for (o, pair) in outs.into_remainder().iter_mut().zip(rest) {
+                                *o = pair[0];
+                            }
+                            *last = src[start + pairs.len()];
+                        } else {
+                            // Every sw-th input from `start`: the first of each whole sw-run, then
+                            // the last one alone (it may have no full run left after it).
+                            let start = (xlo as isize * g.sw as isize + offx) as usize;
+                            let n = xhi - xlo;
+                            let whole = n.min((src.len() - start) / g.sw);
+                            let runs = src[start..].chunks_exact(g.sw);
+                            for (d, run) in dst[xlo..xlo + whole].iter_mut().zip(runs) {
+                                *d = run[0];
+                            }
+                            for i in whole..n {
+                                dst[xlo + i] = src[start + i * g.sw];
+                            }
                         }
                     }
                 }
