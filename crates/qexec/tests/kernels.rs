@@ -157,8 +157,9 @@ proptest! {
 
 #[test]
 fn wide_convs_split_by_columns_or_rows_equal_one_thread_and_the_reference() {
-    // Single images whose outputs are wider (oh·ow) than tall (channels) are shared out by bands
-    // of output rows on two threads, taller ones by bands of channels; with many input channels
+    // Single images whose outputs are wider (oh·ow) than tall (channels), with at least 512
+    // output pixels per thread, are shared out by bands of output rows on two threads, the
+    // others by bands of channels; with many input channels
     // the row bands shrink to fit the cache (several per thread, in sequence on one thread).
     // All must equal one thread bit for bit, and the reference.
     let cases = [(8, 20, 6, 1, 1, 1), (6, 19, 10, 3, 2, 1), (4, 9, 40, 3, 1, 1), (3, 17, 5, 1, 1, 1)];
@@ -166,6 +167,9 @@ fn wide_convs_split_by_columns_or_rows_equal_one_thread_and_the_reference() {
     // A stem-like stride-2 layer on an odd width: whole 16-column runs of the unrolled rows, a few
     // pairs after them and the last column alone.
     let more = more.into_iter().chain([(3, 40, 16, 3, 1, 2)]);
+    // The same shapes wide enough (at least 512 output pixels per thread) to be split by rows.
+    let wide = [(8, 36, 6, 1, 1, 1), (6, 34, 10, 3, 2, 1), (3, 33, 5, 1, 1, 1), (3, 70, 8, 3, 1, 2)];
+    let more = more.chain(wide).chain([(64, 34, 6, 3, 1, 1), (32, 66, 4, 3, 1, 2), (3, 68, 16, 3, 1, 2)]);
     for (c, h, m, k, group, stride) in cases.into_iter().chain(more) {
         let geo = ConvGeo { group, stride: [stride, stride], dilation: [1, 1], pads: [k / 2; 4] };
         let (xs, ws) = ([1, c, h, h + 3], [m, c / group, k, k]);

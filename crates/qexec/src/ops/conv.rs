@@ -291,10 +291,12 @@ impl Conv {
             && g.ow == g.w;
         let threads = ctx.threads;
         // Wide outputs (early CNN layers) on several threads: bands of output rows (columns of
-        // the product) in parallel. Tall ones: bands of output channels in parallel, after one
-        // im2col of the whole image. On one thread: bands of output rows in sequence. Row bands
-        // unroll (im2col) only their own part of the input, at most an L2-sized tile of it.
-        let by_columns = threads > 1 && ohw >= mg && ohw >= 2 * threads * 64;
+        // the product) in parallel, from `threads · 512` columns up (on 28×28 planes, bands of
+        // rows measured slower than bands of channels). Tall or small ones: bands of output
+        // channels in parallel, after one im2col of the whole image. On one thread: bands of
+        // output rows in sequence. Row bands unroll (im2col) only their own part of the input,
+        // at most an L2-sized tile of it.
+        let by_columns = threads > 1 && ohw >= mg && ohw >= threads * 512;
         let by_channels = threads > 1 && !by_columns && mg >= 2 * threads;
         let per_thread = if by_columns { g.oh.div_ceil(threads) } else { g.oh };
         let band =
