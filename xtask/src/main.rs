@@ -13,7 +13,7 @@ mod zoo_calib;
 mod zoo_data;
 mod zoo_exec;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 /// The allocator of the `qmix` binary, so the benches measure what users run.
 #[global_allocator]
@@ -43,12 +43,23 @@ fn main() -> Result<()> {
         Some("bench") => bench::run(args.get(1).map(String::as_str)),
         Some("models") => models::run(args.get(1).map(String::as_str)),
         Some("inspect") => {
-            let Some(path) = args.get(1) else { bail!("{USAGE}") };
+            let Some(path) = args.get(1) else { usage_error() };
             let mut m = qgraph::load_path(path)?;
             m.infer_shapes(&qgraph::DimBindings::all(1))?;
             print!("{}", m.summary());
             Ok(())
         }
-        _ => bail!("{USAGE}"),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => usage_error(),
     }
+}
+
+/// Prints the usage on standard error and exits with status 2: a wrong command line is not an
+/// error to report with context (or a backtrace, when `RUST_BACKTRACE` is set).
+fn usage_error() -> ! {
+    eprintln!("{USAGE}");
+    std::process::exit(2)
 }
