@@ -109,13 +109,19 @@ impl BufferPool {
         Scratch { data, len }
     }
 
-    /// Zeroed scratch space of `len` elements that goes back to the pool when dropped: the
-    /// per-thread buffers of a parallel loop, which has no place to hand them back itself.
-    /// Zeroing a recycled buffer costs less than the page faults of a fresh one.
+    /// Scratch space of `len` elements, contents unspecified as with [`BufferPool::take`], that
+    /// goes back to the pool when dropped: the per-thread buffers of a parallel loop, which has
+    /// no place to hand them back itself.
+    pub fn lease(&self, len: usize) -> Lease<'_> {
+        Lease { pool: self, scratch: Some(self.take(len)) }
+    }
+
+    /// [`BufferPool::lease`], zeroed. Zeroing a recycled buffer costs less than the page faults
+    /// of a fresh one.
     pub fn lease_zeroed(&self, len: usize) -> Lease<'_> {
-        let mut scratch = self.take(len);
-        scratch.fill(0.0);
-        Lease { pool: self, scratch: Some(scratch) }
+        let mut lease = self.lease(len);
+        lease.fill(0.0);
+        lease
     }
 
     /// A copy of an f32 tensor in a pooled buffer, which the caller then owns alone (other

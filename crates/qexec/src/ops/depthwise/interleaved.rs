@@ -290,7 +290,8 @@ qkernels::multiversion! {
 }
 
 /// What one thread reuses from group to group: the interleaved input (zeroed once; its padding
-/// stays zero), the interleaved output (pooled), and the weights as one vector per tap.
+/// stays zero), the interleaved output (every vector overwritten, so not zeroed), and the
+/// weights as one vector per tap.
 struct Buffers<'p> {
     input: Lease<'p>,
     output: Lease<'p>,
@@ -313,7 +314,7 @@ pub(super) fn image(im: &Image<'_>, ctx: &ExecCtx<'_>, out: &mut [f32]) {
     let (hw, khw, ohw) = (g.h * g.w, g.kh * g.kw, g.oh * g.ow);
     let buffers = || Buffers {
         input: ctx.pool.lease_zeroed(layout.hp * layout.wp * LANES),
-        output: ctx.pool.lease_zeroed(ohw * LANES),
+        output: ctx.pool.lease(ohw * LANES),
         weights: vec![[0f32; LANES]; khw],
     };
     let group = |b: &mut Buffers<'_>, (gi, planes): (usize, &mut [f32])| {
