@@ -77,6 +77,7 @@ pub fn check(zoo: &Path) -> Result<()> {
         clean_start: true,
         shard: None,
         threads: 0,
+        fp32_cache_bytes: qanalyze::DEFAULT_CACHE_BUDGET,
         phase3: Some(Phase3Options::default()),
     };
     let started = Instant::now();

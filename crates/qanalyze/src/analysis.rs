@@ -80,7 +80,7 @@ pub fn per_layer_mse(sim: &QuantSim, reference: &FloatReference) -> Result<Vec<L
     let g = &sim.model().graph;
     let layers = layers(sim)?;
     let mut sums = vec![(0f64, 0usize); layers.len()];
-    for (feeds, fp32) in reference.pieces() {
+    reference.for_each_piece(|feeds, fp32| {
         let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         let (_, simulated) = sim.run_keeping_all(&named)?;
         for (k, (node, _)) in layers.iter().enumerate() {
@@ -92,7 +92,8 @@ pub fn per_layer_mse(sim: &QuantSim, reference: &FloatReference) -> Result<Vec<L
                 sums[k].1 += n;
             }
         }
-    }
+        Ok(())
+    })?;
     Ok(layers
         .iter()
         .zip(sums)
@@ -169,20 +170,26 @@ fn histogram(values: &[f32], encoding: Option<(f64, f64)>) -> Option<(f64, f64, 
 
 /// Histograms of the FP32 output (over `reference`'s batches) and of the weight of each of
 /// `nodes`, with their encoding ranges.
-pub fn histograms(sim: &QuantSim, reference: &FloatReference, nodes: &[NodeId]) -> Vec<TensorHistogram> {
+pub fn histograms(
+    sim: &QuantSim,
+    reference: &FloatReference,
+    nodes: &[NodeId],
+) -> Result<Vec<TensorHistogram>, AnalyzeError> {
     let g = &sim.model().graph;
     let p = sim.placement();
+    let mut activations: Vec<Vec<f32>> = vec![Vec::new(); nodes.len()];
+    reference.for_each_piece(|_, fp32| {
+        for (&node, values) in nodes.iter().zip(activations.iter_mut()) {
+            if let Some(a) = g.node(node).output(0).and_then(|v| fp32.get(v)).and_then(Tensor::as_f32) {
+                values.extend(a.iter().copied());
+            }
+        }
+        Ok(())
+    })?;
     let mut out = Vec::new();
-    for &node in nodes {
+    for (&node, values) in nodes.iter().zip(activations) {
         let n = g.node(node);
         if let Some(v) = n.output(0) {
-            let values: Vec<f32> = reference
-                .pieces()
-                .filter_map(|(_, c)| {
-                    c.get(v).and_then(Tensor::as_f32).map(|a| a.iter().copied().collect::<Vec<_>>())
-                })
-                .flatten()
-                .collect();
             let encoding = encoding_range(p, v);
             if let Some((lo, hi, counts)) = histogram(&values, encoding) {
                 out.push(TensorHistogram {
@@ -217,5 +224,5 @@ pub fn histograms(sim: &QuantSim, reference: &FloatReference, nodes: &[NodeId]) 
             }
         }
     }
-    out
+    Ok(out)
 }

@@ -16,6 +16,6 @@ pub use analysis::{
 pub use report::AnalysisReport;
 
 pub use sensitivity::{
-    AnalyzeError, FloatReference, LayerScore, Metric, ModelChecks, Outputs, Scorer, UserMetric, disable_one,
-    enable_one, layers, model_checks,
+    AnalyzeError, DEFAULT_CACHE_BUDGET, FloatReference, LayerScore, Metric, ModelChecks, Outputs, Scorer,
+    UserMetric, disable_one, enable_one, layers, model_checks,
 };

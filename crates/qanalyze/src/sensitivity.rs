@@ -7,10 +7,10 @@
 //! top-k logit PSNR, arg-max agreement) or a [`UserMetric`] closure; each says whether higher is
 //! better, and [`LayerScore::sensitivity`] ranks layers the same way whatever the direction.
 //!
-//! Only the layer's downstream is recomputed: the FP32 values of every tensor are kept from one
-//! float run per batch (memory: all intermediates of the batch), and each layer's run resumes
-//! from them (qexec `resume`). Batches of a model that keeps samples apart run sample by sample,
-//! one sample per thread (see [`FloatReference`]).
+//! Only the layer's downstream is recomputed: each layer's run resumes (qexec `resume`) from the
+//! FP32 values of every tensor, kept from one float run when they fit a memory budget and
+//! recomputed in windows of samples that do otherwise. Batches of a model that keeps samples apart
+//! run sample by sample, one sample per thread (see [`FloatReference`]).
 
 use qcalib::{Feeds, QuantSim, QuantizerId};
 use qgraph::{NodeId, Tensor};
@@ -389,95 +389,66 @@ fn samples_of(batch: &Feeds) -> Vec<Feeds> {
         .collect()
 }
 
+/// Samples in a piece: the first axis of its first feed (1 without one).
+fn samples_in(piece: &Feeds) -> usize {
+    piece.first().and_then(|(_, t)| t.shape().first().copied()).unwrap_or(1).max(1)
+}
+
 fn named(feeds: &Feeds) -> Vec<(&str, Tensor)> {
     feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect()
 }
 
-/// Runs `run(batch, piece)` on every piece of the batches, in parallel on `pool` when there is
-/// one; the results per batch and piece, in order whatever the thread count.
+/// Runs `run(i)` for every piece index `i` in `pieces`, in parallel on `pool` when there is one;
+/// the results in the order of `pieces`, whatever the thread count.
 fn run_pieces<T: Send>(
     pool: Option<&rayon::ThreadPool>,
-    pieces: &[Vec<Feeds>],
-    run: impl Fn(usize, usize) -> Result<T, AnalyzeError> + Sync + Send,
-) -> Result<Vec<Vec<T>>, AnalyzeError> {
-    let index: Vec<(usize, usize)> =
-        pieces.iter().enumerate().flat_map(|(b, ps)| (0..ps.len()).map(move |p| (b, p))).collect();
-    let flat: Vec<T> = match pool {
-        Some(pool) => pool.install(|| index.par_iter().map(|&(b, p)| run(b, p)).collect::<Result<_, _>>())?,
-        None => index.iter().map(|&(b, p)| run(b, p)).collect::<Result<_, _>>()?,
-    };
-    let mut flat = flat.into_iter();
-    Ok(pieces.iter().map(|ps| flat.by_ref().take(ps.len()).collect()).collect())
-}
-
-/// The outputs of every batch: its pieces' outputs stacked along the first axis.
-fn stacked(per_piece: Vec<Vec<Vec<Tensor>>>) -> Result<Outputs, AnalyzeError> {
-    let mut outs = Outputs::default();
-    for (b, mut pieces) in per_piece.into_iter().enumerate() {
-        if pieces.len() == 1 {
-            outs.push(pieces.pop().expect("one piece"));
-            continue;
-        }
-        let count = pieces.first().map_or(0, Vec::len);
-        let batch = (0..count)
-            .map(|i| {
-                let parts: Vec<Tensor> = pieces.iter().filter_map(|p| p.get(i).cloned()).collect();
-                Tensor::concat_rows(&parts).filter(|_| parts.len() == pieces.len()).ok_or_else(|| {
-                    AnalyzeError::Data(format!("the outputs of the samples of batch {b} do not stack"))
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        outs.push(batch);
+    pieces: std::ops::Range<usize>,
+    run: impl Fn(usize) -> Result<T, AnalyzeError> + Sync + Send,
+) -> Result<Vec<T>, AnalyzeError> {
+    match pool {
+        Some(pool) => pool.install(|| pieces.into_par_iter().map(run).collect()),
+        None => pieces.map(run).collect(),
     }
-    Ok(outs)
 }
 
 /// A piece's FP32 run: its outputs and the value of every tensor.
 type FloatRun = (Vec<Tensor>, qexec::ValueCache);
 
-/// The FP32 runs of the pieces, keeping every value: on `pool` when there is one, each run then
-/// on its calling thread; otherwise on the session's threads.
-fn float_runs(
-    float: &qexec::Session,
-    pieces: &[Vec<Feeds>],
-    pool: Option<&rayon::ThreadPool>,
-) -> Result<Vec<Vec<FloatRun>>, AnalyzeError> {
-    run_pieces(pool, pieces, |b, p| {
-        let options = qexec::RunOptions::default().keep(qexec::Keep::All).serial(pool.is_some());
-        let run = float.run_with(&named(&pieces[b][p]), options)?;
-        Ok((run.outputs, run.kept))
-    })
-}
+/// The memory a [`FloatReference`] may fill with kept FP32 values unless told otherwise: 4 GiB.
+pub const DEFAULT_CACHE_BUDGET: usize = 4 << 30;
 
-/// Whether one sample's intermediates take more memory than the model's weights. Sample by
-/// sample, every run reads the weights once per sample; batch by batch, every layer's output
-/// goes through memory. So a CNN on images (megabytes of activations per sample) runs faster
-/// sample by sample and a transformer on short sequences (large weights, small activations)
-/// batch by batch.
-fn intermediates_outweigh_weights(float: &qexec::Session, sample: &Feeds) -> Result<bool, AnalyzeError> {
-    let g = &float.model().graph;
-    let weights: usize =
-        g.initializers().filter_map(|v| g.static_value(v)).map(|t| t.len() * t.dtype().size_of()).sum();
-    let options = qexec::RunOptions::default().keep(qexec::Keep::All).serial(true);
-    Ok(float.run_with(&named(sample), options)?.kept.bytes() > weights)
-}
-
-/// The FP32 run of a list of batches, kept to score simulations against and to resume from: the
-/// value of every tensor (memory: all intermediates of every batch) and the outputs.
+/// The FP32 run of a list of batches, kept to score simulations against and to resume from.
 ///
-/// When the model keeps samples apart ([`qgraph::samples_independent`]) and one sample's
-/// intermediates outweigh its weights, each batch is cut into its samples, and every run (the
-/// FP32 one and each simulation scored) takes the samples one per thread, each through the
+/// **Pieces.** When the model keeps samples apart ([`qgraph::samples_independent`]) and one
+/// sample's intermediates outweigh its weights, each batch is cut into its samples, and every run
+/// (the FP32 one and each simulation scored) takes the samples one per thread, each through the
 /// whole graph on that thread: a sample's intermediates stay in cache, where a batch's spill to
 /// memory between layers. The samples' outputs are stacked back into their batch's, so metrics
 /// see the batches as given, and results do not depend on the thread count. Other models run
-/// batch by batch.
+/// batch by batch (a batch is then one piece). Sample by sample, every run reads the weights once
+/// per sample, so a transformer on short sequences (large weights, small activations) keeps
+/// whole batches.
+///
+/// **Memory.** The FP32 outputs are always kept. The value of every tensor, which resumed runs
+/// start from, is kept for every piece when all of them fit the memory budget
+/// ([`DEFAULT_CACHE_BUDGET`], or [`FloatReference::with_budget`]); the run stops keeping them as
+/// soon as they would not. Then nothing is written to disk (an FP32 forward pass costs less than
+/// writing and reading back a sample's intermediates): [`enable_one`] recomputes them window by
+/// window, a window being as many consecutive pieces as the budget holds (at least one per
+/// thread), and [`FloatReference::score_only`] runs the simulation in full. Scores are the same
+/// bits either way.
 pub struct FloatReference {
+    float: qexec::Session,
     batches: Vec<Feeds>,
     /// Per batch, what runs: its samples, or the whole batch.
     pieces: Vec<Vec<Feeds>>,
-    /// Per batch and piece, the FP32 value of every tensor.
-    caches: Vec<Vec<qexec::ValueCache>>,
+    /// The pieces of every batch in order, with the batch each belongs to.
+    flat: Vec<(usize, usize)>,
+    /// Per piece (in `flat` order), the FP32 value of every tensor, when they all fit the budget.
+    caches: Option<Vec<qexec::ValueCache>>,
+    /// Bytes of one sample's FP32 values (measured on the first piece).
+    sample_bytes: usize,
+    budget: usize,
     outputs: Outputs,
     /// Whether the batches run sample by sample (each run on one thread).
     split: bool,
@@ -486,8 +457,20 @@ pub struct FloatReference {
 }
 
 impl FloatReference {
-    /// Runs the float model of `sim` on `batches`, on `threads` threads (0: one per core).
+    /// Runs the float model of `sim` on `batches`, on `threads` threads (0: one per core), keeping
+    /// up to [`DEFAULT_CACHE_BUDGET`] bytes of FP32 values.
     pub fn new(sim: &QuantSim, batches: &[Feeds], threads: usize) -> Result<FloatReference, AnalyzeError> {
+        FloatReference::with_budget(sim, batches, threads, DEFAULT_CACHE_BUDGET)
+    }
+
+    /// As [`FloatReference::new`], keeping up to `budget` bytes of FP32 values (0: none, for a
+    /// reference that only scores full runs).
+    pub fn with_budget(
+        sim: &QuantSim,
+        batches: &[Feeds],
+        threads: usize,
+        budget: usize,
+    ) -> Result<FloatReference, AnalyzeError> {
         if batches.is_empty() {
             return Err(AnalyzeError::Data("no batches to score on".into()));
         }
@@ -497,47 +480,148 @@ impl FloatReference {
             threads
         };
         let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(threads))?;
-        if splittable(&float, batches) {
+        let whole = || batches.iter().map(|b| vec![b.clone()]).collect::<Vec<_>>();
+        let (pieces, split) = if splittable(&float, batches) {
             let pieces: Vec<Vec<Feeds>> = batches.iter().map(samples_of).collect();
-            if intermediates_outweigh_weights(&float, &pieces[0][0])? {
-                let pool = (threads > 1)
-                    .then(|| rayon::ThreadPoolBuilder::new().num_threads(threads).build())
-                    .transpose()
-                    .map_err(|e| AnalyzeError::Data(format!("cannot start {threads} threads: {e}")))?;
-                let runs = float_runs(&float, &pieces, pool.as_ref())?;
-                return FloatReference::assemble(batches, pieces, runs, true, pool);
-            }
-        }
-        let pieces: Vec<Vec<Feeds>> = batches.iter().map(|b| vec![b.clone()]).collect();
-        let runs = float_runs(&float, &pieces, None)?;
-        FloatReference::assemble(batches, pieces, runs, false, None)
-    }
-
-    fn assemble(
-        batches: &[Feeds],
-        pieces: Vec<Vec<Feeds>>,
-        runs: Vec<Vec<FloatRun>>,
-        split: bool,
-        pool: Option<rayon::ThreadPool>,
-    ) -> Result<FloatReference, AnalyzeError> {
-        let (outputs, caches): (Vec<Vec<Vec<Tensor>>>, Vec<Vec<qexec::ValueCache>>) =
-            runs.into_iter().map(|ps| ps.into_iter().unzip()).unzip();
-        let outputs = stacked(outputs)?;
-        if outputs.is_empty() {
+            let run = float_run(&float, &pieces[0][0], true)?;
+            let g = &float.model().graph;
+            let weights: usize = g
+                .initializers()
+                .filter_map(|v| g.static_value(v))
+                .map(|t| t.len() * t.dtype().size_of())
+                .sum();
+            if run.1.bytes() > weights { (pieces, true) } else { (whole(), false) }
+        } else {
+            (whole(), false)
+        };
+        let pool = (split && threads > 1)
+            .then(|| rayon::ThreadPoolBuilder::new().num_threads(threads).build())
+            .transpose()
+            .map_err(|e| AnalyzeError::Data(format!("cannot start {threads} threads: {e}")))?;
+        let flat: Vec<(usize, usize)> =
+            pieces.iter().enumerate().flat_map(|(b, ps)| (0..ps.len()).map(move |p| (b, p))).collect();
+        let mut reference = FloatReference {
+            float,
+            batches: batches.to_vec(),
+            pieces,
+            flat,
+            caches: Some(Vec::new()),
+            sample_bytes: 0,
+            budget,
+            outputs: Outputs::default(),
+            split,
+            pool,
+        };
+        let outputs = reference.run_keeping_within_budget()?;
+        reference.outputs = reference.stacked(outputs)?;
+        if reference.outputs.is_empty() {
             return Err(AnalyzeError::Data("the model has no float outputs to score".into()));
         }
-        Ok(FloatReference { batches: batches.to_vec(), pieces, caches, outputs, split, pool })
+        Ok(reference)
     }
 
-    /// Runs `run(feeds, cache)` on every piece, as this reference runs them, and stacks the
-    /// outputs per batch.
-    fn simulate(
+    /// The FP32 runs of every piece, a thread's worth at a time, keeping their values while all
+    /// of them fit the budget; the outputs per piece.
+    fn run_keeping_within_budget(&mut self) -> Result<Vec<Vec<Tensor>>, AnalyzeError> {
+        let total_samples: usize = self.flat.iter().map(|&(b, p)| samples_in(&self.pieces[b][p])).sum();
+        let step = self.pool.as_ref().map_or(1, rayon::ThreadPool::current_num_threads);
+        let mut outputs = Vec::with_capacity(self.flat.len());
+        let mut kept_bytes = 0usize;
+        for start in (0..self.flat.len()).step_by(step) {
+            let window = start..(start + step).min(self.flat.len());
+            for (i, (outs, values)) in window.clone().zip(self.float_runs(window)?) {
+                if i == 0 {
+                    self.sample_bytes = values.bytes() / samples_in(self.piece(0));
+                    if self.sample_bytes.saturating_mul(total_samples) > self.budget {
+                        self.caches = None;
+                    }
+                }
+                kept_bytes += values.bytes();
+                if kept_bytes > self.budget {
+                    self.caches = None;
+                }
+                if let Some(caches) = self.caches.as_mut() {
+                    caches.push(values);
+                }
+                outputs.push(outs);
+            }
+        }
+        Ok(outputs)
+    }
+
+    fn piece(&self, i: usize) -> &Feeds {
+        let (b, p) = self.flat[i];
+        &self.pieces[b][p]
+    }
+
+    /// The FP32 runs of the pieces `window`, keeping every value, as the reference runs them.
+    fn float_runs(&self, window: std::ops::Range<usize>) -> Result<Vec<FloatRun>, AnalyzeError> {
+        run_pieces(self.pool.as_ref(), window, |i| float_run(&self.float, self.piece(i), self.pool.is_some()))
+    }
+
+    /// The FP32 value of every tensor of the pieces `window`, computed again.
+    fn recomputed_values(
         &self,
-        run: impl Fn(&Feeds, &qexec::ValueCache) -> Result<Vec<Tensor>, AnalyzeError> + Sync + Send,
-    ) -> Result<Outputs, AnalyzeError> {
-        let outs =
-            run_pieces(self.pool.as_ref(), &self.pieces, |b, p| run(&self.pieces[b][p], &self.caches[b][p]))?;
-        stacked(outs)
+        window: std::ops::Range<usize>,
+    ) -> Result<Vec<qexec::ValueCache>, AnalyzeError> {
+        Ok(self.float_runs(window)?.into_iter().map(|(_, values)| values).collect())
+    }
+
+    /// Regroups per-piece outputs (in piece order) into their batches' outputs, stacking the
+    /// samples of a split batch along the first axis.
+    fn stacked(&self, per_piece: Vec<Vec<Tensor>>) -> Result<Outputs, AnalyzeError> {
+        let mut per_piece = per_piece.into_iter();
+        let mut outs = Outputs::default();
+        for (b, pieces) in self.pieces.iter().enumerate() {
+            let mut mine: Vec<Vec<Tensor>> = per_piece.by_ref().take(pieces.len()).collect();
+            if mine.len() == 1 {
+                outs.push(mine.pop().expect("one piece"));
+                continue;
+            }
+            let count = mine.first().map_or(0, Vec::len);
+            let batch = (0..count)
+                .map(|i| {
+                    let parts: Vec<Tensor> = mine.iter().filter_map(|p| p.get(i).cloned()).collect();
+                    Tensor::concat_rows(&parts).filter(|_| parts.len() == mine.len()).ok_or_else(|| {
+                        AnalyzeError::Data(format!("the outputs of the samples of batch {b} do not stack"))
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            outs.push(batch);
+        }
+        Ok(outs)
+    }
+
+    /// Consecutive ranges of pieces whose FP32 values fit the budget together (at least one
+    /// piece per thread): the windows [`enable_one`] recomputes them in when they are not kept
+    /// (one window of every piece when they are).
+    fn windows(&self) -> Vec<std::ops::Range<usize>> {
+        let least = self.pool.as_ref().map_or(1, rayon::ThreadPool::current_num_threads);
+        let budget = if self.caches.is_some() { usize::MAX } else { self.budget };
+        let mut out = Vec::new();
+        let (mut start, mut bytes) = (0, 0usize);
+        for i in 0..self.flat.len() {
+            let piece = self.sample_bytes.saturating_mul(samples_in(self.piece(i)));
+            if i - start >= least && bytes.saturating_add(piece) > budget {
+                out.push(start..i);
+                (start, bytes) = (i, 0);
+            }
+            bytes = bytes.saturating_add(piece);
+        }
+        out.push(start..self.flat.len());
+        out
+    }
+
+    /// Runs `run(piece, cache)` on the pieces `window` and returns their outputs in order:
+    /// `caches` holds the window's FP32 values, or is `None` for full runs.
+    fn simulate_window(
+        &self,
+        window: std::ops::Range<usize>,
+        caches: Option<&[qexec::ValueCache]>,
+        run: impl Fn(&Feeds, Option<&qexec::ValueCache>) -> Result<Vec<Tensor>, AnalyzeError> + Sync + Send,
+    ) -> Result<Vec<Vec<Tensor>>, AnalyzeError> {
+        let start = window.start;
+        run_pieces(self.pool.as_ref(), window, |i| run(self.piece(i), caches.map(|c| &c[i - start])))
     }
 
     /// The batches.
@@ -545,10 +629,29 @@ impl FloatReference {
         &self.batches
     }
 
-    /// What runs, in order: each piece of a batch (a sample, or the whole batch) with the FP32
-    /// value of every tensor it computed.
-    pub fn pieces(&self) -> impl Iterator<Item = (&Feeds, &qexec::ValueCache)> {
-        self.pieces.iter().flatten().zip(self.caches.iter().flatten())
+    /// How many pieces run: the samples of every batch, or the batches.
+    pub fn piece_count(&self) -> usize {
+        self.flat.len()
+    }
+
+    /// Bytes of FP32 values kept (0 when they did not fit the budget).
+    pub fn kept_bytes(&self) -> usize {
+        self.caches.as_ref().map_or(0, |c| c.iter().map(qexec::ValueCache::bytes).sum())
+    }
+
+    /// Calls `f(feeds, values)` for every piece in order, with its FP32 value of every tensor:
+    /// the kept ones, or recomputed one piece at a time when they are not kept.
+    pub fn for_each_piece(
+        &self,
+        mut f: impl FnMut(&Feeds, &qexec::ValueCache) -> Result<(), AnalyzeError>,
+    ) -> Result<(), AnalyzeError> {
+        for i in 0..self.flat.len() {
+            match &self.caches {
+                Some(caches) => f(self.piece(i), &caches[i])?,
+                None => f(self.piece(i), &float_run(&self.float, self.piece(i), false)?.1)?,
+            }
+        }
+        Ok(())
     }
 
     /// Samples in the batches.
@@ -567,43 +670,69 @@ impl FloatReference {
         g.downstream_nodes(&changed).len()
     }
 
+    /// A full run of the simulation on one piece.
+    fn full_run(&self, sim: &QuantSim, piece: &Feeds) -> Result<Vec<Tensor>, AnalyzeError> {
+        let feeds = named(piece);
+        Ok(if self.split { sim.run_serial(&feeds)? } else { sim.run(&feeds)? })
+    }
+
     /// Scores the simulation as it is (full forward passes).
     pub fn score(&self, sim: &QuantSim, metric: impl Scorer) -> Result<f64, AnalyzeError> {
-        let simulated = self.simulate(|feeds, _| {
-            let feeds = named(feeds);
-            Ok(if self.split { sim.run_serial(&feeds)? } else { sim.run(&feeds)? })
-        })?;
-        metric.score(&self.outputs, &simulated)
+        let outs = self.simulate_window(0..self.flat.len(), None, |piece, _| self.full_run(sim, piece))?;
+        metric.score(&self.outputs, &self.stacked(outs)?)
+    }
+
+    /// The outputs of the simulation when `enabled` are its only enabled quantizers, on the pieces
+    /// `window` whose FP32 values are `caches`: only what lies downstream of the quantizers is
+    /// recomputed, the rest is read from the FP32 values (full runs when a graph input is
+    /// quantized or without values).
+    fn simulate_only(
+        &self,
+        sim: &QuantSim,
+        enabled: &[QuantizerId],
+        window: std::ops::Range<usize>,
+        caches: Option<&[qexec::ValueCache]>,
+    ) -> Result<Vec<Vec<Tensor>>, AnalyzeError> {
+        let changed = changed_values(sim, enabled);
+        let inputs = sim.model().graph.inputs();
+        let resumable = !changed.iter().any(|v| inputs.contains(v));
+        self.simulate_window(window, caches.filter(|_| resumable), |piece, cache| match cache {
+            Some(cache) if self.split => Ok(sim.run_resumed_serial(cache, &changed)?),
+            Some(cache) => Ok(sim.run_resumed(cache, &changed)?),
+            None => self.full_run(sim, piece),
+        })
     }
 
     /// Scores the simulation when `enabled` are its only enabled quantizers: only what lies
-    /// downstream of them is recomputed, the rest is read from the FP32 values. The caller
-    /// guarantees that no other quantizer is enabled.
+    /// downstream of them is recomputed, the rest is read from the FP32 values (when they are
+    /// kept; full runs otherwise). The caller guarantees that no other quantizer is enabled.
     pub fn score_only(
         &self,
         sim: &QuantSim,
         enabled: &[QuantizerId],
         metric: impl Scorer,
     ) -> Result<f64, AnalyzeError> {
-        let changed = changed_values(sim, enabled);
-        let inputs = sim.model().graph.inputs();
-        if changed.iter().any(|v| inputs.contains(v)) {
-            return self.score(sim, metric);
-        }
-        let simulated = self.simulate(|_, cache| {
-            Ok(if self.split {
-                sim.run_resumed_serial(cache, &changed)?
-            } else {
-                sim.run_resumed(cache, &changed)?
-            })
-        })?;
-        metric.score(&self.outputs, &simulated)
+        let outs = self.simulate_only(sim, enabled, 0..self.flat.len(), self.caches.as_deref())?;
+        metric.score(&self.outputs, &self.stacked(outs)?)
     }
 }
 
+/// One piece's FP32 run keeping every value, on its calling thread when `serial`.
+fn float_run(float: &qexec::Session, piece: &Feeds, serial: bool) -> Result<FloatRun, AnalyzeError> {
+    let options = qexec::RunOptions::default().keep(qexec::Keep::All).serial(serial);
+    let run = float.run_with(&named(piece), options)?;
+    Ok((run.outputs, run.kept))
+}
+
 /// Scores every layer with only its quantizers enabled, against `reference` (the FP32 run of the
-/// batches to score on). `progress(done, total)` is called after each layer. The simulation is
-/// restored before returning (also on error).
+/// batches to score on). `progress(done, total)` is called after each layer (after each layer of
+/// each window when the reference recomputes its FP32 values window by window). The simulation
+/// is restored before returning (also on error).
+///
+/// When the reference keeps its FP32 values, each layer runs on every piece in turn. Otherwise
+/// the FP32 values are recomputed window by window: once per window, with every layer's outputs
+/// kept until the last window when they fit the reference's budget, else once per layer and
+/// window (about twice the work).
 pub fn enable_one(
     sim: &mut QuantSim,
     reference: &FloatReference,
@@ -611,25 +740,65 @@ pub fn enable_one(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LayerScore>, AnalyzeError> {
     let layers = layers(sim)?;
+    let windows = reference.windows();
+    let output_bytes: usize =
+        reference.outputs.per_batch.iter().flatten().map(|t| t.len() * t.dtype().size_of()).sum();
+    let windows_outside = windows.len() > 1 && output_bytes.saturating_mul(layers.len()) <= reference.budget;
     let set = |sim: &mut QuantSim, qs: &[QuantizerId], on: bool| {
         let p = sim.placement_mut();
         qs.iter().for_each(|&q| p.quantizer_mut(q).enabled = on);
     };
+    // The outputs of every piece with only layer `k` quantized, window by window.
+    let run_layer = |sim: &mut QuantSim,
+                     k: usize,
+                     window: std::ops::Range<usize>,
+                     caches: Option<&[qexec::ValueCache]>| {
+        let qs = &layers[k].1;
+        set(sim, qs, true);
+        let outs = sim
+            .refresh()
+            .map_err(AnalyzeError::from)
+            .and_then(|()| reference.simulate_only(sim, qs, window, caches));
+        set(sim, qs, false);
+        outs
+    };
+    let score = |sim: &QuantSim, k: usize, outs: Vec<Vec<Tensor>>| -> Result<LayerScore, AnalyzeError> {
+        Ok(LayerScore {
+            layer: sim.model().graph.node(layers[k].0).name.clone(),
+            score: metric.score(&reference.outputs, &reference.stacked(outs)?)?,
+            higher_is_better: metric.higher_is_better(),
+        })
+    };
     with_enabled(sim, |sim| {
         let all = sim.placement().quantizer_ids();
         set(sim, &all, false);
+        let total = if windows_outside { windows.len() * layers.len() } else { layers.len() };
+        if windows_outside {
+            let mut per_layer: Vec<Vec<Vec<Tensor>>> = vec![Vec::new(); layers.len()];
+            for (w, window) in windows.iter().enumerate() {
+                let caches = reference.recomputed_values(window.clone())?;
+                for (k, outs) in per_layer.iter_mut().enumerate() {
+                    outs.extend(run_layer(sim, k, window.clone(), Some(&caches))?);
+                    progress(w * layers.len() + k + 1, total);
+                }
+            }
+            return per_layer.into_iter().enumerate().map(|(k, outs)| score(sim, k, outs)).collect();
+        }
         let mut scores = Vec::with_capacity(layers.len());
-        for (k, (node, qs)) in layers.iter().enumerate() {
-            set(sim, qs, true);
-            sim.refresh()?;
-            let score = reference.score_only(sim, qs, &metric)?;
-            scores.push(LayerScore {
-                layer: sim.model().graph.node(*node).name.clone(),
-                score,
-                higher_is_better: metric.higher_is_better(),
-            });
-            set(sim, qs, false);
-            progress(k + 1, layers.len());
+        for k in 0..layers.len() {
+            let outs = match reference.caches.as_deref() {
+                Some(caches) => run_layer(sim, k, 0..reference.flat.len(), Some(caches))?,
+                None => {
+                    let mut outs = Vec::with_capacity(reference.flat.len());
+                    for window in &windows {
+                        let caches = reference.recomputed_values(window.clone())?;
+                        outs.extend(run_layer(sim, k, window.clone(), Some(&caches))?);
+                    }
+                    outs
+                }
+            };
+            scores.push(score(sim, k, outs)?);
+            progress(k + 1, total);
         }
         Ok(scores)
     })

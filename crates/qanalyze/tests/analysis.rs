@@ -1,7 +1,8 @@
 //! The analysis on a small CNN built in the test: enable-one sensitivity (one score per layer in
 //! topological order, quantizers restored afterwards, identical results on one and two threads and
-//! with batches run whole or sample by sample, a coarser layer scoring worse, a typed error without
-//! data), disable-one and whole-model checks,
+//! with batches run whole or sample by sample, the same scores when the FP32 values exceed the
+//! memory budget and are recomputed, a coarser layer scoring worse, a typed error without data),
+//! disable-one and whole-model checks,
 //! per-layer MSE, ranges, histograms and the report in its three forms.
 
 use qanalyze::{AnalyzeError, Metric};
@@ -49,6 +50,16 @@ fn batches() -> Vec<qcalib::Feeds> {
 /// The FP32 run of the test batches, to score against.
 fn fp32(sim: &QuantSim, threads: usize) -> qanalyze::FloatReference {
     qanalyze::FloatReference::new(sim, &batches(), threads).unwrap()
+}
+
+/// The model with the given batch axis calibrated on two threads: a fixed axis keeps batches
+/// whole, a free one runs them sample by sample.
+fn calibrated_with(batch: Dim) -> QuantSim {
+    let options = SimOptions { threads: 2, ..SimOptions::default() };
+    let mut sim =
+        QuantSim::new(model_with_batch(batch), QuantsimConfig::load("default").unwrap(), options).unwrap();
+    sim.calibrate(batches(), &mut |_| {}).unwrap();
+    sim
 }
 
 fn calibrated(threads: usize) -> QuantSim {
@@ -101,20 +112,11 @@ fn results_do_not_depend_on_threads_and_coarser_layers_score_worse() {
 
 #[test]
 fn samples_run_apart_score_like_whole_batches() {
-    // A fixed batch axis keeps the batches whole; a free one runs them sample by sample.
-    let calibrated_with = |batch: Dim| {
-        let options = SimOptions { threads: 2, ..SimOptions::default() };
-        let mut sim =
-            QuantSim::new(model_with_batch(batch), QuantsimConfig::load("default").unwrap(), options)
-                .unwrap();
-        sim.calibrate(batches(), &mut |_| {}).unwrap();
-        sim
-    };
     let mut whole = calibrated_with(Dim::Known(4));
     let mut apart = calibrated_with(Dim::Symbol("N".into()));
     for metric in [Metric::Psnr, Metric::AmpSqnr, Metric::Top1Agreement] {
         let (fp32_whole, fp32_apart) = (fp32(&whole, 2), fp32(&apart, 2));
-        assert_eq!((fp32_whole.pieces().count(), fp32_apart.pieces().count()), (2, 8));
+        assert_eq!((fp32_whole.piece_count(), fp32_apart.piece_count()), (2, 8));
         let a = qanalyze::enable_one(&mut whole, &fp32_whole, metric, &mut |_, _| {}).unwrap();
         let b = qanalyze::enable_one(&mut apart, &fp32_apart, metric, &mut |_, _| {}).unwrap();
         assert_eq!(a, b, "{metric:?}");
@@ -122,6 +124,45 @@ fn samples_run_apart_score_like_whole_batches() {
             qanalyze::model_checks(sim, r, metric).unwrap()
         };
         assert_eq!(checks(&mut whole, &fp32_whole), checks(&mut apart, &fp32_apart), "{metric:?}");
+    }
+}
+
+#[test]
+fn fp32_values_beyond_the_budget_are_recomputed_with_the_same_scores() {
+    // Whole batches (2 pieces) and samples apart (8 pieces, two at a time).
+    for batch in [Dim::Known(4), Dim::Symbol("N".into())] {
+        let mut sim = calibrated_with(batch.clone());
+        let kept = qanalyze::FloatReference::new(&sim, &batches(), 2).unwrap();
+        assert!(kept.kept_bytes() > 0);
+        let expected = qanalyze::enable_one(&mut sim, &kept, Metric::Psnr, &mut |_, _| {}).unwrap();
+        let layers = expected.len();
+        let mse = qanalyze::per_layer_mse(&sim, &kept).unwrap();
+        let conv1 = sim.model().graph.node_id("conv1").unwrap();
+        let hists = qanalyze::histograms(&sim, &kept, &[conv1]).unwrap();
+        // 1 KiB holds every layer's outputs (5 layers × 2 batches × 4 rows × 5 logits) but no
+        // piece's values: windows of one piece per thread, each layer's outputs kept across
+        // them. No budget at all: every layer recomputes the FP32 values window by window.
+        let per_window = if kept.piece_count() == 8 { 2 } else { 1 };
+        for (budget, windows) in [(1024, kept.piece_count() / per_window), (0, 1)] {
+            let recomputed = qanalyze::FloatReference::with_budget(&sim, &batches(), 2, budget).unwrap();
+            assert_eq!(recomputed.kept_bytes(), 0);
+            let mut calls = Vec::new();
+            let scores =
+                qanalyze::enable_one(&mut sim, &recomputed, Metric::Psnr, &mut |d, t| calls.push((d, t)))
+                    .unwrap();
+            assert_eq!(scores, expected, "{batch:?}, budget {budget}");
+            let total = windows * layers;
+            assert_eq!(
+                calls,
+                (1..=total).map(|d| (d, total)).collect::<Vec<_>>(),
+                "{batch:?}, budget {budget}"
+            );
+            assert_eq!(qanalyze::per_layer_mse(&sim, &recomputed).unwrap(), mse);
+            assert_eq!(qanalyze::histograms(&sim, &recomputed, &[conv1]).unwrap(), hists);
+            let mut checks =
+                |r: &qanalyze::FloatReference| qanalyze::model_checks(&mut sim, r, Metric::Sqnr).unwrap();
+            assert_eq!(checks(&recomputed), checks(&kept));
+        }
     }
 }
 
@@ -217,7 +258,7 @@ fn mse_ranges_histograms_and_the_report() {
     }
     let g = &sim.model().graph;
     let conv1 = g.node_id("conv1").unwrap();
-    let hists = qanalyze::histograms(&sim, &reference, &[conv1]);
+    let hists = qanalyze::histograms(&sim, &reference, &[conv1]).unwrap();
     assert_eq!(hists.iter().map(|h| h.kind).collect::<Vec<_>>(), ["activation", "weight"]);
     assert_eq!(hists[0].counts.iter().sum::<u64>(), 2 * 4 * 4 * 36);
     assert_eq!(hists[1].counts.iter().sum::<u64>(), 16);

@@ -156,7 +156,8 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
     // Phase 2: top-1 with labels, else the SQNR of the outputs against FP32.
     let sqnr_reference = match &labels {
         Some(_) => None,
-        None => Some(FloatReference::new(&sim, &eval_batches, a.threads).map_err(user)?),
+        // Only full runs are scored against it: no FP32 intermediates to keep.
+        None => Some(FloatReference::with_budget(&sim, &eval_batches, a.threads, 0).map_err(user)?),
     };
     let description = match &labels {
         Some(l) => format!("top-1 on {} samples ({} labels, offset {offset})", eval_set.samples, l.len()),
@@ -184,6 +185,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         clean_start: a.clean_start,
         shard: a.shard,
         threads: a.threads,
+        fp32_cache_bytes: a.job.fp32_cache_bytes(),
         phase3: a
             .phase3
             .then(|| Phase3Options { alphas: a.phase3_alphas.clone(), threshold: a.phase3_budget }),

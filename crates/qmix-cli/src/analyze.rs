@@ -13,7 +13,7 @@ use qcalib::{DefaultPrecision, Precision, QuantSim, SimOptions};
 use serde_json::json;
 
 use crate::Failure;
-use crate::dataset::{EvalArgs, JobArgs, JobData, bar, top1, user};
+use crate::dataset::{EvalArgs, JobArgs, JobData, advance, bar, top1, user};
 
 /// Arguments of `qmix analyze`.
 #[derive(clap::Args)]
@@ -91,14 +91,13 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     let n = a.samples.clamp(1, calib.samples);
     let scored: Vec<qcalib::Feeds> =
         (0..n).step_by(batch).map(|s| calib.batch(s..(s + batch).min(n))).collect();
-    let reference = FloatReference::new(&sim, &scored, a.threads).map_err(user)?;
+    let reference =
+        FloatReference::with_budget(&sim, &scored, a.threads, a.job.fp32_cache_bytes()).map_err(user)?;
     let checks = qanalyze::model_checks(&mut sim, &reference, a.metric).map_err(user)?;
     lap("whole-model checks", &mut seconds);
     let layers = qanalyze::layers(&sim).map_err(user)?;
     let pb = bar(layers.len(), "enable one", "layers", a.quiet);
-    let enable_one =
-        qanalyze::enable_one(&mut sim, &reference, a.metric, &mut |d, _| pb.set_position(d as u64))
-            .map_err(user)?;
+    let enable_one = qanalyze::enable_one(&mut sim, &reference, a.metric, &mut advance(&pb)).map_err(user)?;
     pb.finish_and_clear();
     lap("enable one", &mut seconds);
     let disable_one = if a.disable_one {
@@ -118,7 +117,7 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     let g = &sim.model().graph;
     let worst_nodes: Vec<qgraph::NodeId> =
         worst.iter().take(a.histograms).filter_map(|l| g.node_id(&l.layer)).collect();
-    let histograms = qanalyze::histograms(&sim, &reference, &worst_nodes);
+    let histograms = qanalyze::histograms(&sim, &reference, &worst_nodes).map_err(user)?;
     lap("MSE, ranges, histograms", &mut seconds);
     let mut evaluations = Vec::new();
     if let (Some(e), Some(l)) = (&eval, &labels) {

@@ -12,7 +12,7 @@ use qmix::Candidate;
 use serde_json::json;
 
 use crate::Failure;
-use crate::dataset::{EvalArgs, JobArgs, JobData, bar, top1, user};
+use crate::dataset::{EvalArgs, JobArgs, JobData, advance, bar, top1, user};
 
 /// Arguments of `qmix automp`.
 #[derive(clap::Args)]
@@ -84,10 +84,9 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
         (0..n).step_by(batch).map(|s| calib.batch(s..(s + batch).min(n))).collect();
     let layers = qanalyze::layers(&narrow).map_err(user)?.len();
     let pb = bar(layers, "scoring", "layers", a.quiet);
-    let fp32 = FloatReference::new(&narrow, &scored, a.threads).map_err(user)?;
-    let scores =
-        qanalyze::enable_one(&mut narrow, &fp32, Metric::Psnr, &mut |d, _| pb.set_position(d as u64))
-            .map_err(user)?;
+    let fp32 =
+        FloatReference::with_budget(&narrow, &scored, a.threads, a.job.fp32_cache_bytes()).map_err(user)?;
+    let scores = qanalyze::enable_one(&mut narrow, &fp32, Metric::Psnr, &mut advance(&pb)).map_err(user)?;
     pb.finish_and_clear();
     say!("scored {} layers at {} (PSNR with only that layer quantized)", scores.len(), a.narrow);
 
@@ -107,7 +106,8 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
         }
         _ => {
             let max_l2 = a.max_l2.unwrap_or(0.05);
-            let reference = FloatReference::new(&wide, &eval_batches, a.threads).map_err(user)?;
+            // Only full runs are scored against it: no FP32 intermediates to keep.
+            let reference = FloatReference::with_budget(&wide, &eval_batches, a.threads, 0).map_err(user)?;
             // Relative L2 error r = 10^(−SQNR/20): r ≤ max ⇔ −r ≥ −max.
             let metric = move |sim: &QuantSim| {
                 let sqnr = reference.score(sim, Metric::Sqnr).map_err(|e| e.to_string())?;

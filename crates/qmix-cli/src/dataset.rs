@@ -49,6 +49,18 @@ pub(crate) struct JobArgs {
     pub scheme: qcalib::Scheme,
     #[command(flatten)]
     pub preprocess: Preprocess,
+    /// Memory for the FP32 value of every tensor, kept so that each layer's run recomputes only
+    /// what lies below it, in MiB. When the scored samples need more, the values are recomputed
+    /// in windows of samples that fit.
+    #[arg(long = "fp32-cache-mib", default_value_t = 4096)]
+    pub fp32_cache_mib: usize,
+}
+
+impl JobArgs {
+    /// [`JobArgs::fp32_cache_mib`] in bytes.
+    pub fn fp32_cache_bytes(&self) -> usize {
+        self.fp32_cache_mib.saturating_mul(1 << 20)
+    }
 }
 
 /// The quantsim config `name` (preset or JSON file) with the extra graph `passes`.
@@ -276,6 +288,14 @@ pub(crate) fn top1(
 }
 
 /// A progress bar on stderr counting `unit` (hidden with `quiet`).
+/// A progress callback `(done, total)` that moves `pb` (whose length follows `total`).
+pub(crate) fn advance(pb: &ProgressBar) -> impl FnMut(usize, usize) + '_ {
+    |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    }
+}
+
 pub(crate) fn bar(total: usize, what: &str, unit: &str, quiet: bool) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();

@@ -11,7 +11,7 @@ use qcalib::{DefaultPrecision, EncodingVersion, Precision, QuantSim, SimOptions}
 use serde_json::json;
 
 use crate::Failure;
-use crate::dataset::{Dataset, EvalArgs, Forward, JobArgs, JobData, bar, user};
+use crate::dataset::{Dataset, EvalArgs, Forward, JobArgs, JobData, advance, bar, user};
 
 /// Arguments of `qmix litemp`.
 #[derive(clap::Args)]
@@ -91,8 +91,10 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         started.elapsed().as_secs_f64()
     );
     let scored = calib.batch(0..a.psnr_samples.clamp(1, calib.samples));
+    let budget = a.job.fp32_cache_bytes();
     let reference =
-        qanalyze::FloatReference::new(&sim, std::slice::from_ref(&scored), a.threads).map_err(user)?;
+        qanalyze::FloatReference::with_budget(&sim, std::slice::from_ref(&scored), a.threads, budget)
+            .map_err(user)?;
     let checks = qanalyze::model_checks(&mut sim, &reference, qanalyze::Metric::Psnr).map_err(user)?;
     say!(
         "PSNR of the W8A8 simulation: {:.2} dB (weights only {:.2} dB, activations only {:.2} dB)",
@@ -103,10 +105,8 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     let layers = qanalyze::layers(&sim).map_err(user)?.len();
     let pb = bar(layers, "scoring", "layers", a.quiet);
     let started = Instant::now();
-    let scores = qanalyze::enable_one(&mut sim, &reference, qanalyze::Metric::Psnr, &mut |d, _| {
-        pb.set_position(d as u64)
-    })
-    .map_err(user)?;
+    let scores = qanalyze::enable_one(&mut sim, &reference, qanalyze::Metric::Psnr, &mut advance(&pb))
+        .map_err(user)?;
     pb.finish_and_clear();
     say!(
         "scored {} layers (PSNR with only that layer quantized) in {:.1} s",

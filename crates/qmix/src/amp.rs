@@ -62,6 +62,9 @@ pub struct AmpOptions {
     pub shard: Option<(usize, usize)>,
     /// Threads of the FP32 reference runs.
     pub threads: usize,
+    /// Memory for the FP32 values phase 1 resumes from, in bytes
+    /// ([`qanalyze::DEFAULT_CACHE_BUDGET`] by default; phase-1 runs go in full beyond it).
+    pub fp32_cache_bytes: usize,
     /// Run phase 3 (convert-op reduction) on the chosen plan: one plan per alpha, each
     /// recalibrated and scored; the simulation stays at the phase-2 choice.
     pub phase3: Option<Phase3Options>,
@@ -560,7 +563,12 @@ pub fn choose_mixed_precision(
             mine.into_iter().filter(|&g| !run.cache.phase1.contains_key(&(g, c.to_string()))).collect();
         if !todo.is_empty() {
             if reference.is_none() {
-                reference = Some(FloatReference::new(run.sim, data.phase1, options.threads)?);
+                reference = Some(FloatReference::with_budget(
+                    run.sim,
+                    data.phase1,
+                    options.threads,
+                    options.fp32_cache_bytes,
+                )?);
             }
             let mut a = starting.clone();
             members.iter().for_each(|&g| a[g] = c);
