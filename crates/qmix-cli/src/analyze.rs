@@ -113,7 +113,7 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     let mse = qanalyze::per_layer_mse(&sim, &reference).map_err(user)?;
     let ranges = qanalyze::ranges(&sim);
     let mut worst: Vec<&qanalyze::LayerScore> = enable_one.iter().collect();
-    worst.sort_by(|x, y| x.score.total_cmp(&y.score));
+    worst.sort_by(|x, y| y.sensitivity().total_cmp(&x.sensitivity()));
     let g = &sim.model().graph;
     let worst_nodes: Vec<qgraph::NodeId> =
         worst.iter().take(a.histograms).filter_map(|l| g.node_id(&l.layer)).collect();

@@ -1,5 +1,6 @@
 //! `qmix analyze` on the committed default model: the ranking on the terminal, `analysis.json`
-//! with every section, AIMET's `layer_sensitivity.json` and a self-contained `report.html`.
+//! with every section, AIMET's `layer_sensitivity.json` and a self-contained `report.html`;
+//! histograms of the most sensitive layers for metrics of either direction.
 
 use std::path::Path;
 use std::process::Command;
@@ -41,6 +42,30 @@ fn writes_the_analysis_and_its_report() {
     assert!(html.contains("<svg") && !html.contains("<script"));
     assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn histograms_go_to_the_most_sensitive_layers_whatever_the_metric_direction() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bars_cnn.onnx");
+    for metric in ["psnr", "mse"] {
+        let out = std::env::temp_dir().join(format!("qmix-analyze-{metric}-{}", std::process::id()));
+        let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
+            .arg("analyze")
+            .arg(&model)
+            .args(["--metric", metric, "--histograms", "1", "--quiet", "--threads", "1", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("analysis.json")).unwrap()).unwrap();
+        let ranked = &v["enable_one"]["ranked"];
+        let most = ranked[0][0].as_str().unwrap();
+        let layers: Vec<&str> =
+            v["histograms"].as_array().unwrap().iter().map(|h| h["layer"].as_str().unwrap()).collect();
+        assert!(!layers.is_empty() && layers.iter().all(|l| *l == most), "{metric}: {layers:?} vs {most}");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
 }
 
 #[test]
