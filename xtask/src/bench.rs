@@ -288,7 +288,7 @@ fn analyze() -> Result<()> {
     let placement = sim.placement().clone();
     let all = sim.placement().quantizer_ids();
     all.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = false);
-    let (mut naive_nodes, mut resumed_nodes) = (0usize, 0usize);
+    let (mut naive_nodes, mut resumed_nodes, mut resumed_macs) = (0usize, 0usize, 0u64);
     let started = Instant::now();
     let mut same = 0usize;
     for ((_, qs), score) in layers.iter().zip(&ours) {
@@ -297,7 +297,9 @@ fn analyze() -> Result<()> {
         let naive = reference.score(&sim, qanalyze::Metric::Psnr)?;
         same += usize::from(naive == score.score);
         naive_nodes += sim.model().graph.node_count();
-        resumed_nodes += reference.nodes_recomputed(&sim, qs);
+        let recomputed = reference.nodes_recomputed(&sim, qs);
+        resumed_nodes += recomputed.len();
+        resumed_macs += recomputed.iter().filter_map(|&n| sim.model().graph.node_macs(n)).sum::<u64>();
         qs.iter().for_each(|&q| sim.placement_mut().quantizer_mut(q).enabled = false);
     }
     let naive_s = started.elapsed().as_secs_f64();
@@ -318,7 +320,42 @@ fn analyze() -> Result<()> {
         100.0 * (naive_nodes - resumed_nodes) as f64 / naive_nodes as f64,
         layers.len()
     );
+    // What the resumed runs must compute at the very least: their multiply-accumulates, at the
+    // best product rate of this interpreter on one core, on every core.
+    let samples = reference.samples() as f64;
+    let macs = resumed_macs as f64 * samples;
+    let rate = best_product_rate()?;
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+    let floor = macs / (rate * 1e9 * cores);
+    println!(
+        "  multiply-accumulates of the resumed runs: {:.1} G per sample, {:.0} G in all; at our best product rate \
+         ({rate:.1} GMAC/s on one core, a 1568×960 · 960×160 MatMul) on {cores} cores they alone take {floor:.1} s \
+         ({:.1}× AIMET)",
+        resumed_macs as f64 / 1e9,
+        macs / 1e9,
+        aimet_s / floor
+    );
     minilm_analysis(&zoo)
+}
+
+/// Multiply-accumulates per second (in G) of a large single-threaded MatMul in our interpreter,
+/// the shape of mobilenetv2's widest 7×7 layers over 32 images: the best this machine's products
+/// reach here.
+fn best_product_rate() -> Result<f64> {
+    let (m, k, n) = (1568usize, 960usize, 160usize);
+    let mut g = qgraph::Graph::new("matmul");
+    let shape = qgraph::Shape::known(&[m, k]);
+    let a = g.add_input("a", qgraph::DType::F32, shape);
+    let w: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 * 0.01).collect();
+    let b = g.add_initializer("b", qgraph::Tensor::from_vec(&[k, n], w).context("weights")?);
+    let y = g.add_op("MatMul", "matmul", &[a, b], vec![]);
+    g.add_output(y);
+    let session = qexec::Session::new(qgraph::Model::new(g, 13), qexec::SessionOptions::threads(1))?;
+    let x = qgraph::Tensor::from_vec(&[m, k], (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect())
+        .context("input")?;
+    let feeds = [("a", x)];
+    let ms = median_ms(|| drop(session.run(&feeds).expect("the MatMul runs")), 31);
+    Ok((m * k * n) as f64 / (ms * 1e-3) / 1e9)
 }
 
 /// Runs `cargo bench --bench kernels` and prints each kernel's throughput per buffer size with its

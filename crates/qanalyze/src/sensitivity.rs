@@ -592,23 +592,26 @@ impl FloatReference {
         Ok(outs)
     }
 
-    /// Consecutive ranges of pieces whose FP32 values fit the budget together (at least one
-    /// piece per thread): the windows [`enable_one`] recomputes them in when they are not kept
-    /// (one window of every piece when they are).
+    /// Consecutive ranges of pieces whose FP32 values fit the budget together, in whole rounds of
+    /// one piece per thread (so no thread idles; at least one round): the windows [`enable_one`]
+    /// recomputes them in when they are not kept (one window of every piece when they are).
     fn windows(&self) -> Vec<std::ops::Range<usize>> {
-        let least = self.pool.as_ref().map_or(1, rayon::ThreadPool::current_num_threads);
+        let round = self.pool.as_ref().map_or(1, rayon::ThreadPool::current_num_threads);
         let budget = if self.caches.is_some() { usize::MAX } else { self.budget };
+        let n = self.flat.len();
         let mut out = Vec::new();
         let (mut start, mut bytes) = (0, 0usize);
-        for i in 0..self.flat.len() {
-            let piece = self.sample_bytes.saturating_mul(samples_in(self.piece(i)));
-            if i - start >= least && bytes.saturating_add(piece) > budget {
+        for i in (0..n).step_by(round) {
+            let pieces = i..(i + round).min(n);
+            let more: usize =
+                pieces.map(|j| self.sample_bytes.saturating_mul(samples_in(self.piece(j)))).sum();
+            if i > start && bytes.saturating_add(more) > budget {
                 out.push(start..i);
                 (start, bytes) = (i, 0);
             }
-            bytes = bytes.saturating_add(piece);
+            bytes = bytes.saturating_add(more);
         }
-        out.push(start..self.flat.len());
+        out.push(start..n);
         out
     }
 
@@ -659,15 +662,15 @@ impl FloatReference {
         self.outputs.samples
     }
 
-    /// Nodes a [`FloatReference::score_only`] run with `enabled` recomputes per batch (the others
-    /// are read from the FP32 values); all nodes when a graph input is quantized.
-    pub fn nodes_recomputed(&self, sim: &QuantSim, enabled: &[QuantizerId]) -> usize {
+    /// The nodes a [`FloatReference::score_only`] run with `enabled` recomputes per piece (the
+    /// others are read from the FP32 values); every node when a graph input is quantized.
+    pub fn nodes_recomputed(&self, sim: &QuantSim, enabled: &[QuantizerId]) -> Vec<NodeId> {
         let g = &sim.model().graph;
         let changed = changed_values(sim, enabled);
         if changed.iter().any(|v| g.inputs().contains(v)) {
-            return g.node_count();
+            return g.node_ids().collect();
         }
-        g.downstream_nodes(&changed).len()
+        g.downstream_nodes(&changed)
     }
 
     /// A full run of the simulation on one piece.
