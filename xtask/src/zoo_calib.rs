@@ -21,21 +21,14 @@ struct Setting {
     dir: &'static str,
     config: &'static str,
     scheme: Scheme,
-    /// Largest relative scale difference accepted on every entry.
+    /// Largest relative scale difference accepted on every entry (offsets must be equal).
     tolerance: f64,
-    /// Whether scales and top-1 must match (false: differences are reported, see below).
-    exact: bool,
+    /// Largest top-1 difference from AIMET's simulation accepted. Engines that compute the same
+    /// convolutions in a different order flip some quantized values by one step: AIMET's own
+    /// encodings run in our engine differ from AIMET's engine by up to 0.75 pp on these models
+    /// (printed per setting), more where the clipping of TF-enhanced leaves less margin.
+    top1_tolerance: f64,
 }
-
-/// Why TF-enhanced is reported, not enforced: AIMET 2.42's compiled TF-enhanced analyzer does not
-/// follow the newest public C++ source that the spec (§2.3) describes. Its results show the range
-/// searched comes from the exact observed extremes for one-sided tensors (a Relu6 output gets
-/// exactly 6/255; one-sided weight channels exactly 1.01 × 2·|max|/255), which a 512-bucket
-/// histogram cannot give, and two-sided weight channels land between the histogram-edge and the
-/// exact-extreme answers. We implement the spec's algorithm; names and offsets match, scales
-/// differ by up to ~25 % on some activations.
-const TF_ENHANCED_NOTE: &str =
-    "TF-enhanced follows spec §2.3; AIMET 2.42's compiled analyzer differs (see zoo_calib.rs)";
 
 const SETTINGS: [Setting; 3] = [
     Setting {
@@ -43,21 +36,21 @@ const SETTINGS: [Setting; 3] = [
         config: "default",
         scheme: Scheme::MinMax,
         tolerance: 1e-5,
-        exact: true,
+        top1_tolerance: 0.005,
     },
     Setting {
         dir: "w8a8_per_tensor_minmax",
         config: "default_per_tensor",
         scheme: Scheme::MinMax,
         tolerance: 1e-5,
-        exact: true,
+        top1_tolerance: 0.005,
     },
     Setting {
         dir: "w8a8_default_tfenhanced",
         config: "default",
         scheme: Scheme::TfEnhanced,
         tolerance: 1e-5,
-        exact: false,
+        top1_tolerance: 0.01,
     },
 ];
 
@@ -299,18 +292,20 @@ pub fn check(zoo: &Path) -> Result<()> {
                 for b in cmp.beyond.iter().take(3) {
                     println!("        {b}");
                 }
-                if s.exact {
-                    failures.push(format!(
-                        "{} {}: {} scales differ from AIMET's",
-                        c.name,
-                        s.dir,
-                        cmp.beyond.len()
-                    ));
-                } else {
-                    println!("      (reported, not enforced: {TF_ENHANCED_NOTE})");
-                }
+                failures.push(format!(
+                    "{} {}: {} scales differ from AIMET's",
+                    c.name,
+                    s.dir,
+                    cmp.beyond.len()
+                ));
             }
-            if s.exact && (acc - aimet_top1).abs() > 0.005 + 1e-9 {
+            if cmp.offsets_differ > 0 {
+                failures.push(format!(
+                    "{} {}: {} offsets differ from AIMET's",
+                    c.name, s.dir, cmp.offsets_differ
+                ));
+            }
+            if (acc - aimet_top1).abs() > s.top1_tolerance + 1e-9 {
                 failures.push(format!("{} {}: top-1 {acc:.4} vs AIMET {aimet_top1:.4}", c.name, s.dir));
             }
             if s.dir == "w8a8_default_minmax" {
@@ -345,6 +340,18 @@ pub fn check(zoo: &Path) -> Result<()> {
                     max_diff(&float[0])?
                 );
             }
+            // AIMET's own encodings in our engine: what is left of a top-1 difference once the
+            // encodings are the same is the two engines' float arithmetic.
+            let loaded = qcalib::read_encodings(&reference_dir.join("encodings_1.0.0/model.encodings"))?;
+            qcalib::load_encodings(
+                &mut sim,
+                &loaded,
+                qcalib::LoadOptions { freeze: true, keep_missing: false },
+            )?;
+            let with_aimet = top1(&sim, c, &images, &eval, &labels)?;
+            println!(
+                "      AIMET's encodings in our engine: top-1 {with_aimet:.4} (AIMET's engine {aimet_top1:.4})"
+            );
         }
     }
     check_minilm_w8a16(zoo, &mut failures)?;

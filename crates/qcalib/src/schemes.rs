@@ -1,7 +1,7 @@
 //! Calibration schemes: how the statistics a quantizer gathered become an encoding. Min-max uses
-//! the running extremes (spec §2.2, §1.1); TF-enhanced searches AIMET's candidate grids on the
-//! 512-bucket PDF for the lowest saturation-weighted quantization cost (§2.3); percentile cuts the
-//! same PDF at a user percentile (§2.4); MSE picks the clipping range with the smallest expected
+//! the running extremes (spec §2.2, §1.1); TF-enhanced searches AIMET's candidate grids on its
+//! 1536-bucket PDF for the lowest saturation-weighted quantization cost (§2.3, with AIMET 2.42's
+//! histogram and arithmetic); percentile cuts the same PDF at a user percentile (§2.4); MSE picks the clipping range with the smallest expected
 //! squared error on it, entropy the symmetric threshold of least KL divergence on a fine
 //! histogram of `|x|` (neither is reachable from aimet-onnx). Statistics do not depend on the bitwidth, so encodings for
 //! any precision derive from one calibration pass. Fixed ranges (`encoding_constraints`) go
@@ -15,13 +15,13 @@ pub enum Scheme {
     /// Running min/max (AIMET `min_max`, alias `tf`).
     #[default]
     MinMax,
-    /// AIMET's TF-enhanced SQNR search on a 512-bucket histogram.
+    /// AIMET's TF-enhanced SQNR search on its 1536-bucket histogram.
     TfEnhanced,
-    /// Range cut at a percentile of the 512-bucket histogram (100 reproduces AIMET's percentile
+    /// Range cut at a percentile of the TF-enhanced histogram (100 reproduces AIMET's percentile
     /// scheme, whose percentile cannot be set from aimet-onnx).
     Percentile(f64),
     /// The clipping range (a fraction 0.01…1 of the observed one) whose grid has the smallest
-    /// expected squared error over the 512-bucket histogram, saturation included.
+    /// expected squared error over the TF-enhanced histogram, saturation included.
     Mse,
     /// The symmetric clipping threshold whose quantized distribution of `|x|` is closest (least
     /// KL divergence) to the observed one, as TensorRT and onnxruntime calibrate (on a
@@ -56,7 +56,7 @@ impl Scheme {
         }
     }
 
-    /// Whether the scheme needs AIMET's 512-bucket histogram.
+    /// Whether the scheme needs AIMET's TF-enhanced histogram.
     pub fn uses_histogram(self) -> bool {
         matches!(self, Scheme::TfEnhanced | Scheme::Percentile(_) | Scheme::Mse)
     }
@@ -161,25 +161,30 @@ fn cost_steps(spec: QuantSpec) -> f64 {
 /// Saturation cost weight (AIMET's GAMMA).
 const GAMMA: f64 = 3.0;
 
-/// AIMET's TF-enhanced encoding from a histogram (spec §2.3).
+/// AIMET 2.42's TF-enhanced encoding from a histogram (spec §2.3, with the arithmetic of the
+/// compiled analyzer as measured against it: the observed grid and the symmetric candidates in
+/// float32, the grid factors summed in float32, the clamping of asymmetric candidates in f64 with
+/// the result stored in float32, costs in f64 on the histogram's grid).
 pub fn tf_enhanced(h: &TfHistogram, spec: QuantSpec) -> Result<Encoding, KernelError> {
     let n = spec.steps();
     let Some((min_val, max_val)) = h.range_of_stats() else {
-        // Only all-zero data was seen.
-        let delta = 2.0 / n;
+        // Only all-zero data was seen: AIMET's [−1, 1] grid, its delta a float32.
+        let delta = f64::from((2.0 / n) as f32);
         let offset = (-1.0 / delta).floor();
         return Ok(Encoding::from_scale_offset(delta, offset, spec.bitwidth, n));
     };
+    let (mn, mx) = (min_val as f32, max_val as f32);
     let candidates = if spec.symmetric {
-        symmetric_candidates(min_val, max_val, spec)
+        symmetric_candidates(mn, mx, spec)
     } else {
-        asymmetric_candidates(min_val, max_val, n)
+        asymmetric_candidates(mn, mx, n as f32)
     };
-    let x_left = h.x_left();
-    let pdf = h.pdf();
+    // The occupied buckets, in order: a weight channel's few values occupy a few of the 1536.
+    let occupied: Vec<(usize, f64)> =
+        h.pdf().iter().copied().enumerate().filter(|&(_, p)| p != 0.0).collect();
     let mut best: Option<(f64, f64, f64)> = None;
     for (delta, offset) in candidates {
-        let cost = candidate_cost(&x_left, pdf, delta, offset, cost_steps(spec));
+        let cost = candidate_cost(h, &occupied, delta, offset, cost_steps(spec));
         if best.is_none_or(|(c, _, _)| cost < c) {
             best = Some((cost, delta, offset));
         }
@@ -188,63 +193,72 @@ pub fn tf_enhanced(h: &TfHistogram, spec: QuantSpec) -> Result<Encoding, KernelE
     Ok(Encoding::from_scale_offset(delta, offset, spec.bitwidth, n))
 }
 
-fn asymmetric_candidates(min_val: f64, max_val: f64, n: f64) -> Vec<(f64, f64)> {
-    let delta0 = (max_val - min_val) / n;
-    let offset0 = (min_val / delta0).round();
-    let (lo_obs, hi_obs) = (delta0 * offset0, delta0 * (offset0 + n));
+/// 17 grid factors `k/16` × 21 offsets from `−N` to 0, each clamped to the observed range
+/// snapped to its own grid, then the observed grid itself. Deltas are float32 values.
+fn asymmetric_candidates(mn: f32, mx: f32, n: f32) -> Vec<(f64, f64)> {
+    let delta0 = (mx - mn) / n;
+    let offset0 = (mn / delta0).round();
+    let (steps, observed) = (f64::from(n), f64::from(delta0));
+    let lo_obs = observed * f64::from(offset0);
+    let hi_obs = lo_obs + observed * steps;
     let mut out = Vec::with_capacity(17 * 21 + 1);
-    for k in 1..=17 {
-        let f = f64::from(k) / 16.0;
+    let step = 1.0f32 / 16.0;
+    let mut f = step;
+    while f <= 1.0 + step {
         for i in 0..=20 {
-            let delta = f * delta0;
-            let offset = (-n + n / 20.0 * f64::from(i)).trunc();
-            let (lo, hi) = (delta * offset, delta * (offset + n));
+            let delta = f64::from(f) * observed;
+            let offset = (-steps + steps / 20.0 * f64::from(i)).trunc();
+            let lo = delta * offset;
+            let hi = lo + delta * steps;
             if lo < lo_obs && hi > hi_obs {
                 continue;
             }
             let (lo, hi) = (lo.max(lo_obs), hi.min(hi_obs));
-            if lo >= hi {
-                continue;
+            let d = ((hi - lo) / steps) as f32;
+            if d > 0.0 {
+                out.push((f64::from(d), (lo / f64::from(d)).round()));
             }
-            let d = (hi - lo) / n;
-            out.push((d, (lo / d).round()));
         }
+        f += step;
     }
-    out.push((delta0, offset0));
+    out.push((observed, f64::from(offset0)));
     out
 }
 
-fn symmetric_candidates(min_val: f64, max_val: f64, spec: QuantSpec) -> Vec<(f64, f64)> {
-    let n = spec.steps();
-    let (delta_max, offset) = if min_val == 0.0 && spec.unsigned_symmetric {
-        (max_val / n, 0.0)
+/// 101 grid factors 0.01 … 1.01 (summed in float32, as AIMET) of the widest symmetric grid.
+fn symmetric_candidates(mn: f32, mx: f32, spec: QuantSpec) -> Vec<(f64, f64)> {
+    let n = spec.steps() as f32;
+    let (delta_max, offset) = if mn == 0.0 && spec.unsigned_symmetric {
+        (mx / n, 0.0)
     } else {
-        (max_val.abs().max(min_val.abs()) / (n / 2.0), (-n / 2.0).floor())
+        (2.0 * mx.abs().max(mn.abs()) / n, (-n / 2.0).floor())
     };
-    let mut f = 0.01f32;
+    let step = 0.01f32;
+    let mut f = step;
     let mut out = Vec::with_capacity(101);
-    for _ in 0..101 {
-        out.push((f64::from(f) * delta_max, offset));
-        f += 0.01;
+    while f <= 1.0 + step {
+        out.push((f64::from(f * delta_max), f64::from(offset)));
+        f += step;
     }
     out
 }
 
-/// Saturation (weighted by [`GAMMA`]) plus rounding error of one candidate grid on the PDF.
-fn candidate_cost(x_left: &[f64], pdf: &[f64], delta: f64, offset: f64, steps: f64) -> f64 {
-    let buckets = pdf.len();
-    let (p0, w) = (x_left[0], x_left[1] - x_left[0]);
-    let index = |x: f64| (((x - p0) / w).floor()).clamp(0.0, (buckets - 1) as f64) as usize;
-    let (lo, hi) = (delta * offset, delta * (offset + steps));
+/// Saturation (weighted by [`GAMMA`]) plus rounding error of one candidate grid on the PDF's
+/// `occupied` buckets (index and probability, in order): the buckets below the one holding the
+/// grid's minimum (above the one holding its maximum) saturate to that bucket's centre; the
+/// others round to the grid.
+fn candidate_cost(h: &TfHistogram, occupied: &[(usize, f64)], delta: f64, offset: f64, steps: f64) -> f64 {
+    let (Some(w), Some(p0)) = (h.width(), h.edge(0)) else { return f64::INFINITY };
+    let last = (h.pdf().len().max(1) - 1) as f64;
+    let index = |x: f64| h.bucket_of(x).unwrap_or(0.0).clamp(0.0, last) as usize;
+    let lo = delta * offset;
+    let hi = delta * steps + lo;
     let (i_min, i_max) = (index(lo), index(hi));
     let centre = |i: usize| p0 + i as f64 * w + w / 2.0;
     let (c_min, c_max) = (centre(i_min), centre(i_max));
     let mut sat = 0.0;
     let mut quant = 0.0;
-    for (i, &p) in pdf.iter().enumerate() {
-        if p == 0.0 {
-            continue;
-        }
+    for &(i, p) in occupied {
         let m = centre(i);
         if i < i_min {
             sat += p * (m - c_min) * (m - c_min);
@@ -408,16 +422,96 @@ mod tests {
     }
 
     #[test]
-    fn tf_enhanced_clips_a_long_tail_min_max_does_not() {
-        // Laplace-distributed values (deterministic quantiles): a few far-out values set the
-        // min-max range; TF-enhanced trades their saturation for finer steps in the bulk.
+    fn tf_enhanced_of_a_long_tail_depends_on_the_batches_as_aimet_does() {
+        // Laplace-distributed values (deterministic quantiles). In one batch the first batch's
+        // range holds the whole tail and TF-enhanced keeps almost all of it; in ten strided
+        // batches the later batches' extremes fall outside that range and are dropped, so it
+        // clips. Both as AIMET 2.42's compiled analyzer gives them (min, max of the encoding).
         let data = laplace(200_000);
-        let mut s = ChannelStats::new(Scheme::TfEnhanced);
-        s.observe(&data);
         let spec = QuantSpec::asymmetric(8);
-        let tf = s.encoding(Scheme::TfEnhanced, spec).unwrap().unwrap();
-        let mm = s.encoding(Scheme::MinMax, spec).unwrap().unwrap();
-        assert!(tf.max < 0.8 * mm.max && tf.min > 0.8 * mm.min, "tf {tf:?} mm {mm:?}");
+        let mut one = ChannelStats::new(Scheme::TfEnhanced);
+        one.observe(&data);
+        let e = one.encoding(Scheme::TfEnhanced, spec).unwrap().unwrap();
+        assert!(
+            (e.min + 12.20588493347168).abs() < 1e-5 && (e.max - 12.110526084899902).abs() < 1e-5,
+            "{e:?}"
+        );
+        let mut ten = ChannelStats::new(Scheme::TfEnhanced);
+        for i in 0..10 {
+            let batch: Vec<f32> = data.iter().skip(i).step_by(10).copied().collect();
+            ten.observe(&batch);
+        }
+        let e = ten.encoding(Scheme::TfEnhanced, spec).unwrap().unwrap();
+        assert!(
+            (e.min + 10.652606010437012).abs() < 1e-5 && (e.max - 10.73648452758789).abs() < 1e-5,
+            "{e:?}"
+        );
+        let mm = ten.encoding(Scheme::MinMax, spec).unwrap().unwrap();
+        assert!(e.max < 0.9 * mm.max && e.min > 0.9 * mm.min, "tf {e:?} mm {mm:?}");
+    }
+
+    /// A deterministic generator both this test and a script driving AIMET's compiled analyzer
+    /// reproduce bit for bit (integer LCG, float32 arithmetic only).
+    fn aimet_probe_data(kind: &str, seed: u32, n: usize) -> Vec<f32> {
+        let mut state = seed;
+        let mut uniform = || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) as f32 / 16_777_216.0
+        };
+        (0..n)
+            .map(|_| {
+                let (a, b) = (uniform(), uniform());
+                match kind {
+                    "tail" => (a - 0.5) / (b + 0.05),
+                    "bell" => (a + b - 1.0) * 3.0,
+                    "relu" => ((a - 0.4) / (b + 0.1)).max(0.0),
+                    _ => (((a - 0.3) * 8.0) / (b + 0.5)).clamp(0.0, 6.0),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tf_enhanced_equals_aimet_2_42_on_probe_data() {
+        // (data, bitwidth, symmetric, strict, unsigned symmetric, AIMET's delta, AIMET's offset):
+        // aimet-onnx 2.42's compiled analyzer (libpymo BlockTensorQuantizer, TF-enhanced) fed the
+        // same three batches of 1000 values.
+        let cases = [
+            ("tail", 8, false, false, false, 0.070222407579422, -131.0),
+            ("relu", 8, false, false, false, 0.021602358669042587, 0.0),
+            ("tail", 8, true, false, false, 0.07047710567712784, -128.0),
+            ("relu6", 8, true, false, true, 0.02376469224691391, 0.0),
+            ("bell", 8, true, true, false, 0.023178311064839363, -127.0),
+            ("bell", 16, false, false, false, 8.92440220923163e-05, -33082.0),
+            ("relu6", 8, false, false, false, 0.0235294122248888, 0.0),
+            ("tail", 4, false, false, false, 0.9346688985824585, -8.0),
+        ];
+        for (kind, bitwidth, symmetric, strict, unsigned_symmetric, delta, offset) in cases {
+            let mut s = ChannelStats::new(Scheme::TfEnhanced);
+            for k in 0..3u32 {
+                s.observe(&aimet_probe_data(kind, 7 + 100 * k + bitwidth, 1000));
+            }
+            let spec = QuantSpec { bitwidth, symmetric, strict, unsigned_symmetric };
+            let e = s.encoding(Scheme::TfEnhanced, spec).unwrap().unwrap();
+            assert_eq!((e.delta, e.offset), (delta, offset), "{kind} {spec:?}");
+        }
+    }
+
+    #[test]
+    fn percentile_100_equals_aimet_2_42_on_probe_data() {
+        // AIMET's percentile scheme at its default (and, from aimet-onnx, only) percentile 100:
+        // the extremes of the TF-enhanced histogram through the min-max grid rule.
+        for (kind, delta, offset) in
+            [("tail", 0.07100556317497703, -130.0), ("relu", 0.021602359472536574, 0.0)]
+        {
+            let mut s = ChannelStats::new(Scheme::Percentile(100.0));
+            for k in 0..3u32 {
+                s.observe(&aimet_probe_data(kind, 7 + 100 * k + 8, 1000));
+            }
+            let e = s.encoding(Scheme::Percentile(100.0), QuantSpec::asymmetric(8)).unwrap().unwrap();
+            // AIMET rounds somewhere in float32: equal to 1e-7 relative.
+            assert!((e.delta - delta).abs() < 1e-7 * delta && e.offset == offset, "{kind}: {e:?}");
+        }
     }
 
     #[test]

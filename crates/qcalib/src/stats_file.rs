@@ -18,7 +18,7 @@ use crate::sim::{QuantSim, QuantizerStats};
 const MAGIC: &[u8; 8] = b"QKSTATS\0";
 
 /// Format version written after the magic.
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 
 /// The whole file.
 #[derive(Clone, PartialEq, Message)]
@@ -79,9 +79,9 @@ pub struct FineHistogramEntry {
 /// A saved [`TfHistogram`].
 #[derive(Clone, PartialEq, Message)]
 pub struct HistogramEntry {
-    /// Left edge of bucket 0.
-    #[prost(double, tag = "1")]
-    pub lo: f64,
+    /// Index of bucket 0 on the grid of multiples of the width (its left edge is `base·width`).
+    #[prost(sint64, tag = "5")]
+    pub base: i64,
     /// Bucket width.
     #[prost(double, tag = "2")]
     pub width: f64,
@@ -115,8 +115,8 @@ pub fn save_stats(sim: &QuantSim, path: &Path) -> Result<()> {
                 max: s.minmax.max,
                 // An uninitialised histogram (only zeros seen) is saved with an empty PDF.
                 histogram: s.histogram.as_ref().map(|h| match h.parts() {
-                    Some((lo, width, pdf, batches)) => {
-                        HistogramEntry { lo, width, pdf: pdf.to_vec(), batches }
+                    Some((base, width, pdf, batches)) => {
+                        HistogramEntry { base, width, pdf: pdf.to_vec(), batches }
                     }
                     None => HistogramEntry::default(),
                 }),
@@ -171,7 +171,7 @@ pub fn load_stats(sim: &mut QuantSim, path: &Path) -> Result<()> {
             let histogram = match c.histogram {
                 Some(h) if h.pdf.is_empty() => Some(TfHistogram::new()),
                 Some(h) => Some(
-                    TfHistogram::from_parts(h.lo, h.width, h.pdf, h.batches)
+                    TfHistogram::from_parts(h.base, h.width, h.pdf, h.batches)
                         .map_err(|e| stats_error(path, format!("'{}': {e}", entry.tensor)))?,
                 ),
                 None if needs_histogram && c.min <= c.max => {

@@ -282,6 +282,20 @@ fn statistics_files_reload_to_the_same_encodings() {
         let feeds = batch(2, 21);
         assert_eq!(run(&fresh, &feeds), run(&s, &feeds));
     }
+    // Statistics do not depend on the activation bitwidth: W8A8 TF-enhanced statistics give the
+    // encodings a fresh W8A16 or W8A4 calibration gives. (Activation statistics are gathered with
+    // the weights quantized, as AIMET gathers them, so they hold for one weight precision.)
+    for bits in [16, 4] {
+        let precision = DefaultPrecision { param: Precision::Int(8), activation: Precision::Int(bits) };
+        let options = SimOptions { scheme: Scheme::TfEnhanced, precision, ..SimOptions::default() };
+        let mut from_file = sim(options);
+        qcalib::load_stats(&mut from_file, &dir.join("TfEnhanced.qstats")).unwrap();
+        assert_eq!(
+            qcalib::encodings_json(&from_file, EncodingVersion::V1_0_0),
+            qcalib::encodings_json(&calibrated(options), EncodingVersion::V1_0_0),
+            "A{bits}"
+        );
+    }
     // Min-max statistics cannot serve TF-enhanced.
     let mut tfe = sim(SimOptions { scheme: Scheme::TfEnhanced, ..SimOptions::default() });
     let err = qcalib::load_stats(&mut tfe, &dir.join("MinMax.qstats")).unwrap_err().to_string();

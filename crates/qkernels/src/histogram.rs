@@ -1,35 +1,64 @@
 //! Histograms for calibration schemes that look at the shape of a distribution, not only its
 //! extremes. Both keep a fixed number of counters, never raw activations, so memory is bounded.
 //!
-//! - [`TfHistogram`]: AIMET's TF-enhanced / percentile PDF (spec §2.3): 512 buckets over a range
-//!   fixed by the first non-all-zero batch, widened 3× about its centre; later values outside
-//!   it are dropped; each batch's normalised counts are averaged with equal weight per batch.
+//! - [`TfHistogram`]: the PDF of AIMET 2.42's TF-enhanced analyzer: 1536 buckets over the first
+//!   non-all-zero batch's range widened 3× about its centre, bucket edges on multiples of the
+//!   bucket width; later values outside it are dropped; each batch's normalised counts are
+//!   averaged with equal weight per batch.
 //! - [`MergeableHistogram`]: a zero-centred histogram whose range doubles (pairs of bins merge
 //!   exactly) when data exceeds it, so no value is ever dropped and two histograms — from two
 //!   threads, shards or machines — merge exactly and in any order into the same result.
 
-/// Buckets of AIMET's PDF (`PDF_SIZE`).
-pub const TF_BUCKETS: usize = 512;
+/// Buckets of the TF-enhanced PDF: three times the 512 buckets that span the first batch.
+pub const TF_BUCKETS: usize = 1536;
 
-/// AIMET's TF-enhanced histogram (a running mean of per-batch PDFs over a fixed range).
+/// AIMET 2.42's TF-enhanced histogram (a running mean of per-batch PDFs over a fixed range).
+///
+/// The arithmetic is AIMET's, measured bucket for bucket against its compiled analyzer: the
+/// first batch's extremes `mn`, `mx` (float32) give the centre `c = (mx + mn)/2`, the widened
+/// range `lo = c − 3(c − mn)`, `hi = c + 3(mx − c)` (float32), the bucket width
+/// `w = (hi − lo)/1536` (f64) and the first bucket `base = ⌊lo/w⌋`, so bucket `i` starts at
+/// `(base + i)·w`. A value `x` falls in bucket `⌊x · f32(1/w)⌋ − base`, the product in float32.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TfHistogram {
-    /// Left edge of bucket 0 and bucket width, once initialised.
-    range: Option<(f64, f64)>,
+    /// First bucket's index on the grid of multiples of the width, and the width, once initialised.
+    range: Option<(i64, f64)>,
     pdf: Vec<f64>,
     batches: u64,
 }
 
 crate::multiversion! {
-    /// The TF-enhanced bucket of each value, `round((x − lo) / width)` in f64 (C `round`, half
-    /// away from zero), or `u32::MAX` for NaN and out-of-range values (which are dropped). Apart
-    /// from the counting, so this part vectorises.
-    fn tf_buckets(values: &[f32], lo: f64, width: f64, buckets: &mut [u32]) {
+    /// The TF-enhanced bucket of each value, `⌊x · inv⌋ − base` with the product in float32, or
+    /// `u32::MAX` for NaN, infinite and out-of-range values (which are dropped). Apart from the
+    /// counting, so this part vectorises.
+    fn tf_buckets(values: &[f32], inv: f32, base: f64, buckets: &mut [u32]) {
         for (b, &x) in buckets.iter_mut().zip(values) {
-            let i = ((f64::from(x) - lo) / width).round();
+            let i = f64::from((x * inv).floor()) - base;
             *b = if i >= 0.0 && i < TF_BUCKETS as f64 { i as u32 } else { u32::MAX };
         }
     }
+}
+
+/// The first batch's grid: `(base, width)`, or `None` when the batch cannot fix one (no finite
+/// value, only zeros, or a range that overflows float32).
+fn tf_grid(batch: &[f32]) -> Option<(i64, f64)> {
+    let (mut mn, mut mx) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &x in batch.iter().filter(|x| x.is_finite()) {
+        mn = mn.min(x);
+        mx = mx.max(x);
+    }
+    if mn > mx || (mn == 0.0 && mx == 0.0) {
+        return None;
+    }
+    if mn == mx {
+        mx = mn + 0.01;
+    }
+    let c = (mx + mn) / 2.0;
+    let (lo, hi) = (c - 3.0 * (c - mn), c + 3.0 * (mx - c));
+    let width = (f64::from(hi) - f64::from(lo)) / TF_BUCKETS as f64;
+    let base = (f64::from(lo) / width).floor();
+    // |base| ≤ 2^63 keeps every bucket index and edge exact in i64 and finite in f64.
+    (width.is_finite() && width > 0.0 && base.abs() < 9.0e18).then_some((base as i64, width))
 }
 
 impl TfHistogram {
@@ -38,33 +67,22 @@ impl TfHistogram {
         TfHistogram::default()
     }
 
-    /// Adds one batch. The first batch that is not all zeros (NaNs ignored) fixes the range;
-    /// all-zero batches before it are ignored; after it, values outside the range are dropped
+    /// Adds one batch. The first batch that is not all zeros (NaNs and infinities ignored) fixes
+    /// the range; batches before it are ignored; after it, values outside the range are dropped
     /// but still count in the batch size the PDF is normalised by.
     pub fn observe(&mut self, batch: &[f32]) {
         if self.range.is_none() {
-            let (mut mn, mut mx) = (f64::INFINITY, f64::NEG_INFINITY);
-            for &x in batch.iter().filter(|x| !x.is_nan()) {
-                mn = mn.min(f64::from(x));
-                mx = mx.max(f64::from(x));
-            }
-            if mn > mx || (mn == 0.0 && mx == 0.0) {
-                return;
-            }
-            if mn == mx {
-                mx += 0.01;
-            }
-            let c = (mx + mn) / 2.0;
-            let (lo, hi) = (c - 3.0 * (c - mn), c + 3.0 * (mx - c));
-            self.range = Some((lo, (hi - lo) / TF_BUCKETS as f64));
+            let Some(grid) = tf_grid(batch) else { return };
+            self.range = Some(grid);
             self.pdf = vec![0.0; TF_BUCKETS];
         }
-        let Some((lo, width)) = self.range else { return };
+        let Some((base, width)) = self.range else { return };
+        let inv = (1.0 / width) as f32;
         let mut counts = [0u64; TF_BUCKETS];
         let mut buckets = [0u32; 256];
         for chunk in batch.chunks(buckets.len()) {
             let buckets = &mut buckets[..chunk.len()];
-            tf_buckets(chunk, lo, width, buckets);
+            tf_buckets(chunk, inv, base as f64, buckets);
             for &b in buckets.iter() {
                 if let Some(c) = counts.get_mut(b as usize) {
                     *c += 1;
@@ -74,37 +92,42 @@ impl TfHistogram {
         let n = batch.len().max(1) as f64;
         let b = self.batches as f64;
         for (p, &c) in self.pdf.iter_mut().zip(&counts) {
-            *p = (*p * b + c as f64 / n) / (b + 1.0);
+            // An empty bucket stays exactly 0: skip it (most of a weight channel's buckets).
+            if c != 0 || *p != 0.0 {
+                *p = (*p * b + c as f64 / n) / (b + 1.0);
+            }
         }
         self.batches += 1;
     }
 
-    /// The saved form: left edge of bucket 0, bucket width, PDF and batch count (`None` before
-    /// initialisation).
-    pub fn parts(&self) -> Option<(f64, f64, &[f64], u64)> {
-        self.range.map(|(lo, w)| (lo, w, self.pdf.as_slice(), self.batches))
+    /// The saved form: the first bucket's index on the width grid, the bucket width, the PDF and
+    /// the batch count (`None` before initialisation).
+    pub fn parts(&self) -> Option<(i64, f64, &[f64], u64)> {
+        self.range.map(|(base, w)| (base, w, self.pdf.as_slice(), self.batches))
     }
 
     /// Rebuilds a histogram from [`TfHistogram::parts`]: exactly [`TF_BUCKETS`] finite,
-    /// non-negative PDF values and a finite positive width.
+    /// non-negative PDF values, a finite positive width and finite bucket edges.
     pub fn from_parts(
-        lo: f64,
+        base: i64,
         width: f64,
         pdf: Vec<f64>,
         batches: u64,
     ) -> Result<TfHistogram, crate::KernelError> {
-        let valid = lo.is_finite()
-            && width.is_finite()
+        let valid = width.is_finite()
             && width > 0.0
+            && (base as f64 * width).is_finite()
+            && ((base as f64 + TF_BUCKETS as f64) * width).is_finite()
             && pdf.len() == TF_BUCKETS
             && pdf.iter().all(|p| p.is_finite() && *p >= 0.0);
         if !valid {
             return Err(crate::KernelError::Layout(format!(
-                "histogram of {} buckets from {lo} by {width} is not a valid TF-enhanced PDF",
+                "histogram of {} buckets from bucket {base} of width {width} is not a valid TF-enhanced PDF \
+                 ({TF_BUCKETS} buckets expected)",
                 pdf.len()
             )));
         }
-        Ok(TfHistogram { range: Some((lo, width)), pdf, batches })
+        Ok(TfHistogram { range: Some((base, width)), pdf, batches })
     }
 
     /// Whether a non-zero batch has fixed the range.
@@ -112,9 +135,29 @@ impl TfHistogram {
         self.range.is_some()
     }
 
+    /// The bucket width (`None` before initialisation).
+    pub fn width(&self) -> Option<f64> {
+        self.range.map(|(_, w)| w)
+    }
+
+    /// Left edge of bucket `i` (any `i`, also outside the histogram): `(base + i)·width`.
+    /// `None` before initialisation.
+    pub fn edge(&self, i: i64) -> Option<f64> {
+        self.range.map(|(base, w)| (base + i) as f64 * w)
+    }
+
+    /// The bucket `x` falls in on the width grid, relative to bucket 0 (negative or beyond the
+    /// last bucket for values outside the histogram), `⌊x/width⌋ − base` in f64. `None` before
+    /// initialisation.
+    pub fn bucket_of(&self, x: f64) -> Option<f64> {
+        self.range.map(|(base, w)| (x / w).floor() - base as f64)
+    }
+
     /// Left edge of every bucket (`xLeft`), empty before initialisation.
     pub fn x_left(&self) -> Vec<f64> {
-        self.range.map_or_else(Vec::new, |(lo, w)| (0..TF_BUCKETS).map(|i| lo + i as f64 * w).collect())
+        self.range.map_or_else(Vec::new, |(base, w)| {
+            (0..TF_BUCKETS as i64).map(|i| (base + i) as f64 * w).collect()
+        })
     }
 
     /// The averaged PDF, one value per bucket (empty before initialisation).
@@ -126,11 +169,11 @@ impl TfHistogram {
     /// buckets (the last searched down to bucket 1), zero included, at least 0.01 wide.
     /// `None` before initialisation.
     pub fn range_of_stats(&self) -> Option<(f64, f64)> {
-        let (lo, w) = self.range?;
+        let (base, w) = self.range?;
         let first = self.pdf.iter().position(|&p| p > 0.0).unwrap_or(0);
-        let last = (1..TF_BUCKETS).rev().find(|&i| self.pdf[i] > 0.0).unwrap_or(0);
-        let mn = (lo + first as f64 * w).min(0.0);
-        let mx = (lo + last as f64 * w).max(0.0).max(mn + 0.01);
+        let last = (1..TF_BUCKETS).rev().find(|&i| self.pdf[i] > 0.0).unwrap_or(TF_BUCKETS - 1);
+        let mn = ((base + first as i64) as f64 * w).min(0.0);
+        let mx = ((base + last as i64) as f64 * w).max(0.0).max(mn + 0.01);
         Some((mn, mx))
     }
 }
@@ -284,28 +327,50 @@ mod tests {
         h.observe(&[0.0, 0.0]);
         assert!(!h.is_initialised());
         h.observe(&[-1.0, 0.0, 1.0, 2.0]);
-        // Centre 0.5, widened 3×: [-4, 5], 512 buckets of 9/512.
-        let x = h.x_left();
-        assert_eq!(x[0], -4.0);
-        assert!((x[1] - x[0] - 9.0 / 512.0).abs() < 1e-12);
-        assert!((h.pdf().iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        // Centre 0.5, widened 3×: [-4, 5], 1536 buckets of 9/1536 from bucket ⌊-4·1536/9⌋.
+        let (base, w, pdf, batches) = h.parts().unwrap();
+        assert_eq!((base, w, batches), (-683, 9.0 / 1536.0, 1));
+        assert_eq!(h.x_left()[0], -683.0 * 9.0 / 1536.0);
+        // 0 and 1 fall exactly on bucket edges: ⌊x/w⌋ − base.
+        assert_eq!(pdf[683], 0.25);
+        assert_eq!(pdf[683 + 170], 0.25);
+        assert!((pdf.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         // Later out-of-range values are dropped but count in the batch size.
         h.observe(&[100.0, 0.0]);
         assert!((h.pdf().iter().sum::<f64>() - 0.75).abs() < 1e-12);
         let (mn, mx) = h.range_of_stats().unwrap();
-        assert!((mn + 1.0).abs() <= 9.0 / 512.0, "{mn}");
-        assert!((mx - 2.0).abs() <= 9.0 / 512.0, "{mx}");
+        assert!((mn + 1.0).abs() <= w, "{mn}");
+        assert!((mx - 2.0).abs() <= w, "{mx}");
+    }
+
+    #[test]
+    fn tf_histogram_of_a_one_sided_batch_ends_on_its_extremes() {
+        // A ReLU6 output: the range of the stats is [0, 6] exactly, as AIMET's is.
+        let mut h = TfHistogram::new();
+        h.observe(&[0.0, 1.5, 6.0, 6.0]);
+        assert_eq!(h.range_of_stats(), Some((0.0, 6.0)));
+        assert_eq!(h.parts().unwrap().0, -512);
     }
 
     #[test]
     fn tf_histogram_of_a_constant_batch_is_0_01_wide() {
         let mut h = TfHistogram::new();
         h.observe(&[3.0; 8]);
-        let x = h.x_left();
-        assert!((x[0] - (3.005 - 0.015)).abs() < 1e-12);
+        let w = h.width().unwrap();
+        assert!((w - 0.03 / 1536.0).abs() < 1e-9, "{w}");
         let (mn, mx) = h.range_of_stats().unwrap();
         assert_eq!(mn, 0.0);
-        assert!((mx - 3.0).abs() <= 0.01, "{mx}");
+        assert!((mx - 3.0).abs() <= w, "{mx}");
+    }
+
+    #[test]
+    fn tf_histogram_ignores_batches_that_cannot_fix_a_range() {
+        let mut h = TfHistogram::new();
+        h.observe(&[f32::NAN, f32::INFINITY]);
+        h.observe(&[-f32::MAX, f32::MAX]);
+        assert!(!h.is_initialised());
+        assert!(TfHistogram::from_parts(0, 1.0, vec![0.0; 512], 1).is_err());
+        assert!(TfHistogram::from_parts(i64::MAX, 1e300, vec![0.0; TF_BUCKETS], 1).is_err());
     }
 
     #[test]

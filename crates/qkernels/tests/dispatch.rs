@@ -210,13 +210,14 @@ proptest! {
         first in proptest::collection::vec(-4.0f32..4.0, 1..50),
         second in proptest::collection::vec(prop_oneof![8 => -20.0f32..20.0, 1 => Just(f32::NAN), 1 => Just(f32::INFINITY)], 0..700),
     ) {
-        // The second batch, counted on the range the first one fixed (spec §2.3).
+        // The second batch, counted on the grid the first one fixed: ⌊x · f32(1/w)⌋ − base.
         let mut fixed = TfHistogram::new();
         fixed.observe(&first);
-        let Some((lo, width, _, _)) = fixed.parts() else { return Ok(()) };
+        let Some((base, width, _, _)) = fixed.parts() else { return Ok(()) };
+        let inv = (1.0 / width) as f32;
         let mut counts = vec![0u64; qkernels::TF_BUCKETS];
         for &x in &second {
-            let i = ((f64::from(x) - lo) / width).round();
+            let i = f64::from((x * inv).floor()) - base as f64;
             if i >= 0.0 && i < qkernels::TF_BUCKETS as f64 {
                 counts[i as usize] += 1;
             }
