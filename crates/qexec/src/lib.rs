@@ -12,9 +12,11 @@
 mod buffers;
 mod error;
 mod hook;
+mod memory;
 mod ops;
 mod session;
 
 pub use error::{ExecError, Result};
 pub use hook::{Epilogue, Hook, HookError, TensorEvent, TensorKind};
+pub use memory::{default_max_tensor_bytes, set_default_max_tensor_bytes, tensor_bytes};
 pub use session::{Keep, RunOptions, RunResult, RunStats, Session, SessionOptions, StepTime, ValueCache};

@@ -13,6 +13,7 @@ use qgraph::{Dim, Model, NodeId, Tensor, ValueId, ValueSource};
 use crate::buffers::BufferPool;
 use crate::error::{ExecError, Result};
 use crate::hook::{Epilogue, Hook, TensorEvent, TensorKind};
+use crate::memory::{self, default_max_tensor_bytes};
 use crate::ops::{self, Activation, ExecCtx, Kernel};
 
 /// How a session is built.
@@ -24,11 +25,15 @@ pub struct SessionOptions {
     /// Whether Conv/ConvTranspose/Gemm/MatMul apply a directly following Relu or static Clip
     /// themselves (skipped automatically when a hook observes the intermediate tensor).
     pub fuse_activations: bool,
+    /// The largest tensor, in bytes, a node may produce: a node whose output shape is known
+    /// beyond it is refused when the session is built, one whose shape is only known at run time
+    /// when it runs, before anything is allocated. Default: [`default_max_tensor_bytes`].
+    pub max_tensor_bytes: usize,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { threads: 0, fuse_activations: true }
+        SessionOptions { threads: 0, fuse_activations: true, max_tensor_bytes: default_max_tensor_bytes() }
     }
 }
 
@@ -212,6 +217,8 @@ pub struct Session {
     buffers: BufferPool,
     /// Whether a batch may run sample by sample ([`qgraph::samples_independent`]).
     samples_apart: bool,
+    /// The largest tensor a node may produce, in bytes.
+    max_tensor_bytes: usize,
 }
 
 fn tensor_bytes(t: &Tensor) -> usize {
@@ -230,6 +237,16 @@ impl Session {
             let outputs_static = node.outputs().iter().flatten().all(|&v| g.static_value(v).is_some());
             if outputs_static && !node.outputs().is_empty() {
                 continue;
+            }
+            for &v in node.outputs().iter().flatten() {
+                let value = g.value(v);
+                let (Some(shape), Some(dtype)) =
+                    (value.shape.as_ref().and_then(|s| s.to_known()), value.dtype)
+                else {
+                    continue;
+                };
+                memory::check(&shape, dtype.size_of(), options.max_tensor_bytes)
+                    .map_err(|e| ops::invalid(node, format!("output '{}': {e}", value.name)))?;
             }
             steps.push(Step { node: id, kernel: ops::compile(node, opset)?, fuse: None });
         }
@@ -268,7 +285,15 @@ impl Session {
             None
         };
         let samples_apart = qgraph::samples_independent(&model).is_ok();
-        Ok(Session { model, steps, threads, pool, buffers: BufferPool::default(), samples_apart })
+        Ok(Session {
+            model,
+            steps,
+            threads,
+            pool,
+            buffers: BufferPool::default(),
+            samples_apart,
+            max_tensor_bytes: options.max_tensor_bytes,
+        })
     }
 
     /// Whether the model keeps the samples of a batch apart ([`qgraph::samples_independent`]),
@@ -470,7 +495,7 @@ impl Session {
     ) -> Result<RunResult> {
         let g = &self.model.graph;
         let threads = if options.serial { 1 } else { self.threads };
-        let ctx = ExecCtx { threads, pool: &self.buffers, epilogue: None };
+        let ctx = ExecCtx { threads, pool: &self.buffers, epilogue: None, max_bytes: self.max_tensor_bytes };
         let nvalues = g.value_count();
         // `requested`: values to hand back; `keep`: values never freed (those and the outputs).
         let mut requested = vec![false; nvalues];

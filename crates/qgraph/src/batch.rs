@@ -264,10 +264,11 @@ fn keeps_samples_apart(g: &Graph, opset: i64, node: &Node, reads: &[bool]) -> Re
                 Some(-1) if target[1..].iter().all(|&d| d > 0) => {
                     let dims =
                         g.value(node.input(0).ok_or("has no data")?).shape.as_ref().map(|s| s.0.clone());
-                    let per_sample: Option<usize> =
-                        dims.and_then(|d| d[1..].iter().map(|x| x.known()).product());
-                    let rest: i64 = target[1..].iter().product();
-                    if per_sample == Some(rest as usize) {
+                    let per_sample: Option<usize> = dims.and_then(|d| {
+                        d.get(1..)?.iter().try_fold(1usize, |acc, x| acc.checked_mul(x.known()?))
+                    });
+                    let rest = target[1..].iter().try_fold(1usize, |acc, &d| acc.checked_mul(d as usize));
+                    if per_sample.is_some() && per_sample == rest {
                         Ok(())
                     } else {
                         Err("may reshape the batch axis".into())

@@ -33,6 +33,12 @@ impl fmt::Display for Dim {
     }
 }
 
+/// Number of elements of a shape, `None` when the product overflows `usize` (sizes computed
+/// from a model are checked before anything is allocated).
+pub fn checked_numel(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
 /// A tensor shape, possibly with symbolic dims.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Shape(pub Vec<Dim>);
@@ -53,9 +59,9 @@ impl Shape {
         self.0.iter().map(Dim::known).collect()
     }
 
-    /// Number of elements if every dim is known.
+    /// Number of elements if every dim is known and the count fits `usize`.
     pub fn numel(&self) -> Option<usize> {
-        self.to_known().map(|d| d.iter().product())
+        self.to_known().and_then(|d| checked_numel(&d))
     }
 
     /// Dim `i`, negative counting from the end.

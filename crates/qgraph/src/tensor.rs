@@ -264,7 +264,7 @@ impl Tensor {
             let data: Vec<T> = bytes.chunks_exact(n).map(T::from_le).collect();
             Tensor::from_vec(shape, data)
         }
-        let count: usize = shape.iter().product();
+        let count = crate::shape::checked_numel(shape)?;
         if bytes.len() != count.checked_mul(dtype.size_of())? {
             return None;
         }

@@ -26,7 +26,7 @@ pub struct AmpArgs {
     candidates: Candidates,
     /// Allowed drop of the phase-2 score below FP32 (e.g. 0.01 = 1 pp of top-1). Without it the
     /// last point of the list is taken (as AIMET does); add --full-front to see them all.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_finite)]
     allowed_drop: Option<f64>,
     /// Phase-2 search: binary, interpolation or brute_force.
     #[arg(long, default_value = "binary")]
@@ -74,7 +74,7 @@ pub struct AmpArgs {
     #[arg(long, value_parser = parse_shard)]
     shard: Option<(usize, usize)>,
     /// Interpreter threads (0 = one per core).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::parse_threads)]
     threads: usize,
     /// No progress bars.
     #[arg(long)]

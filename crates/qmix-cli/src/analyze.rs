@@ -49,7 +49,7 @@ pub struct AnalyzeArgs {
     #[arg(long, default_value = "analysis_out")]
     out: PathBuf,
     /// Interpreter threads (0 = one per core).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::parse_threads)]
     threads: usize,
     /// No progress bars.
     #[arg(long)]

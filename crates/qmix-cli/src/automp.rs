@@ -29,10 +29,10 @@ pub struct AutompArgs {
     #[arg(long, default_value_t = 32)]
     samples: usize,
     /// Largest allowed drop of top-1 below FP32 (needs labels), e.g. 0.01.
-    #[arg(long, conflicts_with = "max_l2", required_unless_present = "max_l2")]
+    #[arg(long, conflicts_with = "max_l2", required_unless_present = "max_l2", value_parser = crate::parse_finite)]
     max_drop: Option<f64>,
     /// Largest allowed relative L2 error of the outputs against FP32, e.g. 0.05.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_finite)]
     max_l2: Option<f64>,
     /// Skip a layer whose move breaks the target and go on (default: stop there).
     #[arg(long)]
@@ -43,7 +43,7 @@ pub struct AutompArgs {
     #[arg(long, default_value = "automp_out")]
     out: PathBuf,
     /// Interpreter threads (0 = one per core).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::parse_threads)]
     threads: usize,
     /// No progress bars.
     #[arg(long)]

@@ -76,17 +76,17 @@ pub(crate) fn quantsim_config(name: &str, passes: &[String]) -> Result<QuantsimC
 #[derive(clap::Args, Clone, Debug, Default)]
 pub(crate) struct Preprocess {
     /// Integer data: x = (raw + OFFSET) · SCALE.
-    #[arg(long, requires = "scale", allow_hyphen_values = true)]
+    #[arg(long, requires = "scale", allow_hyphen_values = true, value_parser = crate::parse_finite_f32)]
     pub offset: Option<f32>,
     /// See --offset (without it, x = raw · SCALE).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_finite_f32)]
     pub scale: Option<f32>,
     /// Integer image data, channels on axis 1 (NCHW) or last (NHWC): x = (raw / 255 − mean) / std, per channel;
     /// comma-separated, one value per channel or one for all (e.g. 0.485,0.456,0.406).
-    #[arg(long, value_delimiter = ',', conflicts_with = "scale", requires = "std")]
+    #[arg(long, value_delimiter = ',', conflicts_with = "scale", requires = "std", value_parser = crate::parse_finite_f32)]
     pub mean: Vec<f32>,
     /// See --mean.
-    #[arg(long, value_delimiter = ',', requires = "mean")]
+    #[arg(long, value_delimiter = ',', requires = "mean", value_parser = crate::parse_finite_f32)]
     pub std: Vec<f32>,
     /// Image folders: side of the centre crop.
     #[arg(long, default_value_t = 224)]
@@ -102,8 +102,15 @@ pub(crate) struct Preprocess {
 impl Preprocess {
     /// `t` as the model will see it.
     fn apply(&self, t: Tensor, file: &Path) -> anyhow::Result<Tensor> {
-        if t.dtype().is_float() || (self.scale.is_none() && self.mean.is_empty()) {
+        if self.scale.is_none() && self.mean.is_empty() {
             return Ok(t);
+        }
+        if t.dtype().is_float() {
+            bail!(
+                "{} holds {} data, which is used as it is: --scale/--offset and --mean/--std apply to integer (raw image) data only",
+                file.display(),
+                t.dtype()
+            );
         }
         let shape = t.shape().to_vec();
         let mut values: Vec<f32> = t.to_f64_vec().into_iter().map(|v| v as f32).collect();
@@ -249,14 +256,7 @@ impl JobData {
             Some(Dataset::load(&eval_files, pre).map_err(Failure::User)?)
         };
         let labels: Option<Vec<i64>> = match &labels_file {
-            Some(path) => Some(
-                crate::read_tensor(path)
-                    .map_err(Failure::User)?
-                    .to_f64_vec()
-                    .iter()
-                    .map(|&v| v as i64)
-                    .collect(),
-            ),
+            Some(path) => Some(read_labels(path)?),
             None => None,
         };
         if let (Some(l), Some(e)) = (&labels, &eval)
@@ -266,6 +266,26 @@ impl JobData {
         }
         Ok(JobData { calib, eval, labels })
     }
+}
+
+/// Class labels from `path`: non-negative whole numbers (a NaN, fractional or negative label is a
+/// user error naming its row).
+pub(crate) fn read_labels(path: &Path) -> Result<Vec<i64>, Failure> {
+    let values = crate::read_tensor(path).map_err(Failure::User)?.to_f64_vec();
+    values
+        .iter()
+        .enumerate()
+        .map(|(row, &v)| {
+            if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v < 2f64.powi(53) {
+                Ok(v as i64)
+            } else {
+                Err(user(anyhow::anyhow!(
+                    "{}: label {v} of row {row} is not a class index (a whole number ≥ 0)",
+                    path.display()
+                )))
+            }
+        })
+        .collect()
 }
 
 /// One forward pass (FP32 or simulated) on named inputs.
@@ -282,9 +302,28 @@ pub(crate) fn top1(
     let mut preds = Vec::with_capacity(data.samples);
     for feeds in data.batches(batch) {
         let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        preds.extend(predictions(&run(&named)?[0], offset));
+        let out = run(&named)?;
+        let first = out.first().ok_or_else(|| user(anyhow::anyhow!("the model has no output to score")))?;
+        if preds.is_empty() {
+            check_labels(labels, offset, first.shape().last().copied().unwrap_or(1))?;
+        }
+        preds.extend(predictions(first, offset));
     }
     Ok(preds.iter().zip(labels).filter(|(p, l)| p == l).count() as f64 / labels.len().max(1) as f64)
+}
+
+/// Labels and `--label-offset` against the `classes` scores of the model's first output.
+pub(crate) fn check_labels(labels: &[i64], offset: usize, classes: usize) -> Result<(), Failure> {
+    if offset >= classes {
+        return Err(user(anyhow::anyhow!("--label-offset {offset} is beyond the model's {classes} scores")));
+    }
+    let usable = (classes - offset) as i64;
+    if let Some((row, &l)) = labels.iter().enumerate().find(|(_, l)| **l >= usable) {
+        return Err(user(anyhow::anyhow!(
+            "label {l} of row {row} is beyond the model's {classes} scores (label offset {offset})"
+        )));
+    }
+    Ok(())
 }
 
 /// A progress bar on stderr counting `unit` (hidden with `quiet`).

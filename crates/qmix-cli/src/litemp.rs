@@ -22,14 +22,14 @@ pub struct LitempArgs {
     #[arg(long, default_value_t = 32)]
     psnr_samples: usize,
     /// Share of the layers flipped, in percent.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = crate::parse_finite)]
     percent: f64,
     /// Flip this many layers instead of a share.
     #[arg(long, conflicts_with = "until_psnr")]
     count: Option<usize>,
     /// Flip the fewest layers that bring the whole simulation's PSNR (on the scored samples,
     /// recalibrated) to this many dB, instead of a share.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_finite)]
     until_psnr: Option<f64>,
     /// Precision of the flipped layers: int16 or fp16 (weights and activations).
     #[arg(long = "override", default_value = "int16", value_parser = crate::quantsim::parse_precision)]
@@ -40,7 +40,7 @@ pub struct LitempArgs {
     #[arg(long, default_value = "litemp_out")]
     out: PathBuf,
     /// Interpreter threads (0 = one per core).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::parse_threads)]
     threads: usize,
     /// No progress bars.
     #[arg(long)]

@@ -6,7 +6,7 @@
 /// the JSON summary).
 macro_rules! say {
     ($($arg:tt)*) => {
-        if $crate::json_mode() { eprintln!($($arg)*) } else { println!($($arg)*) }
+        $crate::emit($crate::json_mode(), format_args!($($arg)*))
     };
 }
 
@@ -39,10 +39,22 @@ fn json_mode() -> bool {
     JSON_MODE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Writes one line to stderr (`to_stderr`) or stdout. A closed or full stream (`| head`,
+/// `> /dev/full`) does not stop the job: the files it writes are its result, so the line is
+/// dropped and the job goes on.
+fn emit(to_stderr: bool, line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = if to_stderr {
+        writeln!(std::io::stderr().lock(), "{line}")
+    } else {
+        writeln!(std::io::stdout().lock(), "{line}")
+    };
+}
+
 /// Prints a job's machine-readable summary on stdout under `--json`.
 fn summary(v: serde_json::Value) {
     if json_mode() {
-        println!("{v}");
+        emit(false, format_args!("{v}"));
     }
 }
 
@@ -52,6 +64,10 @@ struct Cli {
     /// Print a machine-readable JSON summary on stdout (human-readable lines go to stderr).
     #[arg(long, global = true)]
     json: bool,
+    /// The largest tensor, in MiB, any node may produce; a model asking for more stops with an
+    /// error naming the node, the shape and the bytes (default: half the physical memory).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u64).range(1..))]
+    max_memory: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -105,7 +121,7 @@ enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
         /// Worker threads (0 = one per core).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = crate::parse_threads)]
         threads: usize,
         /// Run this many times and report the first and the median time (for timing and
         /// profiling; the outputs of the last run are written).
@@ -191,6 +207,7 @@ fn read_tensor(path: &Path) -> anyhow::Result<Tensor> {
         attempt!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, u8 => U8, i8 => I8, bool => Bool);
         anyhow::bail!("cannot read array '{name}' of {} as a supported dtype", file.display());
     }
+    check_npy_size(path)?;
     macro_rules! attempt {
         ($($t:ty => $variant:ident),*) => {$(
             if let Ok(a) = read_npy::<_, ArrayD<$t>>(path) {
@@ -201,6 +218,57 @@ fn read_tensor(path: &Path) -> anyhow::Result<Tensor> {
     attempt!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, u8 => U8, i8 => I8, bool => Bool);
     let why = read_npy::<_, ArrayD<f32>>(path).err().map_or_else(String::new, |e| e.to_string());
     anyhow::bail!("cannot read {} as a .npy array of a supported dtype: {why}", path.display())
+}
+
+/// Checks that a .npy file's body holds what its header claims (shape × item size, computed
+/// without overflow) before anything is allocated for it: a header claiming 10¹² rows over a
+/// short body is an error naming the file, not an allocation of terabytes.
+fn check_npy_size(path: &Path) -> anyhow::Result<()> {
+    use std::io::{Read, Seek};
+    let mut f =
+        std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let file_len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut head = [0u8; 12];
+    if f.read_exact(&mut head).is_err() || &head[..6] != b"\x93NUMPY" {
+        anyhow::bail!("{} is not a .npy file (no NUMPY magic)", path.display());
+    }
+    let (header_len, prefix) = match head[6] {
+        1 => (u64::from(u16::from_le_bytes([head[8], head[9]])), 10u64),
+        2 | 3 => (u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]])), 12u64),
+        v => anyhow::bail!("{}: .npy format version {v} is not supported", path.display()),
+    };
+    if header_len > 1 << 20 {
+        anyhow::bail!("{}: .npy header of {header_len} bytes", path.display());
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.seek(std::io::SeekFrom::Start(prefix))
+        .and_then(|_| f.read_exact(&mut header))
+        .map_err(|_| anyhow::anyhow!("{}: the .npy header is cut short", path.display()))?;
+    let header = String::from_utf8_lossy(&header);
+    let field = |key: &str| header.split(key).nth(1).map(str::trim_start);
+    let item: u64 = field("'descr':")
+        .and_then(|d| d.trim_start_matches(['\'', '"']).get(2..))
+        .map(|d| d.chars().take_while(char::is_ascii_digit).collect::<String>())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(1);
+    let dims = field("'shape':")
+        .and_then(|s| s.strip_prefix('('))
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| anyhow::anyhow!("{}: the .npy header has no shape", path.display()))?;
+    let mut bytes = Some(item);
+    for d in dims.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let d: u64 = d.parse().map_err(|_| anyhow::anyhow!("{}: .npy dimension '{d}'", path.display()))?;
+        bytes = bytes.and_then(|b| b.checked_mul(d));
+    }
+    let body = file_len.saturating_sub(prefix + header_len);
+    match bytes {
+        Some(b) if b <= body => Ok(()),
+        Some(b) => anyhow::bail!(
+            "{}: its header claims shape ({dims}) = {b} bytes, but the file holds {body} bytes of data",
+            path.display()
+        ),
+        None => anyhow::bail!("{}: its header claims shape ({dims}), beyond any file", path.display()),
+    }
 }
 
 /// Writes `t` as .npy atomically.
@@ -237,11 +305,11 @@ fn print_placement(sim: &qcalib::QuantSim, config: &str) {
         }
     }
     let shared = p.tensors().len() - p.quantizer_ids().len();
-    println!("quantizers under config '{config}' (W8A8): kind, enabled/placed, per-channel");
+    say!("quantizers under config '{config}' (W8A8): kind, enabled/placed, per-channel");
     for (kind, (on, all, pc)) in rows {
-        println!("  {kind:<9} {on:>5}/{all:<5} {pc:>5}");
+        say!("  {kind:<9} {on:>5}/{all:<5} {pc:>5}");
     }
-    println!("  {shared} tensors share a quantizer with another (tying)");
+    say!("  {shared} tensors share a quantizer with another (tying)");
 }
 
 fn parse_dim(s: &str) -> Result<(String, usize), String> {
@@ -289,10 +357,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let mut m = qgraph::load_path(&model)?;
             let bindings = dims.into_iter().fold(DimBindings::all(batch), |b, (n, v)| b.with(&n, v));
             let report = m.infer_shapes(&bindings)?;
-            print!("{}", m.summary());
+            say!("{}", m.summary().to_string().trim_end());
             for id in report.unknown_ops {
                 let n = m.graph.node(id);
-                println!("note: no shape rule for op {} (node '{}')", n.op_type, n.name);
+                say!("note: no shape rule for op {} (node '{}')", n.op_type, n.name);
             }
             if let Some(name) = config {
                 let config = dataset::quantsim_config(&name, &passes)?;
@@ -386,6 +454,33 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// Most worker threads `--threads` accepts (more would only exhaust the machine's thread stacks).
+const MAX_THREADS: usize = 1024;
+
+/// A finite number (NaN and infinities are refused).
+fn parse_finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(v) => Err(format!("{v} is not a finite number")),
+        Err(_) => Err(format!("'{s}' is not a number")),
+    }
+}
+
+/// [`parse_finite`] within float32's range.
+fn parse_finite_f32(s: &str) -> Result<f32, String> {
+    let v = parse_finite(s)? as f32;
+    if v.is_finite() { Ok(v) } else { Err(format!("{s} is beyond float32's range")) }
+}
+
+/// `--threads N`: 0 (one per core) to [`MAX_THREADS`].
+fn parse_threads(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|_| format!("'{s}' is not a thread count"))?;
+    if n > MAX_THREADS {
+        return Err(format!("{n} threads: at most {MAX_THREADS}"));
+    }
+    Ok(n)
+}
+
 fn main() -> ExitCode {
     // Bad arguments are user errors (exit code 1); help and version print and exit 0.
     let cli = match Cli::try_parse() {
@@ -396,14 +491,18 @@ fn main() -> ExitCode {
         }
     };
     JSON_MODE.store(cli.json, std::sync::atomic::Ordering::Relaxed);
+    if let Some(mib) = cli.max_memory {
+        let bytes = usize::try_from(mib).ok().and_then(|m| m.checked_mul(1 << 20)).unwrap_or(usize::MAX);
+        qexec::set_default_max_tensor_bytes(bytes);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::User(e)) => {
-            eprintln!("error: {e:#}");
+            emit(true, format_args!("error: {e:#}"));
             ExitCode::from(1)
         }
         Err(Failure::Internal(e)) => {
-            eprintln!("internal error: {e:#}");
+            emit(true, format_args!("internal error: {e:#}"));
             ExitCode::from(2)
         }
     }

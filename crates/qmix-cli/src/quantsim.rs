@@ -9,8 +9,8 @@ use anyhow::Context;
 use qcalib::{DefaultPrecision, EncodingVersion, Precision, QdqOptions, QuantSim, Scheme, SimOptions};
 use qgraph::Tensor;
 
-use crate::dataset::{Dataset, EvalArgs, Preprocess, bar, predictions, user};
-use crate::{Failure, read_tensor, write_tensor};
+use crate::dataset::{Dataset, EvalArgs, Preprocess, bar, check_labels, predictions, read_labels, user};
+use crate::{Failure, write_tensor};
 
 /// Arguments of `qmix quantsim`.
 #[derive(clap::Args)]
@@ -72,7 +72,7 @@ pub struct QuantsimArgs {
     #[arg(long, default_value = "quantsim_out")]
     out: PathBuf,
     /// Interpreter threads (0 = one per core).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::parse_threads)]
     threads: usize,
     /// No progress bars.
     #[arg(long)]
@@ -147,7 +147,7 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         }
     }
     for w in sim.warnings() {
-        eprintln!("warning: {w}");
+        crate::emit(true, format_args!("warning: {w}"));
     }
     if let Some(path) = &a.save_stats {
         qcalib::save_stats(&sim, path).map_err(user)?;
@@ -214,10 +214,12 @@ fn evaluate(a: &QuantsimArgs, sim: &QuantSim) -> Result<Option<(f64, f64)>, Fail
         path.display()
     );
     if let Some(labels) = &a.evaluation.labels {
-        let labels: Vec<i64> =
-            read_tensor(labels).map_err(Failure::User)?.to_f64_vec().iter().map(|&v| v as i64).collect();
+        let labels = read_labels(labels)?;
         if labels.len() != data.samples {
             return Err(user(anyhow::anyhow!("{} labels for {} samples", labels.len(), data.samples)));
+        }
+        if let Some(first) = float_out.first() {
+            check_labels(&labels, a.evaluation.label_offset, first.shape().last().copied().unwrap_or(1))?;
         }
         let top1 = |outs: &[Tensor]| -> f64 {
             let preds: Vec<i64> =

@@ -366,8 +366,18 @@ pub fn choose_mixed_precision(
     options: &AmpOptions,
     progress: &mut dyn FnMut(AmpEvent),
 ) -> Result<AmpResult, AmpError> {
-    if options.candidates.is_empty() {
-        return Err(AmpError::Settings("no candidates given".into()));
+    let mut distinct: Vec<Candidate> = Vec::new();
+    for c in &options.candidates {
+        if !distinct.contains(c) {
+            distinct.push(*c);
+        }
+    }
+    if distinct.len() < 2 {
+        let given: Vec<String> = options.candidates.iter().map(ToString::to_string).collect();
+        return Err(AmpError::Settings(format!(
+            "AMP chooses between candidates and needs at least two distinct ones (given: {})",
+            if given.is_empty() { "none".to_string() } else { given.join(", ") }
+        )));
     }
     for c in &options.candidates {
         for p in [c.activation, c.param] {
@@ -635,6 +645,12 @@ pub fn choose_mixed_precision(
     // Phase 2.
     let started = Instant::now();
     let n = accuracy_list.len();
+    if n == 0 {
+        return Err(AmpError::Settings(
+            "no quantizer group supports a candidate other than its starting one: there is no plan to search"
+                .into(),
+        ));
+    }
     let target = options.allowed_accuracy_drop.map_or(f64::NEG_INFINITY, |d| fp32_score - d);
     let point_assignment = |i: usize| -> Vec<Candidate> {
         let mut a = starting.clone();

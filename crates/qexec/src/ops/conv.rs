@@ -19,8 +19,19 @@ pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
     };
     let ints = |name: &str| node.ints_attr(name).map(|v| v.map(<[i64]>::to_vec));
     Some((|| {
+        let group = node.int_attr("group", 1)?;
+        if group < 1 {
+            return Err(super::invalid(node, format!("group {group} is not positive")));
+        }
+        for name in ["kernel_shape", "strides", "dilations", "pads", "output_padding", "output_shape"] {
+            if let Some(v) =
+                node.ints_attr(name)?.filter(|v| v.iter().any(|x| x.unsigned_abs() > ATTRIBUTE_BOUND))
+            {
+                return Err(super::invalid(node, format!("{name} {v:?} beyond ±{ATTRIBUTE_BOUND}")));
+            }
+        }
         let attrs = ConvAttrs {
-            group: node.int_attr("group", 1)?.max(1) as usize,
+            group: group as usize,
             kernel: ints("kernel_shape")?,
             strides: ints("strides")?,
             dilations: ints("dilations")?,
@@ -32,6 +43,10 @@ pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
         Ok(if transpose { Box::new(ConvTranspose(attrs)) as Box<dyn Kernel> } else { Box::new(Conv(attrs)) })
     })())
 }
+
+/// The largest magnitude a size attribute may have (2³¹ − 1), so geometry arithmetic in i64
+/// cannot overflow.
+const ATTRIBUTE_BOUND: u64 = i32::MAX as u64;
 
 /// Attributes shared by `Conv` and `ConvTranspose`.
 struct ConvAttrs {
@@ -113,6 +128,9 @@ impl Conv {
             return Err(format!("weight shape {w:?} does not match input shape {x:?}"));
         }
         let (kh, kw) = if rank == 1 { (1, w[2]) } else { (w[2], w[3]) };
+        if kh == 0 || kw == 0 {
+            return Err(format!("weight shape {w:?} has an empty kernel"));
+        }
         if let Some(k) = &a.kernel {
             let expect: Vec<i64> = if rank == 1 { vec![kw as i64] } else { vec![kh as i64, kw as i64] };
             if *k != expect {
@@ -485,6 +503,7 @@ fn convolve(
     if let Some(b) = bias.as_ref().filter(|b| b.len() != g.m) {
         return Err(format!("bias has {} values for {} output channels", b.len(), g.m));
     }
+    ctx.checked_len(&[g.n, g.m, g.oh, g.ow], 4)?;
     let per = g.m * g.oh * g.ow;
     let mut out = ctx.pool.take(g.n * per);
     let plane = g.c * g.h * g.w;

@@ -34,12 +34,26 @@ pub(crate) struct ExecCtx<'a> {
     /// Applied to every finished part of the output (only given to kernels whose
     /// [`Kernel::applies_epilogue`] is true).
     pub epilogue: Option<crate::hook::Epilogue<'a>>,
+    /// The largest tensor a kernel may create, in bytes (`SessionOptions::max_tensor_bytes`).
+    pub max_bytes: usize,
 }
 
 impl ExecCtx<'_> {
     /// The same context restricted to the calling thread.
     pub fn single_threaded(&self) -> Self {
         ExecCtx { threads: 1, ..*self }
+    }
+
+    /// The element count of an output of `shape` (`elem` bytes each), or an error when it does
+    /// not fit the session's memory limit: kernels whose output size comes from data (repeats,
+    /// pads, target shapes) call it before they allocate.
+    pub fn checked_len(&self, shape: &[usize], elem: usize) -> KernelResult<usize> {
+        crate::memory::check(shape, elem, self.max_bytes)
+    }
+
+    /// [`ExecCtx::checked_len`] for dims given as signed integers; negative ones are refused.
+    pub fn checked_shape(&self, dims: &[i64], elem: usize) -> KernelResult<Vec<usize>> {
+        crate::memory::check_signed(dims, elem, self.max_bytes)
     }
 
     /// The `gemm` parallelism for one large product.

@@ -364,7 +364,7 @@ impl Kernel for Movement {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx<'_>,
+        ctx: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         Ok(match self {
@@ -552,6 +552,7 @@ impl Kernel for Movement {
                 let (x, s) = (input(inputs, 0)?, input(inputs, 1)?);
                 let target: Vec<usize> = ints_of(s)?.iter().map(|&d| d.max(0) as usize).collect();
                 let shape = broadcast_shape(x.shape(), &target)?;
+                ctx.checked_len(&shape, x.dtype().size_of())?;
                 vec![with_dtype!(x.dtype(), T => {
                     let a = typed::<T>(x)?;
                     wrap(super::elementwise::broadcast_to(a, &shape)?.to_owned())
@@ -563,8 +564,13 @@ impl Kernel for Movement {
                 if reps.len() != x.shape().len() || reps.iter().any(|&v| v < 0) {
                     return Err(format!("repeats {reps:?} do not fit shape {:?}", x.shape()));
                 }
-                let out_shape: Vec<usize> =
-                    x.shape().iter().zip(&reps).map(|(&d, &r)| d * r as usize).collect();
+                let tiled: Vec<i64> = x
+                    .shape()
+                    .iter()
+                    .zip(&reps)
+                    .map(|(&d, &r)| (d as i64).checked_mul(r).ok_or(format!("repeats {reps:?} overflow")))
+                    .collect::<KernelResult<_>>()?;
+                let out_shape = ctx.checked_shape(&tiled, x.dtype().size_of())?;
                 let tables: Vec<Vec<Option<usize>>> = x
                     .shape()
                     .iter()
@@ -600,15 +606,21 @@ impl Kernel for Movement {
                     begin[a] = pads[k];
                     end[a] = pads[k + axes.len()];
                 }
-                let mut out_shape = Vec::with_capacity(rank);
-                let mut tables = Vec::with_capacity(rank);
+                let mut padded = Vec::with_capacity(rank);
                 for a in 0..rank {
-                    let d = x.shape()[a] as i64;
-                    let o = d + begin[a] + end[a];
+                    let o = (x.shape()[a] as i64)
+                        .checked_add(begin[a])
+                        .and_then(|o| o.checked_add(end[a]))
+                        .ok_or(format!("pads {pads:?} overflow"))?;
                     if o < 0 {
                         return Err(format!("pads {pads:?} crop more than shape {:?}", x.shape()));
                     }
-                    out_shape.push(o as usize);
+                    padded.push(o);
+                }
+                let out_shape = ctx.checked_shape(&padded, x.dtype().size_of())?;
+                let mut tables = Vec::with_capacity(rank);
+                for (a, &o) in padded.iter().enumerate() {
+                    let d = x.shape()[a] as i64;
                     let table = (0..o)
                         .map(|i| {
                             let j = i - begin[a];
@@ -652,14 +664,18 @@ impl Kernel for Movement {
                 if d == 0.0 {
                     return Err("Range delta is 0".into());
                 }
-                let n = ((l - s) / d).ceil().max(0.0) as usize;
+                let count = ((l - s) / d).ceil().max(0.0);
+                if !count.is_finite() || count > 9.0e15 {
+                    return Err(format!("Range from {s} to {l} by {d} has {count} elements"));
+                }
+                let n = count as usize;
+                ctx.checked_len(&[n], dtype.size_of().max(8))?;
                 let v: Vec<f64> = (0..n).map(|i| s + i as f64 * d).collect();
                 let t = Tensor::from_vec(&[n], v).ok_or("internal")?;
                 vec![cast(&t, dtype)?]
             }
             Movement::ConstantOfShape { value } => {
-                let dims: Vec<usize> =
-                    ints_of(input(inputs, 0)?)?.iter().map(|&d| d.max(0) as usize).collect();
+                let dims = ctx.checked_shape(&ints_of(input(inputs, 0)?)?, value.dtype().size_of())?;
                 vec![with_dtype!(value.dtype(), T => {
                     let v = typed::<T>(value)?.iter().next().copied().ok_or("ConstantOfShape value is empty")?;
                     wrap(ArrayD::from_elem(IxDyn(&dims), v))

@@ -77,6 +77,10 @@ impl Pool {
             return Err(format!("kernel_shape {:?} does not match {n} spatial dims", self.kernel));
         }
         let (s, d, p) = (get(&self.strides, n, 1)?, get(&self.dilations, n, 1)?, get(&self.pads, 2 * n, 0)?);
+        let bound = i64::from(i32::MAX);
+        if [&self.kernel, &s, &d, &p].iter().any(|v| v.iter().any(|x| x.abs() > bound)) {
+            return Err(format!("kernel, strides, dilations or pads beyond ±{bound}"));
+        }
         let mut axes = Vec::with_capacity(n);
         for i in 0..n {
             let (len, k) = (spatial[i] as i64, self.kernel[i]);
@@ -134,7 +138,7 @@ impl Kernel for Pool {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx<'_>,
+        ctx: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let tx = input(inputs, 0)?;
@@ -149,6 +153,7 @@ impl Kernel for Pool {
         } else {
             (axes[0], axes[1])
         };
+        ctx.checked_len(&[shape[0], shape[1], ay.out, ax.out], 4)?;
         let planes = shape[0] * shape[1];
         let (hw, ohw) = (ay.len * ax.len, ay.out * ax.out);
         let mut out = vec![0f32; planes * ohw];

@@ -119,7 +119,7 @@ impl Kernel for Resize {
     fn run(
         &self,
         inputs: &mut [Option<Tensor>],
-        _: &ExecCtx<'_>,
+        ctx: &ExecCtx<'_>,
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let x = input(inputs, 0)?;
@@ -138,7 +138,11 @@ impl Kernel for Resize {
             (Some(s), _) if s.len() == axes.len() => {
                 for (k, &a) in axes.iter().enumerate() {
                     axis_scale[a] = f64::from(s[k]);
-                    out_shape[a] = (shape[a] as f64 * f64::from(s[k])).floor() as usize;
+                    let o = (shape[a] as f64 * f64::from(s[k])).floor();
+                    if !(0.0..9.0e15).contains(&o) {
+                        return Err(format!("scale {} gives {o} elements on axis {a}", s[k]));
+                    }
+                    out_shape[a] = o as usize;
                 }
             }
             (None, Some(z)) if z.len() == axes.len() => {
@@ -149,6 +153,7 @@ impl Kernel for Resize {
             }
             _ => return Err("Resize needs scales or sizes with one value per axis".into()),
         }
+        ctx.checked_len(&out_shape, 4)?;
         let mut data: Vec<f32> = f32_data(x)?.into_owned();
         let mut cur = shape.clone();
         for a in 0..rank {

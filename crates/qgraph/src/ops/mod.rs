@@ -192,7 +192,7 @@ pub(crate) fn int_tensor(dtype: DType, a: &ArrayD<i64>) -> Option<Tensor> {
 
 /// Whether a value of this shape is small enough to compute at load time.
 pub(crate) fn foldable(shape: &[usize]) -> bool {
-    shape.iter().product::<usize>() <= MAX_FOLDED_ELEMENTS
+    crate::shape::checked_numel(shape).is_some_and(|n| n <= MAX_FOLDED_ELEMENTS)
 }
 
 /// The integer list held by input `slot` (shape, axes, pads…) if known.

@@ -38,11 +38,11 @@ pub(super) fn spec(op: &str) -> Option<&'static dyn OpSpec> {
 
 /// Product of dims: known if all are; a lone symbol times ones keeps its name; else unknown.
 fn product(dims: &[Dim]) -> Dim {
-    let known: usize = dims.iter().filter_map(Dim::known).product();
+    let known: Vec<usize> = dims.iter().filter_map(Dim::known).collect();
     let symbols: Vec<&Dim> = dims.iter().filter(|d| d.known().is_none()).collect();
-    match symbols.as_slice() {
-        [] => Dim::Known(known),
-        [one] if known == 1 => (*one).clone(),
+    match (symbols.as_slice(), crate::shape::checked_numel(&known)) {
+        ([], Some(n)) => Dim::Known(n),
+        ([one], Some(1)) => (*one).clone(),
         _ => Dim::Symbol(String::new()),
     }
 }

@@ -89,8 +89,8 @@ fn conv_operands<'a>(node: &Node, inputs: &'a [Option<Fact>]) -> Result<Option<(
 /// Per-sample MACs: output elements (batch excluded) times the weight elements feeding each one.
 fn per_sample(out: &Fact, per_output: u64) -> Option<u64> {
     let d = out.dims()?;
-    let per_sample: usize = d.iter().skip(1).product();
-    Some(per_sample as u64 * per_output)
+    let per_sample = d.iter().skip(1).try_fold(1u64, |acc, &x| acc.checked_mul(x as u64))?;
+    per_sample.checked_mul(per_output)
 }
 
 struct ConvOp;
@@ -103,7 +103,7 @@ impl OpSpec for ConvOp {
     }
     fn macs(&self, _node: &Node, inputs: &[Option<Fact>], outputs: &[Fact]) -> Option<u64> {
         let w = inputs.get(1)?.as_ref()?.dims()?;
-        per_sample(outputs.first()?, w.iter().skip(1).product::<usize>() as u64)
+        per_sample(outputs.first()?, crate::shape::checked_numel(&w[1.min(w.len())..])? as u64)
     }
     fn infer(&self, node: &Node, inputs: &[Option<Fact>], _opset: i64) -> Result<Vec<Fact>> {
         let x = required(node, inputs, 0)?;
@@ -138,7 +138,7 @@ impl OpSpec for ConvTransposeOp {
     fn macs(&self, _node: &Node, inputs: &[Option<Fact>], _outputs: &[Fact]) -> Option<u64> {
         let x = inputs.first()?.as_ref()?;
         let w = inputs.get(1)?.as_ref()?.dims()?;
-        per_sample(x, w.iter().skip(1).product::<usize>() as u64)
+        per_sample(x, crate::shape::checked_numel(&w[1.min(w.len())..])? as u64)
     }
     fn infer(&self, node: &Node, inputs: &[Option<Fact>], _opset: i64) -> Result<Vec<Fact>> {
         let x = required(node, inputs, 0)?;
@@ -296,7 +296,7 @@ impl OpSpec for MatMulOp {
         let k = *a.last()? as u64;
         let out = outputs.first()?.dims()?;
         if out.len() <= 1 {
-            return Some(out.iter().product::<usize>() as u64 * k);
+            return (crate::shape::checked_numel(&out)? as u64).checked_mul(k);
         }
         per_sample(outputs.first()?, k)
     }

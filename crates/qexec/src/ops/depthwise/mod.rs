@@ -115,7 +115,7 @@ mod tests {
             let bias = with_bias.then_some(bias.as_slice());
             let act = [None, Some(Activation::Relu), Some(Activation::Clip(-1.0, 2.5))][act];
             let pool = BufferPool::default();
-            let ctx = ExecCtx { threads, pool: &pool, epilogue: None };
+            let ctx = ExecCtx { threads, pool: &pool, epilogue: None, max_bytes: usize::MAX };
             let im = Image { x: &x, k: &kernel, bias, act, g: &g };
             let run = |interleaved_layout: bool| {
                 let mut out = vec![0f32; c * g.oh * g.ow];
