@@ -2,8 +2,11 @@
 //! code 1 and a one-line message naming the file, tensor, node or option — no panic, no backtrace,
 //! and nothing half-written left behind.
 
+mod common;
+
+use common::fails_naming;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use ndarray::{Array4, ArrayD, IxDyn};
 
@@ -16,17 +19,6 @@ fn scratch(name: &str) -> PathBuf {
 
 fn bars() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bars_cnn.onnx")
-}
-
-/// Runs `qmix ARGS` and checks it failed as a user error whose message names every `needles`.
-fn fails_naming(args: &[&str], needles: &[&str]) {
-    let o = Command::new(env!("CARGO_BIN_EXE_qmix")).args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "qmix {args:?}: {stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("stack backtrace"), "{stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "qmix {args:?}: message does not name '{n}': {stderr}");
-    }
 }
 
 fn images(dir: &Path, name: &str, shape: [usize; 4], fill: impl Fn(usize) -> f32) -> String {

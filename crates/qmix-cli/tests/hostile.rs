@@ -3,6 +3,10 @@
 //! labels are named, and a closed stdout does not stop a job from writing its files. Every
 //! failure is exit code 1 with one line naming the culprit — no panic, no abort.
 
+mod common;
+
+use common::fails_naming;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -21,17 +25,6 @@ fn digits(suffix: &str) -> String {
         .join(format!("../../models/digits_cnn{suffix}"))
         .display()
         .to_string()
-}
-
-/// Runs `qmix ARGS` and checks it failed as a user error whose message names every `needles`.
-fn fails_naming(args: &[&str], needles: &[&str]) {
-    let o = Command::new(env!("CARGO_BIN_EXE_qmix")).args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "qmix {args:?}: {stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("stack backtrace"), "{stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "qmix {args:?}: message does not name '{n}': {stderr}");
-    }
 }
 
 /// A one-node model `y = OP(x, constants…)` with `x` of `shape`, saved in `dir`.
