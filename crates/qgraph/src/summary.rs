@@ -42,6 +42,8 @@ pub struct Summary {
     pub macs_by_op: Vec<(String, u64)>,
     /// Sum of `macs_by_op`.
     pub total_macs: u64,
+    /// Whether an input has a symbolic dim besides the batch dim (MACs then count it as 1).
+    pub symbolic_inputs: bool,
 }
 
 impl Model {
@@ -57,7 +59,8 @@ impl Model {
         for (id, n) in g.nodes() {
             *hist.entry(n.op_type.clone()).or_default() += 1;
             if let Some(m) = g.node_macs(id) {
-                *macs.entry(n.op_type.clone()).or_default() += m;
+                let total = macs.entry(n.op_type.clone()).or_default();
+                *total = total.saturating_add(m);
             }
         }
         let mut op_histogram: Vec<(String, usize)> = hist.into_iter().collect();
@@ -81,8 +84,11 @@ impl Model {
             op_histogram,
             float_params,
             total_params,
-            total_macs: macs_by_op.iter().map(|(_, m)| m).sum(),
+            total_macs: macs_by_op.iter().fold(0u64, |a, (_, m)| a.saturating_add(*m)),
             macs_by_op,
+            symbolic_inputs: g.inputs().iter().any(|&v| {
+                g.value(v).shape.as_ref().is_some_and(|s| s.0.iter().skip(1).any(|d| d.known().is_none()))
+            }),
         }
     }
 }
@@ -126,10 +132,15 @@ impl fmt::Display for Summary {
             self.macs_by_op.iter().map(|(op, m)| format!("{op} {:.1} M", *m as f64 / 1e6)).collect();
         writeln!(
             f,
-            "MACs per sample: {} ({:.1} M; {})",
+            "MACs per sample: {} ({:.1} M; {}){}",
             group_digits(self.total_macs),
             self.total_macs as f64 / 1e6,
-            if by_op.is_empty() { "none".to_string() } else { by_op.join(", ") }
+            if by_op.is_empty() { "none".to_string() } else { by_op.join(", ") },
+            if self.symbolic_inputs {
+                " — symbolic dims count as 1: bind them with --shape or --dim"
+            } else {
+                ""
+            }
         )
     }
 }

@@ -75,18 +75,23 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print a model's inputs/outputs, op histogram, parameter count and MACs (and, with
-    /// --config, a quantizer placement summary).
+    /// --config, a quantizer placement summary). Dims left unbound stay symbolic.
     ///
     /// Example: qmix inspect model.onnx --dim seq=128 --config default
+    /// Example: qmix inspect ocr.onnx --shape x=1,3,48,320
     Inspect {
         /// The ONNX model.
         model: PathBuf,
-        /// Size of every symbolic dim not named with --dim (batch size).
+        /// Size of the leading (batch) dim of every input where it is symbolic.
         #[arg(long, default_value_t = 1)]
         batch: usize,
         /// Size of a named symbolic dim, e.g. --dim seq=128 (repeatable).
         #[arg(long = "dim", value_parser = parse_dim)]
         dims: Vec<(String, usize)>,
+        /// The whole shape of an input, NAME=D0,D1,… (repeatable), as onnxruntime's and
+        /// TensorRT's tools take it: binds anonymous dims (`?`, -1) too.
+        #[arg(long = "shape", value_parser = parse_shape)]
+        shapes: Vec<(String, Vec<usize>)>,
         /// Also summarise where a quantsim config (preset or JSON file) places quantizers.
         #[arg(long)]
         config: Option<String>,
@@ -312,6 +317,69 @@ fn print_placement(sim: &qcalib::QuantSim, config: &str) {
     say!("  {shared} tensors share a quantizer with another (tying)");
 }
 
+/// `--shape NAME=D0,D1,…`.
+fn parse_shape(s: &str) -> Result<(String, Vec<usize>), String> {
+    let (name, dims) = s.split_once('=').ok_or_else(|| format!("expected NAME=D0,D1,…, got '{s}'"))?;
+    let dims = dims
+        .split(',')
+        .map(|d| d.trim().parse::<usize>().map_err(|_| format!("'{d}' is not a size in '{s}'")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((name.to_string(), dims))
+}
+
+/// Gives the inputs named in `shapes` those shapes (their known dims must agree), and every other
+/// input with a symbolic leading dim the size `batch` there; other symbolic dims stay symbolic.
+fn bind_input_shapes(
+    m: &mut qgraph::Model,
+    batch: usize,
+    shapes: &[(String, Vec<usize>)],
+) -> anyhow::Result<()> {
+    let inputs: Vec<qgraph::ValueId> = m.graph.inputs().to_vec();
+    for (name, _) in shapes {
+        if !inputs.iter().any(|&v| m.graph.value(v).name == *name) {
+            let names: Vec<&str> = inputs.iter().map(|&v| m.graph.value(v).name.as_str()).collect();
+            anyhow::bail!("--shape {name}: not an input of the model (inputs: {})", names.join(", "));
+        }
+    }
+    for v in inputs {
+        let value = m.graph.value_mut(v);
+        let Some(shape) = value.shape.as_mut() else { continue };
+        if let Some((_, dims)) = shapes.iter().find(|(n, _)| *n == value.name) {
+            if dims.len() != shape.rank() {
+                anyhow::bail!(
+                    "--shape {}: {} dims for an input of rank {} ({shape})",
+                    value.name,
+                    dims.len(),
+                    shape.rank()
+                );
+            }
+            if let Some((i, d)) =
+                shape.0.iter().enumerate().find(|(i, d)| d.known().is_some_and(|k| k != dims[*i]))
+            {
+                anyhow::bail!("--shape {}: dim {i} is {d} in the model, not {}", value.name, dims[i]);
+            }
+            *shape = qgraph::Shape::known(dims);
+        } else if let Some(first) = shape.0.first_mut().filter(|d| d.known().is_none()) {
+            *first = qgraph::Dim::Known(batch);
+        }
+    }
+    Ok(())
+}
+
+/// `input[dim] = symbol` for every input dim still symbolic.
+fn unbound_input_dims(m: &qgraph::Model) -> Vec<String> {
+    let mut out = Vec::new();
+    for &v in m.graph.inputs() {
+        let value = m.graph.value(v);
+        for (i, d) in value.shape.iter().flat_map(|s| s.0.iter()).enumerate() {
+            if d.known().is_none() {
+                out.push(format!("{}[{i}] = {d}", value.name));
+            }
+        }
+    }
+    out
+}
+
 fn parse_dim(s: &str) -> Result<(String, usize), String> {
     let (name, n) = s.split_once('=').ok_or_else(|| format!("expected NAME=SIZE, got '{s}'"))?;
     let n = n.parse().map_err(|_| format!("'{n}' is not a size"))?;
@@ -353,10 +421,21 @@ impl From<GraphError> for Failure {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Command::Inspect { model, batch, dims, config, passes } => {
+        Command::Inspect { model, batch, dims, shapes, config, passes } => {
             let mut m = qgraph::load_path(&model)?;
-            let bindings = dims.into_iter().fold(DimBindings::all(batch), |b, (n, v)| b.with(&n, v));
-            let report = m.infer_shapes(&bindings)?;
+            bind_input_shapes(&mut m, batch, &shapes).map_err(Failure::User)?;
+            let bindings = dims.into_iter().fold(DimBindings::default(), |b, (n, v)| b.with(&n, v));
+            let report = m.infer_shapes(&bindings).map_err(|e| {
+                let unbound = unbound_input_dims(&m);
+                if unbound.is_empty() {
+                    Failure::User(e.into())
+                } else {
+                    Failure::User(anyhow::anyhow!(
+                        "{e}\nthe inputs have unbound dims ({}): give them with --shape NAME=D0,D1,… or --dim SYMBOL=N",
+                        unbound.join(", ")
+                    ))
+                }
+            })?;
             say!("{}", m.summary().to_string().trim_end());
             for id in report.unknown_ops {
                 let n = m.graph.node(id);

@@ -304,3 +304,40 @@ fn compressed_npz_data_is_read() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn dynamic_dims_stay_symbolic_and_bind_with_shape() {
+    let dir = scratch("dynamic");
+    let mut g = Graph::new("dynamic");
+    let dims = vec![
+        qgraph::Dim::Symbol(String::new()),
+        qgraph::Dim::Known(3),
+        qgraph::Dim::Symbol(String::new()),
+        qgraph::Dim::Symbol("width".into()),
+    ];
+    let x = g.add_input("x", DType::F32, Shape(dims));
+    let w = g.add_initializer("w", Tensor::from_vec(&[4, 3, 3, 3], vec![1f32; 108]).unwrap());
+    let c = g.add_op("Conv", "conv", &[x, w], vec![("kernel_shape", Attribute::Ints(vec![3, 3]))]);
+    let y = g.add_op(
+        "MaxPool",
+        "pool",
+        &[c],
+        vec![("kernel_shape", Attribute::Ints(vec![2, 2])), ("strides", Attribute::Ints(vec![2, 2]))],
+    );
+    g.add_output(y);
+    let model = dir.join("dynamic.onnx");
+    qgraph::save_path(&Model::new(g, 17), &model).unwrap();
+    let model = model.to_str().unwrap();
+    let inspect = |extra: &[&str]| {
+        let o =
+            Command::new(env!("CARGO_BIN_EXE_qmix")).arg("inspect").arg(model).args(extra).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let symbolic = inspect(&[]);
+    assert!(symbolic.contains("x : float [1, 3, ?, width]") && symbolic.contains("--shape"), "{symbolic}");
+    let bound = inspect(&["--shape", "x=1,3,48,320"]);
+    assert!(bound.contains("[1, 4, 23, 159]") && !bound.contains("symbolic dims"), "{bound}");
+    fails_naming(&["inspect", model, "--shape", "x=1,4,48,320"], &["--shape x", "dim 1"]);
+    fails_naming(&["inspect", model, "--shape", "y=1,3,48,320"], &["--shape y", "inputs: x"]);
+}

@@ -47,6 +47,13 @@ fn window_output(node: &Node, spatial: &[Dim], kernel: &[usize], ceil_mode: bool
     if strides.iter().chain(&dilations).any(|&v| v <= 0) {
         return Err(node.shape_error("strides and dilations must be positive"));
     }
+    // Bounded attributes keep the i64 arithmetic below exact (no overflow on hostile models).
+    let bound = i64::from(i32::MAX);
+    if strides.iter().chain(&dilations).chain(&pads).any(|v| v.abs() > bound)
+        || kernel.iter().any(|&k| k as u64 > bound as u64)
+    {
+        return Err(node.shape_error(format!("kernel, strides, dilations or pads beyond ±{bound}")));
+    }
     let auto_pad = node.string_attr("auto_pad")?.unwrap_or("NOTSET");
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -54,7 +61,10 @@ fn window_output(node: &Node, spatial: &[Dim], kernel: &[usize], ceil_mode: bool
             out.push(Dim::Symbol(String::new()));
             continue;
         };
-        let (d, k, s, dil) = (d as i64, kernel[i] as i64, strides[i], dilations[i]);
+        let Some(d) = i64::try_from(d).ok().filter(|&d| d <= 1 << 48) else {
+            return Err(node.shape_error(format!("spatial dim {d} is beyond 2^48")));
+        };
+        let (k, s, dil) = (kernel[i] as i64, strides[i], dilations[i]);
         let span = (k - 1) * dil + 1;
         let size = match auto_pad {
             "SAME_UPPER" | "SAME_LOWER" => (d + s - 1) / s,
