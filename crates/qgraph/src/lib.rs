@@ -34,7 +34,7 @@ pub use ids::{NodeId, Outlet, ValueId};
 pub use infer::ShapeReport;
 pub use load::{load_bytes, load_path, model_from_proto, tensor_from_bytes};
 pub use params::Param;
-pub use save::{model_to_proto, save_bytes, save_path, tensor_to_proto, write_atomically};
+pub use save::{OutputSet, model_to_proto, save_bytes, save_path, tensor_to_proto, write_atomically};
 pub use shape::{Dim, DimBindings, Shape, checked_numel};
 pub use summary::{Port, Summary};
 pub use tensor::{Element, Tensor};

@@ -84,6 +84,98 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The result files of one job, written as a set: each is written into a staging folder inside
+/// the output folder, and [`OutputSet::commit`] renames them all into place at the end, so a job
+/// that fails or is killed before then leaves the previous set whole (never new encodings beside
+/// an old model). Beginning a set removes what runs that died left behind there (staging folders
+/// and `.NAME.PID.tmp` files of processes no longer alive).
+#[derive(Debug)]
+pub struct OutputSet {
+    dir: std::path::PathBuf,
+    staging: std::path::PathBuf,
+    names: Vec<String>,
+    committed: bool,
+}
+
+/// Prefix of staging folders.
+const STAGING_PREFIX: &str = ".staging-";
+
+impl OutputSet {
+    /// Creates `dir` if needed, cleans up after dead runs, and opens a staging folder in it.
+    pub fn begin(dir: &Path) -> Result<OutputSet> {
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| GraphError::Io { path: p, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        remove_leftovers(dir);
+        let staging = dir.join(format!("{STAGING_PREFIX}{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir(&staging).map_err(io(&staging))?;
+        Ok(OutputSet { dir: dir.to_path_buf(), staging, names: Vec::new(), committed: false })
+    }
+
+    /// Where to write result file `name` (a plain file name) now; it reaches the output folder at
+    /// [`OutputSet::commit`].
+    pub fn staged(&mut self, name: &str) -> std::path::PathBuf {
+        if !self.names.iter().any(|n| n == name) {
+            self.names.push(name.to_string());
+        }
+        self.staging.join(name)
+    }
+
+    /// Where `name` will be once committed.
+    pub fn final_path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Moves every staged file that was written into the output folder and removes the staging
+    /// folder.
+    pub fn commit(mut self) -> Result<()> {
+        for name in &self.names {
+            let (from, to) = (self.staging.join(name), self.dir.join(name));
+            if from.exists() {
+                std::fs::rename(&from, &to).map_err(|source| GraphError::Io { path: to, source })?;
+            }
+        }
+        self.committed = true;
+        let _ = std::fs::remove_dir_all(&self.staging);
+        Ok(())
+    }
+}
+
+impl Drop for OutputSet {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.staging);
+        }
+    }
+}
+
+/// Removes staging folders and temporary files of processes that are no longer running (where
+/// `/proc` tells; elsewhere nothing is removed).
+fn remove_leftovers(dir: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = if let Some(p) = name.strip_prefix(STAGING_PREFIX) {
+            p
+        } else if let Some(rest) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) {
+            rest.rsplit('.').next().unwrap_or_default()
+        } else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let path = e.path();
+            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        }
+    }
+}
+
 fn string_pair(k: &str, v: &str) -> StringStringEntryProto {
     let mut e = StringStringEntryProto::new();
     e.key = k.to_string();

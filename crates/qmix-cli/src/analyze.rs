@@ -74,8 +74,7 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     let g = &sim.model().graph;
     let first_input = g.inputs().first().map(|&v| g.value(v).name.clone());
     let JobData { calib, eval, labels } = JobData::load(&a.job, first_input, &a.evaluation)?;
-    std::fs::create_dir_all(&a.out)
-        .map_err(|e| user(anyhow::anyhow!("cannot create {}: {e}", a.out.display())))?;
+    let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let batch = a.job.batch.max(1);
     let mut seconds: Vec<(String, f64)> = Vec::new();
     let mut step = Instant::now();
@@ -176,18 +175,19 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
         .map(|s| format!("    {}: {}", serde_json::Value::String(s.layer.clone()), json!(s.score)))
         .collect();
     qgraph::write_atomically(
-        &a.out.join("layer_sensitivity.json"),
+        &set.staged("layer_sensitivity.json"),
         format!("{{\n{}\n}}\n", entries.join(",\n")).as_bytes(),
     )?;
     qgraph::write_atomically(
-        &a.out.join("analysis.json"),
+        &set.staged("analysis.json"),
         qcalib::to_pretty_json(&report.to_json()).as_bytes(),
     )?;
-    qgraph::write_atomically(&a.out.join("report.html"), report.to_html().as_bytes())?;
+    qgraph::write_atomically(&set.staged("report.html"), report.to_html().as_bytes())?;
     let total: f64 = report.seconds.iter().map(|(_, s)| s).sum();
     say!("wrote {} (analysis.json, layer_sensitivity.json, report.html) in {total:.1} s", a.out.display());
     let mut ranked: Vec<&qanalyze::LayerScore> = report.enable_one.iter().collect();
     ranked.sort_by(|x, y| y.sensitivity().total_cmp(&x.sensitivity()));
+    set.commit().map_err(user)?;
     crate::summary(json!({
         "command": "analyze",
         "model": a.job.model.display().to_string(),

@@ -73,8 +73,7 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
     if a.max_drop.is_some() && labels.is_none() {
         return Err(user(anyhow::anyhow!("--max-drop needs labelled evaluation data (--eval and --labels)")));
     }
-    std::fs::create_dir_all(&a.out)
-        .map_err(|e| user(anyhow::anyhow!("cannot create {}: {e}", a.out.display())))?;
+    let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let batch = a.job.batch.max(1);
     let started = Instant::now();
     let calibration: Vec<qcalib::Feeds> = calib.batches(batch).collect();
@@ -151,7 +150,7 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
     if let Some(first) = r.rejected.first() {
         say!("stopped at '{first}' ({} rejected)", r.rejected.len());
     }
-    qcalib::write_encodings(&wide, EncodingVersion::V1_0_0, &a.out.join("model_automp.encodings"))
+    qcalib::write_encodings(&wide, EncodingVersion::V1_0_0, &set.staged("model_automp.encodings"))
         .map_err(user)?;
     let report = json!({
         "wide": a.wide.to_string(), "narrow": a.narrow.to_string(), "target": what,
@@ -159,8 +158,9 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
         "narrowed_mac_share": share,
         "order": scores.iter().map(|s| json!([s.layer, s.score])).collect::<Vec<_>>(),
     });
-    qgraph::write_atomically(&a.out.join("automp.json"), qcalib::to_pretty_json(&report).as_bytes())?;
+    qgraph::write_atomically(&set.staged("automp.json"), qcalib::to_pretty_json(&report).as_bytes())?;
     say!("wrote {}", a.out.display());
+    set.commit().map_err(user)?;
     crate::summary(
         json!({"command": "automp", "model": a.job.model.display().to_string(), "out": a.out.display().to_string(),
         "narrowed": r.narrowed.len(), "layers": scores.len(), "narrowed_mac_share": share, "score": r.score}),

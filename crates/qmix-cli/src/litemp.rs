@@ -77,8 +77,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     let mut sim = QuantSim::new(qgraph::load_path(&a.job.model)?, config, options).map_err(user)?;
     let first_input = sim.model().graph.inputs().first().map(|&v| sim.model().graph.value(v).name.clone());
     let JobData { calib, eval, labels } = JobData::load(&a.job, first_input, &a.evaluation)?;
-    std::fs::create_dir_all(&a.out)
-        .map_err(|e| user(anyhow::anyhow!("cannot create {}: {e}", a.out.display())))?;
+    let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let started = Instant::now();
     let batches = calib.samples.div_ceil(a.job.batch.max(1));
     let pb = bar(batches, "calibrating", "batches", a.quiet);
@@ -163,20 +162,20 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         .map(|s| format!("    {}: {}", serde_json::Value::String(s.layer.clone()), json!(s.score)))
         .collect();
     let text = format!("{{\n{}\n}}\n", entries.join(",\n"));
-    qgraph::write_atomically(&a.out.join("layer_sensitivity.json"), text.as_bytes())?;
+    qgraph::write_atomically(&set.staged("layer_sensitivity.json"), text.as_bytes())?;
 
     let ranked_json: Vec<serde_json::Value> = ranked.iter().map(|s| json!([s.layer, s.score])).collect();
     write_json(
-        &a.out.join("layer_sensitivity_ranked.json"),
+        &set.staged("layer_sensitivity_ranked.json"),
         &json!({"metric": "psnr_db", "higher_is_better": true, "ranked": ranked_json}),
     )?;
     let flipped_json: Vec<serde_json::Value> =
         flipped.iter().map(|f| json!({"layer": f.layer, "psnr_db": f.score})).collect();
     write_json(
-        &a.out.join("flipped_layers.json"),
+        &set.staged("flipped_layers.json"),
         &json!({"percent": a.percent, "count": a.count, "until_psnr": a.until_psnr, "override": a.override_precision.to_string(), "n_layers": scores.len(), "n_flipped": flipped.len(), "flipped_layers": flipped_json}),
     )?;
-    qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &a.out.join("model_mixed.encodings"))
+    qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &set.staged("model_mixed.encodings"))
         .map_err(user)?;
     say!("flipped {} of {} layers; wrote {}", flipped.len(), scores.len(), a.out.display());
     let mut top1_scores = None;
@@ -190,6 +189,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
             top1_scores = Some(json!({"fp32": fp, "w8a8": w, "mixed": m, "samples": e.samples}));
         }
     }
+    set.commit().map_err(user)?;
     crate::summary(json!({
         "command": "litemp",
         "model": a.job.model.display().to_string(),

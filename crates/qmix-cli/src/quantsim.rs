@@ -112,8 +112,7 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         rounding: a.rounding,
     };
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
-    std::fs::create_dir_all(&a.out)
-        .map_err(|e| user(anyhow::anyhow!("cannot create {}: {e}", a.out.display())))?;
+    let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let placement = sim.placement();
     let enabled = placement.quantizer_ids().iter().filter(|&&q| placement.quantizer(q).enabled).count();
     say!(
@@ -153,8 +152,9 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         qcalib::save_stats(&sim, path).map_err(user)?;
         say!("saved statistics to {}", path.display());
     }
-    write_outputs(&a, &sim)?;
-    let top1 = if a.evaluation.eval.is_empty() { None } else { evaluate(&a, &sim)? };
+    write_outputs(&a, &sim, &mut set)?;
+    let top1 = if a.evaluation.eval.is_empty() { None } else { evaluate(&a, &sim, &mut set)? };
+    set.commit().map_err(user)?;
     crate::summary(serde_json::json!({
         "command": "quantsim",
         "model": a.model.display().to_string(),
@@ -166,32 +166,34 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn write_outputs(a: &QuantsimArgs, sim: &QuantSim) -> Result<(), Failure> {
-    let encodings = a.out.join("model.encodings");
-    qcalib::write_encodings(sim, a.encoding_version, &encodings).map_err(user)?;
-    let float_model = a.out.join("model.onnx");
-    qgraph::save_path(sim.model(), &float_model)?;
-    let report = a.out.join("placement.json");
+/// Writes the encodings, the model, the placement report and (with `--qdq`) the QDQ model into
+/// `set` (they reach `--out` together when the job ends).
+fn write_outputs(a: &QuantsimArgs, sim: &QuantSim, set: &mut qgraph::OutputSet) -> Result<(), Failure> {
+    qcalib::write_encodings(sim, a.encoding_version, &set.staged("model.encodings")).map_err(user)?;
+    qgraph::save_path(sim.model(), set.staged("model.onnx"))?;
     let text = qcalib::to_pretty_json(&sim.placement().report(&sim.model().graph));
-    qgraph::write_atomically(&report, text.as_bytes())?;
+    qgraph::write_atomically(&set.staged("placement.json"), text.as_bytes())?;
     say!(
         "wrote {} (version {}), {} and {}",
-        encodings.display(),
+        set.final_path("model.encodings").display(),
         a.encoding_version.as_str(),
-        float_model.display(),
-        report.display()
+        set.final_path("model.onnx").display(),
+        set.final_path("placement.json").display()
     );
     if a.qdq {
-        let qdq = a.out.join("model_qdq.onnx");
         let options = QdqOptions { prequantize_weights: a.prequantize_weights, int32_bias: a.int32_bias };
-        qcalib::write_qdq_model(sim, options, &qdq).map_err(user)?;
-        say!("wrote {}", qdq.display());
+        qcalib::write_qdq_model(sim, options, &set.staged("model_qdq.onnx")).map_err(user)?;
+        say!("wrote {}", set.final_path("model_qdq.onnx").display());
     }
     Ok(())
 }
 
 /// Runs the evaluation data; returns FP32 and simulated top-1 when labels were given.
-fn evaluate(a: &QuantsimArgs, sim: &QuantSim) -> Result<Option<(f64, f64)>, Failure> {
+fn evaluate(
+    a: &QuantsimArgs,
+    sim: &QuantSim,
+    set: &mut qgraph::OutputSet,
+) -> Result<Option<(f64, f64)>, Failure> {
     let data = Dataset::load(&a.evaluation.eval, &a.preprocess).map_err(Failure::User)?;
     let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(a.threads))?;
     let pb = bar(data.samples.div_ceil(a.batch.max(1)), "evaluating", "batches", a.quiet);
@@ -206,8 +208,8 @@ fn evaluate(a: &QuantsimArgs, sim: &QuantSim) -> Result<Option<(f64, f64)>, Fail
     pb.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     let joined = concat(&sim_out).map_err(Failure::User)?;
-    let path = a.out.join("sim_outputs.npy");
-    write_tensor(&path, &joined).map_err(Failure::User)?;
+    write_tensor(&set.staged("sim_outputs.npy"), &joined).map_err(Failure::User)?;
+    let path = set.final_path("sim_outputs.npy");
     say!(
         "evaluated {} samples (simulated and FP32) in {secs:.2} s; simulated outputs in {}",
         data.samples,

@@ -341,3 +341,38 @@ fn dynamic_dims_stay_symbolic_and_bind_with_shape() {
     fails_naming(&["inspect", model, "--shape", "x=1,4,48,320"], &["--shape x", "dim 1"]);
     fails_naming(&["inspect", model, "--shape", "y=1,3,48,320"], &["--shape y", "inputs: x"]);
 }
+
+#[test]
+fn a_failed_job_leaves_the_previous_set_whole() {
+    let dir = scratch("set");
+    let out = dir.join("out");
+    let o = out.to_str().unwrap();
+    let model = digits(".onnx");
+    let calib = format!("input={}", digits("_calib.npy"));
+    let qmix = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_qmix")).args(args).output().unwrap();
+    assert!(qmix(&["quantsim", &model, "--calib", &calib, "--quiet", "--out", o]).status.success());
+    let before = std::fs::read(out.join("model.encodings")).unwrap();
+    // Leftovers of runs that died: a staging folder and a temporary file of dead processes.
+    std::fs::create_dir_all(out.join(".staging-4000000000")).unwrap();
+    std::fs::write(out.join(".model.onnx.4000000001.tmp"), b"half").unwrap();
+    // A different precision whose evaluation then fails on a bad label: nothing new lands.
+    let mut labels: Array1<i64> = ndarray_npy::read_npy(digits("_labels.npy")).unwrap();
+    labels[0] = 99;
+    let bad = dir.join("bad_labels.npy");
+    ndarray_npy::write_npy(&bad, &labels).unwrap();
+    let eval = format!("input={}", digits("_eval.npy"));
+    let b = bad.to_str().unwrap();
+    fails_naming(
+        &[
+            "quantsim", &model, "--calib", &calib, "--act", "int16", "--eval", &eval, "--labels", b,
+            "--quiet", "--out", o,
+        ],
+        &["label 99"],
+    );
+    assert_eq!(std::fs::read(out.join("model.encodings")).unwrap(), before);
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.iter().all(|n| !n.starts_with('.')), "{left:?}");
+}
