@@ -416,3 +416,19 @@ fn transpose_matches_ndarray_for_every_permutation() {
         assert_close(&run(m, &f, 1)[0], &want, &want_shape, 0.0);
     }
 }
+
+#[test]
+fn prelu_before_opset_7_applies_a_channel_slope_per_channel() {
+    let x: Vec<f32> = (0..24).map(|i| i as f32 - 12.0).collect();
+    let slope = vec![0.1f32, 0.2, 0.3];
+    let want: Vec<f32> =
+        x.iter().enumerate().map(|(i, &v)| if v < 0.0 { v * slope[i / 8] } else { v }).collect();
+    let (model, feeds) = one_node(
+        "PRelu",
+        vec![Src::Fed(f32t(&[1, 3, 2, 4], x)), Src::Weight(f32t(&[3], slope))],
+        vec![],
+        1,
+        6,
+    );
+    assert_close(&run(model, &feeds, 1)[0], &want, &[1, 3, 2, 4], 0.0);
+}

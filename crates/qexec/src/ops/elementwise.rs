@@ -85,6 +85,7 @@ pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>
         "And" => Ok(Box::new(Binary::And)),
         "Or" => Ok(Box::new(Binary::Or)),
         "Xor" => Ok(Box::new(Binary::Xor)),
+        "PRelu" if opset < 7 => Ok(Box::new(ChannelSlopePRelu)),
         "PRelu" => Ok(Box::new(Binary::PRelu)),
         "Sum" => Ok(Box::new(Variadic::Sum)),
         "Mean" => Ok(Box::new(Variadic::Mean)),
@@ -515,6 +516,34 @@ qkernels::multiversion! {
             -1.0 => map_slice(s, |v| 1.0 / v),
             _ => map_slice(s, |v| v.powf(e)),
         }
+    }
+}
+
+/// `PRelu` before opset 7, whose slope of shape `[C]` applies per channel (axis 1) rather than
+/// broadcasting against the last axis, as opset-6 exporters (and onnxruntime) treat it.
+struct ChannelSlopePRelu;
+
+impl Kernel for ChannelSlopePRelu {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        ctx: &ExecCtx<'_>,
+        fused: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let rank = input(inputs, 0)?.shape().len();
+        if let Some(slot) = inputs.get_mut(1)
+            && let Some(slope) = slot.take()
+        {
+            let per_channel = rank > 2 && slope.shape().len() == 1 && slope.len() > 1;
+            *slot = Some(if per_channel {
+                let mut shape = vec![slope.len()];
+                shape.resize(rank - 1, 1);
+                super::movement::reshape(slope, &shape)?
+            } else {
+                slope
+            });
+        }
+        Binary::PRelu.run(inputs, ctx, fused)
     }
 }
 

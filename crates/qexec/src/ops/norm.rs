@@ -1,6 +1,6 @@
 //! Normalisations and softmax: `BatchNormalization` (inference), `LayerNormalization`,
-//! `InstanceNormalization`, and `Softmax`/`LogSoftmax`/`Hardmax` along an axis (opset < 13:
-//! over all dims from the axis on).
+//! `InstanceNormalization`, `LRN` (across channels, as AlexNet and Inception v1 use it), and
+//! `Softmax`/`LogSoftmax`/`Hardmax` along an axis (opset < 13: over all dims from the axis on).
 
 use qgraph::{Node, Tensor};
 
@@ -21,6 +21,18 @@ pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>
             .float_attr("epsilon", 1e-5)
             .map_err(ExecError::from)
             .map(|eps| Box::new(InstanceNorm { eps }) as Box<dyn Kernel>),
+        "LRN" => (|| {
+            let size = node.int_attr("size", 0)?;
+            if size < 1 {
+                return Err(super::invalid(node, format!("size {size} is not positive")));
+            }
+            Ok(Box::new(Lrn {
+                size: size as usize,
+                alpha: node.float_attr("alpha", 1e-4)?,
+                beta: node.float_attr("beta", 0.75)?,
+                bias: node.float_attr("bias", 1.0)?,
+            }) as Box<dyn Kernel>)
+        })(),
         "LayerNormalization" => (|| {
             Ok(Box::new(LayerNorm {
                 axis: node.int_attr("axis", -1)?,
@@ -109,6 +121,50 @@ impl Kernel for InstanceNorm {
             let (mean, inv) = moments(plane, self.eps);
             plane.iter_mut().for_each(|v| *v = (*v - mean) * inv * scale[ch] + bias[ch]);
         })
+    }
+}
+
+/// `LRN`: `y = x / (bias + alpha/size · Σ x²)^beta`, the sum over the channels from
+/// `c − ⌊(size−1)/2⌋` to `c + ⌈(size−1)/2⌉` at the same position.
+struct Lrn {
+    size: usize,
+    alpha: f32,
+    beta: f32,
+    bias: f32,
+}
+
+impl Kernel for Lrn {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        _: &ExecCtx<'_>,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let x = input(inputs, 0)?;
+        let shape = x.shape().to_vec();
+        if shape.len() < 3 {
+            return Err(format!("LRN input must have rank ≥ 3, got {shape:?}"));
+        }
+        let (n, c) = (shape[0], shape[1]);
+        let plane: usize = shape[2..].iter().product();
+        let data = f32_data(x)?;
+        let before = (self.size - 1) / 2;
+        let after = self.size - 1 - before;
+        let scale = f64::from(self.alpha) / self.size as f64;
+        let mut out = vec![0f32; data.len()];
+        for img in 0..n {
+            let base = img * c * plane;
+            for ch in 0..c {
+                let (lo, hi) = (ch.saturating_sub(before), (ch + after).min(c - 1));
+                for p in 0..plane {
+                    let sum: f64 = (lo..=hi).map(|k| f64::from(data[base + k * plane + p]).powi(2)).sum();
+                    let at = base + ch * plane + p;
+                    let denom = (f64::from(self.bias) + scale * sum).powf(f64::from(self.beta));
+                    out[at] = (f64::from(data[at]) / denom) as f32;
+                }
+            }
+        }
+        Ok(vec![super::tensor_from(&shape, out)?])
     }
 }
 
