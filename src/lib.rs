@@ -2,6 +2,8 @@
 //! Each member crate is re-exported under its own name; depend on a member directly to pull in less.
 #![forbid(unsafe_code)]
 
+pub mod fuzzing;
+
 pub use qanalyze;
 pub use qcalib;
 pub use qexec;

@@ -4,6 +4,7 @@
 
 mod bench;
 mod conformance;
+mod fuzz;
 mod models;
 mod python;
 mod zoo;
@@ -29,6 +30,8 @@ commands:
                  `amp` only AMP vs AIMET
   conformance [--update]
                  run the ONNX backend node tests; fail if a test of the manifest fails
+  fuzz [CASES]   mutate the repository's models and the ONNX node-test models (after
+                 `conformance`) CASES times (default 100000); fail on any panic or hang
   bench [load|exec|sim|analyze]
                  measure against the reference implementation in the same run, print ratios
   models [bars|digits]
@@ -40,6 +43,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("zoo") => zoo::run(args.get(1).map(String::as_str)),
         Some("conformance") => conformance::run(args.get(1).map(String::as_str) == Some("--update")),
+        Some("fuzz") => fuzz::run(args.get(1).map(String::as_str)),
         Some("bench") => bench::run(args.get(1).map(String::as_str)),
         Some("models") => models::run(args.get(1).map(String::as_str)),
         Some("inspect") => {

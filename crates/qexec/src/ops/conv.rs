@@ -552,6 +552,9 @@ impl ConvTranspose {
             ));
         }
         let (kh, kw) = if rank == 1 { (1, w[2]) } else { (w[2], w[3]) };
+        if kh == 0 || kw == 0 || h == 0 || wd == 0 {
+            return Err(format!("empty input {x:?} or kernel {w:?}"));
+        }
         let [sh, sw] = ConvAttrs::pair(&a.strides, rank, 1)?;
         let [dh, dw] = ConvAttrs::pair(&a.dilations, rank, 1)?;
         let [oph, opw] = ConvAttrs::pair(&a.output_padding, rank, 0)?;

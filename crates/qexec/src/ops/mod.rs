@@ -284,7 +284,7 @@ pub(crate) fn wrap<T: Element>(a: ArrayD<T>) -> Tensor {
 pub(crate) fn norm_axis(axis: i64, rank: usize) -> KernelResult<usize> {
     let r = rank as i64;
     let a = if axis < 0 { axis + r } else { axis };
-    if (0..r.max(1)).contains(&a) || (rank == 0 && a == 0) {
+    if (0..r).contains(&a) {
         Ok(a as usize)
     } else {
         Err(format!("axis {axis} is out of range for rank {rank}"))

@@ -92,8 +92,8 @@ pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>
             .and_then(|u| k(Movement::Trilu { upper: u != 0 })),
         op @ ("DepthToSpace" | "SpaceToDepth") => (|| {
             let block = node.int_attr("blocksize", 0)?;
-            if block <= 0 {
-                return Err(super::invalid(node, "blocksize must be positive"));
+            if block <= 0 || block > 1 << 15 {
+                return Err(super::invalid(node, format!("blocksize {block} is not in 1..=32768")));
             }
             let crd = node.string_attr("mode")?.is_some_and(|m| m == "CRD");
             k(Movement::Blocks { to_space: op == "DepthToSpace", block: block as usize, crd })
@@ -629,6 +629,12 @@ impl Kernel for Movement {
                             }
                             Ok(match mode.as_str() {
                                 "constant" => None,
+                                _ if d == 0 => {
+                                    return Err(format!(
+                                        "{mode} padding of an empty axis {a} (shape {:?})",
+                                        x.shape()
+                                    ));
+                                }
                                 "edge" => Some(j.clamp(0, d - 1) as usize),
                                 "wrap" => Some(j.rem_euclid(d) as usize),
                                 "reflect" if d > 1 => {

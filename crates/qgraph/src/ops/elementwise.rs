@@ -99,19 +99,22 @@ struct Arithmetic;
 impl OpSpec for Arithmetic {
     fn infer(&self, node: &Node, inputs: &[Option<Fact>], _opset: i64) -> Result<Vec<Fact>> {
         let x = required(node, inputs, 0)?;
+        let op = node.op_type.as_str();
+        if !matches!(op, "Sum" | "Mean" | "Min" | "Max") {
+            required(node, inputs, 1)?;
+        }
         let shape = broadcast_inputs(node, inputs)?;
         let dtype = x.dtype.or_else(|| inputs.iter().flatten().find_map(|f| f.dtype));
         let present: Vec<&Fact> = inputs.iter().flatten().collect();
         let value = dtype.filter(|d| d.is_integer()).and_then(|d| {
-            let op = node.op_type.as_str();
-            fold_ints(&present, d, |a| match op {
-                "Add" | "Sum" => a.iter().try_fold(0i64, |s, &v| s.checked_add(v)),
-                "Sub" => a[0].checked_sub(a[1]),
-                "Mul" => a[0].checked_mul(a[1]),
-                "Div" => a[0].checked_div(a[1]),
-                "Mod" => a[0].checked_rem(a[1]),
-                "Min" => a.iter().copied().min(),
-                "Max" => a.iter().copied().max(),
+            fold_ints(&present, d, |a| match (op, a) {
+                ("Add" | "Sum", _) => a.iter().try_fold(0i64, |s, &v| s.checked_add(v)),
+                ("Sub", [x, y]) => x.checked_sub(*y),
+                ("Mul", [x, y]) => x.checked_mul(*y),
+                ("Div", [x, y]) => x.checked_div(*y),
+                ("Mod", [x, y]) => x.checked_rem(*y),
+                ("Min", _) => a.iter().copied().min(),
+                ("Max", _) => a.iter().copied().max(),
                 _ => None,
             })
         });

@@ -579,8 +579,8 @@ impl OpSpec for BlockRearrange {
     fn infer(&self, node: &Node, inputs: &[Option<Fact>], _opset: i64) -> Result<Vec<Fact>> {
         let x = required(node, inputs, 0)?;
         let b = node.int_attr("blocksize", 0)?;
-        if b <= 0 {
-            return Err(node.invalid_attr("blocksize", format!("must be positive, got {b}")));
+        if b <= 0 || b > 1 << 15 {
+            return Err(node.invalid_attr("blocksize", format!("must be in 1..=32768, got {b}")));
         }
         let b = b as usize;
         let Some(d) = x.dims().filter(|d| d.len() == 4) else { return Ok(vec![Fact::typed(x.dtype, None)]) };
