@@ -401,11 +401,29 @@ fn floats(v: &Value, what: &str, origin: &str) -> Result<Vec<f64>> {
     }
 }
 
-fn grid(delta: f64, offset: f64, bw: u32, symmetric: bool) -> Encoding {
+fn grid(delta: f64, offset: f64, bw: u32, symmetric: bool, name: &str, origin: &str) -> Result<Encoding> {
+    if !(delta.is_finite() && delta > 0.0) {
+        return Err(encodings_error(origin, format!("'{name}': scale {delta} is not a positive number")));
+    }
     let n = 2f64.powi(bw as i32) - 1.0;
+    if !(offset.is_finite() && offset.fract() == 0.0 && offset.abs() <= n + 1.0) {
+        return Err(encodings_error(
+            origin,
+            format!("'{name}': offset {offset} is not an integer of a {bw}-bit grid"),
+        ));
+    }
     // A symmetric grid whose offset is one above −2^(b−1) is strict: one step fewer.
     let strict = symmetric && offset == -(2f64.powi(bw as i32 - 1)) + 1.0;
-    Encoding::from_scale_offset(delta, offset, bw, if strict { n - 1.0 } else { n })
+    Ok(Encoding::from_scale_offset(delta, offset, bw, if strict { n - 1.0 } else { n }))
+}
+
+/// A bitwidth of an encodings file: 2 to 16 bits, or 32 (int32 bias entries).
+fn bitwidth(bw: Option<u64>, name: &str, origin: &str) -> Result<u32> {
+    match bw {
+        Some(b @ (2..=16 | 32)) => Ok(b as u32),
+        Some(b) => Err(encodings_error(origin, format!("'{name}': bitwidth {b} (2 to 16, or 32)"))),
+        None => Err(encodings_error(origin, format!("'{name}': no bw"))),
+    }
 }
 
 /// Parses an encodings document of any version into per-tensor entries.
@@ -421,9 +439,7 @@ pub fn parse_encodings(doc: &Value, origin: &str) -> Result<HashMap<String, Load
                 for e in list {
                     let name =
                         e["name"].as_str().ok_or_else(|| encodings_error(origin, "an entry has no name"))?;
-                    let bw =
-                        e["bw"].as_u64().ok_or_else(|| encodings_error(origin, format!("'{name}': no bw")))?
-                            as u32;
+                    let bw = bitwidth(e["bw"].as_u64(), name, origin)?;
                     if e["dtype"] == "FLOAT" {
                         let precision = if bw == 16 { Precision::Float16 } else { Precision::BFloat16 };
                         out.insert(
@@ -441,8 +457,11 @@ pub fn parse_encodings(doc: &Value, origin: &str) -> Result<HashMap<String, Load
                             format!("'{name}': scale and offset lists differ"),
                         ));
                     }
-                    let encodings =
-                        scales.iter().zip(&offsets).map(|(&s, &o)| grid(s, o, bw, symmetric)).collect();
+                    let encodings = scales
+                        .iter()
+                        .zip(&offsets)
+                        .map(|(&s, &o)| grid(s, o, bw, symmetric, name, origin))
+                        .collect::<Result<Vec<_>>>()?;
                     out.insert(
                         name.into(),
                         LoadedEncoding { precision: Precision::Int(bw), symmetric, encodings },
@@ -460,7 +479,7 @@ pub fn parse_encodings(doc: &Value, origin: &str) -> Result<HashMap<String, Load
                         .as_array()
                         .ok_or_else(|| encodings_error(origin, format!("'{name}': not a list")))?;
                     let Some(first) = list.first() else { continue };
-                    let bw = first["bitwidth"].as_u64().unwrap_or(8) as u32;
+                    let bw = bitwidth(Some(first["bitwidth"].as_u64().unwrap_or(8)), name, origin)?;
                     if first["dtype"] == "float" {
                         let precision = if bw == 16 { Precision::Float16 } else { Precision::BFloat16 };
                         out.insert(
@@ -478,7 +497,7 @@ pub fn parse_encodings(doc: &Value, origin: &str) -> Result<HashMap<String, Load
                                 format!("'{name}': entry without scale/offset"),
                             ));
                         };
-                        encodings.push(grid(s, o, bw, symmetric));
+                        encodings.push(grid(s, o, bw, symmetric, name, origin)?);
                     }
                     out.insert(
                         name.clone(),
@@ -499,9 +518,7 @@ pub fn parse_encodings(doc: &Value, origin: &str) -> Result<HashMap<String, Load
                     Some(rest) => (true, rest.strip_prefix("int")),
                     None => (false, dtype.strip_prefix("int")),
                 };
-                let bw: u32 = bits
-                    .and_then(|b| b.parse().ok())
-                    .ok_or_else(|| encodings_error(origin, format!("'{name}': output_dtype '{dtype}'")))?;
+                let bw = bitwidth(bits.and_then(|b| b.parse().ok()), name, origin)?;
                 let scales = floats(&e["y_scale"], name, origin)?;
                 let mut zps = floats(&e["y_zero_point"], name, origin)?;
                 if zps.is_empty() {
@@ -518,9 +535,9 @@ pub fn parse_encodings(doc: &Value, origin: &str) -> Result<HashMap<String, Load
                     .zip(&zps)
                     .map(|(&s, &z)| {
                         let offset = if unsigned { -z } else { -z - half };
-                        grid(s, offset, bw, symmetric)
+                        grid(s, offset, bw, symmetric, name, origin)
                     })
-                    .collect();
+                    .collect::<Result<Vec<_>>>()?;
                 out.insert(
                     name.into(),
                     LoadedEncoding { precision: Precision::Int(bw), symmetric, encodings },

@@ -145,6 +145,24 @@ fn every_encodings_version_loads_back_to_the_same_simulation() {
 }
 
 #[test]
+fn encodings_with_impossible_grids_are_refused_naming_the_tensor() {
+    let doc = qcalib::encodings_json(&calibrated(SimOptions::default()), EncodingVersion::V1_0_0);
+    let name = doc["activation_encodings"][0]["name"].as_str().unwrap().to_string();
+    for (field, value, needle) in [
+        ("scale", serde_json::json!([0.0]), "scale 0"),
+        ("scale", serde_json::json!([-0.5]), "scale -0.5"),
+        ("offset", serde_json::json!([0.5]), "offset 0.5"),
+        ("bw", serde_json::json!(1), "bitwidth 1"),
+        ("bw", serde_json::json!(64), "bitwidth 64"),
+    ] {
+        let mut bad = doc.clone();
+        bad["activation_encodings"][0][field] = value;
+        let err = qcalib::parse_encodings(&bad, "bad.encodings").unwrap_err().to_string();
+        assert!(err.contains(&name) && err.contains(needle) && err.contains("bad.encodings"), "{err}");
+    }
+}
+
+#[test]
 fn version_2_has_int32_biases_and_unsigned_activations() {
     let s = calibrated(SimOptions::default());
     let doc = qcalib::encodings_json(&s, EncodingVersion::V2_0_0);

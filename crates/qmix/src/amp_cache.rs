@@ -158,6 +158,6 @@ impl AmpCache {
         });
         let text = serde_json::to_string_pretty(&v).expect("JSON values serialise");
         qgraph::write_atomically(path, text.as_bytes())
-            .map_err(|e| AmpError::Cache { path: path.clone(), detail: e.to_string() })
+            .map_err(|e| AmpError::Write { path: path.clone(), detail: e.to_string() })
     }
 }

@@ -18,7 +18,7 @@ use crate::search::pareto_indices;
 
 fn write(path: &Path, text: &str) -> Result<(), AmpError> {
     qgraph::write_atomically(path, text.as_bytes())
-        .map_err(|e| AmpError::Cache { path: path.into(), detail: e.to_string() })
+        .map_err(|e| AmpError::Write { path: path.into(), detail: e.to_string() })
 }
 
 fn group_list(r: &AmpResult, g: usize) -> Value {

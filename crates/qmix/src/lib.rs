@@ -80,6 +80,15 @@ pub enum AmpError {
         /// What is wrong.
         detail: String,
     },
+    /// A result file (report, plot, front) could not be written (a full disk, a read-only
+    /// folder): the cache, if any, is intact.
+    #[error("cannot write {path}: {detail}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
