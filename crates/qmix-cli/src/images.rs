@@ -26,6 +26,18 @@ fn is_image(name: &Path) -> bool {
         .is_some_and(|e| ["jpg", "jpeg", "png"].contains(&e.to_ascii_lowercase().as_str()))
 }
 
+/// Decodes `file` to RGB with the decoder's allocations bounded (at most 512 MiB, or `limit`):
+/// a truncated or corrupt file, or one whose pixels would not fit, is an error naming it.
+fn decode(file: &Path, limit: usize) -> anyhow::Result<image::RgbImage> {
+    let mut reader = image::ImageReader::open(file)
+        .and_then(image::ImageReader::with_guessed_format)
+        .with_context(|| format!("cannot open {}", file.display()))?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(limit.min(512 << 20) as u64);
+    reader.limits(limits);
+    Ok(reader.decode().with_context(|| format!("{}: not a readable image", file.display()))?.to_rgb8())
+}
+
 /// Loads every image of `dir`, resized (shorter side `resize`), centre-cropped to `size`.
 pub(crate) fn load_folder(dir: &Path, resize: u32, size: u32, layout: Layout) -> anyhow::Result<Tensor> {
     if size == 0 || resize < size {
@@ -41,14 +53,27 @@ pub(crate) fn load_folder(dir: &Path, resize: u32, size: u32, layout: Layout) ->
         bail!("{}: no .jpg, .jpeg or .png images", dir.display());
     }
     let s = size as usize;
-    let mut data = vec![0u8; files.len() * 3 * s * s];
+    let limit = qexec::default_max_tensor_bytes();
+    let fits = |dims: &[usize]| qexec::tensor_bytes(dims, 1).filter(|&b| b <= limit);
+    let Some(total) = fits(&[files.len(), 3, s, s]) else {
+        bail!(
+            "{} images of {size}×{size} are beyond the memory limit of {limit} bytes (--max-memory)",
+            files.len()
+        );
+    };
+    let mut data = vec![0u8; total];
     for (n, file) in files.iter().enumerate() {
-        let img =
-            image::open(file).with_context(|| format!("{}: not a readable image", file.display()))?.to_rgb8();
+        let img = decode(file, limit)?;
         let (w, h) = img.dimensions();
-        let scale = resize as f64 / w.min(h) as f64;
+        let scale = resize as f64 / w.min(h).max(1) as f64;
         let (nw, nh) =
             (((w as f64 * scale).round() as u32).max(size), ((h as f64 * scale).round() as u32).max(size));
+        if fits(&[nw as usize, nh as usize, 3]).is_none() {
+            bail!(
+                "{}: resizing {w}×{h} to {nw}×{nh} (--resize {resize}) is beyond the memory limit",
+                file.display()
+            );
+        }
         let resized = image::imageops::resize(&img, nw, nh, FilterType::Triangle);
         let crop =
             image::imageops::crop_imm(&resized, (nw - size) / 2, (nh - size) / 2, size, size).to_image();

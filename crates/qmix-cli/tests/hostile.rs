@@ -376,3 +376,38 @@ fn a_failed_job_leaves_the_previous_set_whole() {
         .collect();
     assert!(left.iter().all(|n| !n.starts_with('.')), "{left:?}");
 }
+
+#[test]
+fn image_folders_that_do_not_fit_or_do_not_decode_are_named() {
+    let dir = scratch("images");
+    let out = dir.join("out");
+    let out = out.to_str().unwrap();
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let img = image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8, y as u8, 7]));
+    img.save(images.join("a.png")).unwrap();
+    let folder = format!("input={}", images.display());
+    let model = digits(".onnx");
+    fails_naming(
+        &[
+            "quantsim",
+            &model,
+            "--calib",
+            &folder,
+            "--image-size",
+            "100000",
+            "--resize",
+            "100000",
+            "--quiet",
+            "--out",
+            out,
+        ],
+        &["100000", "memory limit"],
+    );
+    let bytes = std::fs::read(images.join("a.png")).unwrap();
+    std::fs::write(images.join("b.png"), &bytes[..bytes.len() / 2]).unwrap();
+    fails_naming(
+        &["quantsim", &model, "--calib", &folder, "--quiet", "--out", out],
+        &["b.png", "not a readable image"],
+    );
+}
