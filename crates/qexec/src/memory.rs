@@ -51,6 +51,12 @@ pub(crate) fn check(shape: &[usize], elem: usize, limit: usize) -> Result<usize,
     }
 }
 
+/// A size computed in floating point (a Range length, a Resize output dim) as an integer, when it
+/// is a finite, non-negative count below 2⁵³ (where f64 still counts exactly).
+pub(crate) fn count_from_f64(v: f64, what: &str) -> Result<usize, String> {
+    if (0.0..9.0e15).contains(&v) { Ok(v as usize) } else { Err(format!("{what} gives {v} elements")) }
+}
+
 /// [`check`] for dims given as signed integers (repeats, pads, target shapes): negative dims are
 /// refused too.
 pub(crate) fn check_signed(dims: &[i64], elem: usize, limit: usize) -> Result<Vec<usize>, String> {

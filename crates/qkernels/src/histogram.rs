@@ -12,6 +12,10 @@
 /// Buckets of the TF-enhanced PDF: three times the 512 buckets that span the first batch.
 pub const TF_BUCKETS: usize = 1536;
 
+/// Largest magnitude of the first bucket's grid index (2⁵³): every bucket index stays exact in
+/// f64 and far from i64 overflow.
+const MAX_BASE: i64 = 1 << 53;
+
 /// AIMET 2.42's TF-enhanced histogram (a running mean of per-batch PDFs over a fixed range).
 ///
 /// The arithmetic is AIMET's, measured bucket for bucket against its compiled analyzer: the
@@ -57,8 +61,7 @@ fn tf_grid(batch: &[f32]) -> Option<(i64, f64)> {
     let (lo, hi) = (c - 3.0 * (c - mn), c + 3.0 * (mx - c));
     let width = (f64::from(hi) - f64::from(lo)) / TF_BUCKETS as f64;
     let base = (f64::from(lo) / width).floor();
-    // |base| ≤ 2^63 keeps every bucket index and edge exact in i64 and finite in f64.
-    (width.is_finite() && width > 0.0 && base.abs() < 9.0e18).then_some((base as i64, width))
+    (width.is_finite() && width > 0.0 && base.abs() < MAX_BASE as f64).then_some((base as i64, width))
 }
 
 impl TfHistogram {
@@ -116,6 +119,7 @@ impl TfHistogram {
     ) -> Result<TfHistogram, crate::KernelError> {
         let valid = width.is_finite()
             && width > 0.0
+            && base.unsigned_abs() < MAX_BASE as u64
             && (base as f64 * width).is_finite()
             && ((base as f64 + TF_BUCKETS as f64) * width).is_finite()
             && pdf.len() == TF_BUCKETS
@@ -143,7 +147,7 @@ impl TfHistogram {
     /// Left edge of bucket `i` (any `i`, also outside the histogram): `(base + i)·width`.
     /// `None` before initialisation.
     pub fn edge(&self, i: i64) -> Option<f64> {
-        self.range.map(|(base, w)| (base + i) as f64 * w)
+        self.range.map(|(base, w)| (base as f64 + i as f64) * w)
     }
 
     /// The bucket `x` falls in on the width grid, relative to bucket 0 (negative or beyond the
@@ -371,6 +375,7 @@ mod tests {
         assert!(!h.is_initialised());
         assert!(TfHistogram::from_parts(0, 1.0, vec![0.0; 512], 1).is_err());
         assert!(TfHistogram::from_parts(i64::MAX, 1e300, vec![0.0; TF_BUCKETS], 1).is_err());
+        assert!(TfHistogram::from_parts(i64::MIN, 1e-300, vec![0.0; TF_BUCKETS], 1).is_err());
     }
 
     #[test]

@@ -23,13 +23,10 @@ pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
         if group < 1 {
             return Err(super::invalid(node, format!("group {group} is not positive")));
         }
-        for name in ["kernel_shape", "strides", "dilations", "pads", "output_padding", "output_shape"] {
-            if let Some(v) =
-                node.ints_attr(name)?.filter(|v| v.iter().any(|x| x.unsigned_abs() > ATTRIBUTE_BOUND))
-            {
-                return Err(super::invalid(node, format!("{name} {v:?} beyond ±{ATTRIBUTE_BOUND}")));
-            }
-        }
+        super::check_size_attributes(
+            node,
+            &["kernel_shape", "strides", "dilations", "pads", "output_padding", "output_shape"],
+        )?;
         let attrs = ConvAttrs {
             group: group as usize,
             kernel: ints("kernel_shape")?,
@@ -43,10 +40,6 @@ pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
         Ok(if transpose { Box::new(ConvTranspose(attrs)) as Box<dyn Kernel> } else { Box::new(Conv(attrs)) })
     })())
 }
-
-/// The largest magnitude a size attribute may have (2³¹ − 1), so geometry arithmetic in i64
-/// cannot overflow.
-const ATTRIBUTE_BOUND: u64 = i32::MAX as u64;
 
 /// Attributes shared by `Conv` and `ConvTranspose`.
 struct ConvAttrs {

@@ -158,6 +158,22 @@ pub(crate) fn compile(node: &Node, opset: i64) -> Result<Box<dyn Kernel>> {
     }
 }
 
+/// The largest magnitude a size attribute (kernel, strides, dilations, pads, output padding or
+/// shape) may have: 2³¹ − 1, so a window's geometry in i64 cannot overflow.
+const SIZE_ATTRIBUTE_BOUND: u64 = i32::MAX as u64;
+
+/// Refuses a window op whose size attributes among `names` exceed [`SIZE_ATTRIBUTE_BOUND`].
+pub(crate) fn check_size_attributes(node: &Node, names: &[&str]) -> Result<()> {
+    for &name in names {
+        if let Some(v) =
+            node.ints_attr(name)?.filter(|v| v.iter().any(|x| x.unsigned_abs() > SIZE_ATTRIBUTE_BOUND))
+        {
+            return Err(invalid(node, format!("{name} {v:?} beyond ±{SIZE_ATTRIBUTE_BOUND}")));
+        }
+    }
+    Ok(())
+}
+
 /// An `ExecError::Invalid` for `node`.
 pub(crate) fn invalid(node: &Node, detail: impl Into<String>) -> ExecError {
     ExecError::Invalid { node: node.name.clone(), op: node.op_type.clone(), detail: detail.into() }

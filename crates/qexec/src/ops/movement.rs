@@ -670,11 +670,10 @@ impl Kernel for Movement {
                 if d == 0.0 {
                     return Err("Range delta is 0".into());
                 }
-                let count = ((l - s) / d).ceil().max(0.0);
-                if !count.is_finite() || count > 9.0e15 {
-                    return Err(format!("Range from {s} to {l} by {d} has {count} elements"));
-                }
-                let n = count as usize;
+                let n = crate::memory::count_from_f64(
+                    ((l - s) / d).ceil().max(0.0),
+                    &format!("Range from {s} to {l} by {d}"),
+                )?;
                 ctx.checked_len(&[n], dtype.size_of().max(8))?;
                 let v: Vec<f64> = (0..n).map(|i| s + i as f64 * d).collect();
                 let t = Tensor::from_vec(&[n], v).ok_or("internal")?;

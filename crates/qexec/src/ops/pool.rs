@@ -19,6 +19,7 @@ pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
         if node.outputs().len() > 1 {
             return Err(super::invalid(node, "the Indices output of MaxPool is not supported"));
         }
+        super::check_size_attributes(node, &["kernel_shape", "strides", "dilations", "pads"])?;
         let kernel = ints("kernel_shape")?.ok_or_else(|| super::invalid(node, "kernel_shape is required"))?;
         Ok(Box::new(Pool {
             kind,
@@ -77,10 +78,6 @@ impl Pool {
             return Err(format!("kernel_shape {:?} does not match {n} spatial dims", self.kernel));
         }
         let (s, d, p) = (get(&self.strides, n, 1)?, get(&self.dilations, n, 1)?, get(&self.pads, 2 * n, 0)?);
-        let bound = i64::from(i32::MAX);
-        if [&self.kernel, &s, &d, &p].iter().any(|v| v.iter().any(|x| x.abs() > bound)) {
-            return Err(format!("kernel, strides, dilations or pads beyond ±{bound}"));
-        }
         let mut axes = Vec::with_capacity(n);
         for i in 0..n {
             let (len, k) = (spatial[i] as i64, self.kernel[i]);

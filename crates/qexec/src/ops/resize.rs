@@ -138,11 +138,10 @@ impl Kernel for Resize {
             (Some(s), _) if s.len() == axes.len() => {
                 for (k, &a) in axes.iter().enumerate() {
                     axis_scale[a] = f64::from(s[k]);
-                    let o = (shape[a] as f64 * f64::from(s[k])).floor();
-                    if !(0.0..9.0e15).contains(&o) {
-                        return Err(format!("scale {} gives {o} elements on axis {a}", s[k]));
-                    }
-                    out_shape[a] = o as usize;
+                    out_shape[a] = crate::memory::count_from_f64(
+                        (shape[a] as f64 * f64::from(s[k])).floor(),
+                        &format!("scale {} on axis {a}", s[k]),
+                    )?;
                 }
             }
             (None, Some(z)) if z.len() == axes.len() => {
