@@ -7,6 +7,7 @@
 mod config;
 mod encodings;
 mod error;
+mod patterns;
 mod placement;
 mod qdq;
 mod schemes;
@@ -19,6 +20,7 @@ pub use encodings::{
     read_encodings, to_pretty_json, write_encodings,
 };
 pub use error::{CalibError, Result};
+pub use patterns::CHANNEL_CLIP_MARK;
 pub use placement::{
     DefaultPrecision, GRID_PRESERVING_OPS, Granularity, Placement, Precision, QuantizedTensor, Quantizer,
     QuantizerId, TensorRole,

@@ -480,6 +480,27 @@ impl QuantSim {
         Ok(run(feeds, serial)?.outputs)
     }
 
+    /// Runs the simulated model on the calling thread's pool, showing `observer` every value it
+    /// observes after the fake-quant hook has quantized it (what the next op reads).
+    pub fn run_observed(
+        &self,
+        feeds: &[(&str, Tensor)],
+        observer: &mut (dyn Hook + Send),
+    ) -> Result<Vec<Tensor>> {
+        let (session, fake_quant) = self.session_and_hook(false)?;
+        let mut hook = ObservedAfter { fake_quant, observer };
+        let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() };
+        Ok(session.run_with(feeds, opts)?.outputs)
+    }
+
+    /// The model with its quantized weights fake-quantized and everything else in float (the
+    /// weight encodings are computed from the weights, as calibration computes them).
+    pub fn weight_quantized_model(&mut self) -> Result<Model> {
+        self.gather_static_stats()?;
+        self.compute_param_encodings()?;
+        self.substituted_model(true)
+    }
+
     /// Runs the simulated model timing every step (kernel and fake-quant of its outputs).
     pub fn run_profiled(&self, feeds: &[(&str, Tensor)]) -> Result<(Vec<Tensor>, Vec<qexec::StepTime>)> {
         let (session, mut hook) = self.session_and_hook(false)?;
@@ -645,6 +666,33 @@ impl Hook for ObserveHook<'_> {
             None => stats[0].observe(&arr.iter().copied().collect::<Vec<_>>()),
         }
         Ok(())
+    }
+}
+
+/// The fake-quant hook, then an observer on the values it observes (the observer sees each
+/// value as the next op reads it; kernels apply no epilogue to those values).
+struct ObservedAfter<'a, 'o> {
+    fake_quant: FakeQuantHook<'a>,
+    observer: &'o mut (dyn Hook + Send),
+}
+
+impl Hook for ObservedAfter<'_, '_> {
+    fn observes(&self, value: ValueId) -> bool {
+        self.fake_quant.observes(value) || self.observer.observes(value)
+    }
+
+    fn on_tensor(&mut self, event: TensorEvent<'_>, tensor: &mut Tensor) -> Result<(), HookError> {
+        if self.fake_quant.observes(event.value) {
+            self.fake_quant.on_tensor(event, tensor)?;
+        }
+        if self.observer.observes(event.value) {
+            self.observer.on_tensor(event, tensor)?;
+        }
+        Ok(())
+    }
+
+    fn epilogue(&self, value: ValueId) -> Option<qexec::Epilogue<'_>> {
+        if self.observer.observes(value) { None } else { self.fake_quant.epilogue(value) }
     }
 }
 

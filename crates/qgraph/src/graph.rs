@@ -536,9 +536,14 @@ impl Graph {
         Ok(())
     }
 
-    /// Points input `slot` of `node` at `v` (or omits it).
+    /// Points input `slot` of `node` at `v` (or omits it); slots past the last one are added,
+    /// omitted, up to `slot`.
     pub fn set_input(&mut self, node: NodeId, slot: usize, v: Option<ValueId>) {
         let site = Outlet { node, slot };
+        let inputs = &mut self.nodes[node.index()].inputs;
+        if inputs.len() <= slot {
+            inputs.resize(slot + 1, None);
+        }
         if let Some(old) = self.nodes[node.index()].inputs[slot] {
             self.values[old.index()].consumers.retain(|o| *o != site);
         }
@@ -715,8 +720,9 @@ impl Graph {
         Ok(order)
     }
 
-    /// Reorders the arena into `topological_order()`.
-    pub(crate) fn sort_topologically(&mut self) -> Result<()> {
+    /// Reorders the arena into `topological_order()` (after rewrites that appended nodes read by
+    /// earlier ones). Ids held by the caller are invalid afterwards.
+    pub fn sort_topologically(&mut self) -> Result<()> {
         let order = self.topological_order()?;
         if order.iter().enumerate().all(|(i, id)| id.index() == i) {
             return Ok(());

@@ -102,10 +102,6 @@ fn set_static(g: &mut Graph, node: NodeId, slot: usize, new_name: &str, t: Tenso
         Some(v) if g.use_count(v) == 1 && g.static_value(v).is_some() => g.make_initializer(v, t),
         _ => {
             let id = g.add_initializer(new_name, t);
-            let inputs = &mut g.node_mut(node).inputs;
-            if inputs.len() <= slot {
-                inputs.resize(slot + 1, None);
-            }
             g.set_input(node, slot, Some(id));
         }
     }
