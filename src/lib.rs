@@ -10,3 +10,4 @@ pub use qexec;
 pub use qgraph;
 pub use qkernels;
 pub use qmix;
+pub use qptq;

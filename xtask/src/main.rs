@@ -13,6 +13,7 @@ mod zoo_analyze;
 mod zoo_calib;
 mod zoo_data;
 mod zoo_exec;
+mod zoo_ptq;
 
 use anyhow::Result;
 
@@ -22,7 +23,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const USAGE: &str = "usage: cargo xtask <command>
 commands:
-  zoo [exec|calib|minilm|analyze|amp]
+  zoo [exec|calib|minilm|analyze|amp|ptq]
                  run every check on the real models of ../shared/zoo (fails if it is missing);
                  `exec` runs only the interpreter parity checks, `calib` only QuantSim vs AIMET,
                  `minilm` only MiniLM's W8A16 export and STS-B scores,

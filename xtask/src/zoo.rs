@@ -60,6 +60,7 @@ pub fn run(only: Option<&str>) -> Result<()> {
         Some("minilm") => return crate::zoo_calib::check_minilm(&zoo),
         Some("analyze") => return crate::zoo_analyze::check(&zoo),
         Some("amp") => return crate::zoo_amp::check(&zoo),
+        Some("ptq") => return crate::zoo_ptq::check(&zoo),
         _ => {}
     }
     check_graphs(&zoo)?;
@@ -68,6 +69,7 @@ pub fn run(only: Option<&str>) -> Result<()> {
     crate::zoo_calib::check(&zoo)?;
     crate::zoo_analyze::check(&zoo)?;
     crate::zoo_amp::check(&zoo)?;
+    crate::zoo_ptq::check(&zoo)?;
     fuzz_loader(&zoo.join("models/mobilenetv1_025_128.onnx"), 2000)?;
     println!("zoo: all checks passed in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())

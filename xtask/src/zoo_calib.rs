@@ -56,11 +56,11 @@ const SETTINGS: [Setting; 3] = [
 ];
 
 /// Calibration rows (`row % 5 == 0`) and evaluation rows (the rest) of the 500-image sample.
-fn split() -> (Vec<usize>, Vec<usize>) {
+pub(crate) fn split() -> (Vec<usize>, Vec<usize>) {
     (0..500).partition(|r| r % 5 == 0)
 }
 
-const BATCH: usize = 32;
+pub(crate) const BATCH: usize = 32;
 
 /// Largest top-1 difference accepted between the simulation (with ONNX's tie rounding) and its
 /// QDQ export run as written by onnxruntime: one image of 400. Two float engines can still put a
@@ -209,7 +209,7 @@ fn qdq_top1_in_onnxruntime(
     Ok((top1[0], top1[1]))
 }
 
-fn top1(
+pub(crate) fn top1(
     sim: &QuantSim,
     c: &Classifier,
     images: &ndarray::Array4<u8>,

@@ -142,9 +142,9 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         precision: DefaultPrecision { param: highest.param, activation: highest.activation },
         ..SimOptions::default()
     };
-    let mut sim = QuantSim::new(qgraph::load_path(&a.job.model)?, config, options).map_err(user)?;
-    let first_input = sim.model().graph.inputs().first().map(|&v| sim.model().graph.value(v).name.clone());
-    let JobData { calib, eval, labels } = JobData::load(&a.job, first_input, &a.evaluation)?;
+    let (model, JobData { calib, eval, labels }) =
+        crate::ptq::load_job(&a.job, &a.evaluation, &a.job.ptq, &config, options)?;
+    let mut sim = QuantSim::new(model, config, options).map_err(user)?;
     let batch = a.job.batch.max(1);
     let calibration: Vec<qcalib::Feeds> = calib.batches(batch).collect();
     let phase1_samples = a.phase1_samples.clamp(1, calib.samples);

@@ -70,10 +70,9 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
         precision: DefaultPrecision { param: a.param, activation: a.activation },
         ..SimOptions::default()
     };
-    let mut sim = QuantSim::new(qgraph::load_path(&a.job.model)?, config, options).map_err(user)?;
-    let g = &sim.model().graph;
-    let first_input = g.inputs().first().map(|&v| g.value(v).name.clone());
-    let JobData { calib, eval, labels } = JobData::load(&a.job, first_input, &a.evaluation)?;
+    let (model, JobData { calib, eval, labels }) =
+        crate::ptq::load_job(&a.job, &a.evaluation, &a.job.ptq, &config, options)?;
+    let mut sim = QuantSim::new(model, config, options).map_err(user)?;
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let batch = a.job.batch.max(1);
     let mut seconds: Vec<(String, f64)> = Vec::new();

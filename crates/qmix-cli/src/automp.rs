@@ -59,17 +59,14 @@ fn parse_candidate(s: &str) -> Result<Candidate, String> {
 
 pub fn run(a: AutompArgs) -> Result<(), Failure> {
     let config = crate::dataset::quantsim_config(&a.job.config, &a.job.passes)?;
-    let model = qgraph::load_path(&a.job.model)?;
-    let sim_at = |c: Candidate| {
+    let options_at = |c: Candidate| {
         let precision = DefaultPrecision { param: c.param, activation: c.activation };
-        let options =
-            SimOptions { scheme: a.job.scheme, threads: a.threads, precision, ..SimOptions::default() };
-        QuantSim::new(model.clone(), config.clone(), options).map_err(user)
+        SimOptions { scheme: a.job.scheme, threads: a.threads, precision, ..SimOptions::default() }
     };
+    let (model, JobData { calib, eval, labels }) =
+        crate::ptq::load_job(&a.job, &a.evaluation, &a.job.ptq, &config, options_at(a.narrow))?;
+    let sim_at = |c: Candidate| QuantSim::new(model.clone(), config.clone(), options_at(c)).map_err(user);
     let mut narrow = sim_at(a.narrow)?;
-    let g = &narrow.model().graph;
-    let first_input = g.inputs().first().map(|&v| g.value(v).name.clone());
-    let JobData { calib, eval, labels } = JobData::load(&a.job, first_input, &a.evaluation)?;
     if a.max_drop.is_some() && labels.is_none() {
         return Err(user(anyhow::anyhow!("--max-drop needs labelled evaluation data (--eval and --labels)")));
     }

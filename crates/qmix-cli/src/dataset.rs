@@ -54,6 +54,8 @@ pub(crate) struct JobArgs {
     /// in windows of samples that fit.
     #[arg(long = "fp32-cache-mib", default_value_t = 4096)]
     pub fp32_cache_mib: usize,
+    #[command(flatten)]
+    pub ptq: crate::ptq::PtqArgs,
 }
 
 impl JobArgs {

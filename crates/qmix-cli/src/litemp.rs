@@ -74,9 +74,9 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         precision: DefaultPrecision::default(),
         ..SimOptions::default()
     };
-    let mut sim = QuantSim::new(qgraph::load_path(&a.job.model)?, config, options).map_err(user)?;
-    let first_input = sim.model().graph.inputs().first().map(|&v| sim.model().graph.value(v).name.clone());
-    let JobData { calib, eval, labels } = JobData::load(&a.job, first_input, &a.evaluation)?;
+    let (model, JobData { calib, eval, labels }) =
+        crate::ptq::load_job(&a.job, &a.evaluation, &a.job.ptq, &config, options)?;
+    let mut sim = QuantSim::new(model, config, options).map_err(user)?;
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let started = Instant::now();
     let batches = calib.samples.div_ceil(a.job.batch.max(1));

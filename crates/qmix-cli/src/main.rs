@@ -17,6 +17,7 @@ mod dataset;
 mod images;
 mod litemp;
 mod profile;
+mod ptq;
 mod quantsim;
 
 use std::path::{Path, PathBuf};
@@ -162,6 +163,11 @@ enum Command {
     ///
     /// Example: qmix automp model.onnx --calib input=calib.npy --eval input=eval.npy --labels labels.npy --max-drop 0.01
     Automp(automp::AutompArgs),
+    /// Cross-layer equalization: fold batch norms, scale chains of layers so their channels'
+    /// weight ranges match (exactly through ReLU6/Clip), absorb high biases; writes the model.
+    ///
+    /// Example: qmix cle model.onnx --out cle_out/
+    Cle(ptq::CleArgs),
 }
 
 fn parse_input(s: &str) -> Result<(String, PathBuf), String> {
@@ -530,6 +536,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Amp(args) => amp::run(args),
         Command::Analyze(args) => analyze::run(args),
         Command::Automp(args) => automp::run(args),
+        Command::Cle(args) => ptq::run(args),
     }
 }
 

@@ -65,6 +65,8 @@ pub struct QuantsimArgs {
     #[arg(long)]
     int32_bias: bool,
     #[command(flatten)]
+    ptq: crate::ptq::PtqArgs,
+    #[command(flatten)]
     evaluation: EvalArgs,
     #[command(flatten)]
     preprocess: Preprocess,
@@ -111,8 +113,24 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         calibrate_with_float_weights: a.calibrate_activations_with_float_weights,
         rounding: a.rounding,
     };
+    let calib = if a.calib.is_empty() {
+        None
+    } else {
+        Some(Dataset::load(&a.calib, &a.preprocess).map_err(Failure::User)?)
+    };
+    let (model, ptq_report, given) = if a.ptq.any() {
+        let batches: Option<Vec<qcalib::Feeds>> = calib.as_ref().map(|c| c.batches(a.batch.max(1)).collect());
+        let given = model.clone();
+        let (m, r) = crate::ptq::apply(model, &a.ptq, &config, options, batches.as_deref())?;
+        (m, Some(r), Some(given))
+    } else {
+        (model, None, None)
+    };
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
+    if let Some(r) = &ptq_report {
+        qgraph::write_atomically(&set.staged("ptq.json"), qcalib::to_pretty_json(r).as_bytes())?;
+    }
     let placement = sim.placement();
     let enabled = placement.quantizer_ids().iter().filter(|&&q| placement.quantizer(q).enabled).count();
     say!(
@@ -131,7 +149,7 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
             say!("encodings computed from the statistics in {}", stats.display());
         }
         None => {
-            let calib = Dataset::load(&a.calib, &a.preprocess).map_err(Failure::User)?;
+            let calib = calib.ok_or_else(|| user(anyhow::anyhow!("no calibration data (--calib)")))?;
             let batches = calib.samples.div_ceil(a.batch.max(1));
             let pb = bar(batches, "calibrating", "batches", a.quiet);
             let started = Instant::now();
@@ -153,7 +171,8 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         say!("saved statistics to {}", path.display());
     }
     write_outputs(&a, &sim, &mut set)?;
-    let top1 = if a.evaluation.eval.is_empty() { None } else { evaluate(&a, &sim, &mut set)? };
+    let top1 =
+        if a.evaluation.eval.is_empty() { None } else { evaluate(&a, &sim, given.as_ref(), &mut set)? };
     set.commit().map_err(user)?;
     crate::summary(serde_json::json!({
         "command": "quantsim",
@@ -188,14 +207,17 @@ fn write_outputs(a: &QuantsimArgs, sim: &QuantSim, set: &mut qgraph::OutputSet) 
     Ok(())
 }
 
-/// Runs the evaluation data; returns FP32 and simulated top-1 when labels were given.
+/// Runs the evaluation data; returns FP32 and simulated top-1 when labels were given. FP32 is the
+/// model as given (`given`, when post-training techniques changed it), else the simulated one.
 fn evaluate(
     a: &QuantsimArgs,
     sim: &QuantSim,
+    given: Option<&qgraph::Model>,
     set: &mut qgraph::OutputSet,
 ) -> Result<Option<(f64, f64)>, Failure> {
     let data = Dataset::load(&a.evaluation.eval, &a.preprocess).map_err(Failure::User)?;
-    let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(a.threads))?;
+    let float_model = given.unwrap_or(sim.model()).clone();
+    let float = qexec::Session::new(float_model, qexec::SessionOptions::threads(a.threads))?;
     let pb = bar(data.samples.div_ceil(a.batch.max(1)), "evaluating", "batches", a.quiet);
     let (mut sim_out, mut float_out): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
     let started = Instant::now();

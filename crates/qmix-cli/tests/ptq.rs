@@ -1,0 +1,155 @@
+//! `qmix cle` and the post-training options of the simulation commands on a small model with a
+//! BatchNormalization and a ReLU6 saved by the test: the equalized model computes what the
+//! original computes, `quantsim` applies BN re-estimation, CLE and bias correction and writes
+//! what each did, and techniques that need data say so when none is given.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ndarray::{ArrayD, IxDyn};
+use qexec::{Session, SessionOptions};
+use qgraph::{Attribute, DType, Dim, Graph, Model, Shape, Tensor};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qmix-ptq-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn tensor(shape: &[usize], f: impl Fn(usize) -> f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), (0..n).map(f).collect()).unwrap().into_shared())
+}
+
+/// x [N, 2, 6, 6] → Conv(4, 3×3, pad 1) → BatchNormalization → Clip(0, 6) → Conv(3, 1×1) →
+/// GlobalAveragePool → Flatten.
+fn save_model(dir: &Path) -> PathBuf {
+    let mut g = Graph::new("bn_relu6");
+    let shape = Shape(vec![Dim::Symbol("N".into()), Dim::Known(2), Dim::Known(6), Dim::Known(6)]);
+    let x = g.add_input("x", DType::F32, shape);
+    let w1 = g.add_initializer(
+        "w1",
+        tensor(&[4, 2, 3, 3], |i| (i as f32 * 0.77).sin() * [0.02, 0.3, 0.05, 0.9][i / 18]),
+    );
+    let c1 = g.add_op("Conv", "conv1", &[x, w1], vec![("pads", Attribute::Ints(vec![1, 1, 1, 1]))]);
+    let bn: Vec<_> = [
+        ("gamma", [1.0, 0.5, 2.0, 1.0]),
+        ("beta", [0.5, 3.0, -1.0, 0.2]),
+        ("mean", [0.1, -0.2, 0.0, 0.3]),
+        ("var", [1.0, 2.0, 0.5, 1.5]),
+    ]
+    .iter()
+    .map(|(n, v)| g.add_initializer(n, tensor(&[4], |i| v[i])))
+    .collect();
+    let b = g.add_op("BatchNormalization", "bn", &[c1, bn[0], bn[1], bn[2], bn[3]], vec![]);
+    let (lo, hi) =
+        (g.add_initializer("zero", tensor(&[], |_| 0.0)), g.add_initializer("six", tensor(&[], |_| 6.0)));
+    let r = g.add_op("Clip", "relu6", &[b, lo, hi], vec![]);
+    let w2 = g.add_initializer("w2", tensor(&[3, 4, 1, 1], |i| (i as f32 * 1.3).cos()));
+    let c2 = g.add_op("Conv", "conv2", &[r, w2], vec![]);
+    let p = g.add_op("GlobalAveragePool", "pool", &[c2], vec![]);
+    let f = g.add_op("Flatten", "scores", &[p], vec![]);
+    g.add_output(f);
+    let path = dir.join("bn_relu6.onnx");
+    qgraph::save_path(&Model::new(g, 13), &path).unwrap();
+    path
+}
+
+fn data(dir: &Path, n: usize) -> PathBuf {
+    let path = dir.join("x.npy");
+    let values: Vec<f32> = (0..n * 72).map(|i| ((i * 37 % 101) as f32 - 50.0) / 20.0).collect();
+    ndarray_npy::write_npy(&path, &ArrayD::from_shape_vec(IxDyn(&[n, 2, 6, 6]), values).unwrap()).unwrap();
+    path
+}
+
+fn qmix(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_qmix")).args(args).output().unwrap()
+}
+
+/// `qmix quantsim MODEL --calib x=DATA --out OUT --quiet` and `extra`.
+fn quantsim(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let calib = format!("x={}", data.display());
+    let mut args = vec![
+        "quantsim",
+        model.to_str().unwrap(),
+        "--calib",
+        &calib,
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    qmix(&args)
+}
+
+fn outputs(model: &Path, x: &Tensor) -> ArrayD<f32> {
+    let m = qgraph::load_path(model).unwrap();
+    let s = Session::new(m, SessionOptions::threads(1)).unwrap();
+    s.run(&[("x", x.clone())]).unwrap()[0].as_f32().unwrap().to_owned()
+}
+
+#[test]
+fn cle_writes_an_equivalent_model_and_its_report() {
+    let dir = scratch("cle");
+    let model = save_model(&dir);
+    let out = dir.join("cle_out");
+    let o = qmix(&["cle", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--no-high-bias-fold"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("cle_report.json")).unwrap()).unwrap();
+    assert_eq!(report["sets"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(report["bn_folded"].as_array().unwrap().len(), 1);
+    assert_eq!(report["clips_rewritten"][0], "relu6");
+    let x = tensor(&[3, 2, 6, 6], |i| ((i * 13 % 29) as f32 - 14.0) / 5.0);
+    let (a, b) = (outputs(&model, &x), outputs(&out.join("model.onnx"), &x));
+    let diff = (&a - &b).iter().fold(0f32, |m, d| m.max(d.abs()));
+    assert!(diff < 1e-5, "equalized outputs moved by {diff}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn quantsim_applies_and_reports_every_technique() {
+    let dir = scratch("quantsim");
+    let model = save_model(&dir);
+    let x = data(&dir, 16);
+    let out = dir.join("qs");
+    let o = quantsim(&model, &x, &out, &["--bn-reestimate", "--cle", "--bias-correction"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("ptq.json")).unwrap()).unwrap();
+    assert_eq!(report["bn_reestimation"]["reestimated"].as_array().unwrap().len(), 1, "{report}");
+    assert!(report["cle"]["sets"].is_array());
+    assert!(!report["bias_correction"]["corrected"].as_array().unwrap().is_empty(), "{report}");
+    // The model beside the encodings is the modified one: no BatchNormalization, no Clip.
+    let saved = qgraph::load_path(out.join("model.onnx")).unwrap();
+    assert!(saved.graph.nodes().all(|(_, n)| n.op_type != "BatchNormalization" && n.op_type != "Clip"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn techniques_that_need_data_say_so() {
+    let dir = scratch("nodata");
+    let model = save_model(&dir);
+    let x = data(&dir, 8);
+    let stats = dir.join("stats.bin");
+    let o = quantsim(&model, &x, &dir.join("a"), &["--save-stats", stats.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for flag in ["--bias-correction", "--bn-reestimate"] {
+        let o = qmix(&[
+            "quantsim",
+            model.to_str().unwrap(),
+            "--load-stats",
+            stats.to_str().unwrap(),
+            flag,
+            "--out",
+            dir.join("b").to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{flag}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(flag) && err.contains("calibration data"), "{flag}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    let o = quantsim(&model, &x, &dir.join("c"), &["--bias-correction", "sometimes"]);
+    assert_eq!(o.status.code(), Some(1));
+    std::fs::remove_dir_all(&dir).ok();
+}

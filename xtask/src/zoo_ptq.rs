@@ -1,0 +1,184 @@
+//! Post-training techniques on the zoo classifiers (`cargo xtask zoo ptq`), against AIMET 2.42's
+//! figures in `../shared/zoo/aimet/<model>/ptq/`:
+//! - the equalized FP32 model (every set scaled, including layers already on an 8-bit grid)
+//!   gives the original's outputs within 1e-5 of the largest logit on the 400 evaluation images;
+//! - efficientnet_lite0, per-tensor W8A8 with CLE: top-1 at least 0.865;
+//! - with the per-channel `default` config, CLE loses no more than 0.5 pp on any classifier;
+//! - reported: mobilenetv2_keras per-tensor with CLE, bias correction and both, and the time CLE
+//!   takes.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use qcalib::{Feeds, QuantSim, QuantsimConfig, SimOptions};
+use qexec::{Session, SessionOptions};
+use qgraph::Model;
+use qptq::{BiasCorrectionKind, EqualizeOptions};
+
+use crate::zoo_calib::{BATCH, split, top1};
+use crate::zoo_data::{self, CLASSIFIERS, Classifier};
+
+/// Top-1 efficientnet_lite0 must reach per-tensor with CLE (FP32 0.885, AIMET's CLE 0.800).
+const EFFICIENTNET_PER_TENSOR_CLE: f64 = 0.865;
+/// Largest top-1 CLE may lose under the per-channel `default` config.
+const DEFAULT_CONFIG_LOSS: f64 = 0.005;
+/// Largest FP32 output change of equalization, relative to the largest logit.
+const EQUALIZED_FP32_TOLERANCE: f32 = 1e-5;
+
+/// Calibrates a simulation of `model` under `config` and returns its top-1 on the evaluation rows.
+fn simulated_top1(model: Model, config: &str, data: &Data<'_>) -> Result<f64> {
+    let config = QuantsimConfig::load(config)?;
+    let mut sim = QuantSim::new(model, config, SimOptions::default())?;
+    sim.calibrate(data.calibration.iter().cloned(), &mut |_| {})?;
+    top1(&sim, data.c, data.images, data.eval, data.labels)
+}
+
+/// A classifier's data.
+struct Data<'a> {
+    c: &'a Classifier,
+    images: &'a ndarray::Array4<u8>,
+    calibration: Vec<Feeds>,
+    eval: &'a [usize],
+    labels: &'a [i64],
+}
+
+/// AIMET's simulated top-1 from one of its PTQ runs.
+fn aimet_top1(zoo: &Path, model: &str, run: &str) -> Option<f64> {
+    aimet_figure(zoo, model, run, "sim_top1")
+}
+
+/// A figure of one of AIMET's PTQ runs.
+fn aimet_figure(zoo: &Path, model: &str, run: &str, key: &str) -> Option<f64> {
+    let path = zoo.join(format!("aimet/{model}/ptq/{run}/result.json"));
+    // Python's json writes non-finite floats as bare words JSON does not have.
+    let text = std::fs::read_to_string(path)
+        .ok()?
+        .replace("-Infinity", "null")
+        .replace("Infinity", "null")
+        .replace("NaN", "null");
+    let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
+    doc[key].as_f64()
+}
+
+/// Largest output difference between two models over the evaluation rows, and the largest logit.
+fn fp32_difference(a: &Model, b: &Model, data: &Data<'_>) -> Result<(f32, f32)> {
+    let (sa, sb) = (
+        Session::new(a.clone(), SessionOptions::default())?,
+        Session::new(b.clone(), SessionOptions::default())?,
+    );
+    let name = a.graph.value(a.graph.inputs()[0]).name.clone();
+    let (mut diff, mut largest) = (0f32, 0f32);
+    for chunk in data.eval.chunks(BATCH) {
+        let x = data.c.batch(data.images, chunk);
+        let (ya, yb) = (sa.run(&[(name.as_str(), x.clone())])?, sb.run(&[(name.as_str(), x)])?);
+        let (ya, yb) = (ya[0].as_f32().context("f32 logits")?, yb[0].as_f32().context("f32 logits")?);
+        for (p, q) in ya.iter().zip(yb.iter()) {
+            diff = diff.max((p - q).abs());
+            largest = largest.max(p.abs());
+        }
+    }
+    Ok((diff, largest))
+}
+
+pub fn check(zoo: &Path) -> Result<()> {
+    let labels: Vec<i64> = zoo_data::labels(zoo)?.to_vec();
+    let (calib_rows, eval_rows) = split();
+    let mut failures = Vec::new();
+    println!("post-training techniques (W8A8 min-max, 100 calibration images, top-1 on 400):");
+    for c in CLASSIFIERS {
+        let images = zoo_data::raw_images(zoo, c.images)?;
+        let original = qgraph::load_path(zoo.join(format!("models/{}.onnx", c.name)))?;
+        let input = original.graph.value(original.graph.inputs()[0]).name.clone();
+        let calibration =
+            calib_rows.chunks(BATCH).map(|rows| vec![(input.clone(), c.batch(&images, rows))]).collect();
+        let data = Data { c, images: &images, calibration, eval: &eval_rows, labels: &labels };
+
+        // Every set scaled: the float function is kept.
+        let mut forced = original.clone();
+        let started = Instant::now();
+        let options = EqualizeOptions { rescale_quantized: true, ..EqualizeOptions::default() };
+        let report = qptq::equalize(&mut forced, options)?;
+        let cle_seconds = started.elapsed().as_secs_f64();
+        let (diff, largest) = fp32_difference(&original, &forced, &data)?;
+        println!(
+            "  {:<20} CLE (every set): {} sets, {} Clip per-channel, in {:.3} s; FP32 outputs move by {diff:.2e} (largest logit {largest:.2})",
+            c.name,
+            report.sets.len(),
+            report.clips_rewritten.len(),
+            cle_seconds
+        );
+        if diff > EQUALIZED_FP32_TOLERANCE * largest {
+            failures.push(format!(
+                "{}: the equalized FP32 model moves outputs by {diff:e} (largest {largest})",
+                c.name
+            ));
+        }
+
+        // The default config: CLE as `--cle` applies it must not lose accuracy.
+        let mut equalized = original.clone();
+        let report = qptq::equalize(&mut equalized, EqualizeOptions::default())?;
+        let base = simulated_top1(original.clone(), "default", &data)?;
+        let with_cle =
+            if report.sets.is_empty() { base } else { simulated_top1(equalized.clone(), "default", &data)? };
+        println!(
+            "  {:<20} default: top-1 {base:.4}, with CLE {with_cle:.4} ({} sets scaled, {} left alone as their weights lie on an 8-bit grid; AIMET's CLE {})",
+            c.name,
+            report.sets.len(),
+            report.sets_skipped.len(),
+            aimet_top1(zoo, c.name, "cle_default").map_or("-".into(), |v| format!("{v:.4}"))
+        );
+        if with_cle < base - DEFAULT_CONFIG_LOSS {
+            failures.push(format!(
+                "{}: CLE loses {:.2} pp under the default config",
+                c.name,
+                (base - with_cle) * 100.0
+            ));
+        }
+
+        match c.name {
+            "efficientnet_lite0" => {
+                let t = simulated_top1(equalized, "default_per_tensor", &data)?;
+                println!(
+                    "  {:<20} per-tensor with CLE: top-1 {t:.4} (required ≥ {EFFICIENTNET_PER_TENSOR_CLE}; AIMET's CLE {}, replacing ReLU6 {})",
+                    c.name,
+                    aimet_top1(zoo, c.name, "cle_per_tensor").map_or("-".into(), |v| format!("{v:.4}")),
+                    aimet_top1(zoo, c.name, "cle_clipconst_per_tensor")
+                        .map_or("-".into(), |v| format!("{v:.4}"))
+                );
+                if t < EFFICIENTNET_PER_TENSOR_CLE {
+                    failures.push(format!(
+                        "{}: per-tensor top-1 with CLE {t} < {EFFICIENTNET_PER_TENSOR_CLE}",
+                        c.name
+                    ));
+                }
+            }
+            "mobilenetv2_keras" => {
+                let config = QuantsimConfig::load("default_per_tensor")?;
+                let corrected = |mut m: Model| -> Result<Model> {
+                    qptq::correct_bias(
+                        &mut m,
+                        &config,
+                        SimOptions::default(),
+                        &data.calibration,
+                        BiasCorrectionKind::Empirical,
+                    )?;
+                    Ok(m)
+                };
+                let cle = simulated_top1(forced.clone(), "default_per_tensor", &data)?;
+                let bc = simulated_top1(corrected(original.clone())?, "default_per_tensor", &data)?;
+                let both = simulated_top1(corrected(forced)?, "default_per_tensor", &data)?;
+                println!(
+                    "  {:<20} per-tensor: CLE of every set {cle:.4}, bias correction {bc:.4}, both {both:.4} (AIMET's CLE {})",
+                    c.name,
+                    aimet_top1(zoo, c.name, "cle_per_tensor").map_or("-".into(), |v| format!("{v:.4}"))
+                );
+            }
+            _ => {}
+        }
+    }
+    if !failures.is_empty() {
+        bail!("post-training techniques on the zoo:\n  {}", failures.join("\n  "));
+    }
+    Ok(())
+}
