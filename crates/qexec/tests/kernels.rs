@@ -432,3 +432,71 @@ fn prelu_before_opset_7_applies_a_channel_slope_per_channel() {
     );
     assert_close(&run(model, &feeds, 1)[0], &want, &[1, 3, 2, 4], 0.0);
 }
+
+#[test]
+fn float16_tensors_run_through_f32_kernels_and_stay_float16() {
+    // Conv with float16 input and weight: the f32 result rounded to float16, float16 out.
+    let x: Vec<f32> = (0..2 * 5 * 5).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.25).collect();
+    let w: Vec<f32> = (0..3 * 2 * 3 * 3).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.125).collect();
+    let half = |v: &[f32], shape: &[usize]| {
+        Tensor::from_vec(shape, v.iter().map(|&a| half::f16::from_f32(a)).collect::<Vec<_>>()).unwrap()
+    };
+    let (m16, feeds16) = one_node(
+        "Conv",
+        vec![Src::Fed(half(&x, &[1, 2, 5, 5])), Src::Weight(half(&w, &[3, 2, 3, 3]))],
+        vec![("pads", ints(&[1, 1, 1, 1]))],
+        1,
+        13,
+    );
+    let (m32, feeds32) = one_node(
+        "Conv",
+        vec![Src::Fed(f32t(&[1, 2, 5, 5], x.clone())), Src::Weight(f32t(&[3, 2, 3, 3], w.clone()))],
+        vec![("pads", ints(&[1, 1, 1, 1]))],
+        1,
+        13,
+    );
+    let got = run(m16, &feeds16, 1).remove(0);
+    let want = run(m32, &feeds32, 1).remove(0);
+    let Tensor::F16(got) = got else { panic!("expected a float16 output, got {}", got.dtype()) };
+    for (g, w) in got.iter().zip(want.as_f32().unwrap().iter()) {
+        assert_eq!(*g, half::f16::from_f32(*w));
+    }
+}
+
+#[test]
+fn three_d_pools_and_convs_match_their_reference() {
+    // AveragePool 2×2×2, stride 2, over a [1, 1, 4, 4, 4] ramp: each output is its cube's mean.
+    let x: Vec<f32> = (0..64).map(|i| i as f32).collect();
+    let (m, feeds) = one_node(
+        "AveragePool",
+        vec![Src::Fed(f32t(&[1, 1, 4, 4, 4], x.clone()))],
+        vec![("kernel_shape", ints(&[2, 2, 2])), ("strides", ints(&[2, 2, 2]))],
+        1,
+        13,
+    );
+    let got = run(m, &feeds, 1).remove(0);
+    let mean = |z: usize, y: usize, xx: usize| {
+        let mut s = 0.0;
+        for (dz, dy, dx) in (0..8).map(|k| (k / 4, k / 2 % 2, k % 2)) {
+            s += x[(2 * z + dz) * 16 + (2 * y + dy) * 4 + 2 * xx + dx];
+        }
+        s / 8.0
+    };
+    let want: Vec<f32> = (0..8).map(|k| mean(k / 4, k / 2 % 2, k % 2)).collect();
+    assert_close(&got, &want, &[1, 1, 2, 2, 2], 1e-6);
+    // A 3-D Conv with a 1×1×1 kernel is a per-voxel channel mix; with pads 1 and a 3×3×3 kernel
+    // of ones, the centre voxel of a 3×3×3 input of ones sums all 27.
+    let ones = f32t(&[1, 1, 3, 3, 3], vec![1.0; 27]);
+    let (m, feeds) = one_node(
+        "Conv",
+        vec![Src::Fed(ones), Src::Weight(f32t(&[1, 1, 3, 3, 3], vec![1.0; 27]))],
+        vec![("pads", ints(&[1, 1, 1, 1, 1, 1]))],
+        1,
+        13,
+    );
+    let got = run(m, &feeds, 1).remove(0);
+    let got = got.as_f32().unwrap();
+    assert_eq!(got.shape(), &[1, 1, 3, 3, 3]);
+    assert_eq!(got[[0, 0, 1, 1, 1]], 27.0);
+    assert_eq!(got[[0, 0, 0, 0, 0]], 8.0);
+}

@@ -16,6 +16,7 @@ mod automp;
 mod dataset;
 mod images;
 mod litemp;
+mod npy_half;
 mod profile;
 mod ptq;
 mod quantsim;
@@ -219,6 +220,9 @@ fn read_tensor(path: &Path) -> anyhow::Result<Tensor> {
         anyhow::bail!("cannot read array '{name}' of {} as a supported dtype", file.display());
     }
     check_npy_size(path)?;
+    if let Some(t) = npy_half::read(path)? {
+        return Ok(t);
+    }
     macro_rules! attempt {
         ($($t:ty => $variant:ident),*) => {$(
             if let Ok(a) = read_npy::<_, ArrayD<$t>>(path) {
@@ -294,6 +298,7 @@ fn write_tensor(path: &Path, t: &Tensor) -> anyhow::Result<()> {
         Tensor::U8(a) => a.write_npy(&mut bytes)?,
         Tensor::I8(a) => a.write_npy(&mut bytes)?,
         Tensor::Bool(a) => a.write_npy(&mut bytes)?,
+        Tensor::F16(_) => bytes = npy_half::write(t).expect("a float16 tensor"),
         other => anyhow::bail!("cannot write a {} tensor as .npy", other.dtype()),
     }
     qgraph::write_atomically(path, &bytes)?;

@@ -6,6 +6,7 @@
 use qgraph::{Node, Tensor};
 use rayon::prelude::*;
 
+use super::conv_nd::{self, NdAttrs};
 use super::depthwise;
 use super::matmul::{MatRef, sgemm, sgemm_into};
 use super::{Activation, ExecCtx, Kernel, f32_data, input, opt_input};
@@ -99,7 +100,7 @@ impl ConvAttrs {
         match x.len() {
             3 => Ok((1, [1, x[2]])),
             4 => Ok((2, [x[2], x[3]])),
-            r => Err(format!("only 1-D and 2-D convolutions are supported (input rank {r})")),
+            r => Err(format!("a convolution needs an input of rank 3 or more, got rank {r}")),
         }
     }
 }
@@ -507,6 +508,27 @@ fn convolve(
     Ok(vec![out.into_tensor(&shape)?])
 }
 
+impl ConvAttrs {
+    /// The attributes as the N-D kernels read them.
+    fn nd(&self) -> NdAttrs<'_> {
+        NdAttrs {
+            group: self.group,
+            kernel: self.kernel.as_deref(),
+            strides: self.strides.as_deref(),
+            dilations: self.dilations.as_deref(),
+            pads: self.pads.as_deref(),
+            auto_pad: &self.auto_pad,
+            output_padding: self.output_padding.as_deref(),
+            output_shape: self.output_shape.as_deref(),
+        }
+    }
+}
+
+/// Whether the node's data input has three or more spatial dims.
+fn is_nd(inputs: &[Option<Tensor>]) -> bool {
+    inputs.first().and_then(Option::as_ref).is_some_and(|x| x.shape().len() > 4)
+}
+
 impl Kernel for Conv {
     fn run(
         &self,
@@ -514,6 +536,9 @@ impl Kernel for Conv {
         ctx: &ExecCtx<'_>,
         fused: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
+        if is_nd(inputs) {
+            return conv_nd::run(&self.0.nd(), false, inputs, ctx, fused);
+        }
         convolve(
             inputs,
             ctx,
@@ -659,6 +684,9 @@ impl Kernel for ConvTranspose {
         ctx: &ExecCtx<'_>,
         fused: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
+        if is_nd(inputs) {
+            return conv_nd::run(&self.0.nd(), true, inputs, ctx, fused);
+        }
         convolve(
             inputs,
             ctx,

@@ -4,6 +4,7 @@
 
 mod broadcast;
 mod conv;
+mod conv_nd;
 mod depthwise;
 mod elementwise;
 mod fastmath;
@@ -14,6 +15,7 @@ mod pool;
 mod quant;
 mod reduce;
 mod resize;
+mod widen;
 
 pub(crate) use elementwise::fusable_activation;
 
@@ -150,10 +152,12 @@ pub(crate) fn compile(node: &Node, opset: i64) -> Result<Box<dyn Kernel>> {
         .or_else(|| resize::compile(node, opset))
         .or_else(|| quant::compile(node));
     match built {
-        Some(kernel) => kernel.map_err(|e| match e {
-            ExecError::Graph(qgraph::GraphError::Unsupported { detail }) => invalid(node, detail),
-            other => other,
-        }),
+        Some(kernel) => {
+            kernel.map(|k| Box::new(widen::ThroughF32(k)) as Box<dyn Kernel>).map_err(|e| match e {
+                ExecError::Graph(qgraph::GraphError::Unsupported { detail }) => invalid(node, detail),
+                other => other,
+            })
+        }
         None => Err(unsupported()),
     }
 }

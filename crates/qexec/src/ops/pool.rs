@@ -1,5 +1,7 @@
-//! Pooling in NCHW (1-D pools run as 2-D with a unit height): `MaxPool` (dilations, ceil mode),
-//! `AveragePool` (with or without padded cells counted), and the global pools over all spatial dims.
+//! Pooling in NCHW (1-D pools run as 2-D with a unit height, 3-D and more through a general
+//! window walk): `MaxPool` (dilations, ceil mode; f32, and 8-bit integers through f32, which
+//! holds them exactly), `AveragePool` (with or without padded cells counted), and the global
+//! pools over all spatial dims.
 
 use qgraph::{Node, Tensor};
 
@@ -140,11 +142,19 @@ impl Kernel for Pool {
     ) -> KernelResult<Vec<Tensor>> {
         let tx = input(inputs, 0)?;
         let shape = tx.shape().to_vec();
-        if shape.len() != 3 && shape.len() != 4 {
-            return Err(format!("only 1-D and 2-D pooling is supported (input shape {shape:?})"));
+        if shape.len() < 3 {
+            return Err(format!("pooling needs an input of rank 3 or more, got shape {shape:?}"));
+        }
+        if let Some(back) = integer_through_f32(tx, self.kind)? {
+            let mut as_float = [Some(back.0)];
+            let out = self.run(&mut as_float, ctx, None)?;
+            return Ok(vec![(back.1)(&out[0])?]);
         }
         let x = f32_data(tx)?;
         let axes = self.axes(&shape[2..])?;
+        if axes.len() > 2 {
+            return self.run_nd(&x, &shape, &axes, ctx);
+        }
         let (ay, ax) = if axes.len() == 1 {
             (Axis1 { len: 1, k: 1, s: 1, d: 1, pad_begin: 0, pad_end: 0, out: 1 }, axes[0])
         } else {
@@ -197,6 +207,123 @@ impl Kernel for Pool {
         let mut out_shape = shape[..2].to_vec();
         out_shape.extend(axes.iter().map(|a| a.out));
         Ok(vec![super::tensor_from(&out_shape, out)?])
+    }
+}
+
+impl Pool {
+    /// Any number of spatial dims: each output cell walks its window odometer-style.
+    fn run_nd(
+        &self,
+        x: &[f32],
+        shape: &[usize],
+        axes: &[Axis1],
+        ctx: &ExecCtx<'_>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let mut out_shape = shape[..2].to_vec();
+        out_shape.extend(axes.iter().map(|a| a.out));
+        let total = ctx.checked_len(&out_shape, 4)?;
+        let planes = shape[0] * shape[1];
+        let plane_in: usize = axes.iter().map(|a| a.len).product();
+        let plane_out = total / planes.max(1);
+        let n = axes.len();
+        // Row-major strides of the input plane.
+        let mut stride = vec![1usize; n];
+        for i in (0..n.saturating_sub(1)).rev() {
+            stride[i] = stride[i + 1] * axes[i + 1].len;
+        }
+        let mut out = vec![0f32; total];
+        let (mut o_idx, mut k_idx) = (vec![0usize; n], vec![0usize; n]);
+        let mut taps = vec![(0usize, 0usize); n];
+        for p in 0..planes {
+            let src = &x[p * plane_in..(p + 1) * plane_in];
+            o_idx.iter_mut().for_each(|v| *v = 0);
+            for cell in 0..plane_out {
+                let start: Vec<i64> =
+                    (0..n).map(|i| (o_idx[i] * axes[i].s) as i64 - axes[i].pad_begin).collect();
+                let (mut acc, mut count) =
+                    (if self.kind == PoolKind::Max { f32::NEG_INFINITY } else { 0.0 }, 0usize);
+                // Per axis, the kernel taps that land inside the input (padding is skipped, so a
+                // huge kernel costs no more than the input it covers).
+                let mut empty = false;
+                for i in 0..n {
+                    let a = &axes[i];
+                    let (d, len) = (a.d as i64, a.len as i64);
+                    let lo = if start[i] < 0 { (-start[i] + d - 1) / d } else { 0 };
+                    let hi = ((len - 1 - start[i]).div_euclid(d) + 1).min(a.k as i64);
+                    taps[i] = (lo.max(0) as usize, hi.max(0) as usize);
+                    empty |= taps[i].0 >= taps[i].1;
+                }
+                if !empty {
+                    for i in 0..n {
+                        k_idx[i] = taps[i].0;
+                    }
+                    'window: loop {
+                        let offset: usize = (0..n)
+                            .map(|i| (start[i] + (k_idx[i] * axes[i].d) as i64) as usize * stride[i])
+                            .sum();
+                        let v = src[offset];
+                        match self.kind {
+                            PoolKind::Max => acc = if v > acc || v.is_nan() { v } else { acc },
+                            PoolKind::Average => acc += v,
+                        }
+                        count += 1;
+                        for i in (0..n).rev() {
+                            k_idx[i] += 1;
+                            if k_idx[i] < taps[i].1 {
+                                continue 'window;
+                            }
+                            k_idx[i] = taps[i].0;
+                        }
+                        break;
+                    }
+                }
+                out[p * plane_out + cell] = match self.kind {
+                    PoolKind::Max => acc,
+                    PoolKind::Average if self.count_include_pad => {
+                        let cells: f32 = (0..n)
+                            .map(|i| {
+                                let a = &axes[i];
+                                let end = (start[i] + a.k as i64).min(a.len as i64 + a.pad_end);
+                                (end - start[i]).max(0) as f32
+                            })
+                            .product();
+                        acc / cells
+                    }
+                    PoolKind::Average => acc / count.max(1) as f32,
+                };
+                for i in (0..n).rev() {
+                    o_idx[i] += 1;
+                    if o_idx[i] < axes[i].out {
+                        break;
+                    }
+                    o_idx[i] = 0;
+                }
+            }
+        }
+        Ok(vec![super::tensor_from(&out_shape, out)?])
+    }
+}
+
+/// A tensor converted back from f32 to its integer dtype.
+type BackToInteger = fn(&Tensor) -> KernelResult<Tensor>;
+
+/// For an 8-bit integer input of MaxPool: the input as f32 (exact) and the way back.
+fn integer_through_f32(t: &Tensor, kind: PoolKind) -> KernelResult<Option<(Tensor, BackToInteger)>> {
+    // The pooled values are input values, so the casts are exact.
+    fn back_u8(t: &Tensor) -> KernelResult<Tensor> {
+        let a = super::typed::<f32>(t)?;
+        super::tensor_from(a.shape(), a.iter().map(|&v| v as u8).collect())
+    }
+    fn back_i8(t: &Tensor) -> KernelResult<Tensor> {
+        let a = super::typed::<f32>(t)?;
+        super::tensor_from(a.shape(), a.iter().map(|&v| v as i8).collect())
+    }
+    let as_f32 = |t: &Tensor| t.to_f64_vec().into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+    match (t, kind) {
+        (Tensor::F32(_), _) => Ok(None),
+        (Tensor::U8(_), PoolKind::Max) => Ok(Some((super::tensor_from(t.shape(), as_f32(t))?, back_u8))),
+        (Tensor::I8(_), PoolKind::Max) => Ok(Some((super::tensor_from(t.shape(), as_f32(t))?, back_i8))),
+        (other, _) => Err(format!("expected a float tensor, got {}", other.dtype())),
     }
 }
 
