@@ -74,13 +74,26 @@ impl AnalysisReport {
         self.layer_ops.iter().find(|(l, _)| l == layer).map_or("", |(_, o)| o.as_str())
     }
 
-    /// A score as text: fixed point, or scientific for error-like metrics and tiny values.
+    /// A score as text: fixed point, or scientific for error-like metrics and tiny values; a
+    /// score that stands for non-finite simulated outputs says so.
     pub fn format_score(&self, v: f64) -> String {
-        if !self.higher_is_better || (v != 0.0 && v.abs() < 0.01) {
+        let text = if !self.higher_is_better || (v != 0.0 && v.abs() < 0.01) {
             format!("{v:.3e}")
         } else {
             format!("{v:.3}")
-        }
+        };
+        if self.is_non_finite(v) { format!("{text} (non-finite outputs)") } else { text }
+    }
+
+    /// Whether a score means the simulation produced NaN or infinity: a non-finite score, or
+    /// AIMET's PSNR floor of −100 dB, which it gives exactly then.
+    pub fn is_non_finite(&self, score: f64) -> bool {
+        !score.is_finite() || (self.metric.contains("psnr") && score <= -100.0)
+    }
+
+    /// The layers whose enable-one run produced non-finite outputs.
+    pub fn non_finite_layers(&self) -> Vec<&str> {
+        self.enable_one.iter().filter(|l| self.is_non_finite(l.score)).map(|l| l.layer.as_str()).collect()
     }
 
     fn mse_of(&self, layer: &str) -> Option<f64> {
@@ -96,7 +109,7 @@ impl AnalysisReport {
             "metric": {"name": self.metric, "higher_is_better": self.higher_is_better},
             "checks": {"all": self.checks.all, "weights_only": self.checks.weights_only, "activations_only": self.checks.activations_only},
             "evaluations": self.evaluations.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
-            "enable_one": {"scores": scores(&self.enable_one), "ranked": ranked(&self.enable_one).iter().map(|l| json!([l.layer, l.score])).collect::<Vec<_>>()},
+            "enable_one": {"scores": scores(&self.enable_one), "ranked": ranked(&self.enable_one).iter().map(|l| json!([l.layer, l.score])).collect::<Vec<_>>(), "non_finite": self.non_finite_layers()},
             "disable_one": self.disable_one.as_ref().map(|d| json!({"scores": scores(d)})),
             "per_layer_mse": self.mse.iter().map(|m| json!({"layer": m.layer, "op": m.op, "mse": m.mse})).collect::<Vec<_>>(),
             "ranges": self.ranges.iter().map(|r| json!({
@@ -192,6 +205,17 @@ impl AnalysisReport {
                 .sensitivity_svg()
                 .unwrap_or_else(|e| format!("<p>chart failed: {}</p>", esc(&e.to_string()))),
         );
+        let broken = self.non_finite_layers();
+        if !broken.is_empty() {
+            let names: Vec<String> = broken.iter().map(|l| esc(&short(l, 80))).collect();
+            let _ = write!(
+                h,
+                "<p class=\"note\"><b>Non-finite outputs</b> when quantized alone (black bars): {}. \
+                 Usually a quantizer there rounds to zero a value that a division, reciprocal \
+                 square root or log downstream needs non-zero; disable it or give it more bits.</p>",
+                names.join(", ")
+            );
+        }
         h.push_str("<table><tr><th>rank</th><th>score</th><th>output MSE</th><th>op</th><th>layer</th></tr>");
         for (k, l) in ranked(&self.enable_one).into_iter().take(15).enumerate() {
             let mse = self.mse_of(&l.layer).map_or("-".into(), |m| format!("{m:.3e}"));
@@ -276,11 +300,29 @@ impl AnalysisReport {
             )?;
             let worst: Vec<&str> =
                 ranked(&self.enable_one).iter().take(10).map(|l| l.layer.as_str()).collect();
+            // Bars grow from the harmless end of the axis towards each score, so the most
+            // sensitive layer has the longest bar; non-finite results span the whole axis in
+            // black and are labelled.
+            let axis = padded(lo.min(0.0), hi);
+            let (base, far) =
+                if self.higher_is_better { (axis.end, axis.start) } else { (axis.start, axis.end) };
+            chart.draw_series(self.enable_one.iter().enumerate().map(|(i, l)| {
+                let (end, color) = if self.is_non_finite(l.score) {
+                    (far, BLACK.mix(0.85))
+                } else if worst.contains(&l.layer.as_str()) {
+                    (l.score, RED.mix(0.8))
+                } else {
+                    (l.score, BLUE.mix(0.6))
+                };
+                Rectangle::new([(i as f64 - 0.4, base), (i as f64 + 0.4, end)], color.filled())
+            }))?;
+            let label = ("sans-serif", 12).into_font().color(&BLACK);
             chart.draw_series(
-                self.enable_one.iter().enumerate().filter(|(_, l)| l.score.is_finite()).map(|(i, l)| {
-                    let color = if worst.contains(&l.layer.as_str()) { RED.mix(0.8) } else { BLUE.mix(0.6) };
-                    Rectangle::new([(i as f64 - 0.4, lo.min(0.0)), (i as f64 + 0.4, l.score)], color.filled())
-                }),
+                self.enable_one
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| self.is_non_finite(l.score))
+                    .map(|(i, _)| Text::new("non-finite", (i as f64 + 0.5, far), label.clone())),
             )?;
             if let Some(d) = &self.disable_one {
                 chart.draw_series(LineSeries::new(

@@ -266,7 +266,7 @@ fn mse_ranges_histograms_and_the_report() {
 
     let scores = qanalyze::enable_one(&mut sim, &reference, Metric::Psnr, &mut |_, _| {}).unwrap();
     let checks = qanalyze::model_checks(&mut sim, &reference, Metric::Psnr).unwrap();
-    let report = qanalyze::AnalysisReport {
+    let mut report = qanalyze::AnalysisReport {
         model: "cnn <test>".into(),
         settings: serde_json::json!({"config": "default"}),
         metric: Metric::Psnr.name(),
@@ -294,6 +294,14 @@ fn mse_ranges_histograms_and_the_report() {
     assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
     assert!(html.contains("cnn &lt;test&gt;") && !html.contains("<script"));
     assert_eq!(html.matches("<svg").count(), 3 + 2);
+    assert!(json["enable_one"]["non_finite"].as_array().unwrap().is_empty());
+    // A layer whose simulation gives NaN scores AIMET's −100 dB: named, marked and drawn.
+    report.enable_one[0].score = -100.0;
+    let name = report.enable_one[0].layer.clone();
+    assert_eq!(report.to_json()["enable_one"]["non_finite"][0], name.as_str());
+    assert!(report.top_table(1).contains("(non-finite outputs)"));
+    let html = report.to_html();
+    assert!(html.lines().any(|l| l.trim() == "non-finite"), "the chart labels the layer");
 }
 
 /// The simulated outputs of the test batches, flattened, with their row length.
