@@ -36,19 +36,45 @@ fn tests_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-pub fn run(update: bool) -> Result<()> {
-    let dir = tests_dir()?;
-    let mut names: Vec<String> = std::fs::read_dir(&dir)?
+/// The extracted model suites (`pytorch-converted`, `pytorch-operator`, `simple`, `light`),
+/// fetched on first use; `light` test data come from onnxruntime on a seeded input.
+fn model_tests_dir() -> Result<PathBuf> {
+    let dir = workspace_root().join("target/xtask/onnx-1.17.0-model-tests");
+    if !dir.is_dir() {
+        python::ensure_oracles()?;
+        python::run_script("fetch_model_tests.py", &[&dir.display().to_string()])?;
+    }
+    Ok(dir)
+}
+
+/// Test folders (holding `model.onnx`) directly under `dir`, named with `prefix`.
+fn test_folders(dir: &Path, prefix: &str) -> Result<Vec<(String, PathBuf)>> {
+    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok())
         .filter(|e| e.path().join("model.onnx").is_file())
+        .map(|e| (format!("{prefix}{}", e.file_name().to_string_lossy()), e.path()))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+pub fn run(update: bool) -> Result<()> {
+    let mut tests = test_folders(&tests_dir()?, "")?;
+    let models = model_tests_dir()?;
+    let mut suites: Vec<String> = std::fs::read_dir(&models)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    names.sort();
+    suites.sort();
+    for suite in &suites {
+        tests.extend(test_folders(&models.join(suite), &format!("{suite}/"))?);
+    }
     let started = Instant::now();
-    let outcomes: Vec<(String, Outcome)> = names
+    let outcomes: Vec<(String, Outcome)> = tests
         .par_iter()
-        .map(|name| {
-            let path = dir.join(name);
+        .map(|(name, path)| {
+            let path = path.clone();
             let outcome = std::panic::catch_unwind(|| run_test(&path))
                 .unwrap_or_else(|_| Outcome::Failed("panicked".into()));
             (name.clone(), outcome)
@@ -69,7 +95,7 @@ pub fn run(update: bool) -> Result<()> {
     let failed = outcomes.iter().filter(|(_, o)| matches!(o, Outcome::Failed(_))).count();
     let skipped = outcomes.len() - passed.len() - failed;
     println!(
-        "ONNX node conformance (onnx 1.17.0): {} tests in {:.1} s; details in {}",
+        "ONNX conformance (onnx 1.17.0 node tests and model suites): {} tests in {:.1} s; details in {}",
         outcomes.len(),
         started.elapsed().as_secs_f64(),
         report_path.display()

@@ -500,3 +500,20 @@ fn three_d_pools_and_convs_match_their_reference() {
     assert_eq!(got[[0, 0, 1, 1, 1]], 27.0);
     assert_eq!(got[[0, 0, 0, 0, 0]], 8.0);
 }
+
+#[test]
+fn kernels_wider_than_their_padded_input_read_only_the_centre() {
+    // Width 1, kernel 5, pads 2 (pytorch-converted test_Conv1d_pad2size1): only tap 2 sees data.
+    let x = vec![0.5f32, -2.0];
+    let w: Vec<f32> = (0..3 * 2 * 5).map(|i| i as f32 * 0.1).collect();
+    let (m, feeds) = one_node(
+        "Conv",
+        vec![Src::Fed(f32t(&[1, 2, 1], x.clone())), Src::Weight(f32t(&[3, 2, 5], w.clone()))],
+        vec![("pads", ints(&[2, 2]))],
+        1,
+        13,
+    );
+    let got = run(m, &feeds, 1).remove(0);
+    let want: Vec<f32> = (0..3).map(|o| (0..2).map(|c| x[c] * w[(o * 2 + c) * 5 + 2]).sum()).collect();
+    assert_close(&got, &want, &[1, 3, 1], 1e-6);
+}

@@ -221,10 +221,15 @@ qkernels::multiversion! {
                         let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
                         dst[..xlo].fill(0.0);
                         dst[xhi..].fill(0.0);
+                        if xhi == xlo {
+                            // No output of this row reads the input (kernel tap wholly in the
+                            // padding); `start` would lie before the row.
+                            continue;
+                        }
                         if g.sw == 1 {
                             let start = (xlo as isize + offx) as usize;
                             dst[xlo..xhi].copy_from_slice(&src[start..start + (xhi - xlo)]);
-                        } else if g.sw == 2 && xhi > xlo {
+                        } else if g.sw == 2 {
                             // Every other input: sixteen outputs at a time from arrays of fixed
                             // length (vector loads and shuffles, no bounds checks), the few
                             // remaining pairs one by one, then the last input alone.
