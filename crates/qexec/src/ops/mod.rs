@@ -13,6 +13,7 @@ mod movement;
 mod norm;
 mod pool;
 mod quant;
+mod recurrent;
 mod reduce;
 mod resize;
 mod widen;
@@ -150,7 +151,8 @@ pub(crate) fn compile(node: &Node, opset: i64) -> Result<Box<dyn Kernel>> {
         .or_else(|| norm::compile(node, opset))
         .or_else(|| reduce::compile(node, opset))
         .or_else(|| resize::compile(node, opset))
-        .or_else(|| quant::compile(node));
+        .or_else(|| quant::compile(node))
+        .or_else(|| recurrent::compile(node));
     match built {
         Some(kernel) => {
             kernel.map(|k| Box::new(widen::ThroughF32(k)) as Box<dyn Kernel>).map_err(|e| match e {
