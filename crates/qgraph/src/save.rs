@@ -93,7 +93,6 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 pub struct OutputSet {
     dir: std::path::PathBuf,
     staging: std::path::PathBuf,
-    names: Vec<String>,
     committed: bool,
 }
 
@@ -112,15 +111,12 @@ impl OutputSet {
         let staging = dir.join(format!("{STAGING_PREFIX}{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir(&staging).map_err(io(&staging))?;
-        Ok(OutputSet { dir: dir.to_path_buf(), staging, names: Vec::new(), committed: false })
+        Ok(OutputSet { dir: dir.to_path_buf(), staging, committed: false })
     }
 
     /// Where to write result file `name` (a plain file name) now; it reaches the output folder at
     /// [`OutputSet::commit`].
     pub fn staged(&mut self, name: &str) -> std::path::PathBuf {
-        if !self.names.iter().any(|n| n == name) {
-            self.names.push(name.to_string());
-        }
         self.staging.join(name)
     }
 
@@ -129,14 +125,29 @@ impl OutputSet {
         self.dir.join(name)
     }
 
-    /// Moves every staged file that was written into the output folder and removes the staging
-    /// folder.
+    /// The staging folder itself, for writers that choose their own file names: every file
+    /// written there reaches the output folder at [`OutputSet::commit`].
+    pub fn staging_dir(&self) -> &Path {
+        &self.staging
+    }
+
+    /// Moves every file written into the staging folder (named through [`OutputSet::staged`] or
+    /// not) into the output folder and removes the staging folder.
     pub fn commit(mut self) -> Result<()> {
-        for name in &self.names {
-            let (from, to) = (self.staging.join(name), self.dir.join(name));
-            if from.exists() {
-                std::fs::rename(&from, &to).map_err(|source| GraphError::Io { path: to, source })?;
-            }
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| GraphError::Io { path: p, source }
+        };
+        let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(&self.staging)
+            .map_err(io(&self.staging))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        for name in names {
+            let (from, to) = (self.staging.join(&name), self.dir.join(&name));
+            std::fs::rename(&from, &to).map_err(io(&to))?;
         }
         self.committed = true;
         let _ = std::fs::remove_dir_all(&self.staging);

@@ -228,9 +228,12 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         );
         return Ok(());
     }
-    qmix::write_amp_report(&result, a.allowed_drop, &a.out).map_err(user)?;
-    qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &a.out.join("model_amp.encodings"))
+    // The reports and the encodings reach --out together (the cache stays in --out/.cache).
+    let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
+    qmix::write_amp_report(&result, a.allowed_drop, set.staging_dir()).map_err(user)?;
+    qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &set.staged("model_amp.encodings"))
         .map_err(user)?;
+    set.commit().map_err(user)?;
     let w = result.work;
     say!(
         "{} quantizer groups, {} (group, candidate) entries; FP32 {:.4}; {}",
