@@ -480,15 +480,26 @@ impl QuantSim {
         Ok(run(feeds, serial)?.outputs)
     }
 
-    /// Runs the simulated model on the calling thread's pool, showing `observer` every value it
-    /// observes after the fake-quant hook has quantized it (what the next op reads).
+    /// Runs the simulated model, showing `observer` every value it observes after the fake-quant
+    /// hook has quantized it (what the next op reads).
     pub fn run_observed(
         &self,
         feeds: &[(&str, Tensor)],
         observer: &mut (dyn Hook + Send),
     ) -> Result<Vec<Tensor>> {
+        self.run_observing(feeds, observer, false)
+    }
+
+    /// [`QuantSim::run_observed`], the observer seeing each value as its kernel computed it
+    /// (`before_quantization`) or as the next op reads it.
+    fn run_observing(
+        &self,
+        feeds: &[(&str, Tensor)],
+        observer: &mut (dyn Hook + Send),
+        before_quantization: bool,
+    ) -> Result<Vec<Tensor>> {
         let (session, fake_quant) = self.session_and_hook(false)?;
-        let mut hook = ObservedAfter { fake_quant, observer };
+        let mut hook = ObservedAfter { fake_quant, observer, before_quantization };
         let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() };
         Ok(session.run_with(feeds, opts)?.outputs)
     }
@@ -499,6 +510,55 @@ impl QuantSim {
         self.gather_static_stats()?;
         self.compute_param_encodings()?;
         self.substituted_model(true)
+    }
+
+    /// Checks the calibrated simulation on one batch for values that turn non-finite only under
+    /// quantization — typically a quantizer that rounds to zero what a `Div`, `Reciprocal`,
+    /// `Sqrt` or `Log` downstream needs non-zero; the next quantizer then clamps the infinity,
+    /// so the outputs stay finite and silently wrong. Each node is looked at as its kernel
+    /// computed it: the first whose simulated output is NaN or infinite while its float output
+    /// is finite has the quantizers of its inputs disabled, until no such node is left (or
+    /// nothing is left to disable). Returns what was disabled, one line each (also added to
+    /// [`QuantSim::warnings`]).
+    pub fn disable_non_finite_quantizers(&mut self, feeds: &[(&str, Tensor)]) -> Result<Vec<String>> {
+        let mut fixed = Vec::new();
+        let float = Session::new(self.model.clone(), SessionOptions::threads(self.options.threads))?;
+        let values = self.model.graph.value_count();
+        for _ in 0..16 {
+            let float_bad = non_finite_values(values, |hook| {
+                let opts = RunOptions { hook: Some(hook), hook_inputs: true, ..RunOptions::default() };
+                float.run_with(feeds, opts).map(|_| ()).map_err(CalibError::from)
+            })?;
+            let sim_bad =
+                non_finite_values(values, |hook| self.run_observing(feeds, hook, true).map(|_| ()))?;
+            let g = &self.model.graph;
+            let order = g.topological_order()?;
+            let culprit = order.into_iter().find(|&n| {
+                g.node(n).outputs().iter().flatten().any(|v| sim_bad[v.index()] && !float_bad[v.index()])
+            });
+            let Some(node) = culprit else { break };
+            let n = g.node(node);
+            let mut disabled = Vec::new();
+            for &v in n.inputs().iter().flatten() {
+                if let Some((q, _)) = self.placement.effective_quantizer(g, v) {
+                    self.placement.quantizer_mut(q).enabled = false;
+                    disabled.push(g.value(v).name.clone());
+                }
+            }
+            if disabled.is_empty() {
+                break;
+            }
+            let line = format!(
+                "the simulated output of '{}' ({}) is NaN or infinite where FP32 is finite: disabled the quantizer of its input(s) {}",
+                n.name,
+                n.op_type,
+                disabled.join(", ")
+            );
+            self.warnings.push(line.clone());
+            fixed.push(line);
+            self.refresh()?;
+        }
+        Ok(fixed)
     }
 
     /// Runs the simulated model timing every step (kernel and fake-quant of its outputs).
@@ -539,6 +599,26 @@ impl QuantSim {
         let (session, mut hook) = self.session_and_hook(serial)?;
         Ok(session.resume(cache, changed, RunOptions::with_hook(&mut hook).serial(serial))?.outputs)
     }
+}
+
+fn all_finite(t: &Tensor) -> bool {
+    t.as_f32().is_none_or(|a| a.iter().all(|v| v.is_finite()))
+}
+
+/// Which values of a run (`run` drives it with the hook it is given) hold a non-finite f32.
+fn non_finite_values(
+    values: usize,
+    run: impl FnOnce(&mut (dyn Hook + Send)) -> Result<()>,
+) -> Result<Vec<bool>> {
+    let mut bad = vec![false; values];
+    let mut hook = |event: TensorEvent<'_>, t: &mut Tensor| -> Result<(), HookError> {
+        if let Some(slot) = bad.get_mut(event.value.index()) {
+            *slot |= !all_finite(t);
+        }
+        Ok(())
+    };
+    run(&mut hook)?;
+    Ok(bad)
 }
 
 fn int_encodings(q: &Quantizer) -> Option<&[Encoding]> {
@@ -669,11 +749,13 @@ impl Hook for ObserveHook<'_> {
     }
 }
 
-/// The fake-quant hook, then an observer on the values it observes (the observer sees each
-/// value as the next op reads it; kernels apply no epilogue to those values).
+/// The fake-quant hook and an observer on the values it observes, after the fake-quant (the
+/// observer sees each value as the next op reads it) or before it (as the kernel computed it);
+/// kernels apply no epilogue to the observed values.
 struct ObservedAfter<'a, 'o> {
     fake_quant: FakeQuantHook<'a>,
     observer: &'o mut (dyn Hook + Send),
+    before_quantization: bool,
 }
 
 impl Hook for ObservedAfter<'_, '_> {
@@ -682,10 +764,14 @@ impl Hook for ObservedAfter<'_, '_> {
     }
 
     fn on_tensor(&mut self, event: TensorEvent<'_>, tensor: &mut Tensor) -> Result<(), HookError> {
+        let observed = self.observer.observes(event.value);
+        if observed && self.before_quantization {
+            self.observer.on_tensor(event, tensor)?;
+        }
         if self.fake_quant.observes(event.value) {
             self.fake_quant.on_tensor(event, tensor)?;
         }
-        if self.observer.observes(event.value) {
+        if observed && !self.before_quantization {
             self.observer.on_tensor(event, tensor)?;
         }
         Ok(())

@@ -482,3 +482,30 @@ fn the_masked_softmax_pass_leaves_masks_in_float() {
     assert!(warnings.is_empty(), "{warnings:?}");
     assert!(err < 1e-3, "{err}");
 }
+
+#[test]
+fn quantizers_that_make_the_simulation_non_finite_are_disabled() {
+    // x → Div(x, x): a small x rounds to zero on the grid that also holds 1.0, so the simulated
+    // quotient is 0/0 = NaN where the float one is 1.
+    let mut g = Graph::new("div");
+    let x = g.add_input("x", DType::F32, Shape(vec![Dim::Symbol("N".into()), Dim::Known(4)]));
+    let y = g.add_op("Div", "div", &[x, x], vec![]);
+    g.add_output(y);
+    let model = Model::new(g, 13);
+    let batch = vec![("x".to_string(), t(&[2, 4], vec![1.0, 0.001, 0.5, 0.25, 0.75, 0.001, 1.0, 0.125]))];
+    let mut sim =
+        QuantSim::new(model, QuantsimConfig::load("default").unwrap(), SimOptions::default()).unwrap();
+    sim.calibrate(vec![batch.clone()], &mut |_| {}).unwrap();
+    let named: Vec<(&str, Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    // The output quantizer turns the NaN into a finite value: the outputs alone do not show it.
+    let before = sim.run(&named).unwrap().remove(0);
+    assert_eq!(before.as_f32().unwrap()[[0, 1]], 0.0);
+    let fixed = sim.disable_non_finite_quantizers(&named).unwrap();
+    assert_eq!(fixed.len(), 1, "{fixed:?}");
+    assert!(fixed[0].contains("'div' (Div)") && fixed[0].contains('x'), "{}", fixed[0]);
+    assert!(sim.warnings().contains(&fixed[0]));
+    let after = sim.run(&named).unwrap().remove(0);
+    assert!(after.as_f32().unwrap().iter().all(|&v| (v - 1.0).abs() < 0.01), "{after:?}");
+    // A finite simulation is left alone.
+    assert!(sim.disable_non_finite_quantizers(&named).unwrap().is_empty());
+}

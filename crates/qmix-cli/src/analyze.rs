@@ -85,6 +85,8 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     let pb = bar(calib.samples.div_ceil(batch), "calibrating", "batches", a.quiet);
     sim.calibrate(calib.batches(batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
     pb.finish_and_clear();
+    let repaired = crate::dataset::repair_non_finite(&mut sim, &calib, batch)?;
+    repaired.iter().for_each(|w| crate::emit(true, format_args!("warning: {w}")));
     lap("calibration", &mut seconds);
     let n = a.samples.clamp(1, calib.samples);
     let scored: Vec<qcalib::Feeds> =
@@ -138,6 +140,7 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
         settings: json!({
             "config": a.job.config, "scheme": a.job.scheme.aimet_name(), "param": a.param.to_string(), "activation": a.activation.to_string(),
             "calibration_samples": calib.samples, "scored_samples": n, "batch": batch, "threads": a.threads,
+            "quantizers_disabled_for_non_finite_outputs": repaired,
         }),
         metric: a.metric.name(),
         higher_is_better: qanalyze::Scorer::higher_is_better(&a.metric),

@@ -369,3 +369,16 @@ pub(crate) fn predictions(t: &Tensor, offset: usize) -> Vec<i64> {
         })
         .collect()
 }
+
+/// After calibration: disables the quantizers that make the simulation non-finite where FP32 is
+/// finite, checked on the first `batch` samples of `calib`. Returns what it did, one line each
+/// (also in `sim.warnings()`).
+pub(crate) fn repair_non_finite(
+    sim: &mut qcalib::QuantSim,
+    calib: &Dataset,
+    batch: usize,
+) -> Result<Vec<String>, Failure> {
+    let Some(first) = calib.batches(batch.max(1)).next() else { return Ok(Vec::new()) };
+    let named: Vec<(&str, Tensor)> = first.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    sim.disable_non_finite_quantizers(&named).map_err(user)
+}

@@ -83,6 +83,9 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     let pb = bar(batches, "calibrating", "batches", a.quiet);
     sim.calibrate(calib.batches(a.job.batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
     pb.finish_and_clear();
+    for w in crate::dataset::repair_non_finite(&mut sim, &calib, a.job.batch)? {
+        crate::emit(true, format_args!("warning: {w}"));
+    }
     say!(
         "{}: calibrated W8A8 on {} samples in {:.1} s",
         a.job.model.display(),

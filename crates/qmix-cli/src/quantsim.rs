@@ -155,6 +155,8 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
             let started = Instant::now();
             sim.calibrate(calib.batches(a.batch), &mut |done| pb.set_position(done as u64)).map_err(user)?;
             pb.finish_and_clear();
+            // Printed with the other warnings below.
+            crate::dataset::repair_non_finite(&mut sim, &calib, a.batch)?;
             say!(
                 "calibrated on {} samples in {} batches in {:.2} s",
                 calib.samples,
