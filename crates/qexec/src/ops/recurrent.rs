@@ -267,6 +267,7 @@ impl Kernel for Recurrent {
             Some(c) => v.clamp(-c, c),
             None => v,
         };
+        ctx.checked_len(&[2, g, h], 4)?;
         let mut gates = vec![0f32; g * h];
         let mut rec = vec![0f32; g * h];
         for (d, &backward) in self.directions.iter().enumerate() {
