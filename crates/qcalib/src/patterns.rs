@@ -7,13 +7,14 @@ use std::collections::{HashMap, HashSet};
 use qgraph::{Graph, NodeId, ValueId};
 
 /// A decomposed normalisation: `(x − mean(x)) / sqrt(mean((x − mean)²) + ε) · γ + β` (centred,
-/// LayerNormalization) or `x / sqrt(mean(x²) + ε) · γ` (RMSNormalization).
+/// LayerNormalization) or `x / sqrt(mean(x²) + ε) · γ` (RMSNormalization), whatever the
+/// exporter's spelling (see [`norm_matches`]).
 pub(crate) struct NormMatch {
     /// Whether the mean is subtracted (LayerNormalization).
     pub(crate) centred: bool,
     /// Nodes whose outputs are internal to the normalisation.
     pub(crate) inner: Vec<NodeId>,
-    /// Internal constants (the exponent 2, ε).
+    /// Internal constants (the exponent, ε, the element count, the numerator 1).
     pub(crate) constants: Vec<ValueId>,
     /// The scale γ, if the pattern has one.
     pub(crate) gamma: Option<ValueId>,
@@ -21,7 +22,20 @@ pub(crate) struct NormMatch {
     pub(crate) beta: Option<ValueId>,
 }
 
-/// Finds decomposed LayerNormalization / RMSNormalization patterns, matched from their `Div`.
+/// A static scalar (any shape of one element) equal to `want`.
+fn is_scalar(g: &Graph, v: ValueId, want: f32) -> bool {
+    g.static_value(v).and_then(|t| t.as_f32()).is_some_and(|a| a.len() == 1 && a.iter().all(|&x| x == want))
+}
+
+/// Finds decomposed LayerNormalization / RMSNormalization patterns by their structure, in the
+/// spellings exporters use (torch, tf2onnx, jax2tf):
+/// - the square: `Pow(d, 2)` or `Mul(d, d)`;
+/// - the mean of it: `ReduceMean`, or `ReduceSum` then `Div`/`Mul` by a constant;
+/// - the stabiliser: up to two of `Add(·, ε)` / `Max(·, ε)`;
+/// - the reciprocal root: `Sqrt` then `Div(d, ·)`, or `Reciprocal(Sqrt)`, `Div(1, Sqrt)` or
+///   `Pow(·, −0.5)` then `Mul(d, ·)`;
+/// - `d` is `x` (RMS) or `Sub(x, ReduceMean(x))` (centred);
+/// - then optionally `Mul(·, γ)` and `Add(·, β)` with static γ, β.
 pub(crate) fn norm_matches(g: &Graph, order: &[NodeId]) -> Vec<NormMatch> {
     let producer = |v: ValueId, op: &str| g.producer(v).map(|o| o.node).filter(|&n| g.node(n).op_type == op);
     let static_input = |n: NodeId, not: ValueId| {
@@ -31,27 +45,108 @@ pub(crate) fn norm_matches(g: &Graph, order: &[NodeId]) -> Vec<NormMatch> {
         let c = g.consumer_nodes(v);
         (c.len() == 1 && g.node(c[0]).op_type == op && !g.is_output(v)).then(|| c[0])
     };
-    let mut out = Vec::new();
-    for &div in order {
-        let n = g.node(div);
-        if n.op_type != "Div" {
-            continue;
-        }
-        let (Some(d), Some(s)) = (n.input(0), n.input(1)) else { continue };
-        let Some(sqrt) = producer(s, "Sqrt") else { continue };
-        let Some(add_eps) = g.node(sqrt).input(0).and_then(|v| producer(v, "Add")) else { continue };
-        let Some(var) = g.node(add_eps).inputs().iter().flatten().find_map(|&v| producer(v, "ReduceMean"))
-        else {
-            continue;
+    // The mean of the square of `d` ending at `v`: its nodes and constants.
+    let mean_square = |v: ValueId, d: ValueId| -> Option<(Vec<NodeId>, Vec<ValueId>)> {
+        let (mut nodes, mut consts) = (Vec::new(), Vec::new());
+        let sq_value = if let Some(mean) = producer(v, "ReduceMean") {
+            nodes.push(mean);
+            g.node(mean).input(0)?
+        } else {
+            let scale = producer(v, "Div").or_else(|| producer(v, "Mul"))?;
+            let n = g.node(scale);
+            let (a, b) = (n.input(0)?, n.input(1)?);
+            let (sum_v, count) = if g.static_value(b).is_some() { (a, b) } else { (b, a) };
+            if n.op_type == "Div" && sum_v != a {
+                return None;
+            }
+            let sum = producer(sum_v, "ReduceSum")?;
+            g.static_value(count)?;
+            nodes.extend([scale, sum]);
+            consts.push(count);
+            g.node(sum).input(0)?
         };
-        let Some(eps) = g.node(add_eps).output(0).and_then(|o| static_input(add_eps, o)) else { continue };
-        let Some(pow) = g.node(var).input(0).and_then(|v| producer(v, "Pow")) else { continue };
-        if g.node(pow).input(0) != Some(d) {
-            continue;
+        let sq = g.producer(sq_value)?.node;
+        let n = g.node(sq);
+        match n.op_type.as_str() {
+            "Pow" if n.input(0) == Some(d) && n.input(1).is_some_and(|e| is_scalar(g, e, 2.0)) => {
+                consts.push(n.input(1)?);
+            }
+            "Mul" if n.input(0) == Some(d) && n.input(1) == Some(d) => {}
+            _ => return None,
         }
-        let Some(two) = static_input(pow, d) else { continue };
-        let mut inner = vec![pow, var, add_eps, sqrt];
-        let mut constants = vec![two, eps];
+        nodes.push(sq);
+        Some((nodes, consts))
+    };
+    // The stabilised variance below a root's input `v`: up to two Add/Max with a static operand.
+    let stabilised = |mut v: ValueId, d: ValueId| -> Option<(Vec<NodeId>, Vec<ValueId>)> {
+        let (mut nodes, mut consts) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let Some(p) = producer(v, "Add").or_else(|| producer(v, "Max")) else { break };
+            let Some(eps) = g.node(p).output(0).and_then(|o| static_input(p, o)) else { break };
+            let Some(other) = g.node(p).inputs().iter().flatten().copied().find(|&i| i != eps) else { break };
+            nodes.push(p);
+            consts.push(eps);
+            v = other;
+        }
+        if nodes.is_empty() {
+            return None;
+        }
+        let (more, more_consts) = mean_square(v, d)?;
+        nodes.extend(more);
+        consts.extend(more_consts);
+        Some((nodes, consts))
+    };
+    let mut out = Vec::new();
+    for &apply in order {
+        let n = g.node(apply);
+        // (d, nodes from the root down, constants)
+        let found = match n.op_type.as_str() {
+            "Div" => (|| {
+                let (d, s) = (n.input(0)?, n.input(1)?);
+                let sqrt = producer(s, "Sqrt")?;
+                let (nodes, consts) = stabilised(g.node(sqrt).input(0)?, d)?;
+                Some((d, [vec![sqrt], nodes].concat(), consts))
+            })(),
+            "Mul" => (|| {
+                for (d, inv) in [(n.input(0)?, n.input(1)?), (n.input(1)?, n.input(0)?)] {
+                    let inv_node = g.producer(inv).map(|o| o.node);
+                    let Some(inv_node) = inv_node else { continue };
+                    let inode = g.node(inv_node);
+                    let found = match inode.op_type.as_str() {
+                        "Pow" if inode.input(1).is_some_and(|e| is_scalar(g, e, -0.5)) => {
+                            stabilised(inode.input(0)?, d).map(|(nodes, mut c)| {
+                                c.push(inode.input(1).expect("checked"));
+                                ([vec![inv_node], nodes].concat(), c)
+                            })
+                        }
+                        "Reciprocal" | "Div" => {
+                            let root_in = if inode.op_type == "Div" {
+                                if !inode.input(0).is_some_and(|one| is_scalar(g, one, 1.0)) {
+                                    continue;
+                                }
+                                inode.input(1)?
+                            } else {
+                                inode.input(0)?
+                            };
+                            let Some(sqrt) = producer(root_in, "Sqrt") else { continue };
+                            stabilised(g.node(sqrt).input(0)?, d).map(|(nodes, mut c)| {
+                                if inode.op_type == "Div" {
+                                    c.push(inode.input(0).expect("checked"));
+                                }
+                                ([vec![inv_node, sqrt], nodes].concat(), c)
+                            })
+                        }
+                        _ => None,
+                    };
+                    if let Some((nodes, consts)) = found {
+                        return Some((d, nodes, consts));
+                    }
+                }
+                None
+            })(),
+            _ => None,
+        };
+        let Some((d, mut inner, mut constants)) = found else { continue };
         let centred = match producer(d, "Sub") {
             Some(sub) => {
                 let (Some(x), Some(m)) = (g.node(sub).input(0), g.node(sub).input(1)) else { continue };
@@ -70,7 +165,7 @@ pub(crate) fn norm_matches(g: &Graph, order: &[NodeId]) -> Vec<NormMatch> {
         if let Some(mul) = sole_consumer(y, "Mul")
             && let Some(gm) = static_input(mul, y)
         {
-            inner.push(div);
+            inner.push(apply);
             gamma = Some(gm);
             if let Some(z) = g.node(mul).output(0)
                 && let Some(add) = sole_consumer(z, "Add")

@@ -509,3 +509,50 @@ fn quantizers_that_make_the_simulation_non_finite_are_disabled() {
     // A finite simulation is left alone.
     assert!(sim.disable_non_finite_quantizers(&named).unwrap().is_empty());
 }
+
+#[test]
+fn a_norm_in_tf2onnx_spelling_is_recognised_by_its_structure() {
+    // x·rsqrt(max(sum(x·x)/8, 1e-12) + 1e-6)·γ: Square, Sum, truediv, Maximum, AddV2, Rsqrt as
+    // tf2onnx writes them (Mul, ReduceSum, Div, Max, Add, Sqrt + Reciprocal).
+    let mut g = Graph::new("rms");
+    let x = g.add_input("x", DType::F32, Shape::known(&[2, 8]));
+    let sq = g.add_op("Mul", "square", &[x, x], vec![]);
+    let axes = g.add_initializer("axes", Tensor::from_vec(&[1], vec![-1i64]).unwrap());
+    let sum = g.add_op("ReduceSum", "sum", &[sq, axes], vec![("keepdims", Attribute::Int(1))]);
+    let n = g.add_initializer("n", t(&[], vec![8.0]));
+    let mean = g.add_op("Div", "truediv", &[sum, n], vec![]);
+    let tiny = g.add_initializer("tiny", t(&[], vec![1e-12]));
+    let kept = g.add_op("Max", "maximum", &[mean, tiny], vec![]);
+    let eps = g.add_initializer("eps", t(&[], vec![1e-6]));
+    let stab = g.add_op("Add", "addv2", &[kept, eps], vec![]);
+    let root = g.add_op("Sqrt", "sqrt", &[stab], vec![]);
+    let inv = g.add_op("Reciprocal", "rsqrt", &[root], vec![]);
+    let normed = g.add_op("Mul", "normed", &[x, inv], vec![]);
+    let gamma = g.add_initializer("gamma", t(&[8], values(8, 3)));
+    let y = g.add_op("Mul", "scaled", &[normed, gamma], vec![]);
+    g.add_output(y);
+    let model = Model::new(g, 13);
+    let enabled = |pass: bool| -> Vec<String> {
+        let mut config = QuantsimConfig::load("default").unwrap();
+        if pass {
+            config.add_pass("RMSNormalization").unwrap();
+        }
+        let sim = QuantSim::new(model.clone(), config, SimOptions::default()).unwrap();
+        let p = sim.placement();
+        p.tensors()
+            .iter()
+            .filter(|t| p.quantizer(t.quantizer).enabled)
+            .map(|t| sim.model().graph.value(t.value).name.clone())
+            .collect()
+    };
+    let (without, with) = (enabled(false), enabled(true));
+    for inner in
+        ["square", "sum", "truediv", "maximum", "addv2", "sqrt", "rsqrt", "normed", "tiny", "eps", "n"]
+    {
+        assert!(!with.contains(&inner.to_string()), "{inner} keeps its quantizer: {with:?}");
+    }
+    assert!(
+        without.contains(&"rsqrt".to_string()) && with.contains(&"scaled".to_string()),
+        "{without:?} {with:?}"
+    );
+}
