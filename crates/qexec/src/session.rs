@@ -511,7 +511,8 @@ impl Session {
         // Last step (among those that run) reading each value.
         let mut last_use = vec![usize::MAX; nvalues];
         for (i, s) in self.steps.iter().enumerate().filter(|(_, s)| runs(s)) {
-            for v in g.node(s.node).inputs().iter().flatten() {
+            let node = g.node(s.node);
+            for v in node.inputs().iter().flatten().chain(node.implicit_inputs()) {
                 last_use[v.index()] = i;
             }
         }
@@ -540,8 +541,15 @@ impl Session {
                 continue;
             }
             let node = g.node(step.node);
-            let mut inputs: Vec<Option<Tensor>> = Vec::with_capacity(node.inputs().len());
-            for &slot in node.inputs() {
+            // The explicit inputs, then what the node's subgraphs read from this scope.
+            let slots: Vec<Option<ValueId>> = node
+                .inputs()
+                .iter()
+                .copied()
+                .chain(node.implicit_inputs().iter().map(|&v| Some(v)))
+                .collect();
+            let mut inputs: Vec<Option<Tensor>> = Vec::with_capacity(slots.len());
+            for &slot in &slots {
                 let Some(v) = slot else {
                     inputs.push(None);
                     continue;
@@ -577,7 +585,7 @@ impl Session {
                 inputs.push(store[v.index()].clone());
             }
             // Release inputs read for the last time, so kernels can reuse their buffers.
-            for &v in node.inputs().iter().flatten() {
+            for &v in slots.iter().flatten() {
                 if last_use[v.index()] == i && !keep[v.index()] && !keep_all {
                     if let Some(t) = store[v.index()].take() {
                         if g.value(v).data.is_none() {

@@ -383,3 +383,45 @@ fn epilogues_equal_on_tensor_and_replace_it_where_kernels_apply_them() {
         assert_eq!(nodes_run[1] + 1, nodes_run[0]);
     }
 }
+
+#[test]
+fn if_runs_the_branch_its_condition_picks_reading_outer_values() {
+    use onnx_protobuf::{GraphProto, NodeProto, ValueInfoProto};
+    // then: y = x + x; else: y = x · x — both read `x` from the enclosing graph.
+    let branch = |op: &str| GraphProto {
+        name: op.into(),
+        node: vec![NodeProto {
+            op_type: op.into(),
+            input: vec!["x".into(), "x".into()],
+            output: vec!["y".into()],
+            ..Default::default()
+        }],
+        output: vec![ValueInfoProto { name: "y".into(), ..Default::default() }],
+        ..Default::default()
+    };
+    let mut g = qgraph::Graph::new("if");
+    g.add_input("x", qgraph::DType::F32, qgraph::Shape::known(&[3]));
+    let c = g.add_input("c", qgraph::DType::Bool, qgraph::Shape::known(&[]));
+    let out = g.add_node(qgraph::NodeSpec {
+        name: "if".into(),
+        op_type: "If".into(),
+        inputs: vec![Some(c)],
+        outputs: vec!["out".into()],
+        attrs: vec![
+            ("then_branch".into(), qgraph::Attribute::Graph(Box::new(branch("Add")))),
+            ("else_branch".into(), qgraph::Attribute::Graph(Box::new(branch("Mul")))),
+        ],
+        ..Default::default()
+    });
+    let y = g.node(out).output(0).unwrap();
+    g.add_output(y);
+    // Through bytes, so the loader works out what the branches read from outside.
+    let model = qgraph::load_bytes(&qgraph::save_bytes(&qgraph::Model::new(g, 13)).unwrap(), None).unwrap();
+    let session = Session::new(model, SessionOptions::threads(1)).unwrap();
+    let xs = f32t(&[3], vec![1.0, 2.0, 3.0]);
+    for (cond, want) in [(true, [2.0, 4.0, 6.0]), (false, [1.0, 4.0, 9.0])] {
+        let c = qgraph::Tensor::from_vec(&[], vec![cond]).unwrap();
+        let got = session.run(&[("x", xs.clone()), ("c", c)]).unwrap();
+        assert_eq!(got[0].as_f32().unwrap().iter().copied().collect::<Vec<_>>(), want, "cond {cond}");
+    }
+}

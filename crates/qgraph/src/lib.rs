@@ -32,7 +32,9 @@ pub use error::{GraphError, Result};
 pub use graph::{Graph, Model, Node, NodeSpec, Opset, Value, ValueSource};
 pub use ids::{NodeId, Outlet, ValueId};
 pub use infer::ShapeReport;
-pub use load::{load_bytes, load_path, model_from_proto, tensor_from_bytes};
+pub use load::{
+    load_bytes, load_path, model_from_proto, subgraph_model, subgraph_outer_names, tensor_from_bytes,
+};
 pub use params::Param;
 pub use save::{OutputSet, model_to_proto, save_bytes, save_path, tensor_to_proto, write_atomically};
 pub use shape::{Dim, DimBindings, Shape, checked_numel};

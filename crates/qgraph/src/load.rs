@@ -286,6 +286,40 @@ fn tensor_shape(t: &TensorProto) -> Result<Vec<usize>> {
         .collect()
 }
 
+/// The outer-scope names the subgraphs of `node` read, in the order of
+/// [`Node::implicit_inputs`](crate::Node::implicit_inputs).
+pub fn subgraph_outer_names(node: &crate::Node) -> Vec<String> {
+    let mut outer: Vec<String> = Vec::new();
+    for (_, a) in &node.attrs {
+        let subs: Vec<&GraphProto> = match a {
+            crate::Attribute::Graph(g) => vec![g.as_ref()],
+            crate::Attribute::Graphs(gs) => gs.iter().collect(),
+            _ => continue,
+        };
+        for sub in subs {
+            for name in free_names(sub) {
+                if !outer.contains(&name) {
+                    outer.push(name);
+                }
+            }
+        }
+    }
+    outer
+}
+
+/// A subgraph (an `If` branch, a `Loop` body) as a model of its own at default-domain `opset`:
+/// the outer-scope names it reads become graph inputs after its own. Returns the model and
+/// those names, in input order.
+pub fn subgraph_model(g: &GraphProto, opset: i64) -> Result<(Model, Vec<String>)> {
+    let outer = free_names(g);
+    let mut proto = g.clone();
+    for name in &outer {
+        proto.input.push(ValueInfoProto { name: name.clone(), ..Default::default() });
+    }
+    let graph = graph_from_proto(&proto, None)?;
+    Ok((Model::new(graph, opset), outer))
+}
+
 /// Names a subgraph reads but does not define: its outer-scope dependencies.
 fn free_names(g: &GraphProto) -> Vec<String> {
     let mut defined: HashSet<&str> = HashSet::new();

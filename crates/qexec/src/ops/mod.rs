@@ -3,6 +3,7 @@
 //! small tensor helpers every kernel family shares.
 
 mod broadcast;
+mod control;
 mod conv;
 mod conv_nd;
 mod depthwise;
@@ -152,7 +153,8 @@ pub(crate) fn compile(node: &Node, opset: i64) -> Result<Box<dyn Kernel>> {
         .or_else(|| reduce::compile(node, opset))
         .or_else(|| resize::compile(node, opset))
         .or_else(|| quant::compile(node))
-        .or_else(|| recurrent::compile(node));
+        .or_else(|| recurrent::compile(node))
+        .or_else(|| control::compile(node, opset));
     match built {
         Some(kernel) => {
             kernel.map(|k| Box::new(widen::ThroughF32(k)) as Box<dyn Kernel>).map_err(|e| match e {
