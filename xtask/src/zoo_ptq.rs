@@ -140,10 +140,12 @@ pub fn check(zoo: &Path) -> Result<()> {
             "efficientnet_lite0" => {
                 let t = simulated_top1(equalized, "default_per_tensor", &data)?;
                 println!(
-                    "  {:<20} per-tensor with CLE: top-1 {t:.4} (required ≥ {EFFICIENTNET_PER_TENSOR_CLE}; AIMET's CLE {}, replacing ReLU6 {})",
+                    "  {:<20} per-tensor with CLE: top-1 {t:.4} (required ≥ {EFFICIENTNET_PER_TENSOR_CLE}; AIMET's CLE {}, replacing ReLU6 {} with FP32 top-1 {} after it)",
                     c.name,
                     aimet_top1(zoo, c.name, "cle_per_tensor").map_or("-".into(), |v| format!("{v:.4}")),
                     aimet_top1(zoo, c.name, "cle_clipconst_per_tensor")
+                        .map_or("-".into(), |v| format!("{v:.4}")),
+                    aimet_figure(zoo, c.name, "cle_clipconst_per_tensor", "fp32_top1_after_cle")
                         .map_or("-".into(), |v| format!("{v:.4}"))
                 );
                 if t < EFFICIENTNET_PER_TENSOR_CLE {
