@@ -524,16 +524,16 @@ impl QuantSim {
         let mut fixed = Vec::new();
         let float = Session::new(self.model.clone(), SessionOptions::threads(self.options.threads))?;
         let values = self.model.graph.value_count();
+        let float_bad = non_finite_values(values, |hook| {
+            let opts = RunOptions { hook: Some(hook), hook_inputs: true, ..RunOptions::default() };
+            float.run_with(feeds, opts).map(|_| ()).map_err(CalibError::from)
+        })?;
+        let order = self.model.graph.topological_order()?;
         for _ in 0..16 {
-            let float_bad = non_finite_values(values, |hook| {
-                let opts = RunOptions { hook: Some(hook), hook_inputs: true, ..RunOptions::default() };
-                float.run_with(feeds, opts).map(|_| ()).map_err(CalibError::from)
-            })?;
             let sim_bad =
                 non_finite_values(values, |hook| self.run_observing(feeds, hook, true).map(|_| ()))?;
             let g = &self.model.graph;
-            let order = g.topological_order()?;
-            let culprit = order.into_iter().find(|&n| {
+            let culprit = order.iter().copied().find(|&n| {
                 g.node(n).outputs().iter().flatten().any(|v| sim_bad[v.index()] && !float_bad[v.index()])
             });
             let Some(node) = culprit else { break };

@@ -553,6 +553,21 @@ impl Graph {
         self.nodes[node.index()].inputs[slot] = v;
     }
 
+    /// Stores `t` as input `slot` of `node`: in place when the node is the tensor's only reader
+    /// (a `Constant` producer is detached and later removed as dead), else as a new initializer
+    /// named `new_name` (made unique), the slot added if the node has fewer inputs.
+    pub fn set_static_input(&mut self, node: NodeId, slot: usize, new_name: &str, t: Tensor) {
+        match self.node(node).input(slot) {
+            Some(v) if self.use_count(v) == 1 && self.static_value(v).is_some() => {
+                self.make_initializer(v, t)
+            }
+            _ => {
+                let id = self.add_initializer(new_name, t);
+                self.set_input(node, slot, Some(id));
+            }
+        }
+    }
+
     /// Replaces every read of `from` (node inputs, subgraph reads and graph outputs) by `to`.
     pub fn replace_uses(&mut self, from: ValueId, to: ValueId) {
         for site in std::mem::take(&mut self.values[from.index()].consumers) {

@@ -15,7 +15,7 @@ use qgraph::{Attribute, DimBindings, Graph, Model, NodeId, NodeSpec, Tensor, Val
 use serde_json::{Value, json};
 
 use crate::error::{PtqError, Result};
-use crate::layers::{Layer, bias_of, f32_data, layer, store, vector};
+use crate::layers::{Layer, bias_of, f32_data, layer, vector};
 use crate::watch::Watch;
 
 /// Where a layer's expected input comes from.
@@ -176,8 +176,7 @@ pub fn correct_bias(
             *x += s;
         }
         let name = g.node(l.node).name.clone();
-        store(
-            g,
+        g.set_static_input(
             l.node,
             l.bias_slot.expect("layers without bias were skipped"),
             &format!("{name}.bias"),

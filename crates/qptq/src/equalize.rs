@@ -16,9 +16,7 @@ use qgraph::{DimBindings, Graph, Model, NodeId, NodeSpec, Tensor, ValueId};
 use serde_json::{Value, json};
 
 use crate::error::Result;
-use crate::layers::{
-    Layer, abs_max_along, bias_of, f32_data, layer, on_8bit_grid, scale_along, store, vector,
-};
+use crate::layers::{Layer, abs_max_along, bias_of, f32_data, layer, on_8bit_grid, scale_along, vector};
 
 /// Ops that commute with a positive per-channel scale and may sit between two scaled layers.
 const SCALE_COMMUTING_OPS: [&str; 10] = [
@@ -119,6 +117,23 @@ struct ClipChange {
     factor: Vec<f32>,
     shift: Vec<f32>,
     channel_axis: usize,
+}
+
+impl ClipChange {
+    /// The change recorded for `clip` so far, created as no change over `channels` channels on
+    /// `channel_axis`.
+    fn of(
+        clips: &mut HashMap<NodeId, ClipChange>,
+        clip: NodeId,
+        channels: usize,
+        channel_axis: usize,
+    ) -> &mut ClipChange {
+        clips.entry(clip).or_insert_with(|| ClipChange {
+            factor: vec![1.0; channels],
+            shift: vec![0.0; channels],
+            channel_axis,
+        })
+    }
 }
 
 /// Scalar bounds of a `Clip` (`None` when absent or dynamic-free infinite).
@@ -369,11 +384,8 @@ pub fn equalize(model: &mut Model, options: EqualizeOptions) -> Result<EqualizeR
             }
             for &t in &links[&a].through {
                 if g.node(t).op_type == "Clip" && clip_bounds(g, t).is_some_and(clip_needs_rewrite) {
-                    let change = clips.entry(t).or_insert_with(|| ClipChange {
-                        factor: vec![1.0; inv.len()],
-                        shift: vec![0.0; inv.len()],
-                        channel_axis: la.output_channel_axis.unwrap_or(1),
-                    });
+                    let change =
+                        ClipChange::of(&mut clips, t, inv.len(), la.output_channel_axis.unwrap_or(1));
                     for (f, k) in change.factor.iter_mut().zip(&inv) {
                         *f *= k;
                     }
@@ -420,11 +432,11 @@ pub fn equalize(model: &mut Model, options: EqualizeOptions) -> Result<EqualizeR
     for (&n, l) in &layers {
         let name = g.node(n).name.clone();
         let w = weights.remove(&n).expect("working weight");
-        store(g, n, 1, &format!("{name}.weight"), Tensor::F32(w.into_shared()));
+        g.set_static_input(n, 1, &format!("{name}.weight"), Tensor::F32(w.into_shared()));
         if let Some(slot) = l.bias_slot {
             let b = biases.remove(&n).expect("working bias");
             if g.node(n).input(slot).is_some() || b.iter().any(|&x| x != 0.0) {
-                store(g, n, slot, &format!("{name}.bias"), vector(b));
+                g.set_static_input(n, slot, &format!("{name}.bias"), vector(b));
             }
         }
     }
@@ -558,12 +570,9 @@ fn absorb_high_bias(
     for (x, k) in biases.get_mut(&b).expect("working bias").iter_mut().zip(&add) {
         *x += k;
     }
-    if let Some(t) = clip {
-        let change = clips.entry(t).or_insert_with(|| ClipChange {
-            factor: vec![1.0; channels],
-            shift: vec![0.0; channels],
-            channel_axis: la.output_channel_axis.unwrap_or(1),
-        });
+    // Only a Clip with an upper bound changes: ReLU(x − c) + c is the clip's lower part already.
+    if let Some(t) = clip.filter(|_| upper.is_some()) {
+        let change = ClipChange::of(clips, t, channels, la.output_channel_axis.unwrap_or(1));
         for (s, k) in change.shift.iter_mut().zip(&c) {
             *s += k;
         }

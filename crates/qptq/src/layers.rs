@@ -164,18 +164,6 @@ pub(crate) fn bias_of(g: &Graph, layer: &Layer) -> Vec<f32> {
         .map_or_else(|| vec![0.0; layer.out_channels], |b| b.iter().copied().collect())
 }
 
-/// Replaces the data of input `slot` of `node` (a private static value) by `t`, or adds an
-/// initializer named `name` there when the slot is empty.
-pub(crate) fn store(g: &mut Graph, node: NodeId, slot: usize, name: &str, t: Tensor) {
-    match g.node(node).input(slot) {
-        Some(v) => g.make_initializer(v, t),
-        None => {
-            let id = g.add_initializer(name, t);
-            g.set_input(node, slot, Some(id));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -106,7 +106,7 @@ impl ConvAttrs {
 }
 
 /// Splits a total padding into (begin, end) as `auto_pad` asks.
-fn split_pad(total: i64, upper: bool) -> (i64, i64) {
+pub(super) fn split_pad(total: i64, upper: bool) -> (i64, i64) {
     let total = total.max(0);
     if upper { (total / 2, total - total / 2) } else { (total - total / 2, total / 2) }
 }

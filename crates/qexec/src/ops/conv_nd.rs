@@ -4,6 +4,7 @@
 
 use qgraph::Tensor;
 
+use super::conv::split_pad;
 use super::matmul::{MatRef, sgemm};
 use super::{Activation, ExecCtx, f32_data, input, opt_input};
 use crate::error::KernelResult;
@@ -37,11 +38,6 @@ fn per_axis(v: Option<&[i64]>, n: usize, default: i64, what: &str) -> KernelResu
         Some(v) if v.len() == n => Ok(v.to_vec()),
         Some(v) => Err(format!("{what} {v:?} does not match {n} spatial dims")),
     }
-}
-
-fn split_pad(total: i64, upper: bool) -> (i64, i64) {
-    let total = total.max(0);
-    if upper { (total / 2, total - total / 2) } else { (total - total / 2, total / 2) }
 }
 
 /// The spatial axes of a convolution (`transpose`: of a ConvTranspose, whose `out` is the

@@ -270,6 +270,8 @@ impl Kernel for Recurrent {
         ctx.checked_len(&[2, g, h], 4)?;
         let mut gates = vec![0f32; g * h];
         let mut rec = vec![0f32; g * h];
+        // The previous hidden state, and GRU's `r ⊙ H`.
+        let (mut hprev, mut reset) = (vec![0f32; h], vec![0f32; h]);
         for (d, &backward) in self.directions.iter().enumerate() {
             let acts = if self.acts.len() == per_dir {
                 &self.acts[..]
@@ -288,7 +290,7 @@ impl Kernel for Recurrent {
                     gates.copy_from_slice(wb);
                     add_mat_vec(&mut gates, wd, x_at(t, bi));
                     rec.copy_from_slice(rb);
-                    let hprev: Vec<f32> = h_state[hs..hs + h].to_vec();
+                    hprev.copy_from_slice(&h_state[hs..hs + h]);
                     add_mat_vec(&mut rec, rd, &hprev);
                     let hnew = &mut h_state[hs..hs + h];
                     match self.cell {
@@ -298,22 +300,22 @@ impl Kernel for Recurrent {
                             }
                         }
                         Cell::Gru { linear_before_reset } => {
-                            // Gate order z, r, h.
-                            let z: Vec<f32> =
-                                (0..h).map(|k| acts[0].apply(clip(gates[k] + rec[k]))).collect();
-                            let rr: Vec<f32> =
-                                (0..h).map(|k| acts[0].apply(clip(gates[h + k] + rec[h + k]))).collect();
-                            let cand: Vec<f32> = if linear_before_reset {
-                                (0..h).map(|k| gates[2 * h + k] + rr[k] * rec[2 * h + k]).collect()
-                            } else {
-                                // (r ⊙ H)·Rhᵀ + Rbh.
-                                let reset: Vec<f32> = rr.iter().zip(&hprev).map(|(a, b)| a * b).collect();
-                                let mut acc = rb[2 * h..3 * h].to_vec();
-                                add_mat_vec(&mut acc, &rd[2 * h * h..3 * h * h], &reset);
-                                (0..h).map(|k| gates[2 * h + k] + acc[k]).collect()
-                            };
+                            // Gate order z, r, h; z and r overwrite their pre-activations.
+                            for k in 0..2 * h {
+                                gates[k] = acts[0].apply(clip(gates[k] + rec[k]));
+                            }
+                            let (z, r) = (&gates[..h], &gates[h..2 * h]);
+                            if !linear_before_reset {
+                                // (r ⊙ H)·Rhᵀ + Rbh replaces H·Rhᵀ + Rbh.
+                                for k in 0..h {
+                                    reset[k] = r[k] * hprev[k];
+                                }
+                                rec[2 * h..].copy_from_slice(&rb[2 * h..3 * h]);
+                                add_mat_vec(&mut rec[2 * h..], &rd[2 * h * h..3 * h * h], &reset);
+                            }
                             for k in 0..h {
-                                let hh = acts[1].apply(clip(cand[k]));
+                                let scale = if linear_before_reset { r[k] } else { 1.0 };
+                                let hh = acts[1].apply(clip(gates[2 * h + k] + scale * rec[2 * h + k]));
                                 hnew[k] = (1.0 - z[k]) * hh + z[k] * hprev[k];
                             }
                         }

@@ -95,18 +95,6 @@ fn scale_axis(w: &mut ArrayD<f32>, axis: usize, s: &[f32]) -> Option<()> {
     Some(())
 }
 
-/// Stores `t` as input `slot` of `node`: in place when the node is the tensor's only reader
-/// (a `Constant` producer is detached and later removed as dead), else as a new initializer.
-fn set_static(g: &mut Graph, node: NodeId, slot: usize, new_name: &str, t: Tensor) {
-    match g.node(node).input(slot) {
-        Some(v) if g.use_count(v) == 1 && g.static_value(v).is_some() => g.make_initializer(v, t),
-        _ => {
-            let id = g.add_initializer(new_name, t);
-            g.set_input(node, slot, Some(id));
-        }
-    }
-}
-
 fn vector(v: Vec<f32>) -> Tensor {
     let n = v.len();
     Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[n]), v).expect("1-D shape matches").into_shared())
@@ -115,8 +103,8 @@ fn vector(v: Vec<f32>) -> Tensor {
 /// Writes a new weight (slot 1) and bias (slot 2) into `node`.
 fn install(g: &mut Graph, node: NodeId, w: ArrayD<f32>, b: Vec<f32>) {
     let name = g.node(node).name.clone();
-    set_static(g, node, 1, &format!("{name}.weight"), Tensor::F32(w.into_shared()));
-    set_static(g, node, 2, &format!("{name}.bias"), vector(b));
+    g.set_static_input(node, 1, &format!("{name}.weight"), Tensor::F32(w.into_shared()));
+    g.set_static_input(node, 2, &format!("{name}.bias"), vector(b));
 }
 
 /// Backward fold into the producer `layer`; `None` when a rule forbids it.
@@ -292,9 +280,9 @@ fn make_affine(g: &mut Graph, bn: NodeId, t: &BnTerms) {
     let c = t.scale.len();
     let beta: Vec<f32> = (0..c).map(|k| t.beta[k] - t.mean[k] * t.scale[k]).collect();
     let name = g.node(bn).name.clone();
-    set_static(g, bn, 1, &format!("{name}.scale"), vector(t.scale.clone()));
-    set_static(g, bn, 2, &format!("{name}.B"), vector(beta));
-    set_static(g, bn, 3, &format!("{name}.mean"), vector(vec![0.0; c]));
-    set_static(g, bn, 4, &format!("{name}.var"), vector(vec![1.0; c]));
+    g.set_static_input(bn, 1, &format!("{name}.scale"), vector(t.scale.clone()));
+    g.set_static_input(bn, 2, &format!("{name}.B"), vector(beta));
+    g.set_static_input(bn, 3, &format!("{name}.mean"), vector(vec![0.0; c]));
+    g.set_static_input(bn, 4, &format!("{name}.var"), vector(vec![1.0; c]));
     set_float_attr(g, bn, "epsilon", 0.0);
 }
