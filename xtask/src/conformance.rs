@@ -27,11 +27,35 @@ fn manifest_path() -> PathBuf {
     workspace_root().join("xtask/conformance/expected_pass.txt")
 }
 
-/// The extracted node tests (fetched on first use).
+/// The node tests whose expected outputs disagree with onnxruntime, compared against
+/// onnxruntime's outputs instead (`xtask/conformance/onnxruntime_oracle.txt`).
+fn onnxruntime_oracle_tests() -> Result<Vec<String>> {
+    let path = workspace_root().join("xtask/conformance/onnxruntime_oracle.txt");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect())
+}
+
+/// The extracted node tests (fetched on first use), with onnxruntime's outputs beside the
+/// expected data of the tests the oracle list names.
 fn tests_dir() -> Result<PathBuf> {
     let dir = workspace_root().join("target/xtask/onnx-1.17.0-node-tests");
     if !dir.is_dir() {
         python::run_script("fetch_node_tests.py", &[&dir.display().to_string()])?;
+    }
+    let missing: Vec<String> = onnxruntime_oracle_tests()?
+        .into_iter()
+        .filter(|t| !dir.join(t).join("test_data_set_0/ort_output_0.pb").is_file())
+        .collect();
+    if !missing.is_empty() {
+        python::ensure_oracles()?;
+        let mut args = vec![dir.display().to_string()];
+        args.extend(missing);
+        python::run_script("ort_oracle.py", &args.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
     Ok(dir)
 }
@@ -58,7 +82,7 @@ fn test_folders(dir: &Path, prefix: &str) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
-pub fn run(update: bool) -> Result<()> {
+pub fn run(update: bool, only: Option<&str>) -> Result<()> {
     let mut tests = test_folders(&tests_dir()?, "")?;
     let models = model_tests_dir()?;
     let mut suites: Vec<String> = std::fs::read_dir(&models)?
@@ -69,6 +93,9 @@ pub fn run(update: bool) -> Result<()> {
     suites.sort();
     for suite in &suites {
         tests.extend(test_folders(&models.join(suite), &format!("{suite}/"))?);
+    }
+    if let Some(part) = only {
+        tests.retain(|(name, _)| name.contains(part));
     }
     let started = Instant::now();
     let outcomes: Vec<(String, Outcome)> = tests
@@ -100,6 +127,13 @@ pub fn run(update: bool) -> Result<()> {
         started.elapsed().as_secs_f64(),
         report_path.display()
     );
+    if only.is_some() {
+        for line in report.lines() {
+            println!("  {line}");
+        }
+        println!("{} passed, {} failed, {} skipped", passed.len(), failed, skipped);
+        return Ok(());
+    }
     if update {
         std::fs::create_dir_all(manifest_path().parent().context("manifest folder")?)?;
         let mut text = String::from(
@@ -146,6 +180,8 @@ fn run_test(dir: &Path) -> Outcome {
     };
     let inputs: Vec<String> =
         model.graph.inputs().iter().map(|&v| model.graph.value(v).name.clone()).collect();
+    let expected_inputs: Vec<Option<qgraph::DType>> =
+        model.graph.inputs().iter().map(|&v| model.graph.value(v).dtype).collect();
     let session = match Session::new(model, SessionOptions::threads(1)) {
         Ok(s) => s,
         Err(e @ (ExecError::UnsupportedOp { .. } | ExecError::Invalid { .. })) => {
@@ -166,7 +202,7 @@ fn run_test(dir: &Path) -> Outcome {
         let mut feeds = Vec::new();
         for (i, name) in inputs.iter().enumerate() {
             match read("input", i) {
-                Some(Ok(t)) => feeds.push((name.as_str(), t)),
+                Some(Ok(t)) => feeds.push((name.as_str(), bfloat16_bits(t, expected_inputs[i]))),
                 Some(Err(e)) => return Outcome::Skipped(format!("input {i}: {e}")),
                 None => return Outcome::Skipped(format!("input {i} has no data")),
             }
@@ -176,9 +212,11 @@ fn run_test(dir: &Path) -> Outcome {
             Err(e) => return Outcome::Failed(e.to_string()),
         };
         for (i, g) in got.iter().enumerate() {
-            match read("output", i) {
+            let oracle = set.join(format!("ort_output_{i}.pb"));
+            let kind = if oracle.is_file() { "ort_output" } else { "output" };
+            match read(kind, i) {
                 Some(Ok(want)) => {
-                    if let Err(why) = compare(g, &want) {
+                    if let Err(why) = compare(g, &bfloat16_bits(want, Some(g.dtype()))) {
                         return Outcome::Failed(format!("output {i}: {why}"));
                     }
                 }
@@ -188,6 +226,15 @@ fn run_test(dir: &Path) -> Outcome {
         }
     }
     Outcome::Passed
+}
+
+/// The wheel stores bfloat16 test data as uint16 bit patterns: reinterpreted as bfloat16 where
+/// `want` is bfloat16.
+fn bfloat16_bits(t: Tensor, want: Option<qgraph::DType>) -> Tensor {
+    if t.dtype() == qgraph::DType::U16 && want == Some(qgraph::DType::BF16) {
+        return Tensor::from_le_bytes(qgraph::DType::BF16, t.shape(), &t.to_le_bytes()).unwrap_or(t);
+    }
+    t
 }
 
 fn compare(got: &Tensor, want: &Tensor) -> std::result::Result<(), String> {

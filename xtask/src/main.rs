@@ -29,8 +29,9 @@ commands:
                  `minilm` only MiniLM's W8A16 export and STS-B scores,
                  `analyze` only the per-layer sensitivity vs AIMET (and the HTML report),
                  `amp` only AMP vs AIMET
-  conformance [--update]
+  conformance [--update | --only TEXT]
                  run the ONNX backend node tests; fail if a test of the manifest fails
+                 (--only: just the tests whose name contains TEXT, report without the check)
   fuzz [CASES]   mutate the repository's models and the ONNX node-test models (after
                  `conformance`) CASES times (default 100000); fail on any panic or hang
   bench [load|exec|sim|analyze]
@@ -43,7 +44,11 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("zoo") => zoo::run(args.get(1).map(String::as_str)),
-        Some("conformance") => conformance::run(args.get(1).map(String::as_str) == Some("--update")),
+        Some("conformance") => match (args.get(1).map(String::as_str), args.get(2)) {
+            (Some("--only"), Some(part)) => conformance::run(false, Some(part)),
+            (Some("--only"), None) => usage_error(),
+            (flag, _) => conformance::run(flag == Some("--update"), None),
+        },
         Some("fuzz") => fuzz::run(args.get(1).map(String::as_str)),
         Some("bench") => bench::run(args.get(1).map(String::as_str)),
         Some("models") => models::run(args.get(1).map(String::as_str)),

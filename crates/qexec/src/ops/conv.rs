@@ -16,34 +16,26 @@ pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
     let transpose = match node.op_type.as_str() {
         "Conv" => false,
         "ConvTranspose" => true,
+        "Col2Im" => {
+            let ints = |name: &str| node.ints_attr(name).map(|v| v.map(<[i64]>::to_vec));
+            return Some((|| {
+                super::check_size_attributes(node, &["strides", "dilations", "pads"])?;
+                Ok(Box::new(conv_nd::Col2Im {
+                    dilations: ints("dilations")?,
+                    pads: ints("pads")?,
+                    strides: ints("strides")?,
+                }) as Box<dyn Kernel>)
+            })());
+        }
         _ => return None,
     };
-    let ints = |name: &str| node.ints_attr(name).map(|v| v.map(<[i64]>::to_vec));
-    Some((|| {
-        let group = node.int_attr("group", 1)?;
-        if group < 1 {
-            return Err(super::invalid(node, format!("group {group} is not positive")));
-        }
-        super::check_size_attributes(
-            node,
-            &["kernel_shape", "strides", "dilations", "pads", "output_padding", "output_shape"],
-        )?;
-        let attrs = ConvAttrs {
-            group: group as usize,
-            kernel: ints("kernel_shape")?,
-            strides: ints("strides")?,
-            dilations: ints("dilations")?,
-            pads: ints("pads")?,
-            auto_pad: node.string_attr("auto_pad")?.unwrap_or("NOTSET").to_string(),
-            output_padding: ints("output_padding")?,
-            output_shape: ints("output_shape")?,
-        };
-        Ok(if transpose { Box::new(ConvTranspose(attrs)) as Box<dyn Kernel> } else { Box::new(Conv(attrs)) })
-    })())
+    Some(ConvAttrs::from_node(node).map(|attrs| {
+        if transpose { Box::new(ConvTranspose(attrs)) as Box<dyn Kernel> } else { Box::new(Conv(attrs)) }
+    }))
 }
 
-/// Attributes shared by `Conv` and `ConvTranspose`.
-struct ConvAttrs {
+/// Attributes shared by `Conv` and `ConvTranspose` (and the integer convolutions).
+pub(super) struct ConvAttrs {
     group: usize,
     kernel: Option<Vec<i64>>,
     strides: Option<Vec<i64>>,
@@ -76,6 +68,29 @@ pub(super) struct Geometry {
 }
 
 impl ConvAttrs {
+    /// The attributes of `node`, checked: a positive group and bounded sizes.
+    pub(super) fn from_node(node: &Node) -> Result<ConvAttrs> {
+        let ints = |name: &str| node.ints_attr(name).map(|v| v.map(<[i64]>::to_vec));
+        let group = node.int_attr("group", 1)?;
+        if group < 1 {
+            return Err(super::invalid(node, format!("group {group} is not positive")));
+        }
+        super::check_size_attributes(
+            node,
+            &["kernel_shape", "strides", "dilations", "pads", "output_padding", "output_shape"],
+        )?;
+        Ok(ConvAttrs {
+            group: group as usize,
+            kernel: ints("kernel_shape")?,
+            strides: ints("strides")?,
+            dilations: ints("dilations")?,
+            pads: ints("pads")?,
+            auto_pad: node.string_attr("auto_pad")?.unwrap_or("NOTSET").to_string(),
+            output_padding: ints("output_padding")?,
+            output_shape: ints("output_shape")?,
+        })
+    }
+
     /// Per-spatial-dim attribute, expanded to 2-D (1-D convs get a unit leading dim).
     fn pair(v: &Option<Vec<i64>>, rank: usize, default: i64) -> KernelResult<[i64; 2]> {
         let v = v.clone().unwrap_or_else(|| vec![default; rank]);
@@ -515,7 +530,7 @@ fn convolve(
 
 impl ConvAttrs {
     /// The attributes as the N-D kernels read them.
-    fn nd(&self) -> NdAttrs<'_> {
+    pub(super) fn nd(&self) -> NdAttrs<'_> {
         NdAttrs {
             group: self.group,
             kernel: self.kernel.as_deref(),

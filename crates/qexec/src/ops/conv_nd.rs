@@ -1,6 +1,7 @@
 //! `Conv` and `ConvTranspose` over three or more spatial dims (video and volumetric models):
 //! the window geometry per axis, an N-D im2col (Conv) or col2im (ConvTranspose) walked
-//! odometer-style, and the same `gemm` product as the 2-D kernels, one group at a time.
+//! odometer-style, and the same `gemm` product as the 2-D kernels, one group at a time; and the
+//! `Col2Im` op, the same col2im on its own.
 
 use qgraph::Tensor;
 
@@ -23,13 +24,13 @@ pub(super) struct NdAttrs<'a> {
 
 /// One spatial axis: input length, kernel, stride, dilation, leading pad and output length.
 #[derive(Debug, Clone, Copy)]
-struct Axis {
-    len: usize,
-    k: usize,
-    s: usize,
-    d: usize,
-    pad: i64,
-    out: usize,
+pub(super) struct Axis {
+    pub len: usize,
+    pub k: usize,
+    pub s: usize,
+    pub d: usize,
+    pub pad: i64,
+    pub out: usize,
 }
 
 fn per_axis(v: Option<&[i64]>, n: usize, default: i64, what: &str) -> KernelResult<Vec<i64>> {
@@ -42,7 +43,7 @@ fn per_axis(v: Option<&[i64]>, n: usize, default: i64, what: &str) -> KernelResu
 
 /// The spatial axes of a convolution (`transpose`: of a ConvTranspose, whose `out` is the
 /// output length and `len` the input length).
-fn axes(a: &NdAttrs<'_>, x: &[usize], w: &[usize], transpose: bool) -> KernelResult<Vec<Axis>> {
+pub(super) fn axes(a: &NdAttrs<'_>, x: &[usize], w: &[usize], transpose: bool) -> KernelResult<Vec<Axis>> {
     let n = x.len() - 2;
     if w.len() != x.len() {
         return Err(format!("weight shape {w:?} does not match input shape {x:?}"));
@@ -108,7 +109,7 @@ fn axes(a: &NdAttrs<'_>, x: &[usize], w: &[usize], transpose: bool) -> KernelRes
 
 /// Calls `f(kernel_offset, input_offset_or_none, output_index)` for every kernel cell and output
 /// cell: `input` is the flat index of the input cell the pair reads (None in the padding).
-fn walk(axes: &[Axis], mut f: impl FnMut(usize, Option<usize>, usize)) {
+pub(super) fn walk(axes: &[Axis], mut f: impl FnMut(usize, Option<usize>, usize)) {
     let n = axes.len();
     let kernel_cells: usize = axes.iter().map(|a| a.k).product();
     let out_cells: usize = axes.iter().map(|a| a.out).product();
@@ -260,4 +261,69 @@ pub(super) fn run(
         epilogue(&mut out);
     }
     Ok(vec![super::tensor_from(&out_shape, out)?])
+}
+
+/// `Col2Im`: columns `[N, C·∏block, L]` summed back into images `[N, C, image…]`.
+pub(super) struct Col2Im {
+    pub dilations: Option<Vec<i64>>,
+    pub pads: Option<Vec<i64>>,
+    pub strides: Option<Vec<i64>>,
+}
+
+impl super::Kernel for Col2Im {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        ctx: &ExecCtx<'_>,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let (tx, ti, tb) = (input(inputs, 0)?, input(inputs, 1)?, input(inputs, 2)?);
+        let (image, block) = (super::ints_of(ti)?, super::ints_of(tb)?);
+        let xs = tx.shape();
+        if xs.len() != 3 || image.len() != block.len() || image.is_empty() {
+            return Err(format!("input {xs:?}, image {image:?} and block {block:?} do not agree"));
+        }
+        let image = ctx.checked_shape(&image, 4)?;
+        let block = ctx.checked_shape(&block, 4)?;
+        let kernel_cells: usize = block.iter().product();
+        if kernel_cells == 0 || xs[1] % kernel_cells != 0 {
+            return Err(format!("{} column rows do not split into blocks of {kernel_cells}", xs[1]));
+        }
+        let (n, c) = (xs[0], xs[1] / kernel_cells);
+        let mut image_shape = vec![n, c];
+        image_shape.extend(&image);
+        let mut weight_shape = vec![1, c];
+        weight_shape.extend(&block);
+        let attrs = NdAttrs {
+            group: 1,
+            kernel: None,
+            strides: self.strides.as_deref(),
+            dilations: self.dilations.as_deref(),
+            pads: self.pads.as_deref(),
+            auto_pad: "NOTSET",
+            output_padding: None,
+            output_shape: None,
+        };
+        let geometry = axes(&attrs, &image_shape, &weight_shape, false)?;
+        let blocks: usize = geometry.iter().map(|a| a.out).product();
+        if xs[2] != blocks {
+            return Err(format!("{} columns for {blocks} block positions", xs[2]));
+        }
+        let total = ctx.checked_len(&image_shape, 4)?;
+        let in_cells: usize = image.iter().product();
+        let x = f32_data(tx)?;
+        let mut out = vec![0f32; total];
+        for img in 0..n {
+            for ch in 0..c {
+                let dst = &mut out[(img * c + ch) * in_cells..][..in_cells];
+                let src = &x[(img * c + ch) * kernel_cells * blocks..][..kernel_cells * blocks];
+                walk(&geometry, |kc, at, oc| {
+                    if let Some(i) = at {
+                        dst[i] += src[kc * blocks + oc];
+                    }
+                });
+            }
+        }
+        Ok(vec![super::tensor_from(&image_shape, out)?])
+    }
 }

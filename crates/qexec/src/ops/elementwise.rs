@@ -5,6 +5,7 @@
 use ndarray::{ArcArray, ArrayD, ArrayViewD, IxDyn, Zip};
 use qgraph::{DType, Element, Node, Tensor};
 
+use super::arith::{Arith, Bits, integer, numeric};
 use super::broadcast::{F32Op, Plan};
 use super::fastmath;
 use super::{
@@ -82,6 +83,16 @@ pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>
         "LessOrEqual" => Ok(Box::new(Binary::LessOrEqual)),
         "Greater" => Ok(Box::new(Binary::Greater)),
         "GreaterOrEqual" => Ok(Box::new(Binary::GreaterOrEqual)),
+        "BitwiseAnd" => Ok(Box::new(Binary::Bitwise(BitOp::And))),
+        "BitwiseOr" => Ok(Box::new(Binary::Bitwise(BitOp::Or))),
+        "BitwiseXor" => Ok(Box::new(Binary::Bitwise(BitOp::Xor))),
+        "BitwiseNot" => return unary(Unary::BitNot),
+        "BitShift" => match node.string_attr("direction").map_err(ExecError::from) {
+            Ok(Some("LEFT")) => Ok(Box::new(Binary::Bitwise(BitOp::ShiftLeft))),
+            Ok(Some("RIGHT")) => Ok(Box::new(Binary::Bitwise(BitOp::ShiftRight))),
+            Ok(other) => Err(super::invalid(node, format!("direction {other:?} is not LEFT or RIGHT"))),
+            Err(e) => Err(e),
+        },
         "And" => Ok(Box::new(Binary::And)),
         "Or" => Ok(Box::new(Binary::Or)),
         "Xor" => Ok(Box::new(Binary::Xor)),
@@ -105,6 +116,7 @@ pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>
 /// Unary f32 maths (`Neg`, `Abs` and `Sign` also on integers, `Not` on bool).
 #[derive(Debug, Clone, Copy)]
 enum Unary {
+    BitNot,
     Relu,
     Sigmoid,
     HardSwish,
@@ -203,6 +215,12 @@ impl Kernel for Unary {
         let x = take_input(inputs, 0)?;
         let out = match (*self, &x) {
             (Unary::Not, Tensor::Bool(a)) => map_int(a, |v| !v),
+            (Unary::BitNot, x) => {
+                fn go<T: Bits>(x: &Tensor) -> KernelResult<Tensor> {
+                    Ok(map_int(typed::<T>(x)?, T::not))
+                }
+                integer!(x.dtype(), go(x))?
+            }
             (Unary::Neg, Tensor::I64(a)) => map_int(a, i64::wrapping_neg),
             (Unary::Neg, Tensor::I32(a)) => map_int(a, i32::wrapping_neg),
             (Unary::Neg, Tensor::I8(a)) => map_int(a, i8::wrapping_neg),
@@ -268,7 +286,7 @@ impl Unary {
                 }
             }
             Unary::Softsign => v / (1.0 + v.abs()),
-            Unary::Not | Unary::IsNaN | Unary::IsInf(..) => v,
+            Unary::Not | Unary::BitNot | Unary::IsNaN | Unary::IsInf(..) => v,
             Unary::Tan => v.tan(),
             Unary::Asin => v.asin(),
             Unary::Acos => v.acos(),
@@ -360,62 +378,33 @@ pub(crate) fn zip_broadcast<A: Copy, B: Copy, O>(
     Ok(Zip::from(&av).and(&bv).map_collect(|&x, &y| f(x, y)))
 }
 
-/// Arithmetic that every numeric element type provides (integers wrap; integer division by zero
-/// gives 0 rather than a panic).
-trait Arith: Element + PartialOrd {
-    fn add(self, o: Self) -> Self;
-    fn sub(self, o: Self) -> Self;
-    fn mul(self, o: Self) -> Self;
-    fn div(self, o: Self) -> Self;
-    fn rem(self, o: Self, fmod: bool) -> Self;
-    fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
-    fn is_nan(self) -> bool;
+/// The bitwise binary ops on integers.
+#[derive(Debug, Clone, Copy)]
+enum BitOp {
+    And,
+    Or,
+    Xor,
+    ShiftLeft,
+    ShiftRight,
 }
 
-macro_rules! int_arith {
-    ($($t:ty),*) => {$(
-        impl Arith for $t {
-            fn add(self, o: Self) -> Self { self.wrapping_add(o) }
-            fn sub(self, o: Self) -> Self { self.wrapping_sub(o) }
-            fn mul(self, o: Self) -> Self { self.wrapping_mul(o) }
-            fn div(self, o: Self) -> Self { self.checked_div(o).unwrap_or(0) }
-            fn rem(self, o: Self, fmod: bool) -> Self {
-                let r = self.checked_rem(o).unwrap_or(0);
-                // Python-style modulo takes the sign of the divisor.
-                #[allow(unused_comparisons)]
-                if !fmod && r != 0 && ((r < 0) != (o < 0)) { r.wrapping_add(o) } else { r }
-            }
-            fn to_f64(self) -> f64 { self as f64 }
-            fn from_f64(v: f64) -> Self { v as $t }
-            fn is_nan(self) -> bool { false }
-        }
-    )*};
+impl BitOp {
+    fn apply<T: Bits>(self, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
+        let (a, b) = (typed::<T>(a)?, typed::<T>(b)?);
+        Ok(wrap(zip_broadcast(a, b, |x, y| match self {
+            BitOp::And => x.and(y),
+            BitOp::Or => x.or(y),
+            BitOp::Xor => x.xor(y),
+            BitOp::ShiftLeft => x.shl(y),
+            BitOp::ShiftRight => x.shr(y),
+        })?))
+    }
 }
-int_arith!(i8, u8, i16, u16, i32, u32, i64, u64);
-
-macro_rules! float_arith {
-    ($($t:ty),*) => {$(
-        impl Arith for $t {
-            fn add(self, o: Self) -> Self { self + o }
-            fn sub(self, o: Self) -> Self { self - o }
-            fn mul(self, o: Self) -> Self { self * o }
-            fn div(self, o: Self) -> Self { self / o }
-            fn rem(self, o: Self, fmod: bool) -> Self {
-                let r = self % o;
-                if !fmod && r != 0.0 && ((r < 0.0) != (o < 0.0)) { r + o } else { r }
-            }
-            fn to_f64(self) -> f64 { self as f64 }
-            fn from_f64(v: f64) -> Self { v as $t }
-            fn is_nan(self) -> bool { <$t>::is_nan(self) }
-        }
-    )*};
-}
-float_arith!(f32, f64);
 
 /// Binary ops with numpy broadcasting.
 #[derive(Debug, Clone, Copy)]
 enum Binary {
+    Bitwise(BitOp),
     Add,
     Sub,
     Mul,
@@ -486,25 +475,6 @@ impl Binary {
     }
 }
 
-/// Runs `$f::<T>` for the numeric dtype `$d` (the types `Arith` covers).
-macro_rules! numeric {
-    ($d:expr, $f:ident ($($arg:expr),*)) => {
-        match $d {
-            DType::F32 => $f::<f32>($($arg),*),
-            DType::F64 => $f::<f64>($($arg),*),
-            DType::I8 => $f::<i8>($($arg),*),
-            DType::U8 => $f::<u8>($($arg),*),
-            DType::I16 => $f::<i16>($($arg),*),
-            DType::U16 => $f::<u16>($($arg),*),
-            DType::I32 => $f::<i32>($($arg),*),
-            DType::U32 => $f::<u32>($($arg),*),
-            DType::I64 => $f::<i64>($($arg),*),
-            DType::U64 => $f::<u64>($($arg),*),
-            other => Err(format!("dtype {other} is not supported by this op")),
-        }
-    };
-}
-
 qkernels::multiversion! {
     /// `x^e` for a scalar exponent, with the common exponents as plain arithmetic.
     fn pow_scalar(s: &mut [f32], e: f32) {
@@ -557,6 +527,13 @@ impl Kernel for Binary {
         let op = *self;
         let (a, b) = (input(inputs, 0)?, input(inputs, 1)?);
         let out = match op {
+            Binary::Bitwise(bit) => {
+                super::same_dtype(a.dtype(), b.dtype())?;
+                fn go<T: Bits>(bit: BitOp, a: &Tensor, b: &Tensor) -> KernelResult<Tensor> {
+                    bit.apply::<T>(a, b)
+                }
+                integer!(a.dtype(), go(bit, a, b))?
+            }
             Binary::And | Binary::Or | Binary::Xor => {
                 let (a, b) = (typed::<bool>(a)?, typed::<bool>(b)?);
                 wrap(zip_broadcast(a, b, |x, y| match op {

@@ -1,5 +1,6 @@
 //! Matrix products: the one `sgemm` entry point every product goes through (the `gemm` crate's
-//! runtime-dispatched SIMD kernels), and the `MatMul` (numpy-batched) and `Gemm` ops.
+//! runtime-dispatched SIMD kernels), the `MatMul` (numpy-batched) and `Gemm` ops, and `Det`
+//! (LU decomposition with partial pivoting, per matrix of a batch).
 
 use qgraph::{Node, Tensor};
 use rayon::prelude::*;
@@ -10,6 +11,7 @@ use crate::error::{KernelResult, Result};
 pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
     Some(match node.op_type.as_str() {
         "MatMul" => Ok(Box::new(MatMul)),
+        "Det" => Ok(Box::new(Det)),
         "Gemm" => (|| {
             Ok(Box::new(GemmOp {
                 alpha: node.float_attr("alpha", 1.0)?,
@@ -364,5 +366,59 @@ impl Kernel for GemmOp {
 
     fn fuses_activation(&self) -> bool {
         true
+    }
+}
+
+/// `Det`: the determinant of each trailing square matrix, in f64.
+struct Det;
+
+/// The determinant of the `n×n` row-major matrix `m` (overwritten by its LU factors).
+fn determinant(m: &mut [f64], n: usize) -> f64 {
+    let mut det = 1.0;
+    for col in 0..n {
+        let pivot =
+            (col..n).max_by(|&a, &b| m[a * n + col].abs().total_cmp(&m[b * n + col].abs())).unwrap_or(col);
+        if m[pivot * n + col] == 0.0 {
+            return 0.0;
+        }
+        if pivot != col {
+            for k in 0..n {
+                m.swap(col * n + k, pivot * n + k);
+            }
+            det = -det;
+        }
+        let p = m[col * n + col];
+        det *= p;
+        for row in col + 1..n {
+            let f = m[row * n + col] / p;
+            for k in col..n {
+                m[row * n + k] -= f * m[col * n + k];
+            }
+        }
+    }
+    det
+}
+
+impl Kernel for Det {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        _: &ExecCtx<'_>,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let x = input(inputs, 0)?;
+        let shape = x.shape();
+        let r = shape.len();
+        if r < 2 || shape[r - 1] != shape[r - 2] {
+            return Err(format!("Det needs square trailing matrices, got shape {shape:?}"));
+        }
+        let n = shape[r - 1];
+        let v: Vec<f64> = f32_data(x)?.iter().map(|&v| f64::from(v)).collect();
+        let out: Vec<f32> = if n == 0 {
+            vec![1.0; shape[..r - 2].iter().product()]
+        } else {
+            v.chunks(n * n).map(|m| determinant(&mut m.to_vec(), n) as f32).collect()
+        };
+        super::tensor_from(&shape[..r - 2], out).map(|t| vec![t])
     }
 }

@@ -2,13 +2,18 @@
 //! tensor flows (so an unsupported op or a bad attribute is reported at planning time), plus the
 //! small tensor helpers every kernel family shares.
 
+mod arith;
 mod broadcast;
 mod control;
 mod conv;
 mod conv_nd;
 mod depthwise;
+mod detection;
+mod einsum;
 mod elementwise;
 mod fastmath;
+mod indexing;
+mod integer;
 mod matmul;
 mod movement;
 mod norm;
@@ -17,6 +22,8 @@ mod quant;
 mod recurrent;
 mod reduce;
 mod resize;
+mod sampling;
+mod signal;
 mod widen;
 
 pub(crate) use elementwise::fusable_activation;
@@ -153,6 +160,12 @@ pub(crate) fn compile(node: &Node, opset: i64) -> Result<Box<dyn Kernel>> {
         .or_else(|| reduce::compile(node, opset))
         .or_else(|| resize::compile(node, opset))
         .or_else(|| quant::compile(node))
+        .or_else(|| indexing::compile(node))
+        .or_else(|| integer::compile(node))
+        .or_else(|| sampling::compile(node))
+        .or_else(|| detection::compile(node))
+        .or_else(|| einsum::compile(node))
+        .or_else(|| signal::compile(node, opset))
         .or_else(|| recurrent::compile(node))
         .or_else(|| control::compile(node, opset));
     match built {
@@ -178,6 +191,19 @@ pub(crate) fn check_size_attributes(node: &Node, names: &[&str]) -> Result<()> {
         {
             return Err(invalid(node, format!("{name} {v:?} beyond ±{SIZE_ATTRIBUTE_BOUND}")));
         }
+    }
+    Ok(())
+}
+
+/// The most elementary steps (multiply-adds, taps) one node of the ops without a fast path
+/// (`Einsum`, `DFT`/`STFT`, `RoiAlign`, `GridSample`) may take: about a minute of work, so a
+/// hostile shape gets an error instead of a hang.
+const MAX_NAIVE_STEPS: u128 = 1 << 36;
+
+/// Refuses `steps` elementary steps beyond [`MAX_NAIVE_STEPS`].
+pub(crate) fn bounded_steps(steps: u128, what: &str) -> KernelResult<()> {
+    if steps > MAX_NAIVE_STEPS {
+        return Err(format!("{what} needs {steps} steps, beyond the limit of {MAX_NAIVE_STEPS}"));
     }
     Ok(())
 }
@@ -290,6 +316,23 @@ pub(crate) fn into_f32_unique(t: Tensor) -> KernelResult<ArcArray<f32, IxDyn>> {
 /// Integer elements of an index/shape tensor.
 pub(crate) fn ints_of(t: &Tensor) -> KernelResult<Vec<i64>> {
     t.to_i64_vec().ok_or_else(|| format!("expected an integer tensor, got {}", t.dtype()))
+}
+
+/// Row-major strides of `shape`.
+pub(crate) fn strides_of(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// The elements of `a` in row-major order (copied only if `a` is not in standard layout).
+pub(crate) fn contiguous<T: Element>(a: &ArcArray<T, IxDyn>) -> std::borrow::Cow<'_, [T]> {
+    match a.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+    }
 }
 
 /// A tensor from a shape and row-major data.

@@ -3,12 +3,13 @@
 //! ConstantOfShape, Cast, CastLike, Identity, Dropout, GatherElements, CumSum, Trilu,
 //! DepthToSpace and SpaceToDepth.
 
-use ndarray::{ArcArray, ArrayD, Axis, IxDyn, Slice};
+use ndarray::{ArrayD, Axis, IxDyn, Slice};
 use qgraph::{DType, Element, Node, Tensor};
 
 use super::elementwise::broadcast_shape;
 use super::{
-    Activation, ExecCtx, Kernel, input, ints_of, norm_axis, opt_input, take_input, typed, with_dtype, wrap,
+    Activation, ExecCtx, Kernel, contiguous, input, ints_of, norm_axis, opt_input, strides_of, take_input,
+    typed, with_dtype, wrap,
 };
 use crate::error::{ExecError, KernelResult, Result};
 
@@ -134,15 +135,6 @@ enum Movement {
     CumSum { exclusive: bool, reverse: bool },
     Trilu { upper: bool },
     Blocks { to_space: bool, block: usize, crd: bool },
-}
-
-/// Row-major strides of `shape`.
-fn strides_of(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * shape[i + 1];
-    }
-    s
 }
 
 /// `x` reshaped to `split`, its axes permuted by `perm`, and reshaped to `out` (the
@@ -302,13 +294,6 @@ fn remap<T: Copy>(
             }
             idx[a] = 0;
         }
-    }
-}
-
-fn contiguous<T: Element>(a: &ArcArray<T, IxDyn>) -> std::borrow::Cow<'_, [T]> {
-    match a.as_slice() {
-        Some(s) => std::borrow::Cow::Borrowed(s),
-        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
     }
 }
 

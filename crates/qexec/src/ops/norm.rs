@@ -33,6 +33,21 @@ pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>
                 bias: node.float_attr("bias", 1.0)?,
             }) as Box<dyn Kernel>)
         })(),
+        "GroupNormalization" => (|| {
+            let groups = node.int_attr("num_groups", 0)?;
+            if groups < 1 {
+                return Err(super::invalid(node, format!("num_groups {groups} is not positive")));
+            }
+            Ok(Box::new(GroupNorm {
+                groups: groups as usize,
+                eps: node.float_attr("epsilon", 1e-5)?,
+                per_group_affine: opset < 21,
+            }) as Box<dyn Kernel>)
+        })(),
+        "MeanVarianceNormalization" => (|| {
+            let axes = node.ints_attr("axes")?.map_or_else(|| vec![0, 2, 3], <[i64]>::to_vec);
+            Ok(Box::new(MeanVarianceNorm { axes }) as Box<dyn Kernel>)
+        })(),
         "LayerNormalization" => (|| {
             Ok(Box::new(LayerNorm {
                 axis: node.int_attr("axis", -1)?,
@@ -121,6 +136,97 @@ impl Kernel for InstanceNorm {
             let (mean, inv) = moments(plane, self.eps);
             plane.iter_mut().for_each(|v| *v = (*v - mean) * inv * scale[ch] + bias[ch]);
         })
+    }
+}
+
+/// `GroupNormalization`: each group of `C / num_groups` channels of a sample normalised over
+/// its channels and positions, then scaled and shifted per channel (opset 21) or, as opset 18
+/// defined it, per group.
+struct GroupNorm {
+    groups: usize,
+    eps: f32,
+    per_group_affine: bool,
+}
+
+impl Kernel for GroupNorm {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        _: &ExecCtx<'_>,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let x = into_f32_unique(take_input(inputs, 0)?)?;
+        let shape = x.shape().to_vec();
+        if shape.len() < 2 || shape[1] % self.groups != 0 {
+            return Err(format!("input {shape:?} does not split into {} groups", self.groups));
+        }
+        let c = shape[1];
+        let affine = if self.per_group_affine { self.groups } else { c };
+        let (scale, bias) = (
+            per_channel(input(inputs, 1)?, affine, "scale")?,
+            per_channel(input(inputs, 2)?, affine, "bias")?,
+        );
+        let plane: usize = shape[2..].iter().product();
+        let per_group = c / self.groups * plane;
+        let mut x = x;
+        let data = x.as_slice_mut().ok_or("internal: layout")?;
+        for (g_flat, chunk) in data.chunks_mut(per_group.max(1)).enumerate() {
+            let (mean, inv) = moments(chunk, self.eps);
+            let g = g_flat % self.groups;
+            for (i, v) in chunk.iter_mut().enumerate() {
+                let ch = g * (c / self.groups) + i / plane.max(1);
+                let k = if self.per_group_affine { g } else { ch };
+                *v = (*v - mean) * inv * scale[k] + bias[k];
+            }
+        }
+        Ok(vec![Tensor::F32(x)])
+    }
+}
+
+/// `MeanVarianceNormalization`: `(x − mean) / (std + 1e-9)` over `axes`, as the ONNX function
+/// defines it.
+struct MeanVarianceNorm {
+    axes: Vec<i64>,
+}
+
+impl Kernel for MeanVarianceNorm {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        _: &ExecCtx<'_>,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let x = into_f32_unique(take_input(inputs, 0)?)?;
+        let shape = x.shape().to_vec();
+        let rank = shape.len();
+        let mut reduced = vec![false; rank];
+        for &a in &self.axes {
+            reduced[super::norm_axis(a, rank)?] = true;
+        }
+        let strides = super::strides_of(&shape);
+        // The flat index over the kept axes of each element's group.
+        let kept: Vec<usize> = (0..rank).filter(|&d| !reduced[d]).collect();
+        let groups: usize = kept.iter().map(|&d| shape[d]).product();
+        let key =
+            |flat: usize| kept.iter().fold(0usize, |k, &d| k * shape[d] + (flat / strides[d]) % shape[d]);
+        let mut x = x;
+        let data = x.as_slice_mut().ok_or("internal: layout")?;
+        let (mut sum, mut count) = (vec![0f64; groups], vec![0usize; groups]);
+        for (i, &v) in data.iter().enumerate() {
+            sum[key(i)] += f64::from(v);
+            count[key(i)] += 1;
+        }
+        let mean: Vec<f64> = sum.iter().zip(&count).map(|(s, &n)| s / n.max(1) as f64).collect();
+        let mut var = vec![0f64; groups];
+        for (i, &v) in data.iter().enumerate() {
+            var[key(i)] += (f64::from(v) - mean[key(i)]).powi(2);
+        }
+        let std: Vec<f64> = var.iter().zip(&count).map(|(v, &n)| (v / n.max(1) as f64).sqrt()).collect();
+        for (i, v) in data.iter_mut().enumerate() {
+            let k = key(i);
+            *v = ((f64::from(*v) - mean[k]) / (std[k] + 1e-9)) as f32;
+        }
+        Ok(vec![Tensor::F32(x)])
     }
 }
 

@@ -1,7 +1,8 @@
 //! Pooling in NCHW (1-D pools run as 2-D with a unit height, 3-D and more through a general
 //! window walk): `MaxPool` (dilations, ceil mode; f32, and 8-bit integers through f32, which
-//! holds them exactly), `AveragePool` (with or without padded cells counted), and the global
-//! pools over all spatial dims.
+//! holds them exactly; the optional `Indices` output in row- or column-major order),
+//! `AveragePool` (with or without padded cells counted), `LpPool`, the global pools over all
+//! spatial dims, and `MaxUnpool`, which scatters pooled values back to their indices.
 
 use qgraph::{Node, Tensor};
 
@@ -15,12 +16,15 @@ pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
         "GlobalMaxPool" => return Some(Ok(Box::new(GlobalPool { max: true }))),
         "MaxPool" => PoolKind::Max,
         "AveragePool" => PoolKind::Average,
+        "LpPool" => match node.int_attr("p", 2) {
+            Ok(p) if p > 0 => PoolKind::Lp(p as f32),
+            Ok(p) => return Some(Err(super::invalid(node, format!("p {p} is not positive")))),
+            Err(e) => return Some(Err(e.into())),
+        },
+        "MaxUnpool" => return Some(MaxUnpool::from_node(node)),
         _ => return None,
     };
     Some((|| {
-        if node.outputs().len() > 1 {
-            return Err(super::invalid(node, "the Indices output of MaxPool is not supported"));
-        }
         super::check_size_attributes(node, &["kernel_shape", "strides", "dilations", "pads"])?;
         let kernel = ints("kernel_shape")?.ok_or_else(|| super::invalid(node, "kernel_shape is required"))?;
         Ok(Box::new(Pool {
@@ -32,6 +36,8 @@ pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
             auto_pad: node.string_attr("auto_pad")?.unwrap_or("NOTSET").to_string(),
             ceil_mode: node.int_attr("ceil_mode", 0)? != 0,
             count_include_pad: node.int_attr("count_include_pad", 0)? != 0,
+            indices: node.outputs().get(1).is_some_and(Option::is_some),
+            column_major: node.int_attr("storage_order", 0)? != 0,
         }) as Box<dyn Kernel>)
     })())
 }
@@ -40,6 +46,8 @@ pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
 enum PoolKind {
     Max,
     Average,
+    /// `(Σ |x|^p)^(1/p)` over the window.
+    Lp(f32),
 }
 
 struct Pool {
@@ -51,6 +59,10 @@ struct Pool {
     auto_pad: String,
     ceil_mode: bool,
     count_include_pad: bool,
+    /// Whether MaxPool's second output (the flat input index of each maximum) is wanted.
+    indices: bool,
+    /// Indices in column-major order of the spatial dims (`storage_order` 1).
+    column_major: bool,
 }
 
 /// One spatial axis of a pooling window.
@@ -147,12 +159,13 @@ impl Kernel for Pool {
         }
         if let Some(back) = integer_through_f32(tx, self.kind)? {
             let mut as_float = [Some(back.0)];
-            let out = self.run(&mut as_float, ctx, None)?;
-            return Ok(vec![(back.1)(&out[0])?]);
+            let mut out = self.run(&mut as_float, ctx, None)?;
+            out[0] = (back.1)(&out[0])?;
+            return Ok(out);
         }
         let x = f32_data(tx)?;
         let axes = self.axes(&shape[2..])?;
-        if axes.len() > 2 {
+        if axes.len() > 2 || self.indices || matches!(self.kind, PoolKind::Lp(_)) {
             return self.run_nd(&x, &shape, &axes, ctx);
         }
         let (ay, ax) = if axes.len() == 1 {
@@ -185,13 +198,13 @@ impl Kernel for Pool {
                             let v = src[iy as usize * ax.len + ix as usize];
                             match self.kind {
                                 PoolKind::Max => acc = if v > acc || v.is_nan() { v } else { acc },
-                                PoolKind::Average => acc += v,
+                                PoolKind::Average | PoolKind::Lp(_) => acc += v,
                             }
                             count += 1;
                         }
                     }
                     dst[oy * ax.out + ox] = match self.kind {
-                        PoolKind::Max => acc,
+                        PoolKind::Max | PoolKind::Lp(_) => acc,
                         PoolKind::Average if self.count_include_pad => {
                             let cells = |a: &Axis1, start: i64| {
                                 let end = (start + a.k as i64).min(a.len as i64 + a.pad_end);
@@ -232,6 +245,16 @@ impl Pool {
             stride[i] = stride[i + 1] * axes[i + 1].len;
         }
         let mut out = vec![0f32; total];
+        let mut argmax = vec![0i64; if self.indices { total } else { 0 }];
+        // The spatial strides the Indices output counts in (reversed dims for column-major).
+        let mut index_stride = vec![1usize; n];
+        if self.column_major {
+            for i in 1..n {
+                index_stride[i] = index_stride[i - 1] * axes[i - 1].len;
+            }
+        } else {
+            index_stride.clone_from(&stride);
+        }
         let (mut o_idx, mut k_idx) = (vec![0usize; n], vec![0usize; n]);
         let mut taps = vec![(0usize, 0usize); n];
         for p in 0..planes {
@@ -242,6 +265,7 @@ impl Pool {
                     (0..n).map(|i| (o_idx[i] * axes[i].s) as i64 - axes[i].pad_begin).collect();
                 let (mut acc, mut count) =
                     (if self.kind == PoolKind::Max { f32::NEG_INFINITY } else { 0.0 }, 0usize);
+                let mut best = 0usize;
                 // Per axis, the kernel taps that land inside the input (padding is skipped, so a
                 // huge kernel costs no more than the input it covers).
                 let mut empty = false;
@@ -263,8 +287,19 @@ impl Pool {
                             .sum();
                         let v = src[offset];
                         match self.kind {
-                            PoolKind::Max => acc = if v > acc || v.is_nan() { v } else { acc },
+                            PoolKind::Max => {
+                                if v > acc || (v.is_nan() && !acc.is_nan()) || count == 0 {
+                                    acc = v;
+                                    best = (0..n)
+                                        .map(|i| {
+                                            (start[i] + (k_idx[i] * axes[i].d) as i64) as usize
+                                                * index_stride[i]
+                                        })
+                                        .sum();
+                                }
+                            }
                             PoolKind::Average => acc += v,
+                            PoolKind::Lp(p) => acc += v.abs().powf(p),
                         }
                         count += 1;
                         for i in (0..n).rev() {
@@ -277,8 +312,12 @@ impl Pool {
                         break;
                     }
                 }
+                if self.indices {
+                    argmax[p * plane_out + cell] = (p * plane_in + best) as i64;
+                }
                 out[p * plane_out + cell] = match self.kind {
                     PoolKind::Max => acc,
+                    PoolKind::Lp(p) => acc.powf(1.0 / p),
                     PoolKind::Average if self.count_include_pad => {
                         let cells: f32 = (0..n)
                             .map(|i| {
@@ -300,7 +339,11 @@ impl Pool {
                 }
             }
         }
-        Ok(vec![super::tensor_from(&out_shape, out)?])
+        let mut outs = vec![super::tensor_from(&out_shape, out)?];
+        if self.indices {
+            outs.push(super::tensor_from(&out_shape, argmax)?);
+        }
+        Ok(outs)
     }
 }
 
@@ -359,5 +402,80 @@ impl Kernel for GlobalPool {
         let mut out_shape = shape[..2].to_vec();
         out_shape.extend(std::iter::repeat_n(1, shape.len() - 2));
         Ok(vec![super::tensor_from(&out_shape, out)?])
+    }
+}
+
+/// `MaxUnpool`: each pooled value written at its flat index in a zero tensor of the unpooled
+/// shape (given, or computed from the pooling attributes).
+struct MaxUnpool {
+    kernel: Vec<i64>,
+    strides: Option<Vec<i64>>,
+    pads: Option<Vec<i64>>,
+}
+
+impl MaxUnpool {
+    fn from_node(node: &Node) -> Result<Box<dyn Kernel>> {
+        let ints = |name: &str| node.ints_attr(name).map(|v| v.map(<[i64]>::to_vec));
+        super::check_size_attributes(node, &["kernel_shape", "strides", "pads"])?;
+        let kernel = ints("kernel_shape")?.ok_or_else(|| super::invalid(node, "kernel_shape is required"))?;
+        Ok(Box::new(MaxUnpool { kernel, strides: ints("strides")?, pads: ints("pads")? }))
+    }
+}
+
+impl Kernel for MaxUnpool {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        ctx: &ExecCtx<'_>,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        let (tx, ti) = (input(inputs, 0)?, input(inputs, 1)?);
+        let xs = tx.shape();
+        let n = xs.len().saturating_sub(2);
+        if n == 0 || ti.shape() != xs || self.kernel.len() != n {
+            return Err(format!(
+                "input {xs:?}, indices {:?} and kernel {:?} do not agree",
+                ti.shape(),
+                self.kernel
+            ));
+        }
+        // The unpooled shape the pooling attributes give; indices count in it.
+        let s = self.strides.clone().unwrap_or_else(|| vec![1; n]);
+        let p = self.pads.clone().unwrap_or_else(|| vec![0; 2 * n]);
+        if s.len() != n || p.len() != 2 * n {
+            return Err(format!("strides {s:?} or pads {p:?} do not match {n} spatial dims"));
+        }
+        let mut dims: Vec<i64> = xs[..2].iter().map(|&d| d as i64).collect();
+        for i in 0..n {
+            dims.push((xs[i + 2] as i64 - 1) * s[i] - (p[i] + p[i + n]) + self.kernel[i]);
+        }
+        let inferred = ctx.checked_shape(&dims, 4)?;
+        let shape: Vec<usize> = match super::opt_input(inputs, 2) {
+            Some(t) => ctx.checked_shape(&super::ints_of(t)?, 4)?,
+            None => inferred.clone(),
+        };
+        if shape.len() != xs.len() || shape[..2] != xs[..2] {
+            return Err(format!("output shape {shape:?} does not fit input {xs:?}"));
+        }
+        let total = ctx.checked_len(&shape, 4)?;
+        let inferred_total: usize = inferred.iter().product();
+        let (from, to) = (super::strides_of(&inferred), super::strides_of(&shape));
+        let (x, idx) = (f32_data(tx)?, super::ints_of(ti)?);
+        let mut out = vec![0f32; total];
+        for (&v, &i) in x.iter().zip(&idx) {
+            let flat = usize::try_from(i).ok().filter(|&i| i < inferred_total).ok_or_else(|| {
+                format!("index {i} is out of range for an unpooled tensor of {inferred_total} elements")
+            })?;
+            let mut at = 0;
+            for d in 0..shape.len() {
+                let coord = (flat / from[d]) % inferred[d];
+                if coord >= shape[d] {
+                    return Err(format!("index {i} falls outside the output shape {shape:?}"));
+                }
+                at += coord * to[d];
+            }
+            out[at] = v;
+        }
+        Ok(vec![super::tensor_from(&shape, out)?])
     }
 }

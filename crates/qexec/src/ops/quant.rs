@@ -1,6 +1,6 @@
 //! `QuantizeLinear` and `DequantizeLinear` with ONNX semantics (round half to even, saturate to
-//! the integer type), per tensor or per axis, for 8- and 16-bit integers (and int32 dequantize, as
-//! biases of QDQ models use).
+//! the integer type), per tensor, per axis or per block along an axis (`block_size`), for 8- and
+//! 16-bit integers (and int32 dequantize, as biases of QDQ models use).
 
 use qgraph::{DType, Node, Tensor};
 
@@ -14,9 +14,9 @@ pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
         _ => return None,
     };
     Some((|| {
-        if node.int_attr("block_size", 0)? != 0 {
-            return Err(super::invalid(node, "blocked quantization (block_size) is not supported"));
-        }
+        let block = node.int_attr("block_size", 0)?;
+        let block = usize::try_from(block)
+            .map_err(|_| super::invalid(node, format!("block_size {block} is negative")))?;
         let output = match node.int_attr("output_dtype", 0)? {
             0 => None,
             code => Some(
@@ -24,13 +24,15 @@ pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
                     .ok_or_else(|| super::invalid(node, format!("unsupported output_dtype {code}")))?,
             ),
         };
-        Ok(Box::new(Qdq { quantize, axis: node.int_attr("axis", 1)?, output }) as Box<dyn Kernel>)
+        Ok(Box::new(Qdq { quantize, axis: node.int_attr("axis", 1)?, block, output }) as Box<dyn Kernel>)
     })())
 }
 
 struct Qdq {
     quantize: bool,
     axis: i64,
+    /// Elements along `axis` sharing one scale (0: per tensor or per axis).
+    block: usize,
     output: Option<DType>,
 }
 
@@ -44,13 +46,22 @@ struct Params {
 }
 
 impl Params {
-    fn new(x: &[usize], scale: &Tensor, zero: Option<&Tensor>, axis: i64) -> KernelResult<Params> {
+    fn new(
+        x: &[usize],
+        scale: &Tensor,
+        zero: Option<&Tensor>,
+        axis: i64,
+        block: usize,
+    ) -> KernelResult<Params> {
         let s: Vec<f32> = super::f32_data(scale)?.into_owned();
         let z: Vec<f64> = zero.map(Tensor::to_f64_vec).unwrap_or_else(|| vec![0.0; s.len()]);
         if z.len() != s.len() {
             return Err(format!("{} scales but {} zero points", s.len(), z.len()));
         }
         let count: usize = x.iter().product();
+        if block > 0 {
+            return Params::blocked(x, scale.shape(), &s, &z, axis, block);
+        }
         if s.len() == 1 {
             return Ok(Params { scale: s, zero: z, inner: count.max(1) });
         }
@@ -59,6 +70,38 @@ impl Params {
             return Err(format!("scale shape {:?} does not match axis {axis} of input {x:?}", scale.shape()));
         }
         Ok(Params { scale: s, zero: z, inner: x[axis + 1..].iter().product::<usize>().max(1) })
+    }
+
+    /// Blocked parameters (one pair per `block` elements along `axis`), expanded to one pair per
+    /// element.
+    fn blocked(
+        x: &[usize],
+        ss: &[usize],
+        s: &[f32],
+        z: &[f64],
+        axis: i64,
+        block: usize,
+    ) -> KernelResult<Params> {
+        let axis = norm_axis(axis, x.len())?;
+        let fits = ss.len() == x.len()
+            && (0..x.len()).all(|d| if d == axis { ss[d] == x[d].div_ceil(block) } else { ss[d] == x[d] });
+        if !fits {
+            return Err(format!(
+                "scale shape {ss:?} does not block input {x:?} by {block} along axis {axis}"
+            ));
+        }
+        let (xs, sst) = (super::strides_of(x), super::strides_of(ss));
+        let count: usize = x.iter().product();
+        let at = |flat: usize| -> usize {
+            (0..x.len())
+                .map(|d| {
+                    let c = (flat / xs[d]) % x[d];
+                    (if d == axis { c / block } else { c }) * sst[d]
+                })
+                .sum()
+        };
+        let (scale, zero) = (0..count).map(|i| (s[at(i)], z[at(i)])).unzip();
+        Ok(Params { scale, zero, inner: 1 })
     }
 
     /// Runs `f(run, scale, zero)` over the runs of elements that share parameters.
@@ -147,7 +190,7 @@ impl Kernel for Qdq {
         _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
         let (x, scale, zero) = (input(inputs, 0)?, input(inputs, 1)?, opt_input(inputs, 2));
-        let p = Params::new(x.shape(), scale, zero, self.axis)?;
+        let p = Params::new(x.shape(), scale, zero, self.axis, self.block)?;
         if self.quantize {
             let to = zero.map(Tensor::dtype).or(self.output).unwrap_or(DType::U8);
             let xs = super::f32_data(x)?;

@@ -1,6 +1,9 @@
 //! Reductions over a set of axes (`ReduceMean`, `ReduceSum`, `ReduceMax`, `ReduceMin`,
 //! `ReduceProd`, `ReduceL1`, `ReduceL2`, `ReduceSumSquare`, `ReduceLogSumExp`) and `ArgMax`/`ArgMin`.
 //! Axes come from the attribute or, from the opset where ONNX moved them, the second input.
+//! Float data reduce in f32 (f64 accumulators); integer data exactly in i64 (wrapping, as
+//! integer kernels do), the mean truncated, the logarithmic kinds through f64; bool data take
+//! `ReduceMax` (any) and `ReduceMin` (all).
 
 use ndarray::IxDyn;
 use qgraph::{Node, Tensor};
@@ -89,6 +92,35 @@ impl ReduceKind {
     }
 }
 
+impl ReduceKind {
+    /// The reduction of an integer lane, computed in i64 (the float-valued kinds through f64).
+    fn int_lane(self, v: &[i64]) -> i64 {
+        match self {
+            ReduceKind::Sum => v.iter().fold(0i64, |a, &b| a.wrapping_add(b)),
+            ReduceKind::Mean => {
+                v.iter().fold(0i64, |a, &b| a.wrapping_add(b)).checked_div(v.len() as i64).unwrap_or(0)
+            }
+            ReduceKind::Max => v.iter().copied().max().unwrap_or(i64::MIN),
+            ReduceKind::Min => v.iter().copied().min().unwrap_or(i64::MAX),
+            ReduceKind::Prod => v.iter().fold(1i64, |a, &b| a.wrapping_mul(b)),
+            ReduceKind::L1 => v.iter().fold(0i64, |a, &b| a.wrapping_add(b.wrapping_abs())),
+            ReduceKind::SumSquare => v.iter().fold(0i64, |a, &b| a.wrapping_add(b.wrapping_mul(b))),
+            ReduceKind::L2 | ReduceKind::LogSum | ReduceKind::LogSumExp => {
+                let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                self.lane(f.iter().copied(), v.len()) as i64
+            }
+        }
+    }
+}
+
+/// The elements of `a` with the `kept` axes first and the `reduced` ones last, row-major (so
+/// each run of `n` elements is one lane to reduce).
+fn lanes<T: Clone>(a: ndarray::ArrayViewD<'_, T>, kept: &[usize], reduced: &[usize]) -> Vec<T> {
+    let mut perm = kept.to_vec();
+    perm.extend(reduced);
+    a.permuted_axes(IxDyn(&perm)).iter().cloned().collect()
+}
+
 impl Kernel for Reduce {
     fn run(
         &self,
@@ -114,23 +146,44 @@ impl Kernel for Reduce {
         reduced.sort_unstable();
         reduced.dedup();
         let kept: Vec<usize> = (0..rank).filter(|a| !reduced.contains(a)).collect();
-        let a = typed::<f32>(x)?;
-        let mut perm = kept.clone();
-        perm.extend(&reduced);
-        let view = a.view().permuted_axes(IxDyn(&perm));
-        let view = view.as_standard_layout();
-        let data = view.as_slice().ok_or("internal")?;
         let n: usize = reduced.iter().map(|&i| shape[i]).product();
         let outer: usize = kept.iter().map(|&i| shape[i]).product();
-        let out: Vec<f32> = if n == 0 {
-            vec![self.kind.lane(std::iter::empty(), 0); outer]
-        } else {
-            data.chunks(n).map(|lane| self.kind.lane(lane.iter().copied(), n)).collect()
-        };
         let out_shape: Vec<usize> = if self.keepdims {
             (0..rank).map(|i| if reduced.contains(&i) { 1 } else { shape[i] }).collect()
         } else {
             kept.iter().map(|&i| shape[i]).collect()
+        };
+        if x.dtype() != qgraph::DType::F32 {
+            let bool_kind = matches!(self.kind, ReduceKind::Max | ReduceKind::Min);
+            if x.dtype().is_float() || (x.dtype() == qgraph::DType::Bool && !bool_kind) {
+                return Err(format!("{:?} does not reduce {} data", self.kind, x.dtype()));
+            }
+            let ints = x.to_i64_vec().ok_or("internal: integer data")?;
+            let a = ndarray::ArrayViewD::from_shape(IxDyn(&shape), &ints).map_err(|e| e.to_string())?;
+            let data = lanes(a, &kept, &reduced);
+            let out: Vec<i64> = if n == 0 {
+                vec![self.kind.int_lane(&[]); outer]
+            } else {
+                data.chunks(n).map(|lane| self.kind.int_lane(lane)).collect()
+            };
+            let out = if n == 0 && x.dtype() == qgraph::DType::Bool {
+                vec![i64::from(self.kind == ReduceKind::Min); outer]
+            } else {
+                out
+            };
+            return Ok(vec![
+                Tensor::from_i64s(x.dtype(), &out_shape, &out).ok_or("internal: reduced shape")?,
+            ]);
+        }
+        let mut perm = kept.clone();
+        perm.extend(&reduced);
+        let view = typed::<f32>(x)?.view().permuted_axes(IxDyn(&perm));
+        let view = view.as_standard_layout();
+        let data = view.as_slice().ok_or("internal")?;
+        let out: Vec<f32> = if n == 0 {
+            vec![self.kind.lane(std::iter::empty(), 0); outer]
+        } else {
+            data.chunks(n).map(|lane| self.kind.lane(lane.iter().copied(), n)).collect()
         };
         Ok(vec![super::tensor_from(&out_shape, out)?])
     }
