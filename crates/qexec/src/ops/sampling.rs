@@ -140,6 +140,9 @@ impl Kernel for GridSample {
         if r > 8 {
             return Err(format!("{r} spatial dims, more than GridSample's 8"));
         }
+        if xs[2..].contains(&0) {
+            return Err(format!("input {xs:?} has an empty spatial dim to sample from"));
+        }
         let (x, grid) = (f32_data(tx)?, f32_data(tg)?);
         let (n, c) = (xs[0], xs[1]);
         let spatial = &xs[2..];
