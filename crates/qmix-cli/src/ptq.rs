@@ -113,8 +113,7 @@ pub(crate) fn load_job(
     options: SimOptions,
 ) -> Result<(Model, JobData), Failure> {
     let model = qgraph::load_path(&job.model)?;
-    let first_input = model.graph.inputs().first().map(|&v| model.graph.value(v).name.clone());
-    let data = JobData::load(job, first_input, evaluation)?;
+    let data = JobData::load(job, &model, evaluation)?;
     if !ptq.any() {
         return Ok((model, data));
     }

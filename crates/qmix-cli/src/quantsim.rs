@@ -9,7 +9,9 @@ use anyhow::Context;
 use qcalib::{DefaultPrecision, EncodingVersion, Precision, QdqOptions, QuantSim, Scheme, SimOptions};
 use qgraph::Tensor;
 
-use crate::dataset::{Dataset, EvalArgs, Preprocess, bar, check_labels, predictions, read_labels, user};
+use crate::dataset::{
+    Dataset, EvalArgs, Preprocess, SampleAxes, bar, check_labels, predictions, read_labels, user,
+};
 use crate::{Failure, write_tensor};
 
 /// Arguments of `qmix quantsim`.
@@ -116,7 +118,7 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
     let calib = if a.calib.is_empty() {
         None
     } else {
-        Some(Dataset::load(&a.calib, &a.preprocess).map_err(Failure::User)?)
+        Some(Dataset::load(&a.calib, &a.preprocess, &SampleAxes::of(&model)).map_err(Failure::User)?)
     };
     let (model, ptq_report, given) = if a.ptq.any() {
         let batches: Option<Vec<qcalib::Feeds>> = calib.as_ref().map(|c| c.batches(a.batch.max(1)).collect());
@@ -217,8 +219,9 @@ fn evaluate(
     given: Option<&qgraph::Model>,
     set: &mut qgraph::OutputSet,
 ) -> Result<Option<(f64, f64)>, Failure> {
-    let data = Dataset::load(&a.evaluation.eval, &a.preprocess).map_err(Failure::User)?;
     let float_model = given.unwrap_or(sim.model()).clone();
+    let data = Dataset::load(&a.evaluation.eval, &a.preprocess, &SampleAxes::of(&float_model))
+        .map_err(Failure::User)?;
     let float = qexec::Session::new(float_model, qexec::SessionOptions::threads(a.threads))?;
     let pb = bar(data.samples.div_ceil(a.batch.max(1)), "evaluating", "batches", a.quiet);
     let (mut sim_out, mut float_out): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
