@@ -517,3 +517,43 @@ fn kernels_wider_than_their_padded_input_read_only_the_centre() {
     let want: Vec<f32> = (0..3).map(|o| (0..2).map(|c| x[c] * w[(o * 2 + c) * 5 + 2]).sum()).collect();
     assert_close(&got, &want, &[1, 3, 1], 1e-6);
 }
+
+#[test]
+fn einsum_as_one_product_equals_the_general_walk() {
+    // Each equation once as two operands (the batched-product path) and once with a third
+    // operand of a single 1 under a fresh label (the general path).
+    let cases: [(&str, &[usize], &[usize]); 5] = [
+        ("bhid,bhjd->bhij", &[2, 3, 4, 5], &[2, 3, 6, 5]),
+        ("ij,jk->ik", &[3, 4], &[4, 5]),
+        ("ij,kj->ki", &[3, 4], &[5, 4]),
+        ("bij,bjk->bki", &[2, 3, 4], &[2, 4, 5]),
+        ("i,i->", &[7], &[7]),
+    ];
+    for (eq, sa, sb) in cases {
+        let fill = |shape: &[usize], seed: usize| -> Tensor {
+            let n: usize = shape.iter().product();
+            f32t(shape, (0..n).map(|i| ((i * 7 + seed) % 11) as f32 * 0.25 - 1.0).collect())
+        };
+        let (a, b) = (fill(sa, 1), fill(sb, 5));
+        let string = |s: &str| Attribute::String(s.as_bytes().to_vec());
+        let (m2, f2) = one_node(
+            "Einsum",
+            vec![Src::Fed(a.clone()), Src::Fed(b.clone())],
+            vec![("equation", string(eq))],
+            1,
+            12,
+        );
+        let (lhs, rhs) = eq.split_once("->").unwrap();
+        let three = format!("{lhs},z->{rhs}");
+        let (m3, f3) = one_node(
+            "Einsum",
+            vec![Src::Fed(a), Src::Fed(b), Src::Fed(f32t(&[1], vec![1.0]))],
+            vec![("equation", string(&three))],
+            1,
+            12,
+        );
+        let (fast, walk) = (run(m2, &f2, 1).remove(0), run(m3, &f3, 1).remove(0));
+        let want: Vec<f32> = walk.as_f32().unwrap().iter().copied().collect();
+        assert_close(&fast, &want, walk.shape(), 1e-5);
+    }
+}

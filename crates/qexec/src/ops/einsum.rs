@@ -1,7 +1,9 @@
 //! `Einsum`: any equation with explicit or implicit output, ellipses (broadcast like numpy),
-//! repeated labels within an operand (diagonals) and any number of operands. Each output cell
-//! sums the product of its operands over the contracted labels, walked with per-operand strides
-//! (f32 data, f64 accumulation).
+//! repeated labels within an operand (diagonals) and any number of operands. A two-operand
+//! contraction without diagonals or broadcasting (attention's `bhid,bhjd->bhij` and the like)
+//! becomes transposes around one batched `sgemm`; anything else sums, per output cell, the
+//! product of its operands over the contracted labels, walked with per-operand strides (f32 data,
+//! f64 accumulation).
 
 use qgraph::{Node, Tensor};
 
@@ -74,6 +76,63 @@ fn parse(eq: &str) -> std::result::Result<Einsum, String> {
         None => (None, None),
     };
     Ok(Einsum { inputs, output, ellipsis_at, output_ellipsis_at })
+}
+
+/// A two-operand contraction as one batched product: A permuted to `[batch, left, contracted]`,
+/// B to `[batch, contracted, right]`, the product permuted to the output's order. `None` when
+/// the equation has diagonals, broadcast dims or labels summed within one operand.
+fn as_matmul(
+    ops: &[&Tensor],
+    terms: &[Vec<u8>],
+    out: &[u8],
+    size: &[usize; 256],
+    ctx: &ExecCtx<'_>,
+) -> KernelResult<Option<Vec<f32>>> {
+    let ([a, b], [ta, tb]) = (ops, terms) else { return Ok(None) };
+    let plain = |t: &Tensor, term: &[u8]| {
+        term.iter()
+            .enumerate()
+            .all(|(i, &l)| term[..i].iter().all(|&m| m != l) && t.shape()[i] == size[l as usize])
+    };
+    if !plain(a, ta) || !plain(b, tb) {
+        return Ok(None);
+    }
+    let (in_a, in_b, in_out) = (|l: &u8| ta.contains(l), |l: &u8| tb.contains(l), |l: &u8| out.contains(l));
+    if ta.iter().chain(tb.iter()).any(|l| !(in_out(l) || (in_a(l) && in_b(l)))) {
+        return Ok(None);
+    }
+    let batch: Vec<u8> = out.iter().copied().filter(|l| in_a(l) && in_b(l)).collect();
+    let left: Vec<u8> = out.iter().copied().filter(|l| in_a(l) && !in_b(l)).collect();
+    let right: Vec<u8> = out.iter().copied().filter(|l| in_b(l) && !in_a(l)).collect();
+    let contracted: Vec<u8> = ta.iter().copied().filter(|l| in_b(l) && !in_out(l)).collect();
+    let prod = |ls: &[u8]| ls.iter().map(|&l| size[l as usize]).product::<usize>();
+    let (nb, m, k, n) = (prod(&batch), prod(&left), prod(&contracted), prod(&right));
+    let order = |term: &[u8], groups: [&[u8]; 3]| -> Vec<usize> {
+        groups.iter().flat_map(|g| g.iter()).filter_map(|l| term.iter().position(|m| m == l)).collect()
+    };
+    let pa = order(ta, [&batch, &left, &contracted]);
+    let pb = order(tb, [&batch, &contracted, &right]);
+    let xa = super::movement::permute(&f32_data(a)?, a.shape(), &pa);
+    let xb = super::movement::permute(&f32_data(b)?, b.shape(), &pb);
+    let mut r = vec![0f32; nb * m * n];
+    for i in 0..nb {
+        super::matmul::sgemm(
+            m,
+            n,
+            k,
+            super::matmul::MatRef { data: &xa[i * m * k..(i + 1) * m * k], rs: k, cs: 1 },
+            super::matmul::MatRef { data: &xb[i * k * n..(i + 1) * k * n], rs: n, cs: 1 },
+            1.0,
+            &mut r[i * m * n..(i + 1) * m * n],
+            n,
+            false,
+            ctx.gemm_parallelism(),
+        )?;
+    }
+    let produced: Vec<u8> = batch.iter().chain(&left).chain(&right).copied().collect();
+    let shape: Vec<usize> = produced.iter().map(|&l| size[l as usize]).collect();
+    let perm: Vec<usize> = out.iter().filter_map(|l| produced.iter().position(|m| m == l)).collect();
+    Ok(Some(super::movement::permute(&r, &shape, &perm)))
 }
 
 /// Label of ellipsis dim `k` (counted from the left of a `width`-dim ellipsis).
@@ -167,6 +226,9 @@ impl Kernel for Einsum {
         }
         let out_shape: Vec<usize> = out_labels.iter().map(|&l| size[l as usize]).collect();
         let total = ctx.checked_len(&out_shape, 4)?;
+        if let Some(out) = as_matmul(&ops, &terms, &out_labels, &size, ctx)? {
+            return Ok(vec![tensor_from(&out_shape, out)?]);
+        }
         let sum_dims: Vec<usize> = sum_labels.iter().map(|&l| size[l as usize]).collect();
         let sum_total =
             sum_dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("contraction too large")?;

@@ -156,7 +156,7 @@ fn transpose(x: &Tensor, perm: &[usize]) -> KernelResult<Tensor> {
 /// Row-major `input` of `shape` with its axes permuted by `perm`. Output axes that stay adjacent
 /// in the input merge, size-1 axes drop out, and the innermost output axis is copied as a run
 /// (a slice copy where it is contiguous in the input, a strided gather otherwise).
-fn permute<T: Copy>(input: &[T], shape: &[usize], perm: &[usize]) -> Vec<T> {
+pub(super) fn permute<T: Copy>(input: &[T], shape: &[usize], perm: &[usize]) -> Vec<T> {
     let total: usize = shape.iter().product();
     let in_strides = strides_of(shape);
     // (extent, input stride) per output axis, merged.
