@@ -65,11 +65,14 @@ struct Loop {
     explicit: usize,
 }
 
-/// `Scan` (opset 9 on): the body, how many of the explicit inputs are scan inputs, and the
-/// axes and directions of the scan inputs and outputs.
+/// `Scan`: the body, how many of the explicit inputs are scan inputs, and the axes and
+/// directions of the scan inputs and outputs. Opset 8's form (`batched`) has a batch axis 0 on
+/// every input and output and an optional first input of per-batch sequence lengths; each batch
+/// entry is scanned on its own and shorter outputs are zero-padded.
 struct Scan {
     body: Branch,
     explicit: usize,
+    batched: bool,
     scan_inputs: usize,
     input_axes: Vec<i64>,
     input_reverse: Vec<bool>,
@@ -134,19 +137,15 @@ pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>
                 as Box<dyn Kernel>,
             "Loop" => Box::new(Loop { body: branch("body")?, explicit }),
             _ => {
-                if opset < 9 {
-                    return Err(super::invalid(
-                        node,
-                        "Scan before opset 9 (with sequence_lens) is not supported",
-                    ));
-                }
+                let batched = opset < 9;
+                let lead = usize::from(batched);
                 let scan_inputs = usize::try_from(node.int_attr("num_scan_inputs", 0)?)
                     .ok()
-                    .filter(|&m| m >= 1 && m <= explicit)
+                    .filter(|&m| m >= 1 && m + lead <= explicit)
                     .ok_or_else(|| super::invalid(node, "num_scan_inputs does not fit the inputs"))?;
                 let body = branch("body")?;
                 let outputs = node.outputs().len();
-                let states = explicit - scan_inputs;
+                let states = explicit - lead - scan_inputs;
                 let list = |name: &str, n: usize| -> Result<Vec<i64>> {
                     let v = node.ints_attr(name)?.map(<[i64]>::to_vec).unwrap_or_else(|| vec![0; n]);
                     if v.len() == n {
@@ -156,15 +155,14 @@ pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>
                     }
                 };
                 let scan_outputs = outputs.saturating_sub(states);
+                let directions = if batched { "directions" } else { "scan_input_directions" };
                 Box::new(Scan {
                     body,
                     explicit,
+                    batched,
                     scan_inputs,
                     input_axes: list("scan_input_axes", scan_inputs)?,
-                    input_reverse: list("scan_input_directions", scan_inputs)?
-                        .iter()
-                        .map(|&d| d != 0)
-                        .collect(),
+                    input_reverse: list(directions, scan_inputs)?.iter().map(|&d| d != 0).collect(),
                     output_axes: list("scan_output_axes", scan_outputs)?,
                     output_reverse: list("scan_output_directions", scan_outputs)?
                         .iter()
@@ -264,38 +262,24 @@ impl Kernel for Loop {
     }
 }
 
-impl Kernel for Scan {
-    fn run(
+impl Scan {
+    /// Runs the body over `length` steps of `scanned` (each with its scan axis), from `state`;
+    /// returns the final state and the stacked scan outputs.
+    fn scan(
         &self,
-        inputs: &mut [Option<Tensor>],
+        mut state: Vec<Tensor>,
+        scanned: &[(Tensor, usize)],
+        length: usize,
+        inputs: &[Option<Tensor>],
         ctx: &ExecCtx<'_>,
-        _: Option<Activation>,
     ) -> KernelResult<Vec<Tensor>> {
-        let states = self.explicit - self.scan_inputs;
-        let mut state: Vec<Tensor> =
-            (0..states).map(|i| input(inputs, i).cloned()).collect::<KernelResult<_>>()?;
-        let mut scanned: Vec<(&Tensor, usize)> = Vec::with_capacity(self.scan_inputs);
-        let mut length = None;
-        for (j, &axis) in self.input_axes.iter().enumerate() {
-            let t = input(inputs, states + j)?;
-            let axis = norm_axis(axis, t.shape().len())?;
-            let len = t.shape()[axis];
-            if length.is_some_and(|l| l != len) {
-                return Err(format!(
-                    "scan inputs have different lengths ({} and {len})",
-                    length.unwrap_or(0)
-                ));
-            }
-            length = Some(len);
-            scanned.push((t, axis));
-        }
-        let length = length.unwrap_or(0);
+        let states = state.len();
         let mut outs: Vec<Vec<Tensor>> = vec![Vec::new(); self.output_axes.len()];
         for step in 0..length {
             let mut formal = state.clone();
-            for (j, &(t, axis)) in scanned.iter().enumerate() {
+            for (j, (t, axis)) in scanned.iter().enumerate() {
                 let i = if self.input_reverse[j] { length - 1 - step } else { step };
-                formal.push(slice_at(t, axis, i)?);
+                formal.push(slice_at(t, *axis, i)?);
             }
             let got =
                 self.body.run(formal, inputs, self.explicit).map_err(|e| format!("step {step}: {e}"))?;
@@ -323,5 +307,89 @@ impl Kernel for Scan {
             });
         }
         Ok(result)
+    }
+
+    /// Opset 8: each batch entry scanned on its own (up to its sequence length), the results
+    /// stacked on a new batch axis, scan outputs zero-padded to the longest sequence.
+    fn scan_batched(&self, inputs: &[Option<Tensor>], ctx: &ExecCtx<'_>) -> KernelResult<Vec<Tensor>> {
+        let states = self.explicit - 1 - self.scan_inputs;
+        let firsts: Vec<&Tensor> =
+            (1..self.explicit).map(|i| input(inputs, i)).collect::<KernelResult<_>>()?;
+        let batch =
+            firsts.first().and_then(|t| t.shape().first()).copied().ok_or("inputs need a batch axis")?;
+        if firsts.iter().any(|t| t.shape().first() != Some(&batch)) {
+            return Err(format!("every input needs the batch axis of {batch}"));
+        }
+        let full = firsts[states].shape().get(1).copied().ok_or("scan inputs need a sequence axis")?;
+        if firsts[states..].iter().any(|t| t.shape().get(1) != Some(&full)) {
+            return Err("scan inputs have different sequence lengths".into());
+        }
+        let lens = opt_input(inputs, 0).map(ints_of).transpose()?;
+        let mut per_batch: Vec<Vec<Tensor>> = Vec::with_capacity(batch);
+        for b in 0..batch {
+            let length = match &lens {
+                Some(l) => {
+                    let v = *l.get(b).ok_or_else(|| format!("no sequence length for batch entry {b}"))?;
+                    usize::try_from(v).ok().filter(|&v| v <= full).ok_or_else(|| {
+                        format!("sequence length {v} of batch entry {b} is not in 0..={full}")
+                    })?
+                }
+                None => full,
+            };
+            let state: Vec<Tensor> =
+                firsts[..states].iter().map(|t| slice_at(t, 0, b)).collect::<KernelResult<_>>()?;
+            let scanned: Vec<(Tensor, usize)> = firsts[states..]
+                .iter()
+                .map(|t| slice_at(t, 0, b).map(|s| (s, 0)))
+                .collect::<KernelResult<_>>()?;
+            let mut out = self.scan(state, &scanned, length, inputs, ctx)?;
+            for t in out.iter_mut().skip(states) {
+                if length < full && !t.shape().is_empty() {
+                    let mut pad_shape = t.shape().to_vec();
+                    pad_shape[0] = full - length;
+                    let zeros = super::movement::cast(
+                        &Tensor::from_vec(&pad_shape, vec![0f32; pad_shape.iter().product()])
+                            .ok_or("internal")?,
+                        t.dtype(),
+                    )?;
+                    *t = Tensor::concat_rows(&[t.clone(), zeros]).ok_or("scan outputs differ in shape")?;
+                }
+            }
+            per_batch.push(out);
+        }
+        let count = per_batch.first().map_or(0, Vec::len);
+        (0..count).map(|k| stack(&per_batch.iter().map(|o| o[k].clone()).collect::<Vec<_>>(), 0)).collect()
+    }
+}
+
+impl Kernel for Scan {
+    fn run(
+        &self,
+        inputs: &mut [Option<Tensor>],
+        ctx: &ExecCtx<'_>,
+        _: Option<Activation>,
+    ) -> KernelResult<Vec<Tensor>> {
+        if self.batched {
+            return self.scan_batched(inputs, ctx);
+        }
+        let states = self.explicit - self.scan_inputs;
+        let state: Vec<Tensor> =
+            (0..states).map(|i| input(inputs, i).cloned()).collect::<KernelResult<_>>()?;
+        let mut scanned: Vec<(Tensor, usize)> = Vec::with_capacity(self.scan_inputs);
+        let mut length = None;
+        for (j, &axis) in self.input_axes.iter().enumerate() {
+            let t = input(inputs, states + j)?;
+            let axis = norm_axis(axis, t.shape().len())?;
+            let len = t.shape()[axis];
+            if length.is_some_and(|l| l != len) {
+                return Err(format!(
+                    "scan inputs have different lengths ({} and {len})",
+                    length.unwrap_or(0)
+                ));
+            }
+            length = Some(len);
+            scanned.push((t.clone(), axis));
+        }
+        self.scan(state, &scanned, length.unwrap_or(0), inputs, ctx)
     }
 }
