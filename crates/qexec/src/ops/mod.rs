@@ -7,6 +7,7 @@ mod broadcast;
 mod control;
 mod conv;
 mod conv_nd;
+mod deform_conv;
 mod depthwise;
 mod detection;
 mod einsum;
@@ -24,6 +25,7 @@ mod reduce;
 mod resize;
 mod sampling;
 mod signal;
+mod tfidf;
 mod widen;
 
 pub(crate) use elementwise::fusable_activation;
@@ -165,6 +167,8 @@ pub(crate) fn compile(node: &Node, opset: i64) -> Result<Box<dyn Kernel>> {
         .or_else(|| sampling::compile(node))
         .or_else(|| detection::compile(node))
         .or_else(|| einsum::compile(node))
+        .or_else(|| deform_conv::compile(node))
+        .or_else(|| tfidf::compile(node))
         .or_else(|| signal::compile(node, opset))
         .or_else(|| recurrent::compile(node))
         .or_else(|| control::compile(node, opset));
