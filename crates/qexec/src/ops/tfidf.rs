@@ -100,7 +100,8 @@ impl TfIdf {
     /// Adds the n-gram counts of one row of tokens into `freq`.
     fn count(&self, row: &[i64], freq: &mut [i64]) {
         let mut min_gram = self.min_gram;
-        for skip in 1..=self.max_skip + 1 {
+        // A skip as long as the row finds no n-gram beyond unigrams.
+        for skip in 1..=self.max_skip.saturating_add(1).min(row.len().max(1)) {
             for start in 0..row.len() {
                 if start + skip * (min_gram - 1) >= row.len() {
                     break;
