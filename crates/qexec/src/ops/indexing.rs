@@ -178,17 +178,14 @@ fn gather_nd(inputs: &[Option<Tensor>], b: usize, ctx: &ExecCtx<'_>) -> KernelRe
     shape.extend_from_slice(&xs[b + k..]);
     output_len(ctx, &shape, x.dtype())?;
     let raw = ints_of(idx)?;
-    let mut starts = Vec::with_capacity(raw.len() / k.max(1));
-    for (p, tuple) in raw.chunks(k.max(1)).enumerate().take(lead.iter().product()) {
-        let mut off = (p / per_batch.max(1)) * batch_block;
-        for (j, &i) in tuple.iter().enumerate().take(k) {
-            off += wrap_index(i, xs[b + j])? * strides[b + j];
-        }
-        starts.push(off);
-    }
-    if k == 0 {
-        starts = (0..lead.iter().product::<usize>()).map(|p| (p / per_batch.max(1)) * batch_block).collect();
-    }
+    // Per index tuple: the flat offset of the slice it picks (its batch block plus its indices).
+    let starts = (0..lead.iter().product::<usize>())
+        .map(|p| {
+            (0..k).try_fold((p / per_batch.max(1)) * batch_block, |off, j| {
+                Ok(off + wrap_index(raw[p * k + j], xs[b + j])? * strides[b + j])
+            })
+        })
+        .collect::<KernelResult<Vec<usize>>>()?;
     Ok(with_dtype!(x.dtype(), T => {
         let data = contiguous(typed::<T>(x)?);
         let mut out = Vec::with_capacity(starts.len() * inner);
@@ -337,8 +334,8 @@ fn compress(inputs: &[Option<Tensor>], axis: Option<i64>) -> KernelResult<Tensor
     let (x, cond) = (input(inputs, 0)?, input(inputs, 1)?);
     let keep: Vec<usize> =
         cond.to_f64_vec().iter().enumerate().filter(|(_, c)| **c != 0.0).map(|(i, _)| i).collect();
-    let (outer, dim, inner, mut shape) = match axis {
-        None => (1, x.len(), 1, vec![0]),
+    let (outer, dim, inner, mut shape, at) = match axis {
+        None => (1, x.len(), 1, vec![0], 0),
         Some(a) => {
             let a = norm_axis(a, x.shape().len())?;
             (
@@ -346,6 +343,7 @@ fn compress(inputs: &[Option<Tensor>], axis: Option<i64>) -> KernelResult<Tensor
                 x.shape()[a],
                 x.shape()[a + 1..].iter().product(),
                 x.shape().to_vec(),
+                a,
             )
         }
     };
@@ -354,7 +352,6 @@ fn compress(inputs: &[Option<Tensor>], axis: Option<i64>) -> KernelResult<Tensor
     {
         return Err(format!("condition selects index {last} of a dim of {dim}"));
     }
-    let at = axis.map_or(0, |a| norm_axis(a, x.shape().len()).unwrap_or(0));
     shape[at] = keep.len();
     Ok(with_dtype!(x.dtype(), T => {
         let data = contiguous(typed::<T>(x)?);
