@@ -17,6 +17,8 @@ mod ops;
 mod session;
 
 pub use error::{ExecError, Result};
+pub use gemm::Parallelism;
 pub use hook::{Epilogue, Hook, HookError, TensorEvent, TensorKind};
 pub use memory::{default_max_tensor_bytes, set_default_max_tensor_bytes, tensor_bytes};
+pub use ops::matmul::{MatRef, sgemm};
 pub use session::{Keep, RunOptions, RunResult, RunStats, Session, SessionOptions, StepTime, ValueCache};

@@ -13,6 +13,7 @@ pub mod dispatch;
 mod encoding;
 mod error;
 mod fake_quant;
+pub mod fastmath;
 mod float_cast;
 mod histogram;
 mod metrics;

@@ -7,12 +7,12 @@ use qgraph::{DType, Element, Node, Tensor};
 
 use super::arith::{Arith, Bits, integer, numeric};
 use super::broadcast::{F32Op, Plan};
-use super::fastmath;
 use super::{
     Activation, ExecCtx, Kernel, for_each_chunk_mut, input, into_f32_unique, opt_input, take_input, typed,
     with_dtype, wrap,
 };
 use crate::error::{ExecError, KernelResult, Result};
+use qkernels::fastmath;
 
 pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>> {
     let unary = |op: Unary| -> Option<Result<Box<dyn Kernel>>> { Some(Ok(Box::new(op))) };

@@ -26,9 +26,12 @@ pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
 
 /// A strided read-only matrix operand: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
-pub(crate) struct MatRef<'a> {
+pub struct MatRef<'a> {
+    /// The elements.
     pub data: &'a [f32],
+    /// Row stride.
     pub rs: usize,
+    /// Column stride.
     pub cs: usize,
 }
 
@@ -38,9 +41,10 @@ impl MatRef<'_> {
     }
 }
 
-/// `c[m×n] (row stride c_rs) = (accumulate ? c : 0) + alpha · a[m×k] · b[k×n]`.
+/// `c[m×n] (row stride c_rs) = (accumulate ? c : 0) + alpha · a[m×k] · b[k×n]`; an error when an
+/// operand is too small for its extent.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn sgemm(
+pub fn sgemm(
     m: usize,
     n: usize,
     k: usize,
@@ -51,7 +55,7 @@ pub(crate) fn sgemm(
     c_rs: usize,
     accumulate: bool,
     par: gemm::Parallelism,
-) -> KernelResult<()> {
+) -> std::result::Result<(), String> {
     let (ptr, len) = (c.as_mut_ptr(), c.len());
     // SAFETY: `c` is borrowed mutably for the call, so the product is the only access to it, and
     // it is valid for its `len` elements.

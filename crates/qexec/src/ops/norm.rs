@@ -4,7 +4,7 @@
 
 use qgraph::{Node, Tensor};
 
-use super::fastmath;
+use qkernels::fastmath;
 
 use super::{
     Activation, ExecCtx, Kernel, f32_data, input, into_f32_unique, norm_axis, opt_input, take_input,
