@@ -28,7 +28,7 @@ pub use placement::{
 pub use qdq::{QdqOptions, to_qdq_model, write_qdq_model};
 pub use qkernels::Rounding;
 pub use schemes::{ChannelStats, ENTROPY_BINS, Scheme, encoding_from_fixed_range};
-pub use sim::{Feeds, QuantSim, QuantizerStats, SimOptions, split_by_encoding};
+pub use sim::{Feeds, QuantSim, QuantizerStats, SimOptions, encoding_index, split_by_encoding};
 pub use stats_file::{
     ChannelEntry, FineHistogramEntry, HistogramEntry, QuantizerEntry, StatsFile, load_stats, save_stats,
 };

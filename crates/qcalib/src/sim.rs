@@ -632,8 +632,23 @@ pub fn split_by_encoding(
     shape: &[usize],
     granularity: Granularity,
 ) -> Result<Vec<Vec<f32>>, String> {
+    let (index, groups) = encoding_index(shape, granularity)?;
+    if index.len() != data.len() {
+        return Err(format!("shape {shape:?} does not hold {} values", data.len()));
+    }
+    let mut out = vec![Vec::with_capacity(data.len() / groups.max(1)); groups];
+    for (&x, &g) in data.iter().zip(&index) {
+        out[g].push(x);
+    }
+    Ok(out)
+}
+
+/// For each element of a row-major tensor of `shape`, the index of the encoding that covers it
+/// (row-major order of the encoding shape), and the number of encodings.
+pub fn encoding_index(shape: &[usize], granularity: Granularity) -> Result<(Vec<usize>, usize), String> {
+    let len: usize = shape.iter().product();
     let (channel_axis, block) = match granularity {
-        Granularity::PerTensor => return Ok(vec![data.to_vec()]),
+        Granularity::PerTensor => return Ok((vec![0; len], 1)),
         Granularity::PerChannel { axis } => (axis, None),
         Granularity::PerBlock { channel_axis, block_axis, block_size } => {
             (channel_axis, Some((block_axis, block_size)))
@@ -651,15 +666,15 @@ pub fn split_by_encoding(
         enc_shape[axis] = shape[axis] / size;
     }
     let groups: usize = enc_shape.iter().product();
-    let mut out = vec![Vec::with_capacity(data.len() / groups.max(1)); groups];
+    let mut out = Vec::with_capacity(len);
     let mut idx = vec![0usize; shape.len()];
-    for &x in data {
+    for _ in 0..len {
         let mut g = 0;
         for d in 0..shape.len() {
             let per = shape[d] / enc_shape[d];
             g = g * enc_shape[d] + idx[d] / per;
         }
-        out[g].push(x);
+        out.push(g);
         for d in (0..shape.len()).rev() {
             idx[d] += 1;
             if idx[d] < shape[d] {
@@ -668,7 +683,7 @@ pub fn split_by_encoding(
             idx[d] = 0;
         }
     }
-    Ok(out)
+    Ok((out, groups))
 }
 
 /// The fake-quantized (or fake-cast) copy of a static tensor, rounded as AIMET rounds.

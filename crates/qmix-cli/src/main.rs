@@ -145,6 +145,12 @@ enum Command {
     /// Example: qmix quantsim model.onnx --calib input=calib.npy --config default --qdq
     #[command(visible_alias = "quantize")]
     Quantsim(quantsim::QuantsimArgs),
+    /// `qmix quantsim` with AdaRound: each weight's rounding learned on the calibration data
+    /// (AIMET's algorithm and defaults), the rounded weights' encodings frozen, activations
+    /// calibrated after; writes what `quantsim` writes, plus AdaRound's report in ptq.json.
+    ///
+    /// Example: qmix adaround model.onnx --calib input=calib.npy --config default_per_tensor --adaround-iterations 10000
+    Adaround(quantsim::QuantsimArgs),
     /// Lite-MP: score every layer, flip the most sensitive to int16/fp16, recalibrate, report.
     ///
     /// Example: qmix litemp model.onnx --calib input=calib.npy --percent 10 --override int16
@@ -537,6 +543,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Quantsim(args) => quantsim::run(args),
+        Command::Adaround(args) => quantsim::run(args.with_adaround()),
         Command::Litemp(args) => litemp::run(args),
         Command::Amp(args) => amp::run(args),
         Command::Analyze(args) => analyze::run(args),

@@ -2,6 +2,7 @@
 //! and the `--cle`, `--bias-correction` and `--bn-reestimate` options every simulation command
 //! takes, applied to the model before calibration.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -41,6 +42,123 @@ impl PtqArgs {
     /// Whether any technique was asked for.
     pub fn any(&self) -> bool {
         self.cle || self.bn_reestimate || self.bias_correction.is_some()
+    }
+}
+
+/// Weight rounding or encodings learned on the calibration data (`qmix quantsim`).
+#[derive(clap::Args, Clone, Default)]
+pub(crate) struct RoundingArgs {
+    /// Learn each weight's rounding with AdaRound (AIMET's settings) after the techniques
+    /// above; the rounded weights keep their encodings (frozen) through calibration.
+    #[arg(long)]
+    pub adaround: bool,
+    /// AdaRound's optimisation steps per layer (AIMET: 10,000; 15,000 below 8 bits).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub adaround_iterations: u32,
+    /// Choose each weight's encodings by sequential MSE (AIMET's candidate search) after the
+    /// techniques above; the chosen encodings are frozen through calibration.
+    #[arg(long, conflicts_with = "adaround")]
+    pub seq_mse: bool,
+    /// Sequential MSE's candidate ranges per weight.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub seq_mse_candidates: u32,
+}
+
+/// Encodings to keep through calibration, by tensor name.
+pub(crate) type Frozen = HashMap<String, qcalib::LoadedEncoding>;
+
+/// What [`round_weights`] returns.
+pub(crate) struct LearnedWeights {
+    /// The model (AdaRound's rounded weights in it).
+    pub model: Model,
+    /// Encodings to freeze before calibration.
+    pub frozen: Frozen,
+    /// The technique's name and report, when one ran.
+    pub report: Option<(&'static str, Value)>,
+}
+
+/// Runs AdaRound or sequential MSE on `model` when asked.
+pub(crate) fn round_weights(
+    model: Model,
+    args: &RoundingArgs,
+    config: &QuantsimConfig,
+    options: SimOptions,
+    calibration: Option<&[Feeds]>,
+    quiet: bool,
+) -> Result<LearnedWeights, Failure> {
+    if args.seq_mse {
+        let batches =
+            calibration.ok_or_else(|| user(anyhow::anyhow!("--seq-mse needs calibration data (--calib)")))?;
+        let settings =
+            qptq::SeqMseOptions { candidates: args.seq_mse_candidates as usize, ..Default::default() };
+        let started = Instant::now();
+        let pb = crate::dataset::bar(0, "SeqMSE", "layers", quiet);
+        let r = qptq::seq_mse(&model, config, options, batches, &settings, &mut |done, total| {
+            pb.set_length(total);
+            pb.set_position(done);
+        })
+        .map_err(user)?;
+        pb.finish_and_clear();
+        let shrunk: usize = r.report.layers.iter().map(|l| l.shrunk).sum();
+        let weights = r.report.layers.iter().filter(|l| l.shrunk > 0).count();
+        say!(
+            "sequential MSE: {} weights' encodings chosen from {} candidates ({shrunk} ranges of {weights} weights narrowed), {} left alone, in {:.1} s",
+            r.report.layers.len(),
+            settings.candidates,
+            r.report.skipped.len(),
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(LearnedWeights {
+            model,
+            frozen: r.encodings,
+            report: Some(("seq_mse", r.report.to_json())),
+        });
+    }
+    if !args.adaround {
+        return Ok(LearnedWeights { model, frozen: Frozen::new(), report: None });
+    }
+    let batches =
+        calibration.ok_or_else(|| user(anyhow::anyhow!("--adaround needs calibration data (--calib)")))?;
+    let settings =
+        qptq::AdaroundOptions { iterations: args.adaround_iterations as usize, ..Default::default() };
+    let started = Instant::now();
+    let pb = crate::dataset::bar(0, "AdaRound", "iterations", quiet);
+    let r = qptq::adaround(&model, config, options, batches, &settings, &mut |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    })
+    .map_err(user)?;
+    pb.finish_and_clear();
+    let flipped: usize = r.report.layers.iter().map(|l| l.flipped).sum();
+    let weights: usize = r.report.layers.iter().map(|l| l.weights).sum();
+    say!(
+        "AdaRound: {} layers rounded ({} iterations each; {flipped} of {weights} weights rounded away from nearest), {} left alone, in {:.1} s",
+        r.report.layers.len(),
+        settings.iterations,
+        r.report.skipped.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(LearnedWeights { model: r.model, frozen: r.encodings, report: Some(("adaround", r.report.to_json())) })
+}
+
+/// Sets and freezes the `frozen` encodings on `sim`'s quantizers (before calibration).
+pub(crate) fn freeze(sim: &mut qcalib::QuantSim, frozen: &Frozen) {
+    if frozen.is_empty() {
+        return;
+    }
+    let ids: Vec<(qcalib::QuantizerId, &qcalib::LoadedEncoding)> = sim
+        .placement()
+        .tensors()
+        .iter()
+        .filter_map(|t| Some((t.quantizer, frozen.get(&sim.model().graph.value(t.value).name)?)))
+        .collect();
+    let placement = sim.placement_mut();
+    for (q, l) in ids {
+        let quantizer = placement.quantizer_mut(q);
+        quantizer.precision = l.precision;
+        quantizer.symmetric = l.symmetric;
+        quantizer.encodings = Some(l.encodings.clone());
+        quantizer.frozen = true;
     }
 }
 

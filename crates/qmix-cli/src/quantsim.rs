@@ -69,6 +69,8 @@ pub struct QuantsimArgs {
     #[command(flatten)]
     ptq: crate::ptq::PtqArgs,
     #[command(flatten)]
+    learned_rounding: crate::ptq::RoundingArgs,
+    #[command(flatten)]
     evaluation: EvalArgs,
     #[command(flatten)]
     preprocess: Preprocess,
@@ -81,6 +83,14 @@ pub struct QuantsimArgs {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
+}
+
+impl QuantsimArgs {
+    /// The same job with AdaRound on.
+    pub fn with_adaround(mut self) -> QuantsimArgs {
+        self.learned_rounding.adaround = true;
+        self
+    }
 }
 
 pub(crate) fn parse_scheme(s: &str) -> Result<Scheme, String> {
@@ -120,15 +130,26 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
     } else {
         Some(Dataset::load(&a.calib, &a.preprocess, &SampleAxes::of(&model)).map_err(Failure::User)?)
     };
-    let (model, ptq_report, given) = if a.ptq.any() {
-        let batches: Option<Vec<qcalib::Feeds>> = calib.as_ref().map(|c| c.batches(a.batch.max(1)).collect());
-        let given = model.clone();
+    let batches: Option<Vec<qcalib::Feeds>> = calib.as_ref().map(|c| c.batches(a.batch.max(1)).collect());
+    let given =
+        (a.ptq.any() || a.learned_rounding.adaround || a.learned_rounding.seq_mse).then(|| model.clone());
+    let (model, mut ptq_report) = if a.ptq.any() {
         let (m, r) = crate::ptq::apply(model, &a.ptq, &config, options, batches.as_deref())?;
-        (m, Some(r), Some(given))
+        (m, Some(r))
     } else {
-        (model, None, None)
+        (model, None)
     };
+    let crate::ptq::LearnedWeights { model, frozen, report: rounding_report } =
+        crate::ptq::round_weights(model, &a.learned_rounding, &config, options, batches.as_deref(), a.quiet)?;
+    drop(batches);
+    if let Some((technique, r)) = rounding_report {
+        let report = ptq_report.get_or_insert_with(|| serde_json::json!({}));
+        if let Some(map) = report.as_object_mut() {
+            map.insert(technique.into(), r);
+        }
+    }
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
+    crate::ptq::freeze(&mut sim, &frozen);
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     if let Some(r) = &ptq_report {
         qgraph::write_atomically(&set.staged("ptq.json"), qcalib::to_pretty_json(r).as_bytes())?;

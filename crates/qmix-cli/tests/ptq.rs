@@ -153,3 +153,57 @@ fn techniques_that_need_data_say_so() {
     assert_eq!(o.status.code(), Some(1));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `qmix quantsim` on the digits model at W4A8 per-tensor with `extra`; the simulated top-1.
+fn digits_top1(out: &Path, command: &str, extra: &[&str]) -> f64 {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    let arg = |f: &str| format!("input={}", models.join(f).display());
+    let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
+        .args(["--json", command])
+        .arg(models.join("digits_cnn.onnx"))
+        .args(["--calib", &arg("digits_cnn_calib.npy"), "--eval", &arg("digits_cnn_eval.npy")])
+        .arg("--labels")
+        .arg(models.join("digits_cnn_labels.npy"))
+        .args(["--config", "default_per_tensor", "--param", "int4", "--act", "int8", "--quiet", "--out"])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    summary["top1"]["simulated"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no top-1 in {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+#[test]
+fn adaround_and_seq_mse_freeze_what_they_learn_on_the_digits_model() {
+    let dir = scratch("adaround");
+    let nearest = digits_top1(&dir.join("nearest"), "quantsim", &[]);
+    let rounded = digits_top1(&dir.join("adaround"), "adaround", &["--adaround-iterations", "1000"]);
+    assert!(rounded >= nearest, "AdaRound top-1 {rounded} below nearest rounding's {nearest}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adaround/ptq.json")).unwrap()).unwrap();
+    let layers = report["adaround"]["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 4, "{report}");
+    assert!(layers.iter().any(|l| l["flipped"].as_u64().unwrap() > 0), "{report}");
+    // The exported model holds the rounded weights, on the grids the encodings file gives.
+    let encodings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("adaround/model.encodings")).unwrap()).unwrap();
+    let saved = qgraph::load_path(dir.join("adaround/model.onnx")).unwrap();
+    for entry in encodings["param_encodings"].as_array().unwrap() {
+        let name = entry["name"].as_str().unwrap();
+        let Some(v) = saved.graph.value_id(name) else { continue };
+        let (scale, offset) = (entry["scale"][0].as_f64().unwrap(), entry["offset"][0].as_f64().unwrap());
+        for &w in saved.graph.static_value(v).unwrap().as_f32().unwrap().iter() {
+            let q = f64::from(w) / scale - offset;
+            assert!((q - q.round()).abs() < 1e-3, "{name}: {w} is off its grid");
+        }
+    }
+    let searched = digits_top1(&dir.join("seq_mse"), "quantsim", &["--seq-mse"]);
+    assert!(searched >= nearest - 0.02, "sequential MSE top-1 {searched} vs nearest {nearest}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("seq_mse/ptq.json")).unwrap()).unwrap();
+    assert_eq!(report["seq_mse"]["layers"].as_array().unwrap().len(), 4, "{report}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -14,6 +14,9 @@ pub enum PtqError {
     /// The simulation failed.
     #[error(transparent)]
     Calib(#[from] qcalib::CalibError),
+    /// A gradient could not be computed.
+    #[error(transparent)]
+    Grad(#[from] qgrad::GradError),
     /// The data given does not fit the model.
     #[error("{0}")]
     Data(String),

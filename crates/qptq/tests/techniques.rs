@@ -311,3 +311,117 @@ fn bn_reestimation_measures_the_simulated_input_then_folds() {
     assert!((wf[[0, 0, 0, 0]] - 1.0 / 1.5).abs() < 1e-5 && (bf[0] + 1.0).abs() < 1e-5, "{wf:?} {bf:?}");
     assert!((wf[[1, 1, 0, 0]] - 1.0).abs() < 1e-5 && (bf[1] + 2.0).abs() < 1e-5, "{wf:?} {bf:?}");
 }
+
+/// Batches of one random sample each for `mobile_block`.
+fn block_batches(n: usize) -> Vec<Feeds> {
+    (0..n).map(|i| vec![("x".to_string(), input(100 + i as u64, &[1, 3, 8, 8]))]).collect()
+}
+
+fn w4(config: &str) -> (QuantsimConfig, SimOptions) {
+    let options = SimOptions {
+        precision: qcalib::DefaultPrecision {
+            param: qcalib::Precision::Int(4),
+            activation: qcalib::Precision::Int(8),
+        },
+        ..SimOptions::default()
+    };
+    (QuantsimConfig::load(config).unwrap(), options)
+}
+
+/// A simulation of `model` with `frozen` weight encodings, calibrated on `batches`.
+fn calibrated(
+    model: &Model,
+    config: &QuantsimConfig,
+    options: SimOptions,
+    frozen: &std::collections::HashMap<String, qcalib::LoadedEncoding>,
+    batches: &[Feeds],
+) -> QuantSim {
+    let mut sim = QuantSim::new(model.clone(), config.clone(), options).unwrap();
+    let ids: Vec<_> = sim
+        .placement()
+        .tensors()
+        .iter()
+        .filter_map(|t| Some((t.quantizer, frozen.get(&sim.model().graph.value(t.value).name)?.clone())))
+        .collect();
+    for (q, l) in ids {
+        let quantizer = sim.placement_mut().quantizer_mut(q);
+        quantizer.encodings = Some(l.encodings);
+        quantizer.frozen = true;
+    }
+    sim.calibrate(batches.iter().cloned(), &mut |_| {}).unwrap();
+    sim
+}
+
+#[test]
+fn adaround_learns_a_rounding_that_beats_nearest() {
+    let model = mobile_block(7);
+    let batches = block_batches(24);
+    let (config, options) = w4("default_per_tensor");
+    let settings = qptq::AdaroundOptions { iterations: 3000, ..Default::default() };
+    let r = qptq::adaround(&model, &config, options, &batches, &settings, &mut |_, _| {}).unwrap();
+    assert_eq!(r.report.layers.len(), 4, "{:?}", r.report);
+    let total = |f: fn(&qptq::RoundedLayer) -> f64| r.report.layers.iter().map(f).sum::<f64>();
+    assert!(total(|l| l.loss_adaround) < total(|l| l.loss_nearest), "{:?}", r.report);
+    assert!(r.report.layers.iter().all(|l| l.flipped > 0), "{:?}", r.report);
+    // The rounded weights lie on their grids: fake-quant with the frozen encodings keeps them.
+    for (name, l) in &r.encodings {
+        let v = r.model.graph.value_id(name).unwrap();
+        let mut w: Vec<f32> =
+            r.model.graph.static_value(v).unwrap().as_f32().unwrap().iter().copied().collect();
+        let before = w.clone();
+        qkernels::fake_quant(&mut w, &l.encodings[0]);
+        assert_eq!(w, before, "{name}");
+    }
+    // With float activations the whole model is closer to FP32 than with nearest rounding.
+    let nearest =
+        QuantSim::new(model.clone(), config.clone(), options).unwrap().weight_quantized_model().unwrap();
+    let error = |m: &Model| -> f64 {
+        let err = |b: &Feeds| {
+            let (a, f) = (run(m, &b[0].1), run(&model, &b[0].1));
+            a.iter().zip(f.iter()).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>()
+        };
+        batches.iter().map(err).sum()
+    };
+    let (e_ada, e_near) = (error(&r.model), error(&nearest));
+    assert!(e_ada < e_near, "AdaRound {e_ada} vs nearest {e_near}");
+    // The simulation keeps the frozen encodings through calibration.
+    let sim = calibrated(&r.model, &config, options, &r.encodings, &batches);
+    for (name, l) in &r.encodings {
+        let v = sim.model().graph.value_id(name).unwrap();
+        let q = sim.placement().quantizer(sim.placement().quantizer_of(v).unwrap());
+        assert_eq!(q.encodings.as_deref(), Some(&l.encodings[..]), "{name}");
+    }
+}
+
+#[test]
+fn seq_mse_keeps_its_picks_and_per_channel_picks_are_no_worse() {
+    let model = mobile_block(11);
+    let batches = block_batches(4);
+    for name in ["default", "default_per_tensor"] {
+        let (config, options) = w4(name);
+        let r = qptq::seq_mse(
+            &model,
+            &config,
+            options,
+            &batches,
+            &qptq::SeqMseOptions::default(),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(r.report.layers.len(), 4, "{:?}", r.report);
+        for l in &r.report.layers {
+            assert!(l.picked.0 >= 1 && l.picked.1 <= 20);
+            // Each channel's own pick is never worse than min-max; a per-tensor encoding is
+            // rebuilt from all channels' picks (AIMET's rule), which can be.
+            if name == "default" {
+                assert!(l.error_chosen <= l.error_min_max * (1.0 + 1e-6), "{l:?}");
+            }
+        }
+        let sim = calibrated(&model, &config, options, &r.encodings, &batches);
+        for (name, l) in &r.encodings {
+            let v = sim.model().graph.value_id(name).unwrap();
+            let q = sim.placement().quantizer(sim.placement().quantizer_of(v).unwrap());
+            assert_eq!(q.encodings.as_deref(), Some(&l.encodings[..]), "{name} kept its chosen encodings");
+        }
+    }
+}
