@@ -568,6 +568,27 @@ pub struct LoadOptions {
     pub keep_missing: bool,
 }
 
+/// Sets and freezes the encodings of the tensors named in `frozen` (before calibration, which
+/// then keeps them; as a post-training technique hands over what it learned). Returns how many
+/// quantizers were set.
+pub fn freeze_encodings(sim: &mut QuantSim, frozen: &HashMap<String, LoadedEncoding>) -> usize {
+    let ids: Vec<(crate::QuantizerId, &LoadedEncoding)> = sim
+        .placement()
+        .tensors()
+        .iter()
+        .filter_map(|t| Some((t.quantizer, frozen.get(&sim.model().graph.value(t.value).name)?)))
+        .collect();
+    let placement = sim.placement_mut();
+    for &(q, l) in &ids {
+        let quantizer = placement.quantizer_mut(q);
+        quantizer.precision = l.precision;
+        quantizer.symmetric = l.symmetric;
+        quantizer.encodings = Some(l.encodings.clone());
+        quantizer.frozen = true;
+    }
+    ids.len()
+}
+
 /// Loads encodings into a simulation: precision, symmetry and encodings per tensor; int32 bias
 /// entries of quantizers that are disabled stay unused. Returns the number of tensors loaded.
 pub fn load_encodings(

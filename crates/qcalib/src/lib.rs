@@ -16,8 +16,8 @@ mod stats_file;
 
 pub use config::{Defaults, Kernel, KernelPrecision, OpRule, ParamRule, QuantsimConfig, RangeConstraint};
 pub use encodings::{
-    EncodingVersion, LoadOptions, LoadedEncoding, encodings_json, load_encodings, parse_encodings,
-    read_encodings, to_pretty_json, write_encodings,
+    EncodingVersion, LoadOptions, LoadedEncoding, encodings_json, freeze_encodings, load_encodings,
+    parse_encodings, read_encodings, to_pretty_json, write_encodings,
 };
 pub use error::{CalibError, Result};
 pub use patterns::CHANNEL_CLIP_MARK;

@@ -188,19 +188,15 @@ pub struct Linear {
     w_rs: usize,
     w_cs: usize,
     threads: usize,
-    /// Depthwise inputs whose columns would hold more values keep padded planes.
-    depthwise_columns_limit: usize,
     /// Per-thread buffers of the fused reconstruction pass, kept between calls.
     scratch: std::sync::Arc<std::sync::Mutex<Vec<Vec<f32>>>>,
 }
 
-/// An input prepared for a layer: `[groups, k, m]` columns, or for large depthwise convolutions
-/// the zero-padded input planes (see [`PlaneLayout`]).
+/// An input prepared for a layer: `[groups, k, m]` columns, or for depthwise convolutions the
+/// zero-padded input planes (see [`PlaneLayout`]).
 #[derive(Debug, Clone)]
 pub struct Columns {
     data: Vec<f32>,
-    /// Depthwise planes rather than columns.
-    planes: bool,
     m: usize,
     samples: usize,
     /// Leading shape of a dense input (all axes but the last).
@@ -236,7 +232,6 @@ impl Linear {
             w_cs: 1,
             kind: LinearKind::Conv(geometry),
             threads: 1,
-            depthwise_columns_limit: DEPTHWISE_COLUMNS_LIMIT,
             scratch: Default::default(),
         }
     }
@@ -254,7 +249,6 @@ impl Linear {
             w_rs,
             w_cs,
             threads: 1,
-            depthwise_columns_limit: DEPTHWISE_COLUMNS_LIMIT,
             scratch: Default::default(),
         }
     }
@@ -301,14 +295,6 @@ impl Linear {
     /// Runs products on `threads` threads.
     pub fn with_threads(mut self, threads: usize) -> Linear {
         self.threads = threads.max(1);
-        self
-    }
-
-    /// Depthwise inputs are kept as padded planes when their output rows are 32 or more long
-    /// or their columns (the input repeated once per kernel tap) would hold more than `limit`
-    /// values (default 4 M), else as columns; `usize::MAX` forces columns, 0 planes.
-    pub fn with_depthwise_columns_limit(mut self, limit: usize) -> Linear {
-        self.depthwise_columns_limit = limit;
         self
     }
 
@@ -360,13 +346,7 @@ impl Linear {
                     }
                 }
                 let leading = shape[..shape.len() - 1].to_vec();
-                Ok(Columns {
-                    data: cols,
-                    planes: false,
-                    m,
-                    samples: shape.first().copied().unwrap_or(1),
-                    leading,
-                })
+                Ok(Columns { data: cols, m, samples: shape.first().copied().unwrap_or(1), leading })
             }
             LinearKind::Conv(g) => {
                 let n = x.shape().first().copied().unwrap_or(0);
@@ -377,21 +357,15 @@ impl Linear {
                     ));
                 }
                 let m = n * g.positions();
-                // Depthwise columns repeat the input once per tap: planes when output rows are
-                // long enough to vectorise along, or the columns would be large.
-                let long_rows = g.out_hw[1] >= 32 && self.depthwise_columns_limit != usize::MAX;
-                if self.depthwise().is_some()
-                    && (long_rows || g.in_channels * g.taps() * m > self.depthwise_columns_limit)
-                {
+                if self.depthwise().is_some() {
                     return Ok(Columns {
                         data: padded_planes(g, data, n),
-                        planes: true,
                         m,
                         samples: n,
                         leading: Vec::new(),
                     });
                 }
-                Ok(Columns { data: im2col(g, data, n), planes: false, m, samples: n, leading: Vec::new() })
+                Ok(Columns { data: im2col(g, data, n), m, samples: n, leading: Vec::new() })
             }
         }
     }
@@ -476,11 +450,7 @@ impl Linear {
             self.check("bias", b.len(), c)?;
         }
         if let Some(g) = self.depthwise() {
-            if cols.planes {
-                depthwise_forward(g, w, &cols.data, cols.samples, y, self.threads);
-            } else {
-                depthwise_columns_forward(g, w, &cols.data, m, y, self.threads);
-            }
+            depthwise_forward(g, w, &cols.data, cols.samples, y, self.threads);
         } else {
             let cg = c / self.groups;
             for gi in 0..self.groups {
@@ -504,11 +474,7 @@ impl Linear {
         self.check("output gradient", dy.len(), c * m)?;
         self.check("weight gradient", dw.len(), c * k)?;
         if let Some(g) = self.depthwise() {
-            if cols.planes {
-                depthwise_weight_grad(g, dy, &cols.data, cols.samples, dw, self.threads);
-            } else {
-                depthwise_columns_weight_grad(g, dy, &cols.data, m, dw, self.threads);
-            }
+            depthwise_weight_grad(g, dy, &cols.data, cols.samples, dw, self.threads);
             return Ok(());
         }
         let cg = c / self.groups;
@@ -604,44 +570,57 @@ fn col2im(g: &ConvGeometry, cols: &[f32], n: usize, dx: &mut [f32]) {
     for_each_tap(g, n, |at, dst| dx[dst] += cols[at]);
 }
 
-/// The layout of depthwise input planes `[C, N, Hp, sw, Wq]`: each zero-padded row split into
-/// `sw` (the column stride) phases, so every kernel tap reads a contiguous run of the row for
-/// consecutive outputs.
+/// The layout of depthwise input planes `[C, N, sh, sw, Hq, Wq]` (plus slack after each channel):
+/// each sample's zero-padded plane split into `sh × sw` stride phases, so that one kernel tap
+/// reads, for every output of a "wide" grid `[Hq, Wq]` (the outputs, then unused columns and rows),
+/// one contiguous run — across all samples at once when the strides are 1.
 struct PlaneLayout {
-    hp: usize,
+    sh: usize,
     sw: usize,
+    hq: usize,
     wq: usize,
+    /// Values after the last sample of a channel, so every tap's run stays inside.
+    slack: usize,
 }
 
 impl PlaneLayout {
     fn of(g: &ConvGeometry) -> PlaneLayout {
-        let wp = g.in_hw[1] + g.pads[1] + g.pads[3];
-        let sw = g.stride[1];
-        PlaneLayout { hp: g.in_hw[0] + g.pads[0] + g.pads[2], sw, wq: wp.div_ceil(sw) }
+        let (sh, sw) = (g.stride[0], g.stride[1]);
+        let hq = (g.in_hw[0] + g.pads[0] + g.pads[2]).div_ceil(sh);
+        let wq = (g.in_hw[1] + g.pads[1] + g.pads[3]).div_ceil(sw);
+        let qy = (g.kernel[0] - 1) * g.dilation[0] / sh;
+        let qx = (g.kernel[1] - 1) * g.dilation[1] / sw;
+        PlaneLayout { sh, sw, hq, wq, slack: (qy + 1) * wq + qx + 1 }
     }
 
-    fn row_len(&self) -> usize {
-        self.sw * self.wq
+    /// Values of one stride phase of one sample (the wide grid).
+    fn phase_len(&self) -> usize {
+        self.hq * self.wq
     }
 
-    fn plane_len(&self, n: usize) -> usize {
-        n * self.hp * self.row_len()
+    /// Values of one sample.
+    fn sample_len(&self) -> usize {
+        self.sh * self.sw * self.phase_len()
     }
 
-    /// Where padded column `col` lies within its row.
-    fn column(&self, col: usize) -> usize {
-        (col % self.sw) * self.wq + col / self.sw
+    /// Values of one channel over `n` samples, slack included.
+    fn channel_len(&self, n: usize) -> usize {
+        n * self.sample_len() + self.slack
     }
 
-    /// The start of the run tap column `kx` reads for outputs `0..wo` of a row.
-    fn tap_start(&self, g: &ConvGeometry, kx: usize) -> usize {
-        self.column(kx * g.dilation[1])
+    /// Where, within a sample, the run of tap `(ky, kx)` starts.
+    fn tap_offset(&self, g: &ConvGeometry, ky: usize, kx: usize) -> usize {
+        let (a, b) = (ky * g.dilation[0], kx * g.dilation[1]);
+        ((a % self.sh) * self.sw + b % self.sw) * self.phase_len() + (a / self.sh) * self.wq + b / self.sw
     }
 
-    /// The row of `plane` that output row `oy`, kernel row `ky`, sample `s` read.
-    fn row<'a>(&self, g: &ConvGeometry, plane: &'a [f32], s: usize, oy: usize, ky: usize) -> &'a [f32] {
-        let y = oy * g.stride[0] + ky * g.dilation[0];
-        &plane[(s * self.hp + y) * self.row_len()..][..self.row_len()]
+    /// Runs of the wide grid: one over all `n` samples when the strides are 1, else one per
+    /// sample; as (start in the wide output, start in the plane, length).
+    fn runs(&self, n: usize) -> impl Iterator<Item = (usize, usize, usize)> + use<> {
+        let (phase, sample) = (self.phase_len(), self.sample_len());
+        let whole = self.sh == 1 && self.sw == 1;
+        let (count, len) = if whole { (usize::from(n > 0), n * phase) } else { (n, phase) };
+        (0..count).map(move |s| (s * phase, s * sample, len))
     }
 }
 
@@ -649,64 +628,23 @@ impl PlaneLayout {
 fn padded_planes(g: &ConvGeometry, x: &[f32], n: usize) -> Vec<f32> {
     let (h, w) = (g.in_hw[0], g.in_hw[1]);
     let layout = PlaneLayout::of(g);
-    let mut out = vec![0.0f32; g.in_channels * layout.plane_len(n)];
+    let channel_len = layout.channel_len(n);
+    let mut out = vec![0.0f32; g.in_channels * channel_len];
     for s in 0..n {
         for c in 0..g.in_channels {
+            let plane = &mut out[c * channel_len + s * layout.sample_len()..][..layout.sample_len()];
             for y in 0..h {
+                let (yp, xp0) = (y + g.pads[0], g.pads[1]);
                 let src = &x[((s * g.in_channels + c) * h + y) * w..][..w];
-                let row = &mut out[((c * n + s) * layout.hp + y + g.pads[0]) * layout.row_len()..]
-                    [..layout.row_len()];
                 for (xi, &v) in src.iter().enumerate() {
-                    row[layout.column(xi + g.pads[1])] = v;
+                    let xp = xp0 + xi;
+                    let phase = (yp % layout.sh) * layout.sw + xp % layout.sw;
+                    plane[phase * layout.phase_len() + (yp / layout.sh) * layout.wq + xp / layout.sw] = v;
                 }
             }
         }
     }
     out
-}
-
-/// The default of [`Linear::with_depthwise_columns_limit`].
-const DEPTHWISE_COLUMNS_LIMIT: usize = 1 << 22;
-
-/// Depthwise forward over columns `[C, taps, m]`: each output row a sum of `taps` scaled rows.
-fn depthwise_columns_forward(
-    g: &ConvGeometry,
-    w: &[f32],
-    cols: &[f32],
-    m: usize,
-    y: &mut [f32],
-    threads: usize,
-) {
-    let (taps, mult) = (g.taps(), g.out_channels / g.group);
-    let one = |(o, yc): (usize, &mut [f32])| {
-        taps_forward(&w[o * taps..][..taps], &cols[(o / mult) * taps * m..], m, yc);
-    };
-    if depthwise_parallel(g, m / g.positions().max(1), threads) {
-        y.par_chunks_mut(m.max(1)).enumerate().for_each(one);
-    } else {
-        y.chunks_mut(m.max(1)).enumerate().for_each(one);
-    }
-}
-
-/// Depthwise weight gradient over columns: `dw[o, k] = dy[o]·cols[c, k]`.
-fn depthwise_columns_weight_grad(
-    g: &ConvGeometry,
-    dy: &[f32],
-    cols: &[f32],
-    m: usize,
-    dw: &mut [f32],
-    threads: usize,
-) {
-    let (taps, mult) = (g.taps(), g.out_channels / g.group);
-    let one = |(o, dwc): (usize, &mut [f32])| {
-        dwc.fill(0.0);
-        taps_grad(&dy[o * m..][..m], &cols[(o / mult) * taps * m..], m, dwc);
-    };
-    if depthwise_parallel(g, m / g.positions().max(1), threads) {
-        dw.par_chunks_mut(taps).enumerate().for_each(one);
-    } else {
-        dw.chunks_mut(taps).enumerate().for_each(one);
-    }
 }
 
 /// Whether a depthwise pass is worth sharing between threads.
@@ -729,67 +667,74 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 qkernels::multiversion! {
-    /// `y = Σ_t w[t]·rows[t]` over `rows` of `y.len()` values each `stride` apart: one output
-    /// channel of a depthwise convolution over columns.
-    fn taps_forward(w: &[f32], rows: &[f32], stride: usize, y: &mut [f32]) {
-        let n = y.len();
-        y.fill(0.0);
-        for (t, &wv) in w.iter().enumerate() {
-            let row = &rows[t * stride..][..n];
-            for (y, &x) in y.iter_mut().zip(row) {
-                *y += wv * x;
-            }
-        }
-    }
-}
-
-qkernels::multiversion! {
-    /// `dw[t] += d·rows[t]` (rows as in [`taps_forward`]).
-    fn taps_grad(d: &[f32], rows: &[f32], stride: usize, dw: &mut [f32]) {
-        let n = d.len();
-        for (t, g) in dw.iter_mut().enumerate() {
-            *g += dot(d, &rows[t * stride..][..n]);
-        }
-    }
-}
-
-qkernels::multiversion! {
-/// One output channel of a depthwise convolution.
-fn depthwise_channel(g: &ConvGeometry, layout: &PlaneLayout, w: &[f32], plane: &[f32], n: usize, y: &mut [f32]) {
-    let (ho, wo) = (g.out_hw[0], g.out_hw[1]);
-    y.fill(0.0);
-    for s in 0..n {
-        for oy in 0..ho {
-            let yrow = &mut y[(s * ho + oy) * wo..][..wo];
-            for ky in 0..g.kernel[0] {
-                let xrow = layout.row(g, plane, s, oy, ky);
-                for kx in 0..g.kernel[1] {
-                    let wv = w[ky * g.kernel[1] + kx];
-                    let start = layout.tap_start(g, kx);
-                    for (o, &x) in yrow.iter_mut().zip(&xrow[start..start + wo]) {
+    /// One output channel of a depthwise convolution over `n` samples of `plane`: every tap adds
+    /// its weight times its run to the wide grid `wide`, whose outputs are then copied to `y`.
+    fn depthwise_channel(g: &ConvGeometry, w: &[f32], plane: &[f32], n: usize, y: &mut [f32], wide: &mut Vec<f32>) {
+        let layout = PlaneLayout::of(g);
+        let (ho, wo) = (g.out_hw[0], g.out_hw[1]);
+        wide.clear();
+        wide.resize(n * layout.phase_len(), 0.0);
+        for ky in 0..g.kernel[0] {
+            for kx in 0..g.kernel[1] {
+                let wv = w[ky * g.kernel[1] + kx];
+                let offset = layout.tap_offset(g, ky, kx);
+                for (out, src, len) in layout.runs(n) {
+                    for (o, &x) in wide[out..out + len].iter_mut().zip(&plane[src + offset..src + offset + len]) {
                         *o += wv * x;
                     }
                 }
             }
         }
+        for s in 0..n {
+            for oy in 0..ho {
+                let row = &wide[s * layout.phase_len() + oy * layout.wq..][..wo];
+                y[(s * ho + oy) * wo..][..wo].copy_from_slice(row);
+            }
+        }
     }
 }
+
+qkernels::multiversion! {
+    /// Adds one output channel's depthwise weight gradient over `n` samples to `dwc`: `d` spread
+    /// on the wide grid (zeros elsewhere), then one dot product per tap and run.
+    fn depthwise_channel_grad(g: &ConvGeometry, d: &[f32], plane: &[f32], n: usize, dwc: &mut [f32], wide: &mut Vec<f32>) {
+        let layout = PlaneLayout::of(g);
+        let (ho, wo) = (g.out_hw[0], g.out_hw[1]);
+        wide.clear();
+        wide.resize(n * layout.phase_len(), 0.0);
+        for s in 0..n {
+            for oy in 0..ho {
+                let row = &mut wide[s * layout.phase_len() + oy * layout.wq..][..wo];
+                row.copy_from_slice(&d[(s * ho + oy) * wo..][..wo]);
+            }
+        }
+        for ky in 0..g.kernel[0] {
+            for kx in 0..g.kernel[1] {
+                let offset = layout.tap_offset(g, ky, kx);
+                let mut acc = 0.0f32;
+                for (out, src, len) in layout.runs(n) {
+                    acc += dot(&wide[out..out + len], &plane[src + offset..src + offset + len]);
+                }
+                dwc[ky * g.kernel[1] + kx] += acc;
+            }
+        }
+    }
 }
 
 fn depthwise_forward(g: &ConvGeometry, w: &[f32], planes: &[f32], n: usize, y: &mut [f32], threads: usize) {
-    let layout = PlaneLayout::of(g);
+    let channel_len = PlaneLayout::of(g).channel_len(n);
     let per_out = n * g.positions();
     let mult = g.out_channels / g.group;
     let taps = g.taps();
-    let plane_len = layout.plane_len(n);
-    let one = |(o, yc): (usize, &mut [f32])| {
-        let plane = &planes[(o / mult) * plane_len..][..plane_len];
-        depthwise_channel(g, &layout, &w[o * taps..][..taps], plane, n, yc);
+    let one = |wide: &mut Vec<f32>, (o, yc): (usize, &mut [f32])| {
+        let plane = &planes[(o / mult) * channel_len..][..channel_len];
+        depthwise_channel(g, &w[o * taps..][..taps], plane, n, yc, wide);
     };
     if depthwise_parallel(g, n, threads) {
-        y.par_chunks_mut(per_out.max(1)).enumerate().for_each(one);
+        y.par_chunks_mut(per_out.max(1)).enumerate().for_each_init(Vec::new, one);
     } else {
-        y.chunks_mut(per_out.max(1)).enumerate().for_each(one);
+        let mut wide = Vec::new();
+        y.chunks_mut(per_out.max(1)).enumerate().for_each(|c| one(&mut wide, c));
     }
 }
 
@@ -801,47 +746,19 @@ fn depthwise_weight_grad(
     dw: &mut [f32],
     threads: usize,
 ) {
-    let layout = PlaneLayout::of(g);
+    let channel_len = PlaneLayout::of(g).channel_len(n);
     let per_out = n * g.positions();
     let mult = g.out_channels / g.group;
     let taps = g.taps();
-    let plane_len = layout.plane_len(n);
-    let one = |(o, dwc): (usize, &mut [f32])| {
-        let plane = &planes[(o / mult) * plane_len..][..plane_len];
+    let one = |wide: &mut Vec<f32>, (o, dwc): (usize, &mut [f32])| {
+        let plane = &planes[(o / mult) * channel_len..][..channel_len];
         dwc.fill(0.0);
-        depthwise_channel_grad(g, &layout, &dy[o * per_out..][..per_out], plane, n, dwc);
+        depthwise_channel_grad(g, &dy[o * per_out..][..per_out], plane, n, dwc, wide);
     };
     if depthwise_parallel(g, n, threads) {
-        dw.par_chunks_mut(taps).enumerate().for_each(one);
+        dw.par_chunks_mut(taps).enumerate().for_each_init(Vec::new, one);
     } else {
-        dw.chunks_mut(taps).enumerate().for_each(one);
+        let mut wide = Vec::new();
+        dw.chunks_mut(taps).enumerate().for_each(|c| one(&mut wide, c));
     }
-}
-
-qkernels::multiversion! {
-/// Adds one output channel's depthwise weight gradient over `n` samples to `dwc`: each tap's
-/// products summed lane-wise along output rows, reduced once at the end.
-fn depthwise_channel_grad(g: &ConvGeometry, layout: &PlaneLayout, d: &[f32], plane: &[f32], n: usize, dwc: &mut [f32]) {
-    let (ho, wo) = (g.out_hw[0], g.out_hw[1]);
-    let (kh, kw) = (g.kernel[0], g.kernel[1]);
-    let mut lanes = vec![0.0f32; kh * kw * wo];
-    for s in 0..n {
-        for oy in 0..ho {
-            let drow = &d[(s * ho + oy) * wo..][..wo];
-            for ky in 0..kh {
-                let xrow = layout.row(g, plane, s, oy, ky);
-                for kx in 0..kw {
-                    let start = layout.tap_start(g, kx);
-                    let acc = &mut lanes[(ky * kw + kx) * wo..][..wo];
-                    for ((a, &dv), &x) in acc.iter_mut().zip(drow).zip(&xrow[start..start + wo]) {
-                        *a += dv * x;
-                    }
-                }
-            }
-        }
-    }
-    for (t, acc) in lanes.chunks_exact(wo.max(1)).enumerate() {
-        dwc[t] += acc.iter().sum::<f32>();
-    }
-}
 }

@@ -1,5 +1,10 @@
 //! Optimizers over flat parameter slices: Adam (PyTorch's defaults and update rule) and SGD with
-//! momentum.
+//! momentum. Large slices are updated in chunks on the thread pool.
+
+use rayon::prelude::*;
+
+/// Parameters per parallel chunk of an update.
+const CHUNK: usize = 1 << 15;
 
 /// Adam (Kingma & Ba), with bias correction, as `torch.optim.Adam` computes it.
 #[derive(Debug, Clone)]
@@ -31,11 +36,22 @@ impl Adam {
         let step = self.lr / c1;
         let c2_sqrt = c2.sqrt();
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
-        for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(&mut self.m).zip(&mut self.v) {
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            *p -= step * *m / (v.sqrt() / c2_sqrt + eps);
-        }
+        let chunks = params
+            .par_chunks_mut(CHUNK)
+            .zip(grads.par_chunks(CHUNK))
+            .zip(self.m.par_chunks_mut(CHUNK))
+            .zip(self.v.par_chunks_mut(CHUNK));
+        chunks.for_each(|(((p, g), m), v)| {
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                // Moments that decay below f32's normal range are flushed to zero: subnormal
+                // arithmetic is two orders of magnitude slower and changes nothing here.
+                let mn = b1 * *m + (1.0 - b1) * g;
+                let vn = b2 * *v + (1.0 - b2) * g * g;
+                *m = if mn.abs() < f32::MIN_POSITIVE { 0.0 } else { mn };
+                *v = if vn < f32::MIN_POSITIVE { 0.0 } else { vn };
+                *p -= step * *m / (v.sqrt() / c2_sqrt + eps);
+            }
+        });
     }
 }
 

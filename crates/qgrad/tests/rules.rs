@@ -57,12 +57,11 @@ fn run(model: &Model, x: ArrayD<f32>) -> ArrayD<f32> {
 
 /// Checks forward against qexec, and weight, bias and input gradients against finite
 /// differences of `Σ y·r`.
-fn check_layer(model: &Model, x: ArrayD<f32>, w: &[f32], bias: Option<&[f32]>, threads: usize, planes: bool) {
+fn check_layer(model: &Model, x: ArrayD<f32>, w: &[f32], bias: Option<&[f32]>, threads: usize) {
     let g = &model.graph;
     let node = g.node(g.node_id("layer").unwrap());
     let w_shape = g.static_value(node.input(1).unwrap()).unwrap().shape().to_vec();
-    let mut layer = Linear::from_node(node, x.shape(), &w_shape).unwrap().with_threads(threads);
-    layer = layer.with_depthwise_columns_limit(if planes { 0 } else { usize::MAX });
+    let layer = Linear::from_node(node, x.shape(), &w_shape).unwrap().with_threads(threads);
     let cols = layer.columns(x.view()).unwrap();
     let m = cols.width();
     let mut y = vec![0.0f32; layer.out_channels() * m];
@@ -131,7 +130,7 @@ proptest! {
         h in 1usize..7, w in 1usize..7, kh in 1usize..4, kw in 1usize..4,
         sh in 1usize..3, sw in 1usize..3, dh in 1usize..3, dw in 1usize..3,
         pads in proptest::array::uniform4(0usize..3), one_d in any::<bool>(), with_bias in any::<bool>(),
-        depthwise in any::<bool>(), planes in any::<bool>(), threads in 1usize..3, seed in 0u64..1000,
+        depthwise in any::<bool>(), threads in 1usize..3, seed in 0u64..1000,
     ) {
         let (cin_g, group) = if depthwise { (1, group + 1) } else { (cin_g, group) };
         let (cin, cout) = (cin_g * group, cout_g * group);
@@ -157,7 +156,7 @@ proptest! {
         let model = one_node("Conv", attrs, &x_shape, ArrayD::from_shape_vec(IxDyn(&w_shape), wv.clone()).unwrap(), bias.clone());
         let xn: usize = x_shape.iter().product();
         let x = ArrayD::from_shape_vec(IxDyn(&x_shape), values(xn, seed + 2)).unwrap();
-        check_layer(&model, x, &wv, bias.as_deref(), threads, planes);
+        check_layer(&model, x, &wv, bias.as_deref(), threads);
     }
 
     #[test]
@@ -171,7 +170,7 @@ proptest! {
         let model = one_node(op, attrs, &x_shape, ArrayD::from_shape_vec(IxDyn(&w_shape), wv.clone()).unwrap(), bias.clone());
         let xn: usize = x_shape.iter().product();
         let x = ArrayD::from_shape_vec(IxDyn(&x_shape), values(xn, seed + 2)).unwrap();
-        check_layer(&model, x, &wv, bias.as_deref(), 1, false);
+        check_layer(&model, x, &wv, bias.as_deref(), 1);
     }
 
     #[test]
@@ -246,19 +245,17 @@ proptest! {
     }
 }
 
-/// The fused pass over many blocks on two threads (regular and depthwise convolutions, planes
-/// and columns) against the pass taken apart.
+/// The fused pass over many blocks on two threads (regular and depthwise convolutions, strides
+/// 1 and 2) against the pass taken apart.
 #[test]
 fn fused_reconstruction_over_many_blocks_and_threads() {
-    for (cin, cout, group, planes) in
-        [(3, 8, 1, false), (16, 16, 16, false), (16, 32, 16, true), (8, 8, 2, false)]
-    {
+    for (cin, cout, group, stride) in [(3, 8, 1, 2), (16, 16, 16, 1), (16, 32, 16, 2), (8, 8, 2, 1)] {
         let x_shape = [6, cin, 24, 24];
         let w_shape = [cout, cin / group, 3, 3];
         let attrs = vec![
             ("group".to_string(), Attribute::Int(group as i64)),
             ints("pads", &[1, 1, 1, 1]),
-            ints("strides", &[1, 2]),
+            ints("strides", &[stride, stride]),
         ];
         let wn: usize = w_shape.iter().product();
         let wv = values(wn, 3);
@@ -274,8 +271,7 @@ fn fused_reconstruction_over_many_blocks_and_threads() {
         let node = g.node(g.node_id("layer").unwrap());
         let xn: usize = x_shape.iter().product();
         let x = ArrayD::from_shape_vec(IxDyn(&x_shape), values(xn, 5)).unwrap();
-        let mut layer = Linear::from_node(node, &x_shape, &w_shape).unwrap().with_threads(2);
-        layer = layer.with_depthwise_columns_limit(if planes { 0 } else { usize::MAX });
+        let layer = Linear::from_node(node, &x_shape, &w_shape).unwrap().with_threads(2);
         let cols = layer.columns(x.view()).unwrap();
         let m = cols.width();
         let len = cout * m;

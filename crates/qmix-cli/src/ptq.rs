@@ -141,27 +141,6 @@ pub(crate) fn round_weights(
     Ok(LearnedWeights { model: r.model, frozen: r.encodings, report: Some(("adaround", r.report.to_json())) })
 }
 
-/// Sets and freezes the `frozen` encodings on `sim`'s quantizers (before calibration).
-pub(crate) fn freeze(sim: &mut qcalib::QuantSim, frozen: &Frozen) {
-    if frozen.is_empty() {
-        return;
-    }
-    let ids: Vec<(qcalib::QuantizerId, &qcalib::LoadedEncoding)> = sim
-        .placement()
-        .tensors()
-        .iter()
-        .filter_map(|t| Some((t.quantizer, frozen.get(&sim.model().graph.value(t.value).name)?)))
-        .collect();
-    let placement = sim.placement_mut();
-    for (q, l) in ids {
-        let quantizer = placement.quantizer_mut(q);
-        quantizer.precision = l.precision;
-        quantizer.symmetric = l.symmetric;
-        quantizer.encodings = Some(l.encodings.clone());
-        quantizer.frozen = true;
-    }
-}
-
 /// Applies the requested techniques to `model` in the order AIMET's workflow runs them (BN
 /// re-estimation, equalization, bias correction); returns the model and a report of each.
 pub(crate) fn apply(

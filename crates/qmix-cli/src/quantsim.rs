@@ -149,7 +149,7 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         }
     }
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
-    crate::ptq::freeze(&mut sim, &frozen);
+    qcalib::freeze_encodings(&mut sim, &frozen);
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     if let Some(r) = &ptq_report {
         qgraph::write_atomically(&set.staged("ptq.json"), qcalib::to_pretty_json(r).as_bytes())?;

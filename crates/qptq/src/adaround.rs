@@ -20,7 +20,9 @@ use rayon::prelude::*;
 use serde_json::{Value, json};
 
 use crate::error::{PtqError, Result};
-use crate::weight_layers::{WeightLayer, capture, capture_session, static_bias, weight_layers};
+use crate::weight_layers::{
+    WeightLayer, capture, capture_session, product_threads, static_bias, weight_layers,
+};
 
 /// The rectified sigmoid's stretch: `h(V) = clamp(σ(V)·(ζ − γ) + γ, 0, 1)`.
 const ZETA: f32 = 1.1;
@@ -159,7 +161,7 @@ pub fn adaround(
             &inputs,
             &outputs,
             settings,
-            options.threads,
+            product_threads(options.threads),
             &mut |it| progress((i * settings.iterations + it) as u64, total),
         )?;
         let name = node.name.clone();

@@ -17,7 +17,9 @@ use qkernels::Encoding;
 use serde_json::{Value, json};
 
 use crate::error::{PtqError, Result};
-use crate::weight_layers::{WeightLayer, capture, capture_session, static_bias, weight_layers};
+use crate::weight_layers::{
+    WeightLayer, capture, capture_session, product_threads, static_bias, weight_layers,
+};
 
 /// Sequential MSE's settings (AIMET 2.42's defaults).
 #[derive(Debug, Clone, PartialEq)]
@@ -123,7 +125,7 @@ pub fn seq_mse(
             static_bias(g, l.node).as_deref(),
             &inputs,
             settings.candidates,
-            options.threads,
+            product_threads(options.threads),
             &mut report,
         )?
         else {

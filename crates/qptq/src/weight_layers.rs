@@ -140,6 +140,11 @@ pub(crate) fn capture(session: &Session, v: ValueId, batches: &[Feeds]) -> Resul
     Ok(out)
 }
 
+/// The threads of a layer's products for a simulation's `threads` setting (0 = every core).
+pub(crate) fn product_threads(threads: usize) -> usize {
+    if threads == 0 { rayon::current_num_threads() } else { threads }
+}
+
 /// The static f32 bias of a Conv/Gemm layer.
 pub(crate) fn static_bias(g: &Graph, node: NodeId) -> Option<Vec<f32>> {
     let n = g.node(node);

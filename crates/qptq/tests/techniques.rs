@@ -337,17 +337,7 @@ fn calibrated(
     batches: &[Feeds],
 ) -> QuantSim {
     let mut sim = QuantSim::new(model.clone(), config.clone(), options).unwrap();
-    let ids: Vec<_> = sim
-        .placement()
-        .tensors()
-        .iter()
-        .filter_map(|t| Some((t.quantizer, frozen.get(&sim.model().graph.value(t.value).name)?.clone())))
-        .collect();
-    for (q, l) in ids {
-        let quantizer = sim.placement_mut().quantizer_mut(q);
-        quantizer.encodings = Some(l.encodings);
-        quantizer.frozen = true;
-    }
+    assert_eq!(qcalib::freeze_encodings(&mut sim, frozen), frozen.len());
     sim.calibrate(batches.iter().cloned(), &mut |_| {}).unwrap();
     sim
 }

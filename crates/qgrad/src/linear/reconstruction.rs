@@ -6,10 +6,7 @@
 use qexec::{MatRef, Parallelism, sgemm};
 use rayon::prelude::*;
 
-use super::{
-    Columns, Linear, PlaneLayout, depthwise_channel, depthwise_channel_grad, product_error, taps_forward,
-    taps_grad,
-};
+use super::{Columns, Linear, PlaneLayout, depthwise_channel, depthwise_channel_grad, product_error};
 use crate::activation::Activation;
 use crate::error::Result;
 
@@ -38,7 +35,7 @@ impl Linear {
             self.check("weight gradient", d.len(), c * k)?;
         }
         // Blocks: whole samples for depthwise planes, else any run of columns.
-        let unit = if cols.planes { self.depthwise().map_or(1, |g| g.positions()).max(1) } else { 1 };
+        let unit = self.depthwise().map_or(1, |g| g.positions()).max(1);
         let per_column = (k + 2 * c).max(1);
         let block = (BLOCK_FLOATS / per_column).max(64).div_ceil(unit) * unit;
         let blocks = m.div_ceil(block.max(1));
@@ -112,16 +109,11 @@ impl Linear {
         let (c, m, k, width) = (self.out_channels, cols.m, self.k, m1 - m0);
         if let Some(g) = self.depthwise() {
             let (taps, mult) = (g.taps(), g.out_channels / g.group);
-            if cols.planes {
-                let block = SampleBlock::of(g, cols, m0, width);
-                for (o, yo) in y.chunks_exact_mut(width.max(1)).enumerate() {
-                    let plane = block.plane(cols, o / mult);
-                    depthwise_channel(g, &block.layout, &w[o * taps..][..taps], plane, block.samples, yo);
-                }
-            } else {
-                for (o, yo) in y.chunks_exact_mut(width.max(1)).enumerate() {
-                    taps_forward(&w[o * taps..][..taps], &cols.data[(o / mult) * taps * m + m0..], m, yo);
-                }
+            let block = SampleBlock::of(g, cols, m0, width);
+            let mut wide = Vec::new();
+            for (o, yo) in y.chunks_exact_mut(width.max(1)).enumerate() {
+                let plane = block.plane(cols, o / mult);
+                depthwise_channel(g, &w[o * taps..][..taps], plane, block.samples, yo, &mut wide);
             }
             return Ok(());
         }
@@ -147,23 +139,11 @@ impl Linear {
         let (c, m, k, width) = (self.out_channels, cols.m, self.k, m1 - m0);
         if let Some(g) = self.depthwise() {
             let (taps, mult) = (g.taps(), g.out_channels / g.group);
-            if cols.planes {
-                let block = SampleBlock::of(g, cols, m0, width);
-                for (o, d) in grad.chunks_exact(width.max(1)).enumerate() {
-                    let plane = block.plane(cols, o / mult);
-                    depthwise_channel_grad(
-                        g,
-                        &block.layout,
-                        d,
-                        plane,
-                        block.samples,
-                        &mut dw[o * taps..][..taps],
-                    );
-                }
-            } else {
-                for (o, d) in grad.chunks_exact(width.max(1)).enumerate() {
-                    taps_grad(d, &cols.data[(o / mult) * taps * m + m0..], m, &mut dw[o * taps..][..taps]);
-                }
+            let block = SampleBlock::of(g, cols, m0, width);
+            let mut wide = Vec::new();
+            for (o, d) in grad.chunks_exact(width.max(1)).enumerate() {
+                let plane = block.plane(cols, o / mult);
+                depthwise_channel_grad(g, d, plane, block.samples, &mut dw[o * taps..][..taps], &mut wide);
             }
             return Ok(());
         }
@@ -200,14 +180,15 @@ impl SampleBlock {
     fn of(g: &super::ConvGeometry, cols: &Columns, m0: usize, width: usize) -> SampleBlock {
         let layout = PlaneLayout::of(g);
         let p = g.positions().max(1);
-        let channel_len = layout.plane_len(cols.samples);
+        let channel_len = layout.channel_len(cols.samples);
         SampleBlock { layout, first: m0 / p, samples: width / p, channel_len }
     }
 
-    /// Input channel `c`'s planes of the block's samples.
+    /// Input channel `c`'s planes of the block's samples (with what follows them in the channel,
+    /// which the last taps' runs reach into).
     fn plane<'a>(&self, cols: &'a Columns, c: usize) -> &'a [f32] {
-        let sample_len = self.layout.plane_len(1);
-        &cols.data[c * self.channel_len + self.first * sample_len..][..self.samples * sample_len]
+        let start = self.first * self.layout.sample_len();
+        &cols.data[c * self.channel_len + start..(c + 1) * self.channel_len]
     }
 }
 
