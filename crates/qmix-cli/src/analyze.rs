@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use qanalyze::{AnalysisReport, FloatReference, Metric};
-use qcalib::{DefaultPrecision, Precision, QuantSim, SimOptions};
+use qcalib::{QuantSim, SimOptions};
 use serde_json::json;
 
 use crate::Failure;
@@ -20,12 +20,8 @@ use crate::dataset::{EvalArgs, JobArgs, JobData, advance, bar, top1, user};
 pub struct AnalyzeArgs {
     #[command(flatten)]
     job: JobArgs,
-    /// Parameter precision: int4..int16, fp16, bf16.
-    #[arg(long, default_value = "int8", value_parser = crate::quantsim::parse_precision)]
-    param: Precision,
-    /// Activation precision.
-    #[arg(long = "act", default_value = "int8", value_parser = crate::quantsim::parse_precision)]
-    activation: Precision,
+    #[command(flatten)]
+    precision: crate::dataset::PrecisionArgs,
     /// Calibration samples (the first ones) layers are scored on.
     #[arg(long, default_value_t = 32)]
     samples: usize,
@@ -67,7 +63,7 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     let options = SimOptions {
         scheme: a.job.scheme,
         threads: a.threads,
-        precision: DefaultPrecision { param: a.param, activation: a.activation },
+        precision: a.precision.default_precision(),
         ..SimOptions::default()
     };
     let (model, JobData { calib, eval, labels }) =
@@ -138,7 +134,7 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     let report = AnalysisReport {
         model: a.job.model.display().to_string(),
         settings: json!({
-            "config": a.job.config, "scheme": a.job.scheme.aimet_name(), "param": a.param.to_string(), "activation": a.activation.to_string(),
+            "config": a.job.config, "scheme": a.job.scheme.aimet_name(), "param": a.precision.param.to_string(), "activation": a.precision.activation.to_string(),
             "calibration_samples": calib.samples, "scored_samples": n, "batch": batch, "threads": a.threads,
             "quantizers_disabled_for_non_finite_outputs": repaired,
         }),
@@ -159,8 +155,8 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
         "{}: {} of the W{}A{} simulation: {} (weights only {}, activations only {})",
         a.job.model.display(),
         a.metric.name(),
-        a.param.bits(),
-        a.activation.bits(),
+        a.precision.param.bits(),
+        a.precision.activation.bits(),
         report.format_score(checks.all),
         report.format_score(checks.weights_only),
         report.format_score(checks.activations_only)

@@ -24,6 +24,24 @@ pub(crate) struct EvalArgs {
     pub label_offset: usize,
 }
 
+/// The default weight and activation precisions of a simulation.
+#[derive(clap::Args)]
+pub(crate) struct PrecisionArgs {
+    /// Parameter precision: int4..int16, fp16, bf16.
+    #[arg(long, default_value = "int8", value_parser = crate::quantsim::parse_precision)]
+    pub param: qcalib::Precision,
+    /// Activation precision.
+    #[arg(long = "act", default_value = "int8", value_parser = crate::quantsim::parse_precision)]
+    pub activation: qcalib::Precision,
+}
+
+impl PrecisionArgs {
+    /// As the simulation's default precision.
+    pub fn default_precision(&self) -> qcalib::DefaultPrecision {
+        qcalib::DefaultPrecision { param: self.param, activation: self.activation }
+    }
+}
+
 /// What every job command takes: the model, its calibration data, batch size, config and scheme.
 #[derive(clap::Args)]
 pub(crate) struct JobArgs {

@@ -13,6 +13,7 @@ macro_rules! say {
 mod amp;
 mod analyze;
 mod automp;
+mod autoquant;
 mod dataset;
 mod images;
 mod litemp;
@@ -151,6 +152,11 @@ enum Command {
     ///
     /// Example: qmix adaround model.onnx --calib input=calib.npy --config default_per_tensor --adaround-iterations 10000
     Adaround(quantsim::QuantsimArgs),
+    /// AIMET's AutoQuant: batch-norm folding, then cross-layer equalization, then AdaRound,
+    /// until top-1 is within --allowed-drop of FP32 (else the best stage); resumable.
+    ///
+    /// Example: qmix autoquant model.onnx --calib input=calib.npy --eval input=eval.npy --labels labels.npy --allowed-drop 0.01
+    Autoquant(autoquant::AutoquantArgs),
     /// Lite-MP: score every layer, flip the most sensitive to int16/fp16, recalibrate, report.
     ///
     /// Example: qmix litemp model.onnx --calib input=calib.npy --percent 10 --override int16
@@ -544,6 +550,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Quantsim(args) => quantsim::run(args),
         Command::Adaround(args) => quantsim::run(args.with_adaround()),
+        Command::Autoquant(args) => autoquant::run(args),
         Command::Litemp(args) => litemp::run(args),
         Command::Amp(args) => amp::run(args),
         Command::Analyze(args) => analyze::run(args),

@@ -207,3 +207,40 @@ fn adaround_and_seq_mse_freeze_what_they_learn_on_the_digits_model() {
     assert_eq!(report["seq_mse"]["layers"].as_array().unwrap().len(), 4, "{report}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn autoquant_stops_at_the_first_stage_within_the_drop_and_resumes() {
+    let dir = scratch("autoquant");
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_qmix"))
+            .args(["--json", "autoquant"])
+            .arg(models.join("digits_cnn.onnx"))
+            .args(["--config", "default_per_tensor", "--param", "int4", "--act", "int8"])
+            .args(["--allowed-drop", "0.01", "--adaround-iterations", "1000", "--quiet", "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    let o = run();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let stages = summary["stages"].as_array().unwrap();
+    let fp32 = summary["fp32"].as_f64().unwrap();
+    // W4 per-tensor falls more than 1 pp below FP32 without help; AdaRound brings it back.
+    assert!(stages[0]["score"].as_f64().unwrap() < fp32 - 0.01, "{summary}");
+    assert_eq!(summary["chosen"], "adaround", "{summary}");
+    assert_eq!(summary["target_met"], true);
+    for f in ["model.onnx", "model.encodings", "autoquant.json", "autoquant.html"] {
+        assert!(dir.join(f).is_file(), "{f}");
+    }
+    // A second run reads every stage from the cache and keeps the same result.
+    let again = run();
+    assert!(again.status.success());
+    let cached: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(cached["stages"], summary["stages"]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("autoquant.json")).unwrap()).unwrap();
+    assert!(report["stages"].as_array().unwrap().iter().all(|s| s["cached"] == true), "{report}");
+    std::fs::remove_dir_all(&dir).ok();
+}

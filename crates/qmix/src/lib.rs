@@ -10,12 +10,14 @@
 //!   predicted plan for every bit-ops budget; phase 2 verifies them by evaluation.
 //! - Phase 3 (spec §7.9): raise activation precisions to cut precision converts, solved exactly
 //!   over the quantizer-group graph for every convert budget.
+//! - AutoQuant: batch-norm folding, then CLE, then AdaRound, until one is within the allowed drop.
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
 mod amp;
 mod amp_cache;
 mod amp_report;
+mod autoquant;
 mod bitops;
 mod budget;
 mod candidate;
@@ -32,6 +34,7 @@ pub use amp::{
     Phase2, choose_mixed_precision,
 };
 pub use amp_report::write_amp_report;
+pub use autoquant::{AutoQuantOptions, AutoQuantResult, AutoQuantStage, StageScore, auto_quant};
 pub use bitops::{BitOps, CostedOp, MacOps};
 pub use budget::{Plan, area_between, predicted_front};
 pub use candidate::{Candidate, effective_bits, supported_candidates};

@@ -1,0 +1,133 @@
+//! `qmix autoquant`: AIMET's AutoQuant flow — batch-norm folding, then cross-layer equalization,
+//! then AdaRound, until the top-1 is within `--allowed-drop` of FP32 (else the best stage) —
+//! writing the kept stage's model and encodings, `autoquant.json` and `autoquant.html`. Stage
+//! scores and AdaRound's result are cached in `OUT/.autoquant_cache`, so a rerun resumes.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use qcalib::{EncodingVersion, SimOptions};
+use serde_json::json;
+
+use crate::Failure;
+use crate::dataset::{EvalArgs, JobArgs, JobData, bar, top1, user};
+
+/// Arguments of `qmix autoquant`.
+#[derive(clap::Args)]
+pub struct AutoquantArgs {
+    #[command(flatten)]
+    job: JobArgs,
+    #[command(flatten)]
+    precision: crate::dataset::PrecisionArgs,
+    /// Largest top-1 drop below FP32 accepted, e.g. 0.01.
+    #[arg(long, value_parser = crate::parse_finite)]
+    allowed_drop: f64,
+    /// AdaRound's optimisation steps per layer (AIMET: 10,000).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    adaround_iterations: u32,
+    #[command(flatten)]
+    evaluation: EvalArgs,
+    /// Output folder (also holds the resumable cache in .autoquant_cache/).
+    #[arg(long, default_value = "autoquant_out")]
+    out: PathBuf,
+    /// Discard cached results from an earlier run.
+    #[arg(long)]
+    fresh: bool,
+    /// Interpreter threads (0 = one per core).
+    #[arg(long, default_value_t = 0, value_parser = crate::parse_threads)]
+    threads: usize,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
+    if a.job.ptq.any() {
+        return Err(user(anyhow::anyhow!(
+            "autoquant applies its own techniques: drop --cle, --bias-correction and --bn-reestimate"
+        )));
+    }
+    let config = crate::dataset::quantsim_config(&a.job.config, &a.job.passes)?;
+    let model = qgraph::load_path(&a.job.model)?;
+    let JobData { calib, eval, labels } = JobData::load(&a.job, &model, &a.evaluation)?;
+    let labels =
+        labels.ok_or_else(|| user(anyhow::anyhow!("autoquant scores top-1: give --eval and --labels")))?;
+    let eval = eval.as_ref().unwrap_or(&calib);
+    let batch = a.job.batch.max(1);
+    let options = SimOptions {
+        precision: a.precision.default_precision(),
+        scheme: a.job.scheme,
+        threads: a.threads,
+        ..SimOptions::default()
+    };
+    let calibration: Vec<qcalib::Feeds> = calib.batches(batch).collect();
+    let offset = a.evaluation.label_offset;
+    let started = Instant::now();
+    let float = qexec::Session::new(model.clone(), qexec::SessionOptions::threads(a.threads))?;
+    let fp32 = top1(eval, &labels, batch, offset, &|f| Ok(float.run(f)?))?;
+    say!("FP32 top-1 on {} samples: {fp32:.4}; target {:.4}", eval.samples, fp32 - a.allowed_drop);
+    let cache = a.out.join(".autoquant_cache");
+    if a.fresh {
+        std::fs::remove_dir_all(&cache).ok();
+    }
+    let fingerprint = format!(
+        "{} | calib {:?} | eval {:?} | {} | {:?} | {:?} {:?} | batch {batch} | iterations {}",
+        a.job.model.display(),
+        a.job.calib,
+        a.evaluation.eval,
+        a.job.config,
+        a.job.scheme,
+        a.precision.param,
+        a.precision.activation,
+        a.adaround_iterations
+    );
+    let settings = qmix::AutoQuantOptions {
+        allowed_drop: a.allowed_drop,
+        adaround: qptq::AdaroundOptions { iterations: a.adaround_iterations as usize, ..Default::default() },
+        cache: Some(cache),
+        fingerprint,
+    };
+    let mut score = |sim: &qcalib::QuantSim| {
+        top1(eval, &labels, batch, offset, &|f| sim.run(f).map_err(user)).map_err(|e| e.to_string())
+    };
+    let pb = bar(0, "AdaRound", "iterations", a.quiet);
+    let r = qmix::auto_quant(
+        &model,
+        &config,
+        options,
+        &calibration,
+        fp32,
+        &mut score,
+        &settings,
+        &mut |_, d, t| {
+            pb.set_length(t);
+            pb.set_position(d);
+        },
+    )
+    .map_err(user)?;
+    pb.finish_and_clear();
+    for s in &r.stages {
+        let time = if s.cached { "cached".to_string() } else { format!("{:.1} s", s.seconds) };
+        say!("  {:<26} top-1 {:.4} ({:+.4} vs FP32), {time}", s.stage.name(), s.score, s.score - fp32);
+    }
+    say!(
+        "kept {}{} in {:.1} s",
+        r.chosen.name(),
+        if r.met { "" } else { " (no stage met the target: the best one)" },
+        started.elapsed().as_secs_f64()
+    );
+    let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
+    qcalib::write_encodings(&r.sim, EncodingVersion::V1_0_0, &set.staged("model.encodings")).map_err(user)?;
+    qgraph::save_path(r.sim.model(), set.staged("model.onnx"))?;
+    qgraph::write_atomically(&set.staged("autoquant.json"), qcalib::to_pretty_json(&r.to_json()).as_bytes())?;
+    let title = a.job.model.display().to_string();
+    qgraph::write_atomically(&set.staged("autoquant.html"), r.to_html(&title).as_bytes())?;
+    set.commit().map_err(user)?;
+    say!("wrote {}", a.out.display());
+    crate::summary(json!({
+        "command": "autoquant", "model": a.job.model.display().to_string(), "out": a.out.display().to_string(),
+        "fp32": fp32, "chosen": r.chosen.name(), "target_met": r.met,
+        "stages": r.stages.iter().map(|s| json!({"stage": s.stage.name(), "score": s.score})).collect::<Vec<_>>(),
+    }));
+    Ok(())
+}

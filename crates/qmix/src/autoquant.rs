@@ -1,0 +1,341 @@
+//! AutoQuant, AIMET's flow of post-training techniques tried in order until one is good enough:
+//! the model with batch norms folded, simulated at the given precisions (the baseline); then
+//! with cross-layer equalization; then with AdaRound on top of it. The first stage whose score
+//! is within `allowed_drop` of FP32 is kept; when none is, the best. Each stage's score goes to a
+//! cache file as soon as it is known, and AdaRound's rounded model with its encodings beside it,
+//! so an interrupted run resumes where it stopped.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use qcalib::{Feeds, LoadedEncoding, Precision, QuantSim, QuantsimConfig, SimOptions};
+use qgraph::Model;
+use qkernels::Encoding;
+use serde_json::{Value, json};
+
+use crate::AmpError;
+
+/// The stages, in the order they are tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AutoQuantStage {
+    /// Batch norms folded, quantized as configured.
+    Baseline,
+    /// Plus cross-layer equalization.
+    Equalized,
+    /// Plus AdaRound.
+    Adarounded,
+}
+
+impl AutoQuantStage {
+    /// The stage's name in reports and the cache.
+    pub fn name(self) -> &'static str {
+        match self {
+            AutoQuantStage::Baseline => "batchnorm_folding",
+            AutoQuantStage::Equalized => "cross_layer_equalization",
+            AutoQuantStage::Adarounded => "adaround",
+        }
+    }
+}
+
+/// One stage's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageScore {
+    /// The stage.
+    pub stage: AutoQuantStage,
+    /// Its score (e.g. top-1).
+    pub score: f64,
+    /// Seconds the technique and the scoring took (0 when read from the cache).
+    pub seconds: f64,
+    /// Whether the score came from the cache.
+    pub cached: bool,
+}
+
+/// AutoQuant's settings.
+#[derive(Debug, Clone)]
+pub struct AutoQuantOptions {
+    /// Largest score drop below FP32 accepted.
+    pub allowed_drop: f64,
+    /// AdaRound's settings.
+    pub adaround: qptq::AdaroundOptions,
+    /// The cache folder (created when missing); `None`: no cache.
+    pub cache: Option<PathBuf>,
+    /// Text identifying the job (model, data, precisions): a cache made for another job is not
+    /// reused.
+    pub fingerprint: String,
+}
+
+/// What AutoQuant chose.
+pub struct AutoQuantResult {
+    /// FP32 score.
+    pub fp32: f64,
+    /// `fp32 − allowed_drop`.
+    pub target: f64,
+    /// The stages run (or read), in order.
+    pub stages: Vec<StageScore>,
+    /// The stage kept.
+    pub chosen: AutoQuantStage,
+    /// Whether it meets the target.
+    pub met: bool,
+    /// The calibrated simulation of the kept stage.
+    pub sim: QuantSim,
+}
+
+impl AutoQuantResult {
+    /// The summary as JSON.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "fp32": self.fp32,
+            "target": self.target,
+            "chosen": self.chosen.name(),
+            "target_met": self.met,
+            "stages": self.stages.iter().map(|s| json!({
+                "stage": s.stage.name(), "score": s.score, "drop": self.fp32 - s.score,
+                "seconds": s.seconds, "cached": s.cached,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// A self-contained HTML page with the summary table.
+    pub fn to_html(&self, title: &str) -> String {
+        let rows: String = self
+            .stages
+            .iter()
+            .map(|s| {
+                let mark = if s.stage == self.chosen { " class=\"chosen\"" } else { "" };
+                format!(
+                    "<tr{mark}><td>{}</td><td>{:.4}</td><td>{:+.4}</td><td>{}</td><td>{}</td></tr>\n",
+                    s.stage.name(),
+                    s.score,
+                    s.score - self.fp32,
+                    if s.cached { "cached".to_string() } else { format!("{:.1} s", s.seconds) },
+                    if s.score >= self.target { "yes" } else { "no" }
+                )
+            })
+            .collect();
+        let escaped: String = title
+            .chars()
+            .flat_map(|c| match c {
+                '<' => "&lt;".chars().collect::<Vec<_>>(),
+                '>' => "&gt;".chars().collect(),
+                '&' => "&amp;".chars().collect(),
+                c => vec![c],
+            })
+            .collect();
+        format!(
+            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>AutoQuant: {escaped}</title>\n<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #999;padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}tr.chosen{{background:#dfd}}</style></head>\n<body><h1>AutoQuant: {escaped}</h1>\n<p>FP32 score {:.4}; target {:.4} (allowed drop {:.4}). Kept: <b>{}</b>{}.</p>\n<table><tr><th>stage</th><th>score</th><th>vs FP32</th><th>time</th><th>meets target</th></tr>\n{rows}</table></body></html>\n",
+            self.fp32,
+            self.target,
+            self.fp32 - self.target,
+            self.chosen.name(),
+            if self.met { "" } else { " (no stage met the target: the best is kept)" }
+        )
+    }
+}
+
+/// The stage scores and AdaRound's encodings as the cache holds them.
+struct Cache {
+    dir: Option<PathBuf>,
+    fingerprint: String,
+    scores: HashMap<String, f64>,
+}
+
+impl Cache {
+    fn open(dir: Option<&Path>, fingerprint: &str) -> Result<Cache, AmpError> {
+        let mut cache = Cache {
+            dir: dir.map(Path::to_path_buf),
+            fingerprint: fingerprint.into(),
+            scores: HashMap::new(),
+        };
+        let Some(dir) = dir else { return Ok(cache) };
+        let path = dir.join("scores.json");
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(cache) };
+        let bad = |detail: &str| AmpError::Cache { path: path.clone(), detail: detail.into() };
+        let doc: Value = serde_json::from_str(&text).map_err(|e| bad(&format!("not valid JSON: {e}")))?;
+        if doc["fingerprint"].as_str() != Some(fingerprint) {
+            // Made for another job: start afresh.
+            return Ok(cache);
+        }
+        for (k, v) in doc["scores"].as_object().ok_or_else(|| bad("no scores"))? {
+            cache.scores.insert(k.clone(), v.as_f64().ok_or_else(|| bad("a score is not a number"))?);
+        }
+        Ok(cache)
+    }
+
+    fn score(&self, stage: AutoQuantStage) -> Option<f64> {
+        self.scores.get(stage.name()).copied()
+    }
+
+    fn record(&mut self, stage: AutoQuantStage, score: f64) -> Result<(), AmpError> {
+        self.scores.insert(stage.name().into(), score);
+        let Some(dir) = &self.dir else { return Ok(()) };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AmpError::Cache { path: dir.clone(), detail: e.to_string() })?;
+        let doc = json!({"fingerprint": self.fingerprint, "scores": self.scores});
+        qgraph::write_atomically(&dir.join("scores.json"), qcalib::to_pretty_json(&doc).as_bytes())?;
+        Ok(())
+    }
+
+    /// AdaRound's model and encodings, when cached.
+    fn adarounded(&self) -> Option<(Model, HashMap<String, LoadedEncoding>)> {
+        let dir = self.dir.as_ref()?;
+        self.score(AutoQuantStage::Adarounded)?;
+        let model = qgraph::load_path(dir.join("adaround_model.onnx")).ok()?;
+        let doc: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("adaround_encodings.json")).ok()?).ok()?;
+        Some((model, encodings_from_json(&doc)?))
+    }
+
+    fn keep_adarounded(
+        &self,
+        model: &Model,
+        encodings: &HashMap<String, LoadedEncoding>,
+    ) -> Result<(), AmpError> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AmpError::Cache { path: dir.clone(), detail: e.to_string() })?;
+        qgraph::save_path(model, dir.join("adaround_model.onnx"))?;
+        let text = qcalib::to_pretty_json(&encodings_to_json(encodings));
+        qgraph::write_atomically(&dir.join("adaround_encodings.json"), text.as_bytes())?;
+        Ok(())
+    }
+}
+
+/// Frozen encodings as JSON: `{name: {bits, symmetric, encodings: [[scale, offset, steps]…]}}`.
+fn encodings_to_json(encodings: &HashMap<String, LoadedEncoding>) -> Value {
+    let entries: serde_json::Map<String, Value> = encodings
+        .iter()
+        .filter_map(|(name, l)| {
+            let Precision::Int(bits) = l.precision else { return None };
+            let list: Vec<Value> = l.encodings.iter().map(|e| json!([e.delta, e.offset, e.steps])).collect();
+            Some((name.clone(), json!({"bits": bits, "symmetric": l.symmetric, "encodings": list})))
+        })
+        .collect();
+    Value::Object(entries)
+}
+
+fn encodings_from_json(doc: &Value) -> Option<HashMap<String, LoadedEncoding>> {
+    doc.as_object()?
+        .iter()
+        .map(|(name, v)| {
+            let bits = u32::try_from(v["bits"].as_u64()?).ok().filter(|b| (2..=16).contains(b))?;
+            let encodings = v["encodings"]
+                .as_array()?
+                .iter()
+                .map(|e| {
+                    let (d, o, s) = (e[0].as_f64()?, e[1].as_f64()?, e[2].as_f64()?);
+                    (d.is_finite() && d > 0.0 && o.is_finite() && s.is_finite())
+                        .then(|| Encoding::from_scale_offset(d, o, bits, s))
+                })
+                .collect::<Option<Vec<_>>>()?;
+            let symmetric = v["symmetric"].as_bool()?;
+            Some((name.clone(), LoadedEncoding { precision: Precision::Int(bits), symmetric, encodings }))
+        })
+        .collect()
+}
+
+/// A calibrated simulation of `model` with `frozen` weight encodings.
+fn calibrated(
+    model: Model,
+    config: &QuantsimConfig,
+    options: SimOptions,
+    frozen: &HashMap<String, LoadedEncoding>,
+    calibration: &[Feeds],
+) -> Result<QuantSim, AmpError> {
+    let mut sim = QuantSim::new(model, config.clone(), options)?;
+    qcalib::freeze_encodings(&mut sim, frozen);
+    sim.calibrate(calibration.iter().cloned(), &mut |_| {})?;
+    Ok(sim)
+}
+
+/// Runs AutoQuant (see the module doc) on `model` with `fp32` its FP32 score; `score` rates a
+/// calibrated simulation (higher is better); `progress(stage, done, total)` reports AdaRound's
+/// iterations.
+#[allow(clippy::too_many_arguments)]
+pub fn auto_quant(
+    model: &Model,
+    config: &QuantsimConfig,
+    options: SimOptions,
+    calibration: &[Feeds],
+    fp32: f64,
+    score: &mut dyn FnMut(&QuantSim) -> Result<f64, String>,
+    settings: &AutoQuantOptions,
+    progress: &mut dyn FnMut(AutoQuantStage, u64, u64),
+) -> Result<AutoQuantResult, AmpError> {
+    if !settings.allowed_drop.is_finite() || settings.allowed_drop < 0.0 {
+        return Err(AmpError::Settings(format!(
+            "allowed drop {} is not a non-negative number",
+            settings.allowed_drop
+        )));
+    }
+    let target = fp32 - settings.allowed_drop;
+    let mut cache = Cache::open(settings.cache.as_deref(), &settings.fingerprint)?;
+    let mut stages: Vec<StageScore> = Vec::new();
+    let mut best: Option<(f64, AutoQuantStage, QuantSim)> = None;
+    let none = HashMap::new();
+    let mut evaluate = |stage: AutoQuantStage,
+                        sim: QuantSim,
+                        started: Instant,
+                        stages: &mut Vec<StageScore>,
+                        cache: &mut Cache|
+     -> Result<bool, AmpError> {
+        let (value, cached) = match cache.score(stage) {
+            Some(v) => (v, true),
+            None => {
+                let v = score(&sim).map_err(AmpError::Eval)?;
+                cache.record(stage, v)?;
+                (v, false)
+            }
+        };
+        let seconds = if cached { 0.0 } else { started.elapsed().as_secs_f64() };
+        stages.push(StageScore { stage, score: value, seconds, cached });
+        let met = value >= target;
+        if best.as_ref().is_none_or(|(b, _, _)| value > *b) {
+            best = Some((value, stage, sim));
+        }
+        Ok(met)
+    };
+
+    // 1. Batch norms folded.
+    let started = Instant::now();
+    let mut folded = model.clone();
+    qgraph::passes::fold_batch_norms(&mut folded)?;
+    let sim = calibrated(folded.clone(), config, options, &none, calibration)?;
+    let mut met = evaluate(AutoQuantStage::Baseline, sim, started, &mut stages, &mut cache)?;
+    // 2. Cross-layer equalization.
+    let mut equalized = folded;
+    if !met {
+        let started = Instant::now();
+        qptq::equalize(&mut equalized, qptq::EqualizeOptions::default())
+            .map_err(|e| AmpError::Eval(e.to_string()))?;
+        let sim = calibrated(equalized.clone(), config, options, &none, calibration)?;
+        met = evaluate(AutoQuantStage::Equalized, sim, started, &mut stages, &mut cache)?;
+    }
+    // 3. AdaRound on the equalized model.
+    if !met {
+        let started = Instant::now();
+        let (rounded, frozen) = match cache.adarounded() {
+            Some(hit) => hit,
+            None => {
+                let r = qptq::adaround(
+                    &equalized,
+                    config,
+                    options,
+                    calibration,
+                    &settings.adaround,
+                    &mut |d, t| progress(AutoQuantStage::Adarounded, d, t),
+                )
+                .map_err(|e| AmpError::Eval(e.to_string()))?;
+                cache.keep_adarounded(&r.model, &r.encodings)?;
+                (r.model, r.encodings)
+            }
+        };
+        let sim = calibrated(rounded, config, options, &frozen, calibration)?;
+        met = evaluate(AutoQuantStage::Adarounded, sim, started, &mut stages, &mut cache)?;
+    }
+    let Some((_, chosen, sim)) = best else {
+        return Err(AmpError::Eval("no stage was scored".into()));
+    };
+    // When a stage meets the target it is the last one run; else the best is kept.
+    Ok(AutoQuantResult { fp32, target, stages, chosen, met, sim })
+}
