@@ -470,6 +470,11 @@ impl Graph {
         self.outputs.push(v);
     }
 
+    /// Makes `outputs` the graph's outputs, in that order (the previous ones stop being outputs).
+    pub fn set_outputs(&mut self, outputs: Vec<ValueId>) {
+        self.outputs = outputs;
+    }
+
     /// Appends a node after all existing ones and creates its outputs. Inputs must already exist,
     /// which keeps the arena topologically ordered.
     pub fn add_node(&mut self, spec: NodeSpec) -> NodeId {

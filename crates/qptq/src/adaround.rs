@@ -20,9 +20,7 @@ use rayon::prelude::*;
 use serde_json::{Value, json};
 
 use crate::error::{PtqError, Result};
-use crate::weight_layers::{
-    WeightLayer, capture, capture_session, product_threads, static_bias, weight_layers,
-};
+use crate::weight_layers::{WeightLayer, capture, product_threads, static_bias, weight_layers};
 
 /// The rectified sigmoid's stretch: `h(V) = clamp(σ(V)·(ζ − γ) + γ, 0, 1)`.
 const ZETA: f32 = 1.1;
@@ -132,13 +130,14 @@ pub fn adaround(
     }
     let mut model = model.clone();
     model.infer_shapes(&DimBindings::default())?;
+    // The targets come from the FP32 model; `model` takes the rounded weights as they are learned.
+    let float = model.clone();
     let mut sim = QuantSim::new(model.clone(), config.clone(), options)?;
     // Weights fake-quantized with their min-max encodings, activations in float.
     let mut sim_model = sim.weight_quantized_model()?;
     let mut report = AdaroundReport::default();
     let targets = weight_layers(&model.graph, &sim, &settings.nodes, &mut report.skipped)?;
     let total = (targets.len() * settings.iterations) as u64;
-    let float = capture_session(&model, options.threads)?;
     let mut encodings = HashMap::new();
     for (i, t) in targets.iter().enumerate() {
         let started = Instant::now();
@@ -146,8 +145,8 @@ pub fn adaround(
         let node = g.node(t.node);
         let (x, y) = (node.input(0), node.output(0));
         let (Some(x), Some(y)) = (x, y) else { continue };
-        let inputs = capture(&capture_session(&sim_model, options.threads)?, x, batches)?;
-        let outputs = capture(&float, y, batches)?;
+        let inputs = capture(&sim_model, x, batches, options.threads)?;
+        let outputs = capture(&float, y, batches, options.threads)?;
         let w_data = g.static_value(t.weight).and_then(|w| w.as_f32()).map(|w| w.to_owned());
         let Some(w) = w_data else { continue };
         let bias = static_bias(g, t.node);

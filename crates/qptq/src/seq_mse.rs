@@ -17,9 +17,7 @@ use qkernels::Encoding;
 use serde_json::{Value, json};
 
 use crate::error::{PtqError, Result};
-use crate::weight_layers::{
-    WeightLayer, capture, capture_session, product_threads, static_bias, weight_layers,
-};
+use crate::weight_layers::{WeightLayer, capture, product_threads, static_bias, weight_layers};
 
 /// Sequential MSE's settings (AIMET 2.42's defaults).
 #[derive(Debug, Clone, PartialEq)]
@@ -117,7 +115,7 @@ pub fn seq_mse(
         let Some(w) = g.static_value(l.weight).and_then(|t| t.as_f32()).map(|a| a.to_owned()) else {
             continue;
         };
-        let inputs = capture(&capture_session(&sim_model, options.threads)?, x, batches)?;
+        let inputs = capture(&sim_model, x, batches, options.threads)?;
         let Some(chosen) = search_layer(
             l,
             node,
@@ -171,6 +169,26 @@ fn candidate(l: &WeightLayer, k: usize, of: usize) -> Result<Vec<Encoding>> {
         .collect()
 }
 
+qkernels::multiversion! {
+    /// `Σ (a − b)²`: f32 sums in sixteen lanes over runs of 1,024, added up in f64.
+    fn squared_distance(a: &[f32], b: &[f32]) -> f64 {
+        let mut total = 0.0f64;
+        for (a, b) in a.chunks(1024).zip(b.chunks(1024)) {
+            let mut acc = [0.0f32; 16];
+            let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+            let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| (x - y) * (x - y)).sum();
+            for (x, y) in ca.zip(cb) {
+                for i in 0..16 {
+                    let d = x[i] - y[i];
+                    acc[i] += d * d;
+                }
+            }
+            total += acc.iter().map(|&v| f64::from(v)).sum::<f64>() + f64::from(tail);
+        }
+        total
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn search_layer(
     l: &WeightLayer,
@@ -210,16 +228,17 @@ fn search_layer(
             layer.forward(&flat, bias, cl, &mut y).map(|()| y)
         })
         .collect::<std::result::Result<_, _>>()?;
-    let channel_errors = |encodings: &[Encoding]| -> Result<Vec<f64>> {
+    let widest = cols.iter().map(|cl| cl.width()).max().unwrap_or(0);
+    let mut y = vec![0.0f32; c * widest];
+    let mut channel_errors = |encodings: &[Encoding]| -> Result<Vec<f64>> {
         let wq = l.fake_quant(&flat, encodings);
         let mut err = vec![0.0f64; c];
         for (cl, reference) in cols.iter().zip(&references) {
             let m = cl.width();
-            let mut y = vec![0.0f32; c * m];
-            layer.forward(&wq, bias, cl, &mut y)?;
+            let y = &mut y[..c * m];
+            layer.forward(&wq, bias, cl, y)?;
             for (o, e) in err.iter_mut().enumerate() {
-                let d = y[o * m..(o + 1) * m].iter().zip(&reference[o * m..(o + 1) * m]);
-                *e += d.map(|(a, b)| f64::from(a - b) * f64::from(a - b)).sum::<f64>();
+                *e += squared_distance(&y[o * m..(o + 1) * m], &reference[o * m..(o + 1) * m]);
             }
         }
         Ok(err)

@@ -113,16 +113,24 @@ pub(crate) fn weight_layers(
     Ok(out)
 }
 
-/// A session on `model` for capturing values (activations left unfused, so every value exists).
-pub(crate) fn capture_session(model: &Model, threads: usize) -> Result<Session> {
-    Ok(Session::new(
-        model.clone(),
-        SessionOptions { fuse_activations: false, ..SessionOptions::threads(threads) },
-    )?)
-}
-
-/// The values of `v` over every batch, from runs of `session`.
-pub(crate) fn capture(session: &Session, v: ValueId, batches: &[Feeds]) -> Result<Vec<ArrayD<f32>>> {
+/// The values of `v` over every batch, from runs of `model` cut down to the nodes `v` depends
+/// on (a layer's input costs the part of the model above it).
+pub(crate) fn capture(
+    model: &Model,
+    v: ValueId,
+    batches: &[Feeds],
+    threads: usize,
+) -> Result<Vec<ArrayD<f32>>> {
+    let name = model.graph.value(v).name.clone();
+    let mut prefix = model.clone();
+    prefix.graph.set_outputs(vec![v]);
+    qgraph::passes::eliminate_dead_nodes(&mut prefix.graph)?;
+    let v = prefix
+        .graph
+        .value_id(&name)
+        .ok_or_else(|| PtqError::Data(format!("'{name}' is gone from the model cut at it")))?;
+    let session =
+        Session::new(prefix, SessionOptions { fuse_activations: false, ..SessionOptions::threads(threads) })?;
     let watched: HashSet<ValueId> = [v].into_iter().collect();
     let mut out = Vec::with_capacity(batches.len());
     for (i, feeds) in batches.iter().enumerate() {
@@ -134,7 +142,6 @@ pub(crate) fn capture(session: &Session, v: ValueId, batches: &[Feeds]) -> Resul
         });
         let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() };
         session.run_with(&named, opts).map_err(|e| PtqError::Data(format!("batch {i}: {e}")))?;
-        let name = &session.model().graph.value(v).name;
         out.push(got.ok_or_else(|| PtqError::Data(format!("batch {i} did not reach '{name}'")))?);
     }
     Ok(out)
