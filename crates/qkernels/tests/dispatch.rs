@@ -234,3 +234,20 @@ proptest! {
         });
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The fast sum of squared differences agrees with the exact f64 sum at every level.
+    #[test]
+    fn squared_error_sum_matches_the_f64_sum_at_every_level(
+        pairs in proptest::collection::vec((-1e3f32..1e3, -1e3f32..1e3), 0..3000),
+    ) {
+        let (a, b): (Vec<f32>, Vec<f32>) = pairs.into_iter().unzip();
+        let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum();
+        at_every_level(|level| {
+            let fast = qkernels::squared_error_sum(&a, &b);
+            assert!((fast - exact).abs() <= 1e-5 * exact.max(1e-30), "{level:?}: {fast} vs {exact}");
+        });
+    }
+}

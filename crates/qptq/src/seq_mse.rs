@@ -169,26 +169,6 @@ fn candidate(l: &WeightLayer, k: usize, of: usize) -> Result<Vec<Encoding>> {
         .collect()
 }
 
-qkernels::multiversion! {
-    /// `Σ (a − b)²`: f32 sums in sixteen lanes over runs of 1,024, added up in f64.
-    fn squared_distance(a: &[f32], b: &[f32]) -> f64 {
-        let mut total = 0.0f64;
-        for (a, b) in a.chunks(1024).zip(b.chunks(1024)) {
-            let mut acc = [0.0f32; 16];
-            let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-            let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| (x - y) * (x - y)).sum();
-            for (x, y) in ca.zip(cb) {
-                for i in 0..16 {
-                    let d = x[i] - y[i];
-                    acc[i] += d * d;
-                }
-            }
-            total += acc.iter().map(|&v| f64::from(v)).sum::<f64>() + f64::from(tail);
-        }
-        total
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn search_layer(
     l: &WeightLayer,
@@ -238,7 +218,7 @@ fn search_layer(
             let y = &mut y[..c * m];
             layer.forward(&wq, bias, cl, y)?;
             for (o, e) in err.iter_mut().enumerate() {
-                *e += squared_distance(&y[o * m..(o + 1) * m], &reference[o * m..(o + 1) * m]);
+                *e += qkernels::squared_error_sum(&y[o * m..(o + 1) * m], &reference[o * m..(o + 1) * m]);
             }
         }
         Ok(err)
