@@ -106,6 +106,15 @@ impl Activation {
         }
     }
 
+    /// `(lo, hi)` when the activation is a clip (Relu: `(0, ∞)`), which the loss kernels fuse.
+    pub(crate) fn clip_bounds(&self) -> Option<(f32, f32)> {
+        match self {
+            Activation::Relu => Some((0.0, f32::INFINITY)),
+            Activation::Clip { min, max } => Some((*min, *max)),
+            _ => None,
+        }
+    }
+
     /// Checks a per-channel parameter against `channels`.
     pub fn check(&self, op: &str, channels: usize) -> Result<()> {
         match self {

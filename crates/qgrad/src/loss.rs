@@ -1,4 +1,5 @@
-//! Reconstruction losses on channel-major `[C, m]` outputs, with their gradients.
+//! Reconstruction losses on channel-major `[C, m]` outputs, with their gradients: AIMET's
+//! AdaRound loss and the row kernels the fused reconstruction pass shares with it.
 
 use crate::activation::Activation;
 
@@ -6,24 +7,10 @@ use crate::activation::Activation;
 /// averaged over the `m` columns (samples × positions). Writes `∂loss/∂out` into `grad` and
 /// returns the loss.
 pub fn channel_mse(out: &[f32], target: &[f32], m: usize, grad: &mut [f32]) -> f64 {
-    let scale = 2.0 / m.max(1) as f32;
-    let mut sum = 0.0f64;
-    // f32 partial sums in eight lanes over short chunks (vectorisable), added up in f64.
-    for ((g, o), t) in grad.chunks_mut(1024).zip(out.chunks(1024)).zip(target.chunks(1024)) {
-        let mut acc = [0.0f32; 8];
-        for ((g, o), t) in g.chunks_mut(8).zip(o.chunks(8)).zip(t.chunks(8)) {
-            for i in 0..g.len() {
-                let d = o[i] - t[i];
-                g[i] = scale * d;
-                acc[i] += d * d;
-            }
-        }
-        sum += acc.iter().map(|&a| f64::from(a)).sum::<f64>();
-    }
-    sum / m.max(1) as f64
+    error_row(out, target, 2.0 / m.max(1) as f32, grad) / m.max(1) as f64
 }
 
-/// [`channel_mse`] of `act(pre)` against `target`, in one pass for the elementwise activations:
+/// [`channel_mse`] of `act(pre)` against `target`, in one pass for the clipping activations:
 /// writes `∂loss/∂pre` into `grad` and `act(pre)` into `out`; returns the loss.
 pub fn channel_mse_after(
     act: Option<&Activation>,
@@ -33,48 +20,54 @@ pub fn channel_mse_after(
     out: &mut [f32],
     grad: &mut [f32],
 ) -> f64 {
-    match act {
+    let scale = 2.0 / m.max(1) as f32;
+    let sum = match act {
         None => {
             out.copy_from_slice(pre);
-            channel_mse(pre, target, m, grad)
+            error_row(pre, target, scale, grad)
         }
-        Some(Activation::Clip { min, max }) => clipped_mse(pre, target, m, *min, *max, grad, out),
-        Some(Activation::Relu) => clipped_mse(pre, target, m, 0.0, f32::INFINITY, grad, out),
-        Some(a) => {
-            a.forward(pre, out, m);
-            let loss = channel_mse(out, target, m, grad);
-            a.backward(pre, out, grad, m);
-            loss
+        Some(a) => match a.clip_bounds() {
+            Some((lo, hi)) => {
+                grad.copy_from_slice(pre);
+                clipped_row(grad, 0.0, lo, hi, target, scale, out)
+            }
+            None => {
+                a.forward(pre, out, m);
+                let sum = error_row(out, target, scale, grad);
+                a.backward(pre, out, grad, m);
+                sum
+            }
+        },
+    };
+    sum / m.max(1) as f64
+}
+
+qkernels::multiversion! {
+    /// `scale·(out − target)` into `grad`; returns `Σ (out − target)²`.
+    pub(crate) fn error_row(out: &[f32], target: &[f32], scale: f32, grad: &mut [f32]) -> f64 {
+        let n = grad.len();
+        let (out, target) = (&out[..n], &target[..n]);
+        for i in 0..n {
+            grad[i] = scale * (out[i] - target[i]);
         }
+        qkernels::squared_error_sum(out, target)
     }
 }
 
-/// One pass of `clip(pre)`, its loss and gradient.
-fn clipped_mse(
-    pre: &[f32],
-    target: &[f32],
-    m: usize,
-    lo: f32,
-    hi: f32,
-    grad: &mut [f32],
-    out: &mut [f32],
-) -> f64 {
-    let scale = 2.0 / m.max(1) as f32;
-    let mut sum = 0.0f64;
-    for (((g, o), p), t) in
-        grad.chunks_mut(1024).zip(out.chunks_mut(1024)).zip(pre.chunks(1024)).zip(target.chunks(1024))
-    {
-        let mut acc = [0.0f32; 8];
-        for (((g, o), p), t) in g.chunks_mut(8).zip(o.chunks_mut(8)).zip(p.chunks(8)).zip(t.chunks(8)) {
-            for i in 0..g.len() {
-                let y = p[i].max(lo).min(hi);
-                o[i] = y;
-                let d = y - t[i];
-                g[i] = if p[i] > lo && p[i] < hi { scale * d } else { 0.0 };
-                acc[i] += d * d;
-            }
+qkernels::multiversion! {
+    /// The loss row of a clipping activation: `row` holds pre-activations less `bias` and becomes
+    /// `scale·(clip(pre) − target)` where the clip passes the gradient, else 0; `out` receives
+    /// `clip(pre)`. Returns `Σ (clip(pre) − target)²`.
+    pub(crate) fn clipped_row(row: &mut [f32], bias: f32, lo: f32, hi: f32, target: &[f32], scale: f32, out: &mut [f32]) -> f64 {
+        let n = row.len();
+        let (target, out) = (&target[..n], &mut out[..n]);
+        for i in 0..n {
+            let pre = row[i] + bias;
+            let above = if pre > lo { pre } else { lo };
+            let y = if above < hi { above } else { hi };
+            out[i] = y;
+            row[i] = if pre > lo && pre < hi { scale * (y - target[i]) } else { 0.0 };
         }
-        sum += acc.iter().map(|&a| f64::from(a)).sum::<f64>();
+        qkernels::squared_error_sum(out, target)
     }
-    sum / m.max(1) as f64
 }

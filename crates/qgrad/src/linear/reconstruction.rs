@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use super::{Columns, Linear, PlaneLayout, depthwise_channel, depthwise_channel_grad, product_error};
 use crate::activation::Activation;
 use crate::error::Result;
+use crate::loss::{clipped_row, error_row};
 
 /// Floats the intermediates of one block should hold (they stay in the core's cache).
 const BLOCK_FLOATS: usize = 1 << 16;
@@ -49,12 +50,15 @@ impl Linear {
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         scratch.resize_with(threads, Vec::new);
         for (i, buffer) in scratch.iter_mut().enumerate() {
-            // Thread 0 sums into `dw` itself; the others need their own gradient.
-            let len = c * block + if want_grad && i > 0 { c * k } else { 0 };
+            // The block's output and the loss's scratch; thread 0 sums into `dw` itself, the
+            // others need their own gradient.
+            let len = 3 * c * block + if want_grad && i > 0 { c * k } else { 0 };
             buffer.resize(len, 0.0);
         }
         let run = |(t, buffer): (usize, &mut Vec<f32>), dw: Option<&mut [f32]>| -> Result<f64> {
-            let (y, own) = buffer.split_at_mut(c * block);
+            let (y, rest) = buffer.split_at_mut(c * block);
+            let (out, rest) = rest.split_at_mut(c * block);
+            let (loss_grad, own) = rest.split_at_mut(c * block);
             let grad: Option<&mut [f32]> = if t == 0 {
                 dw
             } else if want_grad {
@@ -72,7 +76,8 @@ impl Linear {
                 let width = m1 - m0;
                 let y = &mut y[..c * width];
                 self.block_forward(w, cols, m0, m1, y)?;
-                loss += block_loss(act, bias, y, target, m, m0, width);
+                let (out, loss_grad) = (&mut out[..c * width], &mut loss_grad[..c * width]);
+                loss += block_loss(act, bias, y, target, (m, m0, width), out, loss_grad);
                 if let Some(g) = grad.as_deref_mut() {
                     self.block_weight_grad(y, cols, m0, m1, g)?;
                 }
@@ -95,7 +100,7 @@ impl Linear {
             loss += others?.iter().sum::<f64>();
             if let Some(d) = dw.as_deref_mut() {
                 for b in rest.iter() {
-                    d.iter_mut().zip(&b[c * block..]).for_each(|(a, g)| *a += g);
+                    d.iter_mut().zip(&b[3 * c * block..]).for_each(|(a, g)| *a += g);
                 }
             }
         } else {
@@ -193,86 +198,40 @@ impl SampleBlock {
 }
 
 /// Adds the bias, applies `act`, and turns the block `y[C, width]` (columns `m0..` of `m`) into
-/// the gradient of the loss sum by the pre-activation; returns the sum of squared errors.
+/// the gradient of the loss sum by the pre-activation; returns the sum of squared errors. `out`
+/// and `grad` are scratch of `y`'s length.
 fn block_loss(
     act: Option<&Activation>,
     bias: Option<&[f32]>,
     y: &mut [f32],
     target: &[f32],
-    m: usize,
-    m0: usize,
-    width: usize,
+    (m, m0, width): (usize, usize, usize),
+    out: &mut [f32],
+    grad: &mut [f32],
 ) -> f64 {
     let scale = 2.0 / m.max(1) as f32;
-    let (lo, hi) = match act {
+    let width = width.max(1);
+    let target_row = |o: usize| &target[o * m + m0..][..width];
+    let (lo, hi) = match act.map(|a| (a, a.clip_bounds())) {
         None => (f32::NEG_INFINITY, f32::INFINITY),
-        Some(Activation::Relu) => (0.0, f32::INFINITY),
-        Some(Activation::Clip { min, max }) => (*min, *max),
-        Some(other) => return general_block_loss(other, bias, y, target, m, m0, width),
-    };
-    let mut sum = 0.0f64;
-    let mut error = vec![0.0f32; width];
-    for (o, row) in y.chunks_exact_mut(width.max(1)).enumerate() {
-        let b = bias.map_or(0.0, |b| b[o]);
-        sum += clipped_row(row, &target[o * m + m0..][..width], &mut error, b, lo, hi, scale);
-    }
-    sum
-}
-
-qkernels::multiversion! {
-    /// One row of [`block_loss`] for a clipping activation: `row` (pre-activation less `bias`)
-    /// becomes the gradient and `error` the output's error; returns the row's sum of squared
-    /// errors. Two plain loops, each of which vectorises.
-    fn clipped_row(row: &mut [f32], target: &[f32], error: &mut [f32], bias: f32, lo: f32, hi: f32, scale: f32) -> f64 {
-        let n = row.len();
-        let (target, error) = (&target[..n], &mut error[..n]);
-        for i in 0..n {
-            let pre = row[i] + bias;
-            let above = if pre > lo { pre } else { lo };
-            let d = (if above < hi { above } else { hi }) - target[i];
-            error[i] = d;
-            row[i] = if pre > lo && pre < hi { scale * d } else { 0.0 };
-        }
-        let mut acc = [0.0f32; 16];
-        let mut chunks = error.chunks_exact(16);
-        for c in &mut chunks {
-            for i in 0..16 {
-                acc[i] += c[i] * c[i];
+        Some((_, Some(bounds))) => bounds,
+        Some((act, None)) => {
+            if let Some(b) = bias {
+                for (row, &bo) in y.chunks_exact_mut(width).zip(b) {
+                    row.iter_mut().for_each(|v| *v += bo);
+                }
             }
+            act.forward(y, out, width);
+            let rows = grad.chunks_exact_mut(width).zip(out.chunks_exact(width)).enumerate();
+            let sum = rows.map(|(o, (g, r))| error_row(r, target_row(o), scale, g)).sum();
+            act.backward(y, out, grad, width);
+            y.copy_from_slice(grad);
+            return sum;
         }
-        let tail: f32 = chunks.remainder().iter().map(|d| d * d).sum();
-        acc.iter().map(|&a| f64::from(a)).sum::<f64>() + f64::from(tail)
-    }
-}
-
-fn general_block_loss(
-    act: &Activation,
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    target: &[f32],
-    m: usize,
-    m0: usize,
-    width: usize,
-) -> f64 {
-    let scale = 2.0 / m.max(1) as f32;
-    if let Some(b) = bias {
-        for (row, &bo) in y.chunks_exact_mut(width.max(1)).zip(b) {
-            row.iter_mut().for_each(|v| *v += bo);
-        }
-    }
-    let mut out = vec![0.0f32; y.len()];
-    act.forward(y, &mut out, width);
-    let mut grad = vec![0.0f32; y.len()];
-    let mut sum = 0.0f64;
-    for (o, (g, r)) in grad.chunks_exact_mut(width.max(1)).zip(out.chunks_exact(width.max(1))).enumerate() {
-        let t = &target[o * m + m0..][..width];
-        for ((g, &r), &t) in g.iter_mut().zip(r).zip(t) {
-            let d = r - t;
-            sum += f64::from(d * d);
-            *g = scale * d;
-        }
-    }
-    act.backward(y, &out, &mut grad, width);
-    y.copy_from_slice(&grad);
-    sum
+    };
+    let rows = y.chunks_exact_mut(width).zip(out.chunks_exact_mut(width)).enumerate();
+    rows.map(|(o, (row, out))| {
+        clipped_row(row, bias.map_or(0.0, |b| b[o]), lo, hi, target_row(o), scale, out)
+    })
+    .sum()
 }
