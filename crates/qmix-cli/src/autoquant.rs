@@ -3,6 +3,7 @@
 //! writing the kept stage's model and encodings, `autoquant.json` and `autoquant.html`. Stage
 //! scores and AdaRound's result are cached in `OUT/.autoquant_cache`, so a rerun resumes.
 
+use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -70,11 +71,12 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
     if a.fresh {
         std::fs::remove_dir_all(&cache).ok();
     }
+    let model_bytes =
+        std::fs::read(&a.job.model).map_err(|e| user(anyhow::anyhow!("{}: {e}", a.job.model.display())))?;
     let fingerprint = format!(
-        "{} | calib {:?} | eval {:?} | {} | {:?} | {:?} {:?} | batch {batch} | iterations {}",
+        "{} | inputs {:016x} | {} | {:?} | {:?} {:?} | batch {batch} | iterations {}",
         a.job.model.display(),
-        a.job.calib,
-        a.evaluation.eval,
+        digest(&model_bytes, &calibration, eval.batches(batch), &labels),
         a.job.config,
         a.job.scheme,
         a.precision.param,
@@ -104,7 +106,10 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
             pb.set_position(d);
         },
     )
-    .map_err(user)?;
+    .map_err(|e| match e {
+        qmix::AutoQuantError::Cache { .. } => user(anyhow::anyhow!("{e} (rerun with --fresh to discard it)")),
+        e => user(e),
+    })?;
     pb.finish_and_clear();
     for s in &r.stages {
         let time = if s.cached { "cached".to_string() } else { format!("{:.1} s", s.seconds) };
@@ -130,4 +135,28 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
         "stages": r.stages.iter().map(|s| json!({"stage": s.stage.name(), "score": s.score})).collect::<Vec<_>>(),
     }));
     Ok(())
+}
+
+/// A digest of what the job reads — the model file's bytes and the data and labels as loaded —
+/// so a cache made from other files (even under the same names) is not reused.
+fn digest(
+    model: &[u8],
+    calibration: &[qcalib::Feeds],
+    eval: impl Iterator<Item = qcalib::Feeds>,
+    labels: &[i64],
+) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    model.hash(&mut h);
+    calibration.iter().for_each(|b| hash_feeds(b, &mut h));
+    eval.for_each(|b| hash_feeds(&b, &mut h));
+    labels.hash(&mut h);
+    h.finish()
+}
+
+fn hash_feeds(batch: &qcalib::Feeds, h: &mut impl Hasher) {
+    for (name, t) in batch {
+        name.hash(h);
+        t.shape().hash(h);
+        t.to_le_bytes().hash(h);
+    }
 }

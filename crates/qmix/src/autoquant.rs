@@ -14,7 +14,46 @@ use qgraph::Model;
 use qkernels::Encoding;
 use serde_json::{Value, json};
 
-use crate::AmpError;
+/// What can stop AutoQuant.
+#[derive(Debug, thiserror::Error)]
+pub enum AutoQuantError {
+    /// The simulation failed.
+    #[error(transparent)]
+    Sim(#[from] qcalib::CalibError),
+    /// The graph is malformed or could not be written.
+    #[error(transparent)]
+    Graph(#[from] qgraph::GraphError),
+    /// Equalization or AdaRound failed.
+    #[error(transparent)]
+    Technique(#[from] qptq::PtqError),
+    /// Bad settings.
+    #[error("AutoQuant: {0}")]
+    Settings(String),
+    /// A stage could not be scored.
+    #[error("AutoQuant stage {stage}: scoring failed: {detail}")]
+    Score {
+        /// The stage's name.
+        stage: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A cache file's contents cannot be used.
+    #[error("AutoQuant cache {path}: {detail}")]
+    Cache {
+        /// The cache file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The cache folder or a file in it could not be read or written.
+    #[error("AutoQuant cache {path}: {source}")]
+    Io {
+        /// The folder or file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
 
 /// The stages, in the order they are tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -141,7 +180,7 @@ struct Cache {
 }
 
 impl Cache {
-    fn open(dir: Option<&Path>, fingerprint: &str) -> Result<Cache, AmpError> {
+    fn open(dir: Option<&Path>, fingerprint: &str) -> Result<Cache, AutoQuantError> {
         let mut cache = Cache {
             dir: dir.map(Path::to_path_buf),
             fingerprint: fingerprint.into(),
@@ -149,8 +188,12 @@ impl Cache {
         };
         let Some(dir) = dir else { return Ok(cache) };
         let path = dir.join("scores.json");
-        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(cache) };
-        let bad = |detail: &str| AmpError::Cache { path: path.clone(), detail: detail.into() };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cache),
+            Err(source) => return Err(AutoQuantError::Io { path, source }),
+        };
+        let bad = |detail: &str| AutoQuantError::Cache { path: path.clone(), detail: detail.into() };
         let doc: Value = serde_json::from_str(&text).map_err(|e| bad(&format!("not valid JSON: {e}")))?;
         if doc["fingerprint"].as_str() != Some(fingerprint) {
             // Made for another job: start afresh.
@@ -166,11 +209,10 @@ impl Cache {
         self.scores.get(stage.name()).copied()
     }
 
-    fn record(&mut self, stage: AutoQuantStage, score: f64) -> Result<(), AmpError> {
+    fn record(&mut self, stage: AutoQuantStage, score: f64) -> Result<(), AutoQuantError> {
         self.scores.insert(stage.name().into(), score);
         let Some(dir) = &self.dir else { return Ok(()) };
-        std::fs::create_dir_all(dir)
-            .map_err(|e| AmpError::Cache { path: dir.clone(), detail: e.to_string() })?;
+        std::fs::create_dir_all(dir).map_err(|source| AutoQuantError::Io { path: dir.clone(), source })?;
         let doc = json!({"fingerprint": self.fingerprint, "scores": self.scores});
         qgraph::write_atomically(&dir.join("scores.json"), qcalib::to_pretty_json(&doc).as_bytes())?;
         Ok(())
@@ -190,10 +232,9 @@ impl Cache {
         &self,
         model: &Model,
         encodings: &HashMap<String, LoadedEncoding>,
-    ) -> Result<(), AmpError> {
+    ) -> Result<(), AutoQuantError> {
         let Some(dir) = &self.dir else { return Ok(()) };
-        std::fs::create_dir_all(dir)
-            .map_err(|e| AmpError::Cache { path: dir.clone(), detail: e.to_string() })?;
+        std::fs::create_dir_all(dir).map_err(|source| AutoQuantError::Io { path: dir.clone(), source })?;
         qgraph::save_path(model, dir.join("adaround_model.onnx"))?;
         let text = qcalib::to_pretty_json(&encodings_to_json(encodings));
         qgraph::write_atomically(&dir.join("adaround_encodings.json"), text.as_bytes())?;
@@ -241,7 +282,7 @@ fn calibrated(
     options: SimOptions,
     frozen: &HashMap<String, LoadedEncoding>,
     calibration: &[Feeds],
-) -> Result<QuantSim, AmpError> {
+) -> Result<QuantSim, AutoQuantError> {
     let mut sim = QuantSim::new(model, config.clone(), options)?;
     qcalib::freeze_encodings(&mut sim, frozen);
     sim.calibrate(calibration.iter().cloned(), &mut |_| {})?;
@@ -261,9 +302,9 @@ pub fn auto_quant(
     score: &mut dyn FnMut(&QuantSim) -> Result<f64, String>,
     settings: &AutoQuantOptions,
     progress: &mut dyn FnMut(AutoQuantStage, u64, u64),
-) -> Result<AutoQuantResult, AmpError> {
+) -> Result<AutoQuantResult, AutoQuantError> {
     if !settings.allowed_drop.is_finite() || settings.allowed_drop < 0.0 {
-        return Err(AmpError::Settings(format!(
+        return Err(AutoQuantError::Settings(format!(
             "allowed drop {} is not a non-negative number",
             settings.allowed_drop
         )));
@@ -278,11 +319,12 @@ pub fn auto_quant(
                         started: Instant,
                         stages: &mut Vec<StageScore>,
                         cache: &mut Cache|
-     -> Result<bool, AmpError> {
+     -> Result<bool, AutoQuantError> {
         let (value, cached) = match cache.score(stage) {
             Some(v) => (v, true),
             None => {
-                let v = score(&sim).map_err(AmpError::Eval)?;
+                let v =
+                    score(&sim).map_err(|detail| AutoQuantError::Score { stage: stage.name(), detail })?;
                 cache.record(stage, v)?;
                 (v, false)
             }
@@ -306,8 +348,7 @@ pub fn auto_quant(
     let mut equalized = folded;
     if !met {
         let started = Instant::now();
-        qptq::equalize(&mut equalized, qptq::EqualizeOptions::default())
-            .map_err(|e| AmpError::Eval(e.to_string()))?;
+        qptq::equalize(&mut equalized, qptq::EqualizeOptions::default())?;
         let sim = calibrated(equalized.clone(), config, options, &none, calibration)?;
         met = evaluate(AutoQuantStage::Equalized, sim, started, &mut stages, &mut cache)?;
     }
@@ -324,8 +365,7 @@ pub fn auto_quant(
                     calibration,
                     &settings.adaround,
                     &mut |d, t| progress(AutoQuantStage::Adarounded, d, t),
-                )
-                .map_err(|e| AmpError::Eval(e.to_string()))?;
+                )?;
                 cache.keep_adarounded(&r.model, &r.encodings)?;
                 (r.model, r.encodings)
             }
@@ -334,7 +374,7 @@ pub fn auto_quant(
         met = evaluate(AutoQuantStage::Adarounded, sim, started, &mut stages, &mut cache)?;
     }
     let Some((_, chosen, sim)) = best else {
-        return Err(AmpError::Eval("no stage was scored".into()));
+        return Err(AutoQuantError::Settings("no stage was scored".into()));
     };
     // When a stage meets the target it is the last one run; else the best is kept.
     Ok(AutoQuantResult { fp32, target, stages, chosen, met, sim })

@@ -34,7 +34,9 @@ pub use amp::{
     Phase2, choose_mixed_precision,
 };
 pub use amp_report::write_amp_report;
-pub use autoquant::{AutoQuantOptions, AutoQuantResult, AutoQuantStage, StageScore, auto_quant};
+pub use autoquant::{
+    AutoQuantError, AutoQuantOptions, AutoQuantResult, AutoQuantStage, StageScore, auto_quant,
+};
 pub use bitops::{BitOps, CostedOp, MacOps};
 pub use budget::{Plan, area_between, predicted_front};
 pub use candidate::{Candidate, effective_bits, supported_candidates};
