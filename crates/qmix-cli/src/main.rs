@@ -418,9 +418,22 @@ enum Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::User(e) | Failure::Internal(e) => write!(f, "{e:#}"),
+            Failure::User(e) | Failure::Internal(e) => f.write_str(&one_line(e)),
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: a cause whose text the message
+/// already carries (errors that print their source) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+    }
+    line.replace('\n', " ")
 }
 
 impl From<ExecError> for Failure {
@@ -603,11 +616,11 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::User(e)) => {
-            emit(true, format_args!("error: {e:#}"));
+            emit(true, format_args!("error: {}", one_line(&e)));
             ExitCode::from(1)
         }
         Err(Failure::Internal(e)) => {
-            emit(true, format_args!("internal error: {e:#}"));
+            emit(true, format_args!("internal error: {}", one_line(&e)));
             ExitCode::from(2)
         }
     }

@@ -244,3 +244,67 @@ fn autoquant_stops_at_the_first_stage_within_the_drop_and_resumes() {
     assert!(report["stages"].as_array().unwrap().iter().all(|s| s["cached"] == true), "{report}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn learned_techniques_skip_what_they_cannot_learn_and_name_bad_files() {
+    let dir = scratch("hostile");
+    // A Gemm whose first operand is transposed has no gradient rule: AdaRound leaves it at nearest
+    // rounding and says so.
+    let mut g = Graph::new("gemm_transa");
+    let x = g.add_input("x", DType::F32, Shape(vec![Dim::Symbol("N".into()), Dim::Known(72)]));
+    let xt = g.add_op("Transpose", "transpose", &[x], vec![("perm", Attribute::Ints(vec![1, 0]))]);
+    let w = g.add_initializer("w", tensor(&[72, 3], |i| (i as f32 * 0.7).sin()));
+    let y = g.add_op("Gemm", "gemm", &[xt, w], vec![("transA", Attribute::Int(1))]);
+    g.add_output(y);
+    let model = dir.join("gemm_transa.onnx");
+    qgraph::save_path(&Model::new(g, 13), &model).unwrap();
+    let flat = dir.join("flat.npy");
+    let values: Vec<f32> = (0..8 * 72).map(|i| ((i * 37 % 101) as f32 - 50.0) / 20.0).collect();
+    ndarray_npy::write_npy(&flat, &ArrayD::from_shape_vec(IxDyn(&[8, 72]), values).unwrap()).unwrap();
+    let o = quantsim(&model, &flat, &dir.join("a"), &["--adaround", "--adaround-iterations", "5"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("a/ptq.json")).unwrap()).unwrap();
+    let skipped = report["adaround"]["skipped"].to_string();
+    assert!(skipped.contains("gemm") && skipped.contains("transA"), "{report}");
+
+    // A model that is not ONNX: one line, the cause said once.
+    let garbage = dir.join("garbage.onnx");
+    std::fs::write(&garbage, b"\x08\x07not a model at all").unwrap();
+    let o = quantsim(&garbage, &flat, &dir.join("b"), &["--seq-mse"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(err.matches("not an ONNX model").count(), 1, "{err}");
+
+    // AutoQuant's cache: a corrupt score file is named with the way out; the way out works.
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    let out = dir.join("aq");
+    let cache = out.join(".autoquant_cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::write(cache.join("scores.json"), "{garbage").unwrap();
+    let autoquant = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_qmix"))
+            .arg("autoquant")
+            .arg(models.join("digits_cnn.onnx"))
+            .args(["--allowed-drop", "1", "--adaround-iterations", "5", "--quiet", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = autoquant(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("scores.json") && err.contains("--fresh") && err.lines().count() == 1, "{err}");
+    let o = autoquant(&["--fresh"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // An output path that is a file.
+    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::write(&out, "a file").unwrap();
+    let o = autoquant(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("aq") && err.lines().count() == 1 && !err.contains("--fresh"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

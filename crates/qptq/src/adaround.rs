@@ -145,13 +145,24 @@ pub fn adaround(
         let node = g.node(t.node);
         let (x, y) = (node.input(0), node.output(0));
         let (Some(x), Some(y)) = (x, y) else { continue };
-        let inputs = capture(&sim_model, x, batches, options.threads)?;
-        let outputs = capture(&float, y, batches, options.threads)?;
         let w_data = g.static_value(t.weight).and_then(|w| w.as_f32()).map(|w| w.to_owned());
         let Some(w) = w_data else { continue };
+        let inputs = capture(&sim_model, x, batches, options.threads)?;
+        let x_shape = inputs.first().map(|x| x.shape().to_vec()).unwrap_or_default();
+        let layer = match Linear::from_node(node, &x_shape, w.shape()) {
+            Ok(layer) => layer.with_threads(product_threads(options.threads)),
+            Err(e) => {
+                // A layer without a gradient rule keeps nearest rounding, as AIMET skips the
+                // ops it does not support.
+                report.skipped.push(e.to_string());
+                continue;
+            }
+        };
+        let outputs = capture(&float, y, batches, options.threads)?;
         let bias = static_bias(g, t.node);
         let activation = following_activation(g, t.node)?;
         let rounded = round_layer(
+            &layer,
             g,
             t,
             &w,
@@ -160,7 +171,6 @@ pub fn adaround(
             &inputs,
             &outputs,
             settings,
-            product_threads(options.threads),
             &mut |it| progress((i * settings.iterations + it) as u64, total),
         )?;
         let name = node.name.clone();
@@ -430,6 +440,7 @@ qkernels::multiversion! {
 
 #[allow(clippy::too_many_arguments)]
 fn round_layer(
+    layer: &Linear,
     g: &Graph,
     t: &WeightLayer,
     w: &ArrayD<f32>,
@@ -438,18 +449,14 @@ fn round_layer(
     inputs: &[ArrayD<f32>],
     outputs: &[ArrayD<f32>],
     settings: &AdaroundOptions,
-    threads: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Rounded> {
-    let node = g.node(t.node);
-    let op = node.name.as_str();
-    let x_shape = inputs.first().map(|x| x.shape().to_vec()).unwrap_or_default();
-    let layer = Linear::from_node(node, &x_shape, w.shape())?.with_threads(threads);
+    let op = g.node(t.node).name.as_str();
     let act = activation.map(|(_, a)| a);
     if let Some(a) = act {
         a.check(op, layer.out_channels())?;
     }
-    let pieces = pieces(&layer, op, act, inputs, outputs)?;
+    let pieces = pieces(layer, op, act, inputs, outputs)?;
     let w: Vec<f32> = w.iter().copied().collect();
     let mut rounding = SoftRounding::new(&w, &t.encodings, &t.index);
     let nearest = rounding.nearest(&w);

@@ -184,7 +184,7 @@ fn search_layer(
     let layer = match Linear::from_node(node, &x_shape, w.shape()) {
         Ok(layer) => layer.with_threads(threads),
         Err(e) => {
-            report.skipped.push(format!("{}: {e}", node.name));
+            report.skipped.push(e.to_string());
             return Ok(None);
         }
     };
