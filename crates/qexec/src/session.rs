@@ -342,7 +342,7 @@ impl Session {
                 return Ok(result);
             }
         }
-        self.execute(fed, None, None, options)
+        self.execute(fed, None, None, false, options)
     }
 
     /// Runs a batch sample by sample when the model keeps its samples apart: `run` gets each
@@ -437,7 +437,31 @@ impl Session {
         for n in g.downstream_nodes(changed) {
             dirty[n.index()] = true;
         }
-        self.execute(Vec::new(), Some(cache), Some(&dirty), options)
+        self.execute(Vec::new(), Some(cache), Some(&dirty), false, options)
+    }
+
+    /// Runs only `nodes` (in the session's order), reading every other value — graph inputs
+    /// included, which are checked as fed ones are — from `cache`: a model computed piece by
+    /// piece, each piece starting from the values the earlier ones kept.
+    pub fn run_nodes(
+        &self,
+        cache: &ValueCache,
+        nodes: &[NodeId],
+        options: RunOptions<'_>,
+    ) -> Result<RunResult> {
+        let g = &self.model.graph;
+        for &v in g.inputs() {
+            if let Some(t) = cache.get(v) {
+                self.check_input(v, t)?;
+            }
+        }
+        let mut dirty = vec![false; g.node_count()];
+        for n in nodes {
+            if let Some(d) = dirty.get_mut(n.index()) {
+                *d = true;
+            }
+        }
+        self.execute(Vec::new(), Some(cache), Some(&dirty), true, options)
     }
 
     fn check_input(&self, v: ValueId, t: &Tensor) -> Result<()> {
@@ -462,11 +486,14 @@ impl Session {
         })
     }
 
+    /// Runs the steps `dirty` marks (all without it) on `fed` and `cache`; `partial`: graph outputs
+    /// neither computed nor cached are no error (and no outputs are handed back).
     fn execute(
         &self,
         fed: Vec<(ValueId, Tensor)>,
         cache: Option<&ValueCache>,
         dirty: Option<&[bool]>,
+        partial: bool,
         options: RunOptions<'_>,
     ) -> Result<RunResult> {
         match &self.pool {
@@ -479,10 +506,10 @@ impl Session {
                     }
                     // Ends the keepers however the run ends (a panic included), so the scope can.
                     let _end = RunEnd(&running);
-                    self.execute_here(fed, cache, dirty, options)
+                    self.execute_here(fed, cache, dirty, partial, options)
                 })
             }),
-            _ => self.execute_here(fed, cache, dirty, options),
+            _ => self.execute_here(fed, cache, dirty, partial, options),
         }
     }
 
@@ -491,6 +518,7 @@ impl Session {
         fed: Vec<(ValueId, Tensor)>,
         cache: Option<&ValueCache>,
         dirty: Option<&[bool]>,
+        partial: bool,
         mut options: RunOptions<'_>,
     ) -> Result<RunResult> {
         let g = &self.model.graph;
@@ -697,10 +725,19 @@ impl Session {
                 .clone()
                 .or_else(|| cache.and_then(|c| c.get(v).cloned()))
                 .or_else(|| g.value(v).data.clone());
-            outputs.push(t.ok_or_else(|| ExecError::MissingValue {
-                name: g.value(v).name.clone(),
-                node: "(graph output)".into(),
-            })?);
+            match t {
+                Some(t) => outputs.push(t),
+                None if partial => {
+                    outputs.clear();
+                    break;
+                }
+                None => {
+                    return Err(ExecError::MissingValue {
+                        name: g.value(v).name.clone(),
+                        node: "(graph output)".into(),
+                    });
+                }
+            }
         }
         let mut kept = ValueCache::new();
         for (v, t) in g.value_ids().zip(store) {

@@ -225,6 +225,31 @@ fn resume_recomputes_only_downstream_and_matches_a_full_run() {
 }
 
 #[test]
+fn a_model_run_node_set_by_node_set_equals_a_full_run() {
+    let session = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
+    let g = &session.model().graph;
+    let x = g.value_id("x").unwrap();
+    let full = session.run_with(&[("x", input(2))], RunOptions::default().keep(Keep::All)).unwrap();
+    // First the nodes up to relu1, keeping its output; then the rest from it.
+    let order = g.topological_order().unwrap();
+    let cut = order.iter().position(|&n| g.node(n).name == "relu1").unwrap() + 1;
+    let relu1 = g.value_id("relu1_out").unwrap();
+    let mut cache = ValueCache::new();
+    cache.insert(x, input(2));
+    let first =
+        session.run_nodes(&cache, &order[..cut], RunOptions::default().keep(Keep::Values(vec![relu1])));
+    let first = first.unwrap();
+    assert_eq!(first.kept.get(relu1), full.kept.get(relu1));
+    let rest = session.run_nodes(&first.kept, &order[cut..], RunOptions::default()).unwrap();
+    assert_eq!(rest.outputs, full.outputs);
+    // Graph inputs in the cache are checked as fed ones are.
+    let mut bad = ValueCache::new();
+    bad.insert(x, f32t(&[1, 3], vec![0.0; 3]));
+    let err = session.run_nodes(&bad, &order, RunOptions::default()).unwrap_err();
+    assert!(matches!(err, ExecError::InputMismatch { ref name, .. } if name == "x"), "{err}");
+}
+
+#[test]
 fn results_are_identical_on_one_and_two_threads() {
     let one = Session::new(small_cnn(), SessionOptions::threads(1)).unwrap();
     let two = Session::new(small_cnn(), SessionOptions::threads(2)).unwrap();

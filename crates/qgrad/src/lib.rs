@@ -17,6 +17,6 @@ mod optim;
 pub use activation::Activation;
 pub use error::{GradError, Result};
 pub use fake_quant::{EncodingGrad, fake_quant_backward};
-pub use linear::{Columns, ConvGeometry, Linear, LinearKind};
+pub use linear::{Columns, ConvGeometry, Gram, Linear, LinearKind};
 pub use loss::{channel_mse, channel_mse_after};
 pub use optim::{Adam, Sgd};

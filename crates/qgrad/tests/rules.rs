@@ -103,6 +103,7 @@ fn check_layer(model: &Model, x: ArrayD<f32>, w: &[f32], bias: Option<&[f32]>, t
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "fused gradient {a} vs {b}");
         }
     }
+    check_gram(&layer, &cols, w, bias);
     let dx = layer.input_grad(w, &r, &cols).unwrap();
     let xs = x.iter().copied().collect::<Vec<_>>();
     let shape = x.shape().to_vec();
@@ -115,6 +116,34 @@ fn check_layer(model: &Model, x: ArrayD<f32>, w: &[f32], bias: Option<&[f32]>, t
         0.25,
     );
     compare(dx.as_slice().unwrap(), &num, 2e-3).unwrap();
+}
+
+/// The output distances the Gram matrix gives equal those of running both weights (the columns
+/// added twice, as two batches), the same on one thread and on two.
+fn check_gram(layer: &Linear, cols: &qgrad::Columns, w: &[f32], bias: Option<&[f32]>) {
+    let (c, m) = (layer.out_channels(), cols.width());
+    let other = values(w.len(), 13);
+    let distances = |threads: usize| {
+        let layer = layer.clone().with_threads(threads);
+        let mut gram = layer.gram();
+        layer.add_to_gram(cols, &mut gram).unwrap();
+        layer.add_to_gram(cols, &mut gram).unwrap();
+        layer.output_distances(&gram, w, &other).unwrap()
+    };
+    let got = distances(1);
+    assert_eq!(got, distances(2), "one thread against two");
+    let (mut ya, mut yb) = (vec![0.0f32; c * m], vec![0.0f32; c * m]);
+    layer.forward(w, bias, cols, &mut ya).unwrap();
+    layer.forward(&other, bias, cols, &mut yb).unwrap();
+    for (o, &d) in got.iter().enumerate() {
+        let want: f64 = 2.0
+            * ya[o * m..(o + 1) * m]
+                .iter()
+                .zip(&yb[o * m..])
+                .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+                .sum::<f64>();
+        assert!((d - want).abs() <= 1e-4 * (1.0 + want), "channel {o}: Gram {d} vs forward {want}");
+    }
 }
 
 fn ints(name: &str, v: &[i64]) -> (String, Attribute) {
@@ -248,9 +277,9 @@ proptest! {
 /// The fused pass over many blocks on two threads (regular and depthwise convolutions, strides
 /// 1 and 2) against the pass taken apart.
 #[test]
-fn fused_reconstruction_over_many_blocks_and_threads() {
+fn fused_reconstruction_and_gram_over_many_blocks_and_threads() {
     for (cin, cout, group, stride) in [(3, 8, 1, 2), (16, 16, 16, 1), (16, 32, 16, 2), (8, 8, 2, 1)] {
-        let x_shape = [6, cin, 24, 24];
+        let x_shape = [16, cin, 24, 24];
         let w_shape = [cout, cin / group, 3, 3];
         let attrs = vec![
             ("group".to_string(), Attribute::Int(group as i64)),
@@ -293,5 +322,6 @@ fn fused_reconstruction_over_many_blocks_and_threads() {
                 "fused gradient {a} vs {b} ({cin}->{cout}/{group})"
             );
         }
+        check_gram(&layer, &cols, &wv, Some(&bias));
     }
 }

@@ -26,5 +26,5 @@ pub use fake_quant::{
 };
 pub use float_cast::{fake_cast_bf16, fake_cast_f16};
 pub use histogram::{MergeableHistogram, TF_BUCKETS, TfHistogram};
-pub use metrics::{mse, psnr_aimet, sqnr_db, squared_error_sum};
+pub use metrics::{dot_sum, mse, psnr_aimet, sqnr_db, squared_error_sum};
 pub use stats::{ChannelMinMax, MinMax};

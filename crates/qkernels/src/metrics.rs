@@ -1,6 +1,7 @@
 //! Error metrics between a reference and a quantized tensor: MSE, SQNR in dB and AIMET's PSNR
 //! exactly as `compute_psnr` defines it (spec §5.2), accumulated in f64 for reports; and the
-//! vectorised sum of squared differences the optimisation loops call many times per step.
+//! vectorised sums of squared differences and of products the optimisation loops call many times
+//! per step.
 
 use crate::error::KernelError;
 
@@ -32,6 +33,25 @@ crate::multiversion! {
                 for i in 0..16 {
                     let d = x[i] - y[i];
                     acc[i] += d * d;
+                }
+            }
+            total += acc.iter().map(|&v| f64::from(v)).sum::<f64>() + f64::from(tail);
+        }
+        total
+    }
+}
+
+crate::multiversion! {
+    /// `Σ a·b` over the common length, summed as [`squared_error_sum`] sums.
+    pub fn dot_sum(a: &[f32], b: &[f32]) -> f64 {
+        let mut total = 0.0f64;
+        for (a, b) in a.chunks(1024).zip(b.chunks(1024)) {
+            let mut acc = [0.0f32; 16];
+            let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+            let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+            for (x, y) in ca.zip(cb) {
+                for i in 0..16 {
+                    acc[i] += x[i] * y[i];
                 }
             }
             total += acc.iter().map(|&v| f64::from(v)).sum::<f64>() + f64::from(tail);
@@ -91,5 +111,6 @@ mod tests {
         assert_eq!(psnr_aimet(&[f32::INFINITY], &[0.0]).unwrap(), None);
         assert!(mse(&r, &a[..2]).is_err());
         assert_eq!(squared_error_sum(&r, &a), 1.0);
+        assert_eq!(dot_sum(&r, &a), 4.0);
     }
 }

@@ -238,9 +238,10 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// The fast sum of squared differences agrees with the exact f64 sum at every level.
+    /// The fast sums of squared differences and of products agree with the exact f64 sums at every
+    /// level.
     #[test]
-    fn squared_error_sum_matches_the_f64_sum_at_every_level(
+    fn sums_of_squares_and_products_match_the_f64_sums_at_every_level(
         pairs in proptest::collection::vec((-1e3f32..1e3, -1e3f32..1e3), 0..3000),
     ) {
         let (a, b): (Vec<f32>, Vec<f32>) = pairs.into_iter().unzip();
@@ -248,6 +249,12 @@ proptest! {
         at_every_level(|level| {
             let fast = qkernels::squared_error_sum(&a, &b);
             assert!((fast - exact).abs() <= 1e-5 * exact.max(1e-30), "{level:?}: {fast} vs {exact}");
+            let dot = qkernels::dot_sum(&a, &b);
+            let (want, scale): (f64, f64) = a.iter().zip(&b).fold((0.0, 0.0), |(s, m), (&x, &y)| {
+                let p = f64::from(x) * f64::from(y);
+                (s + p, m + p.abs())
+            });
+            assert!((dot - want).abs() <= 1e-5 * scale.max(1e-30), "{level:?}: {dot} vs {want}");
         });
     }
 }

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use serde_json::{Value, json};
 
 use crate::error::{PtqError, Result};
-use crate::weight_layers::{WeightLayer, capture, product_threads, static_bias, weight_layers};
+use crate::weight_layers::{Capture, WeightLayer, product_threads, static_bias, weight_layers};
 
 /// The rectified sigmoid's stretch: `h(V) = clamp(σ(V)·(ζ − γ) + γ, 0, 1)`.
 const ZETA: f32 = 1.1;
@@ -131,10 +131,10 @@ pub fn adaround(
     let mut model = model.clone();
     model.infer_shapes(&DimBindings::default())?;
     // The targets come from the FP32 model; `model` takes the rounded weights as they are learned.
-    let float = model.clone();
+    let mut targets_of = Capture::new(&model, batches, options.threads)?;
     let mut sim = QuantSim::new(model.clone(), config.clone(), options)?;
     // Weights fake-quantized with their min-max encodings, activations in float.
-    let mut sim_model = sim.weight_quantized_model()?;
+    let mut inputs_of = Capture::new(&sim.weight_quantized_model()?, batches, options.threads)?;
     let mut report = AdaroundReport::default();
     let targets = weight_layers(&model.graph, &sim, &settings.nodes, &mut report.skipped)?;
     let total = (targets.len() * settings.iterations) as u64;
@@ -147,7 +147,7 @@ pub fn adaround(
         let (Some(x), Some(y)) = (x, y) else { continue };
         let w_data = g.static_value(t.weight).and_then(|w| w.as_f32()).map(|w| w.to_owned());
         let Some(w) = w_data else { continue };
-        let inputs = capture(&sim_model, x, batches, options.threads)?;
+        let inputs = inputs_of.values(x)?;
         let x_shape = inputs.first().map(|x| x.shape().to_vec()).unwrap_or_default();
         let layer = match Linear::from_node(node, &x_shape, w.shape()) {
             Ok(layer) => layer.with_threads(product_threads(options.threads)),
@@ -158,7 +158,7 @@ pub fn adaround(
                 continue;
             }
         };
-        let outputs = capture(&float, y, batches, options.threads)?;
+        let outputs = targets_of.values(y)?;
         let bias = static_bias(g, t.node);
         let activation = following_activation(g, t.node)?;
         let rounded = round_layer(
@@ -178,7 +178,7 @@ pub fn adaround(
         let tensor = Tensor::from_vec(w.shape(), rounded.weights.clone())
             .ok_or_else(|| PtqError::Data(format!("{name}: weight shape and data disagree")))?;
         model.graph.value_mut(t.weight).data = Some(tensor.clone());
-        sim_model.graph.value_mut(t.weight).data = Some(tensor);
+        inputs_of.set_weight(t.weight, tensor);
         encodings.insert(weight_name.clone(), t.loaded.clone());
         report.layers.push(RoundedLayer {
             layer: name,

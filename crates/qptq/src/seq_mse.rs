@@ -2,9 +2,10 @@
 //! encodings are chosen from `num_candidates` shrunken ranges — candidate `k` spans `k/K` of the
 //! min-max encoding's range — by the squared error of the layer's output against its output with
 //! float weights, both on the input the simulation gives it (earlier layers already chosen,
-//! activations in float). Each output channel picks its best candidate; a per-channel quantizer
-//! takes each channel's, a per-tensor one is rebuilt from all channels' picks (so it spans the
-//! widest of them), as AIMET does. The chosen encodings are frozen; weights are not changed.
+//! activations in float); the errors come from the Gram matrix of the layer's input (the bias
+//! cancels), so a candidate costs no pass over the data. Each output channel picks its best
+//! candidate; a per-channel quantizer takes each channel's, a per-tensor one is rebuilt from all
+//! channels' picks (so it spans the widest of them), as AIMET does. The chosen encodings are frozen; weights are not changed.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -17,7 +18,7 @@ use qkernels::Encoding;
 use serde_json::{Value, json};
 
 use crate::error::{PtqError, Result};
-use crate::weight_layers::{WeightLayer, capture, product_threads, static_bias, weight_layers};
+use crate::weight_layers::{Capture, WeightLayer, product_threads, weight_layers};
 
 /// Sequential MSE's settings (AIMET 2.42's defaults).
 #[derive(Debug, Clone, PartialEq)]
@@ -102,7 +103,7 @@ pub fn seq_mse(
     let mut model = model.clone();
     model.infer_shapes(&DimBindings::default())?;
     let mut sim = QuantSim::new(model.clone(), config.clone(), options)?;
-    let mut sim_model = sim.weight_quantized_model()?;
+    let mut captured = Capture::new(&sim.weight_quantized_model()?, batches, options.threads)?;
     let mut report = SeqMseReport::default();
     let layers = weight_layers(&model.graph, &sim, &settings.nodes, &mut report.skipped)?;
     let mut encodings = HashMap::new();
@@ -115,12 +116,11 @@ pub fn seq_mse(
         let Some(w) = g.static_value(l.weight).and_then(|t| t.as_f32()).map(|a| a.to_owned()) else {
             continue;
         };
-        let inputs = capture(&sim_model, x, batches, options.threads)?;
+        let inputs = captured.values(x)?;
         let Some(chosen) = search_layer(
             l,
             node,
             &w,
-            static_bias(g, l.node).as_deref(),
             &inputs,
             settings.candidates,
             product_threads(options.threads),
@@ -133,7 +133,7 @@ pub fn seq_mse(
         let flat: Vec<f32> = w.iter().copied().collect();
         let quantized = Tensor::from_vec(w.shape(), l.fake_quant(&flat, &chosen.encodings))
             .ok_or_else(|| PtqError::Data(format!("{}: weight shape and data disagree", node.name)))?;
-        sim_model.graph.value_mut(l.weight).data = Some(quantized);
+        captured.set_weight(l.weight, quantized);
         encodings
             .insert(weight_name.clone(), LoadedEncoding { encodings: chosen.encodings, ..l.loaded.clone() });
         report.layers.push(SearchedLayer {
@@ -174,7 +174,6 @@ fn search_layer(
     l: &WeightLayer,
     node: &qgraph::Node,
     w: &ArrayD<f32>,
-    bias: Option<&[f32]>,
     inputs: &[ArrayD<f32>],
     candidates: usize,
     threads: usize,
@@ -198,30 +197,13 @@ fn search_layer(
         report.skipped.push(format!("{}: its encodings do not run along the output channels", node.name));
         return Ok(None);
     }
-    let cols: Vec<_> =
-        inputs.iter().map(|x| layer.columns(x.view())).collect::<std::result::Result<_, _>>()?;
     let flat: Vec<f32> = w.iter().copied().collect();
-    let references: Vec<Vec<f32>> = cols
-        .iter()
-        .map(|cl| {
-            let mut y = vec![0.0f32; c * cl.width()];
-            layer.forward(&flat, bias, cl, &mut y).map(|()| y)
-        })
-        .collect::<std::result::Result<_, _>>()?;
-    let widest = cols.iter().map(|cl| cl.width()).max().unwrap_or(0);
-    let mut y = vec![0.0f32; c * widest];
-    let mut channel_errors = |encodings: &[Encoding]| -> Result<Vec<f64>> {
-        let wq = l.fake_quant(&flat, encodings);
-        let mut err = vec![0.0f64; c];
-        for (cl, reference) in cols.iter().zip(&references) {
-            let m = cl.width();
-            let y = &mut y[..c * m];
-            layer.forward(&wq, bias, cl, y)?;
-            for (o, e) in err.iter_mut().enumerate() {
-                *e += qkernels::squared_error_sum(&y[o * m..(o + 1) * m], &reference[o * m..(o + 1) * m]);
-            }
-        }
-        Ok(err)
+    let mut gram = layer.gram();
+    for x in inputs {
+        layer.add_to_gram(&layer.columns(x.view())?, &mut gram)?;
+    }
+    let channel_errors = |encodings: &[Encoding]| -> Result<Vec<f64>> {
+        Ok(layer.output_distances(&gram, &l.fake_quant(&flat, encodings), &flat)?)
     };
     let mut best = vec![(f64::INFINITY, candidates); c];
     for k in 1..=candidates {

@@ -6,12 +6,11 @@ use std::collections::HashSet;
 
 use ndarray::ArrayD;
 use qcalib::{Feeds, Granularity, LoadedEncoding, QuantSim};
-use qexec::{RunOptions, Session, SessionOptions};
-use qgraph::{Graph, Model, NodeId, Tensor, ValueId};
+use qexec::{Keep, RunOptions, Session, SessionOptions, ValueCache};
+use qgraph::{Graph, Model, NodeId, Tensor, ValueId, ValueSource};
 use qkernels::{Encoding, QuantSpec};
 
 use crate::error::{PtqError, Result};
-use crate::watch::Watch;
 
 /// A layer whose weight a technique rewrites, with the weight's encodings.
 pub(crate) struct WeightLayer {
@@ -113,38 +112,110 @@ pub(crate) fn weight_layers(
     Ok(out)
 }
 
-/// The values of `v` over every batch, from runs of `model` cut down to the nodes `v` depends
-/// on (a layer's input costs the part of the model above it).
-pub(crate) fn capture(
-    model: &Model,
-    v: ValueId,
-    batches: &[Feeds],
-    threads: usize,
-) -> Result<Vec<ArrayD<f32>>> {
-    let name = model.graph.value(v).name.clone();
-    let mut prefix = model.clone();
-    prefix.graph.set_outputs(vec![v]);
-    qgraph::passes::eliminate_dead_nodes(&mut prefix.graph)?;
-    let v = prefix
-        .graph
-        .value_id(&name)
-        .ok_or_else(|| PtqError::Data(format!("'{name}' is gone from the model cut at it")))?;
-    let session =
-        Session::new(prefix, SessionOptions { fuse_activations: false, ..SessionOptions::threads(threads) })?;
-    let watched: HashSet<ValueId> = [v].into_iter().collect();
-    let mut out = Vec::with_capacity(batches.len());
-    for (i, feeds) in batches.iter().enumerate() {
-        let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        let mut got = None;
-        let mut hook = Watch::new(&watched, |_, _, a| {
-            got = Some(a.to_owned());
-            Ok(())
-        });
-        let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() };
-        session.run_with(&named, opts).map_err(|e| PtqError::Data(format!("batch {i}: {e}")))?;
-        out.push(got.ok_or_else(|| PtqError::Data(format!("batch {i} did not reach '{name}'")))?);
+/// A model's values over the calibration batches, computed piece by piece as the techniques ask
+/// for them layer after layer: a request runs only the nodes its value needs that no earlier
+/// request ran, from what the earlier ones kept — the values a node not run yet still reads. A
+/// weight set with [`Capture::set_weight`] holds for the nodes that run afterwards, which is how
+/// a layer's rewritten weight reaches the layers below it.
+pub(crate) struct Capture {
+    session: Session,
+    caches: Vec<ValueCache>,
+    ran: Vec<bool>,
+    weights: Vec<(ValueId, Tensor)>,
+}
+
+impl Capture {
+    /// Nothing computed yet; each batch's feeds in its cache.
+    pub(crate) fn new(model: &Model, batches: &[Feeds], threads: usize) -> Result<Capture> {
+        let options = SessionOptions { fuse_activations: false, ..SessionOptions::threads(threads) };
+        // No graph outputs: a run hands back only the values asked for.
+        let mut model = model.clone();
+        model.graph.set_outputs(Vec::new());
+        let session = Session::new(model, options)?;
+        let g = &session.model().graph;
+        let caches = batches
+            .iter()
+            .enumerate()
+            .map(|(i, feeds)| {
+                let mut cache = ValueCache::new();
+                for (name, t) in feeds {
+                    let v = g
+                        .value_id(name)
+                        .filter(|&v| g.inputs().contains(&v))
+                        .ok_or_else(|| PtqError::Data(format!("batch {i}: '{name}' is not a graph input")))?;
+                    cache.insert(v, t.clone());
+                }
+                Ok(cache)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Capture { ran: vec![false; g.node_count()], session, caches, weights: Vec::new() })
     }
-    Ok(out)
+
+    /// Uses `t` as weight `v` in the nodes that run from now on.
+    pub(crate) fn set_weight(&mut self, v: ValueId, t: Tensor) {
+        self.weights.retain(|(w, _)| *w != v);
+        self.weights.push((v, t));
+    }
+
+    /// The values of `v` over every batch.
+    pub(crate) fn values(&mut self, v: ValueId) -> Result<Vec<ArrayD<f32>>> {
+        let g = &self.session.model().graph;
+        let name = g.value(v).name.clone();
+        // The nodes `v` needs that have not run.
+        let mut run = Vec::new();
+        let mut pending: Vec<ValueId> = vec![v];
+        while let Some(u) = pending.pop() {
+            let Some(outlet) = g.producer(u) else { continue };
+            if std::mem::replace(&mut self.ran[outlet.node.index()], true) {
+                continue;
+            }
+            run.push(outlet.node);
+            let n = g.node(outlet.node);
+            pending.extend(n.inputs().iter().flatten().chain(n.implicit_inputs()));
+        }
+        // What the nodes still to run read from the computed part, and `v`.
+        let mut keep: Vec<ValueId> = g
+            .nodes()
+            .filter(|(id, _)| !self.ran[id.index()])
+            .flat_map(|(_, n)| n.inputs().iter().flatten().chain(n.implicit_inputs()).copied())
+            .filter(|&u| match g.producer(u) {
+                Some(o) => self.ran[o.node.index()],
+                None => g.value(u).source() == ValueSource::Input,
+            })
+            .chain([v])
+            .collect();
+        keep.sort_by_key(|u| u.index());
+        keep.dedup();
+        let mut out = Vec::with_capacity(self.caches.len());
+        for (i, cache) in self.caches.iter_mut().enumerate() {
+            for (w, t) in &self.weights {
+                cache.insert(*w, t.clone());
+            }
+            let kept = if run.is_empty() {
+                ValueCache::new()
+            } else {
+                let options = RunOptions { keep: Keep::Values(keep.clone()), ..RunOptions::default() };
+                self.session
+                    .run_nodes(cache, &run, options)
+                    .map_err(|e| PtqError::Data(format!("batch {i}: {e}")))?
+                    .kept
+            };
+            let mut next = ValueCache::new();
+            for &u in &keep {
+                if let Some(t) = kept.get(u).or_else(|| cache.get(u)) {
+                    next.insert(u, t.clone());
+                }
+            }
+            let t = next.get(v).ok_or_else(|| PtqError::Data(format!("batch {i} did not reach '{name}'")))?;
+            out.push(
+                t.as_f32()
+                    .ok_or_else(|| PtqError::Data(format!("'{name}' is {}, not float", t.dtype())))?
+                    .to_owned(),
+            );
+            *cache = next;
+        }
+        Ok(out)
+    }
 }
 
 /// The threads of a layer's products for a simulation's `threads` setting (0 = every core).
