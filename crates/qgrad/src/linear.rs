@@ -655,6 +655,21 @@ fn depthwise_parallel(g: &ConvGeometry, n: usize, threads: usize) -> bool {
     threads > 1 && g.out_channels > 1 && n * g.positions() * g.taps() * g.out_channels >= 1 << 18
 }
 
+/// `Σ a·b` in f32 with sixteen partial sums, inlined into the multiversioned depthwise gradient
+/// (its short runs pay for `qkernels::dot_sum`'s dispatch and f64 sums).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 qkernels::multiversion! {
     /// One output channel of a depthwise convolution over `n` samples of `plane`: every tap adds
     /// its weight times its run to the wide grid `wide`, whose outputs are then copied to `y`.
@@ -700,11 +715,11 @@ qkernels::multiversion! {
         for ky in 0..g.kernel[0] {
             for kx in 0..g.kernel[1] {
                 let offset = layout.tap_offset(g, ky, kx);
-                let mut acc = 0.0f64;
+                let mut acc = 0.0f32;
                 for (out, src, len) in layout.runs(n) {
-                    acc += qkernels::dot_sum(&wide[out..out + len], &plane[src + offset..src + offset + len]);
+                    acc += dot(&wide[out..out + len], &plane[src + offset..src + offset + len]);
                 }
-                dwc[ky * g.kernel[1] + kx] += acc as f32;
+                dwc[ky * g.kernel[1] + kx] += acc;
             }
         }
     }
