@@ -83,9 +83,9 @@ pub struct AmpArgs {
 
 /// A parsed candidate list.
 #[derive(Clone)]
-struct Candidates(Vec<Candidate>);
+pub(crate) struct Candidates(pub(crate) Vec<Candidate>);
 
-fn parse_candidates(s: &str) -> Result<Candidates, String> {
+pub(crate) fn parse_candidates(s: &str) -> Result<Candidates, String> {
     let list: Result<Vec<Candidate>, String> = s
         .split(',')
         .map(str::trim)

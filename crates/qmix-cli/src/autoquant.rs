@@ -26,6 +26,14 @@ pub struct AutoquantArgs {
     /// AdaRound's optimisation steps per layer (AIMET: 10,000).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     adaround_iterations: u32,
+    /// A last stage when the others fall short: AIMET's greedy AMP over these candidates (e.g.
+    /// w16a16,w8a16,w16a8,w8a8), to the same allowed drop, from the better of the folded and
+    /// equalized models.
+    #[arg(long, value_parser = crate::amp::parse_candidates)]
+    amp_candidates: Option<crate::amp::Candidates>,
+    /// Calibration samples (the first ones) the AMP stage's phase 1 scores groups on.
+    #[arg(long, default_value_t = 32)]
+    amp_phase1_samples: usize,
     #[command(flatten)]
     evaluation: EvalArgs,
     /// Output folder (also holds the resumable cache in .autoquant_cache/).
@@ -74,20 +82,39 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
     let model_bytes =
         std::fs::read(&a.job.model).map_err(|e| user(anyhow::anyhow!("{}: {e}", a.job.model.display())))?;
     let fingerprint = format!(
-        "{} | inputs {:016x} | {} | {:?} | {:?} {:?} | batch {batch} | iterations {}",
+        "{} | inputs {:016x} | {} | {:?} | {:?} {:?} | batch {batch} | iterations {} | amp {} on {}",
         a.job.model.display(),
         digest(&model_bytes, &calibration, eval.batches(batch), &labels),
         a.job.config,
         a.job.scheme,
         a.precision.param,
         a.precision.activation,
-        a.adaround_iterations
+        a.adaround_iterations,
+        a.amp_candidates.as_ref().map_or("none".to_string(), |c| c
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")),
+        a.amp_phase1_samples,
     );
+    let amp = a.amp_candidates.as_ref().map(|c| {
+        let samples = a.amp_phase1_samples.clamp(1, calib.samples.max(1));
+        qmix::AutoQuantAmp {
+            options: qmix::AmpOptions {
+                threads: a.threads,
+                fp32_cache_bytes: a.job.fp32_cache_bytes(),
+                ..qmix::AmpOptions::new(c.0.clone())
+            },
+            phase1: (0..samples).step_by(batch).map(|s| calib.batch(s..(s + batch).min(samples))).collect(),
+        }
+    });
     let settings = qmix::AutoQuantOptions {
         allowed_drop: a.allowed_drop,
         adaround: qptq::AdaroundOptions { iterations: a.adaround_iterations as usize, ..Default::default() },
         cache: Some(cache),
         fingerprint,
+        amp,
     };
     let mut score = |sim: &qcalib::QuantSim| {
         top1(eval, &labels, batch, offset, &|f| sim.run(f).map_err(user)).map_err(|e| e.to_string())
@@ -115,6 +142,14 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
         let time = if s.cached { "cached".to_string() } else { format!("{:.1} s", s.seconds) };
         say!("  {:<26} top-1 {:.4} ({:+.4} vs FP32), {time}", s.stage.name(), s.score, s.score - fp32);
     }
+    if let Some(amp) = &r.amp {
+        say!(
+            "  AMP plan at {:.3} of the bit-ops of its starting point ({} groups; {} search)",
+            amp.final_relative_bitops,
+            amp.groups.len(),
+            amp.chosen_by
+        );
+    }
     say!(
         "kept {}{} in {:.1} s",
         r.chosen.name(),
@@ -125,6 +160,9 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
     qcalib::write_encodings(&r.sim, EncodingVersion::V1_0_0, &set.staged("model.encodings")).map_err(user)?;
     qgraph::save_path(r.sim.model(), set.staged("model.onnx"))?;
     qgraph::write_atomically(&set.staged("autoquant.json"), qcalib::to_pretty_json(&r.to_json()).as_bytes())?;
+    if let Some(amp) = &r.amp {
+        qmix::write_amp_report(amp, Some(a.allowed_drop), set.staging_dir()).map_err(user)?;
+    }
     let title = a.job.model.display().to_string();
     qgraph::write_atomically(&set.staged("autoquant.html"), r.to_html(&title).as_bytes())?;
     set.commit().map_err(user)?;

@@ -308,3 +308,45 @@ fn learned_techniques_skip_what_they_cannot_learn_and_name_bad_files() {
     assert!(err.contains("aq") && err.lines().count() == 1 && !err.contains("--fresh"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn autoquant_ends_with_amp_when_the_techniques_fall_short() {
+    let dir = scratch("autoquant-amp");
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    let run = |candidates: &str| {
+        Command::new(env!("CARGO_BIN_EXE_qmix"))
+            .args(["--json", "autoquant"])
+            .arg(models.join("digits_cnn.onnx"))
+            .args(["--config", "default_per_tensor", "--param", "int4", "--act", "int4"])
+            .args(["--allowed-drop", "0.005", "--adaround-iterations", "200", "--amp-candidates", candidates])
+            .args(["--quiet", "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    let o = run("w8a8,w4a8,w8a4,w4a4");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // W4A4 loses several points even after AdaRound; the AMP stage meets the target with a mix.
+    let stages = summary["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 4, "{summary}");
+    assert!(stages[2]["score"].as_f64().unwrap() < summary["fp32"].as_f64().unwrap() - 0.005, "{summary}");
+    assert_eq!(summary["chosen"], "auto_mixed_precision", "{summary}");
+    assert_eq!(summary["target_met"], true, "{summary}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("autoquant.json")).unwrap()).unwrap();
+    let counts = report["amp"]["groups_per_candidate"].as_object().unwrap();
+    assert!(counts.len() > 1 && counts.contains_key("W4A4"), "{report}");
+    for f in ["model.encodings", "accuracy_list.json", "pareto_curve.svg"] {
+        assert!(dir.join(f).is_file(), "{f}");
+    }
+    // Rerun: every stage, AMP's included, from the caches; other candidates start AMP afresh.
+    let again: serde_json::Value = serde_json::from_slice(&run("w8a8,w4a8,w8a4,w4a4").stdout).unwrap();
+    assert_eq!(again["stages"], summary["stages"]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("autoquant.json")).unwrap()).unwrap();
+    assert!(report["stages"].as_array().unwrap().iter().all(|s| s["cached"] == true), "{report}");
+    let other = run("w8a8,w4a4");
+    assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
+    std::fs::remove_dir_all(&dir).ok();
+}

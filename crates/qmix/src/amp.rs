@@ -70,6 +70,30 @@ pub struct AmpOptions {
     pub phase3: Option<Phase3Options>,
 }
 
+impl AmpOptions {
+    /// AIMET's defaults over `candidates`: binary search, no target (the last point), AIMET's AMP
+    /// SQNR in phase 1, the config's supported kernels, every weighted op in bit-ops, nothing
+    /// written, every core.
+    pub fn new(candidates: Vec<Candidate>) -> AmpOptions {
+        AmpOptions {
+            candidates,
+            allowed_accuracy_drop: None,
+            search: SearchAlgo::Binary,
+            full_front: false,
+            budget_search: false,
+            phase1_metric: Metric::AmpSqnr,
+            use_all_amp_candidates: false,
+            mac_ops: MacOps::All,
+            results_dir: None,
+            clean_start: false,
+            shard: None,
+            threads: 0,
+            fp32_cache_bytes: qanalyze::DEFAULT_CACHE_BUDGET,
+            phase3: None,
+        }
+    }
+}
+
 /// The data AMP runs on.
 pub struct AmpData<'a> {
     /// Calibration batches (every recalibration uses all of them).

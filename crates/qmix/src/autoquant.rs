@@ -1,9 +1,12 @@
 //! AutoQuant, AIMET's flow of post-training techniques tried in order until one is good enough:
 //! the model with batch norms folded, simulated at the given precisions (the baseline); then
-//! with cross-layer equalization; then with AdaRound on top of it. The first stage whose score
-//! is within `allowed_drop` of FP32 is kept; when none is, the best. Each stage's score goes to a
-//! cache file as soon as it is known, and AdaRound's rounded model with its encodings beside it,
-//! so an interrupted run resumes where it stopped.
+//! with cross-layer equalization; then AdaRound on the better of those two, as AIMET's
+//! AutoQuant does; then, when asked for, auto mixed precision from that same model (AdaRound's
+//! rounded weights sit on their precision's grid, which a wider candidate could not undo). The
+//! first stage whose score is within `allowed_drop` of FP32 is kept; when none is, the best. Each
+//! stage's score goes to a cache file as soon as it is known, AdaRound's rounded model with its
+//! encodings beside it, and AMP keeps its own resumable cache there, so an interrupted run
+//! resumes where it stopped.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +29,9 @@ pub enum AutoQuantError {
     /// Equalization or AdaRound failed.
     #[error(transparent)]
     Technique(#[from] qptq::PtqError),
+    /// The AMP stage failed.
+    #[error("AutoQuant's AMP stage: {0}")]
+    Amp(#[from] crate::AmpError),
     /// Bad settings.
     #[error("AutoQuant: {0}")]
     Settings(String),
@@ -64,6 +70,8 @@ pub enum AutoQuantStage {
     Equalized,
     /// Plus AdaRound.
     Adarounded,
+    /// Plus auto mixed precision.
+    MixedPrecision,
 }
 
 impl AutoQuantStage {
@@ -73,6 +81,7 @@ impl AutoQuantStage {
             AutoQuantStage::Baseline => "batchnorm_folding",
             AutoQuantStage::Equalized => "cross_layer_equalization",
             AutoQuantStage::Adarounded => "adaround",
+            AutoQuantStage::MixedPrecision => "auto_mixed_precision",
         }
     }
 }
@@ -102,6 +111,20 @@ pub struct AutoQuantOptions {
     /// Text identifying the job (model, data, precisions): a cache made for another job is not
     /// reused.
     pub fingerprint: String,
+    /// The AMP stage, when wanted.
+    pub amp: Option<AutoQuantAmp>,
+}
+
+/// AutoQuant's last stage: AIMET's greedy AMP from the better of the batch-norm-folded and the
+/// equalized models, with
+/// AutoQuant's allowed drop as its target and the stage scorer as its phase-2 metric.
+#[derive(Debug, Clone)]
+pub struct AutoQuantAmp {
+    /// AMP's settings; its target and results folder are set by AutoQuant (the folder inside
+    /// AutoQuant's cache, so AMP resumes too).
+    pub options: crate::AmpOptions,
+    /// Batches phase 1 scores groups on.
+    pub phase1: Vec<Feeds>,
 }
 
 /// What AutoQuant chose.
@@ -118,6 +141,8 @@ pub struct AutoQuantResult {
     pub met: bool,
     /// The calibrated simulation of the kept stage.
     pub sim: QuantSim,
+    /// The AMP stage's result, when it ran.
+    pub amp: Option<crate::AmpResult>,
 }
 
 impl AutoQuantResult {
@@ -132,6 +157,18 @@ impl AutoQuantResult {
                 "stage": s.stage.name(), "score": s.score, "drop": self.fp32 - s.score,
                 "seconds": s.seconds, "cached": s.cached,
             })).collect::<Vec<_>>(),
+            "amp": self.amp.as_ref().map(|r| json!({
+                "final_score": r.final_score,
+                "relative_bitops": r.final_relative_bitops,
+                "chosen_by": r.chosen_by,
+                "groups_per_candidate": r.assignment.iter().fold(
+                    std::collections::BTreeMap::<String, usize>::new(),
+                    |mut counts, c| {
+                        *counts.entry(c.to_string()).or_default() += 1;
+                        counts
+                    },
+                ),
+            })),
         })
     }
 
@@ -196,7 +233,11 @@ impl Cache {
         let bad = |detail: &str| AutoQuantError::Cache { path: path.clone(), detail: detail.into() };
         let doc: Value = serde_json::from_str(&text).map_err(|e| bad(&format!("not valid JSON: {e}")))?;
         if doc["fingerprint"].as_str() != Some(fingerprint) {
-            // Made for another job: start afresh.
+            // Made for another job: start afresh (AMP's cache would refuse the new settings).
+            let amp = dir.join("amp");
+            if amp.exists() {
+                std::fs::remove_dir_all(&amp).map_err(|source| AutoQuantError::Io { path: amp, source })?;
+            }
             return Ok(cache);
         }
         for (k, v) in doc["scores"].as_object().ok_or_else(|| bad("no scores"))? {
@@ -239,6 +280,36 @@ impl Cache {
         let text = qcalib::to_pretty_json(&encodings_to_json(encodings));
         qgraph::write_atomically(&dir.join("adaround_encodings.json"), text.as_bytes())?;
         Ok(())
+    }
+}
+
+/// The stages scored so far and the best of them.
+struct Scored {
+    target: f64,
+    stages: Vec<StageScore>,
+    best: Option<(f64, AutoQuantStage, QuantSim)>,
+    /// The best stage whose weights are still float (batch norms folded, or equalized).
+    best_float: Option<(f64, Model)>,
+}
+
+impl Scored {
+    /// Records a stage with its simulation; whether it meets the target.
+    fn add(&mut self, score: StageScore, sim: QuantSim) -> bool {
+        let value = score.score;
+        let float = matches!(score.stage, AutoQuantStage::Baseline | AutoQuantStage::Equalized);
+        if float && self.best_float.as_ref().is_none_or(|(b, _)| value > *b) {
+            self.best_float = Some((value, sim.model().clone()));
+        }
+        if self.best.as_ref().is_none_or(|(b, _, _)| value > *b) {
+            self.best = Some((value, score.stage, sim));
+        }
+        self.stages.push(score);
+        value >= self.target
+    }
+
+    /// The model of the best stage with float weights.
+    fn best_float_model(&self) -> Option<Model> {
+        self.best_float.as_ref().map(|(_, m)| m.clone())
     }
 }
 
@@ -311,13 +382,12 @@ pub fn auto_quant(
     }
     let target = fp32 - settings.allowed_drop;
     let mut cache = Cache::open(settings.cache.as_deref(), &settings.fingerprint)?;
-    let mut stages: Vec<StageScore> = Vec::new();
-    let mut best: Option<(f64, AutoQuantStage, QuantSim)> = None;
+    let mut scored = Scored { target, stages: Vec::new(), best: None, best_float: None };
     let none = HashMap::new();
     let mut evaluate = |stage: AutoQuantStage,
                         sim: QuantSim,
                         started: Instant,
-                        stages: &mut Vec<StageScore>,
+                        scored: &mut Scored,
                         cache: &mut Cache|
      -> Result<bool, AutoQuantError> {
         let (value, cached) = match cache.score(stage) {
@@ -330,12 +400,7 @@ pub fn auto_quant(
             }
         };
         let seconds = if cached { 0.0 } else { started.elapsed().as_secs_f64() };
-        stages.push(StageScore { stage, score: value, seconds, cached });
-        let met = value >= target;
-        if best.as_ref().is_none_or(|(b, _, _)| value > *b) {
-            best = Some((value, stage, sim));
-        }
-        Ok(met)
+        Ok(scored.add(StageScore { stage, score: value, seconds, cached }, sim))
     };
 
     // 1. Batch norms folded.
@@ -343,39 +408,68 @@ pub fn auto_quant(
     let mut folded = model.clone();
     qgraph::passes::fold_batch_norms(&mut folded)?;
     let sim = calibrated(folded.clone(), config, options, &none, calibration)?;
-    let mut met = evaluate(AutoQuantStage::Baseline, sim, started, &mut stages, &mut cache)?;
+    let mut met = evaluate(AutoQuantStage::Baseline, sim, started, &mut scored, &mut cache)?;
     // 2. Cross-layer equalization.
-    let mut equalized = folded;
     if !met {
         let started = Instant::now();
+        let mut equalized = folded;
         qptq::equalize(&mut equalized, qptq::EqualizeOptions::default())?;
-        let sim = calibrated(equalized.clone(), config, options, &none, calibration)?;
-        met = evaluate(AutoQuantStage::Equalized, sim, started, &mut stages, &mut cache)?;
+        let sim = calibrated(equalized, config, options, &none, calibration)?;
+        met = evaluate(AutoQuantStage::Equalized, sim, started, &mut scored, &mut cache)?;
     }
-    // 3. AdaRound on the equalized model.
+    // 3. AdaRound on the better of the two.
     if !met {
         let started = Instant::now();
+        let start = scored.best_float_model().unwrap_or_else(|| model.clone());
         let (rounded, frozen) = match cache.adarounded() {
             Some(hit) => hit,
             None => {
-                let r = qptq::adaround(
-                    &equalized,
-                    config,
-                    options,
-                    calibration,
-                    &settings.adaround,
-                    &mut |d, t| progress(AutoQuantStage::Adarounded, d, t),
-                )?;
+                let r =
+                    qptq::adaround(&start, config, options, calibration, &settings.adaround, &mut |d, t| {
+                        progress(AutoQuantStage::Adarounded, d, t)
+                    })?;
                 cache.keep_adarounded(&r.model, &r.encodings)?;
                 (r.model, r.encodings)
             }
         };
         let sim = calibrated(rounded, config, options, &frozen, calibration)?;
-        met = evaluate(AutoQuantStage::Adarounded, sim, started, &mut stages, &mut cache)?;
+        met = evaluate(AutoQuantStage::Adarounded, sim, started, &mut scored, &mut cache)?;
     }
+    // 4. AMP from the better float model: AdaRound's weights sit on the grid of its precision,
+    //    which a wider candidate could not undo.
+    let mut amp_result = None;
+    if let (false, Some(stage)) = (met, &settings.amp) {
+        let started = Instant::now();
+        let start = scored.best_float_model().unwrap_or_else(|| model.clone());
+        let highest = stage.options.candidates.iter().copied().max_by(|a, b| a.cost().total_cmp(&b.cost()));
+        let highest =
+            highest.ok_or_else(|| AutoQuantError::Settings("the AMP stage has no candidates".into()))?;
+        let precision = qcalib::DefaultPrecision { param: highest.param, activation: highest.activation };
+        let mut sim = QuantSim::new(start, config.clone(), SimOptions { precision, ..options })?;
+        let amp_options = crate::AmpOptions {
+            allowed_accuracy_drop: Some(settings.allowed_drop),
+            results_dir: cache.dir.as_ref().map(|d| d.join("amp")),
+            ..stage.options.clone()
+        };
+        let description = format!("AutoQuant's score | {}", cache.fingerprint);
+        let r = crate::choose_mixed_precision(
+            &mut sim,
+            &crate::AmpData { calibration, phase1: &stage.phase1 },
+            crate::Phase2 { description, eval: &mut *score },
+            &amp_options,
+            &mut |_| {},
+        )?;
+        let (value, seconds) = (r.final_score, started.elapsed().as_secs_f64());
+        // AMP caches its own evaluations: the stage counts as cached when it evaluated nothing.
+        let cached = r.work.phase1_evaluations + r.work.phase2_evaluations == 0;
+        met = scored
+            .add(StageScore { stage: AutoQuantStage::MixedPrecision, score: value, seconds, cached }, sim);
+        amp_result = Some(r);
+    }
+    let Scored { stages, best, .. } = scored;
     let Some((_, chosen, sim)) = best else {
         return Err(AutoQuantError::Settings("no stage was scored".into()));
     };
     // When a stage meets the target it is the last one run; else the best is kept.
-    Ok(AutoQuantResult { fp32, target, stages, chosen, met, sim })
+    Ok(AutoQuantResult { fp32, target, stages, chosen, met, sim, amp: amp_result })
 }

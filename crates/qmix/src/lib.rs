@@ -35,7 +35,7 @@ pub use amp::{
 };
 pub use amp_report::write_amp_report;
 pub use autoquant::{
-    AutoQuantError, AutoQuantOptions, AutoQuantResult, AutoQuantStage, StageScore, auto_quant,
+    AutoQuantAmp, AutoQuantError, AutoQuantOptions, AutoQuantResult, AutoQuantStage, StageScore, auto_quant,
 };
 pub use bitops::{BitOps, CostedOp, MacOps};
 pub use budget::{Plan, area_between, predicted_front};
