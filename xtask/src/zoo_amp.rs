@@ -213,6 +213,10 @@ pub fn check(zoo: &Path) -> Result<()> {
     if r.final_score < r.fp32_score - 0.01 - 1e-9 {
         failures.push(format!("chosen point scores {:.4}, below FP32 − 1 pp", r.final_score));
     }
+    let (line, failure) =
+        crate::zoo_calib::mixed_plan_in_onnxruntime(&mut sim, "amp", c, &images, &eval_rows, &labels)?;
+    println!("  the chosen plan on the device: {line}");
+    failures.extend(failure);
     if !failures.is_empty() {
         bail!("AMP differs from AIMET: {}", failures.join("; "));
     }

@@ -138,6 +138,12 @@ pub fn check(zoo: &Path) -> Result<()> {
             flipped.len(),
             aimet_set.len()
         );
+        if c.name == "mobilenetv2_keras" {
+            let (line, failure) =
+                crate::zoo_calib::mixed_plan_in_onnxruntime(&mut sim, "litemp", c, &images, &eval, &labels)?;
+            println!("      Lite-MP plan on the device: {line}");
+            failures.extend(failure);
+        }
         if same != aimet_set.len() || flipped.len() != aimet_set.len() {
             failures.push(format!(
                 "{}: Lite-MP flipped {same}/{} of AIMET's layers",

@@ -171,17 +171,18 @@ fn compare_v2(ours: &Value, aimet: &Value) -> Result<(usize, f64)> {
     Ok((aimet.len(), max_rel))
 }
 
-/// Top-1 of the simulation's QDQ export run by onnxruntime on the evaluation rows, executed as
-/// written and with onnxruntime's integer fusions.
-fn qdq_top1_in_onnxruntime(
+/// Top-1 of the simulation's QDQ export (written as `<model>_<tag>_qdq.onnx`) run by
+/// onnxruntime on the evaluation rows, executed as written and with onnxruntime's integer fusions.
+pub(crate) fn qdq_top1_in_onnxruntime(
     sim: &QuantSim,
+    tag: &str,
     c: &Classifier,
     images: &ndarray::Array4<u8>,
     rows: &[usize],
     labels: &[i64],
 ) -> Result<(f64, f64)> {
     let dir = crate::zoo::out_dir()?;
-    let model = dir.join(format!("{}_w8a8_qdq.onnx", c.name));
+    let model = dir.join(format!("{}_{tag}_qdq.onnx", c.name));
     qcalib::write_qdq_model(sim, qcalib::QdqOptions::default(), &model)?;
     let inputs = dir.join(format!("{}_eval_inputs.npy", c.name));
     let x = c.batch(images, rows);
@@ -189,7 +190,7 @@ fn qdq_top1_in_onnxruntime(
     ndarray_npy::write_npy(&inputs, &arr)?;
     let mut top1 = Vec::new();
     for mode in ["written", "optimised"] {
-        let outputs = dir.join(format!("{}_w8a8_qdq_logits_{mode}.npy", c.name));
+        let outputs = dir.join(format!("{}_{tag}_qdq_logits_{mode}.npy", c.name));
         crate::python::run_script(
             "run_model.py",
             &[
@@ -207,6 +208,37 @@ fn qdq_top1_in_onnxruntime(
         );
     }
     Ok((top1[0], top1[1]))
+}
+
+/// A mixed-precision plan carried to onnxruntime: the simulation with precision converts (AIMET's
+/// tie rounding, then ONNX's, the QDQ export's own arithmetic) and its QDQ export with the
+/// convert pairs, run as written and optimised. Leaves `sim` as it found it. Returns the line to
+/// print and the failure, if the export's top-1 differs from the simulation's by more than one
+/// image in 400 (0.25 pp).
+pub(crate) fn mixed_plan_in_onnxruntime(
+    sim: &mut QuantSim,
+    tag: &str,
+    c: &Classifier,
+    images: &ndarray::Array4<u8>,
+    rows: &[usize],
+    labels: &[i64],
+) -> Result<(String, Option<String>)> {
+    sim.set_converts(true)?;
+    let converts = sim.converts()?.len();
+    let with_converts = top1(sim, c, images, rows, labels)?;
+    sim.set_rounding(qcalib::Rounding::HalfToEven)?;
+    let even = top1(sim, c, images, rows, labels)?;
+    let (written, optimised) = qdq_top1_in_onnxruntime(sim, tag, c, images, rows, labels)?;
+    sim.set_rounding(qcalib::Rounding::HalfAwayFromZero)?;
+    sim.set_converts(false)?;
+    let line = format!(
+        "{converts} precision converts; simulated with them: top-1 {with_converts:.4} ({even:.4} with ONNX's tie rounding); \
+         its QDQ export in onnxruntime {written:.4} as written, {optimised:.4} optimised"
+    );
+    let failure = ((written - even).abs() > 0.0025 + 1e-9).then(|| {
+        format!("{} {tag}: QDQ export top-1 {written:.4} in onnxruntime vs {even:.4} simulated", c.name)
+    });
+    Ok((line, failure))
 }
 
 pub(crate) fn top1(
@@ -315,7 +347,7 @@ pub fn check(zoo: &Path) -> Result<()> {
                 // simulation of exactly that.
                 sim.set_rounding(qcalib::Rounding::HalfToEven)?;
                 let even = top1(&sim, c, &images, &eval, &labels)?;
-                let (written, optimised) = qdq_top1_in_onnxruntime(&sim, c, &images, &eval, &labels)?;
+                let (written, optimised) = qdq_top1_in_onnxruntime(&sim, "w8a8", c, &images, &eval, &labels)?;
                 println!(
                     "      QDQ export in onnxruntime: top-1 {written:.4} as written (our simulation with ONNX's tie rounding {even:.4}, with AIMET's {acc:.4}), {optimised:.4} with integer fusions; AIMET's QDQ export {aimet_qdq:.4}"
                 );

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod converts;
 mod encodings;
 mod error;
 mod patterns;
@@ -15,6 +16,7 @@ mod sim;
 mod stats_file;
 
 pub use config::{Defaults, Kernel, KernelPrecision, OpRule, ParamRule, QuantsimConfig, RangeConstraint};
+pub use converts::{PrecisionConvert, precision_converts};
 pub use encodings::{
     EncodingVersion, LoadOptions, LoadedEncoding, encodings_json, freeze_encodings, load_encodings,
     parse_encodings, read_encodings, to_pretty_json, write_encodings,

@@ -3,7 +3,8 @@
 //! request, as integers read through `DequantizeLinear`); every other enabled integer quantizer
 //! becomes `QuantizeLinear → DequantizeLinear` right after its tensor, with the same scales the encodings file holds (per
 //! channel with `axis`); fp16/bf16 quantizers become a pair of `Cast`s. Activations use unsigned
-//! integer types, as AIMET exports them. The opset is raised when the Q/DQ types need it (13 for
+//! integer types, as AIMET exports them. Where the simulation converts a tensor for some readers
+//! (`SimOptions::converts`), a second pair after the first feeds those readers. The opset is raised when the Q/DQ types need it (13 for
 //! per-channel, 21 for 4- and 16-bit), converting the few ops whose signature changed on the way.
 //! Graph inputs and outputs keep their names.
 
@@ -259,6 +260,10 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
     if needs_21 {
         opset = opset.max(21);
     }
+    let converts = sim.converts()?;
+    if converts.iter().any(|c| c.to.bits() != 8) {
+        opset = opset.max(21);
+    }
     let graph = proto.graph.as_mut().expect("model_to_proto always sets the graph");
     // Where each quantized tensor is read from after insertion, and the renamed producers of
     // quantized graph outputs.
@@ -329,9 +334,43 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
         };
         chains.insert(name, nodes);
     }
-    let rewire = |n: &mut NodeProto| {
+    // Readers of a converted tensor read the convert's result instead (keyed by node index:
+    // the proto lists the graph's nodes in arena order).
+    let mut converted_for: HashMap<(usize, String), String> = HashMap::new();
+    for c in &converts {
+        let name = g.value(c.tensor).name.clone();
+        let Some(source) = read_as.get(&name).cloned() else { continue };
+        let bits = c.to.bits();
+        let prefix = format!("{name}_int{bits}");
+        let scale = Tensor::scalar(c.encoding.delta as f32);
+        let zero_point = zero_point_tensor(bits, false, &[-c.encoding.offset as i64], false)?;
+        extra_inits.push(qgraph::tensor_to_proto(&format!("{prefix}_scale"), &scale));
+        extra_inits.push(qgraph::tensor_to_proto(&format!("{prefix}_zero_point"), &zero_point));
+        let qparams = |input: String| vec![input, format!("{prefix}_scale"), format!("{prefix}_zero_point")];
+        let chain = chains.entry(name.clone()).or_default();
+        chain.push(node(
+            "QuantizeLinear",
+            format!("{prefix}_quantize"),
+            qparams(source),
+            vec![format!("{prefix}_quantized")],
+            vec![],
+        ));
+        chain.push(node(
+            "DequantizeLinear",
+            format!("{prefix}_dequantize"),
+            qparams(format!("{prefix}_quantized")),
+            vec![prefix.clone()],
+            vec![],
+        ));
+        for r in &c.readers {
+            converted_for.insert((r.index(), name.clone()), prefix.clone());
+        }
+    }
+    let rewire = |index: usize, n: &mut NodeProto| {
         for i in &mut n.input {
-            if let Some(r) = read_as.get(i.as_str()) {
+            if let Some(c) = converted_for.get(&(index, i.clone())) {
+                *i = c.clone();
+            } else if let Some(r) = read_as.get(i.as_str()) {
                 *i = r.clone();
             }
         }
@@ -345,8 +384,8 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
             nodes.extend(chain);
         }
     }
-    for mut n in std::mem::take(&mut graph.node) {
-        rewire(&mut n);
+    for (index, mut n) in std::mem::take(&mut graph.node).into_iter().enumerate() {
+        rewire(index, &mut n);
         let mut after = Vec::new();
         for o in &mut n.output {
             if let Some(chain) = chains.remove(o.as_str()) {

@@ -9,7 +9,8 @@
 //! computation weight scales are adjusted against accumulator overflow (spec §8.4).
 //!
 //! Simulation never rewrites the graph: quantized weights and constants are substituted as data
-//! in a copy of the model, and activations are fake-quantized by a `qexec` hook.
+//! in a copy of the model, and activations are fake-quantized by a `qexec` hook. Only simulated
+//! precision converts add nodes to that copy (an `Identity` per convert, its output quantized).
 
 use std::collections::HashMap;
 
@@ -18,6 +19,7 @@ use qgraph::{DimBindings, Model, Tensor, ValueId};
 use qkernels::{Encoding, Rounding};
 
 use crate::config::QuantsimConfig;
+use crate::converts::{PrecisionConvert, precision_converts};
 use crate::error::{CalibError, Result};
 use crate::placement::{
     DefaultPrecision, Granularity, Placement, Precision, Quantizer, QuantizerId, TensorRole,
@@ -39,6 +41,11 @@ pub struct SimOptions {
     /// as ONNX `QuantizeLinear` does — the exact semantics of the QDQ export. Weights and
     /// constants are always rounded as AIMET rounds them (the export stores those values).
     pub rounding: Rounding,
+    /// Simulate the precision converts a device inserts where an op reads a tensor at another
+    /// integer precision (see [`crate::precision_converts`]): those readers see the tensor on
+    /// their own grid, as on the device, and the QDQ export writes the convert pairs. Off by
+    /// default, as AIMET simulates mixed precision (every reader sees the producer's grid).
+    pub converts: bool,
 }
 
 impl Default for SimOptions {
@@ -49,6 +56,7 @@ impl Default for SimOptions {
             threads: 1,
             calibrate_with_float_weights: false,
             rounding: Rounding::HalfAwayFromZero,
+            converts: false,
         }
     }
 }
@@ -67,6 +75,8 @@ pub struct QuantSim {
     options: SimOptions,
     stats: HashMap<QuantizerId, QuantizerStats>,
     session: Option<Session>,
+    /// The simulated converts' values in the session model, with their quantizers.
+    convert_quantizers: Vec<(ValueId, Quantizer)>,
     warnings: Vec<String>,
 }
 
@@ -88,6 +98,7 @@ impl QuantSim {
             options,
             stats: HashMap::new(),
             session: None,
+            convert_quantizers: Vec::new(),
             warnings: Vec::new(),
         })
     }
@@ -112,6 +123,24 @@ impl QuantSim {
     pub fn set_rounding(&mut self, rounding: Rounding) -> Result<()> {
         self.options.rounding = rounding;
         if self.session.is_some() { self.refresh() } else { Ok(()) }
+    }
+
+    /// The precision converts the simulation applies: those of its placement with
+    /// [`SimOptions::converts`], none without.
+    pub fn converts(&self) -> Result<Vec<PrecisionConvert>> {
+        if self.options.converts {
+            precision_converts(&self.model.graph, &self.placement)
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Turns the simulation of precision converts on or off ([`SimOptions::converts`]); a
+    /// calibrated simulation re-derives its encodings (weight scales depend on the grids their
+    /// layers read).
+    pub fn set_converts(&mut self, converts: bool) -> Result<()> {
+        self.options.converts = converts;
+        if self.session.is_some() { self.compute_encodings() } else { Ok(()) }
     }
 
     /// The quantizer side table.
@@ -291,7 +320,7 @@ impl QuantSim {
             }
             self.placement.quantizer_mut(q).encodings = encs;
         }
-        self.adjust_weight_scales();
+        self.adjust_weight_scales()?;
         self.warnings = self.range_warnings();
         self.refresh()
     }
@@ -326,16 +355,27 @@ impl QuantSim {
     /// Spec §8.4: for Conv/ConvTranspose/Gemm/MatMul with calibrated integer input and weight
     /// quantizers, weight scales grow so the int32 bias cannot overflow and the requantization
     /// scale stays representable.
-    fn adjust_weight_scales(&mut self) {
+    fn adjust_weight_scales(&mut self) -> Result<()> {
+        let converts = self.converts()?;
         let g = &self.model.graph;
         let mut updates: Vec<(QuantizerId, Vec<Encoding>)> = Vec::new();
-        for (_, n) in g.nodes() {
+        for (id, n) in g.nodes() {
             if !["Conv", "ConvTranspose", "Gemm", "MatMul"].contains(&n.op_type.as_str()) {
                 continue;
             }
             let Some(input) = n.input(0) else { continue };
-            let Some((xq, _)) = self.placement.effective_quantizer(g, input) else { continue };
+            let Some((xq, path)) = self.placement.effective_quantizer(g, input) else { continue };
             let Some(x_enc) = int_encodings(self.placement.quantizer(xq)) else { continue };
+            // Through a convert, the op reads the input on the convert's grid.
+            let quantized = *path.last().expect("the walk starts at the input");
+            let reader = match path.len() {
+                1 => Some(id),
+                k => g.producer(path[k - 2]).map(|o| o.node),
+            };
+            let converted = converts
+                .iter()
+                .find(|c| c.tensor == quantized && reader.is_some_and(|r| c.readers.contains(&r)))
+                .map(|c| c.encoding.delta);
             let Some(w) = n.input(1).and_then(|w| g.static_root(w)).map(|(r, _)| r) else { continue };
             let Some(wq) = self.placement.quantizer_of(w) else { continue };
             let wquant = self.placement.quantizer(wq);
@@ -343,7 +383,7 @@ impl QuantSim {
                 continue;
             }
             let Some(w_encs) = int_encodings(wquant) else { continue };
-            let sx = x_enc[0].delta;
+            let sx = converted.unwrap_or(x_enc[0].delta);
             let channels = w_encs.len();
             let bias: Vec<f64> = n
                 .input(2)
@@ -390,6 +430,7 @@ impl QuantSim {
         for (q, encs) in updates {
             self.placement.quantizer_mut(q).encodings = Some(encs);
         }
+        Ok(())
     }
 
     /// Rebuilds the simulation session from the current quantizer states and encodings.
@@ -403,7 +444,8 @@ impl QuantSim {
                 });
             }
         }
-        let model = self.substituted_model(false)?;
+        let mut model = self.substituted_model(false)?;
+        self.convert_quantizers = self.insert_converts(&mut model)?;
         let mut session = Session::new(model, SessionOptions::threads(self.options.threads))?;
         if let Some(previous) = self.session.take() {
             session.reuse_buffers(previous);
@@ -431,6 +473,44 @@ impl QuantSim {
         Ok(model)
     }
 
+    /// Puts an `Identity` in front of the readers of each simulated convert in the session's
+    /// `model` (new values are appended, so every other value keeps its id) and returns the
+    /// new values with the quantizers that put them on the convert's grid.
+    fn insert_converts(&self, model: &mut Model) -> Result<Vec<(ValueId, Quantizer)>> {
+        let converts = self.converts()?;
+        if converts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let g = &mut model.graph;
+        let mut out = Vec::with_capacity(converts.len());
+        for c in &converts {
+            let name = format!("{}_int{}", g.value(c.tensor).name, c.to.bits());
+            let v = g.add_op("Identity", &name, &[c.tensor], Vec::new());
+            for &r in &c.readers {
+                let slots: Vec<usize> = g
+                    .node(r)
+                    .inputs()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, i)| **i == Some(c.tensor))
+                    .map(|(slot, _)| slot)
+                    .collect();
+                for slot in slots {
+                    g.set_input(r, slot, Some(v));
+                }
+            }
+            let own = self
+                .placement
+                .quantizer(self.placement.quantizer_of(c.tensor).expect("converts are of quantized tensors"));
+            let mut q = own.clone();
+            q.precision = c.to;
+            q.encodings = Some(vec![c.encoding]);
+            out.push((v, q));
+        }
+        g.sort_topologically()?;
+        Ok(out)
+    }
+
     /// The simulation session and a fake-quant hook for one run (`serial`: the run stays on the
     /// calling thread).
     fn session_and_hook(&self, serial: bool) -> Result<(&Session, FakeQuantHook<'_>)> {
@@ -447,7 +527,8 @@ impl QuantSim {
     fn hook(&self, serial: bool) -> FakeQuantHook<'_> {
         FakeQuantHook::new(
             &self.placement,
-            self.model.graph.value_count(),
+            &self.convert_quantizers,
+            self.model.graph.value_count() + self.convert_quantizers.len(),
             self.options.threads != 1 && !serial,
             self.options.rounding,
         )
@@ -815,13 +896,22 @@ type ElementwiseQuantizer = Box<dyn Fn(&mut [f32]) + Sync + Send>;
 const PARALLEL_MIN: usize = 1 << 15;
 
 impl<'a> FakeQuantHook<'a> {
-    fn new(placement: &'a Placement, values: usize, parallel: bool, rounding: Rounding) -> FakeQuantHook<'a> {
+    fn new(
+        placement: &'a Placement,
+        converts: &'a [(ValueId, Quantizer)],
+        values: usize,
+        parallel: bool,
+        rounding: Rounding,
+    ) -> FakeQuantHook<'a> {
         let mut table = vec![None; values];
         for t in placement.tensors() {
             let q = placement.quantizer(t.quantizer);
             if q.enabled && matches!(t.role, TensorRole::GraphInput | TensorRole::Output { .. }) {
                 table[t.value.index()] = Some(q);
             }
+        }
+        for (v, q) in converts {
+            table[v.index()] = Some(q);
         }
         let epilogues = table
             .iter()

@@ -556,3 +556,70 @@ fn a_norm_in_tf2onnx_spelling_is_recognised_by_its_structure() {
         "{without:?} {with:?}"
     );
 }
+
+/// The CNN with its depthwise layer (Conv + Relu) at W16A16 in a W8A8 simulation.
+fn mixed(converts: bool) -> QuantSim {
+    let mut s = calibrated(SimOptions { converts, ..SimOptions::default() });
+    let g = s.model().graph.clone();
+    for layer in ["dw", "relu1"] {
+        for q in s.placement().op_quantizers(&g, g.node_id(layer).unwrap()) {
+            s.placement_mut().quantizer_mut(q).set_precision(Precision::Int(16));
+        }
+    }
+    s.compute_encodings().unwrap();
+    s
+}
+
+#[test]
+fn an_int16_island_converts_its_input_up_and_its_output_down() {
+    let s = mixed(true);
+    let g = &s.model().graph;
+    let converts = s.converts().unwrap();
+    let seen: Vec<(String, String, Vec<String>)> = converts
+        .iter()
+        .map(|c| {
+            let readers = c.readers.iter().map(|&r| g.node(r).name.clone()).collect();
+            (g.value(c.tensor).name.clone(), c.to.to_string(), readers)
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("clip0".into(), "int16".into(), vec!["dw".into()]),
+            ("relu1".into(), "int8".into(), vec!["add".into()])
+        ]
+    );
+    // Up is exact: every 8-bit level is a 16-bit level of the same range.
+    let up = &converts[0];
+    let own =
+        s.placement().quantizer(s.placement().quantizer_of(up.tensor).unwrap()).encodings.clone().unwrap()[0];
+    assert_eq!((up.encoding.min, up.encoding.max), (own.min, own.max));
+    assert!((own.delta / up.encoding.delta - 257.0).abs() < 1e-9);
+    // AIMET's simulation has none, and the device's numbers differ from it.
+    assert!(mixed(false).converts().unwrap().is_empty());
+    let feeds = batch(4, 19);
+    assert_ne!(run(&s, &feeds), run(&mixed(false), &feeds));
+}
+
+#[test]
+fn the_qdq_export_of_a_mixed_plan_carries_its_converts_and_computes_the_simulation() {
+    let mut s = mixed(true);
+    s.set_rounding(qcalib::Rounding::HalfToEven).unwrap();
+    let proto = qcalib::to_qdq_model(&s, qcalib::QdqOptions::default()).unwrap();
+    let names: Vec<&str> = proto.graph.node.iter().map(|n| n.name.as_str()).collect();
+    for n in
+        ["clip0_int16_quantize", "clip0_int16_dequantize", "relu1_int8_quantize", "relu1_int8_dequantize"]
+    {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    let reads = |node: &str| proto.graph.node.iter().find(|n| n.name == node).unwrap().input.clone();
+    assert_eq!(reads("dw")[0], "clip0_int16");
+    assert_eq!(reads("add"), ["relu1_int8", "clip0_dequantized"]);
+    let feeds = batch(4, 23);
+    let model = qgraph::model_from_proto(proto, None).unwrap();
+    let session = qexec::Session::new(model, qexec::SessionOptions::threads(1)).unwrap();
+    let got = session.run(&[("input", feeds[0].1.clone())]).unwrap();
+    assert_eq!(got[0].as_f32().unwrap().iter().copied().collect::<Vec<_>>(), run(&s, &feeds));
+    let plain = qcalib::to_qdq_model(&mixed(false), qcalib::QdqOptions::default()).unwrap();
+    assert!(!plain.graph.node.iter().any(|n| n.name.ends_with("_int16_quantize")));
+}

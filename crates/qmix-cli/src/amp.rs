@@ -63,6 +63,8 @@ pub struct AmpArgs {
     phase3_budget: Phase3Threshold,
     #[command(flatten)]
     evaluation: EvalArgs,
+    #[command(flatten)]
+    qdq: crate::quantsim::QdqArgs,
     /// Output folder (also holds the resumable cache in .cache/).
     #[arg(long, default_value = "amp_out")]
     out: PathBuf,
@@ -140,6 +142,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         scheme: a.job.scheme,
         threads: a.threads,
         precision: DefaultPrecision { param: highest.param, activation: highest.activation },
+        converts: a.qdq.converts,
         ..SimOptions::default()
     };
     let (model, JobData { calib, eval, labels }) =
@@ -233,6 +236,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
     qmix::write_amp_report(&result, a.allowed_drop, set.staging_dir()).map_err(user)?;
     qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &set.staged("model_amp.encodings"))
         .map_err(user)?;
+    a.qdq.write(&sim, &mut set, "model_amp_qdq.onnx")?;
     set.commit().map_err(user)?;
     let w = result.work;
     say!(

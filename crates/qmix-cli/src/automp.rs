@@ -39,6 +39,8 @@ pub struct AutompArgs {
     skip_failures: bool,
     #[command(flatten)]
     evaluation: EvalArgs,
+    #[command(flatten)]
+    qdq: crate::quantsim::QdqArgs,
     /// Output folder.
     #[arg(long, default_value = "automp_out")]
     out: PathBuf,
@@ -61,7 +63,13 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
     let config = crate::dataset::quantsim_config(&a.job.config, &a.job.passes)?;
     let options_at = |c: Candidate| {
         let precision = DefaultPrecision { param: c.param, activation: c.activation };
-        SimOptions { scheme: a.job.scheme, threads: a.threads, precision, ..SimOptions::default() }
+        SimOptions {
+            scheme: a.job.scheme,
+            threads: a.threads,
+            precision,
+            converts: a.qdq.converts,
+            ..SimOptions::default()
+        }
     };
     let (model, JobData { calib, eval, labels }) =
         crate::ptq::load_job(&a.job, &a.evaluation, &a.job.ptq, &config, options_at(a.narrow))?;
@@ -149,6 +157,7 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
     }
     qcalib::write_encodings(&wide, EncodingVersion::V1_0_0, &set.staged("model_automp.encodings"))
         .map_err(user)?;
+    a.qdq.write(&wide, &mut set, "model_automp_qdq.onnx")?;
     let report = json!({
         "wide": a.wide.to_string(), "narrow": a.narrow.to_string(), "target": what,
         "narrowed": r.narrowed, "rejected": r.rejected, "score": r.score, "evaluations": r.evaluations,

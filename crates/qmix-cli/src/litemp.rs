@@ -36,6 +36,8 @@ pub struct LitempArgs {
     override_precision: Precision,
     #[command(flatten)]
     evaluation: EvalArgs,
+    #[command(flatten)]
+    qdq: crate::quantsim::QdqArgs,
     /// Output folder.
     #[arg(long, default_value = "litemp_out")]
     out: PathBuf,
@@ -72,6 +74,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         scheme: a.job.scheme,
         threads: a.threads,
         precision: DefaultPrecision::default(),
+        converts: a.qdq.converts,
         ..SimOptions::default()
     };
     let (model, JobData { calib, eval, labels }) =
@@ -180,6 +183,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     )?;
     qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &set.staged("model_mixed.encodings"))
         .map_err(user)?;
+    a.qdq.write(&sim, &mut set, "model_mixed_qdq.onnx")?;
     say!("flipped {} of {} layers; wrote {}", flipped.len(), scores.len(), a.out.display());
     let mut top1_scores = None;
     if let Some(e) = eval_ref {

@@ -169,6 +169,8 @@ fn litemp_scores_flips_and_writes_its_reports() {
         &format!("x={}", calib.display()),
         "--percent",
         "50",
+        "--converts",
+        "--qdq",
         "--quiet",
         "--out",
         out.to_str().unwrap(),
@@ -180,9 +182,18 @@ fn litemp_scores_flips_and_writes_its_reports() {
         "layer_sensitivity_ranked.json",
         "flipped_layers.json",
         "model_mixed.encodings",
+        "model_mixed_qdq.onnx",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
+    let qdq = qgraph::load_path(out.join("model_mixed_qdq.onnx")).unwrap();
+    let types: Vec<DType> = qdq
+        .graph
+        .nodes()
+        .filter(|(_, n)| n.op_type == "QuantizeLinear")
+        .filter_map(|(_, n)| n.input(2).and_then(|z| qdq.graph.value(z).dtype))
+        .collect();
+    assert!(types.contains(&DType::U8) && types.contains(&DType::U16), "{types:?}");
     let flipped: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("flipped_layers.json")).unwrap()).unwrap();
     let n = flipped["n_layers"].as_u64().unwrap();
