@@ -593,6 +593,12 @@ fn parse_precision(v: &Value, path: &str) -> Result<KernelPrecision> {
     Ok(KernelPrecision { bitwidth, float })
 }
 
+/// A `supported_kernels` list in AIMET's format (entries without `param` constrain only the
+/// activation side); `path` names it in errors.
+pub fn parse_supported_kernels(v: &Value, path: &str) -> Result<Vec<Kernel>> {
+    parse_kernels(v, path, false)
+}
+
 fn parse_kernels(v: &Value, path: &str, param_required: bool) -> Result<Vec<Kernel>> {
     let mut out = Vec::new();
     for (i, k) in array(v, path)?.iter().enumerate() {

@@ -15,7 +15,10 @@ mod schemes;
 mod sim;
 mod stats_file;
 
-pub use config::{Defaults, Kernel, KernelPrecision, OpRule, ParamRule, QuantsimConfig, RangeConstraint};
+pub use config::{
+    Defaults, Kernel, KernelPrecision, OpRule, ParamRule, QuantsimConfig, RangeConstraint,
+    parse_supported_kernels,
+};
 pub use converts::{PrecisionConvert, precision_converts};
 pub use encodings::{
     EncodingVersion, LoadOptions, LoadedEncoding, encodings_json, freeze_encodings, load_encodings,

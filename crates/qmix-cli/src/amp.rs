@@ -64,7 +64,7 @@ pub struct AmpArgs {
     #[command(flatten)]
     evaluation: EvalArgs,
     #[command(flatten)]
-    qdq: crate::quantsim::QdqArgs,
+    device: crate::device::DeviceArgs,
     /// Output folder (also holds the resumable cache in .cache/).
     #[arg(long, default_value = "amp_out")]
     out: PathBuf,
@@ -137,12 +137,16 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
     let candidates = a.candidates.0.clone();
     let highest =
         candidates.iter().copied().fold(candidates[0], |m, c| if c.cost() > m.cost() { c } else { m });
-    let config = crate::dataset::quantsim_config(&a.job.config, &a.job.passes)?;
+    let mut config = crate::dataset::quantsim_config(&a.job.config, &a.job.passes)?;
+    let target = a.device.target()?;
+    if let Some(t) = &target {
+        t.apply_to(&mut config);
+    }
     let options = SimOptions {
         scheme: a.job.scheme,
         threads: a.threads,
         precision: DefaultPrecision { param: highest.param, activation: highest.activation },
-        converts: a.qdq.converts,
+        converts: a.device.converts,
         ..SimOptions::default()
     };
     let (model, JobData { calib, eval, labels }) =
@@ -233,10 +237,13 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
     }
     // The reports and the encodings reach --out together (the cache stays in --out/.cache).
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
+    let changes = crate::device::DeviceArgs::legalize_quietly(target.as_ref(), &mut sim, &mut set)?;
+    let legal_score =
+        if changes.is_empty() { None } else { Some(eval_fn(&sim).map_err(|e| user(anyhow::anyhow!(e)))?) };
     qmix::write_amp_report(&result, a.allowed_drop, set.staging_dir()).map_err(user)?;
     qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &set.staged("model_amp.encodings"))
         .map_err(user)?;
-    a.qdq.write(&sim, &mut set, "model_amp_qdq.onnx")?;
+    a.device.write_qdq(&sim, &mut set, "model_amp_qdq.onnx")?;
     set.commit().map_err(user)?;
     let w = result.work;
     say!(
@@ -289,6 +296,12 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
             }
         }
     }
+    if let Some(t) = &target {
+        crate::device::say_changes(t, &changes);
+        if let Some(s) = legal_score {
+            say!("with the target's changes the plan scores {s:.4}");
+        }
+    }
     say!(
         "this run: {} phase-1 and {} phase-2 evaluations, {} calibrations, {} points reused; {} points on record; {:.1} s",
         w.phase1_evaluations,
@@ -309,6 +322,8 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         "final_relative_bitops": result.final_relative_bitops,
         "outcome": format!("{:?}", result.outcome),
         "chosen_by": result.chosen_by,
+        "target_changes": changes.len(),
+        "score_on_target": legal_score,
         "groups": result.groups.len(),
         "evaluations_this_run": {"phase1": w.phase1_evaluations, "phase2": w.phase2_evaluations},
         "phase3": result.phase3.as_ref().map(|p3| p3.plans.iter().map(|p| serde_json::json!({

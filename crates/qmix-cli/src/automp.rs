@@ -40,7 +40,7 @@ pub struct AutompArgs {
     #[command(flatten)]
     evaluation: EvalArgs,
     #[command(flatten)]
-    qdq: crate::quantsim::QdqArgs,
+    device: crate::device::DeviceArgs,
     /// Output folder.
     #[arg(long, default_value = "automp_out")]
     out: PathBuf,
@@ -61,13 +61,14 @@ fn parse_candidate(s: &str) -> Result<Candidate, String> {
 
 pub fn run(a: AutompArgs) -> Result<(), Failure> {
     let config = crate::dataset::quantsim_config(&a.job.config, &a.job.passes)?;
+    let device_target = a.device.target()?;
     let options_at = |c: Candidate| {
         let precision = DefaultPrecision { param: c.param, activation: c.activation };
         SimOptions {
             scheme: a.job.scheme,
             threads: a.threads,
             precision,
-            converts: a.qdq.converts,
+            converts: a.device.converts,
             ..SimOptions::default()
         }
     };
@@ -155,13 +156,21 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
     if let Some(first) = r.rejected.first() {
         say!("stopped at '{first}' ({} rejected)", r.rejected.len());
     }
+    let changes = crate::device::DeviceArgs::legalize(device_target.as_ref(), &mut wide, &mut set)?;
+    let legal_score = if changes.is_empty() {
+        None
+    } else {
+        let s = metric(&wide).map_err(|e| user(anyhow::anyhow!(e)))?;
+        say!("with the target's changes: {}", shown(s));
+        Some(s)
+    };
     qcalib::write_encodings(&wide, EncodingVersion::V1_0_0, &set.staged("model_automp.encodings"))
         .map_err(user)?;
-    a.qdq.write(&wide, &mut set, "model_automp_qdq.onnx")?;
+    a.device.write_qdq(&wide, &mut set, "model_automp_qdq.onnx")?;
     let report = json!({
         "wide": a.wide.to_string(), "narrow": a.narrow.to_string(), "target": what,
         "narrowed": r.narrowed, "rejected": r.rejected, "score": r.score, "evaluations": r.evaluations,
-        "narrowed_mac_share": share,
+        "narrowed_mac_share": share, "score_on_target": legal_score,
         "order": scores.iter().map(|s| json!([s.layer, s.score])).collect::<Vec<_>>(),
     });
     qgraph::write_atomically(&set.staged("automp.json"), qcalib::to_pretty_json(&report).as_bytes())?;

@@ -37,7 +37,7 @@ pub struct LitempArgs {
     #[command(flatten)]
     evaluation: EvalArgs,
     #[command(flatten)]
-    qdq: crate::quantsim::QdqArgs,
+    device: crate::device::DeviceArgs,
     /// Output folder.
     #[arg(long, default_value = "litemp_out")]
     out: PathBuf,
@@ -70,11 +70,12 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         return Err(user(anyhow::anyhow!("--override must be int16 or fp16, not {}", a.override_precision)));
     }
     let config = crate::dataset::quantsim_config(&a.job.config, &a.job.passes)?;
+    let device_target = a.device.target()?;
     let options = SimOptions {
         scheme: a.job.scheme,
         threads: a.threads,
         precision: DefaultPrecision::default(),
-        converts: a.qdq.converts,
+        converts: a.device.converts,
         ..SimOptions::default()
     };
     let (model, JobData { calib, eval, labels }) =
@@ -143,6 +144,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         .map_err(user)?;
         let verdict = if r.reached { "reaches" } else { "even with every layer flipped misses" };
         say!("{} layers flipped: PSNR {:.2} dB {verdict} the target {target} dB", r.flipped.len(), r.score);
+        crate::device::DeviceArgs::legalize(device_target.as_ref(), &mut sim, &mut set)?;
         r.flipped
     } else {
         let flipped = match a.count {
@@ -150,6 +152,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
             None => qmix::flip_layers_to_higher_precision(&mut sim, &scores, a.percent, o, o),
         }
         .map_err(user)?;
+        crate::device::DeviceArgs::legalize(device_target.as_ref(), &mut sim, &mut set)?;
         let pb = bar(batches, "recalibrating", "batches", a.quiet);
         sim.calibrate(calib.batches(a.job.batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
         pb.finish_and_clear();
@@ -183,7 +186,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     )?;
     qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &set.staged("model_mixed.encodings"))
         .map_err(user)?;
-    a.qdq.write(&sim, &mut set, "model_mixed_qdq.onnx")?;
+    a.device.write_qdq(&sim, &mut set, "model_mixed_qdq.onnx")?;
     say!("flipped {} of {} layers; wrote {}", flipped.len(), scores.len(), a.out.display());
     let mut top1_scores = None;
     if let Some(e) = eval_ref {

@@ -15,6 +15,7 @@ mod analyze;
 mod automp;
 mod autoquant;
 mod dataset;
+mod device;
 mod images;
 mod litemp;
 mod npy_half;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use qcalib::{DefaultPrecision, EncodingVersion, Precision, QdqOptions, QuantSim, Scheme, SimOptions};
+use qcalib::{DefaultPrecision, EncodingVersion, Precision, QuantSim, Scheme, SimOptions};
 use qgraph::Tensor;
 
 use crate::dataset::{
@@ -58,7 +58,7 @@ pub struct QuantsimArgs {
     #[arg(long, default_value = "1.0.0", value_parser = parse_version)]
     encoding_version: EncodingVersion,
     #[command(flatten)]
-    qdq: QdqArgs,
+    device: crate::device::DeviceArgs,
     #[command(flatten)]
     ptq: crate::ptq::PtqArgs,
     #[command(flatten)]
@@ -110,6 +110,7 @@ fn parse_version(s: &str) -> Result<EncodingVersion, String> {
 
 pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
     let config = crate::dataset::quantsim_config(&a.config, &a.passes)?;
+    let target = a.device.target()?;
     let model = qgraph::load_path(&a.model)?;
     let options = SimOptions {
         precision: DefaultPrecision { param: a.param, activation: a.activation },
@@ -117,7 +118,7 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         threads: a.threads,
         calibrate_with_float_weights: a.calibrate_activations_with_float_weights,
         rounding: a.rounding,
-        converts: a.qdq.converts,
+        converts: a.device.converts,
     };
     let calib = if a.calib.is_empty() {
         None
@@ -182,6 +183,7 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
             );
         }
     }
+    crate::device::DeviceArgs::legalize(target.as_ref(), &mut sim, &mut set)?;
     for w in sim.warnings() {
         crate::emit(true, format_args!("warning: {w}"));
     }
@@ -218,55 +220,7 @@ fn write_outputs(a: &QuantsimArgs, sim: &QuantSim, set: &mut qgraph::OutputSet) 
         set.final_path("model.onnx").display(),
         set.final_path("placement.json").display()
     );
-    a.qdq.write(sim, set, "model_qdq.onnx")
-}
-
-/// The device-facing options every job command shares: converts and the QDQ export.
-#[derive(clap::Args)]
-pub(crate) struct QdqArgs {
-    /// Simulate the precision converts a device inserts where an op reads a tensor at another
-    /// integer precision (int16 output read by an int8 layer, and back), as QNN and onnxruntime's
-    /// mixed-precision QDQ models run them; AIMET's simulation leaves them out. The QDQ model then
-    /// carries the convert pairs.
-    #[arg(long)]
-    pub(crate) converts: bool,
-    /// Also write a QDQ ONNX model of the simulation: each quantized tensor at its own precision,
-    /// with a convert pair where an op reads a tensor at another integer precision.
-    #[arg(long)]
-    qdq: bool,
-    /// In the QDQ model, store weights as integers plus DequantizeLinear.
-    #[arg(long, requires = "qdq")]
-    prequantize_weights: bool,
-    /// In the QDQ model, store Conv/Gemm biases as int32 plus DequantizeLinear.
-    #[arg(long, requires = "qdq")]
-    int32_bias: bool,
-}
-
-impl QdqArgs {
-    /// With `--qdq`, stages the QDQ model of `sim` as `file` in `set`.
-    pub(crate) fn write(
-        &self,
-        sim: &QuantSim,
-        set: &mut qgraph::OutputSet,
-        file: &str,
-    ) -> Result<(), Failure> {
-        if !self.qdq {
-            return Ok(());
-        }
-        let options =
-            QdqOptions { prequantize_weights: self.prequantize_weights, int32_bias: self.int32_bias };
-        qcalib::write_qdq_model(sim, options, &set.staged(file)).map_err(user)?;
-        let converts = sim.converts().map_err(user)?;
-        match converts.len() {
-            0 => say!("wrote {}", set.final_path(file).display()),
-            n => say!(
-                "wrote {} ({n} precision convert{})",
-                set.final_path(file).display(),
-                if n == 1 { "" } else { "s" }
-            ),
-        }
-        Ok(())
-    }
+    a.device.write_qdq(sim, set, "model_qdq.onnx")
 }
 
 /// Runs the evaluation data; returns FP32 and simulated top-1 when labels were given. FP32 is the

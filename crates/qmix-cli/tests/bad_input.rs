@@ -153,4 +153,21 @@ fn corrupt_caches_and_bad_options() {
     fails_naming(&["litemp", m, "--no-such-flag"], &["--no-such-flag"]);
     fails_naming(&["analyze", m, "--config", "no_such_config", "--quiet"], &["no_such_config"]);
     fails_naming(&["litemp", m, "--override", "int8", "--quiet"], &["int8"]);
+    fails_naming(&["litemp", m, "--target", "no_such_target", "--quiet"], &["no_such_target", "htp_v73"]);
+    // Every candidate illegal on the target: AMP refuses, naming the group and its ops.
+    fails_naming(
+        &[
+            "amp",
+            m,
+            "--target",
+            "htp_v73",
+            "--candidates",
+            "w16a8,w4a4",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+            "--clean-start",
+        ],
+        &["no candidate is supported", "Conv"],
+    );
 }

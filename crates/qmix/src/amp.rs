@@ -438,7 +438,7 @@ pub fn choose_mixed_precision(
         }
     }
     let labels: Vec<String> = options.candidates.iter().map(ToString::to_string).collect();
-    let settings = json!({
+    let mut settings = json!({
         "model": sim.model().graph.name,
         "nodes": sim.model().graph.node_count(),
         "groups": groups.iter().map(QuantizerGroup::label).collect::<Vec<_>>(),
@@ -450,6 +450,10 @@ pub fn choose_mixed_precision(
         "phase1_metric": options.phase1_metric.name(),
         "phase2": phase2.description,
     });
+    // Simulated converts change every mixed score (a key only when on: older caches stay valid).
+    if sim.options().converts {
+        settings["converts"] = json!(true);
+    }
     if let Some((i, n)) = options.shard
         && (n == 0 || i >= n)
     {

@@ -10,6 +10,7 @@
 //!   predicted plan for every bit-ops budget; phase 2 verifies them by evaluation.
 //! - Phase 3 (spec §7.9): raise activation precisions to cut precision converts, solved exactly
 //!   over the quantizer-group graph for every convert budget.
+//! - Target legality: the precision pairs a runtime executes; plans repaired to them.
 //! - AutoQuant: batch-norm folding, then CLE, then AdaRound, until one is within the allowed drop.
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ mod groups;
 mod lite_mp;
 mod quark;
 mod search;
+mod target;
 
 use std::path::PathBuf;
 
@@ -48,6 +50,7 @@ pub use groups::{QuantizerGroup, find_quantizer_groups};
 pub use lite_mp::{FlipError, FlipUntil, Flipped, flip_count, flip_layers_to_higher_precision, flip_until};
 pub use quark::{NarrowResult, narrow_until};
 pub use search::{SearchAlgo, pareto_indices, search};
+pub use target::{PlanChange, Target, legalize};
 
 /// Errors of mixed-precision search.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,28 @@ pub enum AmpError {
         group: String,
         /// Its op types.
         ops: String,
+    },
+    /// A target description that cannot be used.
+    #[error("target {target}: {detail}")]
+    Target {
+        /// Preset name or file.
+        target: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// An op of the plan has no legal precision pair on the target.
+    #[error(
+        "op '{op}' ({op_type}) runs at {pair}, which target {target} does not support, and no supported pair can replace it"
+    )]
+    Illegal {
+        /// The node.
+        op: String,
+        /// Its op type.
+        op_type: String,
+        /// Its (weight, activation) pair, e.g. `W16A8`.
+        pair: String,
+        /// The target.
+        target: String,
     },
     /// Bad settings.
     #[error("AMP: {0}")]
