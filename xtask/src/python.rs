@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 /// Pinned versions of the oracle packages.
-const PACKAGES: &[&str] = &["onnx==1.17.0", "onnxruntime==1.31.1", "numpy"];
+const PACKAGES: &[&str] = &["onnx==1.17.0", "onnxruntime==1.31.1", "numpy", "ml_dtypes"];
 
 fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
@@ -15,7 +15,7 @@ fn python() -> String {
 
 /// Installs the oracle packages unless they import already.
 pub fn ensure_oracles() -> Result<()> {
-    let ok = Command::new(python()).args(["-c", "import onnx, onnxruntime, numpy"]).output();
+    let ok = Command::new(python()).args(["-c", "import onnx, onnxruntime, numpy, ml_dtypes"]).output();
     if ok.is_ok_and(|o| o.status.success()) {
         return Ok(());
     }

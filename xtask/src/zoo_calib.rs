@@ -229,16 +229,66 @@ pub(crate) fn mixed_plan_in_onnxruntime(
     sim.set_rounding(qcalib::Rounding::HalfToEven)?;
     let even = top1(sim, c, images, rows, labels)?;
     let (written, optimised) = qdq_top1_in_onnxruntime(sim, tag, c, images, rows, labels)?;
+    let roundtrip = overrides_through_quantize_static(sim, tag, c, images, rows)?;
     sim.set_rounding(qcalib::Rounding::HalfAwayFromZero)?;
     sim.set_converts(false)?;
+    let compared = roundtrip["compared"].as_u64().unwrap_or(0);
+    let equal = roundtrip["equal"].as_u64().unwrap_or(0);
     let line = format!(
         "{converts} precision converts; simulated with them: top-1 {with_converts:.4} ({even:.4} with ONNX's tie rounding); \
-         its QDQ export in onnxruntime {written:.4} as written, {optimised:.4} optimised"
+         its QDQ export in onnxruntime {written:.4} as written, {optimised:.4} optimised; \
+         onnxruntime's quantize_static from its TensorQuantOverrides: {equal} of {compared} tensors at the export's precisions \
+         ({} constants it leaves in float, {} more tensors it quantizes)",
+        roundtrip["constants_left_in_float"], roundtrip["extra_in_onnxruntime"]
     );
-    let failure = ((written - even).abs() > 0.0025 + 1e-9).then(|| {
-        format!("{} {tag}: QDQ export top-1 {written:.4} in onnxruntime vs {even:.4} simulated", c.name)
-    });
-    Ok((line, failure))
+    let mut failures = Vec::new();
+    if (written - even).abs() > 0.0025 + 1e-9 {
+        failures.push(format!(
+            "{} {tag}: QDQ export top-1 {written:.4} in onnxruntime vs {even:.4} simulated",
+            c.name
+        ));
+    }
+    if roundtrip["differences"].as_array().is_none_or(|d| !d.is_empty()) || compared == 0 {
+        failures.push(format!(
+            "{} {tag}: TensorQuantOverrides round trip differs: {}",
+            c.name, roundtrip["differences"]
+        ));
+    }
+    Ok((line, (!failures.is_empty()).then(|| failures.join("; "))))
+}
+
+/// Writes the simulation's plan as TensorQuantOverrides, quantizes the float model with
+/// onnxruntime's `quantize_static` from it (8 images calibrate what the plan leaves open) and
+/// returns the script's comparison with the QDQ export `qdq_top1_in_onnxruntime` wrote.
+fn overrides_through_quantize_static(
+    sim: &QuantSim,
+    tag: &str,
+    c: &Classifier,
+    images: &ndarray::Array4<u8>,
+    rows: &[usize],
+) -> Result<Value> {
+    let dir = crate::zoo::out_dir()?;
+    let overrides = dir.join(format!("{}_{tag}_overrides.json", c.name));
+    std::fs::write(&overrides, qcalib::to_pretty_json(&qcalib::tensor_quant_overrides(sim)?))?;
+    let calib = dir.join(format!("{}_{tag}_ort_calib.npy", c.name));
+    let x = c.batch(images, &rows[..8.min(rows.len())]);
+    ndarray_npy::write_npy(&calib, &x.as_f32().context("f32 inputs")?.to_owned())?;
+    let input = sim.model().graph.value(sim.model().graph.inputs()[0]).name.clone();
+    let ours = dir.join(format!("{}_{tag}_qdq.onnx", c.name));
+    let theirs = dir.join(format!("{}_{tag}_ort_quantized.onnx", c.name));
+    let model = crate::zoo::zoo_dir()?.join(format!("models/{}.onnx", c.name));
+    let out = crate::python::script_output(
+        "overrides_roundtrip.py",
+        &[
+            &model.display().to_string(),
+            &overrides.display().to_string(),
+            &ours.display().to_string(),
+            &theirs.display().to_string(),
+            &format!("{input}={}", calib.display()),
+        ],
+    )?;
+    let last = out.lines().last().context("no output from overrides_roundtrip.py")?;
+    Ok(serde_json::from_str(last)?)
 }
 
 pub(crate) fn top1(

@@ -8,6 +8,7 @@ mod config;
 mod converts;
 mod encodings;
 mod error;
+mod overrides;
 mod patterns;
 mod placement;
 mod qdq;
@@ -25,6 +26,7 @@ pub use encodings::{
     parse_encodings, read_encodings, to_pretty_json, write_encodings,
 };
 pub use error::{CalibError, Result};
+pub use overrides::{AppliedPlan, apply_tensor_quant_overrides, tensor_quant_overrides};
 pub use patterns::CHANNEL_CLIP_MARK;
 pub use placement::{
     DefaultPrecision, GRID_PRESERVING_OPS, Granularity, Placement, Precision, QuantizedTensor, Quantizer,

@@ -23,8 +23,9 @@ pub(crate) struct DeviceArgs {
     /// carries the convert pairs.
     #[arg(long)]
     pub(crate) converts: bool,
-    /// Also write a QDQ ONNX model of the simulation: each quantized tensor at its own precision,
-    /// with a convert pair where an op reads a tensor at another integer precision.
+    /// Also write a QDQ ONNX model of the simulation (each quantized tensor at its own precision,
+    /// with a convert pair where an op reads a tensor at another integer precision) and the plan
+    /// as onnxruntime's TensorQuantOverrides (tensor_quant_overrides.json, types by name).
     #[arg(long)]
     qdq: bool,
     /// In the QDQ model, store weights as integers plus DequantizeLinear.
@@ -85,6 +86,11 @@ impl DeviceArgs {
         let options =
             QdqOptions { prequantize_weights: self.prequantize_weights, int32_bias: self.int32_bias };
         qcalib::write_qdq_model(sim, options, &set.staged(file)).map_err(user)?;
+        let overrides = qcalib::tensor_quant_overrides(sim).map_err(user)?;
+        qgraph::write_atomically(
+            &set.staged("tensor_quant_overrides.json"),
+            qcalib::to_pretty_json(&overrides).as_bytes(),
+        )?;
         match sim.converts().map_err(user)?.len() {
             0 => say!("wrote {}", set.final_path(file).display()),
             n => say!(

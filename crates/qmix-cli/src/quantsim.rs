@@ -28,6 +28,11 @@ pub struct QuantsimArgs {
     /// Reuse statistics saved with --save-stats instead of calibrating (no --calib needed).
     #[arg(long)]
     load_stats: Option<PathBuf>,
+    /// A precision plan to simulate: onnxruntime TensorQuantOverrides as JSON with types by name
+    /// (what --qdq writes beside the QDQ model). Each listed tensor takes its quant_type's
+    /// precision; `convert` entries turn --converts on. Encodings come from calibration.
+    #[arg(long)]
+    plan: Option<PathBuf>,
     /// Samples per calibration batch (AIMET's examples use 32; TF-enhanced depends on it).
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -145,6 +150,9 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
     }
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
     qcalib::freeze_encodings(&mut sim, &frozen);
+    if let Some(path) = &a.plan {
+        apply_plan(&mut sim, path)?;
+    }
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     if let Some(r) = &ptq_report {
         qgraph::write_atomically(&set.staged("ptq.json"), qcalib::to_pretty_json(r).as_bytes())?;
@@ -203,6 +211,31 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         "top1": top1.map(|(f, s)| serde_json::json!({"fp32": f, "simulated": s})),
         "warnings": sim.warnings(),
     }));
+    Ok(())
+}
+
+/// Largest plan file read.
+const MAX_PLAN_BYTES: u64 = 256 << 20;
+
+/// Sets the precisions of the TensorQuantOverrides plan at `path` on `sim`.
+fn apply_plan(sim: &mut QuantSim, path: &std::path::Path) -> Result<(), Failure> {
+    let bad = |detail: String| user(anyhow::anyhow!("{}: {detail}", path.display()));
+    let size = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?.len();
+    if size > MAX_PLAN_BYTES {
+        return Err(bad(format!("{size} bytes; a plan is at most {MAX_PLAN_BYTES}")));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let plan: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let applied = qcalib::apply_tensor_quant_overrides(sim, &plan).map_err(|e| bad(e.to_string()))?;
+    if applied.converts {
+        sim.set_converts(true).map_err(user)?;
+    }
+    say!(
+        "plan {}: {} tensors set{}",
+        path.display(),
+        applied.tensors,
+        if applied.converts { ", precision converts simulated" } else { "" }
+    );
     Ok(())
 }
 
