@@ -8,11 +8,12 @@
 //! their reader's precision and never converted; float (fp16/bf16) boundaries are casts, not
 //! converts, and are left as the simulation has them.
 //!
-//! The converted grid spans the same range as the tensor's own: from 8 to 16 bits this is exact
+//! Per-channel activation grids (rare) are not converted. The converted grid spans the same range
+//! as the tensor's own: from 8 to 16 bits this is exact
 //! (every 8-bit level is a 16-bit level, the step divides by 257 or 256), from 16 to 8 bits it
 //! rounds to the coarser grid the reading op sees on the device.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use qgraph::{Graph, NodeId, ValueId};
 use qkernels::{Encoding, QuantSpec};
@@ -56,12 +57,11 @@ pub fn precision_converts(g: &Graph, placement: &Placement) -> Result<Vec<Precis
         // the node that reads the value.
         let mut stack: Vec<(ValueId, NodeId)> =
             g.node(node).inputs().iter().flatten().map(|&v| (v, node)).collect();
-        let mut seen: Vec<ValueId> = Vec::new();
+        let mut seen: HashSet<(ValueId, NodeId)> = HashSet::new();
         while let Some((v, reader)) = stack.pop() {
-            if seen.contains(&v) {
+            if !seen.insert((v, reader)) {
                 continue;
             }
-            seen.push(v);
             if placement.is_enabled(v) {
                 if let Some(from) = activation_precision(placement, v)
                     && from != to
@@ -95,12 +95,9 @@ pub fn precision_converts(g: &Graph, placement: &Placement) -> Result<Vec<Precis
                     detail: "enabled but not calibrated".into(),
                 });
             }
-            _ => {
-                return Err(CalibError::Quantizer {
-                    tensor: name(),
-                    detail: "a per-channel activation cannot be converted to another precision".into(),
-                });
-            }
+            // A per-channel activation grid has no single range to convert: its readers see it
+            // as it is (in the simulation and in the export alike).
+            _ => continue,
         };
         let spec = QuantSpec { bitwidth: to.bits(), ..q.spec() };
         let encoding = Encoding::from_range(own.min, own.max, spec)

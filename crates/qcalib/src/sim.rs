@@ -140,7 +140,12 @@ impl QuantSim {
     /// layers read).
     pub fn set_converts(&mut self, converts: bool) -> Result<()> {
         self.options.converts = converts;
-        if self.session.is_some() { self.compute_encodings() } else { Ok(()) }
+        match (&self.session, self.stats.is_empty()) {
+            (None, _) => Ok(()),
+            // Loaded encodings: nothing to re-derive them from.
+            (Some(_), true) => self.refresh(),
+            (Some(_), false) => self.compute_encodings(),
+        }
     }
 
     /// The quantizer side table.

@@ -278,67 +278,79 @@ fn activation_quantizer(sim: &QuantSim, g: &Graph, node: NodeId) -> Option<Quant
     None
 }
 
-/// Makes the plan in `sim` legal for `target` (see the module doc) and re-derives the encodings
-/// of a calibrated simulation; returns every change, in graph order.
-pub fn legalize(sim: &mut QuantSim, target: &Target) -> Result<Vec<PlanChange>, AmpError> {
-    let g = sim.model().graph.clone();
-    let mut changes: Vec<PlanChange> = Vec::new();
-    for pass in 0.. {
-        let mut changed = false;
-        for (id, node) in g.nodes() {
-            let kernels = target.kernels_for(&node.op_type);
-            if kernels.is_empty()
-                || !sim
-                    .placement()
-                    .op_quantizers(&g, id)
-                    .iter()
-                    .any(|&q| sim.placement().quantizer(q).enabled)
-            {
-                continue;
-            }
-            let Some(aq) = activation_quantizer(sim, &g, id) else { continue };
-            let activation = sim.placement().quantizer(aq).precision;
-            let weight = sim
-                .placement()
-                .param_quantizers(&g, id)
-                .into_iter()
-                .find(|(role, q)| *role == ParamRole::Weight && sim.placement().quantizer(*q).enabled)
-                .map(|(_, q)| q);
-            let param = weight.map(|q| sim.placement().quantizer(q).precision);
-            if target.allows(&node.op_type, param, activation) {
-                continue;
-            }
-            let refuse = || AmpError::Illegal {
+/// An op at an unsupported pair: its activation quantizer, its weight quantizer and the change
+/// that makes it legal.
+type Repair = (QuantizerId, Option<QuantizerId>, PlanChange);
+
+/// The ops of `sim` at a pair `target` does not support, each with its repair.
+fn illegal_ops(sim: &QuantSim, target: &Target) -> Result<Vec<Repair>, AmpError> {
+    let g = &sim.model().graph;
+    let placement = sim.placement();
+    let mut found = Vec::new();
+    for (id, node) in g.nodes() {
+        let kernels = target.kernels_for(&node.op_type);
+        if kernels.is_empty()
+            || !placement.op_quantizers(g, id).iter().any(|&q| placement.quantizer(q).enabled)
+        {
+            continue;
+        }
+        let Some(aq) = activation_quantizer(sim, g, id) else { continue };
+        let activation = placement.quantizer(aq).precision;
+        let weight = placement
+            .param_quantizers(g, id)
+            .into_iter()
+            .find(|(role, q)| *role == ParamRole::Weight && placement.quantizer(*q).enabled)
+            .map(|(_, q)| q);
+        let param = weight.map(|q| placement.quantizer(q).precision);
+        if target.allows(&node.op_type, param, activation) {
+            continue;
+        }
+        let Some((param_after, activation_after, raised)) = repair(kernels, param, activation) else {
+            return Err(AmpError::Illegal {
                 op: node.name.clone(),
                 op_type: node.op_type.clone(),
                 pair: pair(param, activation),
                 target: target.name.clone(),
-            };
-            let Some((param_after, activation_after, raised)) = repair(kernels, param, activation) else {
-                return Err(refuse());
-            };
-            if pass >= MAX_PASSES {
-                return Err(refuse());
-            }
-            let placement = sim.placement_mut();
-            placement.quantizer_mut(aq).set_precision(activation_after);
-            if let (Some(wq), Some(w)) = (weight, param_after) {
-                placement.quantizer_mut(wq).set_precision(w);
-            }
-            changes.push(PlanChange {
-                op: node.name.clone(),
-                op_type: node.op_type.clone(),
-                param_before: param,
-                activation_before: activation,
-                param_after,
-                activation_after,
-                raised,
             });
-            changed = true;
+        };
+        let change = PlanChange {
+            op: node.name.clone(),
+            op_type: node.op_type.clone(),
+            param_before: param,
+            activation_before: activation,
+            param_after,
+            activation_after,
+            raised,
+        };
+        found.push((aq, weight, change));
+    }
+    Ok(found)
+}
+
+/// Makes the plan in `sim` legal for `target` (see the module doc) and re-derives the encodings
+/// of a calibrated simulation; returns every change, in graph order within each pass.
+pub fn legalize(sim: &mut QuantSim, target: &Target) -> Result<Vec<PlanChange>, AmpError> {
+    let mut changes: Vec<PlanChange> = Vec::new();
+    for pass in 0..=MAX_PASSES {
+        let found = illegal_ops(sim, target)?;
+        let Some((_, _, first)) = found.first() else { break };
+        if pass == MAX_PASSES {
+            // Repairs that keep undoing each other (quantizers shared across ops, frozen ones).
+            return Err(AmpError::Illegal {
+                op: first.op.clone(),
+                op_type: first.op_type.clone(),
+                pair: pair(first.param_before, first.activation_before),
+                target: target.name.clone(),
+            });
         }
-        if !changed {
-            break;
+        let placement = sim.placement_mut();
+        for (aq, wq, c) in &found {
+            placement.quantizer_mut(*aq).set_precision(c.activation_after);
+            if let (Some(wq), Some(w)) = (wq, c.param_after) {
+                placement.quantizer_mut(*wq).set_precision(w);
+            }
         }
+        changes.extend(found.into_iter().map(|(_, _, c)| c));
     }
     if !changes.is_empty() {
         sim.apply_exception_rules()?;
