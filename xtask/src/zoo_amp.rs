@@ -73,6 +73,7 @@ pub fn check(zoo: &Path) -> Result<()> {
         phase1_metric: Metric::AmpSqnr,
         use_all_amp_candidates: false,
         mac_ops: MacOps::AimetCompatible,
+        cost_table: None,
         results_dir: Some(results_dir.clone()),
         clean_start: true,
         shard: None,

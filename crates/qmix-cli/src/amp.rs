@@ -47,6 +47,11 @@ pub struct AmpArgs {
     /// Count only Conv and Gemm in bit-ops, as AIMET does (default: also ConvTranspose, MatMul).
     #[arg(long)]
     aimet_macs: bool,
+    /// Measured costs in place of bit-ops: JSON {"unit": "us", "ops": {OP: {"W8A8": 12.5, …}}}
+    /// pricing every weighted op at every candidate (e.g. latencies profiled on the target). The
+    /// search, the budget search and phase 3 then trade accuracy against this cost.
+    #[arg(long)]
+    cost: Option<PathBuf>,
     /// Give every group every candidate, ignoring the config's supported_kernels.
     #[arg(long)]
     use_all_candidates: bool,
@@ -179,6 +184,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
             (None, None) => Err("no phase-2 metric".into()),
         }
     };
+    let cost_table = a.cost.as_deref().map(qmix::CostTable::load).transpose().map_err(user)?;
     let amp_options = AmpOptions {
         candidates,
         allowed_accuracy_drop: a.allowed_drop,
@@ -188,6 +194,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         phase1_metric: a.phase1_metric,
         use_all_amp_candidates: a.use_all_candidates,
         mac_ops: if a.aimet_macs { MacOps::AimetCompatible } else { MacOps::All },
+        cost_table,
         results_dir: Some(a.out.clone()),
         clean_start: a.clean_start,
         shard: a.shard,

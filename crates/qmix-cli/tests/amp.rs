@@ -165,3 +165,36 @@ fn phase3_writes_one_plan_per_alpha() {
     assert_eq!(phase2, std::fs::read(out.join("AMP_ph3_export_alpha_1.0.encodings")).unwrap());
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn a_cost_table_replaces_bit_ops_and_belongs_to_the_cache_settings() {
+    let out = scratch("cost");
+    let table = |cost: f64| {
+        let row: serde_json::Value = ["W16A16", "W8A16", "W16A8", "W8A8"]
+            .iter()
+            .map(|p| (p.to_string(), serde_json::json!(cost)))
+            .collect();
+        let doc = serde_json::json!({"unit": "us", "ops": {"features": row.clone(), "logits": row}});
+        let path = out.join(format!("cost_{cost}.json"));
+        std::fs::write(&path, doc.to_string()).unwrap();
+        path
+    };
+    let flat = table(3.0);
+    run_to_end(&out.join("run"), &["--cost", flat.to_str().unwrap()]);
+    // Every plan costs the same under a flat table.
+    let info = json(&out.join("run/amp_info.json"));
+    assert_eq!(info["final_relative_bitops"], 1.0);
+    let other = table(5.0);
+    let o = amp(&out.join("run"), &["--cost", other.to_str().unwrap()]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("other settings"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::write(out.join("bad.json"), r#"{"ops": {"features": {"W8A8": 1}}}"#).unwrap();
+    let o = amp(&out.join("bad"), &["--cost", out.join("bad.json").to_str().unwrap()]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cost table") && !err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
+}

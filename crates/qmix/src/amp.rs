@@ -25,7 +25,7 @@ use serde_json::json;
 
 use crate::AmpError;
 use crate::amp_cache::AmpCache;
-use crate::bitops::{BitOps, MacOps};
+use crate::bitops::{BitOps, CostTable, MacOps};
 use crate::budget::{Plan, area_between, predicted_front};
 use crate::candidate::{Candidate, supported_candidates};
 use crate::convert_ops::{GroupGraph, Phase3Options, Phase3Result, plan_phase3};
@@ -52,6 +52,8 @@ pub struct AmpOptions {
     pub use_all_amp_candidates: bool,
     /// Which ops count in bit-ops.
     pub mac_ops: MacOps,
+    /// Measured costs of the counted ops in place of bit-ops (`None`: `MAC × bits`).
+    pub cost_table: Option<CostTable>,
     /// Where results and the resumable cache go (`None`: nothing written, nothing cached).
     pub results_dir: Option<PathBuf>,
     /// Discard an existing cache.
@@ -84,6 +86,7 @@ impl AmpOptions {
             phase1_metric: Metric::AmpSqnr,
             use_all_amp_candidates: false,
             mac_ops: MacOps::All,
+            cost_table: None,
             results_dir: None,
             clean_start: false,
             shard: None,
@@ -454,6 +457,9 @@ pub fn choose_mixed_precision(
     if sim.options().converts {
         settings["converts"] = json!(true);
     }
+    if let Some(table) = &options.cost_table {
+        settings["cost_table"] = json!(table.checksum());
+    }
     if let Some((i, n)) = options.shard
         && (n == 0 || i >= n)
     {
@@ -511,6 +517,10 @@ pub fn choose_mixed_precision(
         .expect("at least one baseline option");
     let starting = assignment_for(baseline);
     let bitops = BitOps::new(run.sim, &run.groups, baseline, options.mac_ops);
+    let bitops = match &options.cost_table {
+        Some(table) => bitops.with_table(run.sim, table, &options.candidates)?,
+        None => bitops,
+    };
     let start_bitops = bitops.total(&starting);
     let relative = |a: &[Candidate]| if start_bitops > 0.0 { bitops.total(a) / start_bitops } else { 1.0 };
     let (lowest, lowest_score) = baseline_scores

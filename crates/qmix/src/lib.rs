@@ -39,7 +39,7 @@ pub use amp_report::write_amp_report;
 pub use autoquant::{
     AutoQuantAmp, AutoQuantError, AutoQuantOptions, AutoQuantResult, AutoQuantStage, StageScore, auto_quant,
 };
-pub use bitops::{BitOps, CostedOp, MacOps};
+pub use bitops::{BitOps, CostTable, CostedOp, MacOps};
 pub use budget::{Plan, area_between, predicted_front};
 pub use candidate::{Candidate, effective_bits, supported_candidates};
 pub use convert_ops::{

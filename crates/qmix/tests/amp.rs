@@ -129,3 +129,77 @@ fn phase3_raises_activations_to_cut_converts_at_least_cost() {
     let p3 = qmix::plan_phase3(graph, &groups, &supported, &uniform, &bitops, start, &options).unwrap();
     assert!(p3.skipped.is_some() && p3.plans.is_empty());
 }
+
+/// A cost table with `cost(op, pair)` for every counted op of the bars model at `pairs`.
+fn table(
+    s: &QuantSim,
+    bitops: &BitOps,
+    pairs: &[&str],
+    cost: impl Fn(u64, Candidate) -> f64,
+) -> qmix::CostTable {
+    let g = &s.model().graph;
+    let ops = bitops
+        .ops()
+        .iter()
+        .map(|op| {
+            let row = pairs
+                .iter()
+                .map(|p| {
+                    let c = Candidate::parse(p).unwrap();
+                    (c, cost(op.macs, c))
+                })
+                .collect();
+            (g.node(op.node).name.clone(), row)
+        })
+        .collect();
+    qmix::CostTable { unit: "us".into(), ops }
+}
+
+#[test]
+fn a_cost_table_prices_the_ops_in_place_of_bit_ops() {
+    let s = sim("default_per_tensor");
+    let groups = find_quantizer_groups(&s.model().graph, s.placement()).unwrap();
+    let names = ["w16a16", "w8a16", "w16a8", "w8a8"];
+    let cands: Vec<Candidate> = names.iter().map(|n| Candidate::parse(n).unwrap()).collect();
+    let bitops = BitOps::new(&s, &groups, cands[0], MacOps::All);
+    // Latency proportional to bit-ops: every cost scales by the same factor.
+    let pairs = ["W16A16", "W8A16", "W16A8", "W8A8"];
+    let proportional = table(&s, &bitops, &pairs, |macs, c| {
+        0.5 * macs as f64 * qmix::effective_bits(c.activation) * qmix::effective_bits(c.param)
+    });
+    let measured = bitops.clone().with_table(&s, &proportional, &cands).unwrap();
+    let w8a8 = vec![cands[3]; groups.len()];
+    assert_eq!(measured.total(&w8a8), 0.5 * bitops.total(&w8a8));
+    for g in 0..groups.len() {
+        assert_eq!(measured.group_cost(g, cands[1]), 0.5 * bitops.group_cost(g, cands[1]));
+    }
+    // A flat table: precision changes nothing.
+    let flat = bitops.clone().with_table(&s, &table(&s, &bitops, &pairs, |_, _| 7.0), &cands).unwrap();
+    assert_eq!(flat.total(&w8a8), flat.uniform(groups.len(), cands[0]));
+    assert_eq!(flat.reduction(0, cands[3], cands[0]), 0.0);
+    // Refused: a missing pair, an op left out, an op that is not counted.
+    let err = |t: qmix::CostTable| bitops.clone().with_table(&s, &t, &cands).unwrap_err().to_string();
+    assert!(err(table(&s, &bitops, &pairs[..3], |_, _| 1.0)).contains("no cost at"));
+    let mut partial = table(&s, &bitops, &pairs, |_, _| 1.0);
+    let dropped = partial.ops.keys().next().unwrap().clone();
+    partial.ops.remove(&dropped);
+    assert!(err(partial).contains(&dropped));
+    let mut extra = table(&s, &bitops, &pairs, |_, _| 1.0);
+    extra.ops.insert("pooled".into(), extra.ops.values().next().unwrap().clone());
+    assert!(err(extra).contains("'pooled'"));
+}
+
+#[test]
+fn cost_tables_are_parsed_strictly() {
+    let t = qmix::CostTable::parse(
+        r#"{"unit": "us", "ops": {"features": {"W8A8": 1.5, "a16w16": 4}}}"#,
+        "t.json",
+    )
+    .unwrap();
+    assert_eq!(t.ops["features"][&Candidate::parse("w16a16").unwrap()], 4.0);
+    let err = |text: &str| qmix::CostTable::parse(text, "t.json").unwrap_err().to_string();
+    assert!(err("{}").contains("\"ops\""));
+    assert!(err(r#"{"ops": {"features": {"W99A8": 1}}}"#).contains("W99A8"));
+    assert!(err(r#"{"ops": {"features": {"W8A8": -1}}}"#).contains("ops.features.W8A8"));
+    assert!(err("[").contains("not JSON"));
+}
