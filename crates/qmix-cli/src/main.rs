@@ -20,6 +20,7 @@ mod images;
 mod litemp;
 mod npy_half;
 mod profile;
+mod profile_costs;
 mod ptq;
 mod quantsim;
 
@@ -177,6 +178,11 @@ enum Command {
     ///
     /// Example: qmix automp model.onnx --calib input=calib.npy --eval input=eval.npy --labels labels.npy --max-drop 0.01
     Automp(automp::AutompArgs),
+    /// Time every weighted op at every precision pair as a one-op QDQ model in onnxruntime (the
+    /// Python package here, any execution provider) and write the cost table `amp --cost` reads.
+    ///
+    /// Example: qmix profile-costs model.onnx --candidates w16a16,w8a16,w8a8 --out costs.json
+    ProfileCosts(profile_costs::ProfileCostsArgs),
     /// Cross-layer equalization: fold batch norms, scale chains of layers so their channels'
     /// weight ranges match (exactly through ReLU6/Clip), absorb high biases; writes the model.
     ///
@@ -569,6 +575,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Amp(args) => amp::run(args),
         Command::Analyze(args) => analyze::run(args),
         Command::Automp(args) => automp::run(args),
+        Command::ProfileCosts(args) => profile_costs::run(args),
         Command::Cle(args) => ptq::run(args),
     }
 }

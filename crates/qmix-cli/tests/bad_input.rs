@@ -154,6 +154,13 @@ fn corrupt_caches_and_bad_options() {
     fails_naming(&["analyze", m, "--config", "no_such_config", "--quiet"], &["no_such_config"]);
     fails_naming(&["litemp", m, "--override", "int8", "--quiet"], &["int8"]);
     fails_naming(&["litemp", m, "--target", "no_such_target", "--quiet"], &["no_such_target", "htp_v73"]);
+    let costs = out.join("costs.json");
+    let costs = costs.to_str().unwrap();
+    fails_naming(
+        &["profile-costs", m, "--python", "/no/such/python", "--quiet", "--out", costs],
+        &["/no/such/python", "amp --cost"],
+    );
+    fails_naming(&["profile-costs", m, "--candidates", "w8a8,w99a1", "--quiet", "--out", costs], &["w99a1"]);
     // Every candidate illegal on the target: AMP refuses, naming the group and its ops.
     fails_naming(
         &[

@@ -192,6 +192,18 @@ impl BitOps {
         Ok(self)
     }
 
+    /// The distinct pairs counted op `i` runs at under `candidates` (what a cost table must price).
+    pub fn pairs(&self, i: usize, candidates: &[Candidate]) -> Vec<Candidate> {
+        let mut out: Vec<Candidate> = Vec::new();
+        for &c in candidates {
+            let pair = self.effective(&self.ops[i], c);
+            if !out.contains(&pair) {
+                out.push(pair);
+            }
+        }
+        out
+    }
+
     /// The pair `op` runs at when its group takes `c` (the activation side stays at the
     /// baseline's when the group has no activation quantizers).
     fn effective(&self, op: &CostedOp, c: Candidate) -> Candidate {
