@@ -161,6 +161,21 @@ fn corrupt_caches_and_bad_options() {
         &["/no/such/python", "amp --cost"],
     );
     fails_naming(&["profile-costs", m, "--candidates", "w8a8,w99a1", "--quiet", "--out", costs], &["w99a1"]);
+    // Plans read by quantsim --plan: the file and the faulty entry are named.
+    let calib = format!("input={}", Path::new(m).with_file_name("bars_cnn_calib.npy").display());
+    for (text, needle) in [
+        ("not json", "not JSON"),
+        (r#"{"no_such_tensor": [{"quant_type": "QUInt16"}]}"#, "no_such_tensor"),
+        (r#"{"features": [{"quant_type": "QFloat8"}]}"#, "QFloat8"),
+        (r#"{"features": {"quant_type": "QUInt8"}}"#, "expected a list"),
+    ] {
+        let plan = out.join("plan.json");
+        std::fs::write(&plan, text).unwrap();
+        fails_naming(
+            &["quantsim", m, "--calib", &calib, "--plan", plan.to_str().unwrap(), "--quiet", "--out", costs],
+            &["plan.json", needle],
+        );
+    }
     // Every candidate illegal on the target: AMP refuses, naming the group and its ops.
     fails_naming(
         &[
