@@ -62,15 +62,15 @@ pub fn tensor_quant_overrides(sim: &QuantSim) -> Result<Value> {
         let name = g.value(t.value).name.clone();
         let encs = q.encodings.as_deref().ok_or_else(|| plan_error(&name, "enabled but not calibrated"))?;
         let is_param = matches!(t.role, TensorRole::Param { .. });
-        let signed = is_param && q.symmetric;
+        // The same integer view the QDQ export writes.
+        let (signed, zero_points) = crate::qdq::integer_view(q, encs, is_param);
         let Some(qtype) = quant_type(bits, signed) else {
             return Err(plan_error(&name, format!("int{bits} has no onnxruntime quantization type")));
         };
-        let half = 2f64.powi(bits as i32 - 1);
-        let zero_point = |offset: f64| (if signed { -offset - half } else { -offset }) as i64;
         let entries: Vec<Value> = match q.granularity {
             Granularity::PerTensor => {
-                let mut e = json!({"quant_type": qtype, "scale": encs[0].delta, "zero_point": zero_point(encs[0].offset)});
+                let mut e =
+                    json!({"quant_type": qtype, "scale": encs[0].delta, "zero_point": zero_points[0]});
                 if let Some(c) = converts.iter().find(|c| c.tensor == t.value) {
                     let to = quant_type(c.to.bits(), false).ok_or_else(|| {
                         plan_error(&name, format!("convert to {} has no onnxruntime type", c.to))
@@ -90,7 +90,7 @@ pub fn tensor_quant_overrides(sim: &QuantSim) -> Result<Value> {
                 .enumerate()
                 .map(|(i, e)| {
                     let mut entry =
-                        json!({"quant_type": qtype, "scale": e.delta, "zero_point": zero_point(e.offset)});
+                        json!({"quant_type": qtype, "scale": e.delta, "zero_point": zero_points[i]});
                     if i == 0 {
                         entry["axis"] = json!(axis);
                     }

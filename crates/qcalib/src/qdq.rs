@@ -71,7 +71,7 @@ fn node(
 
 /// The integer dtype view of an encoding (spec §1.4, §4.4): signed for symmetric params,
 /// unsigned otherwise; returns (signed, zero points).
-fn integer_view(q: &Quantizer, encs: &[Encoding], is_param: bool) -> (bool, Vec<i64>) {
+pub(crate) fn integer_view(q: &Quantizer, encs: &[Encoding], is_param: bool) -> (bool, Vec<i64>) {
     let half = 2f64.powi(q.precision.bits() as i32 - 1);
     let signed = is_param && q.symmetric;
     let zero_points =

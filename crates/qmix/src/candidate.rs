@@ -74,7 +74,8 @@ impl std::fmt::Display for Candidate {
     }
 }
 
-fn matches(kp: KernelPrecision, p: Precision) -> bool {
+/// Whether one side of a kernel is precision `p`.
+pub(crate) fn matches(kp: KernelPrecision, p: Precision) -> bool {
     kp.bitwidth == p.bits() && kp.float != p.is_int()
 }
 

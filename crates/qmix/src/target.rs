@@ -20,7 +20,7 @@ use qgraph::{Graph, NodeId};
 use serde_json::Value;
 
 use crate::AmpError;
-use crate::candidate::effective_bits;
+use crate::candidate::{effective_bits, matches};
 
 /// Built-in targets: (name, JSON).
 const PRESETS: [(&str, &str); 2] = [
@@ -205,14 +205,10 @@ fn precision_of(k: KernelPrecision) -> Option<Precision> {
     }
 }
 
-fn side_matches(k: KernelPrecision, p: Precision) -> bool {
-    k.bitwidth == p.bits() && k.float != p.is_int()
-}
-
 fn kernel_matches(k: &Kernel, param: Option<Precision>, activation: Precision) -> bool {
-    side_matches(k.activation, activation)
+    matches(k.activation, activation)
         && match (k.param, param) {
-            (Some(kp), Some(p)) => side_matches(kp, p),
+            (Some(kp), Some(p)) => matches(kp, p),
             _ => true,
         }
 }
