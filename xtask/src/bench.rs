@@ -6,7 +6,8 @@
 //! mobilenetv2_keras on 32 images, resumed from FP32 values, against a naive full forward per layer
 //! of our own code and AIMET's time, then the time and peak memory of the analysis of
 //! all_minilm_l6_v2; `bench kernels`: the qkernels criterion bench, tabulated as GB/s and as a
-//! ratio to `memcpy` of the same size. `exec` and `sim` interleave the contenders (rounds of a
+//! ratio to `memcpy` of the same size; `bench plans`: AMP on mobilenetv2_keras priced by bit-ops
+//! and by the costs `qmix profile-costs` measures, both plans' QDQ exports timed in onnxruntime. `exec` and `sim` interleave the contenders (rounds of a
 //! few runs each, onnxruntime kept running in a helper process) so that the slow spells of a
 //! shared machine fall on all of them alike.
 
@@ -23,14 +24,18 @@ pub fn run(what: Option<&str>) -> Result<()> {
         Some("sim") => sim(),
         Some("analyze") => analyze(),
         Some("kernels") => kernels(),
+        Some("plans") => plans(),
         None => {
             load()?;
             exec()?;
             sim()?;
             analyze()?;
-            kernels()
+            kernels()?;
+            plans()
         }
-        Some(other) => bail!("unknown benchmark '{other}' (available: load, exec, sim, analyze, kernels)"),
+        Some(other) => {
+            bail!("unknown benchmark '{other}' (available: load, exec, sim, analyze, kernels, plans)")
+        }
     }
 }
 
@@ -411,5 +416,75 @@ fn kernels() -> Result<()> {
         }
         println!();
     }
+    Ok(())
+}
+
+/// AMP (per-tensor W16A16/W8A16/W16A8/W8A8, 1 pp allowed drop, converts simulated) on
+/// mobilenetv2_keras twice — priced by bit-ops, then by the per-op latencies `qmix profile-costs`
+/// measures in onnxruntime — and the two plans' QDQ exports timed in onnxruntime (batch 1, one
+/// thread, interleaved).
+fn plans() -> Result<()> {
+    let zoo = zoo::zoo_dir()?;
+    python::ensure_oracles()?;
+    let c = zoo_data::CLASSIFIERS.iter().find(|c| c.name == "mobilenetv2_keras").context("classifier")?;
+    let dir = zoo::out_dir()?.join("bench_plans");
+    std::fs::create_dir_all(&dir)?;
+    let data = zoo_data::write_job_files(&zoo, c, &dir)?;
+    let model = zoo.join("models/mobilenetv2_keras.onnx");
+    let costs = dir.join("costs.json");
+    let started = Instant::now();
+    zoo::qmix(&[
+        "profile-costs".into(),
+        model.clone().into(),
+        "--config".into(),
+        "default_per_tensor".into(),
+        "--quiet".into(),
+        "--out".into(),
+        costs.clone().into(),
+    ])?;
+    println!("profile-costs: {:.1} s", started.elapsed().as_secs_f64());
+    let mut rows = Vec::new();
+    for (tag, extra) in [("bit-ops", Vec::new()), ("measured", vec!["--cost".into(), costs.clone().into()])] {
+        let out = dir.join(tag);
+        let started = Instant::now();
+        let mut args: Vec<std::ffi::OsString> = vec!["amp".into(), model.clone().into()];
+        args.extend(data.iter().cloned());
+        args.extend([
+            "--config".into(),
+            "default_per_tensor".into(),
+            "--allowed-drop".into(),
+            "0.01".into(),
+            "--converts".into(),
+            "--qdq".into(),
+            "--clean-start".into(),
+            "--quiet".into(),
+            "--out".into(),
+            out.clone().into(),
+        ]);
+        args.extend(extra);
+        zoo::qmix(&args)?;
+        let info: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("amp_info.json"))?)?;
+        let score = info["final_score"].as_f64().context("final_score")?;
+        let cost = info["final_relative_bitops"].as_f64().context("final_relative_bitops")?;
+        println!(
+            "amp by {tag}: top-1 {score:.4} at {cost:.3} of the baseline's {tag} cost ({:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
+        rows.push((tag, score, cost, out.join("model_amp_qdq.onnx")));
+    }
+    let input = dir.join("input_1.npy");
+    let qgraph::Tensor::F32(x) = c.batch(&zoo_data::raw_images(&zoo, c.images)?, &[1]) else {
+        bail!("f32 batch expected")
+    };
+    ndarray_npy::write_npy(&input, &x.to_owned())?;
+    let feeds = [format!("input={}", input.display())];
+    let mut contenders =
+        rows.iter().map(|(.., path)| onnxruntime(path, 1, &feeds)).collect::<Result<Vec<_>>>()?;
+    let medians = interleaved(&mut contenders, 10, 10)?;
+    println!("{:<10} {:>7} {:>14} {:>12}", "plan", "top-1", "relative cost", "ORT ms");
+    for ((tag, score, cost, _), ms) in rows.iter().zip(&medians) {
+        println!("{tag:<10} {score:>7.4} {cost:>14.3} {ms:>12.3}");
+    }
+    println!("measured-cost plan / bit-ops plan latency: {:.3}", medians[1] / medians[0]);
     Ok(())
 }

@@ -34,7 +34,7 @@ commands:
                  (--only: just the tests whose name contains TEXT, report without the check)
   fuzz [CASES]   mutate the repository's models and the ONNX node-test models (after
                  `conformance`) CASES times (default 100000); fail on any panic or hang
-  bench [load|exec|sim|analyze]
+  bench [load|exec|sim|analyze|kernels|plans]
                  measure against the reference implementation in the same run, print ratios
   models [bars|digits]
                  rebuild bars_cnn (deterministic; the default) or retrain digits_cnn (Python)

@@ -39,6 +39,24 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
+/// Runs the `qmix` binary (built in release by cargo if needed) with `args`; fails with its
+/// standard error when it does.
+pub fn qmix(args: &[std::ffi::OsString]) -> Result<std::process::Output> {
+    let out = std::process::Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(["run", "--release", "-q", "-p", "qmix-cli", "--"])
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "qmix {} failed: {}",
+            args.first().map(|a| a.to_string_lossy()).unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
 /// Where checks write their artefacts.
 pub fn out_dir() -> Result<PathBuf> {
     let d = workspace_root().join("target/xtask/zoo");

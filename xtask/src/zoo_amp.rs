@@ -80,6 +80,7 @@ pub fn check(zoo: &Path) -> Result<()> {
         threads: 0,
         fp32_cache_bytes: qanalyze::DEFAULT_CACHE_BUDGET,
         phase3: Some(Phase3Options::default()),
+        target: None,
     };
     let started = Instant::now();
     let r = qmix::choose_mixed_precision(

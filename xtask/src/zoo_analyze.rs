@@ -167,30 +167,12 @@ fn report_and_screenshot(zoo: &Path) -> Result<()> {
     let c = CLASSIFIERS.iter().find(|c| c.name == "mobilenetv2_keras").context("classifier")?;
     let dir = crate::zoo::out_dir()?.join("analysis_mobilenetv2_keras");
     std::fs::create_dir_all(&dir)?;
-    let images = zoo_data::raw_images(zoo, c.images)?;
-    let labels = zoo_data::labels(zoo)?;
-    let rows = |calib: bool| -> Vec<usize> { (0..500).filter(|r| (r % 5 == 0) == calib).collect() };
-    for (file, calib) in [("calib.npy", true), ("eval.npy", false)] {
-        let qgraph::Tensor::F32(x) = c.batch(&images, &rows(calib)) else { bail!("f32 batch expected") };
-        ndarray_npy::write_npy(dir.join(file), &x.to_owned())?;
-    }
-    ndarray_npy::write_npy(dir.join("labels.npy"), &labels.select(ndarray::Axis(0), &rows(false)))?;
+    let data = zoo_data::write_job_files(zoo, c, &dir)?;
     let started = Instant::now();
-    let model = zoo.join("models/mobilenetv2_keras.onnx");
-    let status = std::process::Command::new(env!("CARGO"))
-        .current_dir(crate::zoo::workspace_root())
-        .args(["run", "--release", "-q", "-p", "qmix-cli", "--", "analyze"])
-        .arg(&model)
-        .arg(format!("--calib=input={}", dir.join("calib.npy").display()))
-        .arg(format!("--eval=input={}", dir.join("eval.npy").display()))
-        .arg("--labels")
-        .arg(dir.join("labels.npy"))
-        .args(["--label-offset", "1", "--quiet", "--json", "--out"])
-        .arg(&dir)
-        .output()?;
-    if !status.status.success() {
-        bail!("qmix analyze failed on {}: {}", model.display(), String::from_utf8_lossy(&status.stderr));
-    }
+    let mut args = vec!["analyze".into(), zoo.join("models/mobilenetv2_keras.onnx").into()];
+    args.extend(data);
+    args.extend(["--quiet".into(), "--json".into(), "--out".into(), dir.clone().into()]);
+    crate::zoo::qmix(&args)?;
     let html = std::fs::read_to_string(dir.join("report.html"))?;
     println!(
         "  qmix analyze mobilenetv2_keras: {:.1} s, report.html {} KiB with {} charts",

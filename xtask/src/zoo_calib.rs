@@ -230,6 +230,7 @@ pub(crate) fn mixed_plan_in_onnxruntime(
     let even = top1(sim, c, images, rows, labels)?;
     let (written, optimised) = qdq_top1_in_onnxruntime(sim, tag, c, images, rows, labels)?;
     let roundtrip = overrides_through_quantize_static(sim, tag, c, images, rows)?;
+    let (quark_same, quark_total) = quark_round_trip(sim)?;
     sim.set_rounding(qcalib::Rounding::HalfAwayFromZero)?;
     sim.set_converts(false)?;
     let compared = roundtrip["compared"].as_u64().unwrap_or(0);
@@ -238,7 +239,8 @@ pub(crate) fn mixed_plan_in_onnxruntime(
         "{converts} precision converts; simulated with them: top-1 {with_converts:.4} ({even:.4} with ONNX's tie rounding); \
          its QDQ export in onnxruntime {written:.4} as written, {optimised:.4} optimised; \
          onnxruntime's quantize_static from its TensorQuantOverrides: {equal} of {compared} tensors at the export's precisions \
-         ({} constants it leaves in float, {} more tensors it quantizes)",
+         ({} constants it leaves in float, {} more tensors it quantizes); \
+         its Quark layer configuration read back: {quark_same} of {quark_total} quantizers at the same precision",
         roundtrip["constants_left_in_float"], roundtrip["extra_in_onnxruntime"]
     );
     let mut failures = Vec::new();
@@ -248,6 +250,10 @@ pub(crate) fn mixed_plan_in_onnxruntime(
             c.name
         ));
     }
+    if quark_same != quark_total {
+        failures
+            .push(format!("{} {tag}: Quark configuration round trip: {quark_same} of {quark_total}", c.name));
+    }
     if roundtrip["differences"].as_array().is_none_or(|d| !d.is_empty()) || compared == 0 {
         failures.push(format!(
             "{} {tag}: TensorQuantOverrides round trip differs: {}",
@@ -255,6 +261,28 @@ pub(crate) fn mixed_plan_in_onnxruntime(
         ));
     }
     Ok((line, (!failures.is_empty()).then(|| failures.join("; "))))
+}
+
+/// Writes the simulation's plan as Quark's layer configuration, reads it into a fresh simulation
+/// of the same model and returns (quantizers at the same precision or disabled alike, quantizers).
+fn quark_round_trip(sim: &QuantSim) -> Result<(usize, usize)> {
+    let config = qcalib::quark_config(sim)?;
+    let mut fresh = QuantSim::new(sim.model().clone(), sim.config().clone(), *sim.options())?;
+    qcalib::apply_plan(&mut fresh, &config)?;
+    let view = |s: &QuantSim| -> HashMap<String, Option<qcalib::Precision>> {
+        let g = &s.model().graph;
+        let p = s.placement();
+        p.tensors()
+            .iter()
+            .map(|t| {
+                let q = p.quantizer(t.quantizer);
+                (g.value(t.value).name.clone(), q.enabled.then_some(q.precision))
+            })
+            .collect()
+    };
+    let (ours, back) = (view(sim), view(&fresh));
+    let same = ours.iter().filter(|(name, p)| back.get(*name) == Some(p)).count();
+    Ok((same, ours.len()))
 }
 
 /// Writes the simulation's plan as TensorQuantOverrides, quantizes the float model with

@@ -117,3 +117,25 @@ pub fn argmax_rows(logits: &Tensor, label_offset: usize) -> Result<Vec<i64>> {
         })
         .collect())
 }
+
+/// Writes a classifier's job data as a user would hand it to `qmix`: `calib.npy` (the 100
+/// calibration images, every fifth), `eval.npy` and `labels.npy` (the other 400), preprocessed;
+/// returns the `qmix` options naming them.
+pub fn write_job_files(zoo: &Path, c: &Classifier, dir: &Path) -> Result<Vec<std::ffi::OsString>> {
+    let images = raw_images(zoo, c.images)?;
+    let labels = labels(zoo)?;
+    let rows = |calib: bool| -> Vec<usize> { (0..500).filter(|r| (r % 5 == 0) == calib).collect() };
+    for (file, calib) in [("calib.npy", true), ("eval.npy", false)] {
+        let Tensor::F32(x) = c.batch(&images, &rows(calib)) else { anyhow::bail!("f32 batch expected") };
+        ndarray_npy::write_npy(dir.join(file), &x.to_owned())?;
+    }
+    ndarray_npy::write_npy(dir.join("labels.npy"), &labels.select(ndarray::Axis(0), &rows(false)))?;
+    Ok(vec![
+        format!("--calib=input={}", dir.join("calib.npy").display()).into(),
+        format!("--eval=input={}", dir.join("eval.npy").display()).into(),
+        "--labels".into(),
+        dir.join("labels.npy").into(),
+        "--label-offset".into(),
+        c.label_offset.to_string().into(),
+    ])
+}

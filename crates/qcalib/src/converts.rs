@@ -5,13 +5,15 @@
 //! An op computes at the precision of the quantized activation it produces: its own enabled
 //! output quantizer, or — for an op without one (a Conv fused with the Relu after it, a Reshape)
 //! — the first enabled activation quantizer below it. Parameters and constants are stored at
-//! their reader's precision and never converted; float (fp16/bf16) boundaries are casts, not
-//! converts, and are left as the simulation has them.
+//! their reader's precision and never converted.
 //!
-//! Per-channel activation grids (rare) are not converted. The converted grid spans the same range
-//! as the tensor's own: from 8 to 16 bits this is exact
+//! Per-channel activation grids (rare) are not converted. Between integer precisions the
+//! converted grid spans the same range as the tensor's own: from 8 to 16 bits this is exact
 //! (every 8-bit level is a 16-bit level, the step divides by 257 or 256), from 16 to 8 bits it
-//! rounds to the coarser grid the reading op sees on the device.
+//! rounds to the coarser grid the reading op sees on the device. A float (fp16/bf16) tensor read
+//! by an integer op is quantized for it too — the encoding a device needs there and AIMET's
+//! plans lack — on the grid the caller derives from the tensor's calibration statistics at the
+//! reader's bits; an integer tensor read by a float op is only dequantized (no convert).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -19,7 +21,7 @@ use qgraph::{Graph, NodeId, ValueId};
 use qkernels::{Encoding, QuantSpec};
 
 use crate::error::{CalibError, Result};
-use crate::placement::{Granularity, Placement, Precision, TensorRole};
+use crate::placement::{Granularity, Placement, Precision, QuantizerId, TensorRole};
 
 /// One tensor read at another integer precision by some of its readers.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,23 +38,33 @@ pub struct PrecisionConvert {
     pub encoding: Encoding,
 }
 
-/// The integer precision of the enabled, calibrated per-tensor activation quantizer on `v`.
+/// The precision of the enabled activation quantizer on `v`.
 fn activation_precision(placement: &Placement, v: ValueId) -> Option<Precision> {
     let t = placement.tensor(v)?;
     if matches!(t.role, TensorRole::Param { .. } | TensorRole::Constant) {
         return None;
     }
     let q = placement.quantizer(t.quantizer);
-    (q.enabled && q.precision.is_int()).then_some(q.precision)
+    q.enabled.then_some(q.precision)
 }
 
-/// Every precision convert of `placement` on `g` (see the module doc), in tensor order.
-pub fn precision_converts(g: &Graph, placement: &Placement) -> Result<Vec<PrecisionConvert>> {
+/// The grid a float tensor's quantizer is converted to for readers at an integer precision,
+/// from its statistics (`None`: it has none).
+pub type FloatGrid<'a> = dyn Fn(QuantizerId, Precision) -> Result<Option<Encoding>> + 'a;
+
+/// Every precision convert of `placement` on `g` (see the module doc), in tensor order;
+/// `float_grid` gives the grid of a float tensor read by an integer op.
+pub fn precision_converts(
+    g: &Graph,
+    placement: &Placement,
+    float_grid: &FloatGrid<'_>,
+) -> Result<Vec<PrecisionConvert>> {
     // (tensor, reader) → the widest precision the reader's results are quantized at.
     let mut wanted: BTreeMap<(ValueId, NodeId), Precision> = BTreeMap::new();
     for t in placement.tensors() {
         let TensorRole::Output { node } = t.role else { continue };
-        let Some(to) = activation_precision(placement, t.value) else { continue };
+        // An op computing in float reads an integer tensor as it is (dequantized).
+        let Some(to) = activation_precision(placement, t.value).filter(|p| p.is_int()) else { continue };
         // Walk up from the producer through ops without a quantized output; each step remembers
         // the node that reads the value.
         let mut stack: Vec<(ValueId, NodeId)> =
@@ -87,6 +99,23 @@ pub fn precision_converts(g: &Graph, placement: &Placement) -> Result<Vec<Precis
         let t = placement.tensor(tensor).expect("only quantized tensors are wanted");
         let q = placement.quantizer(t.quantizer);
         let name = || g.value(tensor).name.clone();
+        if !q.precision.is_int() {
+            let encoding = float_grid(t.quantizer, to)?.ok_or_else(|| CalibError::NoStatistics {
+                tensor: name(),
+                detail: format!(
+                    "a {} tensor read by an op at {to}: its convert needs the tensor's range (calibrate the plan)",
+                    q.precision
+                ),
+            })?;
+            converts.push(PrecisionConvert {
+                tensor,
+                from: q.precision,
+                to,
+                readers: vec![reader],
+                encoding,
+            });
+            continue;
+        }
         let own = match (q.granularity, q.encodings.as_deref()) {
             (Granularity::PerTensor, Some([e])) => *e,
             (Granularity::PerTensor, _) => {

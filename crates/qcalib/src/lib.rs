@@ -12,6 +12,7 @@ mod overrides;
 mod patterns;
 mod placement;
 mod qdq;
+mod quark;
 mod schemes;
 mod sim;
 mod stats_file;
@@ -20,7 +21,7 @@ pub use config::{
     Defaults, Kernel, KernelPrecision, OpRule, ParamRule, QuantsimConfig, RangeConstraint,
     parse_supported_kernels,
 };
-pub use converts::{PrecisionConvert, precision_converts};
+pub use converts::{FloatGrid, PrecisionConvert, precision_converts};
 pub use encodings::{
     EncodingVersion, LoadOptions, LoadedEncoding, encodings_json, freeze_encodings, load_encodings,
     parse_encodings, read_encodings, to_pretty_json, write_encodings,
@@ -34,6 +35,7 @@ pub use placement::{
 };
 pub use qdq::{QdqOptions, to_qdq_model, write_qdq_model};
 pub use qkernels::Rounding;
+pub use quark::{apply_plan, apply_quark_config, quark_config};
 pub use schemes::{ChannelStats, ENTROPY_BINS, Scheme, encoding_from_fixed_range};
 pub use sim::{Feeds, QuantSim, QuantizerStats, SimOptions, encoding_index, split_by_encoding};
 pub use stats_file::{

@@ -111,8 +111,13 @@ pub fn tensor_quant_overrides(sim: &QuantSim) -> Result<Value> {
 pub struct AppliedPlan {
     /// Tensors whose quantizer got a precision from the plan.
     pub tensors: usize,
-    /// Whether the plan has `convert` entries (the caller simulates converts).
+    /// Whether the plan has converts (the caller simulates them): `convert` entries of
+    /// onnxruntime's overrides, or integer activations at more than one precision in a Quark
+    /// config (Quark inserts the converts at those boundaries).
     pub converts: bool,
+    /// Tensors the plan sets that carry no quantizer here (ops the quantsim config leaves
+    /// unquantized); Quark's layer configs reach them, onnxruntime's overrides never do.
+    pub ignored: usize,
 }
 
 /// Sets the precisions of `overrides` (onnxruntime's `TensorQuantOverrides`, types by name) on

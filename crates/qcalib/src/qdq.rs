@@ -69,11 +69,17 @@ fn node(
     n
 }
 
+/// Whether a quantizer's integers are stored signed: symmetric params are, everything else is
+/// unsigned (spec §1.4).
+pub(crate) fn signed_view(q: &Quantizer, is_param: bool) -> bool {
+    is_param && q.symmetric
+}
+
 /// The integer dtype view of an encoding (spec §1.4, §4.4): signed for symmetric params,
 /// unsigned otherwise; returns (signed, zero points).
 pub(crate) fn integer_view(q: &Quantizer, encs: &[Encoding], is_param: bool) -> (bool, Vec<i64>) {
     let half = 2f64.powi(q.precision.bits() as i32 - 1);
-    let signed = is_param && q.symmetric;
+    let signed = signed_view(q, is_param);
     let zero_points =
         encs.iter().map(|e| (if signed { -e.offset - half } else { -e.offset }) as i64).collect();
     (signed, zero_points)

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use qexec::{Hook, HookError, RunOptions, Session, SessionOptions, TensorEvent};
 use qgraph::{DimBindings, Model, Tensor, ValueId};
-use qkernels::{Encoding, Rounding};
+use qkernels::{Encoding, QuantSpec, Rounding};
 
 use crate::config::QuantsimConfig;
 use crate::converts::{PrecisionConvert, precision_converts};
@@ -129,10 +129,21 @@ impl QuantSim {
     /// [`SimOptions::converts`], none without.
     pub fn converts(&self) -> Result<Vec<PrecisionConvert>> {
         if self.options.converts {
-            precision_converts(&self.model.graph, &self.placement)
+            precision_converts(&self.model.graph, &self.placement, &|q, to| self.float_grid(q, to))
         } else {
             Ok(Vec::new())
         }
+    }
+
+    /// The grid of float quantizer `q`'s tensor at integer precision `to`, from its statistics
+    /// under the calibration scheme (`None` without statistics).
+    fn float_grid(&self, q: QuantizerId, to: Precision) -> Result<Option<Encoding>> {
+        let Some([stats]) = self.stats.get(&q).map(Vec::as_slice) else { return Ok(None) };
+        let spec = QuantSpec { bitwidth: to.bits(), ..self.placement.quantizer(q).spec() };
+        stats.encoding(self.options.scheme, spec).map_err(|source| CalibError::Kernel {
+            context: format!("convert grid of '{}'", self.quantizer_name(q)),
+            source,
+        })
     }
 
     /// Turns the simulation of precision converts on or off ([`SimOptions::converts`]); a
@@ -213,7 +224,8 @@ impl QuantSim {
         for t in self.placement.tensors() {
             let q = self.placement.quantizer(t.quantizer);
             let dynamic = matches!(t.role, TensorRole::GraphInput | TensorRole::Output { .. });
-            if dynamic && q.enabled && !q.frozen && q.precision.is_int() {
+            // Float quantizers too: an integer op reading their tensor needs its range.
+            if dynamic && q.enabled && !q.frozen {
                 targets[t.value.index()] = Some(t.quantizer);
                 self.stats.entry(t.quantizer).or_insert_with(|| vec![ChannelStats::new(self.options.scheme)]);
             }

@@ -623,3 +623,126 @@ fn the_qdq_export_of_a_mixed_plan_carries_its_converts_and_computes_the_simulati
     let plain = qcalib::to_qdq_model(&mixed(false), qcalib::QdqOptions::default()).unwrap();
     assert!(!plain.graph.node.iter().any(|n| n.name.ends_with("_int16_quantize")));
 }
+
+/// Every quantizer's precision (`None` when disabled), by tensor name.
+fn precisions(s: &QuantSim) -> Vec<(String, Option<Precision>)> {
+    let g = &s.model().graph;
+    let mut out: Vec<_> = s
+        .placement()
+        .tensors()
+        .iter()
+        .map(|t| {
+            let q = s.placement().quantizer(t.quantizer);
+            (g.value(t.value).name.clone(), q.enabled.then_some(q.precision))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn a_mixed_plan_as_quark_layers_sets_each_tensor_once_and_reads_back_the_same() {
+    let s = mixed(true);
+    let config = qcalib::quark_config(&s).unwrap();
+    assert_eq!(config["global_config"]["input_tensors"]["data_type"], "UInt8");
+    assert_eq!(config["global_config"]["weight"]["data_type"], "Int8");
+    // dw and relu1 write int16 and dw's weight is int16: one layer entry each, only the fields
+    // that differ from the global config (dw's input, clip0, stays clip0's own int8).
+    let layers: Vec<String> = config["specific_layer_config"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let fields = e[0].as_object().unwrap().iter().map(|(k, v)| format!("{k}={}", v["data_type"]));
+            format!("{}: {}", e[1], fields.collect::<Vec<_>>().join(" "))
+        })
+        .collect();
+    assert_eq!(
+        layers,
+        [r#"["dw"]: output_tensors="UInt16" weight="Int16""#, r#"["relu1"]: output_tensors="UInt16""#]
+    );
+    let mut back = sim(SimOptions::default());
+    let applied = qcalib::apply_plan(&mut back, &config).unwrap();
+    assert!(applied.converts, "mixed integer activations: Quark inserts converts");
+    assert_eq!(precisions(&back), precisions(&s));
+}
+
+#[test]
+fn quark_configs_apply_in_quarks_order_of_precedence() {
+    let spec = |t: &str| serde_json::json!({"data_type": t, "symmetric": false});
+    let config = serde_json::json!({
+        "global_config": {"input_tensors": spec("UInt8"), "weight": spec("Int8")},
+        "layer_type_config": [[null, ["Gemm"]], [{"output_tensors": spec("UInt16")}, ["Relu"]]],
+        "specific_layer_config": [[{"input_tensors": spec("UInt16"), "weight": spec("Int4")}, ["^d.*"]]],
+        "extra_options": {"TensorQuantOverrides": {"relu1": [{"quant_type": "QUInt8"}]}},
+    });
+    let mut s = sim(SimOptions::default());
+    qcalib::apply_plan(&mut s, &config).unwrap();
+    let of = |name: &str| {
+        let p = precisions(&s);
+        p.into_iter().find(|(n, _)| n == name).and_then(|(_, p)| p)
+    };
+    // The pattern reaches dw: its input (clip0) and weight; the tensor override beats the type
+    // config on relu1; the Gemm is left in float.
+    assert_eq!(of("clip0"), Some(Precision::Int(16)));
+    assert_eq!(of("dw.weight"), Some(Precision::Int(4)));
+    assert_eq!(of("relu1"), Some(Precision::Int(8)));
+    assert_eq!(of("conv0.weight"), Some(Precision::Int(8)));
+    assert_eq!((of("fc.weight"), of("logits")), (None, None));
+    let refused = |config: serde_json::Value| {
+        qcalib::apply_plan(&mut sim(SimOptions::default()), &config).unwrap_err().to_string()
+    };
+    let global = serde_json::json!({"input_tensors": spec("UInt8"), "weight": spec("Int8")});
+    let e = refused(serde_json::json!({"global_config": global, "exclude": ["nope"]}));
+    assert!(e.contains("exclude[0]") && e.contains("nope"), "{e}");
+    let e =
+        refused(serde_json::json!({"global_config": global, "specific_layer_config": [[null, ["^x.*"]]]}));
+    assert!(e.contains("specific_layer_config[0]") && e.contains("matches no node"), "{e}");
+    let e =
+        refused(serde_json::json!({"global_config": {"input_tensors": spec("MX4"), "weight": spec("Int8")}}));
+    assert!(e.contains("global_config.input_tensors") && e.contains("MX4"), "{e}");
+    let e = refused(serde_json::json!({"global_config": global, "layer_type_config": {"Conv": 1}}));
+    assert!(e.contains("layer_type_config") && e.contains("list"), "{e}");
+}
+
+#[test]
+fn an_fp16_tensor_read_by_an_int8_op_is_quantized_for_it_from_its_statistics() {
+    let island = |converts: bool| {
+        let mut s = calibrated(SimOptions { converts, ..SimOptions::default() });
+        let g = s.model().graph.clone();
+        for layer in ["dw", "relu1"] {
+            for q in s.placement().op_quantizers(&g, g.node_id(layer).unwrap()) {
+                s.placement_mut().quantizer_mut(q).set_precision(Precision::Float16);
+            }
+        }
+        s.compute_encodings().unwrap();
+        s
+    };
+    let int8 = calibrated(SimOptions::default());
+    let s = island(true);
+    let g = &s.model().graph;
+    let converts = s.converts().unwrap();
+    // relu1 (fp16) is read by add (int8); clip0 (int8) read by dw (fp16) is only dequantized.
+    assert_eq!(converts.len(), 1, "{converts:?}");
+    let c = &converts[0];
+    assert_eq!(
+        (g.value(c.tensor).name.as_str(), c.from, c.to),
+        ("relu1", Precision::Float16, Precision::Int(8))
+    );
+    assert_eq!(c.readers.iter().map(|&r| g.node(r).name.as_str()).collect::<Vec<_>>(), ["add"]);
+    // The grid is the one calibration gives relu1 at int8 (same statistics, same scheme).
+    let relu1 = int8.placement().quantizer_of(c.tensor).unwrap();
+    let own = int8.placement().quantizer(relu1).encodings.clone().unwrap()[0];
+    assert_eq!((c.encoding.min, c.encoding.max, c.encoding.delta), (own.min, own.max, own.delta));
+    let feeds = batch(4, 29);
+    assert_ne!(run(&s, &feeds), run(&island(false), &feeds));
+    // The QDQ export carries the pair and computes what the simulation does.
+    let mut even = island(true);
+    even.set_rounding(qcalib::Rounding::HalfToEven).unwrap();
+    let proto = qcalib::to_qdq_model(&even, qcalib::QdqOptions::default()).unwrap();
+    assert!(proto.graph.node.iter().any(|n| n.name == "relu1_int8_quantize"));
+    let model = qgraph::model_from_proto(proto, None).unwrap();
+    let session = qexec::Session::new(model, qexec::SessionOptions::threads(1)).unwrap();
+    let got = session.run(&[("input", feeds[0].1.clone())]).unwrap();
+    assert_eq!(got[0].as_f32().unwrap().iter().copied().collect::<Vec<_>>(), run(&even, &feeds));
+}

@@ -203,6 +203,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         phase3: a
             .phase3
             .then(|| Phase3Options { alphas: a.phase3_alphas.clone(), threshold: a.phase3_budget }),
+        target: target.clone(),
     };
     say!(
         "{}: AMP over {} with {} calibration samples, phase 1 on {}, phase 2 = {description}",
@@ -244,9 +245,10 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
     }
     // The reports and the encodings reach --out together (the cache stays in --out/.cache).
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
-    let changes = crate::device::DeviceArgs::legalize_quietly(target.as_ref(), &mut sim, &mut set)?;
-    let legal_score =
-        if changes.is_empty() { None } else { Some(eval_fn(&sim).map_err(|e| user(anyhow::anyhow!(e)))?) };
+    let changes = result.target_changes.clone();
+    if let Some(t) = &target {
+        crate::device::write_legality(t, &changes, &mut set)?;
+    }
     qmix::write_amp_report(&result, a.allowed_drop, set.staging_dir()).map_err(user)?;
     qcalib::write_encodings(&sim, EncodingVersion::V1_0_0, &set.staged("model_amp.encodings"))
         .map_err(user)?;
@@ -305,9 +307,9 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
     }
     if let Some(t) = &target {
         crate::device::say_changes(t, &changes);
-        if let Some(s) = legal_score {
-            say!("with the target's changes the plan scores {s:.4}");
-        }
+        say!(
+            "every plan above was scored as the target runs it; the chosen plan's cost includes the changes"
+        );
     }
     say!(
         "this run: {} phase-1 and {} phase-2 evaluations, {} calibrations, {} points reused; {} points on record; {:.1} s",
@@ -330,7 +332,6 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         "outcome": format!("{:?}", result.outcome),
         "chosen_by": result.chosen_by,
         "target_changes": changes.len(),
-        "score_on_target": legal_score,
         "groups": result.groups.len(),
         "evaluations_this_run": {"phase1": w.phase1_evaluations, "phase2": w.phase2_evaluations},
         "phase3": result.phase3.as_ref().map(|p3| p3.plans.iter().map(|p| serde_json::json!({

@@ -25,7 +25,8 @@ pub(crate) struct DeviceArgs {
     pub(crate) converts: bool,
     /// Also write a QDQ ONNX model of the simulation (each quantized tensor at its own precision,
     /// with a convert pair where an op reads a tensor at another integer precision) and the plan
-    /// as onnxruntime's TensorQuantOverrides (tensor_quant_overrides.json, types by name).
+    /// as onnxruntime's TensorQuantOverrides (tensor_quant_overrides.json, types by name) and as
+    /// AMD Quark's layer configuration (quark_config.json, QConfig.from_dict's form).
     #[arg(long)]
     qdq: bool,
     /// In the QDQ model, store weights as integers plus DequantizeLinear.
@@ -49,27 +50,10 @@ impl DeviceArgs {
         sim: &mut QuantSim,
         set: &mut qgraph::OutputSet,
     ) -> Result<Vec<qmix::PlanChange>, Failure> {
-        let changes = Self::legalize_quietly(target, sim, set)?;
-        if let Some(t) = target {
-            say_changes(t, &changes);
-        }
-        Ok(changes)
-    }
-
-    /// [`DeviceArgs::legalize`] without printing (the caller prints with [`say_changes`]).
-    pub(crate) fn legalize_quietly(
-        target: Option<&qmix::Target>,
-        sim: &mut QuantSim,
-        set: &mut qgraph::OutputSet,
-    ) -> Result<Vec<qmix::PlanChange>, Failure> {
         let Some(target) = target else { return Ok(Vec::new()) };
         let changes = qmix::legalize(sim, target).map_err(user)?;
-        let doc = json!({
-            "target": target.name,
-            "source": target.source,
-            "changes": changes.iter().map(qmix::PlanChange::to_json).collect::<Vec<_>>(),
-        });
-        qgraph::write_atomically(&set.staged("legality.json"), qcalib::to_pretty_json(&doc).as_bytes())?;
+        write_legality(target, &changes, set)?;
+        say_changes(target, &changes);
         Ok(changes)
     }
 
@@ -91,6 +75,11 @@ impl DeviceArgs {
             &set.staged("tensor_quant_overrides.json"),
             qcalib::to_pretty_json(&overrides).as_bytes(),
         )?;
+        let quark = qcalib::quark_config(sim).map_err(user)?;
+        qgraph::write_atomically(
+            &set.staged("quark_config.json"),
+            qcalib::to_pretty_json(&quark).as_bytes(),
+        )?;
         match sim.converts().map_err(user)?.len() {
             0 => say!("wrote {}", set.final_path(file).display()),
             n => say!(
@@ -101,6 +90,21 @@ impl DeviceArgs {
         }
         Ok(())
     }
+}
+
+/// Stages `legality.json` (the target and every change made for it) in `set`.
+pub(crate) fn write_legality(
+    target: &qmix::Target,
+    changes: &[qmix::PlanChange],
+    set: &mut qgraph::OutputSet,
+) -> Result<(), Failure> {
+    let doc = json!({
+        "target": target.name,
+        "source": target.source,
+        "changes": changes.iter().map(qmix::PlanChange::to_json).collect::<Vec<_>>(),
+    });
+    qgraph::write_atomically(&set.staged("legality.json"), qcalib::to_pretty_json(&doc).as_bytes())?;
+    Ok(())
 }
 
 /// Prints what [`DeviceArgs::legalize`] changed.

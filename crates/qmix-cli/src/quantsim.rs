@@ -28,9 +28,11 @@ pub struct QuantsimArgs {
     /// Reuse statistics saved with --save-stats instead of calibrating (no --calib needed).
     #[arg(long)]
     load_stats: Option<PathBuf>,
-    /// A precision plan to simulate: onnxruntime TensorQuantOverrides as JSON with types by name
-    /// (what --qdq writes beside the QDQ model). Each listed tensor takes its quant_type's
-    /// precision; `convert` entries turn --converts on. Encodings come from calibration.
+    /// A precision plan to simulate, as --qdq writes them beside the QDQ model: onnxruntime
+    /// TensorQuantOverrides (types by name; each listed tensor takes its quant_type's precision,
+    /// `convert` entries turn --converts on) or an AMD Quark QConfig dictionary (global,
+    /// per-op-type and per-layer data types, exclusions; mixed integer precisions turn
+    /// --converts on, as Quark inserts them). Encodings come from calibration.
     #[arg(long)]
     plan: Option<PathBuf>,
     /// Samples per calibration batch (AIMET's examples use 32; TF-enhanced depends on it).
@@ -217,7 +219,7 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
 /// Largest plan file read.
 const MAX_PLAN_BYTES: u64 = 256 << 20;
 
-/// Sets the precisions of the TensorQuantOverrides plan at `path` on `sim`.
+/// Sets the precisions of the plan at `path` (onnxruntime overrides or a Quark config) on `sim`.
 fn apply_plan(sim: &mut QuantSim, path: &std::path::Path) -> Result<(), Failure> {
     let bad = |detail: String| user(anyhow::anyhow!("{}: {detail}", path.display()));
     let size = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?.len();
@@ -226,14 +228,18 @@ fn apply_plan(sim: &mut QuantSim, path: &std::path::Path) -> Result<(), Failure>
     }
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
     let plan: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
-    let applied = qcalib::apply_tensor_quant_overrides(sim, &plan).map_err(|e| bad(e.to_string()))?;
+    let applied = qcalib::apply_plan(sim, &plan).map_err(|e| bad(e.to_string()))?;
     if applied.converts {
         sim.set_converts(true).map_err(user)?;
     }
     say!(
-        "plan {}: {} tensors set{}",
+        "plan {}: {} tensors set{}{}",
         path.display(),
         applied.tensors,
+        match applied.ignored {
+            0 => String::new(),
+            n => format!(", {n} without a quantizer in this config left as they are"),
+        },
         if applied.converts { ", precision converts simulated" } else { "" }
     );
     Ok(())

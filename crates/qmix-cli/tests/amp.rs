@@ -198,3 +198,45 @@ fn a_cost_table_replaces_bit_ops_and_belongs_to_the_cache_settings() {
     assert!(err.contains("cost table") && !err.contains("panicked"), "{err}");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn every_plan_amp_scores_and_writes_is_legal_on_its_target() {
+    // A group holds an op's weights and input; the op computes at its output's precision, which
+    // the next group sets: mixing W16A16 and W4A8 groups composes a W16A8 op the HTP lacks.
+    let out = scratch("target");
+    let digits = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits_cnn.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
+        .arg("amp")
+        .arg(&digits)
+        .args(["--config", "default_per_tensor", "--candidates", "w16a16,w4a8", "--allowed-drop", "0.01"])
+        .args(["--target", "htp_v73", "--phase3", "--quiet", "--threads", "1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let legality = json(&out.join("legality.json"));
+    assert_eq!(legality["target"], "htp_v73");
+    assert!(!legality["changes"].as_array().unwrap().is_empty(), "the chosen plan needed a repair");
+    let htp = qmix::Target::load("htp_v73").unwrap();
+    let mut files = vec![out.join("model_amp.encodings")];
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_string_lossy().starts_with("AMP_ph3_export_alpha_") {
+            files.push(path);
+        }
+    }
+    assert!(files.len() > 1, "phase 3 wrote its plans");
+    for file in files {
+        let mut sim = qcalib::QuantSim::new(
+            qgraph::load_path(&digits).unwrap(),
+            qcalib::QuantsimConfig::load("default_per_tensor").unwrap(),
+            qcalib::SimOptions::default(),
+        )
+        .unwrap();
+        let loaded = qcalib::read_encodings(&file).unwrap();
+        qcalib::load_encodings(&mut sim, &loaded, qcalib::LoadOptions::default()).unwrap();
+        let changes = qmix::legalize(&mut sim, &htp).unwrap();
+        assert!(changes.is_empty(), "{}: {changes:?}", file.display());
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}

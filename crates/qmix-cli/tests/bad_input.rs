@@ -168,6 +168,12 @@ fn corrupt_caches_and_bad_options() {
         (r#"{"no_such_tensor": [{"quant_type": "QUInt16"}]}"#, "no_such_tensor"),
         (r#"{"features": [{"quant_type": "QFloat8"}]}"#, "QFloat8"),
         (r#"{"features": {"quant_type": "QUInt8"}}"#, "expected a list"),
+        (
+            r#"{"global_config": {"weight": {"data_type": "Int8"}}, "exclude": ["no_such_node"]}"#,
+            "no_such_node",
+        ),
+        (r#"{"global_config": {"weight": {"data_type": "MXFP4E2M1"}}}"#, "MXFP4E2M1"),
+        (r#"{"global_config": 1}"#, "global_config"),
     ] {
         let plan = out.join("plan.json");
         std::fs::write(&plan, text).unwrap();

@@ -194,22 +194,9 @@ fn litemp_scores_flips_and_writes_its_reports() {
         .filter_map(|(_, n)| n.input(2).and_then(|z| qdq.graph.value(z).dtype))
         .collect();
     assert!(types.contains(&DType::U8) && types.contains(&DType::U16), "{types:?}");
-    // The plan, read back by quantsim from onnxruntime's TensorQuantOverrides, simulates the same
-    // precisions: every tensor's bitwidth in the encodings is the same.
-    let replayed = dir.join("replayed");
-    let o = qmix(&[
-        "quantsim",
-        model.to_str().unwrap(),
-        "--calib",
-        &format!("x={}", calib.display()),
-        "--plan",
-        out.join("tensor_quant_overrides.json").to_str().unwrap(),
-        "--out",
-        replayed.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert!(stdout.contains("precision converts simulated"), "{stdout}");
+    // The plan, read back by quantsim from onnxruntime's TensorQuantOverrides and from Quark's
+    // layer configuration, simulates the same precisions: every tensor's bitwidth in the
+    // encodings is the same.
     let bitwidths = |path: &Path| -> Vec<(String, u64)> {
         let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
         let mut out: Vec<(String, u64)> = ["activation_encodings", "param_encodings"]
@@ -220,7 +207,27 @@ fn litemp_scores_flips_and_writes_its_reports() {
         out.sort();
         out
     };
-    assert_eq!(bitwidths(&replayed.join("model.encodings")), bitwidths(&out.join("model_mixed.encodings")));
+    for plan in ["tensor_quant_overrides.json", "quark_config.json"] {
+        let replayed = dir.join(format!("replayed_{plan}"));
+        let o = qmix(&[
+            "quantsim",
+            model.to_str().unwrap(),
+            "--calib",
+            &format!("x={}", calib.display()),
+            "--plan",
+            out.join(plan).to_str().unwrap(),
+            "--out",
+            replayed.to_str().unwrap(),
+        ]);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{plan}: {stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+        assert!(stdout.contains("precision converts simulated"), "{plan}: {stdout}");
+        assert_eq!(
+            bitwidths(&replayed.join("model.encodings")),
+            bitwidths(&out.join("model_mixed.encodings")),
+            "{plan}"
+        );
+    }
     let flipped: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("flipped_layers.json")).unwrap()).unwrap();
     let n = flipped["n_layers"].as_u64().unwrap();

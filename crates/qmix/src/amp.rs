@@ -31,6 +31,7 @@ use crate::candidate::{Candidate, supported_candidates};
 use crate::convert_ops::{GroupGraph, Phase3Options, Phase3Result, plan_phase3};
 use crate::groups::{QuantizerGroup, find_quantizer_groups};
 use crate::search::{SearchAlgo, search};
+use crate::target::{PlanChange, Target, legalize};
 
 /// Settings of an AMP run.
 #[derive(Debug, Clone)]
@@ -70,6 +71,12 @@ pub struct AmpOptions {
     /// Run phase 3 (convert-op reduction) on the chosen plan: one plan per alpha, each
     /// recalibrated and scored; the simulation stays at the phase-2 choice.
     pub phase3: Option<Phase3Options>,
+    /// The device the plans are for: every plan AMP scores (the baselines, phase-2 points, the
+    /// budget search's and phase 3's plans, the final one) is made legal for it with
+    /// [`crate::legalize`] before it is calibrated and scored, so each score is of a plan the
+    /// target runs. The final plan is priced as repaired; the points of the search are priced
+    /// as the search chose them.
+    pub target: Option<Target>,
 }
 
 impl AmpOptions {
@@ -93,6 +100,7 @@ impl AmpOptions {
             threads: 0,
             fp32_cache_bytes: qanalyze::DEFAULT_CACHE_BUDGET,
             phase3: None,
+            target: None,
         }
     }
 }
@@ -234,6 +242,8 @@ pub struct AmpResult {
     pub chosen_by: &'static str,
     /// Phase 3, when asked for and the search ran.
     pub phase3: Option<Phase3Result>,
+    /// What [`AmpOptions::target`] changed in the final plan (empty without a target).
+    pub target_changes: Vec<PlanChange>,
 }
 
 fn set_group(sim: &mut QuantSim, group: &QuantizerGroup, c: Candidate) {
@@ -244,6 +254,26 @@ fn set_group(sim: &mut QuantSim, group: &QuantizerGroup, c: Candidate) {
     for &q in &group.params {
         p.quantizer_mut(q).set_precision(c.param);
     }
+}
+
+/// The assignment the simulation holds: per group, the widest precision among its activation
+/// and among its parameter quantizers (`searched` where a group has none) — after the target's
+/// repairs, the plan as the device runs it, for pricing.
+fn assignment_in(sim: &QuantSim, groups: &[QuantizerGroup], searched: &[Candidate]) -> Vec<Candidate> {
+    let p = sim.placement();
+    let widest = |qs: &[QuantizerId], fallback: Precision| {
+        qs.iter()
+            .map(|&q| p.quantizer(q).precision)
+            .fold(fallback, |m, x| if x.bits() > m.bits() { x } else { m })
+    };
+    groups
+        .iter()
+        .zip(searched)
+        .map(|(g, c)| Candidate {
+            activation: widest(&g.activations, c.activation),
+            param: widest(&g.params, c.param),
+        })
+        .collect()
 }
 
 fn set_enabled(sim: &mut QuantSim, qs: impl IntoIterator<Item = QuantizerId>, on: bool) {
@@ -303,6 +333,9 @@ struct Run<'a, 'p, 'g> {
     cache: AmpCache,
     work: AmpWork,
     progress: &'g mut dyn FnMut(AmpEvent),
+    target: Option<&'a Target>,
+    /// What the target changed in the plan applied last.
+    target_changes: Vec<PlanChange>,
 }
 
 impl Run<'_, '_, '_> {
@@ -314,10 +347,30 @@ impl Run<'_, '_, '_> {
     }
 
     /// Sets a phase-2 point and applies the exception rules again, as AIMET's
-    /// `_optimize_mp_profile_and_evaluate_model` does before recalibrating.
+    /// `_optimize_mp_profile_and_evaluate_model` does before recalibrating; then the target's
+    /// repairs.
     fn apply_point(&mut self, assignment: &[Candidate]) -> Result<(), AmpError> {
         self.apply(assignment);
-        Ok(self.sim.apply_exception_rules()?)
+        self.sim.apply_exception_rules()?;
+        self.make_legal()
+    }
+
+    /// What the applied `assignment` costs: itself, or after the target's repairs, the plan the
+    /// simulation holds.
+    fn priced(&self, assignment: &[Candidate]) -> Vec<Candidate> {
+        if self.target_changes.is_empty() {
+            assignment.to_vec()
+        } else {
+            assignment_in(self.sim, &self.groups, assignment)
+        }
+    }
+
+    /// Makes the simulation's plan legal for the target, if any.
+    fn make_legal(&mut self) -> Result<(), AmpError> {
+        if let Some(target) = self.target {
+            self.target_changes = legalize(self.sim, target)?;
+        }
+        Ok(())
     }
 
     fn calibrate(&mut self) -> Result<(), AmpError> {
@@ -460,6 +513,10 @@ pub fn choose_mixed_precision(
     if let Some(table) = &options.cost_table {
         settings["cost_table"] = json!(table.checksum());
     }
+    if let Some(target) = &options.target {
+        // The rules, not the name: the same file edited is another target.
+        settings["target"] = json!(format!("{:?} {:?}", target.kernels, target.op_kernels));
+    }
     if let Some((i, n)) = options.shard
         && (n == 0 || i >= n)
     {
@@ -467,7 +524,17 @@ pub fn choose_mixed_precision(
     }
     let cache = AmpCache::open(options.results_dir.as_deref(), settings, options.clean_start, options.shard)?;
     timings.push(("setup", started.elapsed().as_secs_f64()));
-    let mut run = Run { sim, data, phase2, groups, cache, work: AmpWork::default(), progress };
+    let mut run = Run {
+        sim,
+        data,
+        phase2,
+        groups,
+        cache,
+        work: AmpWork::default(),
+        progress,
+        target: options.target.as_ref(),
+        target_changes: Vec::new(),
+    };
     let n_groups = run.groups.len();
 
     // FP32 and baselines.
@@ -497,6 +564,7 @@ pub fn choose_mixed_precision(
             Some(&s) => s,
             None => {
                 run.apply(&assignment_for(c));
+                run.make_legal()?;
                 run.calibrate()?;
                 let s = run.evaluate()?;
                 run.cache.baseline.insert(c.to_string(), s);
@@ -558,6 +626,7 @@ pub fn choose_mixed_precision(
         budget: None,
         chosen_by: "baseline",
         phase3: None,
+        target_changes: Vec::new(),
     };
     if let Some(drop) = options.allowed_accuracy_drop {
         if fp32_score - best_score > drop {
@@ -565,12 +634,13 @@ pub fn choose_mixed_precision(
             result.outcome = AmpOutcome::BaselineMissesTarget;
         } else if fp32_score - lowest_score < drop {
             let a = run.finish(assignment_for(lowest))?;
-            result.final_relative_bitops = relative(&a);
+            result.final_relative_bitops = relative(&run.priced(&a));
             result.final_score = lowest_score;
             result.assignment = a;
             result.outcome = AmpOutcome::LowestMeetsTarget;
         }
         if result.outcome != AmpOutcome::Searched {
+            result.target_changes = std::mem::take(&mut run.target_changes);
             result.groups = run.groups;
             result.work = run.work;
             result.timings = timings;
@@ -797,7 +867,8 @@ pub fn choose_mixed_precision(
     let started = Instant::now();
     let assignment = run.finish(assignment)?;
     timings.push(("final calibration", started.elapsed().as_secs_f64()));
-    result.final_relative_bitops = relative(&assignment);
+    result.final_relative_bitops = relative(&run.priced(&assignment));
+    result.target_changes = std::mem::take(&mut run.target_changes);
     result.assignment = assignment;
     result.chosen_point = chosen_point;
     result.final_score = final_score;
