@@ -11,32 +11,122 @@
 //! few runs each, onnxruntime kept running in a helper process) so that the slow spells of a
 //! shared machine fall on all of them alike.
 
+use std::cell::RefCell;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
 use crate::{python, zoo, zoo_data};
 
+thread_local! {
+    /// What the running benchmark has printed, for BENCHMARKS.md.
+    static PRINTED: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// Prints a line and keeps it for BENCHMARKS.md.
+macro_rules! say {
+    () => { say!("") };
+    ($($arg:tt)*) => {{
+        let line = format!($($arg)*);
+        println!("{line}");
+        PRINTED.with(|p| { let mut p = p.borrow_mut(); p.push_str(&line); p.push('\n'); });
+    }};
+}
+
+/// Prints part of a line and keeps it for BENCHMARKS.md.
+macro_rules! say_part {
+    ($($arg:tt)*) => {{
+        let part = format!($($arg)*);
+        print!("{part}");
+        PRINTED.with(|p| p.borrow_mut().push_str(&part));
+    }};
+}
+
+/// A benchmark: its name and what runs it.
+type Bench = (&'static str, fn() -> Result<()>);
+
+/// The benchmarks, in the order `cargo xtask bench` runs them.
+const BENCHES: [Bench; 6] = [
+    ("load", load),
+    ("exec", exec),
+    ("sim", sim),
+    ("analyze", analyze),
+    ("kernels", kernels),
+    ("plans", plans),
+];
+
 pub fn run(what: Option<&str>) -> Result<()> {
-    match what {
-        Some("load") => load(),
-        Some("exec") => exec(),
-        Some("sim") => sim(),
-        Some("analyze") => analyze(),
-        Some("kernels") => kernels(),
-        Some("plans") => plans(),
-        None => {
-            load()?;
-            exec()?;
-            sim()?;
-            analyze()?;
-            kernels()?;
-            plans()
-        }
-        Some(other) => {
-            bail!("unknown benchmark '{other}' (available: load, exec, sim, analyze, kernels, plans)")
-        }
+    let chosen: Vec<&Bench> = match what {
+        None => BENCHES.iter().collect(),
+        Some(name) => match BENCHES.iter().find(|(n, _)| *n == name) {
+            Some(b) => vec![b],
+            None => bail!(
+                "unknown benchmark '{name}' (available: {})",
+                BENCHES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            ),
+        },
+    };
+    for (name, bench) in chosen {
+        PRINTED.with(|p| p.borrow_mut().clear());
+        bench()?;
+        let printed = PRINTED.with(|p| std::mem::take(&mut *p.borrow_mut()));
+        record(name, &printed)?;
     }
+    Ok(())
+}
+
+/// Where the figures go: `BENCHMARKS.md` at the workspace root.
+fn benchmarks_file() -> std::path::PathBuf {
+    zoo::workspace_root().join("BENCHMARKS.md")
+}
+
+/// Replaces (or adds) the section of benchmark `name` in BENCHMARKS.md with what it printed,
+/// headed by the machine and the date; the other sections stay as they were.
+fn record(name: &str, printed: &str) -> Result<()> {
+    let path = benchmarks_file();
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let mut sections: Vec<(String, String)> = Vec::new();
+    for chunk in old.split("\n## ").skip(1) {
+        let (head, body) = chunk.split_once('\n').unwrap_or((chunk, ""));
+        sections.push((head.trim().to_string(), body.trim_end().to_string()));
+    }
+    let head = format!("`cargo xtask bench {name}`");
+    let body = format!("{}, {}:\n\n```text\n{}```", machine(), today(), printed);
+    match sections.iter_mut().find(|(h, _)| *h == head) {
+        Some(s) => s.1 = body,
+        None => sections.push((head, body)),
+    }
+    let order =
+        |h: &str| BENCHES.iter().position(|(n, _)| h == format!("`cargo xtask bench {n}`")).unwrap_or(99);
+    sections.sort_by_key(|(h, _)| order(h));
+    let mut text = String::from(
+        "# Benchmarks\n\nWritten by `cargo xtask bench` (each section by its benchmark, with the machine and the date it ran on); \
+         every contender runs on the same machine in the same run. What each benchmark measures: `xtask/src/bench.rs`.\n",
+    );
+    for (h, b) in sections {
+        text.push_str(&format!("\n## {h}\n\n{b}\n"));
+    }
+    qgraph::write_atomically(&path, text.as_bytes())?;
+    Ok(())
+}
+
+/// The CPU model and the number of logical CPUs.
+fn machine() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    format!("{model}, {cpus} logical CPUs")
+}
+
+/// Today's date (UTC) as YYYY-MM-DD.
+fn today() -> String {
+    humantime::format_rfc3339(std::time::SystemTime::now()).to_string().chars().take(10).collect()
 }
 
 fn median_ms(mut f: impl FnMut(), runs: usize) -> f64 {
@@ -84,7 +174,7 @@ fn onnxruntime<'a>(model: &std::path::Path, threads: usize, feeds: &[String]) ->
 /// each, taking turns, so that the machine's slow spells (this is a shared machine) fall on all
 /// of them alike. A 100 ms pause between turns is meant to let the previous contender's worker
 /// threads stop spinning (with 20 ms, our two-thread batch-1 runs once measured 40 % slower than
-/// alone; with 100 ms they still do at times, unexplained — see the README).
+/// alone; with 100 ms they still do at times, unexplained — see docs/results.md).
 fn interleaved(contenders: &mut [Contender<'_>], rounds: usize, per_round: usize) -> Result<Vec<f64>> {
     let mut times = vec![Vec::with_capacity(rounds * per_round); contenders.len()];
     for _ in 0..rounds {
@@ -116,9 +206,15 @@ fn exec() -> Result<()> {
     python::ensure_oracles()?;
     let dir = zoo::out_dir()?.join("bench");
     std::fs::create_dir_all(&dir)?;
-    println!(
+    say!(
         "{:<20} {:>5} {:>7} {:>5} {:>10} {:>10} {:>7}",
-        "model", "batch", "threads", "runs", "qexec ms", "ORT ms", "ratio"
+        "model",
+        "batch",
+        "threads",
+        "runs",
+        "qexec ms",
+        "ORT ms",
+        "ratio"
     );
     for name in ["mobilenetv2_keras", "efficientnet_lite0", "all_minilm_l6_v2"] {
         let path = zoo.join(format!("models/{name}.onnx"));
@@ -144,7 +240,7 @@ fn exec() -> Result<()> {
                     [ours(|| drop(session.run(&feeds).unwrap())), onnxruntime(&path, threads, &files)?];
                 let medians = interleaved(&mut contenders, rounds, per_round)?;
                 let (ours, theirs) = (medians[0], medians[1]);
-                println!(
+                say!(
                     "{name:<20} {batch:>5} {threads:>7} {:>5} {ours:>10.2} {theirs:>10.2} {:>7.2}",
                     rounds * per_round,
                     ours / theirs
@@ -187,16 +283,24 @@ fn sim() -> Result<()> {
             calib_rows.chunks(32).map(|rows| vec![("input".to_string(), c.batch(&images, rows))]),
             &mut |_| {},
         )?;
-        println!(
+        say!(
             "calibration of {name} on 100 images (batches of 32), W8A8 min-max, {threads} thread(s): {:.2} s; process peak RSS {:.0} MiB (before: {rss_before:.0} MiB)",
             started.elapsed().as_secs_f64(),
             peak_rss_mib().unwrap_or(0.0)
         );
         sims.push(sim);
     }
-    println!(
+    say!(
         "{:<20} {:>5} {:>7} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "model", "batch", "threads", "runs", "sim ms", "FP32 ms", "ORT ms", "sim/FP32", "sim/ORT"
+        "model",
+        "batch",
+        "threads",
+        "runs",
+        "sim ms",
+        "FP32 ms",
+        "ORT ms",
+        "sim/FP32",
+        "sim/ORT"
     );
     // Right after the calibrations free their ~600 MiB, the whole machine runs slow for a moment:
     // the first row measured onnxruntime (another process) at 9.2 ms against 7.4 ms elsewhere, and
@@ -221,7 +325,7 @@ fn sim() -> Result<()> {
             ];
             let medians = interleaved(&mut contenders, rounds, per_round)?;
             let (simulated, fp32, ort) = (medians[0], medians[1], medians[2]);
-            println!(
+            say!(
                 "{name:<20} {batch:>5} {threads:>7} {:>5} {simulated:>9.2} {fp32:>9.2} {ort:>9.2} {:>9.2} {:>9.2}",
                 rounds * per_round,
                 simulated / fp32,
@@ -246,7 +350,7 @@ fn minilm_analysis(zoo: &std::path::Path) -> Result<()> {
     let started = Instant::now();
     let fp32 = qanalyze::FloatReference::new(&sim, &[bench_inputs(zoo, name, 32)?], 0)?;
     let scores = qanalyze::enable_one(&mut sim, &fp32, qanalyze::Metric::Sqnr, &mut |_, _| {})?;
-    println!(
+    say!(
         "enable-one SQNR analysis of {name} (htp_v73, W8A16), {} layers, 32 rows × 48 tokens: {:.1} s; process peak RSS {:.0} MiB (before the analysis {before:.0} MiB)",
         scores.len(),
         started.elapsed().as_secs_f64(),
@@ -258,14 +362,14 @@ fn minilm_analysis(zoo: &std::path::Path) -> Result<()> {
 fn load() -> Result<()> {
     let zoo = zoo::zoo_dir()?;
     python::ensure_oracles()?;
-    println!("{:<28} {:>10} {:>14} {:>8}", "model (median of 15)", "qgraph ms", "onnx.load ms", "ratio");
+    say!("{:<28} {:>10} {:>14} {:>8}", "model (median of 15)", "qgraph ms", "onnx.load ms", "ratio");
     for name in ["all_minilm_l6_v2", "efficientnet_lite0", "mobilenetv2_keras", "mobilenetv1_025_128"] {
         let path = zoo.join(format!("models/{name}.onnx"));
         let ours = median_ms(|| drop(qgraph::load_path(&path).unwrap()), 15);
         let theirs: f64 = python::script_output("time_onnx_load.py", &[&path.display().to_string(), "15"])?
             .trim()
             .parse()?;
-        println!("{name:<28} {ours:>10.1} {theirs:>14.1} {:>8.2}", ours / theirs);
+        say!("{name:<28} {ours:>10.1} {theirs:>14.1} {:>8.2}", ours / theirs);
     }
     Ok(())
 }
@@ -313,13 +417,13 @@ fn analyze() -> Result<()> {
         zoo.join(format!("aimet/{name}/litemp_default_int16_10pct/timings.json")),
     )?)?;
     let aimet_s = aimet["seconds_by_step"]["sensitivity_analysis"].as_f64().unwrap_or(f64::NAN);
-    println!(
+    say!(
         "enable-one PSNR analysis of {name}, {} layers, 32 images, all cores: ours {ours_s:.1} s; naive full forward per layer {naive_s:.1} s ({:.2}×); AIMET {aimet_s:.1} s ({:.1}×)",
         layers.len(),
         naive_s / ours_s,
         aimet_s / ours_s
     );
-    println!(
+    say!(
         "  node executions per batch: {resumed_nodes} resumed vs {naive_nodes} naive ({} saved, {:.0} %); scores bit-identical for {same} of {} layers",
         naive_nodes - resumed_nodes,
         100.0 * (naive_nodes - resumed_nodes) as f64 / naive_nodes as f64,
@@ -332,7 +436,7 @@ fn analyze() -> Result<()> {
     let rate = best_product_rate()?;
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
     let floor = macs / (rate * 1e9 * cores);
-    println!(
+    say!(
         "  multiply-accumulates of the resumed runs: {:.1} G per sample, {:.0} G in all; at our best product rate \
          ({rate:.1} GMAC/s on one core, a 1568×960 · 960×160 MatMul) on {cores} cores they alone take {floor:.1} s \
          ({:.1}× AIMET)",
@@ -397,9 +501,9 @@ fn kernels() -> Result<()> {
         let ns = json["mean"]["point_estimate"].as_f64().context("no mean estimate")?;
         Ok(bytes as f64 / ns)
     };
-    print!("{:<28}", "GB/s (× memcpy)");
-    sizes.iter().for_each(|(label, _)| print!("{label:>18}"));
-    println!();
+    say_part!("{:<28}", "GB/s (× memcpy)");
+    sizes.iter().for_each(|(label, _)| say_part!("{label:>18}"));
+    say!();
     for kernel in [
         "memcpy",
         "fake_quant_int8",
@@ -409,12 +513,12 @@ fn kernels() -> Result<()> {
         "min_max",
         "tf_histogram",
     ] {
-        print!("{kernel:<28}");
+        say_part!("{kernel:<28}");
         for size in sizes {
             let (ours, copy) = (gbps(kernel, size)?, gbps("memcpy", size)?);
-            print!("{:>18}", format!("{ours:.1} ({:.2}×)", ours / copy));
+            say_part!("{:>18}", format!("{ours:.1} ({:.2}×)", ours / copy));
         }
-        println!();
+        say!();
     }
     Ok(())
 }
@@ -442,7 +546,7 @@ fn plans() -> Result<()> {
         "--out".into(),
         costs.clone().into(),
     ])?;
-    println!("profile-costs: {:.1} s", started.elapsed().as_secs_f64());
+    say!("profile-costs: {:.1} s", started.elapsed().as_secs_f64());
     let mut rows = Vec::new();
     for (tag, extra) in [("bit-ops", Vec::new()), ("measured", vec!["--cost".into(), costs.clone().into()])] {
         let out = dir.join(tag);
@@ -466,8 +570,9 @@ fn plans() -> Result<()> {
         let info: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("amp_info.json"))?)?;
         let score = info["final_score"].as_f64().context("final_score")?;
         let cost = info["final_relative_bitops"].as_f64().context("final_relative_bitops")?;
-        println!(
-            "amp by {tag}: top-1 {score:.4} at {cost:.3} of the baseline's {tag} cost ({:.0} s)",
+        let start = info["starting_candidate"].as_str().unwrap_or("the starting candidate").to_string();
+        say!(
+            "amp by {tag}: top-1 {score:.4} at {cost:.3} of {start}'s {tag} cost ({:.0} s)",
             started.elapsed().as_secs_f64()
         );
         rows.push((tag, score, cost, out.join("model_amp_qdq.onnx")));
@@ -481,10 +586,10 @@ fn plans() -> Result<()> {
     let mut contenders =
         rows.iter().map(|(.., path)| onnxruntime(path, 1, &feeds)).collect::<Result<Vec<_>>>()?;
     let medians = interleaved(&mut contenders, 10, 10)?;
-    println!("{:<10} {:>7} {:>14} {:>12}", "plan", "top-1", "relative cost", "ORT ms");
+    say!("{:<10} {:>7} {:>14} {:>12}", "plan", "top-1", "relative cost", "ORT ms");
     for ((tag, score, cost, _), ms) in rows.iter().zip(&medians) {
-        println!("{tag:<10} {score:>7.4} {cost:>14.3} {ms:>12.3}");
+        say!("{tag:<10} {score:>7.4} {cost:>14.3} {ms:>12.3}");
     }
-    println!("measured-cost plan / bit-ops plan latency: {:.3}", medians[1] / medians[0]);
+    say!("measured-cost plan / bit-ops plan latency: {:.3}", medians[1] / medians[0]);
     Ok(())
 }
