@@ -88,7 +88,7 @@ fn record(name: &str, printed: &str) -> Result<()> {
     let mut sections: Vec<(String, String)> = Vec::new();
     for chunk in old.split("\n## ").skip(1) {
         let (head, body) = chunk.split_once('\n').unwrap_or((chunk, ""));
-        sections.push((head.trim().to_string(), body.trim_end().to_string()));
+        sections.push((head.trim().to_string(), body.trim().to_string()));
     }
     let head = format!("`cargo xtask bench {name}`");
     let body = format!("{}, {}:\n\n```text\n{}```", machine(), today(), printed);
