@@ -9,9 +9,12 @@
 //! and a `null` layer config leave nodes in float.
 //!
 //! Written: `global_config` carries the most common activation and weight precisions; each node
-//! that differs gets the fields that differ — `weight` from its weight quantizer, `output_tensors`
-//! from its output quantizer, `input_tensors` only where it reads a graph input — so every tensor
-//! is set by exactly one layer entry and Quark's tensor overrides equal the plan's precisions.
+//! that differs gets the fields that differ — `weight` and `bias` from the quantizers of the
+//! inputs in those slots (a weight, or a constant such as a Clip's bounds; parameter biases keep
+//! their own precision), `output_tensors` from its output quantizer, `input_tensors` only where it
+//! reads a graph input — so every tensor is set by exactly one layer entry and Quark's tensor
+//! overrides equal the plan's precisions. (A weight reached through an op, e.g. a `Transpose` of
+//! an initializer, is not in a slot Quark reads; such plans do not round-trip.)
 //! Nodes whose weight and every other quantizer are float are excluded. Quark inserts the
 //! converts at precision boundaries itself. A tensor config carries all five fields Quark's
 //! `QTensorConfig` takes; only `data_type` (and the node structure) carries the plan.
@@ -121,51 +124,54 @@ fn spec_on(sim: &QuantSim, v: ValueId) -> Result<Option<TensorSpec>> {
     TensorSpec::of(q, is_param, &sim.model().graph.value(v).name).map(Some)
 }
 
-/// The weight quantizer of `node` (the first parameter Quark calls its weight).
-fn weight_value(g: &Graph, placement: &Placement, node: NodeId) -> Option<ValueId> {
-    g.node(node).inputs().iter().flatten().copied().find(|&v| {
-        let root = g.static_root(v).map_or(v, |(r, _)| r);
-        matches!(
-            placement.tensor(root).map(|t| t.role),
-            Some(TensorRole::Param { role: ParamRole::Weight, .. })
-        )
-    })
-}
-
-/// The layer fields of one node: (input_tensors, weight, output_tensors).
-type LayerFields = [Option<TensorSpec>; 3];
+/// The layer fields of one node: input_tensors, weight, bias, output_tensors.
+type LayerFields = [Option<TensorSpec>; 4];
 
 /// The simulation's plan as a Quark `QConfig` dictionary (see the module doc).
 pub fn quark_config(sim: &QuantSim) -> Result<Value> {
     let g = &sim.model().graph;
     let placement = sim.placement();
-    let mut layers: Vec<(NodeId, LayerFields)> = Vec::new();
+    let mut layers: Vec<(NodeId, LayerFields, Option<bool>)> = Vec::new();
     let mut exclude: Vec<&str> = Vec::new();
     let mut act_count: HashMap<TensorSpec, usize> = HashMap::new();
     let mut weight_count: HashMap<TensorSpec, usize> = HashMap::new();
     for (id, node) in g.nodes() {
-        let weight_v = weight_value(g, placement, id);
+        let inputs: Vec<ValueId> = node.inputs().iter().flatten().copied().collect();
+        // Quark's slots: the inputs before the first initializer, then that initializer (its
+        // "weight", a Clip's min too) and the input after it (its "bias").
+        let first_init = inputs
+            .iter()
+            .position(|&v| matches!(g.value(v).source(), ValueSource::Initializer))
+            .unwrap_or(inputs.len());
+        let role = |v: ValueId| placement.tensor(v).map(|t| t.role);
+        let weight_v = inputs.get(first_init).copied();
+        // What the global config gives the weight slot's tensor on reading: the weight type to
+        // a weight, the activation type to a constant, nothing to other parameters.
+        let weight_global = match weight_v.and_then(role) {
+            Some(TensorRole::Param { role: ParamRole::Weight, .. }) => Some(true),
+            Some(TensorRole::Param { .. }) => None,
+            _ => Some(false),
+        };
+        let weight_is_param = weight_global == Some(true);
         let weight = match weight_v {
-            Some(v) => spec_on(sim, g.static_root(v).map_or(v, |(r, _)| r))?,
+            Some(v) => spec_on(sim, v)?,
             None => None,
+        };
+        // A parameter bias keeps its own precision (AIMET leaves it in float or int32).
+        let bias = match inputs.get(first_init + 1) {
+            Some(&v) if matches!(role(v), Some(TensorRole::Constant)) => spec_on(sim, v)?,
+            _ => None,
         };
         let mut output = None;
         for &v in node.outputs().iter().flatten() {
-            if matches!(placement.tensor(v).map(|t| t.role), Some(TensorRole::Output { .. }))
+            if matches!(role(v), Some(TensorRole::Output { .. } | TensorRole::Constant))
                 && let Some(s) = spec_on(sim, v)?
             {
                 output = Some(s);
                 break;
             }
         }
-        // Inputs before the first initializer, as Quark counts them.
-        let leading: Vec<ValueId> = node
-            .inputs()
-            .iter()
-            .flatten()
-            .copied()
-            .take_while(|&v| !matches!(g.value(v).source(), ValueSource::Initializer))
-            .collect();
+        let leading = &inputs[..first_init];
         let mut input = None;
         if leading.iter().any(|&v| matches!(g.value(v).source(), ValueSource::Input)) {
             let specs = leading.iter().map(|&v| spec_on(sim, v)).collect::<Result<Vec<_>>>()?;
@@ -178,18 +184,18 @@ pub fn quark_config(sim: &QuantSim) -> Result<Value> {
         for s in [input, output].into_iter().flatten() {
             *act_count.entry(s).or_default() += 1;
         }
-        if let Some(w) = weight {
+        if let (Some(w), true) = (weight, weight_is_param) {
             *weight_count.entry(w).or_default() += 1;
         }
         let quantizers = placement.op_quantizers(g, id);
-        if weight_v.is_some()
+        if weight_is_param
             && !quantizers.is_empty()
             && quantizers.iter().all(|&q| !placement.quantizer(q).enabled)
         {
             exclude.push(&node.name);
             continue;
         }
-        layers.push((id, [input, weight, output]));
+        layers.push((id, [input, weight, bias, output], weight_global));
     }
     let most_common = |counts: &HashMap<TensorSpec, usize>, fallback: TensorSpec| {
         counts
@@ -208,10 +214,16 @@ pub fn quark_config(sim: &QuantSim) -> Result<Value> {
     let calibration = calibration_method(sim.options().scheme);
     // Group nodes by the fields that differ from the global config, in graph order.
     let mut groups: Vec<(LayerFields, Vec<&str>)> = Vec::new();
-    for (id, [input, weight, output]) in layers {
+    for (id, [input, weight, bias, output], weight_global) in layers {
+        // Each field against what the global config gives its tensor on reading.
         let fields = [
             input.filter(|s| *s != global_act),
-            weight.filter(|s| *s != global_weight),
+            weight.filter(|s| match weight_global {
+                Some(true) => *s != global_weight,
+                Some(false) => *s != global_act,
+                None => true,
+            }),
+            bias.filter(|s| *s != global_act),
             output.filter(|s| *s != global_act),
         ];
         if fields.iter().all(Option::is_none) {
@@ -227,7 +239,7 @@ pub fn quark_config(sim: &QuantSim) -> Result<Value> {
         .into_iter()
         .map(|(fields, names)| {
             let mut layer = Map::new();
-            for (key, spec) in ["input_tensors", "weight", "output_tensors"].into_iter().zip(fields) {
+            for (key, spec) in ["input_tensors", "weight", "bias", "output_tensors"].into_iter().zip(fields) {
                 if let Some(s) = spec {
                     layer.insert(key.into(), s.to_json(calibration));
                 }

@@ -665,6 +665,17 @@ fn a_mixed_plan_as_quark_layers_sets_each_tensor_once_and_reads_back_the_same() 
     let applied = qcalib::apply_plan(&mut back, &config).unwrap();
     assert!(applied.converts, "mixed integer activations: Quark inserts converts");
     assert_eq!(precisions(&back), precisions(&s));
+    // Constants in Quark's weight and bias slots (a Clip's bounds) round-trip too.
+    let mut s = mixed(true);
+    for name in ["clip.min", "clip.max"] {
+        let q = s.placement().quantizer_of(s.model().graph.value_id(name).unwrap()).unwrap();
+        s.placement_mut().quantizer_mut(q).set_precision(Precision::Int(16));
+    }
+    s.compute_encodings().unwrap();
+    let config = qcalib::quark_config(&s).unwrap();
+    let mut back = sim(SimOptions::default());
+    qcalib::apply_plan(&mut back, &config).unwrap();
+    assert_eq!(precisions(&back), precisions(&s));
 }
 
 #[test]
