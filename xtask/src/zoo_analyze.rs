@@ -171,7 +171,16 @@ fn report_and_screenshot(zoo: &Path) -> Result<()> {
     let started = Instant::now();
     let mut args = vec!["analyze".into(), zoo.join("models/mobilenetv2_keras.onnx").into()];
     args.extend(data);
-    args.extend(["--quiet".into(), "--json".into(), "--out".into(), dir.clone().into()]);
+    // Eight samples: the scores were compared with AIMET's above; this run checks the command end
+    // to end and its report.
+    args.extend([
+        "--samples".into(),
+        "8".into(),
+        "--quiet".into(),
+        "--json".into(),
+        "--out".into(),
+        dir.clone().into(),
+    ]);
     crate::zoo::qmix(&args)?;
     let html = std::fs::read_to_string(dir.join("report.html"))?;
     println!(

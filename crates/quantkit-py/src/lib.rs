@@ -1,0 +1,218 @@
+//! The `quantkit` Python module: AIMET-style quantization simulation of ONNX models over the
+//! native crates, with numpy arrays in and out. Every error is a `ValueError` carrying the Rust
+//! error's one-line message; long work (calibration, runs) releases the GIL.
+
+use std::path::PathBuf;
+
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use qcalib::{DefaultPrecision, EncodingVersion, Precision, QdqOptions, QuantsimConfig, Scheme, SimOptions};
+use qgraph::Tensor;
+
+/// The `ValueError` of any error of the native crates.
+fn value_error(e: impl std::fmt::Display) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+fn precision(what: &str, s: &str) -> PyResult<Precision> {
+    Precision::parse(s).ok_or_else(|| {
+        PyValueError::new_err(format!("{what}: unknown precision '{s}' (int4..int16, fp16, bf16)"))
+    })
+}
+
+/// A numpy array (f32, f64, f16 as f32, i64, i32, u8, i8, bool) as a tensor.
+fn to_tensor(name: &str, a: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    macro_rules! try_as {
+        ($($t:ty),*) => {$(
+            if let Ok(arr) = a.extract::<PyReadonlyArrayDyn<'_, $t>>() {
+                let shape = arr.shape().to_vec();
+                let data: Vec<$t> = arr.as_array().iter().copied().collect();
+                return Tensor::from_vec(&shape, data)
+                    .ok_or_else(|| PyValueError::new_err(format!("'{name}': shape {shape:?} does not hold its data")));
+            }
+        )*};
+    }
+    try_as!(f32, f64, i64, i32, u8, i8, bool);
+    Err(PyValueError::new_err(format!(
+        "'{name}': expected a numpy array of float32, float64, int64, int32, uint8, int8 or bool"
+    )))
+}
+
+/// A tensor as a numpy array (its own element type for f32/f64/i64/i32/u8/bool; f16/bf16 as f32).
+fn to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAny>> {
+    let shape = t.shape().to_vec();
+    macro_rules! out {
+        ($a:expr) => {{
+            let data: Vec<_> = $a.iter().copied().collect();
+            Ok(PyArray1::from_vec(py, data).reshape(shape)?.into_any())
+        }};
+    }
+    match t {
+        Tensor::F32(a) => out!(a),
+        Tensor::F64(a) => out!(a),
+        Tensor::I64(a) => out!(a),
+        Tensor::I32(a) => out!(a),
+        Tensor::U8(a) => out!(a),
+        Tensor::Bool(a) => out!(a),
+        Tensor::F16(a) => out!(a.mapv(f32::from)),
+        Tensor::BF16(a) => out!(a.mapv(f32::from)),
+        other => Err(PyValueError::new_err(format!(
+            "output of dtype {:?} has no numpy conversion here",
+            other.dtype()
+        ))),
+    }
+}
+
+/// Feeds from a dict `{input name: array}`.
+fn feeds(d: &Bound<'_, PyDict>) -> PyResult<qcalib::Feeds> {
+    d.iter()
+        .map(|(k, v)| {
+            let name: String = k.extract()?;
+            let t = to_tensor(&name, &v)?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// AIMET's QuantSim on an ONNX model: quantizers placed from a quantsim config, calibrated on
+/// your data, run, exported as AIMET encodings or as a QDQ model.
+///
+/// `config` is a preset (`default`, `default_per_tensor`, `htp_v73`) or the path of a JSON
+/// config in AIMET's schema; `param`/`act` the default precisions (`int4`..`int16`, `fp16`);
+/// `scheme` the calibration (`min_max`, `tf_enhanced`, `percentile`, `mse`, `entropy`);
+/// `threads` 0 for every core.
+#[pyclass(module = "quantkit")]
+struct QuantSim {
+    inner: qcalib::QuantSim,
+}
+
+#[pymethods]
+impl QuantSim {
+    #[new]
+    #[pyo3(signature = (model_path, config = "default", param = "int8", act = "int8", scheme = "min_max", threads = 0))]
+    fn new(
+        model_path: PathBuf,
+        config: &str,
+        param: &str,
+        act: &str,
+        scheme: &str,
+        threads: usize,
+    ) -> PyResult<QuantSim> {
+        let model = qgraph::load_path(&model_path).map_err(value_error)?;
+        let config = QuantsimConfig::load(config).map_err(value_error)?;
+        let scheme = Scheme::parse(scheme).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "unknown scheme '{scheme}' (min_max, tf_enhanced, percentile, percentile:P, mse, entropy)"
+            ))
+        })?;
+        let options = SimOptions {
+            precision: DefaultPrecision {
+                param: precision("param", param)?,
+                activation: precision("act", act)?,
+            },
+            scheme,
+            threads,
+            ..SimOptions::default()
+        };
+        let inner = qcalib::QuantSim::new(model, config, options).map_err(value_error)?;
+        Ok(QuantSim { inner })
+    }
+
+    /// Calibrates on `batches`, an iterable of dicts `{input name: array}` (AIMET's
+    /// `compute_encodings` over a data loader), and computes every quantizer's encodings.
+    fn compute_encodings(&mut self, py: Python<'_>, batches: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut all = Vec::new();
+        for item in batches.try_iter()? {
+            let item = item?;
+            let d = item
+                .downcast::<PyDict>()
+                .map_err(|_| PyValueError::new_err("each batch must be a dict {input name: numpy array}"))?;
+            all.push(feeds(d)?);
+        }
+        let sim = &mut self.inner;
+        py.detach(|| sim.calibrate(all, &mut |_| {})).map_err(value_error)
+    }
+
+    /// Runs the simulation on `inputs` (a dict `{input name: array}`); returns the outputs as a
+    /// list of numpy arrays, in the model's output order.
+    fn run<'py>(&self, py: Python<'py>, inputs: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyList>> {
+        let fed = feeds(inputs)?;
+        let sim = &self.inner;
+        let outs = py
+            .detach(|| {
+                let named: Vec<(&str, Tensor)> = fed.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+                sim.run(&named)
+            })
+            .map_err(value_error)?;
+        let arrays = outs.iter().map(|t| to_numpy(py, t)).collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, arrays)
+    }
+
+    /// Writes `model.onnx` (the model the simulation runs, batch norms folded) and
+    /// `model.encodings` (AIMET's format, `version` 0.6.1, 1.0.0 or 2.0.0) into `path`.
+    #[pyo3(signature = (path, version = "1.0.0"))]
+    fn export(&self, path: PathBuf, version: &str) -> PyResult<()> {
+        let version = EncodingVersion::parse(version).ok_or_else(|| {
+            PyValueError::new_err(format!("unknown encodings version '{version}' (0.6.1, 1.0.0, 2.0.0)"))
+        })?;
+        std::fs::create_dir_all(&path).map_err(|e| value_error(format!("{}: {e}", path.display())))?;
+        qcalib::write_encodings(&self.inner, version, &path.join("model.encodings")).map_err(value_error)?;
+        qgraph::save_path(self.inner.model(), path.join("model.onnx")).map_err(value_error)
+    }
+
+    /// Writes the simulation as a QDQ ONNX model that onnxruntime runs.
+    fn export_qdq(&self, path: PathBuf) -> PyResult<()> {
+        qcalib::write_qdq_model(&self.inner, QdqOptions::default(), &path).map_err(value_error)
+    }
+
+    /// Sets the precision (`int4`..`int16`, `fp16`, `bf16`) of the quantizer on `tensor` and
+    /// enables it; encodings follow at the next `compute_encodings`.
+    fn set_precision(&mut self, tensor: &str, precision: &str) -> PyResult<()> {
+        let p = self::precision(tensor, precision)?;
+        let v = self
+            .inner
+            .model()
+            .graph
+            .value_id(tensor)
+            .ok_or_else(|| PyValueError::new_err(format!("no tensor named '{tensor}' in the model")))?;
+        let q = self
+            .inner
+            .placement()
+            .quantizer_of(v)
+            .ok_or_else(|| PyValueError::new_err(format!("tensor '{tensor}' carries no quantizer")))?;
+        let quantizer = self.inner.placement_mut().quantizer_mut(q);
+        quantizer.enabled = true;
+        quantizer.set_precision(p);
+        self.inner.apply_exception_rules().map_err(value_error)
+    }
+
+    /// Every quantized tensor: a list of dicts `{tensor, role, enabled, precision}`.
+    fn quantizers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let g = &self.inner.model().graph;
+        let placement = self.inner.placement();
+        let rows = placement
+            .tensors()
+            .iter()
+            .map(|t| {
+                let q = placement.quantizer(t.quantizer);
+                let d = PyDict::new(py);
+                d.set_item("tensor", &g.value(t.value).name)?;
+                d.set_item("role", t.role.kind())?;
+                d.set_item("enabled", q.enabled)?;
+                d.set_item("precision", q.precision.to_string())?;
+                Ok(d)
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, rows)
+    }
+}
+
+/// The module.
+#[pymodule]
+fn quantkit(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<QuantSim>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
