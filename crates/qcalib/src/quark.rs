@@ -124,6 +124,47 @@ fn spec_on(sim: &QuantSim, v: ValueId) -> Result<Option<TensorSpec>> {
     TensorSpec::of(q, is_param, &sim.model().graph.value(v).name).map(Some)
 }
 
+/// A node's inputs in Quark's slots: those before the first initializer (`input_tensors`), that
+/// initializer (`weight`; a Clip's min too) and the input after it (`bias`).
+struct Slots {
+    inputs: Vec<ValueId>,
+    first_init: usize,
+}
+
+impl Slots {
+    fn of(g: &Graph, node: NodeId) -> Slots {
+        let inputs: Vec<ValueId> = g.node(node).inputs().iter().flatten().copied().collect();
+        let first_init = inputs
+            .iter()
+            .position(|&v| matches!(g.value(v).source(), ValueSource::Initializer))
+            .unwrap_or(inputs.len());
+        Slots { inputs, first_init }
+    }
+
+    fn leading(&self) -> &[ValueId] {
+        &self.inputs[..self.first_init]
+    }
+
+    fn weight(&self) -> Option<ValueId> {
+        self.inputs.get(self.first_init).copied()
+    }
+
+    fn bias(&self) -> Option<ValueId> {
+        self.inputs.get(self.first_init + 1).copied()
+    }
+}
+
+/// What the global config gives the tensor in a node's weight slot on reading.
+#[derive(Clone, Copy, PartialEq)]
+enum WeightSlot {
+    /// A weight: the global weight type.
+    Weight,
+    /// A constant or an activation: the global activation type.
+    Activation,
+    /// Another parameter (a bias): nothing, it keeps its own precision.
+    Other,
+}
+
 /// The layer fields of one node: input_tensors, weight, bias, output_tensors.
 type LayerFields = [Option<TensorSpec>; 4];
 
@@ -131,35 +172,25 @@ type LayerFields = [Option<TensorSpec>; 4];
 pub fn quark_config(sim: &QuantSim) -> Result<Value> {
     let g = &sim.model().graph;
     let placement = sim.placement();
-    let mut layers: Vec<(NodeId, LayerFields, Option<bool>)> = Vec::new();
+    let mut layers: Vec<(NodeId, LayerFields, WeightSlot)> = Vec::new();
     let mut exclude: Vec<&str> = Vec::new();
     let mut act_count: HashMap<TensorSpec, usize> = HashMap::new();
     let mut weight_count: HashMap<TensorSpec, usize> = HashMap::new();
     for (id, node) in g.nodes() {
-        let inputs: Vec<ValueId> = node.inputs().iter().flatten().copied().collect();
-        // Quark's slots: the inputs before the first initializer, then that initializer (its
-        // "weight", a Clip's min too) and the input after it (its "bias").
-        let first_init = inputs
-            .iter()
-            .position(|&v| matches!(g.value(v).source(), ValueSource::Initializer))
-            .unwrap_or(inputs.len());
+        let slots = Slots::of(g, id);
         let role = |v: ValueId| placement.tensor(v).map(|t| t.role);
-        let weight_v = inputs.get(first_init).copied();
-        // What the global config gives the weight slot's tensor on reading: the weight type to
-        // a weight, the activation type to a constant, nothing to other parameters.
-        let weight_global = match weight_v.and_then(role) {
-            Some(TensorRole::Param { role: ParamRole::Weight, .. }) => Some(true),
-            Some(TensorRole::Param { .. }) => None,
-            _ => Some(false),
+        let weight_slot = match slots.weight().and_then(role) {
+            Some(TensorRole::Param { role: ParamRole::Weight, .. }) => WeightSlot::Weight,
+            Some(TensorRole::Param { .. }) => WeightSlot::Other,
+            _ => WeightSlot::Activation,
         };
-        let weight_is_param = weight_global == Some(true);
-        let weight = match weight_v {
+        let weight = match slots.weight() {
             Some(v) => spec_on(sim, v)?,
             None => None,
         };
         // A parameter bias keeps its own precision (AIMET leaves it in float or int32).
-        let bias = match inputs.get(first_init + 1) {
-            Some(&v) if matches!(role(v), Some(TensorRole::Constant)) => spec_on(sim, v)?,
+        let bias = match slots.bias() {
+            Some(v) if matches!(role(v), Some(TensorRole::Constant)) => spec_on(sim, v)?,
             _ => None,
         };
         let mut output = None;
@@ -171,7 +202,7 @@ pub fn quark_config(sim: &QuantSim) -> Result<Value> {
                 break;
             }
         }
-        let leading = &inputs[..first_init];
+        let leading = slots.leading();
         let mut input = None;
         if leading.iter().any(|&v| matches!(g.value(v).source(), ValueSource::Input)) {
             let specs = leading.iter().map(|&v| spec_on(sim, v)).collect::<Result<Vec<_>>>()?;
@@ -184,18 +215,18 @@ pub fn quark_config(sim: &QuantSim) -> Result<Value> {
         for s in [input, output].into_iter().flatten() {
             *act_count.entry(s).or_default() += 1;
         }
-        if let (Some(w), true) = (weight, weight_is_param) {
+        if let (Some(w), WeightSlot::Weight) = (weight, weight_slot) {
             *weight_count.entry(w).or_default() += 1;
         }
         let quantizers = placement.op_quantizers(g, id);
-        if weight_is_param
+        if weight_slot == WeightSlot::Weight
             && !quantizers.is_empty()
             && quantizers.iter().all(|&q| !placement.quantizer(q).enabled)
         {
             exclude.push(&node.name);
             continue;
         }
-        layers.push((id, [input, weight, bias, output], weight_global));
+        layers.push((id, [input, weight, bias, output], weight_slot));
     }
     let most_common = |counts: &HashMap<TensorSpec, usize>, fallback: TensorSpec| {
         counts
@@ -214,14 +245,14 @@ pub fn quark_config(sim: &QuantSim) -> Result<Value> {
     let calibration = calibration_method(sim.options().scheme);
     // Group nodes by the fields that differ from the global config, in graph order.
     let mut groups: Vec<(LayerFields, Vec<&str>)> = Vec::new();
-    for (id, [input, weight, bias, output], weight_global) in layers {
+    for (id, [input, weight, bias, output], weight_slot) in layers {
         // Each field against what the global config gives its tensor on reading.
         let fields = [
             input.filter(|s| *s != global_act),
-            weight.filter(|s| match weight_global {
-                Some(true) => *s != global_weight,
-                Some(false) => *s != global_act,
-                None => true,
+            weight.filter(|s| match weight_slot {
+                WeightSlot::Weight => *s != global_weight,
+                WeightSlot::Activation => *s != global_act,
+                WeightSlot::Other => true,
             }),
             bias.filter(|s| *s != global_act),
             output.filter(|s| *s != global_act),
@@ -328,23 +359,19 @@ struct TensorPlan {
 impl TensorPlan {
     /// Quark's mapping of a layer config onto `node`'s tensors.
     fn set_layer(&mut self, g: &Graph, node: NodeId, layer: &LayerPlan) {
-        let inputs: Vec<ValueId> = g.node(node).inputs().iter().flatten().copied().collect();
-        let first_init = inputs
-            .iter()
-            .position(|&v| matches!(g.value(v).source(), ValueSource::Initializer))
-            .unwrap_or(inputs.len());
+        let slots = Slots::of(g, node);
         let mut set = |v: ValueId, p: Option<Precision>| {
             if let Some(p) = p {
                 self.precision.insert(v, p);
             }
         };
-        for &v in &inputs[..first_init] {
+        for &v in slots.leading() {
             set(v, layer.input);
         }
-        if let Some(&w) = inputs.get(first_init) {
+        if let Some(w) = slots.weight() {
             set(w, layer.weight);
         }
-        if let Some(&b) = inputs.get(first_init + 1) {
+        if let Some(b) = slots.bias() {
             set(b, layer.bias);
         }
         for &v in g.node(node).outputs().iter().flatten() {
