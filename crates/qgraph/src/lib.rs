@@ -36,7 +36,9 @@ pub use load::{
     load_bytes, load_path, model_from_proto, subgraph_model, subgraph_outer_names, tensor_from_bytes,
 };
 pub use params::Param;
-pub use save::{OutputSet, model_to_proto, save_bytes, save_path, tensor_to_proto, write_atomically};
+pub use save::{
+    OutputSet, model_to_proto, read_text_at_most, save_bytes, save_path, tensor_to_proto, write_atomically,
+};
 pub use shape::{Dim, DimBindings, Shape, checked_numel};
 pub use summary::{Port, Summary};
 pub use tensor::{Element, Tensor};

@@ -1,5 +1,6 @@
 //! IR → ONNX: encodes a `Model` back into a `ModelProto` (initializers as little-endian raw data,
-//! known types and shapes as `value_info`) and writes it atomically (temp file + rename).
+//! known types and shapes as `value_info`) and writes it atomically (temp file + rename); files
+//! written as a set; and the bounded read of the small text files (plans, tables) jobs take.
 
 use std::io::Write;
 use std::path::Path;
@@ -316,4 +317,19 @@ fn attribute_to_proto(name: &str, a: &Attribute) -> AttributeProto {
     };
     p.type_ = kind.into();
     p
+}
+
+/// Reads the text file at `path`, refusing one longer than `max` bytes — counted while reading, so
+/// a device or a growing file that reports no size cannot exhaust memory.
+pub fn read_text_at_most(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?.take(max.saturating_add(1)).read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("longer than {max} bytes, the most this file may hold"),
+        ));
+    }
+    Ok(text)
 }

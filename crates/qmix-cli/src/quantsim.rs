@@ -222,11 +222,7 @@ const MAX_PLAN_BYTES: u64 = 256 << 20;
 /// Sets the precisions of the plan at `path` (onnxruntime overrides or a Quark config) on `sim`.
 fn apply_plan(sim: &mut QuantSim, path: &std::path::Path) -> Result<(), Failure> {
     let bad = |detail: String| user(anyhow::anyhow!("{}: {detail}", path.display()));
-    let size = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?.len();
-    if size > MAX_PLAN_BYTES {
-        return Err(bad(format!("{size} bytes; a plan is at most {MAX_PLAN_BYTES}")));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let text = qgraph::read_text_at_most(path, MAX_PLAN_BYTES).map_err(|e| bad(e.to_string()))?;
     let plan: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
     let applied = qcalib::apply_plan(sim, &plan).map_err(|e| bad(e.to_string()))?;
     if applied.converts {

@@ -42,14 +42,8 @@ impl CostTable {
     /// Reads `{"unit": "us", "ops": {"conv1": {"W8A8": 12.5, "W16A16": 30.0}, …}}` from `path`.
     pub fn load(path: &Path) -> Result<CostTable, AmpError> {
         let origin = path.display().to_string();
-        let size = std::fs::metadata(path).map_err(|e| table_error(&origin, e.to_string()))?.len();
-        if size > MAX_TABLE_BYTES {
-            return Err(table_error(
-                &origin,
-                format!("{size} bytes; a cost table is at most {MAX_TABLE_BYTES}"),
-            ));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| table_error(&origin, e.to_string()))?;
+        let text = qgraph::read_text_at_most(path, MAX_TABLE_BYTES)
+            .map_err(|e| table_error(&origin, e.to_string()))?;
         CostTable::parse(&text, &origin)
     }
 

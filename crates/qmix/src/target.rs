@@ -120,22 +120,13 @@ impl Target {
             return Target::parse(json, name_or_path);
         }
         let path = std::path::Path::new(name_or_path);
-        let size = std::fs::metadata(path)
-            .map_err(|e| {
-                let presets: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
-                target_error(
-                    name_or_path,
-                    format!("not a preset ({}) and not a readable file: {e}", presets.join(", ")),
-                )
-            })?
-            .len();
-        if size > MAX_TARGET_BYTES {
-            return Err(target_error(
+        let text = qgraph::read_text_at_most(path, MAX_TARGET_BYTES).map_err(|e| {
+            let presets: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+            target_error(
                 name_or_path,
-                format!("{size} bytes; a target file is at most {MAX_TARGET_BYTES}"),
-            ));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| target_error(name_or_path, e.to_string()))?;
+                format!("not a preset ({}) and not a readable file: {e}", presets.join(", ")),
+            )
+        })?;
         Target::parse(&text, name_or_path)
     }
 
