@@ -284,8 +284,8 @@ fn int16_activations_raise_the_opset() {
 
 #[test]
 fn statistics_files_reload_to_the_same_encodings() {
-    let dir = std::env::temp_dir().join(format!("qcalib-stats-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::Builder::new().prefix("qcalib-stats-").tempdir().unwrap();
+    let dir = scratch.path();
     for scheme in [Scheme::MinMax, Scheme::TfEnhanced, Scheme::Entropy] {
         let s = calibrated(SimOptions { scheme, ..SimOptions::default() });
         let path = dir.join(format!("{scheme:?}.qstats"));

@@ -2,19 +2,14 @@
 //! moment (SIGKILL) resumes from its cache to exactly the result of an uninterrupted run, without
 //! evaluating again what the cache holds; a cache made with other settings is refused.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bars_cnn.onnx")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmix-amp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 fn amp(out: &Path, extra: &[&str]) -> Command {
@@ -56,7 +51,7 @@ fn outcome(out: &Path) -> (serde_json::Value, serde_json::Value, serde_json::Val
 
 #[test]
 fn writes_lists_plots_and_encodings() {
-    let out = scratch("files");
+    let out = common::scratch("files");
     run_to_end(&out, &[]);
     for f in [
         "accuracy_list.json",
@@ -89,19 +84,18 @@ fn writes_lists_plots_and_encodings() {
         String::from_utf8_lossy(&o.stderr)
     );
     run_to_end(&out, &["--candidates", "w16a16,w8a8", "--clean-start"]);
-    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[test]
 fn killed_runs_resume_to_the_same_result() {
-    let reference = scratch("reference");
+    let reference = common::scratch("reference");
     let started = Instant::now();
     run_to_end(&reference, &[]);
     let full = started.elapsed();
     let expected = outcome(&reference);
     // Kill at moments spread over the run, then finish it; each time from a fresh folder.
     for k in 1..=6u32 {
-        let out = scratch(&format!("killed{k}"));
+        let out = common::scratch(&format!("killed{k}"));
         let mut child = amp(&out, &[]).spawn().unwrap();
         std::thread::sleep(full.mul_f64(f64::from(k) / 7.0).max(Duration::from_millis(1)));
         let _ = child.kill();
@@ -112,16 +106,14 @@ fn killed_runs_resume_to_the_same_result() {
         let work = &json(&out.join("amp_info.json"))["work_this_run"];
         assert_eq!(work["phase1_evaluations"], 0);
         assert_eq!(work["phase2_evaluations"], 0);
-        std::fs::remove_dir_all(&out).unwrap();
     }
-    std::fs::remove_dir_all(&reference).unwrap();
 }
 
 #[test]
 fn phase_one_shards_merge_into_the_same_result() {
-    let reference = scratch("unsharded");
+    let reference = common::scratch("unsharded");
     run_to_end(&reference, &[]);
-    let out = scratch("sharded");
+    let out = common::scratch("sharded");
     for shard in ["0/3", "1/3", "2/3"] {
         run_to_end(&out, &["--shard", shard]);
     }
@@ -130,13 +122,11 @@ fn phase_one_shards_merge_into_the_same_result() {
     assert_eq!(outcome(&out), outcome(&reference));
     let o = amp(&out, &["--shard", "3/3"]).output().unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
-    std::fs::remove_dir_all(&out).unwrap();
-    std::fs::remove_dir_all(&reference).unwrap();
 }
 
 #[test]
 fn phase3_writes_one_plan_per_alpha() {
-    let out = scratch("phase3");
+    let out = common::scratch("phase3");
     let digits = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits_cnn.onnx");
     let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
         .arg("amp")
@@ -163,12 +153,11 @@ fn phase3_writes_one_plan_per_alpha() {
     // Phase 3 leaves the phase-2 choice in place.
     let phase2 = std::fs::read(out.join("model_amp.encodings")).unwrap();
     assert_eq!(phase2, std::fs::read(out.join("AMP_ph3_export_alpha_1.0.encodings")).unwrap());
-    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[test]
 fn a_cost_table_replaces_bit_ops_and_belongs_to_the_cache_settings() {
-    let out = scratch("cost");
+    let out = common::scratch("cost");
     let table = |cost: f64| {
         let row: serde_json::Value = ["W16A16", "W8A16", "W16A8", "W8A8"]
             .iter()
@@ -196,14 +185,13 @@ fn a_cost_table_replaces_bit_ops_and_belongs_to_the_cache_settings() {
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("cost table") && !err.contains("panicked"), "{err}");
-    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[test]
 fn every_plan_amp_scores_and_writes_is_legal_on_its_target() {
     // A group holds an op's weights and input; the op computes at its output's precision, which
     // the next group sets: mixing W16A16 and W4A8 groups composes a W16A8 op the HTP lacks.
-    let out = scratch("target");
+    let out = common::scratch("target");
     let digits = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits_cnn.onnx");
     let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
         .arg("amp")
@@ -238,5 +226,4 @@ fn every_plan_amp_scores_and_writes_is_legal_on_its_target() {
         let changes = qmix::legalize(&mut sim, &htp).unwrap();
         assert!(changes.is_empty(), "{}: {changes:?}", file.display());
     }
-    std::fs::remove_dir_all(&out).unwrap();
 }

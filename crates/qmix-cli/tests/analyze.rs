@@ -2,12 +2,14 @@
 //! with every section, AIMET's `layer_sensitivity.json` and a self-contained `report.html`;
 //! histograms of the most sensitive layers for metrics of either direction.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
 #[test]
 fn writes_the_analysis_and_its_report() {
-    let out = std::env::temp_dir().join(format!("qmix-analyze-{}", std::process::id()));
+    let out = common::scratch("analyze");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bars_cnn.onnx");
     let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
         .arg("analyze")
@@ -41,14 +43,13 @@ fn writes_the_analysis_and_its_report() {
     // Self-contained: inline SVG, nothing fetched, no script.
     assert!(html.contains("<svg") && !html.contains("<script"));
     assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
-    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[test]
 fn histograms_go_to_the_most_sensitive_layers_whatever_the_metric_direction() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bars_cnn.onnx");
     for metric in ["psnr", "mse"] {
-        let out = std::env::temp_dir().join(format!("qmix-analyze-{metric}-{}", std::process::id()));
+        let out = common::scratch(&format!("analyze-{metric}"));
         let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
             .arg("analyze")
             .arg(&model)
@@ -64,13 +65,12 @@ fn histograms_go_to_the_most_sensitive_layers_whatever_the_metric_direction() {
         let layers: Vec<&str> =
             v["histograms"].as_array().unwrap().iter().map(|h| h["layer"].as_str().unwrap()).collect();
         assert!(!layers.is_empty() && layers.iter().all(|l| *l == most), "{metric}: {layers:?} vs {most}");
-        std::fs::remove_dir_all(&out).unwrap();
     }
 }
 
 #[test]
 fn automp_moves_layers_while_the_target_holds() {
-    let out = std::env::temp_dir().join(format!("qmix-automp-{}", std::process::id()));
+    let out = common::scratch("automp");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits_cnn.onnx");
     let run = |extra: &[&str]| {
         let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
@@ -92,5 +92,4 @@ fn automp_moves_layers_while_the_target_holds() {
     let skipping = run(&["--max-drop", "0.01", "--skip-failures"]);
     assert!(skipping["narrowed"].as_array().unwrap().len() >= narrowed);
     assert!(out.join("model_automp.encodings").is_file());
-    std::fs::remove_dir_all(&out).unwrap();
 }

@@ -10,13 +10,6 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{Array4, ArrayD, IxDyn};
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmix-bad-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn bars() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bars_cnn.onnx")
 }
@@ -31,7 +24,7 @@ fn images(dir: &Path, name: &str, shape: [usize; 4], fill: impl Fn(usize) -> f32
 
 #[test]
 fn malformed_and_truncated_models() {
-    let dir = scratch("models");
+    let dir = common::scratch("models");
     let junk = dir.join("junk.onnx");
     std::fs::write(&junk, b"this is not a protobuf at all \xff\xfe").unwrap();
     let bytes = std::fs::read(bars()).unwrap();
@@ -53,7 +46,7 @@ fn malformed_and_truncated_models() {
 
 #[test]
 fn unsupported_ops_are_named_with_their_node() {
-    let dir = scratch("op");
+    let dir = common::scratch("op");
     let mut g = qgraph::Graph::new("odd");
     let x = g.add_input("input", qgraph::DType::F32, qgraph::Shape::known(&[1, 1, 8, 8]));
     let y = g.add_op("FancyOp", "the_fancy_node", &[x], vec![]);
@@ -69,7 +62,7 @@ fn unsupported_ops_are_named_with_their_node() {
 
 #[test]
 fn wrong_shapes_dtypes_and_names_of_data() {
-    let dir = scratch("data");
+    let dir = common::scratch("data");
     let m = bars();
     let m = m.to_str().unwrap();
     let out = dir.join("out");
@@ -111,7 +104,7 @@ fn wrong_shapes_dtypes_and_names_of_data() {
 
 #[test]
 fn nan_inf_and_empty_calibration_data() {
-    let dir = scratch("nan");
+    let dir = common::scratch("nan");
     let m = bars();
     let m = m.to_str().unwrap();
     let out = dir.join("out");
@@ -129,7 +122,7 @@ fn nan_inf_and_empty_calibration_data() {
 
 #[test]
 fn corrupt_caches_and_bad_options() {
-    let dir = scratch("cache");
+    let dir = common::scratch("cache");
     let m = bars();
     let m = m.to_str().unwrap();
     let out = dir.join("amp");

@@ -2,17 +2,12 @@
 //! several), and integer images turned into the float input with `--offset/--scale` or
 //! `--mean/--std` — the same simulation whichever way the same values arrive.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 
 use ndarray::Array4;
-
-fn scratch() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmix-formats-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn qmix(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_qmix")).args(args).output().unwrap()
@@ -26,7 +21,7 @@ fn encodings(out: &Path) -> serde_json::Value {
 
 #[test]
 fn npy_npz_and_integer_images_give_the_same_simulation() {
-    let dir = scratch();
+    let dir = common::scratch("formats");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bars_cnn.onnx");
     let model = model.to_str().unwrap();
     let raw = Array4::from_shape_fn((6, 1, 8, 8), |(n, _, r, c)| ((n * 37 + r * 11 + c * 7) % 256) as u8);
@@ -74,13 +69,11 @@ fn npy_npz_and_integer_images_give_the_same_simulation() {
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.code() == Some(1) && err.contains("'nope'") && err.contains("images"), "{err}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn folders_of_images_are_resized_cropped_and_normalised() {
-    let dir = std::env::temp_dir().join(format!("qmix-images-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::scratch("images");
     let images = dir.join("images");
     std::fs::create_dir_all(&images).unwrap();
     for k in 0..3u32 {
@@ -159,5 +152,4 @@ fn folders_of_images_are_resized_cropped_and_normalised() {
         "--quiet",
     ]);
     assert_eq!(o.status.code(), Some(1));
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -7,18 +7,11 @@ mod common;
 
 use common::fails_naming;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use ndarray::{Array1, ArrayD, IxDyn};
 use qgraph::{Attribute, DType, Graph, Model, Shape, Tensor};
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmix-hostile-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn digits(suffix: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -62,7 +55,7 @@ fn ints(v: &[i64]) -> Tensor {
 
 #[test]
 fn sizes_beyond_memory_are_refused_before_allocation() {
-    let dir = scratch("sizes");
+    let dir = common::scratch("sizes");
     let out = dir.join("out");
     let out = out.to_str().unwrap();
     let x22 = input(&dir, &[2, 2]);
@@ -133,7 +126,7 @@ fn sizes_beyond_memory_are_refused_before_allocation() {
 
 #[test]
 fn invalid_convolution_attributes_are_named() {
-    let dir = scratch("conv");
+    let dir = common::scratch("conv");
     let out = dir.join("out");
     let out = out.to_str().unwrap();
     let x = input(&dir, &[1, 4, 8, 8]);
@@ -181,7 +174,7 @@ fn invalid_convolution_attributes_are_named() {
 
 #[test]
 fn lying_data_files_and_bad_labels_are_named() {
-    let dir = scratch("files");
+    let dir = common::scratch("files");
     let out = dir.join("out");
     let out = out.to_str().unwrap();
     let model = digits(".onnx");
@@ -249,7 +242,7 @@ fn lying_data_files_and_bad_labels_are_named() {
 
 #[test]
 fn bad_options_are_user_errors() {
-    let dir = scratch("options");
+    let dir = common::scratch("options");
     let out = dir.join("out");
     let out = out.to_str().unwrap();
     let model = digits(".onnx");
@@ -268,7 +261,7 @@ fn bad_options_are_user_errors() {
 
 #[test]
 fn a_closed_stdout_does_not_stop_the_job() {
-    let dir = scratch("pipe");
+    let dir = common::scratch("pipe");
     let out = dir.join("out");
     let mut child = Command::new(env!("CARGO_BIN_EXE_qmix"))
         .args(["litemp", &digits(".onnx"), "--quiet", "--out", out.to_str().unwrap()])
@@ -284,7 +277,7 @@ fn a_closed_stdout_does_not_stop_the_job() {
 
 #[test]
 fn compressed_npz_data_is_read() {
-    let dir = scratch("npz");
+    let dir = common::scratch("npz");
     let data: ArrayD<f32> = ndarray_npy::read_npy(digits("_calib.npy")).unwrap();
     let npz = dir.join("calib.npz");
     let mut w = ndarray_npy::NpzWriter::new_compressed(std::fs::File::create(&npz).unwrap());
@@ -307,7 +300,7 @@ fn compressed_npz_data_is_read() {
 
 #[test]
 fn dynamic_dims_stay_symbolic_and_bind_with_shape() {
-    let dir = scratch("dynamic");
+    let dir = common::scratch("dynamic");
     let mut g = Graph::new("dynamic");
     let dims = vec![
         qgraph::Dim::Symbol(String::new()),
@@ -344,7 +337,7 @@ fn dynamic_dims_stay_symbolic_and_bind_with_shape() {
 
 #[test]
 fn a_failed_job_leaves_the_previous_set_whole() {
-    let dir = scratch("set");
+    let dir = common::scratch("set");
     let out = dir.join("out");
     let o = out.to_str().unwrap();
     let model = digits(".onnx");
@@ -379,7 +372,7 @@ fn a_failed_job_leaves_the_previous_set_whole() {
 
 #[test]
 fn image_folders_that_do_not_fit_or_do_not_decode_are_named() {
-    let dir = scratch("images");
+    let dir = common::scratch("images");
     let out = dir.join("out");
     let out = out.to_str().unwrap();
     let images = dir.join("images");

@@ -3,18 +3,14 @@
 //! original computes, `quantsim` applies BN re-estimation, CLE and bias correction and writes
 //! what each did, and techniques that need data say so when none is given.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ndarray::{ArrayD, IxDyn};
 use qexec::{Session, SessionOptions};
 use qgraph::{Attribute, DType, Dim, Graph, Model, Shape, Tensor};
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmix-ptq-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn tensor(shape: &[usize], f: impl Fn(usize) -> f32) -> Tensor {
     let n: usize = shape.iter().product();
@@ -90,7 +86,7 @@ fn outputs(model: &Path, x: &Tensor) -> ArrayD<f32> {
 
 #[test]
 fn cle_writes_an_equivalent_model_and_its_report() {
-    let dir = scratch("cle");
+    let dir = common::scratch("cle");
     let model = save_model(&dir);
     let out = dir.join("cle_out");
     let o = qmix(&["cle", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--no-high-bias-fold"]);
@@ -104,12 +100,11 @@ fn cle_writes_an_equivalent_model_and_its_report() {
     let (a, b) = (outputs(&model, &x), outputs(&out.join("model.onnx"), &x));
     let diff = (&a - &b).iter().fold(0f32, |m, d| m.max(d.abs()));
     assert!(diff < 1e-5, "equalized outputs moved by {diff}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn quantsim_applies_and_reports_every_technique() {
-    let dir = scratch("quantsim");
+    let dir = common::scratch("quantsim");
     let model = save_model(&dir);
     let x = data(&dir, 16);
     let out = dir.join("qs");
@@ -123,12 +118,11 @@ fn quantsim_applies_and_reports_every_technique() {
     // The model beside the encodings is the modified one: no BatchNormalization, no Clip.
     let saved = qgraph::load_path(out.join("model.onnx")).unwrap();
     assert!(saved.graph.nodes().all(|(_, n)| n.op_type != "BatchNormalization" && n.op_type != "Clip"));
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn techniques_that_need_data_say_so() {
-    let dir = scratch("nodata");
+    let dir = common::scratch("nodata");
     let model = save_model(&dir);
     let x = data(&dir, 8);
     let stats = dir.join("stats.bin");
@@ -151,7 +145,6 @@ fn techniques_that_need_data_say_so() {
     }
     let o = quantsim(&model, &x, &dir.join("c"), &["--bias-correction", "sometimes"]);
     assert_eq!(o.status.code(), Some(1));
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// `qmix quantsim` on the digits model at W4A8 per-tensor with `extra`; the simulated top-1.
@@ -178,7 +171,7 @@ fn digits_top1(out: &Path, command: &str, extra: &[&str]) -> f64 {
 
 #[test]
 fn adaround_and_seq_mse_freeze_what_they_learn_on_the_digits_model() {
-    let dir = scratch("adaround");
+    let dir = common::scratch("adaround");
     let nearest = digits_top1(&dir.join("nearest"), "quantsim", &[]);
     let rounded = digits_top1(&dir.join("adaround"), "adaround", &["--adaround-iterations", "1000"]);
     assert!(rounded >= nearest, "AdaRound top-1 {rounded} below nearest rounding's {nearest}");
@@ -205,12 +198,11 @@ fn adaround_and_seq_mse_freeze_what_they_learn_on_the_digits_model() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("seq_mse/ptq.json")).unwrap()).unwrap();
     assert_eq!(report["seq_mse"]["layers"].as_array().unwrap().len(), 4, "{report}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn autoquant_stops_at_the_first_stage_within_the_drop_and_resumes() {
-    let dir = scratch("autoquant");
+    let dir = common::scratch("autoquant");
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
     let run = || {
         Command::new(env!("CARGO_BIN_EXE_qmix"))
@@ -242,12 +234,11 @@ fn autoquant_stops_at_the_first_stage_within_the_drop_and_resumes() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("autoquant.json")).unwrap()).unwrap();
     assert!(report["stages"].as_array().unwrap().iter().all(|s| s["cached"] == true), "{report}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn learned_techniques_skip_what_they_cannot_learn_and_name_bad_files() {
-    let dir = scratch("hostile");
+    let dir = common::scratch("hostile");
     // A Gemm whose first operand is transposed has no gradient rule: AdaRound leaves it at nearest
     // rounding and says so.
     let mut g = Graph::new("gemm_transa");
@@ -306,12 +297,11 @@ fn learned_techniques_skip_what_they_cannot_learn_and_name_bad_files() {
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("aq") && err.lines().count() == 1 && !err.contains("--fresh"), "{err}");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn autoquant_ends_with_amp_when_the_techniques_fall_short() {
-    let dir = scratch("autoquant-amp");
+    let dir = common::scratch("autoquant-amp");
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
     let run = |candidates: &str| {
         Command::new(env!("CARGO_BIN_EXE_qmix"))
@@ -348,5 +338,4 @@ fn autoquant_ends_with_amp_when_the_techniques_fall_short() {
     assert!(report["stages"].as_array().unwrap().iter().all(|s| s["cached"] == true), "{report}");
     let other = run("w8a8,w4a4");
     assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
-    std::fs::remove_dir_all(&dir).ok();
 }

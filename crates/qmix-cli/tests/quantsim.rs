@@ -2,17 +2,13 @@
 //! placement report, QDQ model and evaluation outputs are written; bad configs and unusable
 //! calibration data exit with code 1 and a message naming the culprit.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ndarray::{ArrayD, IxDyn};
 use qgraph::{Attribute, DType, Dim, Graph, Model, NodeSpec, Shape, Tensor};
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmix-quantsim-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// x [N, 2, 4, 4] → Conv(3, 1×1) → Relu → GlobalAveragePool → Flatten.
 fn save_model(dir: &Path) -> PathBuf {
@@ -62,7 +58,7 @@ fn qmix(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn quantsim_writes_encodings_model_report_and_qdq() {
-    let dir = scratch("ok");
+    let dir = common::scratch("ok");
     let model = save_model(&dir);
     let calib = data(&dir, "calib.npy", 10, None);
     let eval = data(&dir, "eval.npy", 6, None);
@@ -106,7 +102,7 @@ fn quantsim_writes_encodings_model_report_and_qdq() {
 
 #[test]
 fn bad_configs_and_data_exit_with_a_named_culprit() {
-    let dir = scratch("bad");
+    let dir = common::scratch("bad");
     let model = save_model(&dir);
     let calib = data(&dir, "calib.npy", 4, None);
     let model = model.to_str().unwrap();
@@ -158,7 +154,7 @@ fn bad_configs_and_data_exit_with_a_named_culprit() {
 
 #[test]
 fn litemp_scores_flips_and_writes_its_reports() {
-    let dir = scratch("litemp");
+    let dir = common::scratch("litemp");
     let model = save_model(&dir);
     let calib = data(&dir, "calib.npy", 8, None);
     let out = dir.join("out");
@@ -255,7 +251,8 @@ fn litemp_scores_flips_and_writes_its_reports() {
 fn the_main_job_runs_on_the_default_model() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let model = root.join("models/digits_cnn.onnx");
-    let out = scratch("default-model").join("out");
+    let scratch = common::scratch("default-model");
+    let out = scratch.join("out");
     let o = qmix(&["litemp", model.to_str().unwrap(), "--quiet", "--out", out.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
@@ -270,7 +267,7 @@ fn the_main_job_runs_on_the_default_model() {
 
 #[test]
 fn inspect_summarises_the_placement_of_a_config() {
-    let dir = scratch("inspect");
+    let dir = common::scratch("inspect");
     let model = save_model(&dir);
     let o = qmix(&["inspect", model.to_str().unwrap(), "--config", "default_per_tensor"]);
     let stdout = String::from_utf8_lossy(&o.stdout);

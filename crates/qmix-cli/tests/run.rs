@@ -2,17 +2,13 @@
 //! and the user errors (wrong shape, missing file, unknown input) exiting with code 1 and a message
 //! that names the culprit.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ndarray::{ArrayD, IxDyn};
 use qgraph::{DType, Graph, Model, NodeSpec, Shape, Tensor};
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qmix-run-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// y = Relu(x · W), x [N, 3], W [3, 2].
 fn save_model(dir: &Path) -> PathBuf {
@@ -49,7 +45,7 @@ fn qmix(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn run_writes_outputs_as_npy() {
-    let dir = scratch("ok");
+    let dir = common::scratch("ok");
     let model = save_model(&dir);
     let x = ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![1.0f32, 2.0, 3.0, -1.0, 0.0, 1.0]).unwrap();
     let input = dir.join("x.npy");
@@ -75,7 +71,7 @@ fn run_writes_outputs_as_npy() {
 
 #[test]
 fn run_reports_bad_inputs_with_exit_code_1() {
-    let dir = scratch("bad");
+    let dir = common::scratch("bad");
     let model = save_model(&dir);
     let m = model.to_str().unwrap();
     let wrong = dir.join("wrong.npy");
@@ -96,7 +92,7 @@ fn run_reports_bad_inputs_with_exit_code_1() {
 /// `qmix run --encodings` reproduces the simulation `qmix quantize` evaluated.
 #[test]
 fn run_simulates_with_exported_encodings() {
-    let dir = scratch("simulated");
+    let dir = common::scratch("simulated");
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
     let model = models.join("bars_cnn.onnx");
     let calib = format!("input={}", models.join("bars_cnn_calib.npy").display());
@@ -121,5 +117,4 @@ fn run_simulates_with_exported_encodings() {
     assert!(stdout.contains("profile: ") && stdout.contains("op type"), "{stdout}");
     let read = |p: PathBuf| -> ArrayD<f32> { ndarray_npy::read_npy(p).unwrap() };
     assert_eq!(read(r.join("logits.npy")), read(q.join("sim_outputs.npy")));
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,5 +1,9 @@
-//! What the command-line tests share: running `qmix` and checking that it failed as a user error.
+//! What the command-line tests share: running `qmix`, checking that it failed as a user error, and
+//! scratch directories that remove themselves. Each test binary uses part of it.
+#![allow(dead_code)]
 
+use std::ffi::OsStr;
+use std::path::Path;
 use std::process::Command;
 
 /// Runs `qmix ARGS` and checks it failed as a user error (exit code 1, no panic or backtrace)
@@ -12,4 +16,32 @@ pub fn fails_naming(args: &[&str], needles: &[&str]) {
     for n in needles {
         assert!(stderr.contains(n), "qmix {args:?}: message does not name '{n}': {stderr}");
     }
+}
+
+/// A scratch directory under the system's temporary directory, removed with everything in it
+/// when dropped, so test runs leave nothing behind.
+pub struct Scratch(tempfile::TempDir);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<OsStr> for Scratch {
+    fn as_ref(&self) -> &OsStr {
+        self.0.path().as_os_str()
+    }
+}
+
+/// A new scratch directory named `qmix-NAME-…`.
+pub fn scratch(name: &str) -> Scratch {
+    Scratch(tempfile::Builder::new().prefix(&format!("qmix-{name}-")).tempdir().unwrap())
 }
