@@ -31,11 +31,15 @@ pub enum DType {
     U64,
     /// Boolean, one byte per element.
     Bool,
+    /// Signed 4-bit integer (−8..=7): one byte per element in memory, two per byte in ONNX files.
+    I4,
+    /// Unsigned 4-bit integer (0..=15): one byte per element in memory, two per byte in ONNX files.
+    U4,
 }
 
 impl DType {
     /// The dtype of an ONNX `TensorProto.DataType` code, or `None` for codes the IR does not hold
-    /// (strings, complex numbers, 4-bit and 8-bit float types).
+    /// (strings, complex numbers, 8-bit float types).
     pub fn from_onnx(code: i32) -> Option<DType> {
         Some(match code {
             1 => DType::F32,
@@ -51,6 +55,8 @@ impl DType {
             12 => DType::U32,
             13 => DType::U64,
             16 => DType::BF16,
+            21 => DType::U4,
+            22 => DType::I4,
             _ => return None,
         })
     }
@@ -71,16 +77,27 @@ impl DType {
             DType::U32 => 12,
             DType::U64 => 13,
             DType::BF16 => 16,
+            DType::U4 => 21,
+            DType::I4 => 22,
         }
     }
 
-    /// Bytes per element in ONNX raw (little-endian) storage.
+    /// Bytes per element in memory, and in ONNX raw (little-endian) storage except for the
+    /// 4-bit types, which files pack two to a byte (see [`DType::raw_len`]).
     pub fn size_of(self) -> usize {
         match self {
-            DType::I8 | DType::U8 | DType::Bool => 1,
+            DType::I8 | DType::U8 | DType::Bool | DType::I4 | DType::U4 => 1,
             DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
             DType::F32 | DType::I32 | DType::U32 => 4,
             DType::F64 | DType::I64 | DType::U64 => 8,
+        }
+    }
+
+    /// Bytes that `count` elements take in ONNX raw storage; `None` on overflow.
+    pub fn raw_len(self, count: usize) -> Option<usize> {
+        match self {
+            DType::I4 | DType::U4 => Some(count.div_ceil(2)),
+            other => count.checked_mul(other.size_of()),
         }
     }
 
@@ -110,6 +127,8 @@ impl DType {
             DType::I64 => "int64",
             DType::U64 => "uint64",
             DType::Bool => "bool",
+            DType::I4 => "int4",
+            DType::U4 => "uint4",
         }
     }
 }
@@ -131,8 +150,6 @@ pub fn onnx_code_name(code: i32) -> String {
         18 => "FLOAT8E4M3FNUZ".into(),
         19 => "FLOAT8E5M2".into(),
         20 => "FLOAT8E5M2FNUZ".into(),
-        21 => "UINT4".into(),
-        22 => "INT4".into(),
         other => DType::from_onnx(other).map_or_else(|| format!("code {other}"), |d| d.to_string()),
     }
 }
@@ -150,5 +167,7 @@ mod tests {
         }
         assert_eq!(DType::from_onnx(8), None);
         assert_eq!(onnx_code_name(8), "STRING");
+        assert_eq!(DType::from_onnx(22), Some(DType::I4));
+        assert_eq!(DType::I4.raw_len(5), Some(3));
     }
 }

@@ -41,4 +41,4 @@ pub use save::{
 };
 pub use shape::{Dim, DimBindings, Shape, checked_numel};
 pub use summary::{Port, Summary};
-pub use tensor::{Element, Tensor};
+pub use tensor::{Element, Int4, Tensor, UInt4};

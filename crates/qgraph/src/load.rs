@@ -415,11 +415,11 @@ pub(crate) fn decode_tensor(t: &TensorProto, base_dir: Option<&Path>) -> Result<
     if t.data_location.value() == DataLocation::EXTERNAL as i32 {
         let bytes = read_external(t, base_dir)?;
         return Tensor::from_le_bytes(dtype, &shape, &bytes)
-            .ok_or_else(|| mismatch(bytes.len() / dtype.size_of()));
+            .ok_or_else(|| mismatch(raw_count(dtype, bytes.len())));
     }
     if !t.raw_data.is_empty() {
         return Tensor::from_le_bytes(dtype, &shape, &t.raw_data)
-            .ok_or_else(|| mismatch(t.raw_data.len() / dtype.size_of()));
+            .ok_or_else(|| mismatch(raw_count(dtype, t.raw_data.len())));
     }
     let typed = match dtype {
         DType::F32 => Tensor::from_vec(&shape, t.float_data.clone()).ok_or(t.float_data.len()),
@@ -433,12 +433,25 @@ pub(crate) fn decode_tensor(t: &TensorProto, base_dir: Option<&Path>) -> Result<
             let bits: Vec<u8> = t.int32_data.iter().flat_map(|&x| (x as u16).to_le_bytes()).collect();
             Tensor::from_le_bytes(dtype, &shape, &bits).ok_or(t.int32_data.len())
         }
+        // One packed byte (two elements) per int32.
+        DType::I4 | DType::U4 => {
+            let bytes: Vec<u8> = t.int32_data.iter().map(|&x| x as u8).collect();
+            Tensor::from_le_bytes(dtype, &shape, &bytes).ok_or(2 * t.int32_data.len())
+        }
         _ => {
             let v: Vec<i64> = t.int32_data.iter().map(|&x| i64::from(x)).collect();
             if v.len() == count { Ok(Tensor::from_i64s(dtype, &shape, &v).unwrap()) } else { Err(v.len()) }
         }
     };
     typed.map_err(mismatch)
+}
+
+/// Elements that `bytes` bytes of ONNX raw storage hold.
+fn raw_count(dtype: DType, bytes: usize) -> usize {
+    match dtype {
+        DType::I4 | DType::U4 => bytes.saturating_mul(2),
+        other => bytes / other.size_of(),
+    }
 }
 
 fn read_external(t: &TensorProto, base_dir: Option<&Path>) -> Result<Vec<u8>> {

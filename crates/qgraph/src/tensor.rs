@@ -35,6 +35,54 @@ pub enum Tensor {
     U64(ArcArray<u64, IxDyn>),
     /// bool data.
     Bool(ArcArray<bool, IxDyn>),
+    /// Signed 4-bit data, one element per byte.
+    I4(ArcArray<Int4, IxDyn>),
+    /// Unsigned 4-bit data, one element per byte.
+    U4(ArcArray<UInt4, IxDyn>),
+}
+
+/// A signed 4-bit integer (−8..=7) held in one byte. ONNX files pack two per byte, the first
+/// element in the low four bits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Int4(i8);
+
+impl Int4 {
+    /// The low four bits of `v` as a two's-complement value (what an `as` cast keeps).
+    pub fn wrapping(v: i64) -> Int4 {
+        Int4(((v as u8) << 4) as i8 >> 4)
+    }
+
+    /// `v` clamped to −8..=7.
+    pub fn saturating(v: i64) -> Int4 {
+        Int4(v.clamp(-8, 7) as i8)
+    }
+
+    /// The value.
+    pub fn get(self) -> i8 {
+        self.0
+    }
+}
+
+/// An unsigned 4-bit integer (0..=15) held in one byte. ONNX files pack two per byte, the first
+/// element in the low four bits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UInt4(u8);
+
+impl UInt4 {
+    /// The low four bits of `v` (what an `as` cast keeps).
+    pub fn wrapping(v: i64) -> UInt4 {
+        UInt4(v as u8 & 0x0f)
+    }
+
+    /// `v` clamped to 0..=15.
+    pub fn saturating(v: i64) -> UInt4 {
+        UInt4(v.clamp(0, 15) as u8)
+    }
+
+    /// The value.
+    pub fn get(self) -> u8 {
+        self.0
+    }
 }
 
 /// Applies `$body` to the array inside any variant, binding it as `$a`.
@@ -54,6 +102,8 @@ macro_rules! with_array {
             Tensor::I64($a) => $body,
             Tensor::U64($a) => $body,
             Tensor::Bool($a) => $body,
+            Tensor::I4($a) => $body,
+            Tensor::U4($a) => $body,
         }
     };
 }
@@ -72,17 +122,18 @@ pub trait Element: Copy + Default + Send + Sync + 'static {
     fn unwrap(t: &Tensor) -> Option<&ArcArray<Self, IxDyn>>;
 }
 
-macro_rules! numeric_element {
-    ($ty:ty, $variant:ident, $n:expr) => {
+/// `Element` for `$ty` held in `Tensor::$variant`, decoding one element from its bytes with
+/// `$from` and appending its bytes with `$push`.
+macro_rules! element {
+    ($ty:ty, $variant:ident, |$bytes:ident| $from:expr, |$v:ident, $out:ident| $push:expr) => {
         impl Element for $ty {
             const DTYPE: DType = DType::$variant;
-            fn from_le(bytes: &[u8]) -> Self {
-                let mut b = [0u8; $n];
-                b.copy_from_slice(&bytes[..$n]);
-                <$ty>::from_le_bytes(b)
+            fn from_le($bytes: &[u8]) -> Self {
+                $from
             }
-            fn push_le(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
+            fn push_le(self, $out: &mut Vec<u8>) {
+                let $v = self;
+                $push
             }
             fn wrap(a: ArcArray<Self, IxDyn>) -> Tensor {
                 Tensor::$variant(a)
@@ -94,6 +145,17 @@ macro_rules! numeric_element {
                 }
             }
         }
+    };
+}
+
+macro_rules! numeric_element {
+    ($ty:ty, $variant:ident, $n:expr) => {
+        element!(
+            $ty,
+            $variant,
+            |bytes| <$ty>::from_le_bytes(bytes[..$n].try_into().expect("one element's bytes")),
+            |v, out| { out.extend_from_slice(&v.to_le_bytes()) }
+        );
     };
 }
 numeric_element!(f32, F32, 4);
@@ -108,25 +170,11 @@ numeric_element!(i32, I32, 4);
 numeric_element!(u32, U32, 4);
 numeric_element!(i64, I64, 8);
 numeric_element!(u64, U64, 8);
-
-impl Element for bool {
-    const DTYPE: DType = DType::Bool;
-    fn from_le(bytes: &[u8]) -> Self {
-        bytes[0] != 0
-    }
-    fn push_le(self, out: &mut Vec<u8>) {
-        out.push(u8::from(self));
-    }
-    fn wrap(a: ArcArray<Self, IxDyn>) -> Tensor {
-        Tensor::Bool(a)
-    }
-    fn unwrap(t: &Tensor) -> Option<&ArcArray<Self, IxDyn>> {
-        match t {
-            Tensor::Bool(a) => Some(a),
-            _ => None,
-        }
-    }
-}
+element!(bool, Bool, |bytes| bytes[0] != 0, |v, out| out.push(u8::from(v)));
+// 4-bit elements, one per byte (the unpacked form): `Tensor::from_le_bytes` and
+// `Tensor::to_le_bytes` pack and unpack ONNX's two-per-byte layout.
+element!(Int4, I4, |bytes| Int4::wrapping(i64::from(bytes[0] as i8)), |v, out| out.push(v.0 as u8));
+element!(UInt4, U4, |bytes| UInt4::wrapping(i64::from(bytes[0])), |v, out| out.push(v.0));
 
 impl Tensor {
     /// Builds a tensor from a shape and a flat row-major vector. `None` if the lengths disagree.
@@ -155,6 +203,8 @@ impl Tensor {
             Tensor::I64(_) => DType::I64,
             Tensor::U64(_) => DType::U64,
             Tensor::Bool(_) => DType::Bool,
+            Tensor::I4(_) => DType::I4,
+            Tensor::U4(_) => DType::U4,
         }
     }
 
@@ -176,14 +226,20 @@ impl Tensor {
     /// Rows `start..start + len` of the first axis, as a new tensor; `None` for a scalar or a
     /// range past the end.
     pub fn rows(&self, start: usize, len: usize) -> Option<Tensor> {
-        fn cut<T: Element>(a: &ArcArray<T, IxDyn>, start: usize, len: usize) -> Tensor {
-            T::wrap(a.slice_axis(Axis(0), Slice::from(start..start + len)).to_owned().into_shared())
+        self.slice_axis(0, start, len)
+    }
+
+    /// Indices `start..start + len` of `axis`, as a new tensor; `None` for an axis the tensor
+    /// does not have or a range past its end.
+    pub fn slice_axis(&self, axis: usize, start: usize, len: usize) -> Option<Tensor> {
+        fn cut<T: Element>(a: &ArcArray<T, IxDyn>, axis: usize, start: usize, len: usize) -> Tensor {
+            T::wrap(a.slice_axis(Axis(axis), Slice::from(start..start + len)).to_owned().into_shared())
         }
-        let n = *self.shape().first()?;
+        let n = *self.shape().get(axis)?;
         if start.checked_add(len)? > n {
             return None;
         }
-        Some(with_array!(self, a => cut(a, start, len)))
+        Some(with_array!(self, a => cut(a, axis, start, len)))
     }
 
     /// The tensors stacked along their first axis; `None` unless they share a dtype and their
@@ -221,6 +277,8 @@ impl Tensor {
             Tensor::I64(a) => a.iter().copied().collect(),
             Tensor::U64(a) => a.iter().map(|&v| v as i64).collect(),
             Tensor::Bool(a) => a.iter().map(|&v| i64::from(v)).collect(),
+            Tensor::I4(a) => a.iter().map(|&v| i64::from(v.get())).collect(),
+            Tensor::U4(a) => a.iter().map(|&v| i64::from(v.get())).collect(),
             _ => return None,
         })
     }
@@ -236,8 +294,8 @@ impl Tensor {
         }
     }
 
-    /// Builds a tensor of `dtype` from i64 values (integer and bool dtypes cast with `as`,
-    /// floats converted). Used by shape-value folding.
+    /// Builds a tensor of `dtype` from i64 values (integer and bool dtypes cast with `as`, 4-bit
+    /// ones keeping the low four bits likewise; floats converted). Used by shape-value folding.
     pub fn from_i64s(dtype: DType, shape: &[usize], v: &[i64]) -> Option<Tensor> {
         match dtype {
             DType::I64 => Tensor::from_vec(shape, v.to_vec()),
@@ -249,6 +307,8 @@ impl Tensor {
             DType::U32 => Tensor::from_vec(shape, v.iter().map(|&x| x as u32).collect()),
             DType::U64 => Tensor::from_vec(shape, v.iter().map(|&x| x as u64).collect()),
             DType::Bool => Tensor::from_vec(shape, v.iter().map(|&x| x != 0).collect()),
+            DType::I4 => Tensor::from_vec(shape, v.iter().map(|&x| Int4::wrapping(x)).collect()),
+            DType::U4 => Tensor::from_vec(shape, v.iter().map(|&x| UInt4::wrapping(x)).collect()),
             DType::F32 => Tensor::from_vec(shape, v.iter().map(|&x| x as f32).collect()),
             DType::F64 => Tensor::from_vec(shape, v.iter().map(|&x| x as f64).collect()),
             DType::F16 => Tensor::from_vec(shape, v.iter().map(|&x| f16::from_f64(x as f64)).collect()),
@@ -256,8 +316,8 @@ impl Tensor {
         }
     }
 
-    /// Decodes little-endian raw bytes (ONNX `raw_data` layout). `None` if the byte count does not
-    /// match the shape.
+    /// Decodes little-endian raw bytes (ONNX `raw_data` layout: 4-bit elements two per byte, the
+    /// first in the low bits). `None` if the byte count does not match the shape.
     pub fn from_le_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Option<Tensor> {
         fn decode<T: Element>(shape: &[usize], bytes: &[u8]) -> Option<Tensor> {
             let n = T::DTYPE.size_of();
@@ -265,9 +325,10 @@ impl Tensor {
             Tensor::from_vec(shape, data)
         }
         let count = crate::shape::checked_numel(shape)?;
-        if bytes.len() != count.checked_mul(dtype.size_of())? {
+        if bytes.len() != dtype.raw_len(count)? {
             return None;
         }
+        let nibbles = || bytes.iter().flat_map(|&b| [b & 0x0f, b >> 4]).take(count);
         match dtype {
             DType::F32 => decode::<f32>(shape, bytes),
             DType::F64 => decode::<f64>(shape, bytes),
@@ -282,13 +343,19 @@ impl Tensor {
             DType::I64 => decode::<i64>(shape, bytes),
             DType::U64 => decode::<u64>(shape, bytes),
             DType::Bool => decode::<bool>(shape, bytes),
+            DType::I4 => Tensor::from_vec(shape, nibbles().map(|n| Int4::wrapping(i64::from(n))).collect()),
+            DType::U4 => Tensor::from_vec(shape, nibbles().map(|n| UInt4::wrapping(i64::from(n))).collect()),
         }
     }
 
-    /// Encodes the elements in row-major order as little-endian bytes.
+    /// Encodes the elements in row-major order as little-endian bytes (ONNX `raw_data` layout:
+    /// 4-bit elements two per byte, the first in the low bits).
     pub fn to_le_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.len() * self.dtype().size_of());
         with_array!(self, a => for &v in a.iter() { v.push_le(&mut out) });
+        if matches!(self.dtype(), DType::I4 | DType::U4) {
+            out = out.chunks(2).map(|p| (p[0] & 0x0f) | (p.get(1).copied().unwrap_or(0) << 4)).collect();
+        }
         out
     }
 }
@@ -313,14 +380,29 @@ mod tests {
             DType::I64,
             DType::U64,
             DType::Bool,
+            DType::I4,
+            DType::U4,
         ];
         for d in dtypes {
             let t = Tensor::from_i64s(d, &[2, 3], &[0, 1, 0, 1, 1, 0]).unwrap();
             let bytes = t.to_le_bytes();
-            assert_eq!(bytes.len(), 6 * d.size_of());
+            assert_eq!(bytes.len(), d.raw_len(6).unwrap());
             assert_eq!(Tensor::from_le_bytes(d, &[2, 3], &bytes).unwrap(), t, "{d}");
             assert!(Tensor::from_le_bytes(d, &[2, 2], &bytes).is_none());
         }
+    }
+
+    #[test]
+    fn four_bit_elements_pack_two_per_byte_low_bits_first() {
+        let t = Tensor::from_i64s(DType::I4, &[3], &[-8, 7, -1]).unwrap();
+        assert_eq!(t.to_le_bytes(), vec![0x78, 0x0f]);
+        assert_eq!(Tensor::from_le_bytes(DType::I4, &[3], &[0x78, 0x0f]).unwrap(), t);
+        assert_eq!(t.to_i64_vec().unwrap(), vec![-8, 7, -1]);
+        let u = Tensor::from_i64s(DType::U4, &[2], &[15, 16]).unwrap();
+        assert_eq!(u.to_i64_vec().unwrap(), vec![15, 0]);
+        assert!(Tensor::from_le_bytes(DType::U4, &[3], &[0x78]).is_none());
+        assert_eq!(Int4::saturating(100).get(), 7);
+        assert_eq!(UInt4::saturating(-3).get(), 0);
     }
 
     #[test]

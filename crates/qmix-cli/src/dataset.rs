@@ -293,7 +293,9 @@ impl Dataset {
             .iter()
             .map(|(n, t, axis)| {
                 let part = match axis {
-                    SampleAxis::Axis(a) => slice_along(t, *a, rows.clone()),
+                    SampleAxis::Axis(a) => {
+                        t.slice_axis(*a, rows.start, rows.len()).unwrap_or_else(|| t.clone())
+                    }
                     SampleAxis::Shared => t.clone(),
                 };
                 (n.clone(), part)
@@ -303,32 +305,6 @@ impl Dataset {
 
     pub fn batches(&self, size: usize) -> impl Iterator<Item = Vec<(String, Tensor)>> + '_ {
         (0..self.samples).step_by(size.max(1)).map(move |s| self.batch(s..(s + size).min(self.samples)))
-    }
-}
-
-/// Indices `rows` of `t` along `axis`, any dtype.
-fn slice_along(t: &Tensor, axis: usize, rows: std::ops::Range<usize>) -> Tensor {
-    use ndarray::{Axis, Slice};
-    fn cut<T: qgraph::Element>(t: &Tensor, axis: usize, rows: std::ops::Range<usize>) -> Tensor {
-        match T::unwrap(t) {
-            Some(a) => T::wrap(a.slice_axis(Axis(axis), Slice::from(rows)).to_owned().into_shared()),
-            None => t.clone(),
-        }
-    }
-    match t.dtype() {
-        qgraph::DType::F32 => cut::<f32>(t, axis, rows),
-        qgraph::DType::F64 => cut::<f64>(t, axis, rows),
-        qgraph::DType::F16 => cut::<half::f16>(t, axis, rows),
-        qgraph::DType::BF16 => cut::<half::bf16>(t, axis, rows),
-        qgraph::DType::I8 => cut::<i8>(t, axis, rows),
-        qgraph::DType::U8 => cut::<u8>(t, axis, rows),
-        qgraph::DType::I16 => cut::<i16>(t, axis, rows),
-        qgraph::DType::U16 => cut::<u16>(t, axis, rows),
-        qgraph::DType::I32 => cut::<i32>(t, axis, rows),
-        qgraph::DType::U32 => cut::<u32>(t, axis, rows),
-        qgraph::DType::I64 => cut::<i64>(t, axis, rows),
-        qgraph::DType::U64 => cut::<u64>(t, axis, rows),
-        qgraph::DType::Bool => cut::<bool>(t, axis, rows),
     }
 }
 

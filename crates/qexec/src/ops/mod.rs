@@ -272,6 +272,14 @@ macro_rules! with_dtype {
                 type $T = bool;
                 $body
             }
+            qgraph::DType::I4 => {
+                type $T = qgraph::Int4;
+                $body
+            }
+            qgraph::DType::U4 => {
+                type $T = qgraph::UInt4;
+                $body
+            }
         }
     };
 }

@@ -323,6 +323,12 @@ pub(crate) fn cast(t: &Tensor, to: DType) -> KernelResult<Tensor> {
         return Ok(t.clone());
     }
     let shape = t.shape().to_vec();
+    // To 4 bits, as ONNX's reference: clipped to the range, then rounded half to even.
+    if let DType::I4 | DType::U4 = to {
+        let (lo, hi) = if to == DType::I4 { (-8.0, 7.0) } else { (0.0, 15.0) };
+        let v: Vec<i64> = t.to_f64_vec().iter().map(|&x| x.clamp(lo, hi).round_ties_even() as i64).collect();
+        return Tensor::from_i64s(to, &shape, &v).ok_or_else(|| format!("cannot cast {} to {to}", t.dtype()));
+    }
     let built = if t.dtype().is_float() {
         let v = t.to_f64_vec();
         match to {

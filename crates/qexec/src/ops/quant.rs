@@ -1,5 +1,5 @@
 //! `QuantizeLinear` and `DequantizeLinear` with ONNX semantics (round half to even, saturate to
-//! the integer type), per tensor, per axis or per block along an axis (`block_size`), for 8- and
+//! the integer type), per tensor, per axis or per block along an axis (`block_size`), for 4-, 8- and
 //! 16-bit integers (and int32 dequantize, as biases of QDQ models use).
 
 use qgraph::{DType, Node, Tensor};
@@ -116,6 +116,8 @@ impl Params {
 /// The representable range of an integer dtype.
 fn int_range(d: DType) -> KernelResult<(f64, f64)> {
     Ok(match d {
+        DType::U4 => (0.0, 15.0),
+        DType::I4 => (-8.0, 7.0),
         DType::U8 => (0.0, 255.0),
         DType::I8 => (-128.0, 127.0),
         DType::U16 => (0.0, 65535.0),
@@ -140,6 +142,24 @@ macro_rules! quant_int {
     )*};
 }
 quant_int!(u8, i8, u16, i16, i32);
+
+impl QuantInt for qgraph::Int4 {
+    fn from_level(v: f32) -> Self {
+        qgraph::Int4::saturating(v as i64)
+    }
+    fn level(self) -> i32 {
+        i32::from(self.get())
+    }
+}
+
+impl QuantInt for qgraph::UInt4 {
+    fn from_level(v: f32) -> Self {
+        qgraph::UInt4::saturating(v as i64)
+    }
+    fn level(self) -> i32 {
+        i32::from(self.get())
+    }
+}
 
 qkernels::multiversion! {
     /// Quantization levels `clamp(round_half_even(x / s) + z, lo, hi)` of one run of elements.
@@ -200,6 +220,8 @@ impl Kernel for Qdq {
                 DType::I8 => quantize::<i8>(&xs, &p, shape)?,
                 DType::U16 => quantize::<u16>(&xs, &p, shape)?,
                 DType::I16 => quantize::<i16>(&xs, &p, shape)?,
+                DType::U4 => quantize::<qgraph::UInt4>(&xs, &p, shape)?,
+                DType::I4 => quantize::<qgraph::Int4>(&xs, &p, shape)?,
                 other => return Err(format!("quantized dtype {other} is not supported")),
             }])
         } else {
@@ -210,6 +232,8 @@ impl Kernel for Qdq {
                 DType::U16 => dequantize::<u16>(x, &p)?,
                 DType::I16 => dequantize::<i16>(x, &p)?,
                 DType::I32 => dequantize::<i32>(x, &p)?,
+                DType::U4 => dequantize::<qgraph::UInt4>(x, &p)?,
+                DType::I4 => dequantize::<qgraph::Int4>(x, &p)?,
                 other => return Err(format!("quantized dtype {other} is not supported")),
             }])
         }
