@@ -927,6 +927,85 @@ impl Placement {
         }
     }
 
+    /// Blockwise weights, as AIMET's `set_blockwise_quantization_for_weights`: the weight of every
+    /// node of `op_types` gets one encoding per output channel and block of `block_size` input
+    /// channels, at `bits` and `symmetric`; its bias quantizer becomes per-channel and symmetric.
+    /// Weights whose input-channel axis `block_size` does not divide keep their quantizer, and
+    /// are returned with the reason. Encodings are cleared: calibrate (again) after this.
+    pub fn set_blockwise_weights(
+        &mut self,
+        g: &Graph,
+        op_types: &[&str],
+        bits: u32,
+        symmetric: bool,
+        block_size: usize,
+    ) -> Result<Vec<(String, String)>> {
+        let precision = Precision::Int(bits);
+        Placement::check_precision("(blockwise weights)", precision)?;
+        if block_size == 0 {
+            return Err(CalibError::Quantizer {
+                tensor: "(blockwise weights)".into(),
+                detail: "block size 0".into(),
+            });
+        }
+        let mut skipped = Vec::new();
+        for (id, n) in g.nodes() {
+            if !op_types.contains(&n.op_type.as_str()) {
+                continue;
+            }
+            let params = g.node_params(id).unwrap_or_default();
+            let Some(weight) = params.iter().find(|p| p.role == ParamRole::Weight) else { continue };
+            let Some(shape) = g.static_value(weight.root).map(|t| t.shape().to_vec()) else { continue };
+            let Some(q) = self.quantizer_of(weight.root) else { continue };
+            let name = g.value(weight.root).name.clone();
+            let channel_axis = match weight.channel_axis {
+                Some(a) if weight.through_transpose && shape.len() == 2 => 1 - a,
+                Some(a) => a,
+                None => {
+                    skipped.push((name, "no output-channel axis".into()));
+                    continue;
+                }
+            };
+            if shape.len() < 2 || channel_axis > 1 {
+                skipped.push((
+                    name,
+                    format!("shape {shape:?} has no input-channel axis beside axis {channel_axis}"),
+                ));
+                continue;
+            }
+            let block_axis = 1 - channel_axis;
+            if shape[block_axis] % block_size != 0 {
+                skipped.push((
+                    name,
+                    format!(
+                        "block size {block_size} does not divide its {} input channels",
+                        shape[block_axis]
+                    ),
+                ));
+                continue;
+            }
+            let quantizer = &mut self.quantizers[q.0];
+            if quantizer.frozen {
+                skipped.push((name, "its encodings are frozen".into()));
+                continue;
+            }
+            quantizer.granularity = Granularity::PerBlock { channel_axis, block_axis, block_size };
+            quantizer.precision = precision;
+            quantizer.symmetric = symmetric;
+            quantizer.encodings = None;
+            if let Some(bias) =
+                params.iter().find(|p| p.role == ParamRole::Bias).and_then(|b| self.q_mut(b.root))
+            {
+                if !bias.frozen {
+                    bias.granularity = Granularity::PerChannel { axis: 0 };
+                    bias.symmetric = true;
+                    bias.encodings = None;
+                }
+            }
+        }
+        Ok(skipped)
+    }
+
     /// The placement as JSON: one entry per quantized tensor (name, producer op, kind, enabled,
     /// precision, symmetry, granularity, shared-with), so users can see and diff what is quantized.
     pub fn report(&self, g: &Graph) -> Value {

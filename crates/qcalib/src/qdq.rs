@@ -34,6 +34,8 @@ struct QdqParams {
     scale: Tensor,
     zero_point: Tensor,
     axis: Option<usize>,
+    /// Elements along `axis` sharing one scale (opset 21 blocked quantization).
+    block_size: Option<usize>,
     dequantize_only: bool,
 }
 
@@ -85,9 +87,10 @@ pub(crate) fn integer_view(q: &Quantizer, encs: &[Encoding], is_param: bool) -> 
     (signed, zero_points)
 }
 
-fn zero_point_tensor(bits: u32, signed: bool, zps: &[i64], per_channel: bool) -> Result<Tensor> {
-    let shape: Vec<usize> = if per_channel { vec![zps.len()] } else { vec![] };
+fn zero_point_tensor(bits: u32, signed: bool, zps: &[i64], shape: &[usize]) -> Result<Tensor> {
     let dtype = match (bits, signed) {
+        (4, false) => qgraph::DType::U4,
+        (4, true) => qgraph::DType::I4,
         (8, false) => qgraph::DType::U8,
         (8, true) => qgraph::DType::I8,
         (16, false) => qgraph::DType::U16,
@@ -95,11 +98,11 @@ fn zero_point_tensor(bits: u32, signed: bool, zps: &[i64], per_channel: bool) ->
         (b, _) => {
             return Err(CalibError::Quantizer {
                 tensor: "(QDQ export)".into(),
-                detail: format!("int{b} has no ONNX QuantizeLinear type here (8 and 16 bits export)"),
+                detail: format!("int{b} has no ONNX QuantizeLinear type (4, 8 and 16 bits export)"),
             });
         }
     };
-    Tensor::from_i64s(dtype, &shape, zps).ok_or_else(|| CalibError::Quantizer {
+    Tensor::from_i64s(dtype, shape, zps).ok_or_else(|| CalibError::Quantizer {
         tensor: "(QDQ export)".into(),
         detail: "zero point out of range".into(),
     })
@@ -128,9 +131,45 @@ fn integer_weight(
             }
             out
         }
-        Granularity::PerBlock { .. } => return Err("blockwise weights cannot be prequantized".into()),
+        Granularity::PerBlock { .. } => {
+            let (index, _) = crate::sim::encoding_index(shape, q.granularity)?;
+            data.iter().zip(&index).map(|(&x, &e)| one(&[x], &encs[e])[0]).collect()
+        }
     };
     Ok(ints.into_iter().map(i64::from).collect())
+}
+
+/// For blocked quantization of a tensor of `shape`: ONNX's parameter shape (the tensor's, with
+/// `block_axis` divided by the block size) and, for each of its elements in row-major order,
+/// the index of the encoding that covers it (encodings repeat along the other axes).
+fn blocked_parameters(shape: &[usize], granularity: Granularity) -> Result<(Vec<usize>, Vec<usize>), String> {
+    let Granularity::PerBlock { block_axis, block_size, .. } = granularity else {
+        return Err("not blockwise".into());
+    };
+    let (index, _) = crate::sim::encoding_index(shape, granularity)?;
+    let mut param_shape = shape.to_vec();
+    param_shape[block_axis] = shape[block_axis] / block_size;
+    let strides = |s: &[usize]| -> Vec<usize> {
+        let mut st = vec![1usize; s.len()];
+        for d in (0..s.len().saturating_sub(1)).rev() {
+            st[d] = st[d + 1] * s[d + 1];
+        }
+        st
+    };
+    let (x_strides, p_strides) = (strides(shape), strides(&param_shape));
+    let count: usize = param_shape.iter().product();
+    let of_param = (0..count)
+        .map(|flat| {
+            let at: usize = (0..shape.len())
+                .map(|d| {
+                    let c = (flat / p_strides[d]) % param_shape[d];
+                    (if d == block_axis { c * block_size } else { c }) * x_strides[d]
+                })
+                .sum();
+            index[at]
+        })
+        .collect();
+    Ok((param_shape, of_param))
 }
 
 /// The simulation as a QDQ ONNX model.
@@ -176,26 +215,29 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
             needs_21 = true;
         }
         let (signed, zps) = integer_view(q, encs, is_param);
-        let axis = match q.granularity {
-            Granularity::PerTensor => None,
-            Granularity::PerChannel { axis } => Some(axis),
-            Granularity::PerBlock { .. } => {
-                return Err(CalibError::Quantizer {
-                    tensor: name.clone(),
-                    detail: "blockwise QDQ export is not supported".into(),
-                });
+        let fail = |detail: String| CalibError::Quantizer { tensor: name.clone(), detail };
+        let scales: Vec<f32> = encs.iter().map(|e| e.delta as f32).collect();
+        // Parameter shape, the encoding of each parameter element, axis and block size.
+        let (param_shape, of_param, axis, block_size) = match q.granularity {
+            Granularity::PerTensor => (vec![], vec![0], None, None),
+            Granularity::PerChannel { axis } => {
+                (vec![scales.len()], (0..scales.len()).collect(), Some(axis), None)
+            }
+            Granularity::PerBlock { block_axis, block_size, .. } => {
+                let shape = g.static_value(t.value).map(|d| d.shape().to_vec()).ok_or_else(|| {
+                    fail("blockwise quantization applies to weights, not to computed tensors".into())
+                })?;
+                needs_21 = true;
+                let (param_shape, of_param) = blocked_parameters(&shape, q.granularity).map_err(fail)?;
+                (param_shape, of_param, Some(block_axis), Some(block_size))
             }
         };
         needs_per_channel |= axis.is_some();
-        let scales: Vec<f32> = encs.iter().map(|e| e.delta as f32).collect();
-        let scale = match axis {
-            Some(_) => Tensor::from_vec(&[scales.len()], scales),
-            None => Some(Tensor::scalar(scales[0])),
-        }
-        .ok_or_else(|| CalibError::Quantizer { tensor: name.clone(), detail: "scale tensor".into() })?;
-        let zero_point = zero_point_tensor(bits, signed, &zps, axis.is_some()).map_err(|_| {
-            CalibError::Quantizer { tensor: name.clone(), detail: format!("int{bits} zero points") }
-        })?;
+        let scale = Tensor::from_vec(&param_shape, of_param.iter().map(|&e| scales[e]).collect())
+            .ok_or_else(|| fail("scale tensor".into()))?;
+        let zps: Vec<i64> = of_param.iter().map(|&e| zps[e]).collect();
+        let zero_point = zero_point_tensor(bits, signed, &zps, &param_shape)
+            .map_err(|_| fail(format!("int{bits} zero points")))?;
         let mut dequantize_only = false;
         if let Some(data) = g.static_value(t.value) {
             if options.prequantize_weights && is_param {
@@ -216,8 +258,10 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
                 model.graph.value_mut(t.value).data = Tensor::from_vec(data.shape(), values);
             }
         }
-        inserts
-            .insert(t.value, Insert::Qdq(Box::new(QdqParams { scale, zero_point, axis, dequantize_only })));
+        inserts.insert(
+            t.value,
+            Insert::Qdq(Box::new(QdqParams { scale, zero_point, axis, block_size, dequantize_only })),
+        );
     }
     if options.int32_bias {
         for b in crate::encodings::int32_biases(sim) {
@@ -250,7 +294,13 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
             let axis = b.per_channel.then_some(0);
             inserts.insert(
                 b.bias,
-                Insert::Qdq(Box::new(QdqParams { scale, zero_point, axis, dequantize_only: true })),
+                Insert::Qdq(Box::new(QdqParams {
+                    scale,
+                    zero_point,
+                    axis,
+                    block_size: None,
+                    dequantize_only: true,
+                })),
             );
         }
     }
@@ -304,10 +354,15 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
                 ),
             ],
             Insert::Qdq(params) => {
-                let QdqParams { scale, zero_point, axis, dequantize_only } = params.as_ref();
+                let QdqParams { scale, zero_point, axis, block_size, dequantize_only } = params.as_ref();
                 extra_inits.push(qgraph::tensor_to_proto(&format!("{name}_scale"), scale));
                 extra_inits.push(qgraph::tensor_to_proto(&format!("{name}_zero_point"), zero_point));
-                let attrs = || axis.map(|a| vec![attr_int("axis", a as i64)]).unwrap_or_default();
+                let attrs = || {
+                    let mut a: Vec<AttributeProto> =
+                        axis.map(|a| attr_int("axis", a as i64)).into_iter().collect();
+                    a.extend(block_size.map(|b| attr_int("block_size", b as i64)));
+                    a
+                };
                 let qparams =
                     |input: String| vec![input, format!("{name}_scale"), format!("{name}_zero_point")];
                 if *dequantize_only {
@@ -349,7 +404,7 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
         let bits = c.to.bits();
         let prefix = format!("{name}_int{bits}");
         let scale = Tensor::scalar(c.encoding.delta as f32);
-        let zero_point = zero_point_tensor(bits, false, &[-c.encoding.offset as i64], false)?;
+        let zero_point = zero_point_tensor(bits, false, &[-c.encoding.offset as i64], &[])?;
         extra_inits.push(qgraph::tensor_to_proto(&format!("{prefix}_scale"), &scale));
         extra_inits.push(qgraph::tensor_to_proto(&format!("{prefix}_zero_point"), &zero_point));
         let qparams = |input: String| vec![input, format!("{prefix}_scale"), format!("{prefix}_zero_point")];

@@ -208,6 +208,26 @@ impl QuantSim {
             .map_or_else(|| format!("quantizer {}", q.0), |t| self.name(t.value).to_string())
     }
 
+    /// Blockwise weights on the nodes of `op_types` (see [`Placement::set_blockwise_weights`]);
+    /// the weights it skips, with the reason. On a calibrated simulation the weights' statistics
+    /// and every encoding are recomputed; otherwise calibrate next.
+    pub fn set_blockwise_weights(
+        &mut self,
+        op_types: &[&str],
+        bits: u32,
+        symmetric: bool,
+        block_size: usize,
+    ) -> Result<Vec<(String, String)>> {
+        let skipped =
+            self.placement.set_blockwise_weights(&self.model.graph, op_types, bits, symmetric, block_size)?;
+        if !self.stats.is_empty() {
+            self.stats.retain(|q, _| !self.placement.quantizer(*q).is_param);
+            self.gather_static_stats()?;
+            self.compute_encodings()?;
+        }
+        Ok(skipped)
+    }
+
     /// Calibrates on `batches`: parameter statistics from the weights, activation statistics from
     /// forward passes, then encodings for every enabled, non-frozen integer quantizer.
     /// `progress` is called after each batch with the number done.

@@ -757,3 +757,48 @@ fn an_fp16_tensor_read_by_an_int8_op_is_quantized_for_it_from_its_statistics() {
     let got = session.run(&[("input", feeds[0].1.clone())]).unwrap();
     assert_eq!(got[0].as_f32().unwrap().iter().copied().collect::<Vec<_>>(), run(&even, &feeds));
 }
+
+#[test]
+fn blockwise_int4_weights_calibrate_and_export_as_blocked_dequantize() {
+    let mut s = sim(SimOptions::default());
+    let skipped = s.set_blockwise_weights(&["Conv", "Gemm", "MatMul"], 4, true, 2).unwrap();
+    // The convolutions read one input channel each: no block of 2 fits, they keep their quantizers.
+    let names: Vec<&str> = skipped.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["conv0.weight", "dw.weight"]);
+    assert!(skipped[0].1.contains("does not divide"), "{skipped:?}");
+    s.calibrate(batches(), &mut |_| {}).unwrap();
+    let fc = s.model().graph.value_id("fc.weight").unwrap();
+    let q = s.placement().quantizer(s.placement().quantizer_of(fc).unwrap());
+    assert_eq!(q.granularity, Granularity::PerBlock { channel_axis: 0, block_axis: 1, block_size: 2 });
+    assert_eq!((q.precision, q.encodings.as_ref().unwrap().len()), (Precision::Int(4), 20));
+    let json = qcalib::encodings_json(&s, EncodingVersion::V1_0_0).to_string();
+    assert!(json.contains("\"block_size\":2"), "{json}");
+
+    let feeds = batch(4, 29);
+    let want = run(&s, &feeds);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for prequantize_weights in [false, true] {
+        let proto =
+            qcalib::to_qdq_model(&s, qcalib::QdqOptions { prequantize_weights, int32_bias: false }).unwrap();
+        assert_eq!(proto.opset_import[0].version, 21);
+        let dq = proto.graph.node.iter().find(|n| n.name == "fc.weight_dequantize").unwrap();
+        let block = dq.attribute.iter().find(|a| a.name == "block_size").map(|a| a.i);
+        assert_eq!(block, Some(2));
+        let zero_point = proto.graph.initializer.iter().find(|t| t.name == "fc.weight_zero_point").unwrap();
+        assert_eq!(
+            (zero_point.data_type, zero_point.dims.as_slice()),
+            (22, [10i64, 2].as_slice()),
+            "int4 [10, 2]"
+        );
+        if prequantize_weights {
+            let w = proto.graph.initializer.iter().find(|t| t.name == "fc.weight").unwrap();
+            assert_eq!((w.data_type, w.raw_data.len()), (22, 20), "40 int4 values, two per byte");
+        }
+        let model = qgraph::model_from_proto(proto, None).unwrap();
+        let session = qexec::Session::new(model, qexec::SessionOptions::threads(1)).unwrap();
+        let got = session.run(&[("input", feeds[0].1.clone())]).unwrap();
+        let got: Vec<f32> = got[0].as_f32().unwrap().iter().copied().collect();
+        let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 0.05 * scale, "prequantized {prequantize_weights}: {err} vs scale {scale}");
+    }
+}

@@ -70,11 +70,22 @@ impl DeviceArgs {
         let options =
             QdqOptions { prequantize_weights: self.prequantize_weights, int32_bias: self.int32_bias };
         qcalib::write_qdq_model(sim, options, &set.staged(file)).map_err(user)?;
-        let overrides = qcalib::tensor_quant_overrides(sim).map_err(user)?;
-        qgraph::write_atomically(
-            &set.staged("tensor_quant_overrides.json"),
-            qcalib::to_pretty_json(&overrides).as_bytes(),
-        )?;
+        let placement = sim.placement();
+        let blockwise = placement.quantizer_ids().into_iter().any(|q| {
+            let q = placement.quantizer(q);
+            q.enabled && matches!(q.granularity, qcalib::Granularity::PerBlock { .. })
+        });
+        if blockwise {
+            say!(
+                "no tensor_quant_overrides.json: onnxruntime's overrides have no form for blockwise weights"
+            );
+        } else {
+            let overrides = qcalib::tensor_quant_overrides(sim).map_err(user)?;
+            qgraph::write_atomically(
+                &set.staged("tensor_quant_overrides.json"),
+                qcalib::to_pretty_json(&overrides).as_bytes(),
+            )?;
+        }
         let quark = qcalib::quark_config(sim).map_err(user)?;
         qgraph::write_atomically(
             &set.staged("quark_config.json"),

@@ -54,6 +54,11 @@ pub struct QuantsimArgs {
     /// Activation precision: int4..int16, fp16, bf16.
     #[arg(long = "act", default_value = "int8", value_parser = parse_precision)]
     activation: Precision,
+    /// Blockwise weights: Conv, Gemm and MatMul weights get one encoding per output channel and
+    /// block of this many input channels, symmetric at the --param precision (AIMET's
+    /// set_blockwise_quantization_for_weights); weights the size does not divide keep theirs.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    block_size: Option<u32>,
     /// Gather activation statistics with float weights (AIMET quantizes weights first).
     #[arg(long)]
     calibrate_activations_with_float_weights: bool,
@@ -152,6 +157,19 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
     }
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
     qcalib::freeze_encodings(&mut sim, &frozen);
+    if let Some(block) = a.block_size {
+        let bits = match a.param {
+            Precision::Int(bits) => bits,
+            other => return Err(user(anyhow::anyhow!("--block-size needs an integer --param, not {other}"))),
+        };
+        let skipped = sim
+            .set_blockwise_weights(&["Conv", "Gemm", "MatMul"], bits, true, block as usize)
+            .map_err(user)?;
+        say!("blockwise weights, blocks of {block}: {} weights kept their quantizer", skipped.len());
+        for (name, why) in &skipped {
+            say!("  {name}: {why}");
+        }
+    }
     if let Some(path) = &a.plan {
         apply_plan(&mut sim, path)?;
     }

@@ -285,3 +285,38 @@ fn inspect_summarises_the_placement_of_a_config() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("MaskedSoftmax"));
 }
+
+#[test]
+fn blockwise_int4_weights_export_as_int4_blocked_dequantize() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let model = root.join("models/digits_cnn.onnx");
+    let calib = format!("input={}", root.join("models/digits_cnn_calib.npy").display());
+    let scratch = common::scratch("blockwise");
+    let out = scratch.join("out");
+    let args = |extra: &[&str]| {
+        let mut a =
+            vec!["quantsim", model.to_str().unwrap(), "--calib", &calib, "--out", out.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        qmix(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let o = run(&["--param", "int4", "--block-size", "4", "--qdq", "--prequantize-weights"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    // The stem and depthwise convolutions read one input channel: no block of 4 fits.
+    assert!(stdout.contains("2 weights kept their quantizer") && stdout.contains("stem.weight"), "{stdout}");
+    let placement = std::fs::read_to_string(out.join("placement.json")).unwrap();
+    assert!(placement.contains("per_block"), "{placement}");
+    let qdq = qgraph::load_path(out.join("model_qdq.onnx")).unwrap();
+    let g = &qdq.graph;
+    let classifier = g.value(g.value_id("classifier.weight").unwrap());
+    assert_eq!(classifier.dtype, Some(DType::I4));
+    assert!(!out.join("tensor_quant_overrides.json").exists());
+    // Blocks need integer weights.
+    let o = run(&["--param", "fp16", "--block-size", "4"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--block-size"));
+}
