@@ -466,6 +466,7 @@ pub fn check(zoo: &Path) -> Result<()> {
         }
     }
     check_minilm_w8a16(zoo, &mut failures)?;
+    check_minilm_w4_blocks(zoo, &mut failures)?;
     if !failures.is_empty() {
         bail!("QuantSim differs from AIMET:\n  {}", failures.join("\n  "));
     }
@@ -476,6 +477,7 @@ pub fn check(zoo: &Path) -> Result<()> {
 pub fn check_minilm(zoo: &Path) -> Result<()> {
     let mut failures = Vec::new();
     check_minilm_w8a16(zoo, &mut failures)?;
+    check_minilm_w4_blocks(zoo, &mut failures)?;
     if !failures.is_empty() {
         bail!("MiniLM QuantSim:\n  {}", failures.join("\n  "));
     }
@@ -536,6 +538,96 @@ fn stsb_spearman(
     Ok(crate::zoo_analyze::spearman(gold, &cos))
 }
 
+/// Exports `sim` as a QDQ model named `stem`, runs it in onnxruntime as written on the STS-B
+/// rows `eval` and compares with the simulation: (max |ORT − simulation|, output range).
+fn ort_against_simulation(
+    sim: &QuantSim,
+    eval: &qcalib::Feeds,
+    stem: &str,
+    options: qcalib::QdqOptions,
+) -> Result<(f32, f32)> {
+    let named: Vec<(&str, qgraph::Tensor)> = eval.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let ours = sim.run(&named)?.swap_remove(0);
+    let dir = crate::zoo::out_dir()?;
+    let qdq = dir.join(format!("{stem}_qdq.onnx"));
+    qcalib::write_qdq_model(sim, options, &qdq)?;
+    let out = dir.join(format!("{stem}_qdq_out.npy"));
+    let mut args = vec![qdq.display().to_string(), out.display().to_string(), "32".into(), "written".into()];
+    for (n, t) in eval {
+        let f = dir.join(format!("minilm_eval_{n}.npy"));
+        let qgraph::Tensor::I64(a) = t else { bail!("token ids must be i64") };
+        ndarray_npy::write_npy(&f, &a.to_owned())?;
+        args.push(format!("{n}={}", f.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    crate::python::run_script("run_model.py", &args)?;
+    let theirs: ArrayD<f32> = read_npy(&out)?;
+    let ours = ours.as_f32().context("f32 output")?;
+    let range = ours.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = ours.iter().zip(theirs.iter()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    Ok((diff, range))
+}
+
+/// MiniLM with 4-bit weights in blocks of 32 input channels (AIMET's blockwise quantization, the
+/// LLM recipe) and 16-bit activations, `htp_v73` with the MaskedSoftmax pass: the QDQ export
+/// (int4 weights, blocked `DequantizeLinear`) in onnxruntime against the simulation with ONNX's
+/// tie rounding, and the STS-B score beside per-channel int4 weights.
+fn check_minilm_w4_blocks(zoo: &Path, failures: &mut Vec<String>) -> Result<()> {
+    let precision =
+        qcalib::DefaultPrecision { param: qcalib::Precision::Int(4), activation: qcalib::Precision::Int(16) };
+    let options =
+        SimOptions { precision, threads: 0, rounding: qcalib::Rounding::HalfToEven, ..SimOptions::default() };
+    let model = qgraph::load_path(zoo.join("models/all_minilm_l6_v2.onnx"))?;
+    let tokens = zoo_data::stsb_tokens(zoo)?;
+    let calibrated = |block: Option<usize>| -> Result<(QuantSim, usize)> {
+        let mut config = QuantsimConfig::load("htp_v73")?;
+        config.add_pass("MaskedSoftmax")?;
+        let mut sim = QuantSim::new(model.clone(), config, options)?;
+        let blocked = match block {
+            Some(b) => {
+                sim.set_blockwise_weights(&["Conv", "Gemm", "MatMul"], 4, true, b)?;
+                let p = sim.placement();
+                p.quantizer_ids()
+                    .into_iter()
+                    .filter(|&q| matches!(p.quantizer(q).granularity, qcalib::Granularity::PerBlock { .. }))
+                    .count()
+            }
+            None => 0,
+        };
+        sim.calibrate(
+            [zoo_data::stsb_rows(&tokens, 0..32), zoo_data::stsb_rows(&tokens, 32..64)],
+            &mut |_| {},
+        )?;
+        Ok((sim, blocked))
+    };
+    let started = Instant::now();
+    let (blocks, blocked) = calibrated(Some(32))?;
+    let eval = zoo_data::stsb_rows(&tokens, 64..96);
+    let options = qcalib::QdqOptions { prequantize_weights: true, int32_bias: false };
+    let (diff, range) = ort_against_simulation(&blocks, &eval, "all_minilm_l6_v2_w4_block32_a16", options)?;
+    let gold_path = zoo.join("data/stsb_test_gold_scores.npy");
+    let gold: ndarray::Array1<f32> =
+        read_npy(&gold_path).with_context(|| format!("reading {}", gold_path.display()))?;
+    let gold: Vec<f64> = gold.iter().map(|&g| f64::from(g)).collect();
+    let graph = &blocks.model().graph;
+    let spearman_blocks = stsb_spearman(&tokens, &gold, graph, &|feeds| Ok(blocks.run(feeds)?))?;
+    let (channels, _) = calibrated(None)?;
+    let spearman_channels = stsb_spearman(&tokens, &gold, graph, &|feeds| Ok(channels.run(feeds)?))?;
+    println!(
+        "  all_minilm_l6_v2, htp_v73, W4 blocks of 32 ({blocked} weights) A16: QDQ export (int4, blocked \
+         DequantizeLinear) runs in onnxruntime, max |ORT − simulation| {diff:.4} (output range {range:.2}); \
+         STS-B Spearman {spearman_blocks:.4}, per-channel W4 {spearman_channels:.4}; {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if diff > 0.05 * range || diff.is_nan() {
+        failures.push(format!("MiniLM W4 block-32 QDQ export differs from the simulation by {diff}"));
+    }
+    if blocked == 0 {
+        failures.push("MiniLM: no weight took blocks of 32".into());
+    }
+    Ok(())
+}
+
 /// MiniLM with the `htp_v73` config at W8A16: calibrate on 64 STS-B rows, export QDQ (opset 21,
 /// int16 activations), run it in onnxruntime as written and compare with the simulation. Then the
 /// STS-B score of FP32, of that simulation, and of the same with the `MaskedSoftmax` pass, which
@@ -557,25 +649,8 @@ fn check_minilm_w8a16(zoo: &Path, failures: &mut Vec<String>) -> Result<()> {
     };
     let (sim, calib_s) = calibrated(QuantsimConfig::load("htp_v73")?)?;
     let eval = zoo_data::stsb_rows(&tokens, 64..96);
-    let named: Vec<(&str, qgraph::Tensor)> = eval.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-    let ours = sim.run(&named)?.swap_remove(0);
-    let dir = crate::zoo::out_dir()?;
-    let qdq = dir.join("all_minilm_l6_v2_w8a16_htp_v73_qdq.onnx");
-    qcalib::write_qdq_model(&sim, qcalib::QdqOptions::default(), &qdq)?;
-    let out = dir.join("minilm_qdq_out.npy");
-    let mut args = vec![qdq.display().to_string(), out.display().to_string(), "32".into(), "written".into()];
-    for (n, t) in &eval {
-        let f = dir.join(format!("minilm_eval_{n}.npy"));
-        let qgraph::Tensor::I64(a) = t else { bail!("token ids must be i64") };
-        ndarray_npy::write_npy(&f, &a.to_owned())?;
-        args.push(format!("{n}={}", f.display()));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    crate::python::run_script("run_model.py", &args)?;
-    let theirs: ArrayD<f32> = read_npy(&out)?;
-    let ours = ours.as_f32().context("f32 output")?;
-    let range = ours.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = ours.iter().zip(theirs.iter()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let (diff, range) =
+        ort_against_simulation(&sim, &eval, "all_minilm_l6_v2_w8a16_htp_v73", qcalib::QdqOptions::default())?;
     println!(
         "  all_minilm_l6_v2, htp_v73, W8A16: calibrated on 64 rows in {calib_s:.1} s; QDQ export (opset 21, int16) \
          runs in onnxruntime, max |ORT − simulation| {diff:.3} (output range {range:.2}); {} warning(s)",
