@@ -11,6 +11,19 @@ use pyo3::types::{PyDict, PyList};
 use qcalib::{DefaultPrecision, EncodingVersion, Precision, QdqOptions, QuantsimConfig, Scheme, SimOptions};
 use qgraph::Tensor;
 
+/// Batches from an iterable of dicts `{input name: array}` (a data loader).
+fn batches_of(batches: &Bound<'_, PyAny>) -> PyResult<Vec<qcalib::Feeds>> {
+    let mut all = Vec::new();
+    for item in batches.try_iter()? {
+        let item = item?;
+        let d = item
+            .downcast::<PyDict>()
+            .map_err(|_| PyValueError::new_err("each batch must be a dict {input name: numpy array}"))?;
+        all.push(feeds(d)?);
+    }
+    Ok(all)
+}
+
 /// The `ValueError` of any error of the native crates.
 fn value_error(e: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(e.to_string())
@@ -123,14 +136,7 @@ impl QuantSim {
     /// Calibrates on `batches`, an iterable of dicts `{input name: array}` (AIMET's
     /// `compute_encodings` over a data loader), and computes every quantizer's encodings.
     fn compute_encodings(&mut self, py: Python<'_>, batches: &Bound<'_, PyAny>) -> PyResult<()> {
-        let mut all = Vec::new();
-        for item in batches.try_iter()? {
-            let item = item?;
-            let d = item
-                .downcast::<PyDict>()
-                .map_err(|_| PyValueError::new_err("each batch must be a dict {input name: numpy array}"))?;
-            all.push(feeds(d)?);
-        }
+        let all = batches_of(batches)?;
         let sim = &mut self.inner;
         py.detach(|| sim.calibrate(all, &mut |_| {})).map_err(value_error)
     }
@@ -162,9 +168,77 @@ impl QuantSim {
         qgraph::save_path(self.inner.model(), path.join("model.onnx")).map_err(value_error)
     }
 
-    /// Writes the simulation as a QDQ ONNX model that onnxruntime runs.
-    fn export_qdq(&self, path: PathBuf) -> PyResult<()> {
-        qcalib::write_qdq_model(&self.inner, QdqOptions::default(), &path).map_err(value_error)
+    /// Writes the simulation as a QDQ ONNX model that onnxruntime runs; with
+    /// `prequantize_weights` the weights are stored as integers (int4 two per byte) behind a
+    /// `DequantizeLinear`, with `int32_bias` the biases as int32.
+    #[pyo3(signature = (path, prequantize_weights = false, int32_bias = false))]
+    fn export_qdq(&self, path: PathBuf, prequantize_weights: bool, int32_bias: bool) -> PyResult<()> {
+        let options = QdqOptions { prequantize_weights, int32_bias };
+        qcalib::write_qdq_model(&self.inner, options, &path).map_err(value_error)
+    }
+
+    /// AIMET's `set_blockwise_quantization_for_weights`: the weights of `op_types` get one
+    /// encoding per output channel and block of `block_size` input channels, at `bitwidth`.
+    /// Returns the weights left as they were, as `(name, reason)` pairs (input channels the block
+    /// size does not divide). Call `compute_encodings` next (on a calibrated simulation the
+    /// encodings are recomputed at once).
+    #[pyo3(signature = (op_types = vec!["Conv".to_string(), "Gemm".to_string(), "MatMul".to_string()], bitwidth = 4, symmetric = true, block_size = 32))]
+    fn set_blockwise_quantization_for_weights(
+        &mut self,
+        op_types: Vec<String>,
+        bitwidth: u32,
+        symmetric: bool,
+        block_size: usize,
+    ) -> PyResult<Vec<(String, String)>> {
+        let types: Vec<&str> = op_types.iter().map(String::as_str).collect();
+        self.inner.set_blockwise_weights(&types, bitwidth, symmetric, block_size).map_err(value_error)
+    }
+
+    /// Per-layer sensitivity, as AIMET's QuantAnalyzer: with `mode="enable_one"` each layer is
+    /// the only one quantized, with `"disable_one"` the only one left in float, and the outputs
+    /// on `batches` are scored against FP32 by `metric` (`psnr`, `sqnr`, `mse`, `top5_psnr`,
+    /// `top1_agreement`, …). Returns a dict `{layer: score}` in graph order. The simulation must
+    /// be calibrated; it is left as it was.
+    #[pyo3(signature = (batches, metric = "psnr", mode = "enable_one"))]
+    fn per_layer_sensitivity<'py>(
+        &mut self,
+        py: Python<'py>,
+        batches: &Bound<'py, PyAny>,
+        metric: &str,
+        mode: &str,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let metric = qanalyze::Metric::parse(metric).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "unknown metric '{metric}' (psnr, sqnr, amp_sqnr, mse, topK_psnr, top1_agreement)"
+            ))
+        })?;
+        let enable = match mode {
+            "enable_one" => true,
+            "disable_one" => false,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown mode '{other}' (enable_one, disable_one)"
+                )));
+            }
+        };
+        let all = batches_of(batches)?;
+        let sim = &mut self.inner;
+        let scores = py
+            .detach(|| {
+                let threads = sim.options().threads;
+                let reference = qanalyze::FloatReference::new(sim, &all, threads)?;
+                if enable {
+                    qanalyze::enable_one(sim, &reference, metric, &mut |_, _| {})
+                } else {
+                    qanalyze::disable_one(sim, &reference, metric, &mut |_, _| {})
+                }
+            })
+            .map_err(value_error)?;
+        let d = PyDict::new(py);
+        for s in scores {
+            d.set_item(s.layer, s.score)?;
+        }
+        Ok(d)
     }
 
     /// Sets the precision (`int4`..`int16`, `fp16`, `bf16`) of the quantizer on `tensor` and

@@ -73,3 +73,34 @@ def test_bad_input_raises_value_error_naming_it(data):
         sim.set_precision("not_a_tensor", "int16")
     with pytest.raises(ValueError):
         sim.run({"input": calib[:2]})  # not calibrated yet
+
+
+def test_per_layer_sensitivity_scores_every_layer(data):
+    calib, _, _ = data
+    sim = quantkit.QuantSim(MODEL, config="default_per_tensor", param="int4", act="int8")
+    sim.compute_encodings(batches(calib))
+    before = sim.run({"input": calib[:8]})[0]
+    scores = sim.per_layer_sensitivity(batches(calib[:32]), metric="psnr")
+    # The CLI's analysis of this model has 8 layers.
+    assert len(scores) == 8 and all(np.isfinite(v) for v in scores.values())
+    assert "stem" in scores
+    # The simulation is left as it was.
+    assert np.array_equal(sim.run({"input": calib[:8]})[0], before)
+    worse = sim.per_layer_sensitivity(batches(calib[:32]), metric="mse", mode="disable_one")
+    assert list(worse) == list(scores)
+    with pytest.raises(ValueError, match="nope"):
+        sim.per_layer_sensitivity(batches(calib[:32]), metric="nope")
+
+
+def test_blockwise_int4_weights_export_int4_blocks(data, tmp_path):
+    calib, evaluation, labels = data
+    sim = quantkit.QuantSim(MODEL, param="int4", act="int8")
+    skipped = sim.set_blockwise_quantization_for_weights(bitwidth=4, block_size=4)
+    # The stem and depthwise convolutions read one input channel each.
+    assert [name for name, _ in skipped] == ["stem.weight", "depthwise.weight"]
+    sim.compute_encodings(batches(calib))
+    top1 = float((sim.run({"input": evaluation})[0].argmax(axis=1) == labels).mean())
+    # The CLI prints 0.9475 for W4 blocks of 4 (A8) on these 400 digits.
+    assert top1 == pytest.approx(0.9475, abs=0.0051)
+    sim.export_qdq(tmp_path / "w4_blocks.onnx", prequantize_weights=True)
+    assert (tmp_path / "w4_blocks.onnx").stat().st_size > 0
