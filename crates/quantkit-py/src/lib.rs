@@ -262,6 +262,37 @@ impl QuantSim {
         self.inner.apply_exception_rules().map_err(value_error)
     }
 
+    /// Lite-MP, as AIMET's `flip_layers_to_higher_precision`: the `percent_to_flip` % most
+    /// sensitive layers of `layer_sensitivity` (a dict `{layer: score}` such as
+    /// `per_layer_sensitivity` returns; lower scores are more sensitive unless
+    /// `higher_is_better=False`) get `param` weights and `act` activations (int16 or fp16).
+    /// Returns the flipped layers, most sensitive first; call `compute_encodings` next.
+    #[pyo3(signature = (layer_sensitivity, percent_to_flip = 10.0, param = "int16", act = "int16", higher_is_better = true))]
+    fn flip_layers_to_higher_precision(
+        &mut self,
+        layer_sensitivity: &Bound<'_, PyDict>,
+        percent_to_flip: f64,
+        param: &str,
+        act: &str,
+        higher_is_better: bool,
+    ) -> PyResult<Vec<String>> {
+        let scores = layer_sensitivity
+            .iter()
+            .map(|(layer, score)| {
+                Ok(qanalyze::LayerScore {
+                    layer: layer.extract()?,
+                    score: score.extract()?,
+                    higher_is_better,
+                })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let (param, act) = (precision("param", param)?, precision("act", act)?);
+        let flipped =
+            qmix::flip_layers_to_higher_precision(&mut self.inner, &scores, percent_to_flip, param, act)
+                .map_err(value_error)?;
+        Ok(flipped.into_iter().map(|f| f.layer).collect())
+    }
+
     /// Every quantized tensor: a list of dicts `{tensor, role, enabled, precision}`.
     fn quantizers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let g = &self.inner.model().graph;

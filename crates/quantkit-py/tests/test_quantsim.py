@@ -104,3 +104,18 @@ def test_blockwise_int4_weights_export_int4_blocks(data, tmp_path):
     assert top1 == pytest.approx(0.9475, abs=0.0051)
     sim.export_qdq(tmp_path / "w4_blocks.onnx", prequantize_weights=True)
     assert (tmp_path / "w4_blocks.onnx").stat().st_size > 0
+
+
+def test_lite_mp_flips_the_most_sensitive_layers(data):
+    calib, evaluation, labels = data
+    sim = quantkit.QuantSim(MODEL, config="default_per_tensor", param="int4", act="int8")
+    sim.compute_encodings(batches(calib))
+    low = float((sim.run({"input": evaluation})[0].argmax(axis=1) == labels).mean())
+    scores = sim.per_layer_sensitivity(batches(calib[:32]))
+    flipped = sim.flip_layers_to_higher_precision(scores, percent_to_flip=50)
+    assert len(flipped) == 4 and flipped[0] == min(scores, key=scores.get)
+    sim.compute_encodings(batches(calib))
+    high = float((sim.run({"input": evaluation})[0].argmax(axis=1) == labels).mean())
+    assert high > low
+    with pytest.raises(ValueError, match="int16 or float16"):
+        sim.flip_layers_to_higher_precision(scores, act="int8")
