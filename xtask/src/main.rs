@@ -14,6 +14,7 @@ mod zoo_calib;
 mod zoo_data;
 mod zoo_exec;
 mod zoo_ptq;
+mod zoo_python;
 
 use anyhow::Result;
 
