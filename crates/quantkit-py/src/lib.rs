@@ -96,6 +96,21 @@ fn feeds(d: &Bound<'_, PyDict>) -> PyResult<qcalib::Feeds> {
 /// config in AIMET's schema; `param`/`act` the default precisions (`int4`..`int16`, `fp16`);
 /// `scheme` the calibration (`min_max`, `tf_enhanced`, `percentile`, `mse`, `entropy`);
 /// `threads` 0 for every core.
+/// What a forward-pass callback runs: each `run(inputs)` records one calibration batch.
+#[pyclass(module = "quantkit")]
+struct BatchRecorder {
+    batches: Vec<qcalib::Feeds>,
+}
+
+#[pymethods]
+impl BatchRecorder {
+    /// Records `inputs` (a dict `{input name: array}`) as a calibration batch.
+    fn run(&mut self, inputs: &Bound<'_, PyDict>) -> PyResult<()> {
+        self.batches.push(feeds(inputs)?);
+        Ok(())
+    }
+}
+
 #[pyclass(module = "quantkit")]
 struct QuantSim {
     inner: qcalib::QuantSim,
@@ -133,12 +148,48 @@ impl QuantSim {
         Ok(QuantSim { inner })
     }
 
-    /// Calibrates on `batches`, an iterable of dicts `{input name: array}` (AIMET's
-    /// `compute_encodings` over a data loader), and computes every quantizer's encodings.
-    fn compute_encodings(&mut self, py: Python<'_>, batches: &Bound<'_, PyAny>) -> PyResult<()> {
-        let all = batches_of(batches)?;
+    /// Calibrates and computes every quantizer's encodings (AIMET's `compute_encodings`).
+    /// `batches` is an iterable of dicts `{input name: array}` (a data loader), or a callable
+    /// `forward_pass_callback(runner, forward_pass_callback_args)` as AIMET's: it is called once,
+    /// and every dict it passes to `runner.run(inputs)` is a calibration batch. `progress`, if
+    /// given, is called with the number of batches done after each one; an exception it raises
+    /// is raised when calibration ends.
+    #[pyo3(signature = (batches, forward_pass_callback_args = None, progress = None))]
+    fn compute_encodings(
+        &mut self,
+        py: Python<'_>,
+        batches: &Bound<'_, PyAny>,
+        forward_pass_callback_args: Option<Bound<'_, PyAny>>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<()> {
+        let all = if batches.is_callable() {
+            let recorder = Bound::new(py, BatchRecorder { batches: Vec::new() })?;
+            batches.call1((recorder.clone(), forward_pass_callback_args))?;
+            let recorded = std::mem::take(&mut recorder.borrow_mut().batches);
+            if recorded.is_empty() {
+                return Err(PyValueError::new_err(
+                    "the forward-pass callback ran no batch (call runner.run(inputs))",
+                ));
+            }
+            recorded
+        } else {
+            batches_of(batches)?
+        };
         let sim = &mut self.inner;
-        py.detach(|| sim.calibrate(all, &mut |_| {})).map_err(value_error)
+        let mut failure: Option<PyErr> = None;
+        let result = py.detach(|| {
+            sim.calibrate(all, &mut |done| {
+                if let (Some(cb), None) = (&progress, &failure) {
+                    if let Err(e) = Python::attach(|py| cb.call1(py, (done,))) {
+                        failure = Some(e);
+                    }
+                }
+            })
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        result.map_err(value_error)
     }
 
     /// Runs the simulation on `inputs` (a dict `{input name: array}`); returns the outputs as a

@@ -119,3 +119,28 @@ def test_lite_mp_flips_the_most_sensitive_layers(data):
     assert high > low
     with pytest.raises(ValueError, match="int16 or float16"):
         sim.flip_layers_to_higher_precision(scores, act="int8")
+
+
+def test_a_forward_pass_callback_and_a_progress_callback(data):
+    calib, evaluation, _ = data
+
+    def forward_pass(runner, samples):
+        for i in range(0, samples, 32):
+            runner.run({"input": calib[i:i + 32]})
+
+    seen = []
+    sim = quantkit.QuantSim(MODEL)
+    sim.compute_encodings(forward_pass, len(calib), progress=seen.append)
+    assert seen == [1, 2, 3, 4]
+    # The same encodings as from the batches themselves.
+    other = quantkit.QuantSim(MODEL)
+    other.compute_encodings(batches(calib))
+    assert np.array_equal(sim.run({"input": evaluation[:16]})[0], other.run({"input": evaluation[:16]})[0])
+    with pytest.raises(ValueError, match="no batch"):
+        sim.compute_encodings(lambda runner, args: None)
+
+    def stop(done):
+        raise RuntimeError("stopped by the user")
+
+    with pytest.raises(RuntimeError, match="stopped by the user"):
+        sim.compute_encodings(batches(calib), progress=stop)
