@@ -365,10 +365,56 @@ impl QuantSim {
     }
 }
 
+/// A JSON value as plain Python data (dicts, lists, numbers, strings, None).
+fn json_to_py<'py>(py: Python<'py>, v: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
+    use serde_json::Value;
+    Ok(match v {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => b.into_pyobject(py)?.to_owned().into_any(),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => i.into_pyobject(py)?.into_any(),
+            None => n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any(),
+        },
+        Value::String(s) => s.into_pyobject(py)?.into_any(),
+        Value::Array(items) => {
+            PyList::new(py, items.iter().map(|i| json_to_py(py, i)).collect::<PyResult<Vec<_>>>()?)?
+                .into_any()
+        }
+        Value::Object(map) => {
+            let d = PyDict::new(py);
+            for (k, v) in map {
+                d.set_item(k, json_to_py(py, v)?)?;
+            }
+            d.into_any()
+        }
+    })
+}
+
+/// Cross-layer equalization, as AIMET's `equalize_model`: folds batch norms, scales each chain
+/// of layers so their weight ranges match (exactly through ReLU6/Clip), absorbs high biases, and
+/// writes the equalized FP32 model to `output_path`. Returns what it did as a dict (`sets`,
+/// `bn_folded`, `high_bias`, `sets_skipped`, …). Give the equalized model to `QuantSim`.
+#[pyfunction]
+#[pyo3(signature = (model_path, output_path, high_bias_fold = true, rescale_quantized = false))]
+fn equalize_model<'py>(
+    py: Python<'py>,
+    model_path: PathBuf,
+    output_path: PathBuf,
+    high_bias_fold: bool,
+    rescale_quantized: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let mut model = qgraph::load_path(&model_path).map_err(value_error)?;
+    let options = qptq::EqualizeOptions { high_bias_fold, rescale_quantized };
+    let report = py.detach(|| qptq::equalize(&mut model, options)).map_err(value_error)?;
+    qgraph::save_path(&model, &output_path).map_err(value_error)?;
+    json_to_py(py, &report.to_json())
+}
+
 /// The module.
 #[pymodule]
 fn quantkit(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<QuantSim>()?;
+    m.add_function(wrap_pyfunction!(equalize_model, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -144,3 +144,20 @@ def test_a_forward_pass_callback_and_a_progress_callback(data):
 
     with pytest.raises(RuntimeError, match="stopped by the user"):
         sim.compute_encodings(batches(calib), progress=stop)
+
+
+def test_equalize_model_writes_an_equivalent_model(data, tmp_path):
+    calib, _, _ = data
+    report = quantkit.equalize_model(MODEL, tmp_path / "equalized.onnx")
+    # depthwise → ReLU6 → pointwise is the one chain (the stem's output also feeds the residual Add).
+    assert [s["layers"] for s in report["sets"]] == [["depthwise", "pointwise"]]
+    assert report["clips_rewritten"]
+    # The equalized model computes what the original does: W16A16 simulations of both agree.
+    a = quantkit.QuantSim(MODEL, param="int16", act="int16")
+    b = quantkit.QuantSim(str(tmp_path / "equalized.onnx"), param="int16", act="int16")
+    for s in (a, b):
+        s.compute_encodings(batches(calib))
+    ya, yb = a.run({"input": calib[:16]})[0], b.run({"input": calib[:16]})[0]
+    assert np.abs(ya - yb).max() < 0.05 * np.abs(ya).max()
+    with pytest.raises(ValueError, match="missing.onnx"):
+        quantkit.equalize_model("missing.onnx", tmp_path / "x.onnx")
