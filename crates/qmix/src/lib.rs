@@ -35,7 +35,7 @@ pub use amp::{
     AccuracyEntry, AmpData, AmpEvent, AmpOptions, AmpOutcome, AmpResult, AmpWork, BudgetSearch, ParetoPoint,
     Phase2, choose_mixed_precision,
 };
-pub use amp_report::write_amp_report;
+pub use amp_report::{amp_info, write_amp_report};
 pub use autoquant::{
     AutoQuantAmp, AutoQuantError, AutoQuantOptions, AutoQuantResult, AutoQuantStage, StageScore, auto_quant,
 };

@@ -344,6 +344,109 @@ impl QuantSim {
         Ok(flipped.into_iter().map(|f| f.layer).collect())
     }
 
+    /// AIMET's auto mixed precision (`choose_mixed_precision`) over `candidates` (`"w16a16"`,
+    /// `"w8a16"`, `"w8a8"`, `"w4a8"`, `"fp16"`, …; build the `QuantSim` at the highest of them).
+    /// Phase 1 scores each quantizer group at each candidate on `phase1_batches` (default: the
+    /// first calibration batch); phase 2 runs the simulation natively on `eval_inputs` (a dict of
+    /// arrays, samples along axis 0, in batches of `eval_batch_size`) and calls
+    /// `eval_score(first_output)` — a numpy array of every sample's first output — for a score
+    /// where higher is better (e.g. top-1 against labels). The simulation is left with the chosen
+    /// plan, calibrated on `calibration_batches`. Returns AMP's summary (`amp_info.json`) as a dict;
+    /// with `results_dir` the cache (resumable) and the reports are written there.
+    #[pyo3(signature = (candidates, calibration_batches, eval_inputs, eval_score, allowed_accuracy_drop = None, phase1_batches = None, eval_batch_size = 32, results_dir = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn choose_mixed_precision<'py>(
+        &mut self,
+        py: Python<'py>,
+        candidates: Vec<String>,
+        calibration_batches: &Bound<'py, PyAny>,
+        eval_inputs: &Bound<'py, PyDict>,
+        eval_score: Py<PyAny>,
+        allowed_accuracy_drop: Option<f64>,
+        phase1_batches: Option<Bound<'py, PyAny>>,
+        eval_batch_size: usize,
+        results_dir: Option<PathBuf>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let candidates = candidates
+            .iter()
+            .map(|c| {
+                qmix::Candidate::parse(c).ok_or_else(|| {
+                    PyValueError::new_err(format!("unknown candidate '{c}' (w8a8, w16a16, w4a8, fp16, …)"))
+                })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let calibration = batches_of(calibration_batches)?;
+        let phase1 = match phase1_batches {
+            Some(b) => batches_of(&b)?,
+            None => calibration.iter().take(1).cloned().collect(),
+        };
+        let eval = feeds(eval_inputs)?;
+        let samples = eval.first().map_or(0, |(_, t)| t.shape().first().copied().unwrap_or(0));
+        let size = eval_batch_size.max(1);
+        let eval_batches: Vec<qcalib::Feeds> = (0..samples)
+            .step_by(size)
+            .map(|start| {
+                let n = size.min(samples - start);
+                eval.iter()
+                    .map(|(name, t)| {
+                        t.rows(start, n).map(|r| (name.clone(), r)).ok_or_else(|| {
+                            PyValueError::new_err(format!(
+                                "eval input '{name}' has fewer than {samples} samples"
+                            ))
+                        })
+                    })
+                    .collect::<PyResult<qcalib::Feeds>>()
+            })
+            .collect::<PyResult<_>>()?;
+        let mut options = qmix::AmpOptions::new(candidates);
+        options.allowed_accuracy_drop = allowed_accuracy_drop;
+        options.results_dir = results_dir;
+        options.threads = self.inner.options().threads;
+        let mut failure: Option<PyErr> = None;
+        let sim = &mut self.inner;
+        let result = py.detach(|| {
+            let mut eval_fn = |sim: &qcalib::QuantSim| -> Result<f64, String> {
+                let mut firsts = Vec::with_capacity(eval_batches.len());
+                for batch in &eval_batches {
+                    let named: Vec<(&str, Tensor)> =
+                        batch.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+                    let mut outs = sim.run(&named).map_err(|e| e.to_string())?;
+                    if outs.is_empty() {
+                        return Err("the model has no output".into());
+                    }
+                    firsts.push(outs.swap_remove(0));
+                }
+                let all =
+                    Tensor::concat_rows(&firsts).ok_or("the first outputs do not stack along axis 0")?;
+                Python::attach(|py| {
+                    let array = to_numpy(py, &all)?;
+                    eval_score.call1(py, (array,))?.extract::<f64>(py)
+                })
+                .map_err(|e| {
+                    let message = e.to_string();
+                    failure.get_or_insert(e);
+                    message
+                })
+            };
+            let description = format!("eval_score on {samples} samples");
+            qmix::choose_mixed_precision(
+                sim,
+                &qmix::AmpData { calibration: &calibration, phase1: &phase1 },
+                qmix::Phase2 { description, eval: &mut eval_fn },
+                &options,
+                &mut |_| {},
+            )
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let result = result.map_err(value_error)?;
+        if let Some(dir) = &options.results_dir {
+            qmix::write_amp_report(&result, allowed_accuracy_drop, dir).map_err(value_error)?;
+        }
+        json_to_py(py, &qmix::amp_info(&result, allowed_accuracy_drop))
+    }
+
     /// Every quantized tensor: a list of dicts `{tensor, role, enabled, precision}`.
     fn quantizers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let g = &self.inner.model().graph;

@@ -161,3 +161,34 @@ def test_equalize_model_writes_an_equivalent_model(data, tmp_path):
     assert np.abs(ya - yb).max() < 0.05 * np.abs(ya).max()
     with pytest.raises(ValueError, match="missing.onnx"):
         quantkit.equalize_model("missing.onnx", tmp_path / "x.onnx")
+
+
+def test_amp_chooses_a_plan_within_the_allowed_drop(data, tmp_path):
+    calib, evaluation, labels = data
+    sim = quantkit.QuantSim(MODEL, config="default_per_tensor", param="int8", act="int8")
+
+    def top1(logits):
+        return float((logits.argmax(axis=1) == labels).mean())
+
+    info = sim.choose_mixed_precision(
+        ["w8a8", "w4a8", "w8a4", "w4a4"],
+        list(batches(calib)),
+        {"input": evaluation},
+        top1,
+        allowed_accuracy_drop=0.01,
+        results_dir=tmp_path / "amp",
+    )
+    assert info["final_score"] >= info["fp32_score"] - 0.01
+    assert info["final_relative_bitops"] < 1.0
+    assert {g["candidate"] for g in info["groups"]} <= {"W8A8", "W4A8", "W8A4", "W4A4"}
+    # The simulation is left with the chosen plan.
+    assert top1(sim.run({"input": evaluation})[0]) == pytest.approx(info["final_score"])
+    assert json.loads((tmp_path / "amp" / "amp_info.json").read_text())["final_score"] == info["final_score"]
+
+    def broken(logits):
+        raise KeyError("no such metric")
+
+    with pytest.raises(KeyError, match="no such metric"):
+        sim.choose_mixed_precision(["w8a8", "w4a8"], list(batches(calib)), {"input": evaluation}, broken)
+    with pytest.raises(ValueError, match="w3a3x"):
+        sim.choose_mixed_precision(["w3a3x"], list(batches(calib)), {"input": evaluation}, top1)
