@@ -7,12 +7,14 @@
 #![forbid(unsafe_code)]
 
 mod analysis;
+mod quant_analyzer;
 mod report;
 mod sensitivity;
 
 pub use analysis::{
     HISTOGRAM_BINS, LayerMse, RangeEntry, TensorHistogram, histograms, per_layer_mse, ranges,
 };
+pub use quant_analyzer::{AnalyzeOptions, AnalyzeStep, analyze};
 pub use report::AnalysisReport;
 
 pub use sensitivity::{

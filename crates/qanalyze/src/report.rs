@@ -100,6 +100,16 @@ impl AnalysisReport {
         self.mse.iter().find(|m| m.layer == layer).map(|m| m.mse)
     }
 
+    /// AIMET's `layer_sensitivity.json`: `{layer: score}` of enable-one, in layer order.
+    pub fn layer_sensitivity_json(&self) -> String {
+        let entries: Vec<String> = self
+            .enable_one
+            .iter()
+            .map(|s| format!("    {}: {}", Value::String(s.layer.clone()), serde_json::json!(s.score)))
+            .collect();
+        format!("{{\n{}\n}}\n", entries.join(",\n"))
+    }
+
     /// The report as JSON.
     pub fn to_json(&self) -> Value {
         let scores = |s: &[LayerScore]| s.iter().map(|l| json!([l.layer, l.score])).collect::<Vec<_>>();

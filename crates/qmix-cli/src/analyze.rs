@@ -8,12 +8,12 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use qanalyze::{AnalysisReport, FloatReference, Metric};
+use qanalyze::{AnalyzeOptions, AnalyzeStep, FloatReference, Metric};
 use qcalib::{QuantSim, SimOptions};
 use serde_json::json;
 
 use crate::Failure;
-use crate::dataset::{EvalArgs, JobArgs, JobData, advance, bar, top1, user};
+use crate::dataset::{EvalArgs, JobArgs, JobData, bar, top1, user};
 
 /// Arguments of `qmix analyze`.
 #[derive(clap::Args)]
@@ -89,34 +89,22 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
         (0..n).step_by(batch).map(|s| calib.batch(s..(s + batch).min(n))).collect();
     let reference =
         FloatReference::with_budget(&sim, &scored, a.threads, a.job.fp32_cache_bytes()).map_err(user)?;
-    let checks = qanalyze::model_checks(&mut sim, &reference, a.metric).map_err(user)?;
-    lap("whole-model checks", &mut seconds);
-    let layers = qanalyze::layers(&sim).map_err(user)?;
-    let pb = bar(layers.len(), "enable one", "layers", a.quiet);
-    let enable_one = qanalyze::enable_one(&mut sim, &reference, a.metric, &mut advance(&pb)).map_err(user)?;
+    let mut pb = bar(0, "", "layers", true);
+    let quiet = a.quiet;
+    let options = AnalyzeOptions { metric: a.metric, disable_one: a.disable_one, histograms: a.histograms };
+    let mut report = qanalyze::analyze(&mut sim, &reference, &options, &mut |step| match step {
+        AnalyzeStep::Stage { name, total } => {
+            pb.finish_and_clear();
+            pb = bar(total, name, "layers", quiet);
+        }
+        AnalyzeStep::Layers(done) => pb.set_position(done as u64),
+    })
+    .map_err(user)?;
     pb.finish_and_clear();
-    lap("enable one", &mut seconds);
-    let disable_one = if a.disable_one {
-        let pb = bar(layers.len(), "disable one", "layers", a.quiet);
-        let d = qanalyze::disable_one(&mut sim, &reference, a.metric, &mut |d, _| pb.set_position(d as u64))
-            .map_err(user)?;
-        pb.finish_and_clear();
-        lap("disable one", &mut seconds);
-        Some(d)
-    } else {
-        None
-    };
-    let mse = qanalyze::per_layer_mse(&sim, &reference).map_err(user)?;
-    let ranges = qanalyze::ranges(&sim);
-    let mut worst: Vec<&qanalyze::LayerScore> = enable_one.iter().collect();
-    worst.sort_by(|x, y| y.sensitivity().total_cmp(&x.sensitivity()));
-    let g = &sim.model().graph;
-    let worst_nodes: Vec<qgraph::NodeId> =
-        worst.iter().take(a.histograms).filter_map(|l| g.node_id(&l.layer)).collect();
-    let histograms = qanalyze::histograms(&sim, &reference, &worst_nodes).map_err(user)?;
-    lap("MSE, ranges, histograms", &mut seconds);
+    seconds.append(&mut report.seconds);
     let mut evaluations = Vec::new();
     if let (Some(e), Some(l)) = (&eval, &labels) {
+        let started = Instant::now();
         let float = qexec::Session::new(sim.model().clone(), qexec::SessionOptions::threads(a.threads))?;
         let offset = a.evaluation.label_offset;
         evaluations.push((
@@ -127,30 +115,17 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
             format!("simulated top-1 ({} samples)", e.samples),
             top1(e, l, batch, offset, &|f| sim.run(f).map_err(user))?,
         ));
-        lap("evaluation", &mut seconds);
+        seconds.push(("evaluation".into(), started.elapsed().as_secs_f64()));
     }
-    let layer_ops: Vec<(String, String)> =
-        layers.iter().map(|(node, _)| (g.node(*node).name.clone(), g.node(*node).op_type.clone())).collect();
-    let report = AnalysisReport {
-        model: a.job.model.display().to_string(),
-        settings: json!({
-            "config": a.job.config, "scheme": a.job.scheme.aimet_name(), "param": a.precision.param.to_string(), "activation": a.precision.activation.to_string(),
-            "calibration_samples": calib.samples, "scored_samples": n, "batch": batch, "threads": a.threads,
-            "quantizers_disabled_for_non_finite_outputs": repaired,
-        }),
-        metric: a.metric.name(),
-        higher_is_better: qanalyze::Scorer::higher_is_better(&a.metric),
-        checks,
-        evaluations,
-        layer_ops,
-        enable_one,
-        disable_one,
-        mse,
-        ranges,
-        histograms,
-        placement: sim.placement().report(g),
-        seconds,
-    };
+    report.model = a.job.model.display().to_string();
+    report.settings = json!({
+        "config": a.job.config, "scheme": a.job.scheme.aimet_name(), "param": a.precision.param.to_string(), "activation": a.precision.activation.to_string(),
+        "calibration_samples": calib.samples, "scored_samples": n, "batch": batch, "threads": a.threads,
+        "quantizers_disabled_for_non_finite_outputs": repaired,
+    });
+    report.evaluations = evaluations;
+    report.seconds = seconds;
+    let checks = report.checks;
     say!(
         "{}: {} of the W{}A{} simulation: {} (weights only {}, activations only {})",
         a.job.model.display(),
@@ -166,15 +141,9 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     }
     say!("most sensitive of {} layers (enable one, most sensitive first):", report.enable_one.len());
     say!("{}", report.top_table(a.top).trim_end());
-    // `{layer: score}` in layer order, as AIMET writes it.
-    let entries: Vec<String> = report
-        .enable_one
-        .iter()
-        .map(|s| format!("    {}: {}", serde_json::Value::String(s.layer.clone()), json!(s.score)))
-        .collect();
     qgraph::write_atomically(
         &set.staged("layer_sensitivity.json"),
-        format!("{{\n{}\n}}\n", entries.join(",\n")).as_bytes(),
+        report.layer_sensitivity_json().as_bytes(),
     )?;
     qgraph::write_atomically(
         &set.staged("analysis.json"),

@@ -11,6 +11,15 @@ use pyo3::types::{PyDict, PyList};
 use qcalib::{DefaultPrecision, EncodingVersion, Precision, QdqOptions, QuantsimConfig, Scheme, SimOptions};
 use qgraph::Tensor;
 
+/// A sensitivity metric by name.
+fn parse_metric(metric: &str) -> PyResult<qanalyze::Metric> {
+    qanalyze::Metric::parse(metric).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "unknown metric '{metric}' (psnr, sqnr, amp_sqnr, mse, topK_psnr, top1_agreement)"
+        ))
+    })
+}
+
 /// Batches from an iterable of dicts `{input name: array}` (a data loader).
 fn batches_of(batches: &Bound<'_, PyAny>) -> PyResult<Vec<qcalib::Feeds>> {
     let mut all = Vec::new();
@@ -258,11 +267,7 @@ impl QuantSim {
         metric: &str,
         mode: &str,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let metric = qanalyze::Metric::parse(metric).ok_or_else(|| {
-            PyValueError::new_err(format!(
-                "unknown metric '{metric}' (psnr, sqnr, amp_sqnr, mse, topK_psnr, top1_agreement)"
-            ))
-        })?;
+        let metric = parse_metric(metric)?;
         let enable = match mode {
             "enable_one" => true,
             "disable_one" => false,
@@ -311,6 +316,48 @@ impl QuantSim {
         quantizer.enabled = true;
         quantizer.set_precision(p);
         self.inner.apply_exception_rules().map_err(value_error)
+    }
+
+    /// AIMET's QuantAnalyzer in one call: whole-model checks (all quantizers, weights only,
+    /// activations only), enable-one (and with `disable_one`, disable-one) sensitivity by
+    /// `metric`, per-layer output MSE, quantizer ranges and histograms of the `histograms` most
+    /// sensitive layers, scored on `batches`. Returns the analysis as a dict (what
+    /// `analysis.json` holds); with `out_dir`, writes `analysis.json`, AIMET's
+    /// `layer_sensitivity.json` and the self-contained `report.html` there. The simulation must be
+    /// calibrated; it is left as it was.
+    #[pyo3(signature = (batches, out_dir = None, metric = "psnr", disable_one = false, histograms = 6))]
+    fn analyze<'py>(
+        &mut self,
+        py: Python<'py>,
+        batches: &Bound<'py, PyAny>,
+        out_dir: Option<PathBuf>,
+        metric: &str,
+        disable_one: bool,
+        histograms: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let metric = parse_metric(metric)?;
+        let all = batches_of(batches)?;
+        let sim = &mut self.inner;
+        let options = qanalyze::AnalyzeOptions { metric, disable_one, histograms };
+        let report = py
+            .detach(|| {
+                let reference = qanalyze::FloatReference::new(sim, &all, sim.options().threads)?;
+                qanalyze::analyze(sim, &reference, &options, &mut |_| {})
+            })
+            .map_err(value_error)?;
+        if let Some(dir) = out_dir {
+            let mut set = qgraph::OutputSet::begin(&dir).map_err(value_error)?;
+            let files = [
+                ("analysis.json", qcalib::to_pretty_json(&report.to_json())),
+                ("layer_sensitivity.json", report.layer_sensitivity_json()),
+                ("report.html", report.to_html()),
+            ];
+            for (name, text) in files {
+                qgraph::write_atomically(&set.staged(name), text.as_bytes()).map_err(value_error)?;
+            }
+            set.commit().map_err(value_error)?;
+        }
+        json_to_py(py, &report.to_json())
     }
 
     /// Lite-MP, as AIMET's `flip_layers_to_higher_precision`: the `percent_to_flip` % most

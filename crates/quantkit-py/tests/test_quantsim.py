@@ -192,3 +192,15 @@ def test_amp_chooses_a_plan_within_the_allowed_drop(data, tmp_path):
         sim.choose_mixed_precision(["w8a8", "w4a8"], list(batches(calib)), {"input": evaluation}, broken)
     with pytest.raises(ValueError, match="w3a3x"):
         sim.choose_mixed_precision(["w3a3x"], list(batches(calib)), {"input": evaluation}, top1)
+
+
+def test_analyze_writes_aimet_files_and_the_report(data, tmp_path):
+    calib, _, _ = data
+    sim = quantkit.QuantSim(MODEL, config="default_per_tensor", param="int4", act="int8")
+    sim.compute_encodings(batches(calib))
+    report = sim.analyze(batches(calib[:32]), out_dir=tmp_path / "analysis", disable_one=True)
+    layers = [layer for layer, _ in report["enable_one"]["scores"]]
+    assert len(layers) == 8 and report["disable_one"] and report["checks"]
+    written = json.loads((tmp_path / "analysis" / "layer_sensitivity.json").read_text())
+    assert list(written) == layers
+    assert "<svg" in (tmp_path / "analysis" / "report.html").read_text()
