@@ -11,6 +11,21 @@ use pyo3::types::{PyDict, PyList};
 use qcalib::{DefaultPrecision, EncodingVersion, Precision, QdqOptions, QuantsimConfig, Scheme, SimOptions};
 use qgraph::Tensor;
 
+/// A simulation of `model` with the weight encodings `frozen` (by weight name) kept, its other
+/// quantizers calibrated on `batches`.
+fn frozen_sim(
+    model: qgraph::Model,
+    config: QuantsimConfig,
+    options: SimOptions,
+    frozen: &std::collections::HashMap<String, qcalib::LoadedEncoding>,
+    batches: Vec<qcalib::Feeds>,
+) -> Result<qcalib::QuantSim, String> {
+    let mut sim = qcalib::QuantSim::new(model, config, options).map_err(|e| e.to_string())?;
+    qcalib::freeze_encodings(&mut sim, frozen);
+    sim.calibrate(batches, &mut |_| {}).map_err(|e| e.to_string())?;
+    Ok(sim)
+}
+
 /// A sensitivity metric by name.
 fn parse_metric(metric: &str) -> PyResult<qanalyze::Metric> {
     qanalyze::Metric::parse(metric).ok_or_else(|| {
@@ -316,6 +331,67 @@ impl QuantSim {
         quantizer.enabled = true;
         quantizer.set_precision(p);
         self.inner.apply_exception_rules().map_err(value_error)
+    }
+
+    /// AIMET's `apply_adaround`: learns the rounding of every quantized Conv, Gemm and MatMul
+    /// weight (or of the layers `nodes_to_include` names) on `batches`, `num_iterations` steps
+    /// each, then rebuilds the simulation on the rounded weights with their encodings frozen and
+    /// calibrates its activations on `batches`. Uses the simulation's config and default
+    /// precisions (per-tensor changes made before are not kept). Returns what it did as a dict.
+    #[pyo3(signature = (batches, num_iterations = 10000, nodes_to_include = None))]
+    fn apply_adaround<'py>(
+        &mut self,
+        py: Python<'py>,
+        batches: &Bound<'py, PyAny>,
+        num_iterations: usize,
+        nodes_to_include: Option<Vec<String>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let all = batches_of(batches)?;
+        let settings = qptq::AdaroundOptions {
+            iterations: num_iterations,
+            nodes: nodes_to_include.unwrap_or_default(),
+            ..qptq::AdaroundOptions::default()
+        };
+        let (config, options) = (self.inner.config().clone(), *self.inner.options());
+        let model = self.inner.model().clone();
+        let (sim, report) = py
+            .detach(|| -> Result<_, String> {
+                let rounded = qptq::adaround(&model, &config, options, &all, &settings, &mut |_, _| {})
+                    .map_err(|e| e.to_string())?;
+                let sim = frozen_sim(rounded.model, config, options, &rounded.encodings, all)?;
+                Ok((sim, rounded.report.to_json()))
+            })
+            .map_err(value_error)?;
+        self.inner = sim;
+        json_to_py(py, &report)
+    }
+
+    /// AIMET's `apply_seq_mse`: chooses each quantized Conv, Gemm and MatMul weight's encodings
+    /// among `num_candidates` ranges by the layer's output error on `batches`, freezes them and
+    /// calibrates the activations on `batches`. Returns what it did as a dict.
+    #[pyo3(signature = (batches, num_candidates = 20, nodes_to_include = None))]
+    fn apply_seq_mse<'py>(
+        &mut self,
+        py: Python<'py>,
+        batches: &Bound<'py, PyAny>,
+        num_candidates: usize,
+        nodes_to_include: Option<Vec<String>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let all = batches_of(batches)?;
+        let settings =
+            qptq::SeqMseOptions { candidates: num_candidates, nodes: nodes_to_include.unwrap_or_default() };
+        let (config, options) = (self.inner.config().clone(), *self.inner.options());
+        let model = self.inner.model().clone();
+        let (sim, report) = py
+            .detach(|| -> Result<_, String> {
+                let chosen = qptq::seq_mse(&model, &config, options, &all, &settings, &mut |_, _| {})
+                    .map_err(|e| e.to_string())?;
+                let sim = frozen_sim(model, config, options, &chosen.encodings, all)?;
+                Ok((sim, chosen.report.to_json()))
+            })
+            .map_err(value_error)?;
+        self.inner = sim;
+        json_to_py(py, &report)
     }
 
     /// AIMET's QuantAnalyzer in one call: whole-model checks (all quantizers, weights only,

@@ -204,3 +204,21 @@ def test_analyze_writes_aimet_files_and_the_report(data, tmp_path):
     written = json.loads((tmp_path / "analysis" / "layer_sensitivity.json").read_text())
     assert list(written) == layers
     assert "<svg" in (tmp_path / "analysis" / "report.html").read_text()
+
+
+def test_adaround_and_seq_mse_keep_w4_weights_closer_to_float(data):
+    calib, evaluation, labels = data
+
+    def top1(sim):
+        return float((sim.run({"input": evaluation})[0].argmax(axis=1) == labels).mean())
+
+    nearest = quantkit.QuantSim(MODEL, config="default_per_tensor", param="int4", act="int8")
+    nearest.compute_encodings(batches(calib))
+    rounded = quantkit.QuantSim(MODEL, config="default_per_tensor", param="int4", act="int8")
+    report = rounded.apply_adaround(list(batches(calib)), num_iterations=200)
+    assert len(report["layers"]) >= 3
+    searched = quantkit.QuantSim(MODEL, config="default_per_tensor", param="int4", act="int8")
+    searched.apply_seq_mse(list(batches(calib)))
+    assert top1(rounded) >= top1(nearest) and top1(searched) >= top1(nearest) - 0.01
+    with pytest.raises(ValueError, match="calibration data"):
+        rounded.apply_adaround([], num_iterations=10)
