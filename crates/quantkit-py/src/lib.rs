@@ -394,6 +394,60 @@ impl QuantSim {
         json_to_py(py, &report)
     }
 
+    /// Bias correction (AIMET's `apply_bias_correction`): each quantized layer's bias absorbs the
+    /// mean shift quantizing its weights causes on `batches` (`kind="empirical"`), or, after a
+    /// batch norm, the shift its statistics predict (`"analytical"`); the simulation is rebuilt
+    /// on the corrected model and calibrated on `batches`. Returns what it did as a dict.
+    #[pyo3(signature = (batches, kind = "empirical"))]
+    fn apply_bias_correction<'py>(
+        &mut self,
+        py: Python<'py>,
+        batches: &Bound<'py, PyAny>,
+        kind: &str,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let kind = match kind {
+            "empirical" => qptq::BiasCorrectionKind::Empirical,
+            "analytical" => qptq::BiasCorrectionKind::Analytical,
+            other => {
+                return Err(PyValueError::new_err(format!("unknown kind '{other}' (empirical, analytical)")));
+            }
+        };
+        let all = batches_of(batches)?;
+        let (config, options) = (self.inner.config().clone(), *self.inner.options());
+        let mut model = self.inner.model().clone();
+        let (sim, report) = py
+            .detach(|| -> Result<_, String> {
+                let report = qptq::correct_bias(&mut model, &config, options, &all, kind)
+                    .map_err(|e| e.to_string())?;
+                Ok((frozen_sim(model, config, options, &Default::default(), all)?, report.to_json()))
+            })
+            .map_err(value_error)?;
+        self.inner = sim;
+        json_to_py(py, &report)
+    }
+
+    /// BN re-estimation (AIMET's `reestimate_bn_stats`): every BatchNormalization's mean and
+    /// variance re-measured on `batches` with the layers before it quantized; the simulation is
+    /// rebuilt on that model and calibrated on `batches`. Returns what it did as a dict.
+    fn reestimate_bn_stats<'py>(
+        &mut self,
+        py: Python<'py>,
+        batches: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let all = batches_of(batches)?;
+        let (config, options) = (self.inner.config().clone(), *self.inner.options());
+        let mut model = self.inner.model().clone();
+        let (sim, report) = py
+            .detach(|| -> Result<_, String> {
+                let report = qptq::reestimate_batch_norms(&mut model, &config, options, &all)
+                    .map_err(|e| e.to_string())?;
+                Ok((frozen_sim(model, config, options, &Default::default(), all)?, report.to_json()))
+            })
+            .map_err(value_error)?;
+        self.inner = sim;
+        json_to_py(py, &report)
+    }
+
     /// AIMET's QuantAnalyzer in one call: whole-model checks (all quantizers, weights only,
     /// activations only), enable-one (and with `disable_one`, disable-one) sensitivity by
     /// `metric`, per-layer output MSE, quantizer ranges and histograms of the `histograms` most
