@@ -26,6 +26,60 @@ fn frozen_sim(
     Ok(sim)
 }
 
+/// Scores a simulation from Python: runs it natively on the evaluation inputs, in batches, and
+/// passes every sample's first output to the user's `eval_score`.
+struct Evaluator {
+    batches: Vec<qcalib::Feeds>,
+    samples: usize,
+    eval_score: Py<PyAny>,
+    /// The first exception `eval_score` raised, re-raised once the native work ends.
+    failure: Option<PyErr>,
+}
+
+impl Evaluator {
+    fn new(inputs: &Bound<'_, PyDict>, batch_size: usize, eval_score: Py<PyAny>) -> PyResult<Evaluator> {
+        let eval = feeds(inputs)?;
+        let samples = eval.first().map_or(0, |(_, t)| t.shape().first().copied().unwrap_or(0));
+        let size = batch_size.max(1);
+        let batches = (0..samples)
+            .step_by(size)
+            .map(|start| {
+                let n = size.min(samples - start);
+                eval.iter()
+                    .map(|(name, t)| {
+                        t.rows(start, n).map(|r| (name.clone(), r)).ok_or_else(|| {
+                            PyValueError::new_err(format!(
+                                "eval input '{name}' has fewer than {samples} samples"
+                            ))
+                        })
+                    })
+                    .collect::<PyResult<qcalib::Feeds>>()
+            })
+            .collect::<PyResult<_>>()?;
+        Ok(Evaluator { batches, samples, eval_score, failure: None })
+    }
+
+    /// `eval_score` of the simulation's first output on every sample.
+    fn score(&mut self, sim: &qcalib::QuantSim) -> Result<f64, String> {
+        let mut firsts = Vec::with_capacity(self.batches.len());
+        for batch in &self.batches {
+            let named: Vec<(&str, Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+            let mut outs = sim.run(&named).map_err(|e| e.to_string())?;
+            if outs.is_empty() {
+                return Err("the model has no output".into());
+            }
+            firsts.push(outs.swap_remove(0));
+        }
+        let all = Tensor::concat_rows(&firsts).ok_or("the first outputs do not stack along axis 0")?;
+        let eval_score = &self.eval_score;
+        Python::attach(|py| eval_score.call1(py, (to_numpy(py, &all)?,))?.extract::<f64>(py)).map_err(|e| {
+            let message = e.to_string();
+            self.failure.get_or_insert(e);
+            message
+        })
+    }
+}
+
 /// A sensitivity metric by name.
 fn parse_metric(metric: &str) -> PyResult<qanalyze::Metric> {
     qanalyze::Metric::parse(metric).ok_or_else(|| {
@@ -557,55 +611,15 @@ impl QuantSim {
             Some(b) => batches_of(&b)?,
             None => calibration.iter().take(1).cloned().collect(),
         };
-        let eval = feeds(eval_inputs)?;
-        let samples = eval.first().map_or(0, |(_, t)| t.shape().first().copied().unwrap_or(0));
-        let size = eval_batch_size.max(1);
-        let eval_batches: Vec<qcalib::Feeds> = (0..samples)
-            .step_by(size)
-            .map(|start| {
-                let n = size.min(samples - start);
-                eval.iter()
-                    .map(|(name, t)| {
-                        t.rows(start, n).map(|r| (name.clone(), r)).ok_or_else(|| {
-                            PyValueError::new_err(format!(
-                                "eval input '{name}' has fewer than {samples} samples"
-                            ))
-                        })
-                    })
-                    .collect::<PyResult<qcalib::Feeds>>()
-            })
-            .collect::<PyResult<_>>()?;
+        let mut evaluator = Evaluator::new(eval_inputs, eval_batch_size, eval_score)?;
         let mut options = qmix::AmpOptions::new(candidates);
         options.allowed_accuracy_drop = allowed_accuracy_drop;
         options.results_dir = results_dir;
         options.threads = self.inner.options().threads;
-        let mut failure: Option<PyErr> = None;
         let sim = &mut self.inner;
         let result = py.detach(|| {
-            let mut eval_fn = |sim: &qcalib::QuantSim| -> Result<f64, String> {
-                let mut firsts = Vec::with_capacity(eval_batches.len());
-                for batch in &eval_batches {
-                    let named: Vec<(&str, Tensor)> =
-                        batch.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-                    let mut outs = sim.run(&named).map_err(|e| e.to_string())?;
-                    if outs.is_empty() {
-                        return Err("the model has no output".into());
-                    }
-                    firsts.push(outs.swap_remove(0));
-                }
-                let all =
-                    Tensor::concat_rows(&firsts).ok_or("the first outputs do not stack along axis 0")?;
-                Python::attach(|py| {
-                    let array = to_numpy(py, &all)?;
-                    eval_score.call1(py, (array,))?.extract::<f64>(py)
-                })
-                .map_err(|e| {
-                    let message = e.to_string();
-                    failure.get_or_insert(e);
-                    message
-                })
-            };
-            let description = format!("eval_score on {samples} samples");
+            let description = format!("eval_score on {} samples", evaluator.samples);
+            let mut eval_fn = |sim: &qcalib::QuantSim| evaluator.score(sim);
             qmix::choose_mixed_precision(
                 sim,
                 &qmix::AmpData { calibration: &calibration, phase1: &phase1 },
@@ -614,7 +628,7 @@ impl QuantSim {
                 &mut |_| {},
             )
         });
-        if let Some(e) = failure {
+        if let Some(e) = evaluator.failure.take() {
             return Err(e);
         }
         let result = result.map_err(value_error)?;
@@ -622,6 +636,76 @@ impl QuantSim {
             qmix::write_amp_report(&result, allowed_accuracy_drop, dir).map_err(value_error)?;
         }
         json_to_py(py, &qmix::amp_info(&result, allowed_accuracy_drop))
+    }
+
+    /// Quark-style auto mixed precision on a simulation built at the wide precision: the layers,
+    /// least sensitive first (enable-one PSNR at `narrow` on the calibration batches holding the
+    /// first `samples` samples), move to `narrow` one by one while `eval_score` of the recalibrated simulation
+    /// (run natively on `eval_inputs`, as `choose_mixed_precision` does) stays at or above
+    /// `min_score`; a move that breaks it is undone (and the search goes on with
+    /// `skip_failures`, else stops). The simulation keeps the result. Returns `{narrowed,
+    /// rejected, score, evaluations}`.
+    #[pyo3(signature = (narrow, calibration_batches, eval_inputs, eval_score, min_score, samples = 32, eval_batch_size = 32, skip_failures = true))]
+    #[allow(clippy::too_many_arguments)]
+    fn automp<'py>(
+        &mut self,
+        py: Python<'py>,
+        narrow: &str,
+        calibration_batches: &Bound<'py, PyAny>,
+        eval_inputs: &Bound<'py, PyDict>,
+        eval_score: Py<PyAny>,
+        min_score: f64,
+        samples: usize,
+        eval_batch_size: usize,
+        skip_failures: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let narrow = qmix::Candidate::parse(narrow)
+            .ok_or_else(|| PyValueError::new_err(format!("unknown candidate '{narrow}' (w4a8, w8a8, …)")))?;
+        let calibration = batches_of(calibration_batches)?;
+        let mut evaluator = Evaluator::new(eval_inputs, eval_batch_size, eval_score)?;
+        let (config, mut options) = (self.inner.config().clone(), *self.inner.options());
+        options.precision = DefaultPrecision { param: narrow.param, activation: narrow.activation };
+        let model = self.inner.model().clone();
+        let wide = &mut self.inner;
+        let result = py.detach(|| -> Result<qmix::NarrowResult, String> {
+            let mut narrow_sim = qcalib::QuantSim::new(model, config, options).map_err(|e| e.to_string())?;
+            narrow_sim.calibrate(calibration.iter().cloned(), &mut |_| {}).map_err(|e| e.to_string())?;
+            let mut scored = Vec::new();
+            let mut taken = 0;
+            for batch in &calibration {
+                if taken >= samples.max(1) {
+                    break;
+                }
+                taken += batch.first().and_then(|(_, t)| t.shape().first().copied()).unwrap_or(1);
+                scored.push(batch.clone());
+            }
+            let threads = options.threads;
+            let reference =
+                qanalyze::FloatReference::new(&narrow_sim, &scored, threads).map_err(|e| e.to_string())?;
+            let scores =
+                qanalyze::enable_one(&mut narrow_sim, &reference, qanalyze::Metric::Psnr, &mut |_, _| {})
+                    .map_err(|e| e.to_string())?;
+            let mut metric = |sim: &qcalib::QuantSim| evaluator.score(sim);
+            qmix::narrow_until(
+                wide,
+                &scores,
+                narrow,
+                &calibration,
+                &mut metric,
+                min_score,
+                skip_failures,
+                &mut |_, _| {},
+            )
+            .map_err(|e| e.to_string())
+        });
+        if let Some(e) = evaluator.failure.take() {
+            return Err(e);
+        }
+        let r = result.map_err(value_error)?;
+        let out = serde_json::json!({
+            "narrowed": r.narrowed, "rejected": r.rejected, "score": r.score, "evaluations": r.evaluations,
+        });
+        json_to_py(py, &out)
     }
 
     /// Every quantized tensor: a list of dicts `{tensor, role, enabled, precision}`.

@@ -236,3 +236,18 @@ def test_bias_correction_and_bn_reestimation_rebuild_the_simulation(data):
     assert sim.reestimate_bn_stats(list(batches(calib))) == {"reestimated": [], "folded": []}
     with pytest.raises(ValueError, match="sometimes"):
         sim.apply_bias_correction(list(batches(calib)), kind="sometimes")
+
+
+def test_automp_narrows_layers_while_the_score_holds(data):
+    calib, evaluation, labels = data
+
+    def top1(logits):
+        return float((logits.argmax(axis=1) == labels).mean())
+
+    sim = quantkit.QuantSim(MODEL, config="default_per_tensor", param="int8", act="int8")
+    sim.compute_encodings(batches(calib))
+    floor = top1(sim.run({"input": evaluation})[0]) - 0.01
+    result = sim.automp("w4a4", list(batches(calib)), {"input": evaluation}, top1, floor)
+    assert result["narrowed"] and result["score"] >= floor
+    assert top1(sim.run({"input": evaluation})[0]) == pytest.approx(result["score"])
+    assert {q["precision"] for q in sim.quantizers() if q["enabled"]} >= {"int4"}
