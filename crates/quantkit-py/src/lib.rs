@@ -80,6 +80,39 @@ impl Evaluator {
     }
 }
 
+/// Reports long work to an optional Python callable `progress(stage, done, total)`; the first
+/// exception it raises is kept and re-raised once the native work ends.
+struct StageProgress {
+    callback: Option<Py<PyAny>>,
+    stage: &'static str,
+    total: usize,
+    failure: Option<PyErr>,
+}
+
+impl StageProgress {
+    fn new(callback: Option<Py<PyAny>>) -> StageProgress {
+        StageProgress { callback, stage: "", total: 0, failure: None }
+    }
+
+    fn stage(&mut self, stage: &'static str, total: usize) {
+        (self.stage, self.total) = (stage, total);
+        self.step(0);
+    }
+
+    fn step(&mut self, done: usize) {
+        if let (Some(cb), None) = (&self.callback, &self.failure) {
+            if let Err(e) = Python::attach(|py| cb.call1(py, (self.stage, done, self.total))) {
+                self.failure = Some(e);
+            }
+        }
+    }
+
+    /// The callback's exception, if it raised one.
+    fn raised(&mut self) -> PyResult<()> {
+        self.failure.take().map_or(Ok(()), Err)
+    }
+}
+
 /// A sensitivity metric by name.
 fn parse_metric(metric: &str) -> PyResult<qanalyze::Metric> {
     qanalyze::Metric::parse(metric).ok_or_else(|| {
@@ -508,8 +541,10 @@ impl QuantSim {
     /// sensitive layers, scored on `batches`. Returns the analysis as a dict (what
     /// `analysis.json` holds); with `out_dir`, writes `analysis.json`, AIMET's
     /// `layer_sensitivity.json` and the self-contained `report.html` there. The simulation must be
-    /// calibrated; it is left as it was.
-    #[pyo3(signature = (batches, out_dir = None, metric = "psnr", disable_one = false, histograms = 6))]
+    /// calibrated; it is left as it was. `progress(stage, done, total)` is called as layers are
+    /// scored.
+    #[pyo3(signature = (batches, out_dir = None, metric = "psnr", disable_one = false, histograms = 6, progress = None))]
+    #[allow(clippy::too_many_arguments)]
     fn analyze<'py>(
         &mut self,
         py: Python<'py>,
@@ -518,17 +553,24 @@ impl QuantSim {
         metric: &str,
         disable_one: bool,
         histograms: usize,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let metric = parse_metric(metric)?;
         let all = batches_of(batches)?;
         let sim = &mut self.inner;
         let options = qanalyze::AnalyzeOptions { metric, disable_one, histograms };
+        let mut report_to = StageProgress::new(progress);
         let report = py
             .detach(|| {
                 let reference = qanalyze::FloatReference::new(sim, &all, sim.options().threads)?;
-                qanalyze::analyze(sim, &reference, &options, &mut |_| {})
+                qanalyze::analyze(sim, &reference, &options, &mut |step| match step {
+                    qanalyze::AnalyzeStep::Stage { name, total } => report_to.stage(name, total),
+                    qanalyze::AnalyzeStep::Layers(done) => report_to.step(done),
+                })
             })
-            .map_err(value_error)?;
+            .map_err(value_error);
+        report_to.raised()?;
+        let report = report?;
         if let Some(dir) = out_dir {
             let mut set = qgraph::OutputSet::begin(&dir).map_err(value_error)?;
             let files = [
@@ -582,9 +624,11 @@ impl QuantSim {
     /// arrays, samples along axis 0, in batches of `eval_batch_size`) and calls
     /// `eval_score(first_output)` — a numpy array of every sample's first output — for a score
     /// where higher is better (e.g. top-1 against labels). The simulation is left with the chosen
-    /// plan, calibrated on `calibration_batches`. Returns AMP's summary (`amp_info.json`) as a dict;
-    /// with `results_dir` the cache (resumable) and the reports are written there.
-    #[pyo3(signature = (candidates, calibration_batches, eval_inputs, eval_score, allowed_accuracy_drop = None, phase1_batches = None, eval_batch_size = 32, results_dir = None))]
+    /// plan, calibrated on `calibration_batches`. Returns AMP's summary (`amp_info.json`) as a dict
+    /// with the Pareto front (`front`: relative bit-ops and score of each phase-2 point); with
+    /// `results_dir` the cache (resumable) and the reports are written there.
+    /// `progress(stage, done, total)` is called as the stages advance.
+    #[pyo3(signature = (candidates, calibration_batches, eval_inputs, eval_score, allowed_accuracy_drop = None, phase1_batches = None, eval_batch_size = 32, results_dir = None, progress = None))]
     #[allow(clippy::too_many_arguments)]
     fn choose_mixed_precision<'py>(
         &mut self,
@@ -597,7 +641,9 @@ impl QuantSim {
         phase1_batches: Option<Bound<'py, PyAny>>,
         eval_batch_size: usize,
         results_dir: Option<PathBuf>,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let mut report_to = StageProgress::new(progress);
         let candidates = candidates
             .iter()
             .map(|c| {
@@ -625,17 +671,29 @@ impl QuantSim {
                 &qmix::AmpData { calibration: &calibration, phase1: &phase1 },
                 qmix::Phase2 { description, eval: &mut eval_fn },
                 &options,
-                &mut |_| {},
+                &mut |event| match event {
+                    qmix::AmpEvent::Stage { name, total } => report_to.stage(name, total),
+                    qmix::AmpEvent::Step(done) => report_to.step(done),
+                },
             )
         });
         if let Some(e) = evaluator.failure.take() {
             return Err(e);
         }
+        report_to.raised()?;
         let result = result.map_err(value_error)?;
         if let Some(dir) = &options.results_dir {
             qmix::write_amp_report(&result, allowed_accuracy_drop, dir).map_err(value_error)?;
         }
-        json_to_py(py, &qmix::amp_info(&result, allowed_accuracy_drop))
+        let mut info = qmix::amp_info(&result, allowed_accuracy_drop);
+        info["front"] = serde_json::json!(
+            result
+                .points
+                .iter()
+                .map(|p| serde_json::json!({"relative_bitops": p.relative_bitops, "score": p.score}))
+                .collect::<Vec<_>>()
+        );
+        json_to_py(py, &info)
     }
 
     /// Quark-style auto mixed precision on a simulation built at the wide precision: the layers,

@@ -170,6 +170,7 @@ def test_amp_chooses_a_plan_within_the_allowed_drop(data, tmp_path):
     def top1(logits):
         return float((logits.argmax(axis=1) == labels).mean())
 
+    stages = set()
     info = sim.choose_mixed_precision(
         ["w8a8", "w4a8", "w8a4", "w4a4"],
         list(batches(calib)),
@@ -177,8 +178,11 @@ def test_amp_chooses_a_plan_within_the_allowed_drop(data, tmp_path):
         top1,
         allowed_accuracy_drop=0.01,
         results_dir=tmp_path / "amp",
+        progress=lambda stage, done, total: stages.add(stage),
     )
     assert info["final_score"] >= info["fp32_score"] - 0.01
+    assert info["front"] and all(0 < p["relative_bitops"] <= 1 for p in info["front"])
+    assert len(stages) >= 2
     assert info["final_relative_bitops"] < 1.0
     assert {g["candidate"] for g in info["groups"]} <= {"W8A8", "W4A8", "W8A4", "W4A4"}
     # The simulation is left with the chosen plan.
@@ -198,7 +202,12 @@ def test_analyze_writes_aimet_files_and_the_report(data, tmp_path):
     calib, _, _ = data
     sim = quantkit.QuantSim(MODEL, config="default_per_tensor", param="int4", act="int8")
     sim.compute_encodings(batches(calib))
-    report = sim.analyze(batches(calib[:32]), out_dir=tmp_path / "analysis", disable_one=True)
+    seen = []
+    report = sim.analyze(
+        batches(calib[:32]), out_dir=tmp_path / "analysis", disable_one=True,
+        progress=lambda stage, done, total: seen.append((stage, done, total)),
+    )
+    assert ("enable one", 8, 8) in seen and ("disable one", 8, 8) in seen
     layers = [layer for layer, _ in report["enable_one"]["scores"]]
     assert len(layers) == 8 and report["disable_one"] and report["checks"]
     written = json.loads((tmp_path / "analysis" / "layer_sensitivity.json").read_text())
