@@ -627,8 +627,11 @@ impl QuantSim {
     /// plan, calibrated on `calibration_batches`. Returns AMP's summary (`amp_info.json`) as a dict
     /// with the Pareto front (`front`: relative bit-ops and score of each phase-2 point); with
     /// `results_dir` the cache (resumable) and the reports are written there.
-    /// `progress(stage, done, total)` is called as the stages advance.
-    #[pyo3(signature = (candidates, calibration_batches, eval_inputs, eval_score, allowed_accuracy_drop = None, phase1_batches = None, eval_batch_size = 32, results_dir = None, progress = None))]
+    /// `progress(stage, done, total)` is called as the stages advance. The CLI's options follow:
+    /// `search` (`binary`, `interpolation`, `brute_force`), `budget_search`, `full_front`,
+    /// `use_all_amp_candidates`, `target` (a preset such as `htp_v73`, or a JSON file: every plan
+    /// scored is made legal for it), `cost_table` (a `qmix profile-costs` table) and `clean_start`.
+    #[pyo3(signature = (candidates, calibration_batches, eval_inputs, eval_score, allowed_accuracy_drop = None, phase1_batches = None, eval_batch_size = 32, results_dir = None, progress = None, search = "binary", budget_search = false, full_front = false, use_all_amp_candidates = false, target = None, cost_table = None, clean_start = false))]
     #[allow(clippy::too_many_arguments)]
     fn choose_mixed_precision<'py>(
         &mut self,
@@ -642,8 +645,18 @@ impl QuantSim {
         eval_batch_size: usize,
         results_dir: Option<PathBuf>,
         progress: Option<Py<PyAny>>,
+        search: &str,
+        budget_search: bool,
+        full_front: bool,
+        use_all_amp_candidates: bool,
+        target: Option<String>,
+        cost_table: Option<PathBuf>,
+        clean_start: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let mut report_to = StageProgress::new(progress);
+        let search: qmix::SearchAlgo = search.parse().map_err(PyValueError::new_err)?;
+        let target = target.as_deref().map(qmix::Target::load).transpose().map_err(value_error)?;
+        let cost_table = cost_table.as_deref().map(qmix::CostTable::load).transpose().map_err(value_error)?;
         let candidates = candidates
             .iter()
             .map(|c| {
@@ -661,6 +674,13 @@ impl QuantSim {
         let mut options = qmix::AmpOptions::new(candidates);
         options.allowed_accuracy_drop = allowed_accuracy_drop;
         options.results_dir = results_dir;
+        options.search = search;
+        options.budget_search = budget_search;
+        options.full_front = full_front;
+        options.use_all_amp_candidates = use_all_amp_candidates;
+        options.target = target;
+        options.cost_table = cost_table;
+        options.clean_start = clean_start;
         options.threads = self.inner.options().threads;
         let sim = &mut self.inner;
         let result = py.detach(|| {

@@ -194,6 +194,15 @@ def test_amp_chooses_a_plan_within_the_allowed_drop(data, tmp_path):
 
     with pytest.raises(KeyError, match="no such metric"):
         sim.choose_mixed_precision(["w8a8", "w4a8"], list(batches(calib)), {"input": evaluation}, broken)
+    # The CLI's options: a device target makes every scored plan legal for it.
+    legal = quantkit.QuantSim(MODEL, config="default_per_tensor", param="int16", act="int16")
+    info = legal.choose_mixed_precision(
+        ["w16a16", "w8a16", "w8a8"], list(batches(calib)), {"input": evaluation}, top1,
+        allowed_accuracy_drop=0.01, target="htp_v73", budget_search=True, search="interpolation",
+    )
+    assert info["final_score"] >= info["fp32_score"] - 0.01
+    with pytest.raises(ValueError, match="nowhere"):
+        legal.choose_mixed_precision(["w8a8", "w4a8"], [], {"input": evaluation}, top1, target="nowhere")
     with pytest.raises(ValueError, match="w3a3x"):
         sim.choose_mixed_precision(["w3a3x"], list(batches(calib)), {"input": evaluation}, top1)
 
