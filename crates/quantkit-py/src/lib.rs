@@ -1,15 +1,22 @@
 //! The `quantkit` Python module: AIMET-style quantization simulation of ONNX models over the
 //! native crates, with numpy arrays in and out. Every error is a `ValueError` carrying the Rust
-//! error's one-line message; long work (calibration, runs) releases the GIL.
+//! error's one-line message; long work releases the GIL. The `QuantSim` class and the module's
+//! functions are here; `convert` turns Python data into native data and back, `callbacks` holds
+//! what native work calls back into Python.
+
+mod callbacks;
+mod convert;
 
 use std::path::PathBuf;
 
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use qcalib::{DefaultPrecision, EncodingVersion, Precision, QdqOptions, QuantsimConfig, Scheme, SimOptions};
+use qcalib::{DefaultPrecision, EncodingVersion, QdqOptions, QuantsimConfig, Scheme, SimOptions};
 use qgraph::Tensor;
+
+use crate::callbacks::{BatchRecorder, Evaluator, StageProgress};
+use crate::convert::{batches_of, feeds, json_to_py, parse_metric, precision, to_numpy, value_error};
 
 /// A simulation of `model` with the weight encodings `frozen` (by weight name) kept, its other
 /// quantizers calibrated on `batches`.
@@ -24,202 +31,6 @@ fn frozen_sim(
     qcalib::freeze_encodings(&mut sim, frozen);
     sim.calibrate(batches, &mut |_| {}).map_err(|e| e.to_string())?;
     Ok(sim)
-}
-
-/// Scores a simulation from Python: runs it natively on the evaluation inputs, in batches, and
-/// passes every sample's first output to the user's `eval_score`.
-struct Evaluator {
-    batches: Vec<qcalib::Feeds>,
-    samples: usize,
-    eval_score: Py<PyAny>,
-    /// The first exception `eval_score` raised, re-raised once the native work ends.
-    failure: Option<PyErr>,
-}
-
-impl Evaluator {
-    fn new(inputs: &Bound<'_, PyDict>, batch_size: usize, eval_score: Py<PyAny>) -> PyResult<Evaluator> {
-        let eval = feeds(inputs)?;
-        let samples = eval.first().map_or(0, |(_, t)| t.shape().first().copied().unwrap_or(0));
-        let size = batch_size.max(1);
-        let batches = (0..samples)
-            .step_by(size)
-            .map(|start| {
-                let n = size.min(samples - start);
-                eval.iter()
-                    .map(|(name, t)| {
-                        t.rows(start, n).map(|r| (name.clone(), r)).ok_or_else(|| {
-                            PyValueError::new_err(format!(
-                                "eval input '{name}' has fewer than {samples} samples"
-                            ))
-                        })
-                    })
-                    .collect::<PyResult<qcalib::Feeds>>()
-            })
-            .collect::<PyResult<_>>()?;
-        Ok(Evaluator { batches, samples, eval_score, failure: None })
-    }
-
-    /// `eval_score` of the simulation's first output on every sample.
-    fn score(&mut self, sim: &qcalib::QuantSim) -> Result<f64, String> {
-        let mut firsts = Vec::with_capacity(self.batches.len());
-        for batch in &self.batches {
-            let named: Vec<(&str, Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-            let mut outs = sim.run(&named).map_err(|e| e.to_string())?;
-            if outs.is_empty() {
-                return Err("the model has no output".into());
-            }
-            firsts.push(outs.swap_remove(0));
-        }
-        let all = Tensor::concat_rows(&firsts).ok_or("the first outputs do not stack along axis 0")?;
-        let eval_score = &self.eval_score;
-        Python::attach(|py| eval_score.call1(py, (to_numpy(py, &all)?,))?.extract::<f64>(py)).map_err(|e| {
-            let message = e.to_string();
-            self.failure.get_or_insert(e);
-            message
-        })
-    }
-}
-
-/// Reports long work to an optional Python callable `progress(stage, done, total)`; the first
-/// exception it raises is kept and re-raised once the native work ends.
-struct StageProgress {
-    callback: Option<Py<PyAny>>,
-    stage: &'static str,
-    total: usize,
-    failure: Option<PyErr>,
-}
-
-impl StageProgress {
-    fn new(callback: Option<Py<PyAny>>) -> StageProgress {
-        StageProgress { callback, stage: "", total: 0, failure: None }
-    }
-
-    fn stage(&mut self, stage: &'static str, total: usize) {
-        (self.stage, self.total) = (stage, total);
-        self.step(0);
-    }
-
-    fn step(&mut self, done: usize) {
-        if let (Some(cb), None) = (&self.callback, &self.failure) {
-            if let Err(e) = Python::attach(|py| cb.call1(py, (self.stage, done, self.total))) {
-                self.failure = Some(e);
-            }
-        }
-    }
-
-    /// The callback's exception, if it raised one.
-    fn raised(&mut self) -> PyResult<()> {
-        self.failure.take().map_or(Ok(()), Err)
-    }
-}
-
-/// A sensitivity metric by name.
-fn parse_metric(metric: &str) -> PyResult<qanalyze::Metric> {
-    qanalyze::Metric::parse(metric).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "unknown metric '{metric}' (psnr, sqnr, amp_sqnr, mse, topK_psnr, top1_agreement)"
-        ))
-    })
-}
-
-/// Batches from an iterable of dicts `{input name: array}` (a data loader).
-fn batches_of(batches: &Bound<'_, PyAny>) -> PyResult<Vec<qcalib::Feeds>> {
-    let mut all = Vec::new();
-    for item in batches.try_iter()? {
-        let item = item?;
-        let d = item
-            .downcast::<PyDict>()
-            .map_err(|_| PyValueError::new_err("each batch must be a dict {input name: numpy array}"))?;
-        all.push(feeds(d)?);
-    }
-    Ok(all)
-}
-
-/// The `ValueError` of any error of the native crates.
-fn value_error(e: impl std::fmt::Display) -> PyErr {
-    PyValueError::new_err(e.to_string())
-}
-
-fn precision(what: &str, s: &str) -> PyResult<Precision> {
-    Precision::parse(s).ok_or_else(|| {
-        PyValueError::new_err(format!("{what}: unknown precision '{s}' (int4..int16, fp16, bf16)"))
-    })
-}
-
-/// A numpy array (f32, f64, f16 as f32, i64, i32, u8, i8, bool) as a tensor.
-fn to_tensor(name: &str, a: &Bound<'_, PyAny>) -> PyResult<Tensor> {
-    macro_rules! try_as {
-        ($($t:ty),*) => {$(
-            if let Ok(arr) = a.extract::<PyReadonlyArrayDyn<'_, $t>>() {
-                let shape = arr.shape().to_vec();
-                let data: Vec<$t> = arr.as_array().iter().copied().collect();
-                return Tensor::from_vec(&shape, data)
-                    .ok_or_else(|| PyValueError::new_err(format!("'{name}': shape {shape:?} does not hold its data")));
-            }
-        )*};
-    }
-    try_as!(f32, f64, i64, i32, u8, i8, bool);
-    Err(PyValueError::new_err(format!(
-        "'{name}': expected a numpy array of float32, float64, int64, int32, uint8, int8 or bool"
-    )))
-}
-
-/// A tensor as a numpy array (its own element type for f32/f64/i64/i32/u8/bool; f16/bf16 as f32).
-fn to_numpy<'py>(py: Python<'py>, t: &Tensor) -> PyResult<Bound<'py, PyAny>> {
-    let shape = t.shape().to_vec();
-    macro_rules! out {
-        ($a:expr) => {{
-            let data: Vec<_> = $a.iter().copied().collect();
-            Ok(PyArray1::from_vec(py, data).reshape(shape)?.into_any())
-        }};
-    }
-    match t {
-        Tensor::F32(a) => out!(a),
-        Tensor::F64(a) => out!(a),
-        Tensor::I64(a) => out!(a),
-        Tensor::I32(a) => out!(a),
-        Tensor::U8(a) => out!(a),
-        Tensor::Bool(a) => out!(a),
-        Tensor::F16(a) => out!(a.mapv(f32::from)),
-        Tensor::BF16(a) => out!(a.mapv(f32::from)),
-        other => Err(PyValueError::new_err(format!(
-            "output of dtype {:?} has no numpy conversion here",
-            other.dtype()
-        ))),
-    }
-}
-
-/// Feeds from a dict `{input name: array}`.
-fn feeds(d: &Bound<'_, PyDict>) -> PyResult<qcalib::Feeds> {
-    d.iter()
-        .map(|(k, v)| {
-            let name: String = k.extract()?;
-            let t = to_tensor(&name, &v)?;
-            Ok((name, t))
-        })
-        .collect()
-}
-
-/// AIMET's QuantSim on an ONNX model: quantizers placed from a quantsim config, calibrated on
-/// your data, run, exported as AIMET encodings or as a QDQ model.
-///
-/// `config` is a preset (`default`, `default_per_tensor`, `htp_v73`) or the path of a JSON
-/// config in AIMET's schema; `param`/`act` the default precisions (`int4`..`int16`, `fp16`);
-/// `scheme` the calibration (`min_max`, `tf_enhanced`, `percentile`, `mse`, `entropy`);
-/// `threads` 0 for every core.
-/// What a forward-pass callback runs: each `run(inputs)` records one calibration batch.
-#[pyclass(module = "quantkit")]
-struct BatchRecorder {
-    batches: Vec<qcalib::Feeds>,
-}
-
-#[pymethods]
-impl BatchRecorder {
-    /// Records `inputs` (a dict `{input name: array}`) as a calibration batch.
-    fn run(&mut self, inputs: &Bound<'_, PyDict>) -> PyResult<()> {
-        self.batches.push(feeds(inputs)?);
-        Ok(())
-    }
 }
 
 #[pyclass(module = "quantkit")]
@@ -805,31 +616,6 @@ impl QuantSim {
             .collect::<PyResult<Vec<_>>>()?;
         PyList::new(py, rows)
     }
-}
-
-/// A JSON value as plain Python data (dicts, lists, numbers, strings, None).
-fn json_to_py<'py>(py: Python<'py>, v: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
-    use serde_json::Value;
-    Ok(match v {
-        Value::Null => py.None().into_bound(py),
-        Value::Bool(b) => b.into_pyobject(py)?.to_owned().into_any(),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => i.into_pyobject(py)?.into_any(),
-            None => n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any(),
-        },
-        Value::String(s) => s.into_pyobject(py)?.into_any(),
-        Value::Array(items) => {
-            PyList::new(py, items.iter().map(|i| json_to_py(py, i)).collect::<PyResult<Vec<_>>>()?)?
-                .into_any()
-        }
-        Value::Object(map) => {
-            let d = PyDict::new(py);
-            for (k, v) in map {
-                d.set_item(k, json_to_py(py, v)?)?;
-            }
-            d.into_any()
-        }
-    })
 }
 
 /// Cross-layer equalization, as AIMET's `equalize_model`: folds batch norms, scales each chain
