@@ -218,20 +218,20 @@ impl Activation {
                     },
                     g,
                 ),
-                Activation::HardSwish => each(
-                    &|x, _| {
-                        if x <= -3.0 {
-                            0.0
-                        } else if x >= 3.0 {
-                            1.0
-                        } else {
-                            x / 3.0 + 0.5
-                        }
-                    },
-                    g,
-                ),
+                Activation::HardSwish => each(&|x, _| hard_swish_derivative(x), g),
                 Activation::Softmax => unreachable!("handled above"),
             }
         }
+    }
+}
+
+/// The derivative of `x · clip(x/6 + 1/2, 0, 1)`.
+pub(crate) fn hard_swish_derivative(x: f32) -> f32 {
+    if x <= -3.0 {
+        0.0
+    } else if x >= 3.0 {
+        1.0
+    } else {
+        x / 3.0 + 0.5
     }
 }

@@ -31,3 +31,16 @@ pub fn compare(analytic: &[f32], numeric: &[f64], tol: f64) -> Result<(), String
     }
     Ok(())
 }
+
+/// `n` deterministic pseudo-random values in `[-1, 1)` from `seed` (a linear congruential
+/// generator): test inputs that are the same on every machine.
+pub fn sample_values(n: usize, seed: u64) -> Vec<f32> {
+    let step = |s: u64| s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+    let mut s = step(seed);
+    (0..n)
+        .map(|_| {
+            s = step(s);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}

@@ -4,19 +4,9 @@
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use qexec::{Session, SessionOptions};
-use qgrad::check::{compare, numeric_gradient};
+use qgrad::check::{compare, numeric_gradient, sample_values as values};
 use qgrad::{Activation, Linear, channel_mse, channel_mse_after};
 use qgraph::{Attribute, DType, Graph, Model, NodeSpec, Shape, Tensor};
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// A one-node model of `op` with input `x` and static weight (and bias).
 fn one_node(
