@@ -37,7 +37,7 @@ pub use qdq::{QdqOptions, to_qdq_model, write_qdq_model};
 pub use qkernels::Rounding;
 pub use quark::{apply_plan, apply_quark_config, quark_config};
 pub use schemes::{ChannelStats, ENTROPY_BINS, Scheme, encoding_from_fixed_range};
-pub use sim::{Feeds, QuantSim, QuantizerStats, SimOptions, encoding_index, split_by_encoding};
+pub use sim::{Feeds, QuantSim, QuantizerStats, SimOptions, TrainingRun, encoding_index, split_by_encoding};
 pub use stats_file::{
     ChannelEntry, FineHistogramEntry, HistogramEntry, QuantizerEntry, StatsFile, load_stats, save_stats,
 };

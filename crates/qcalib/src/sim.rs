@@ -26,6 +26,10 @@ use crate::placement::{
 };
 use crate::schemes::{ChannelStats, Scheme, encoding_from_fixed_range};
 
+mod training;
+
+pub use training::TrainingRun;
+
 /// Settings of a simulation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SimOptions {

@@ -16,25 +16,48 @@ pub struct EncodingGrad {
 /// Backward of `y = Δ·(clamp(round(x/Δ − o), 0, N) + o)` (inputs outside `[min, max]` clamp):
 /// writes `∂L/∂x` into `dx` from `dy = ∂L/∂y` and returns `∂L/∂Δ`, `∂L/∂o`.
 pub fn fake_quant_backward(x: &[f32], enc: &Encoding, dy: &[f32], dx: &mut [f32]) -> EncodingGrad {
-    let (delta, offset, n) = (enc.delta, enc.offset, enc.steps);
     let mut grad = EncodingGrad::default();
     for ((&x, &g), d) in x.iter().zip(dy).zip(dx.iter_mut()) {
-        let t = f64::from(x) / delta - offset;
-        let g64 = f64::from(g);
-        if t < 0.0 {
-            *d = 0.0;
-            grad.delta += g64 * offset;
-            grad.offset += g64 * delta;
-        } else if t > n {
-            *d = 0.0;
-            grad.delta += g64 * (n + offset);
-            grad.offset += g64 * delta;
-        } else {
-            *d = g;
-            grad.delta += g64 * (t.round() - t);
-        }
+        *d = element_backward(x, g, enc, &mut grad);
     }
     grad
+}
+
+/// [`fake_quant_backward`] of a tensor with several encodings (per channel or per block):
+/// element `i` is on encoding `index[i]`, whose gradients accumulate in `grads[index[i]]`.
+pub fn fake_quant_backward_indexed(
+    x: &[f32],
+    encs: &[Encoding],
+    index: &[usize],
+    dy: &[f32],
+    dx: &mut [f32],
+    grads: &mut [EncodingGrad],
+) {
+    for (((&x, &g), d), &e) in x.iter().zip(dy).zip(dx.iter_mut()).zip(index) {
+        if let (Some(enc), Some(grad)) = (encs.get(e), grads.get_mut(e)) {
+            *d = element_backward(x, g, enc, grad);
+        }
+    }
+}
+
+/// One element's input gradient; its scale and offset gradients are added to `grad`.
+#[inline]
+fn element_backward(x: f32, g: f32, enc: &Encoding, grad: &mut EncodingGrad) -> f32 {
+    let (delta, offset, n) = (enc.delta, enc.offset, enc.steps);
+    let t = f64::from(x) / delta - offset;
+    let g64 = f64::from(g);
+    if t < 0.0 {
+        grad.delta += g64 * offset;
+        grad.offset += g64 * delta;
+        0.0
+    } else if t > n {
+        grad.delta += g64 * (n + offset);
+        grad.offset += g64 * delta;
+        0.0
+    } else {
+        grad.delta += g64 * (t.round() - t);
+        g
+    }
 }
 
 #[cfg(test)]

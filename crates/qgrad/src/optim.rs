@@ -28,6 +28,23 @@ impl Adam {
         Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, m: vec![0.0; len], v: vec![0.0; len], t: 0 }
     }
 
+    /// The first and second moments and the step count (what a checkpoint keeps).
+    pub fn state(&self) -> (&[f32], &[f32], i32) {
+        (&self.m, &self.v, self.t)
+    }
+
+    /// Restores [`Adam::state`]; `false` (and nothing changed) when the lengths differ from
+    /// this optimizer's.
+    pub fn restore(&mut self, m: &[f32], v: &[f32], t: i32) -> bool {
+        if m.len() != self.m.len() || v.len() != self.v.len() {
+            return false;
+        }
+        self.m.copy_from_slice(m);
+        self.v.copy_from_slice(v);
+        self.t = t;
+        true
+    }
+
     /// One update of `params` by `grads`.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32]) {
         self.t = self.t.saturating_add(1);
