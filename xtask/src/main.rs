@@ -15,6 +15,7 @@ mod zoo_data;
 mod zoo_exec;
 mod zoo_ptq;
 mod zoo_python;
+mod zoo_qat;
 
 use anyhow::Result;
 

@@ -80,6 +80,7 @@ pub fn run(only: Option<&str>) -> Result<()> {
         Some("amp") => return crate::zoo_amp::check(&zoo),
         Some("ptq") => return crate::zoo_ptq::check(&zoo),
         Some("python") => return crate::zoo_python::check(&zoo),
+        Some("qat") => return crate::zoo_qat::check(&zoo),
         _ => {}
     }
     check_graphs(&zoo)?;
@@ -89,6 +90,7 @@ pub fn run(only: Option<&str>) -> Result<()> {
     crate::zoo_analyze::check(&zoo)?;
     crate::zoo_amp::check(&zoo)?;
     crate::zoo_ptq::check(&zoo)?;
+    crate::zoo_qat::check(&zoo)?;
     crate::zoo_python::check(&zoo)?;
     fuzz_loader(&zoo.join("models/mobilenetv1_025_128.onnx"), 2000)?;
     println!("zoo: all checks passed in {:.1} s", started.elapsed().as_secs_f64());

@@ -303,6 +303,11 @@ impl Dataset {
             .collect()
     }
 
+    /// The first input whose samples are not along axis 0 (shared, or on another axis).
+    pub fn input_without_leading_samples(&self) -> Option<&str> {
+        self.inputs.iter().find(|(_, _, axis)| *axis != SampleAxis::Axis(0)).map(|(n, _, _)| n.as_str())
+    }
+
     pub fn batches(&self, size: usize) -> impl Iterator<Item = Vec<(String, Tensor)>> + '_ {
         (0..self.samples).step_by(size.max(1)).map(move |s| self.batch(s..(s + size).min(self.samples)))
     }

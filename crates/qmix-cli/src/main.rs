@@ -22,6 +22,7 @@ mod npy_half;
 mod profile;
 mod profile_costs;
 mod ptq;
+mod qat;
 mod quantsim;
 
 use std::path::{Path, PathBuf};
@@ -154,6 +155,13 @@ enum Command {
     ///
     /// Example: qmix adaround model.onnx --calib input=calib.npy --config default_per_tensor --adaround-iterations 10000
     Adaround(quantsim::QuantsimArgs),
+    /// Quantization-aware training: `quantsim`'s job with the weights (and, with --mode
+    /// range-learning, every quantizer's range) fine-tuned on the calibration data after
+    /// calibration — against --calib-labels, or by distillation from the FP32 model; writes what
+    /// `quantsim` writes from the trained model, plus qat.json. Checkpointed every epoch.
+    ///
+    /// Example: qmix qat model.onnx --calib input=calib.npy --mode range-learning --param int4 --act int4 --epochs 30 --lr 0.03
+    Qat(qat::QatArgs),
     /// AIMET's AutoQuant: batch-norm folding, then cross-layer equalization, then AdaRound,
     /// until top-1 is within --allowed-drop of FP32 (else the best stage); resumable.
     ///
@@ -569,6 +577,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Quantsim(args) => quantsim::run(args),
+        Command::Qat(args) => qat::run(args),
         Command::Adaround(args) => quantsim::run(args.with_adaround()),
         Command::Autoquant(args) => autoquant::run(args),
         Command::Litemp(args) => litemp::run(args),

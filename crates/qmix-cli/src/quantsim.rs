@@ -121,6 +121,11 @@ fn parse_version(s: &str) -> Result<EncodingVersion, String> {
 }
 
 pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
+    run_job(a, None)
+}
+
+/// The quantsim job; with `training`, quantization-aware training after calibration (`qmix qat`).
+pub(crate) fn run_job(a: QuantsimArgs, training: Option<&crate::qat::TrainArgs>) -> Result<(), Failure> {
     let config = crate::dataset::quantsim_config(&a.config, &a.passes)?;
     let target = a.device.target()?;
     let model = qgraph::load_path(&a.model)?;
@@ -138,8 +143,9 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         Some(Dataset::load(&a.calib, &a.preprocess, &SampleAxes::of(&model)).map_err(Failure::User)?)
     };
     let batches: Option<Vec<qcalib::Feeds>> = calib.as_ref().map(|c| c.batches(a.batch.max(1)).collect());
-    let given =
-        (a.ptq.any() || a.learned_rounding.adaround || a.learned_rounding.seq_mse).then(|| model.clone());
+    let changes_weights =
+        a.ptq.any() || a.learned_rounding.adaround || a.learned_rounding.seq_mse || training.is_some();
+    let given = changes_weights.then(|| model.clone());
     let (model, mut ptq_report) = if a.ptq.any() {
         let (m, r) = crate::ptq::apply(model, &a.ptq, &config, options, batches.as_deref())?;
         (m, Some(r))
@@ -195,14 +201,15 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
             say!("encodings computed from the statistics in {}", stats.display());
         }
         None => {
-            let calib = calib.ok_or_else(|| user(anyhow::anyhow!("no calibration data (--calib)")))?;
+            let calib =
+                calib.as_ref().ok_or_else(|| user(anyhow::anyhow!("no calibration data (--calib)")))?;
             let batches = calib.samples.div_ceil(a.batch.max(1));
             let pb = bar(batches, "calibrating", "batches", a.quiet);
             let started = Instant::now();
             sim.calibrate(calib.batches(a.batch), &mut |done| pb.set_position(done as u64)).map_err(user)?;
             pb.finish_and_clear();
             // Printed with the other warnings below.
-            crate::dataset::repair_non_finite(&mut sim, &calib, a.batch)?;
+            crate::dataset::repair_non_finite(&mut sim, calib, a.batch)?;
             say!(
                 "calibrated on {} samples in {} batches in {:.2} s",
                 calib.samples,
@@ -219,12 +226,25 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
         qcalib::save_stats(&sim, path).map_err(user)?;
         say!("saved statistics to {}", path.display());
     }
+    if let Some(t) = training {
+        let calib = calib.as_ref().ok_or_else(|| user(anyhow::anyhow!("qat trains on --calib data")))?;
+        let inputs = crate::qat::TrainingInputs {
+            calib,
+            teacher: given.as_ref(),
+            evaluation: &a.evaluation,
+            preprocess: &a.preprocess,
+            out: &a.out,
+            quiet: a.quiet,
+        };
+        let report = crate::qat::train(t, &mut sim, inputs)?;
+        qgraph::write_atomically(&set.staged("qat.json"), qcalib::to_pretty_json(&report).as_bytes())?;
+    }
     write_outputs(&a, &sim, &mut set)?;
     let top1 =
         if a.evaluation.eval.is_empty() { None } else { evaluate(&a, &sim, given.as_ref(), &mut set)? };
     set.commit().map_err(user)?;
     crate::summary(serde_json::json!({
-        "command": "quantsim",
+        "command": if training.is_some() { "qat" } else { "quantsim" },
         "model": a.model.display().to_string(),
         "out": a.out.display().to_string(),
         "encodings": a.out.join("model.encodings").display().to_string(),

@@ -3,7 +3,10 @@
 //! through the graph with `qgrad`: at every fake-quantized value the straight-through estimator
 //! passes the gradient where the value lies inside its encoding's range (and collects the
 //! gradients of scale and offset). Adam then updates the weights and biases and, in range
-//! learning, the scale and offset of every quantizer. In regular QAT (AIMET's default mode) the
+//! learning, the scale and offset of every quantizer. Updates are measured in each parameter's
+//! own unit — a weight's quantization step, a bias's output step, a scale's logarithm — because
+//! an ONNX model usually has its batch norms folded, which leaves weights that differ in size by
+//! orders of magnitude from layer to layer; one learning rate then suits every layer. In regular QAT (AIMET's default mode) the
 //! activation encodings stay as calibrated and the weight encodings follow the weights after
 //! every step; in range learning every encoding is a parameter. After each epoch the optional
 //! evaluation scores the simulation, the best epoch is remembered, and a checkpoint is written;
@@ -64,7 +67,8 @@ pub struct QatOptions {
     pub batch_size: usize,
     /// Samples per forward/backward pass (their gradients add up to the batch's); bounds memory.
     pub micro_batch: usize,
-    /// Adam's learning rate.
+    /// Adam's learning rate, in units of each parameter's quantization step (see the module
+    /// doc): 1e-3 moves every weight by at most a thousandth of its grid step per update.
     pub learning_rate: f32,
     /// Learning-rate schedule.
     pub schedule: Schedule,
@@ -83,10 +87,10 @@ impl Default for QatOptions {
             epochs: 10,
             batch_size: 32,
             micro_batch: 8,
-            learning_rate: 1e-4,
+            learning_rate: 1e-3,
             schedule: Schedule::Cosine,
             clip_grad_norm: None,
-            objective: Objective::Distillation { temperature: 1.0 },
+            objective: Objective::Distillation { temperature: 4.0 },
             seed: 0,
         }
     }
@@ -155,13 +159,17 @@ pub struct Progress {
 }
 
 /// The training data: samples (each a batch of one or more rows of every graph input) and, for
-/// cross-entropy, one class label per row.
+/// cross-entropy, one class label per row; for distillation and MSE, the FP32 model to learn
+/// from.
 #[derive(Debug, Clone, Copy)]
 pub struct TrainingData<'a> {
     /// Samples.
     pub samples: &'a [Feeds],
     /// Class labels (indices into the first output's last axis), one per sample row.
     pub labels: Option<&'a [usize]>,
+    /// The model whose outputs distillation and MSE target: the FP32 model as given, before
+    /// any post-training technique changed its weights (`None`: the simulation's float model).
+    pub teacher: Option<&'a qgraph::Model>,
 }
 
 /// A scoring of the simulation (higher is better), run after every epoch.
@@ -170,6 +178,9 @@ pub type Evaluate<'a> = &'a mut dyn FnMut(&QuantSim) -> Result<f64>;
 /// A float tensor that learns.
 struct Param {
     value: ValueId,
+    /// For a tensor without an integer quantizer of its own: the tensor whose activation
+    /// quantizer's step is the unit of its updates (the output of the layer it is the bias of).
+    unit_from: Option<ValueId>,
     name: String,
     shape: Vec<usize>,
     data: Vec<f32>,
@@ -177,7 +188,8 @@ struct Param {
     adam: Adam,
 }
 
-/// A quantizer whose encodings learn: `[Δ…, offset…]` in `state`.
+/// A quantizer whose encodings learn: `[ln Δ…, offset…]` in `state` (the step in log space, so
+/// updates are relative to it whatever its size; the offset in steps).
 struct LearnedRange {
     quantizer: QuantizerId,
     name: String,
@@ -196,7 +208,7 @@ impl LearnedRange {
             .enumerate()
             .map(|(i, t)| {
                 let offset = if self.symmetric { t.offset } else { f64::from(self.state[k + i]).round() };
-                Encoding::from_scale_offset(f64::from(self.state[i]), offset, t.bitwidth, t.steps)
+                Encoding::from_scale_offset(f64::from(self.state[i]).exp(), offset, t.bitwidth, t.steps)
             })
             .collect()
     }
@@ -228,6 +240,30 @@ fn trainable_values(g: &Graph) -> Vec<ValueId> {
         }
     }
     out
+}
+
+/// The first quantized tensor on the way out of the node that reads `v`: its output, or the
+/// output of the activation that alone follows it (where the simulation quantizes a layer).
+fn quantized_output_of_reader(sim: &QuantSim, v: ValueId) -> Option<ValueId> {
+    let g = &sim.model().graph;
+    let placement = sim.placement();
+    let reader = *g.consumer_nodes(v).first()?;
+    let mut out = g.node(reader).output(0)?;
+    for _ in 0..3 {
+        if placement.quantizer_of(out).is_some_and(|q| placement.quantizer(q).enabled) {
+            return Some(out);
+        }
+        let next = g.consumer_nodes(out);
+        let [only] = next.as_slice() else { return None };
+        let node = g.node(*only);
+        if !["Relu", "Clip", "LeakyRelu", "PRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh"]
+            .contains(&node.op_type.as_str())
+        {
+            return None;
+        }
+        out = node.output(0)?;
+    }
+    None
 }
 
 /// The values a backward pass reads from a training run.
@@ -463,8 +499,44 @@ impl Trainer<'_> {
         Ok(loss)
     }
 
-    /// Clips the gradients by their global norm and takes one Adam step at `lr`.
-    fn step(&mut self, lr: f32) {
+    /// The unit of each parameter's updates, per element (or one for the whole tensor): the
+    /// step of its quantization grid where it is quantized to integers; for a bias (or another
+    /// unquantized parameter), the step of the quantized output of the layer that reads it; else
+    /// its RMS. Folding batch norms leaves layers whose weights differ in scale by orders of
+    /// magnitude; measured in these units one learning rate suits them all.
+    fn units(&self, sim: &QuantSim) -> Vec<Vec<f32>> {
+        let placement = sim.placement();
+        let int_encodings = |v: ValueId| {
+            let q = placement.quantizer(placement.quantizer_of(v)?);
+            if q.enabled && q.precision.is_int() { q.encodings.as_deref() } else { None }
+        };
+        self.params
+            .iter()
+            .map(|p| {
+                let grid = int_encodings(p.value).and_then(|encs| {
+                    let q = placement.quantizer(placement.quantizer_of(p.value)?);
+                    let (index, _) = encoding_index(&p.shape, q.granularity).ok()?;
+                    index.iter().map(|&i| encs.get(i).map(|e| e.delta as f32)).collect::<Option<Vec<f32>>>()
+                });
+                let output = || {
+                    let encs = int_encodings(p.unit_from?)?;
+                    Some(vec![encs.first()?.delta as f32])
+                };
+                grid.or_else(output).filter(|u| u.iter().all(|&d| d > 0.0 && d.is_finite())).unwrap_or_else(
+                    || {
+                        let rms = (p.data.iter().map(|&w| f64::from(w) * f64::from(w)).sum::<f64>()
+                            / p.data.len().max(1) as f64)
+                            .sqrt();
+                        vec![(rms as f32).max(1e-2)]
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Clips the gradients by their global norm and takes one Adam step at `lr` (weights in
+    /// `units`).
+    fn step(&mut self, lr: f32, units: &[Vec<f32>]) {
         if let Some(limit) = self.options.clip_grad_norm {
             let sq: f64 =
                 self.params.iter().flat_map(|p| &p.grad).map(|&g| f64::from(g) * f64::from(g)).sum::<f64>()
@@ -479,9 +551,15 @@ impl Trainer<'_> {
                 self.ranges.iter_mut().flat_map(|r| r.grad.iter_mut()).for_each(|g| *g *= k);
             }
         }
-        for p in self.params.iter_mut() {
+        for (p, unit) in self.params.iter_mut().zip(units) {
+            // Adam on `w / unit`: the step is `lr` units, whatever the tensor's scale.
+            let mut u: Vec<f32> = p.data.iter().zip(unit.iter().cycle()).map(|(w, s)| w / s).collect();
+            let g: Vec<f32> = p.grad.iter().zip(unit.iter().cycle()).map(|(g, s)| g * s).collect();
             p.adam.lr = lr;
-            p.adam.step(&mut p.data, &p.grad);
+            p.adam.step(&mut u, &g);
+            for ((w, u), s) in p.data.iter_mut().zip(&u).zip(unit.iter().cycle()) {
+                *w = u * s;
+            }
             p.grad.iter_mut().for_each(|g| *g = 0.0);
         }
         for r in self.ranges.iter_mut() {
@@ -490,13 +568,16 @@ impl Trainer<'_> {
                 .grad
                 .iter()
                 .enumerate()
-                .map(|(i, &g)| if r.symmetric && i >= k { 0.0 } else { g as f32 })
+                .map(|(i, &g)| match i < k {
+                    true => (g * f64::from(r.state[i]).exp()) as f32,
+                    false if r.symmetric => 0.0,
+                    false => g as f32,
+                })
                 .collect();
             r.adam.lr = lr;
             r.adam.step(&mut r.state, &grad);
             for (i, t) in r.template.iter().enumerate() {
-                // A step stays positive; the offset keeps zero on the grid.
-                r.state[i] = r.state[i].max((t.delta * 1e-3) as f32);
+                // The offset keeps zero on the grid.
                 r.state[k + i] = r.state[k + i].clamp(-(t.steps as f32), 0.0);
             }
             r.grad.iter_mut().for_each(|g| *g = 0.0);
@@ -612,7 +693,7 @@ pub fn train(
         Objective::CrossEntropy => Vec::new(),
         _ => {
             let float = qexec::Session::new(
-                sim.model().clone(),
+                data.teacher.unwrap_or(sim.model()).clone(),
                 qexec::SessionOptions::threads(sim.options().threads),
             )?;
             samples
@@ -632,6 +713,7 @@ pub fn train(
             let data: Vec<f32> = t.iter().copied().collect();
             Some(Param {
                 value: v,
+                unit_from: quantized_output_of_reader(sim, v),
                 name: g.value(v).name.clone(),
                 shape: t.shape().to_vec(),
                 grad: vec![0.0; data.len()],
@@ -657,8 +739,11 @@ pub fn train(
                 .tensors_of(q)
                 .next()
                 .map_or_else(|| format!("quantizer {}", q.0), |t| g.value(t.value).name.clone());
-            let state: Vec<f32> =
-                encs.iter().map(|e| e.delta as f32).chain(encs.iter().map(|e| e.offset as f32)).collect();
+            let state: Vec<f32> = encs
+                .iter()
+                .map(|e| e.delta.ln() as f32)
+                .chain(encs.iter().map(|e| e.offset as f32))
+                .collect();
             ranges.push(LearnedRange {
                 quantizer: q,
                 name,
@@ -752,7 +837,8 @@ pub fn train(
                 seen += rows_of(&feeds);
             }
             let lr = trainer.learning_rate(total_steps);
-            trainer.step(lr);
+            let units = trainer.units(sim);
+            trainer.step(lr, &units);
             trainer.apply(sim)?;
             progress(&Progress {
                 epoch,

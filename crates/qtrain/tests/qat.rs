@@ -1,7 +1,7 @@
 //! QAT on the repository's digits model (real handwritten digits): label-free W4A4 training by
-//! distillation on the 100 calibration images — with range learning the evaluation top-1 comes
-//! to within 1 pp of FP32, and regular QAT gains on PTQ — and a training stopped after an epoch
-//! resumes from its checkpoint to the same weights.
+//! distillation on the 100 calibration images brings the evaluation top-1 to within 1 pp of FP32
+//! in both modes, and a training stopped after an epoch resumes from its checkpoint to the same
+//! weights.
 
 use ndarray::{ArrayD, Axis};
 use qcalib::{DefaultPrecision, Feeds, Precision, QuantSim, QuantsimConfig, Scheme, SimOptions};
@@ -87,10 +87,10 @@ fn label_free_w4a4_qat_recovers_fp32_top1() {
     let float = qexec::Session::new(d.model.clone(), qexec::SessionOptions::threads(1)).unwrap();
     let fp32 = top1(&float.run(&[("input", d.eval[0].1.clone())]).unwrap()[0], &d.labels);
     let mut results = Vec::new();
-    for (mode, lr, epochs) in [(QatMode::RangeLearning, 1e-2, 30), (QatMode::Regular, 2e-3, 20)] {
+    for (mode, lr, epochs) in [(QatMode::RangeLearning, 0.03, 30), (QatMode::Regular, 0.01, 15)] {
         let mut sim = w4a4(&d);
         let ptq = eval_top1(&sim, &d);
-        let data = TrainingData { samples: &d.calib, labels: None };
+        let data = TrainingData { samples: &d.calib, labels: None, teacher: None };
         let mut eval = |s: &QuantSim| Ok(eval_top1(s, &d));
         let opts = QatOptions { learning_rate: lr, ..options(mode, epochs) };
         let report = train(&mut sim, data, &opts, None, Some(&mut eval), &mut |_| {}).unwrap();
@@ -114,14 +114,14 @@ fn label_free_w4a4_qat_recovers_fp32_top1() {
         "range learning: QAT {range_learning} against FP32 {fp32} (PTQ {ptq})"
     );
     let (_, ptq, regular) = results[1];
-    assert!(regular >= ptq + 0.03, "regular QAT: {regular} against PTQ {ptq}");
+    assert!(regular >= fp32 - 0.01, "regular QAT: {regular} against FP32 {fp32} (PTQ {ptq})");
 }
 
 #[test]
 fn a_stopped_training_resumes_to_the_same_weights() {
     let d = digits();
     let calib = &d.calib[..40];
-    let data = TrainingData { samples: calib, labels: None };
+    let data = TrainingData { samples: calib, labels: None, teacher: None };
     let opts = options(QatMode::RangeLearning, 3);
     let mut whole = w4a4(&d);
     train(&mut whole, data, &opts, None, None, &mut |_| {}).unwrap();
