@@ -50,6 +50,23 @@ fn attr_pair(node: &Node, name: &str, rank: usize, default: usize) -> Result<[us
     Ok(if rank == 1 { [1, v[0]] } else { [v[0], v[1]] })
 }
 
+/// Kernel, strides and dilations of a convolution-like `node` of `rank` spatial dims whose
+/// weight has `weight_shape` (1-D as height 1).
+fn window(node: &Node, rank: usize, weight_shape: &[usize]) -> Result<[[usize; 2]; 3]> {
+    let kernel = if rank == 1 { [1, weight_shape[2]] } else { [weight_shape[2], weight_shape[3]] };
+    Ok([kernel, attr_pair(node, "strides", rank, 1)?, attr_pair(node, "dilations", rank, 1)?])
+}
+
+/// The explicit `pads` of `node` as top, left, bottom, right (zeros when absent).
+fn explicit_pads(node: &Node, rank: usize) -> Result<[usize; 4]> {
+    let Some(p) = node.ints_attr("pads")? else { return Ok([0; 4]) };
+    if p.len() != 2 * rank || p.iter().any(|&x| x < 0) {
+        return Err(shape_error(&node.name, format!("pads {p:?} for {rank} spatial dims")));
+    }
+    let p: Vec<usize> = p.iter().map(|&x| x as usize).collect();
+    Ok(if rank == 1 { [0, p[0], 0, p[1]] } else { [p[0], p[1], p[2], p[3]] })
+}
+
 impl ConvGeometry {
     /// The geometry of Conv `node` on an input of `input_shape` (`[N, C, L]` or `[N, C, H, W]`)
     /// with a weight of `weight_shape`.
@@ -70,22 +87,12 @@ impl ConvGeometry {
                 format!("group {group}: input {input_shape:?}, weight {weight_shape:?}"),
             ));
         }
-        let kernel = if rank == 1 { [1, weight_shape[2]] } else { [weight_shape[2], weight_shape[3]] };
-        let stride = attr_pair(node, "strides", rank, 1)?;
-        let dilation = attr_pair(node, "dilations", rank, 1)?;
+        let [kernel, stride, dilation] = window(node, rank, weight_shape)?;
         let in_hw = if rank == 1 { [1, input_shape[2]] } else { [input_shape[2], input_shape[3]] };
         let auto_pad = node.string_attr("auto_pad")?.unwrap_or("NOTSET");
         let mut pads = [0usize; 4];
         match auto_pad {
-            "NOTSET" => {
-                if let Some(p) = node.ints_attr("pads")? {
-                    if p.len() != 2 * rank || p.iter().any(|&x| x < 0) {
-                        return Err(shape_error(op, format!("pads {p:?} for {rank} spatial dims")));
-                    }
-                    let p: Vec<usize> = p.iter().map(|&x| x as usize).collect();
-                    pads = if rank == 1 { [0, p[0], 0, p[1]] } else { [p[0], p[1], p[2], p[3]] };
-                }
-            }
+            "NOTSET" => pads = explicit_pads(node, rank)?,
             "VALID" => {}
             "SAME_UPPER" | "SAME_LOWER" => {
                 for a in 0..2 {
@@ -121,6 +128,65 @@ impl ConvGeometry {
         Ok(ConvGeometry {
             in_channels: cin,
             out_channels: cout,
+            group,
+            kernel,
+            stride,
+            dilation,
+            pads,
+            in_hw,
+            out_hw,
+            spatial_rank: rank,
+        })
+    }
+
+    /// The convolution whose adjoint ConvTranspose `node` is: from the ConvTranspose's output
+    /// (`y_shape`) back to its input (`x_shape`), with its weight (`[C_in, C_out/group, k…]`, a
+    /// Conv weight of `C_in` outputs) and its strides, dilations and pads. Its forward is the
+    /// ConvTranspose's input gradient; its weight gradient, taken with the ConvTranspose's input
+    /// as output gradient, is the ConvTranspose's weight gradient.
+    pub fn adjoint_of_transpose(
+        node: &Node,
+        x_shape: &[usize],
+        weight_shape: &[usize],
+        y_shape: &[usize],
+    ) -> Result<ConvGeometry> {
+        let op = node.name.as_str();
+        let rank = x_shape.len().saturating_sub(2);
+        let unsupported =
+            |detail: String| GradError::Unsupported { op: format!("{op} (ConvTranspose)"), detail };
+        if !(1..=2).contains(&rank) || weight_shape.len() != x_shape.len() || y_shape.len() != x_shape.len() {
+            return Err(unsupported(format!("input {x_shape:?}, weight {weight_shape:?} (1-D and 2-D)")));
+        }
+        if node.string_attr("auto_pad")?.is_some_and(|a| a != "NOTSET") || node.attr("output_shape").is_some()
+        {
+            return Err(unsupported("auto_pad or output_shape (explicit pads only)".into()));
+        }
+        let group = usize::try_from(node.int_attr("group", 1)?).unwrap_or(0);
+        let (cin, cout) = (x_shape[1], y_shape[1]);
+        if group == 0 || weight_shape[0] != cin || weight_shape[1] * group != cout || cin % group != 0 {
+            return Err(shape_error(
+                op,
+                format!("group {group}: input {x_shape:?}, weight {weight_shape:?}"),
+            ));
+        }
+        let [kernel, stride, dilation] = window(node, rank, weight_shape)?;
+        let pads = explicit_pads(node, rank)?;
+        let spatial = |s: &[usize]| if rank == 1 { [1, s[2]] } else { [s[2], s[3]] };
+        let (in_hw, out_hw) = (spatial(y_shape), spatial(x_shape));
+        // The convolution of the output must land exactly on the input.
+        for a in 0..2 {
+            let span = dilation[a] * (kernel[a] - 1) + 1;
+            let padded = in_hw[a] + pads[a] + pads[a + 2];
+            if padded < span || (padded - span) / stride[a] + 1 != out_hw[a] {
+                return Err(shape_error(
+                    op,
+                    format!("output {y_shape:?} does not map back onto input {x_shape:?}"),
+                ));
+            }
+        }
+        Ok(ConvGeometry {
+            in_channels: cout,
+            out_channels: cin,
             group,
             kernel,
             stride,

@@ -153,7 +153,12 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
     say!(
         "kept {}{} in {:.1} s",
         r.chosen.name(),
-        if r.met { "" } else { " (no stage met the target: the best one)" },
+        match (r.met, r.early_exit) {
+            (true, _) => "",
+            (false, true) =>
+                " (with float weights the simulation already misses the target: equalization and AdaRound skipped; the best one)",
+            (false, false) => " (no stage met the target: the best one)",
+        },
         started.elapsed().as_secs_f64()
     );
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
@@ -169,7 +174,7 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
     say!("wrote {}", a.out.display());
     crate::summary(json!({
         "command": "autoquant", "model": a.job.model.display().to_string(), "out": a.out.display().to_string(),
-        "fp32": fp32, "chosen": r.chosen.name(), "target_met": r.met,
+        "fp32": fp32, "chosen": r.chosen.name(), "target_met": r.met, "early_exit": r.early_exit,
         "stages": r.stages.iter().map(|s| json!({"stage": s.stage.name(), "score": s.score})).collect::<Vec<_>>(),
     }));
     Ok(())

@@ -1,6 +1,8 @@
 //! AutoQuant, AIMET's flow of post-training techniques tried in order until one is good enough:
-//! the model with batch norms folded, simulated at the given precisions (the baseline); then
-//! with cross-layer equalization; then AdaRound on the better of those two, as AIMET's
+//! the model with batch norms folded, simulated at the given precisions (the baseline); when
+//! that misses the target, AIMET's W32 check — the same simulation with every weight in float —
+//! and when even that misses it, no weight technique can help: equalization and AdaRound are
+//! skipped (an early exit, as AIMET's); else with cross-layer equalization; then AdaRound on the better of those two, as AIMET's
 //! AutoQuant does; then, when asked for, auto mixed precision from that same model (AdaRound's
 //! rounded weights sit on their precision's grid, which a wider candidate could not undo). The
 //! first stage whose score is within `allowed_drop` of FP32 is kept; when none is, the best. Each
@@ -66,6 +68,9 @@ pub enum AutoQuantError {
 pub enum AutoQuantStage {
     /// Batch norms folded, quantized as configured.
     Baseline,
+    /// The baseline with every weight in float (AIMET's W32 evaluation): what the activations'
+    /// quantization alone leaves. Scored, never kept.
+    WeightsInFloat,
     /// Plus cross-layer equalization.
     Equalized,
     /// Plus AdaRound.
@@ -79,6 +84,7 @@ impl AutoQuantStage {
     pub fn name(self) -> &'static str {
         match self {
             AutoQuantStage::Baseline => "batchnorm_folding",
+            AutoQuantStage::WeightsInFloat => "w32_evaluation",
             AutoQuantStage::Equalized => "cross_layer_equalization",
             AutoQuantStage::Adarounded => "adaround",
             AutoQuantStage::MixedPrecision => "auto_mixed_precision",
@@ -139,6 +145,9 @@ pub struct AutoQuantResult {
     pub chosen: AutoQuantStage,
     /// Whether it meets the target.
     pub met: bool,
+    /// Whether the weight techniques were skipped because the simulation with float weights
+    /// already missed the target (AIMET's early exit).
+    pub early_exit: bool,
     /// The calibrated simulation of the kept stage.
     pub sim: QuantSim,
     /// The AMP stage's result, when it ran.
@@ -153,6 +162,7 @@ impl AutoQuantResult {
             "target": self.target,
             "chosen": self.chosen.name(),
             "target_met": self.met,
+            "early_exit": self.early_exit,
             "stages": self.stages.iter().map(|s| json!({
                 "stage": s.stage.name(), "score": s.score, "drop": self.fp32 - s.score,
                 "seconds": s.seconds, "cached": s.cached,
@@ -204,7 +214,12 @@ impl AutoQuantResult {
             self.target,
             self.fp32 - self.target,
             self.chosen.name(),
-            if self.met { "" } else { " (no stage met the target: the best is kept)" }
+            match (self.met, self.early_exit) {
+                (true, _) => "",
+                (false, true) =>
+                    " (with float weights the simulation already misses the target: equalization and AdaRound, which change only weights, were skipped; the best is kept)",
+                (false, false) => " (no stage met the target: the best is kept)",
+            }
         )
     }
 }
@@ -296,6 +311,10 @@ impl Scored {
     /// Records a stage with its simulation; whether it meets the target.
     fn add(&mut self, score: StageScore, sim: QuantSim) -> bool {
         let value = score.score;
+        if score.stage == AutoQuantStage::WeightsInFloat {
+            self.stages.push(score);
+            return value >= self.target;
+        }
         let float = matches!(score.stage, AutoQuantStage::Baseline | AutoQuantStage::Equalized);
         if float && self.best_float.as_ref().is_none_or(|(b, _)| value > *b) {
             self.best_float = Some((value, sim.model().clone()));
@@ -409,8 +428,22 @@ pub fn auto_quant(
     qgraph::passes::fold_batch_norms(&mut folded)?;
     let sim = calibrated(folded.clone(), config, options, &none, calibration)?;
     let mut met = evaluate(AutoQuantStage::Baseline, sim, started, &mut scored, &mut cache)?;
-    // 2. Cross-layer equalization.
+    // AIMET's W32 check: when float weights miss the target too, no weight technique can help.
+    let mut early_exit = false;
     if !met {
+        let started = Instant::now();
+        let mut sim = QuantSim::new(folded.clone(), config.clone(), options)?;
+        let placement = sim.placement_mut();
+        for q in placement.quantizer_ids() {
+            if placement.quantizer(q).is_param {
+                placement.quantizer_mut(q).enabled = false;
+            }
+        }
+        sim.calibrate(calibration.iter().cloned(), &mut |_| {})?;
+        early_exit = !evaluate(AutoQuantStage::WeightsInFloat, sim, started, &mut scored, &mut cache)?;
+    }
+    // 2. Cross-layer equalization.
+    if !met && !early_exit {
         let started = Instant::now();
         let mut equalized = folded;
         qptq::equalize(&mut equalized, qptq::EqualizeOptions::default())?;
@@ -418,7 +451,7 @@ pub fn auto_quant(
         met = evaluate(AutoQuantStage::Equalized, sim, started, &mut scored, &mut cache)?;
     }
     // 3. AdaRound on the better of the two.
-    if !met {
+    if !met && !early_exit {
         let started = Instant::now();
         let start = scored.best_float_model().unwrap_or_else(|| model.clone());
         let (rounded, frozen) = match cache.adarounded() {
@@ -471,5 +504,5 @@ pub fn auto_quant(
         return Err(AutoQuantError::Settings("no stage was scored".into()));
     };
     // When a stage meets the target it is the last one run; else the best is kept.
-    Ok(AutoQuantResult { fp32, target, stages, chosen, met, sim, amp: amp_result })
+    Ok(AutoQuantResult { fp32, target, stages, chosen, met, early_exit, sim, amp: amp_result })
 }

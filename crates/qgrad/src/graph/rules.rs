@@ -9,7 +9,7 @@ use qgraph::{Model, Node, Tensor};
 use super::{ForwardValues, pool, reduce_to, unsupported};
 use crate::activation::hard_swish_derivative;
 use crate::error::{GradError, Result, shape_error};
-use crate::linear::Linear;
+use crate::linear::{ConvGeometry, Linear};
 
 /// A node's forward values and output gradients.
 pub(super) struct NodeGrad<'a> {
@@ -224,6 +224,7 @@ pub(super) fn vjp(ctx: &NodeGrad<'_>) -> Result<Grads> {
         "PRelu" => prelu(ctx),
         "Softmax" | "LogSoftmax" => softmax(ctx).map(only),
         "Conv" => conv(ctx),
+        "ConvTranspose" => conv_transpose(ctx),
         "Gemm" => gemm(ctx),
         "MatMul" => matmul(ctx),
         "BatchNormalization" => batch_norm(ctx),
@@ -390,7 +391,7 @@ fn conv(ctx: &NodeGrad<'_>) -> Result<Grads> {
     let x = ctx.x(0)?;
     let w = ctx.x(1)?;
     let dy = ctx.dy(0)?;
-    let layer = Linear::from_node(ctx.node, x.shape(), w.shape())?;
+    let layer = Linear::from_node(ctx.node, x.shape(), w.shape())?.with_threads(rayon::current_num_threads());
     let cols = layer.columns(x)?;
     let dy_cm = layer.to_channel_major(dy.view())?;
     let w = w.as_standard_layout();
@@ -406,6 +407,46 @@ fn conv(ctx: &NodeGrad<'_>) -> Result<Grads> {
     let db = if ctx.needs(2) {
         let b = layer.bias_grad(&dy_cm, cols.width());
         Some(ArrayD::from_shape_vec(IxDyn(&[b.len()]), b).expect("sizes agree"))
+    } else {
+        None
+    };
+    Ok(vec![dx, dw, db])
+}
+
+/// ConvTranspose through the convolution it is the adjoint of (see
+/// [`ConvGeometry::adjoint_of_transpose`]).
+fn conv_transpose(ctx: &NodeGrad<'_>) -> Result<Grads> {
+    let x = ctx.x(0)?;
+    let w = ctx.x(1)?;
+    let dy = ctx.dy(0)?;
+    let geometry = ConvGeometry::adjoint_of_transpose(ctx.node, x.shape(), w.shape(), dy.shape())?;
+    let layer = Linear::conv(ctx.op(), geometry).with_threads(rayon::current_num_threads());
+    let cols = layer.columns(dy.view())?;
+    let w = w.as_standard_layout();
+    let ws = w.as_slice().expect("standard layout");
+    let dx = if ctx.needs(0) {
+        let mut out = vec![0.0f32; x.len()];
+        layer.forward(ws, None, &cols, &mut out)?;
+        Some(layer.from_channel_major(&out, &cols))
+    } else {
+        None
+    };
+    let dw = if ctx.needs(1) {
+        let x_cm = layer.to_channel_major(x.view())?;
+        let mut dw = vec![0.0f32; ws.len()];
+        layer.weight_grad(&x_cm, &cols, &mut dw)?;
+        Some(ArrayD::from_shape_vec(IxDyn(w.shape()), dw).expect("sizes agree"))
+    } else {
+        None
+    };
+    let db = if ctx.needs(2) {
+        let channels = dy.shape()[1];
+        let spatial: usize = dy.shape()[2..].iter().product();
+        let mut b = vec![0.0f32; channels];
+        for (i, v) in dy.as_standard_layout().iter().enumerate() {
+            b[(i / spatial.max(1)) % channels.max(1)] += v;
+        }
+        Some(ArrayD::from_shape_vec(IxDyn(&[channels]), b).expect("sizes agree"))
     } else {
         None
     };

@@ -232,6 +232,33 @@ fn convolutions_dense_grouped_depthwise_and_1d() {
 }
 
 #[test]
+fn transposed_convolutions() {
+    for (group, cin, cout, pads, strides, output_padding) in [
+        (1, 3, 4, [1, 1, 1, 1], [2, 2], [1, 1]),
+        (2, 4, 6, [0, 1, 1, 0], [2, 1], [0, 0]),
+        (1, 2, 2, [0, 0, 0, 0], [1, 1], [0, 0]),
+    ] {
+        let mut c = Case::new();
+        let x = c.input("x", &[2, cin, 4, 3]);
+        let w = c.weight("w", &[cin, cout / group, 3, 3]);
+        let b = c.weight("b", &[cout]);
+        let attrs = vec![
+            ("group", Attribute::Int(group as i64)),
+            ("pads", ints(&pads)),
+            ("strides", ints(&strides)),
+            ("output_padding", ints(&output_padding)),
+        ];
+        let y = c.op("ConvTranspose", &[x, w, b], attrs);
+        c.check(y);
+    }
+    let mut c = Case::new();
+    let x = c.input("x", &[1, 2, 5]);
+    let w = c.weight("w", &[2, 3, 4]);
+    let y = c.op("ConvTranspose", &[x, w], vec![("strides", ints(&[2])), ("pads", ints(&[1, 1]))]);
+    c.check(y);
+}
+
+#[test]
 fn gemm_and_matmul() {
     for (ta, tb) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
         let mut c = Case::new();
