@@ -163,7 +163,8 @@ fn qat_mobilenetv2(zoo: &Path, labels: &[i64], failures: &mut Vec<String>) -> Re
         losses.iter().map(|l| format!("{l:.4}")).collect::<Vec<_>>().join(" "),
         peak_rss_mib()
     );
-    if last < ptq - QDQ_TOLERANCE {
+    // One image of slack: the check is that training does not lose what calibration had.
+    if last + 0.0025 < ptq {
         failures.push(format!("{}: QAT's last epoch top-1 {last} below PTQ's {ptq}", c.name));
     }
     if losses.windows(2).any(|w| w[1] >= w[0]) {
@@ -190,5 +191,7 @@ fn qat_mobilenetv2(zoo: &Path, labels: &[i64], failures: &mut Vec<String>) -> Re
 /// Training epochs of the mobilenetv2 check.
 const EPOCHS: usize = 2;
 
-/// One image of 400.
-const QDQ_TOLERANCE: f64 = 0.0025;
+/// Two images of 400: the simulation and onnxruntime sum products in different orders, so a
+/// value near a rounding boundary can land on either side (onnxruntime's own two modes differ by
+/// one image on this model).
+const QDQ_TOLERANCE: f64 = 0.005;

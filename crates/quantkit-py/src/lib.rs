@@ -264,6 +264,123 @@ impl QuantSim {
         json_to_py(py, &report)
     }
 
+    /// Quantization-aware training (`qmix qat`): fine-tunes the calibrated simulation on the rows
+    /// of `batches` — against `labels` (one class per row, cross-entropy) or, without them, by
+    /// distillation from the float model as it is now (KL at `temperature`). `mode` is `regular`
+    /// (weights learn; weight encodings follow them) or `range_learning` (every quantizer's scale
+    /// and offset learn too). `learning_rate` is in units of each weight's quantization step.
+    /// With `eval_batches` and `eval_labels` the simulation is scored (top-1, `label_offset`
+    /// as in the CLI) before training and after every epoch and the best epoch is kept;
+    /// `checkpoint` is written after every epoch and, with `resume`, continued from. Returns the
+    /// report (epochs, losses, scores, the epoch kept) as a dict.
+    #[pyo3(signature = (
+        batches, epochs = 10, learning_rate = 1e-3, mode = "regular", batch_size = 32, micro_batch = 8,
+        temperature = 4.0, labels = None, eval_batches = None, eval_labels = None, label_offset = 0,
+        checkpoint = None, resume = false, seed = 0
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn train<'py>(
+        &mut self,
+        py: Python<'py>,
+        batches: &Bound<'py, PyAny>,
+        epochs: usize,
+        learning_rate: f32,
+        mode: &str,
+        batch_size: usize,
+        micro_batch: usize,
+        temperature: f32,
+        labels: Option<Vec<i64>>,
+        eval_batches: Option<&Bound<'py, PyAny>>,
+        eval_labels: Option<Vec<i64>>,
+        label_offset: usize,
+        checkpoint: Option<std::path::PathBuf>,
+        resume: bool,
+        seed: u64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let mode = match mode {
+            "regular" => qtrain::QatMode::Regular,
+            "range_learning" | "range-learning" => qtrain::QatMode::RangeLearning,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown mode '{other}' (regular, range_learning)"
+                )));
+            }
+        };
+        let mut rows = Vec::new();
+        for feeds in batches_of(batches)? {
+            let n = feeds.first().and_then(|(_, t)| t.shape().first().copied()).unwrap_or(0);
+            for r in 0..n {
+                let row: Option<qcalib::Feeds> =
+                    feeds.iter().map(|(name, t)| t.rows(r, 1).map(|t| (name.clone(), t))).collect();
+                rows.push(row.ok_or_else(|| PyValueError::new_err("a batch input has no rows"))?);
+            }
+        }
+        let labels = labels
+            .map(|l| {
+                l.iter().map(|&c| usize::try_from(c).map(|c| c + label_offset)).collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()
+            .map_err(|_| PyValueError::new_err("a negative label"))?;
+        let eval = match (eval_batches, eval_labels) {
+            (Some(b), Some(l)) => Some((batches_of(b)?, l)),
+            (None, None) => None,
+            _ => return Err(PyValueError::new_err("eval_batches and eval_labels go together")),
+        };
+        let options = qtrain::QatOptions {
+            mode,
+            epochs,
+            batch_size,
+            micro_batch,
+            learning_rate,
+            objective: match labels {
+                Some(_) => qtrain::Objective::CrossEntropy,
+                None => qtrain::Objective::Distillation { temperature },
+            },
+            seed,
+            ..qtrain::QatOptions::default()
+        };
+        let sim = &mut self.inner;
+        let report = py
+            .detach(|| -> Result<serde_json::Value, String> {
+                let teacher = sim.model().clone();
+                let data = qtrain::TrainingData {
+                    samples: &rows,
+                    labels: labels.as_deref(),
+                    teacher: Some(&teacher),
+                };
+                let mut top1 = |s: &qcalib::QuantSim| -> qtrain::Result<f64> {
+                    let (batches, labels) = eval.as_ref().expect("scored only with evaluation data");
+                    let mut hits = 0usize;
+                    let mut seen = 0usize;
+                    for feeds in batches {
+                        let named: Vec<(&str, qgraph::Tensor)> =
+                            feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+                        let out = s.run(&named)?;
+                        let logits =
+                            out.first().ok_or_else(|| qtrain::TrainError::Data("no outputs".into()))?;
+                        let classes = logits.shape().last().copied().unwrap_or(1).max(1);
+                        for row in logits.to_f64_vec().chunks(classes) {
+                            let best =
+                                row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
+                            hits += usize::from(
+                                labels.get(seen).is_some_and(|&l| best as i64 - label_offset as i64 == l),
+                            );
+                            seen += 1;
+                        }
+                    }
+                    Ok(hits as f64 / seen.max(1) as f64)
+                };
+                let ckpt = checkpoint.as_deref().map(|p| (p, resume));
+                let scorer: Option<qtrain::Evaluate<'_>> =
+                    if eval.is_some() { Some(&mut top1) } else { None };
+                let r = qtrain::train(sim, data, &options, ckpt, scorer, &mut |_| {})
+                    .map_err(|e| e.to_string())?;
+                Ok(r.to_json())
+            })
+            .map_err(value_error)?;
+        json_to_py(py, &report)
+    }
+
     /// AIMET's `apply_seq_mse`: chooses each quantized Conv, Gemm and MatMul weight's encodings
     /// among `num_candidates` ranges by the layer's output error on `batches`, freezes them and
     /// calibrates the activations on `batches`. Returns what it did as a dict.
