@@ -27,6 +27,16 @@ pub enum GradError {
     /// A product failed.
     #[error("matrix product: {0}")]
     Product(String),
+    /// A rule produced a NaN or an infinity.
+    #[error(
+        "{op}: the gradient by '{value}' is NaN or infinite (its forward values reach a pole or an overflow: a zero under a Sqrt, Div or Log, an extreme mask)"
+    )]
+    NonFinite {
+        /// The node whose rule produced it (name and op type).
+        op: String,
+        /// The input it is the gradient by.
+        value: String,
+    },
 }
 
 /// Result alias of this crate.

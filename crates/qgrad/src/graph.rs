@@ -44,7 +44,7 @@ pub type Gradients = HashMap<ValueId, ArrayD<f32>>;
 /// given its gradients `seeds` by some values of `model`'s forward run `values`. `through(v,
 /// grad)` is called on every value's complete gradient before it flows on to `v`'s producer
 /// (and before a `wrt` value's is returned) and may rewrite it. A `wrt` value no seed depends on
-/// gets no entry. An op on the way without a rule is an error naming it.
+/// gets no entry. An op on the way without a rule is an error naming it, and so is a rule that produces a NaN or an infinity.
 pub fn backward(
     model: &Model,
     values: &dyn ForwardValues,
@@ -107,6 +107,12 @@ pub fn backward(
         for (slot, dx) in dxs.into_iter().enumerate() {
             let (Some(dx), Some(v)) = (dx, node.input(slot)) else { continue };
             if depends[v.index()] {
+                if dx.iter().any(|g| !g.is_finite()) {
+                    return Err(GradError::NonFinite {
+                        op: format!("{} ({})", node.name, node.op_type),
+                        value: g.value(v).name.clone(),
+                    });
+                }
                 accumulate(&mut grads, v, dx, &g.value(v).name)?;
             }
         }

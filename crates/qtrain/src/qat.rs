@@ -214,23 +214,33 @@ impl LearnedRange {
     }
 }
 
-/// Op types whose float initializers learn, and at which input slots.
-fn trainable_slots(op: &str) -> &'static [usize] {
-    match op {
-        "Conv" | "ConvTranspose" | "Gemm" => &[1, 2],
-        "MatMul" | "Add" | "Sub" | "Mul" | "Div" => &[0, 1],
-        "BatchNormalization" | "LayerNormalization" => &[1, 2],
-        "PRelu" => &[1],
-        _ => &[],
+/// The input slots of `node` whose float initializers learn: the weights and biases of weighted
+/// layers, normalization scales and shifts, PRelu slopes, and the bias an `Add` puts on a
+/// weighted layer's output (exports write MatMul + Add). Constants elsewhere — an input's
+/// mean and deviation, masks, attention scales — stay as they are.
+fn trainable_slots(g: &Graph, node: &qgraph::Node) -> Vec<usize> {
+    const WEIGHTED: [&str; 4] = ["Conv", "ConvTranspose", "Gemm", "MatMul"];
+    match node.op_type.as_str() {
+        "Conv" | "ConvTranspose" | "Gemm" => vec![1, 2],
+        "MatMul" => vec![0, 1],
+        "BatchNormalization" | "LayerNormalization" => vec![1, 2],
+        "PRelu" => vec![1],
+        "Add" => (0..2)
+            .filter(|&slot| {
+                let other = node.input(1 - slot).and_then(|v| g.producer_node(v));
+                other.is_some_and(|p| WEIGHTED.contains(&p.op_type.as_str()))
+            })
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
 /// The float initializers of `g` that learn: weights, biases and normalization parameters
-/// (scalars, running statistics and shapes excluded).
+/// (scalars, running statistics, shapes and other constants excluded).
 fn trainable_values(g: &Graph) -> Vec<ValueId> {
     let mut out: Vec<ValueId> = Vec::new();
     for (_, node) in g.nodes() {
-        for &slot in trainable_slots(&node.op_type) {
+        for slot in trainable_slots(g, node) {
             let Some(v) = node.input(slot) else { continue };
             let is_initializer = matches!(g.value(v).source(), qgraph::ValueSource::Initializer);
             let learnable = g.static_value(v).is_some_and(|t| t.dtype() == qgraph::DType::F32 && t.len() > 1);
@@ -888,6 +898,27 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weights_and_biases_learn_preprocessing_constants_do_not() {
+        use qgraph::{DType, Shape};
+        let mut g = Graph::new("g");
+        let t = |shape: &[usize]| Tensor::from_vec(shape, vec![0.5f32; shape.iter().product()]).unwrap();
+        let x = g.add_input("x", DType::F32, Shape::known(&[1, 3, 4, 4]));
+        let mean = g.add_initializer("mean", t(&[1, 3, 1, 1]));
+        let centred = g.add_op("Sub", "centred", &[x, mean], vec![]);
+        let (w, b) = (g.add_initializer("w", t(&[2, 3, 1, 1])), g.add_initializer("b", t(&[2])));
+        let conv = g.add_op("Conv", "conv", &[centred, w, b], vec![]);
+        let flat = g.add_op("Flatten", "flat", &[conv], vec![]);
+        let w2 = g.add_initializer("w2", t(&[32, 4]));
+        let product = g.add_op("MatMul", "fc", &[flat, w2], vec![]);
+        let bias = g.add_initializer("bias", t(&[4]));
+        let scale = g.add_initializer("scale", t(&[4]));
+        let shifted = g.add_op("Add", "fc_bias", &[bias, product], vec![]);
+        g.add_op("Mul", "scaled", &[shifted, scale], vec![]);
+        let names: Vec<&str> = trainable_values(&g).iter().map(|&v| g.value(v).name.as_str()).collect();
+        assert_eq!(names, ["w", "b", "w2", "bias"]);
+    }
 
     #[test]
     fn shuffles_are_permutations_and_depend_on_the_seed() {

@@ -421,3 +421,18 @@ fn whole_digits_model() {
     let feeds = vec![("input".to_string(), tensor(&[2, 1, 8, 8], 3))];
     check_model(&model, &feeds, 2e-2, 1);
 }
+
+#[test]
+fn a_non_finite_gradient_is_named() {
+    let mut c = Case::new();
+    let x = c.input_with("x", Tensor::from_vec(&[3], vec![0.0f32, 1.0, 4.0]).unwrap());
+    let y = c.op("Sqrt", &[x], vec![]);
+    c.g.add_output(y);
+    let model = Model::new(c.g, 17);
+    let feeds: Vec<(&str, Tensor)> = c.feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let session = Session::new(model.clone(), SessionOptions::threads(1)).unwrap();
+    let run = session.run_with(&feeds, RunOptions::default().keep(Keep::All)).unwrap();
+    let seed = ArrayD::ones(IxDyn(&[3]));
+    let err = backward(&model, &run.kept, vec![(y, seed)], &[x], &mut |_, _| Ok(())).unwrap_err();
+    assert!(err.to_string().contains("sqrt_0 (Sqrt): the gradient by 'x' is NaN or infinite"), "{err}");
+}
