@@ -13,6 +13,7 @@ use qcalib::{DefaultPrecision, Feeds, Precision, QuantSim, QuantsimConfig, SimOp
 use qexec::{Keep, RunOptions, Session, SessionOptions};
 use qgraph::{Model, Tensor};
 
+use crate::bench::peak_rss_mib;
 use crate::zoo_calib::{BATCH, qdq_top1_in_onnxruntime, split, top1};
 use crate::zoo_data::{self, CLASSIFIERS};
 
@@ -100,17 +101,6 @@ fn gradient_check(zoo: &Path, failures: &mut Vec<String>) -> Result<()> {
     Ok(())
 }
 
-/// Peak resident memory of this process so far (`VmHWM`), in MiB.
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn qat_mobilenetv2(zoo: &Path, labels: &[i64], failures: &mut Vec<String>) -> Result<()> {
     let c = CLASSIFIERS.iter().find(|c| c.name == "mobilenetv2_keras").context("classifier")?;
     let model = qgraph::load_path(zoo.join(format!("models/{}.onnx", c.name)))?;
@@ -139,7 +129,7 @@ fn qat_mobilenetv2(zoo: &Path, labels: &[i64], failures: &mut Vec<String>) -> Re
         ..qtrain::QatOptions::default()
     };
     let data = qtrain::TrainingData { samples: &samples, labels: None, teacher: None };
-    let rss_before = peak_rss_mib();
+    let rss_before = peak_rss_mib().unwrap_or(0.0);
     let started = Instant::now();
     let mut eval_seconds = 0.0;
     let mut score = |s: &QuantSim| -> qtrain::Result<f64> {
@@ -161,7 +151,7 @@ fn qat_mobilenetv2(zoo: &Path, labels: &[i64], failures: &mut Vec<String>) -> Re
         c.name,
         scores.join(" "),
         losses.iter().map(|l| format!("{l:.4}")).collect::<Vec<_>>().join(" "),
-        peak_rss_mib()
+        peak_rss_mib().unwrap_or(0.0)
     );
     // One image of slack: the check is that training does not lose what calibration had.
     if last + 0.0025 < ptq {

@@ -12,9 +12,7 @@ use qgraph::Tensor;
 use qtrain::{Objective, QatMode, QatOptions, Schedule, TrainingData};
 
 use crate::Failure;
-use crate::dataset::{
-    Dataset, EvalArgs, Preprocess, SampleAxes, bar, check_labels, predictions, read_labels, user,
-};
+use crate::dataset::{Dataset, EvalArgs, Preprocess, SampleAxes, bar, read_labels, user};
 
 /// The training settings of `qmix qat`.
 #[derive(clap::Args)]
@@ -246,26 +244,13 @@ impl Evaluation {
         if labels.len() != data.samples {
             return Err(user(anyhow::anyhow!("{} labels for {} samples", labels.len(), data.samples)));
         }
-        let eval = Evaluation { data, labels, offset: e.label_offset, batch: 32 };
-        if let Some(first) = eval.data.batches(1).next() {
-            let named: Vec<(&str, Tensor)> = first.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-            let out = sim.run(&named).map_err(user)?;
-            let classes = out.first().and_then(|t| t.shape().last().copied()).unwrap_or(1);
-            check_labels(&eval.labels, eval.offset, classes)?;
-        }
-        Ok(Some(eval))
+        Ok(Some(Evaluation { data, labels, offset: e.label_offset, batch: 32 }))
     }
 
+    /// Top-1 of the simulation (the labels are checked against its scores on the first batch).
     fn top1(&self, sim: &QuantSim) -> qtrain::Result<f64> {
-        let mut preds = Vec::with_capacity(self.labels.len());
-        for feeds in self.data.batches(self.batch) {
-            let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-            let out = sim.run(&named)?;
-            let first =
-                out.first().ok_or_else(|| qtrain::TrainError::Data("the model has no outputs".into()))?;
-            preds.extend(predictions(first, self.offset));
-        }
-        Ok(preds.iter().zip(&self.labels).filter(|(p, l)| p == l).count() as f64
-            / self.labels.len().max(1) as f64)
+        let run = |feeds: &[(&str, Tensor)]| sim.run(feeds).map_err(user);
+        crate::dataset::top1(&self.data, &self.labels, self.batch, self.offset, &run)
+            .map_err(|f| qtrain::TrainError::Data(f.to_string()))
     }
 }

@@ -127,13 +127,27 @@ pub struct QatReport {
     pub resumed_after: Option<usize>,
 }
 
+impl EpochRecord {
+    fn to_json(&self) -> Value {
+        json!({"epoch": self.epoch, "loss": self.loss, "score": self.score, "seconds": self.seconds})
+    }
+
+    /// The record [`EpochRecord::to_json`] wrote (a NaN loss is written as null).
+    fn from_json(e: &Value) -> EpochRecord {
+        EpochRecord {
+            epoch: e["epoch"].as_u64().unwrap_or(0) as usize,
+            loss: e["loss"].as_f64().unwrap_or(f64::NAN),
+            score: e["score"].as_f64(),
+            seconds: e["seconds"].as_f64().unwrap_or(0.0),
+        }
+    }
+}
+
 impl QatReport {
     /// The report as JSON.
     pub fn to_json(&self) -> Value {
         json!({
-            "epochs": self.epochs.iter().map(|e| json!({
-                "epoch": e.epoch, "loss": e.loss, "score": e.score, "seconds": e.seconds,
-            })).collect::<Vec<_>>(),
+            "epochs": self.epochs.iter().map(EpochRecord::to_json).collect::<Vec<_>>(),
             "best_epoch": self.best_epoch,
             "trained_tensors": self.trained_tensors,
             "trained_values": self.trained_values,
@@ -181,6 +195,8 @@ struct Param {
     /// For a tensor without an integer quantizer of its own: the tensor whose activation
     /// quantizer's step is the unit of its updates (the output of the layer it is the bias of).
     unit_from: Option<ValueId>,
+    /// Where its quantizer has several encodings (per channel or block): each element's.
+    encoding_index: Option<Vec<usize>>,
     name: String,
     shape: Vec<usize>,
     data: Vec<f32>,
@@ -290,12 +306,13 @@ impl ForwardValues for RunValues<'_, '_> {
 }
 
 /// The straight-through estimator at a value quantized by `q` whose input was `x` (shape
-/// `shape`): rewrites `grad` (by the quantized value) into the gradient by `x`, adding the
+/// `shape`; `index`: each element's encoding when known, else computed): rewrites `grad` (by the quantized value) into the gradient by `x`, adding the
 /// encodings' gradients to `enc_grads` when given. Float casts pass the gradient unchanged.
 fn straight_through(
     x: &[f32],
     shape: &[usize],
     q: &Quantizer,
+    index: Option<&[usize]>,
     grad: &mut ArrayD<f32>,
     enc_grads: Option<&mut [f64]>,
 ) -> std::result::Result<(), String> {
@@ -313,11 +330,18 @@ fn straight_through(
     match q.granularity {
         Granularity::PerTensor => local[0] = fake_quant_backward(x, &encs[0], dy, &mut dx),
         granularity => {
-            let (index, groups) = encoding_index(shape, granularity)?;
-            if groups != encs.len() {
-                return Err(format!("{groups} encodings expected, {} held", encs.len()));
+            let computed;
+            let index = match index {
+                Some(index) => index,
+                None => {
+                    computed = encoding_index(shape, granularity)?.0;
+                    &computed
+                }
+            };
+            if index.iter().any(|&i| i >= encs.len()) {
+                return Err(format!("an element maps beyond the {} encodings held", encs.len()));
             }
-            fake_quant_backward_indexed(x, encs, &index, dy, &mut dx, &mut local);
+            fake_quant_backward_indexed(x, encs, index, dy, &mut dx, &mut local);
         }
     }
     if let Some(acc) = enc_grads {
@@ -479,22 +503,23 @@ impl Trainer<'_> {
         let (params, ranges) = (&self.params, &mut self.ranges);
         let values = RunValues(&run);
         let mut through = |v: ValueId, grad: &mut ArrayD<f32>| -> qgrad::Result<()> {
-            let (x, shape, q): (&[f32], Vec<usize>, &Quantizer) = if let Some(&i) = param_index.get(&v) {
-                let Some(q) = placement.quantizer_of(v).map(|q| placement.quantizer(q)).filter(|q| q.enabled)
-                else {
-                    return Ok(());
-                };
-                (&params[i].data, params[i].shape.clone(), q)
+            let (x, shape, q, index): (&[f32], &[usize], &Quantizer, Option<&[usize]>) = if let Some(&i) =
+                param_index.get(&v)
+            {
+                let q = placement.quantizer_of(v).map(|q| placement.quantizer(q)).filter(|q| q.enabled);
+                let Some(q) = q else { return Ok(()) };
+                let p = &params[i];
+                (&p.data, &p.shape, q, p.encoding_index.as_deref())
             } else if let Some(q) = activation_quantizers.get(&v) {
                 let Some(t) = run.before_quantization.get(&v).and_then(Tensor::as_f32) else { return Ok(()) };
                 let Some(x) = t.as_slice() else { return Ok(()) };
-                (x, t.shape().to_vec(), *q)
+                (x, t.shape(), *q, None)
             } else {
                 return Ok(());
             };
             let learned =
                 placement.quantizer_of(v).and_then(|q| range_index.get(&q)).map(|&i| &mut ranges[i].grad);
-            straight_through(x, &shape, q, grad, learned.map(|g| g.as_mut_slice())).map_err(|detail| {
+            straight_through(x, shape, q, index, grad, learned.map(|g| g.as_mut_slice())).map_err(|detail| {
                 qgrad::GradError::Shape { op: run.model.graph.value(v).name.clone(), detail }
             })
         };
@@ -523,10 +548,9 @@ impl Trainer<'_> {
         self.params
             .iter()
             .map(|p| {
-                let grid = int_encodings(p.value).and_then(|encs| {
-                    let q = placement.quantizer(placement.quantizer_of(p.value)?);
-                    let (index, _) = encoding_index(&p.shape, q.granularity).ok()?;
-                    index.iter().map(|&i| encs.get(i).map(|e| e.delta as f32)).collect::<Option<Vec<f32>>>()
+                let grid = int_encodings(p.value).and_then(|encs| match &p.encoding_index {
+                    Some(index) => index.iter().map(|&i| encs.get(i).map(|e| e.delta as f32)).collect(),
+                    None => Some(vec![encs.first()?.delta as f32]),
                 });
                 let output = || {
                     let encs = int_encodings(p.unit_from?)?;
@@ -721,9 +745,18 @@ pub fn train(
         .filter_map(|v| {
             let t = g.static_value(v)?.as_f32()?;
             let data: Vec<f32> = t.iter().copied().collect();
+            let placement = sim.placement();
+            let granularity = placement.quantizer_of(v).map(|q| placement.quantizer(q).granularity);
+            let encoding_index = match granularity {
+                Some(g @ (Granularity::PerChannel { .. } | Granularity::PerBlock { .. })) => {
+                    encoding_index(t.shape(), g).ok().map(|(index, _)| index)
+                }
+                _ => None,
+            };
             Some(Param {
                 value: v,
                 unit_from: quantized_output_of_reader(sim, v),
+                encoding_index,
                 name: g.value(v).name.clone(),
                 shape: t.shape().to_vec(),
                 grad: vec![0.0; data.len()],
@@ -793,17 +826,9 @@ pub fn train(
         start = c.header.get("epoch").and_then(Value::as_u64).unwrap_or(0) as usize;
         report.best_epoch = c.header.get("best_epoch").and_then(Value::as_u64).unwrap_or(0) as usize;
         best_score = c.header.get("best_score").and_then(Value::as_f64);
-        report.epochs =
-            serde_json::from_value::<Vec<Value>>(c.header.get("history").cloned().unwrap_or(json!([])))
-                .unwrap_or_default()
-                .iter()
-                .map(|e| EpochRecord {
-                    epoch: e["epoch"].as_u64().unwrap_or(0) as usize,
-                    loss: e["loss"].as_f64().unwrap_or(f64::NAN),
-                    score: e["score"].as_f64(),
-                    seconds: e["seconds"].as_f64().unwrap_or(0.0),
-                })
-                .collect();
+        report.epochs = c.header["history"]
+            .as_array()
+            .map_or_else(Vec::new, |h| h.iter().map(EpochRecord::from_json).collect());
         report.resumed_after = Some(start);
         trainer.apply(sim)?;
     } else if let Some(eval) = evaluate.as_mut() {
@@ -874,11 +899,7 @@ pub fn train(
             best_score = score.or(best_score);
         }
         if let Some((path, _)) = checkpoint {
-            let history: Vec<Value> = report
-                .epochs
-                .iter()
-                .map(|e| json!({"epoch": e.epoch, "loss": e.loss, "score": e.score, "seconds": e.seconds}))
-                .collect();
+            let history: Vec<Value> = report.epochs.iter().map(EpochRecord::to_json).collect();
             let header = json!({
                 "format": "quantkit-qat",
                 "fingerprint": fingerprint,
