@@ -61,6 +61,15 @@ pub(crate) struct TrainArgs {
     /// Continue from the checkpoint when it exists (it must come from the same settings).
     #[arg(long)]
     resume: bool,
+    /// Leave BatchNormalizations as they are after training (by default their statistics are
+    /// re-estimated on the trained simulation and they are folded into their layers, each folded
+    /// weight keeping its integer: AIMET's BN re-estimation and fold to scale)
+    #[arg(long)]
+    keep_batch_norms: bool,
+    /// The model whose outputs distillation targets (default: the model as given, before any
+    /// post-training technique changed it); it must take the same inputs
+    #[arg(long)]
+    teacher: Option<PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<QatMode, String> {
@@ -188,7 +197,12 @@ pub(crate) fn train(
             pb.suspend(|| say!("  epoch {}: loss {:.5}", p.epoch, p.loss));
         }
     };
-    let data = TrainingData { samples: &samples, labels: labels.as_deref(), teacher: inputs.teacher };
+    let loaded_teacher = match &t.teacher {
+        Some(path) => Some(qgraph::load_path(path)?),
+        None => None,
+    };
+    let teacher = loaded_teacher.as_ref().or(inputs.teacher);
+    let data = TrainingData { samples: &samples, labels: labels.as_deref(), teacher };
     let report = match evaluation.as_ref() {
         Some(e) => {
             let pb = &pb;
@@ -220,6 +234,20 @@ pub(crate) fn train(
         report.best_epoch
     );
     let mut json = report.to_json();
+    if !t.keep_batch_norms {
+        let batches: Vec<qcalib::Feeds> = calib.batches(options.batch_size).collect();
+        let bn = qptq::fold_batch_norms_of_simulation(sim, &batches).map_err(user)?;
+        if !bn.folded.is_empty() {
+            say!(
+                "re-estimated {} batch norms on the trained simulation and folded {} into their layers",
+                bn.reestimated.len(),
+                bn.folded.len()
+            );
+            if let Some(map) = json.as_object_mut() {
+                map.insert("bn_reestimation".into(), bn.to_json());
+            }
+        }
+    }
     if let Some(map) = json.as_object_mut() {
         map.insert("mode".into(), t.mode.as_str().into());
         map.insert("seconds".into(), seconds.into());

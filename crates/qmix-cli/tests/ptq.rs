@@ -1,7 +1,8 @@
 //! `qmix cle` and the post-training options of the simulation commands on a small model with a
 //! BatchNormalization and a ReLU6 saved by the test: the equalized model computes what the
 //! original computes, `quantsim` applies BN re-estimation, CLE and bias correction and writes
-//! what each did, and techniques that need data say so when none is given.
+//! what each did, `qat` re-estimates and folds the batch norm after training (unless told to keep
+//! it), and techniques that need data say so when none is given.
 
 mod common;
 
@@ -118,6 +119,40 @@ fn quantsim_applies_and_reports_every_technique() {
     // The model beside the encodings is the modified one: no BatchNormalization, no Clip.
     let saved = qgraph::load_path(out.join("model.onnx")).unwrap();
     assert!(saved.graph.nodes().all(|(_, n)| n.op_type != "BatchNormalization" && n.op_type != "Clip"));
+}
+
+#[test]
+fn qat_reestimates_and_folds_batch_norms_after_training() {
+    let dir = common::scratch("qat_bn");
+    let model = save_model(&dir);
+    let x = data(&dir, 16);
+    let calib = format!("x={}", x.display());
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args =
+            vec!["qat", model.to_str().unwrap(), "--calib", &calib, "--out", out.to_str().unwrap()];
+        args.extend_from_slice(&["--epochs", "2", "--train-batch", "8", "--distill", "mse", "--quiet"]);
+        args.extend_from_slice(extra);
+        let o = qmix(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        qgraph::load_path(out.join("model.onnx")).unwrap()
+    };
+    let bn_count = |m: &Model| m.graph.nodes().filter(|(_, n)| n.op_type == "BatchNormalization").count();
+    let folded = dir.join("folded");
+    assert_eq!(bn_count(&run(&folded, &[])), 0);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folded.join("qat.json")).unwrap()).unwrap();
+    assert_eq!(report["bn_reestimation"]["folded"][0]["layer"], "conv1", "{report}");
+    assert_eq!(report["bn_reestimation"]["reestimated"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(bn_count(&run(&dir.join("kept"), &["--keep-batch-norms"])), 1);
+    let missing = dir.join("no_teacher.onnx");
+    let out = dir.join("t");
+    common::fails_naming(
+        &["qat", model.to_str().unwrap(), "--calib", &calib, "--out", out.to_str().unwrap()]
+            .into_iter()
+            .chain(["--epochs", "1", "--quiet", "--teacher", missing.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+        &["no_teacher.onnx"],
+    );
 }
 
 #[test]

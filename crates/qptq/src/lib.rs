@@ -17,7 +17,9 @@ mod weight_layers;
 
 pub use adaround::{AdaroundOptions, AdaroundReport, Adarounded, RoundedLayer, adaround};
 pub use bias_correction::{BiasCorrectionKind, BiasCorrectionReport, CorrectedLayer, correct_bias};
-pub use bn_reestimate::{BnReestimationReport, ReestimatedBn, reestimate_batch_norms};
+pub use bn_reestimate::{
+    BnReestimationReport, ReestimatedBn, fold_batch_norms_of_simulation, reestimate_batch_norms,
+};
 pub use equalize::{AbsorbedBias, EqualizeOptions, EqualizeReport, ScaledSet, equalize};
 pub use error::{PtqError, Result};
 pub use seq_mse::{SearchedLayer, SeqMseOptions, SeqMseReport, SeqMsed, seq_mse};

@@ -312,6 +312,77 @@ fn bn_reestimation_measures_the_simulated_input_then_folds() {
     assert!((wf[[1, 1, 0, 0]] - 1.0).abs() < 1e-5 && (bf[1] + 2.0).abs() < 1e-5, "{wf:?} {bf:?}");
 }
 
+/// The integers of `node`'s weight on its quantizer's per-channel grid in `sim`.
+fn weight_integers(sim: &QuantSim, node: &str) -> Vec<i64> {
+    let g = &sim.model().graph;
+    let v = g.node(g.node_id(node).unwrap()).input(1).unwrap();
+    let p = sim.placement();
+    let encodings = p.quantizer(p.quantizer_of(v).unwrap()).encodings.clone().unwrap();
+    let w = g.static_value(v).unwrap().as_f32().unwrap().to_owned();
+    let per = w.len() / encodings.len();
+    w.iter().enumerate().map(|(i, &x)| (f64::from(x) / encodings[i / per].delta).round() as i64).collect()
+}
+
+#[test]
+fn a_trained_simulation_folds_its_batch_norms_to_scale_and_keeps_its_encodings() {
+    // x[1,3,8,8] → Conv 3→4 → BN (γ of both signs, stale statistics) → Relu → y, W8A8 per channel.
+    let mut r = Lcg(7);
+    let mut g = Graph::new("conv_bn");
+    let x = g.add_input("x", DType::F32, Shape::known(&[1, 3, 8, 8]));
+    let w = g.add_initializer("w", r.tensor(&[4, 3, 3, 3], true));
+    let c = g.add_op("Conv", "conv", &[x, w], vec![]);
+    let bn_inputs = [
+        g.add_initializer("gamma", t(&[4], &[1.5, -0.5, 2.0, 0.25])),
+        g.add_initializer("beta", t(&[4], &[0.1, 0.2, -0.3, 0.0])),
+        g.add_initializer("mean", t(&[4], &[0.5, -0.5, 0.0, 1.0])),
+        g.add_initializer("var", t(&[4], &[4.0, 0.5, 1.0, 2.0])),
+    ];
+    let b = g.add_op(
+        "BatchNormalization",
+        "bn",
+        &[c, bn_inputs[0], bn_inputs[1], bn_inputs[2], bn_inputs[3]],
+        vec![],
+    );
+    let y = g.add_op("Relu", "relu", &[b], vec![]);
+    g.add_output(y);
+    let model = Model::new(g, 13);
+    let batches = block_batches(4);
+    let mut sim =
+        QuantSim::new(model, QuantsimConfig::load("default").unwrap(), SimOptions::default()).unwrap();
+    sim.calibrate(batches.iter().cloned(), &mut |_| {}).unwrap();
+    let output = sim.model().graph.outputs()[0];
+    let output_name = sim.model().graph.value(output).name.clone();
+    let learned = {
+        let p = sim.placement_mut();
+        let q = p.quantizer_of(output).unwrap();
+        let e = p.quantizer(q).encodings.clone().unwrap();
+        // As range learning leaves it: not what calibration would compute again.
+        let moved: Vec<_> = e
+            .iter()
+            .map(|e| qkernels::Encoding::from_scale_offset(e.delta * 1.25, e.offset, e.bitwidth, e.steps))
+            .collect();
+        p.quantizer_mut(q).encodings = Some(moved.clone());
+        moved
+    };
+    sim.refresh().unwrap();
+    let before = weight_integers(&sim, "conv");
+    let report = qptq::fold_batch_norms_of_simulation(&mut sim, &batches).unwrap();
+    assert_eq!(report.reestimated.len(), 1);
+    assert_eq!(report.folded, vec![("bn".to_string(), "conv".to_string())]);
+    let g = &sim.model().graph;
+    assert!(g.nodes().all(|(_, n)| n.op_type != "BatchNormalization"));
+    // Each weight keeps its integer, negated where γ is negative (channel 1).
+    let signed: Vec<i64> =
+        before.iter().enumerate().map(|(i, &q)| if i / 27 == 1 { -q } else { q }).collect();
+    assert_eq!(weight_integers(&sim, "conv"), signed);
+    let p = sim.placement();
+    let v = g.value_id(&output_name).unwrap();
+    assert_eq!(p.quantizer(p.quantizer_of(v).unwrap()).encodings.as_ref(), Some(&learned));
+    assert!(!p.quantizer(p.quantizer_of(v).unwrap()).frozen);
+    let out = sim.run(&[("x", batches[0][0].1.clone())]).unwrap();
+    assert!(out[0].as_f32().unwrap().iter().all(|v| v.is_finite()));
+}
+
 /// Batches of one random sample each for `mobile_block`.
 fn block_batches(n: usize) -> Vec<Feeds> {
     (0..n).map(|i| vec![("x".to_string(), input(100 + i as u64, &[1, 3, 8, 8]))]).collect()

@@ -463,6 +463,24 @@ impl QuantSim {
         json_to_py(py, &report)
     }
 
+    /// After training (AIMET's `reestimate_bn_stats` then `fold_all_batch_norms_to_scale`): every
+    /// BatchNormalization's statistics re-measured on `batches` as the trained simulation computes
+    /// its input, the batch norms folded into their layers, and the simulation rebuilt with its
+    /// encodings kept (a folded layer's per-channel weight grid scaled so each weight keeps its
+    /// integer). Returns what it did as a dict.
+    fn fold_all_batch_norms_to_scale<'py>(
+        &mut self,
+        py: Python<'py>,
+        batches: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let all = batches_of(batches)?;
+        let sim = &mut self.inner;
+        let report = py
+            .detach(|| qptq::fold_batch_norms_of_simulation(sim, &all).map_err(|e| e.to_string()))
+            .map_err(value_error)?;
+        json_to_py(py, &report.to_json())
+    }
+
     /// AIMET's QuantAnalyzer in one call: whole-model checks (all quantizers, weights only,
     /// activations only), enable-one (and with `disable_one`, disable-one) sensitivity by
     /// `metric`, per-layer output MSE, quantizer ranges and histograms of the `histograms` most

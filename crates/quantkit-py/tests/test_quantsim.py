@@ -285,5 +285,8 @@ def test_label_free_qat_recovers_w4a4(data, tmp_path):
     # FP32 is 0.9825 on these digits; W4A4 after calibration 0.92.
     assert top1 >= 0.9825 - 0.01
     assert (tmp_path / "qat.ckpt").exists()
+    # The digits model has no batch norm to fold after training; the simulation stays as it is.
+    assert sim.fold_all_batch_norms_to_scale(list(batches(calib))) == {"reestimated": [], "folded": []}
+    assert float((sim.run({"input": evaluation})[0].argmax(axis=1) == labels).mean()) == top1
     with pytest.raises(ValueError, match="unknown mode"):
         sim.train(list(batches(calib)), mode="sometimes")
