@@ -547,13 +547,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             std::fs::create_dir_all(&out)
                 .map_err(|e| Failure::User(anyhow::anyhow!("cannot create {}: {e}", out.display())))?;
             let mut written = Vec::new();
+            let mut taken = std::collections::HashSet::new();
             for (&v, t) in graph.outputs().iter().zip(&outputs) {
                 let name = &graph.value(v).name;
-                let file: String = name
-                    .chars()
-                    .map(|c| if c.is_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
-                    .collect();
-                let path = out.join(format!("{file}.npy"));
+                let path = out.join(format!("{}.npy", output_file_stem(name, &mut taken)));
                 write_tensor(&path, t).map_err(Failure::User)?;
                 say!("{name}: {} {:?} -> {}", t.dtype(), t.shape(), path.display());
                 written.push(path.display().to_string());
@@ -656,4 +653,27 @@ fn repeated<T>(
         times_ms.push(started.elapsed().as_secs_f64() * 1e3);
     }
     Ok(last.expect("repeat is at least 1"))
+}
+
+/// Longest file stem `qmix run` writes (file systems allow 255 bytes per name).
+const MAX_OUTPUT_STEM: usize = 120;
+
+/// The file stem of an output named `name`: its ASCII letters, digits, `_` and `-` (anything else
+/// becomes `_`); a name that had to be shortened, or whose stem another output already took,
+/// ends with a hash of the whole name, so every output gets its own file.
+fn output_file_stem(name: &str, taken: &mut std::collections::HashSet<String>) -> String {
+    let mut stem: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .collect();
+    if stem.len() > MAX_OUTPUT_STEM || taken.contains(&stem) {
+        // FNV-1a: stable across runs and platforms.
+        let hash = name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        stem.truncate(MAX_OUTPUT_STEM - 17);
+        stem = format!("{stem}_{hash:016x}");
+    }
+    taken.insert(stem.clone());
+    stem
 }

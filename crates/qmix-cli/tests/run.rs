@@ -70,6 +70,46 @@ fn run_writes_outputs_as_npy() {
 }
 
 #[test]
+fn outputs_with_long_or_clashing_names_each_get_their_own_file() {
+    // Exporters write names of hundreds of characters (TF's `a/b;c/d;…`), and `h.x`/`h_x`
+    // sanitize alike: y = x, then three Relu outputs named that way.
+    let dir = common::scratch("names");
+    let long = "MobileNetV2/expanded_conv_6/project/Conv2D;StatefulPartitionedCall/".repeat(6);
+    let mut g = Graph::new("names");
+    let x = g.add_input("x", DType::F32, Shape::known(&[1, 2]));
+    for (i, name) in [long.as_str(), "h.x", "h_x"].into_iter().enumerate() {
+        let n = g.add_node(NodeSpec {
+            name: format!("relu{i}"),
+            op_type: "Relu".into(),
+            domain: String::new(),
+            attrs: vec![],
+            inputs: vec![Some(x)],
+            outputs: vec![name.into()],
+        });
+        g.add_output(g.node(n).outputs()[0].unwrap());
+    }
+    let model = dir.join("names.onnx");
+    qgraph::save_path(&Model::new(g, 13), &model).unwrap();
+    let input = dir.join("x.npy");
+    ndarray_npy::write_npy(&input, &ArrayD::from_shape_vec(IxDyn(&[1, 2]), vec![1.0f32, -1.0]).unwrap())
+        .unwrap();
+    let out = dir.join("out");
+    let o = qmix(&[
+        "run",
+        model.to_str().unwrap(),
+        "--input",
+        &format!("x={}", input.display()),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let files: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(files.len(), 3, "{files:?}");
+    assert!(files.iter().all(|f| f.len() <= 124), "{files:?}");
+    assert!(out.join("h_x.npy").exists());
+}
+
+#[test]
 fn run_reports_bad_inputs_with_exit_code_1() {
     let dir = common::scratch("bad");
     let model = save_model(&dir);
