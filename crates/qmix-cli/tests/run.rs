@@ -43,6 +43,14 @@ fn qmix(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_qmix")).args(args).output().unwrap()
 }
 
+/// `qmix run MODEL --input x=INPUT --out OUT` and `extra`.
+fn run(model: &Path, input: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let x = format!("x={}", input.display());
+    let mut args = vec!["run", model.to_str().unwrap(), "--input", &x, "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    qmix(&args)
+}
+
 #[test]
 fn run_writes_outputs_as_npy() {
     let dir = common::scratch("ok");
@@ -51,16 +59,7 @@ fn run_writes_outputs_as_npy() {
     let input = dir.join("x.npy");
     ndarray_npy::write_npy(&input, &x).unwrap();
     let out = dir.join("out");
-    let o = qmix(&[
-        "run",
-        model.to_str().unwrap(),
-        "--input",
-        &format!("x={}", input.display()),
-        "--out",
-        out.to_str().unwrap(),
-        "--threads",
-        "1",
-    ]);
+    let o = run(&model, &input, &out, &["--threads", "1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let y: ArrayD<f32> = ndarray_npy::read_npy(out.join("y_out.npy")).unwrap();
     // By hand: x·W = [1+4−3, −1+1+3] = [2, 3]; row 1: [−1+0−1, 1+0+1] = [−2, 2].
@@ -94,14 +93,7 @@ fn outputs_with_long_or_clashing_names_each_get_their_own_file() {
     ndarray_npy::write_npy(&input, &ArrayD::from_shape_vec(IxDyn(&[1, 2]), vec![1.0f32, -1.0]).unwrap())
         .unwrap();
     let out = dir.join("out");
-    let o = qmix(&[
-        "run",
-        model.to_str().unwrap(),
-        "--input",
-        &format!("x={}", input.display()),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = run(&model, &input, &out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let files: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(files.len(), 3, "{files:?}");
