@@ -1,6 +1,7 @@
-//! Weighted layers — Conv (1-D and 2-D, grouped and depthwise), Gemm, and MatMul with a 2-D
-//! weight — in channel-major form: per group, `Y[o, m] = Σ_k W[o, k]·X[k, m] + b[o]`, where `m`
-//! runs over samples × output positions. The forward product and the vector-Jacobian rules for
+//! Weighted layers — Conv (1-D and 2-D, grouped and depthwise), ConvTranspose (1-D and 2-D,
+//! read as a gather: each output position takes the inputs whose scatter reaches it), Gemm, and
+//! MatMul with a 2-D weight — in channel-major form: per group, `Y[o, m] = Σ_k W[o, k]·X[k, m] +
+//! b[o]`, where `m` runs over samples × output positions. The forward product and the vector-Jacobian rules for
 //! the weight, the bias and the input. [`Columns`] is an input prepared once (im2col, or padded
 //! planes for depthwise convolutions) for the many passes an optimisation makes over it.
 
@@ -39,6 +40,9 @@ pub struct ConvGeometry {
     pub out_hw: [usize; 2],
     /// 1 or 2.
     pub spatial_rank: usize,
+    /// A ConvTranspose: output position `o` reads input `(o + pad − k·dilation) / stride` where
+    /// that divides (a Conv reads `o·stride + k·dilation − pad`).
+    pub transposed: bool,
 }
 
 fn attr_pair(node: &Node, name: &str, rank: usize, default: usize) -> Result<[usize; 2]> {
@@ -136,6 +140,79 @@ impl ConvGeometry {
             in_hw,
             out_hw,
             spatial_rank: rank,
+            transposed: false,
+        })
+    }
+
+    /// The geometry of ConvTranspose `node` on an input of `input_shape` with a weight of
+    /// `weight_shape` (`[C_in, C_out/group, k…]`), explicit pads and `output_padding`.
+    pub fn transposed_from_node(
+        node: &Node,
+        input_shape: &[usize],
+        weight_shape: &[usize],
+    ) -> Result<ConvGeometry> {
+        let op = node.name.as_str();
+        let rank = input_shape.len().saturating_sub(2);
+        let unsupported =
+            |detail: String| GradError::Unsupported { op: format!("{op} (ConvTranspose)"), detail };
+        if !(1..=2).contains(&rank) || weight_shape.len() != input_shape.len() {
+            return Err(unsupported(format!("input {input_shape:?}, weight {weight_shape:?} (1-D and 2-D)")));
+        }
+        if node.string_attr("auto_pad")?.is_some_and(|a| a != "NOTSET") || node.attr("output_shape").is_some()
+        {
+            return Err(unsupported("auto_pad or output_shape (explicit pads only)".into()));
+        }
+        let group = usize::try_from(node.int_attr("group", 1)?).unwrap_or(0);
+        let cin = input_shape[1];
+        if group == 0 || weight_shape[0] != cin || cin % group != 0 {
+            return Err(shape_error(
+                op,
+                format!("group {group}: input {input_shape:?}, weight {weight_shape:?}"),
+            ));
+        }
+        let cout = weight_shape[1]
+            .checked_mul(group)
+            .ok_or_else(|| shape_error(op, format!("weight {weight_shape:?} with group {group}")))?;
+        let [kernel, stride, dilation] = window(node, rank, weight_shape)?;
+        let pads = explicit_pads(node, rank)?;
+        let extra = match node.ints_attr("output_padding")? {
+            None => [0, 0],
+            Some(v) if v.len() == rank && v.iter().all(|&x| x >= 0) => {
+                let v: Vec<usize> = v.iter().map(|&x| x as usize).collect();
+                if rank == 1 { [0, v[0]] } else { [v[0], v[1]] }
+            }
+            Some(v) => return Err(shape_error(op, format!("output_padding {v:?} for {rank} spatial dims"))),
+        };
+        let in_hw = if rank == 1 { [1, input_shape[2]] } else { [input_shape[2], input_shape[3]] };
+        let mut out_hw = [0usize; 2];
+        for a in 0..2 {
+            let full = in_hw[a]
+                .checked_sub(1)
+                .and_then(|i| i.checked_mul(stride[a]))
+                .and_then(|i| i.checked_add(dilation[a].checked_mul(kernel[a].checked_sub(1)?)?))
+                .and_then(|i| i.checked_add(1 + extra[a]));
+            match full.and_then(|f| f.checked_sub(pads[a] + pads[a + 2])) {
+                Some(o) if o > 0 => out_hw[a] = o,
+                _ => {
+                    return Err(shape_error(
+                        op,
+                        format!("input {in_hw:?} gives no output with pads {pads:?}"),
+                    ));
+                }
+            }
+        }
+        Ok(ConvGeometry {
+            in_channels: cin,
+            out_channels: cout,
+            group,
+            kernel,
+            stride,
+            dilation,
+            pads,
+            in_hw,
+            out_hw,
+            spatial_rank: rank,
+            transposed: true,
         })
     }
 
@@ -150,51 +227,20 @@ impl ConvGeometry {
         weight_shape: &[usize],
         y_shape: &[usize],
     ) -> Result<ConvGeometry> {
-        let op = node.name.as_str();
-        let rank = x_shape.len().saturating_sub(2);
-        let unsupported =
-            |detail: String| GradError::Unsupported { op: format!("{op} (ConvTranspose)"), detail };
-        if !(1..=2).contains(&rank) || weight_shape.len() != x_shape.len() || y_shape.len() != x_shape.len() {
-            return Err(unsupported(format!("input {x_shape:?}, weight {weight_shape:?} (1-D and 2-D)")));
-        }
-        if node.string_attr("auto_pad")?.is_some_and(|a| a != "NOTSET") || node.attr("output_shape").is_some()
-        {
-            return Err(unsupported("auto_pad or output_shape (explicit pads only)".into()));
-        }
-        let group = usize::try_from(node.int_attr("group", 1)?).unwrap_or(0);
-        let (cin, cout) = (x_shape[1], y_shape[1]);
-        if group == 0 || weight_shape[0] != cin || weight_shape[1] * group != cout || cin % group != 0 {
+        let t = ConvGeometry::transposed_from_node(node, x_shape, weight_shape)?;
+        if t.output_shape(x_shape[0]) != y_shape {
             return Err(shape_error(
-                op,
-                format!("group {group}: input {x_shape:?}, weight {weight_shape:?}"),
+                &node.name,
+                format!("output {y_shape:?} does not map back onto input {x_shape:?}"),
             ));
         }
-        let [kernel, stride, dilation] = window(node, rank, weight_shape)?;
-        let pads = explicit_pads(node, rank)?;
-        let spatial = |s: &[usize]| if rank == 1 { [1, s[2]] } else { [s[2], s[3]] };
-        let (in_hw, out_hw) = (spatial(y_shape), spatial(x_shape));
-        // The convolution of the output must land exactly on the input.
-        for a in 0..2 {
-            let span = dilation[a] * (kernel[a] - 1) + 1;
-            let padded = in_hw[a] + pads[a] + pads[a + 2];
-            if padded < span || (padded - span) / stride[a] + 1 != out_hw[a] {
-                return Err(shape_error(
-                    op,
-                    format!("output {y_shape:?} does not map back onto input {x_shape:?}"),
-                ));
-            }
-        }
         Ok(ConvGeometry {
-            in_channels: cout,
-            out_channels: cin,
-            group,
-            kernel,
-            stride,
-            dilation,
-            pads,
-            in_hw,
-            out_hw,
-            spatial_rank: rank,
+            in_channels: t.out_channels,
+            out_channels: t.in_channels,
+            in_hw: t.out_hw,
+            out_hw: t.in_hw,
+            transposed: false,
+            ..t
         })
     }
 
@@ -208,6 +254,11 @@ impl ConvGeometry {
 
     /// The input index along one axis of output position `o` and kernel tap `k`, if not padding.
     fn source(&self, axis: usize, o: usize, k: usize) -> Option<usize> {
+        if self.transposed {
+            let at = (o + self.pads[axis]).checked_sub(k * self.dilation[axis])?;
+            let s = self.stride[axis];
+            return (at % s == 0).then_some(at / s).filter(|&i| i < self.in_hw[axis]);
+        }
         (o * self.stride[axis] + k * self.dilation[axis])
             .checked_sub(self.pads[axis])
             .filter(|&i| i < self.in_hw[axis])
@@ -332,6 +383,9 @@ impl Linear {
         };
         match node.op_type.as_str() {
             "Conv" => Ok(Linear::conv(op, ConvGeometry::from_node(node, input_shape, weight_shape)?)),
+            "ConvTranspose" => {
+                Ok(Linear::conv(op, ConvGeometry::transposed_from_node(node, input_shape, weight_shape)?))
+            }
             "Gemm" | "MatMul" => {
                 if node.op_type == "Gemm"
                     && (node.int_attr("transA", 0)? != 0
@@ -377,6 +431,43 @@ impl Linear {
         self.out_channels
     }
 
+    /// A weight (or anything laid out like it, e.g. each element's encoding index) in the
+    /// layout the products take: per group, `[out, k]` rows. A ConvTranspose's `[C_in,
+    /// C_out/group, taps]` is reordered to `[C_out, C_in/group, taps]`; other layers' are as given.
+    pub fn weight_rows<T: Copy>(&self, w: &[T]) -> Vec<T> {
+        let Some(runs) = self.transposed_runs() else { return w.to_vec() };
+        let mut rows = Vec::with_capacity(w.len());
+        for (at, _, taps) in runs {
+            rows.extend_from_slice(&w[at..at + taps]);
+        }
+        rows
+    }
+
+    /// The inverse of [`Linear::weight_rows`]: rows back to the model's weight layout.
+    pub fn weight_from_rows<T: Copy + Default>(&self, rows: &[T]) -> Vec<T> {
+        let Some(runs) = self.transposed_runs() else { return rows.to_vec() };
+        let mut w = vec![T::default(); rows.len()];
+        for (at, from, taps) in runs {
+            w[at..at + taps].copy_from_slice(&rows[from..from + taps]);
+        }
+        w
+    }
+
+    /// For a ConvTranspose, its weight's runs of taps in row order: `(offset in the model's
+    /// layout, offset in rows, taps)`.
+    fn transposed_runs(&self) -> Option<impl Iterator<Item = (usize, usize, usize)>> {
+        let LinearKind::Conv(g) = &self.kind else { return None };
+        if !g.transposed {
+            return None;
+        }
+        let (cin_g, cout_g, taps) = (g.in_channels / g.group, g.out_channels / g.group, g.taps());
+        Some((0..self.out_channels).flat_map(move |o| {
+            let (gi, ol) = (o / cout_g, o % cout_g);
+            (0..cin_g)
+                .map(move |cl| (((gi * cin_g + cl) * cout_g + ol) * taps, (o * cin_g + cl) * taps, taps))
+        }))
+    }
+
     /// Elements of the weight.
     pub fn weight_len(&self) -> usize {
         self.out_channels * self.k
@@ -384,7 +475,7 @@ impl Linear {
 
     fn depthwise(&self) -> Option<&ConvGeometry> {
         match &self.kind {
-            LinearKind::Conv(g) if g.in_channels == g.group => Some(g),
+            LinearKind::Conv(g) if g.in_channels == g.group && !g.transposed => Some(g),
             _ => None,
         }
     }

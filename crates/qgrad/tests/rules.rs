@@ -52,6 +52,10 @@ fn check_layer(model: &Model, x: ArrayD<f32>, w: &[f32], bias: Option<&[f32]>, t
     let node = g.node(g.node_id("layer").unwrap());
     let w_shape = g.static_value(node.input(1).unwrap()).unwrap().shape().to_vec();
     let layer = Linear::from_node(node, x.shape(), &w_shape).unwrap().with_threads(threads);
+    // The products take the weight as rows (a ConvTranspose's reordered), and give it back.
+    let rows = layer.weight_rows(w);
+    assert_eq!(layer.weight_from_rows(&rows), w);
+    let w = rows.as_slice();
     let cols = layer.columns(x.view()).unwrap();
     let m = cols.width();
     let mut y = vec![0.0f32; layer.out_channels() * m];
@@ -176,6 +180,44 @@ proptest! {
         let xn: usize = x_shape.iter().product();
         let x = ArrayD::from_shape_vec(IxDyn(&x_shape), values(xn, seed + 2)).unwrap();
         check_layer(&model, x, &wv, bias.as_deref(), threads);
+    }
+
+    #[test]
+    fn conv_transpose_rules(
+        n in 1usize..3, cin_g in 1usize..4, cout_g in 1usize..4, group in 1usize..3,
+        h in 1usize..5, w in 1usize..5, kh in 1usize..4, kw in 1usize..4,
+        sh in 1usize..3, sw in 1usize..3, dh in 1usize..3, dw in 1usize..3,
+        pads in proptest::array::uniform4(0usize..2), extra in proptest::array::uniform2(0usize..2),
+        one_d in any::<bool>(), with_bias in any::<bool>(), seed in 0u64..1000,
+    ) {
+        let (cin, cout) = (cin_g * group, cout_g * group);
+        let (h, kh, sh, dh) = if one_d { (1, 1, 1, 1) } else { (h, kh, sh, dh) };
+        // output_padding must stay below the stride or the dilation.
+        let (eh, ew) = (extra[0].min(sh.max(dh) - 1), extra[1].min(sw.max(dw) - 1));
+        let full = |i: usize, s: usize, d: usize, k: usize, e: usize| (i - 1) * s + d * (k - 1) + 1 + e;
+        let (pt, pb) = if one_d { (0, 0) } else { (pads[0], pads[2]) };
+        prop_assume!(full(h, sh, dh, kh, eh) > pt + pb && full(w, sw, dw, kw, ew) > pads[1] + pads[3]);
+        let mut attrs = vec![("group".to_string(), Attribute::Int(group as i64))];
+        let (x_shape, w_shape) = if one_d {
+            attrs.push(ints("strides", &[sw as i64]));
+            attrs.push(ints("dilations", &[dw as i64]));
+            attrs.push(ints("pads", &[pads[1] as i64, pads[3] as i64]));
+            attrs.push(ints("output_padding", &[ew as i64]));
+            (vec![n, cin, w], vec![cin, cout_g, kw])
+        } else {
+            attrs.push(ints("strides", &[sh as i64, sw as i64]));
+            attrs.push(ints("dilations", &[dh as i64, dw as i64]));
+            attrs.push(ints("pads", &[pt as i64, pads[1] as i64, pb as i64, pads[3] as i64]));
+            attrs.push(ints("output_padding", &[eh as i64, ew as i64]));
+            (vec![n, cin, h, w], vec![cin, cout_g, kh, kw])
+        };
+        let wn: usize = w_shape.iter().product();
+        let wv = values(wn, seed);
+        let bias = with_bias.then(|| values(cout, seed + 1));
+        let model = one_node("ConvTranspose", attrs, &x_shape, ArrayD::from_shape_vec(IxDyn(&w_shape), wv.clone()).unwrap(), bias.clone());
+        let xn: usize = x_shape.iter().product();
+        let x = ArrayD::from_shape_vec(IxDyn(&x_shape), values(xn, seed + 2)).unwrap();
+        check_layer(&model, x, &wv, bias.as_deref(), 1);
     }
 
     #[test]

@@ -114,7 +114,7 @@ pub struct Adarounded {
     pub report: AdaroundReport,
 }
 
-/// Rounds the weights of `model`'s quantized Conv, Gemm and MatMul layers (see the module doc)
+/// Rounds the weights of `model`'s quantized Conv, ConvTranspose, Gemm and MatMul layers (see the module doc)
 /// for the weight quantization `config` and `options` describe, on calibration `batches`.
 /// `progress(done, total)` counts iterations over all layers.
 pub fn adaround(
@@ -161,11 +161,13 @@ pub fn adaround(
         let outputs = targets_of.values(y)?;
         let bias = static_bias(g, t.node);
         let activation = following_activation(g, t.node)?;
+        let flat: Vec<f32> = w.iter().copied().collect();
         let rounded = round_layer(
             &layer,
             g,
             t,
-            &w,
+            &layer.weight_rows(&flat),
+            &layer.weight_rows(&t.index),
             bias.as_deref(),
             activation.as_ref(),
             &inputs,
@@ -175,7 +177,7 @@ pub fn adaround(
         )?;
         let name = node.name.clone();
         let weight_name = g.value(t.weight).name.clone();
-        let tensor = Tensor::from_vec(w.shape(), rounded.weights.clone())
+        let tensor = Tensor::from_vec(w.shape(), layer.weight_from_rows(&rounded.weights))
             .ok_or_else(|| PtqError::Data(format!("{name}: weight shape and data disagree")))?;
         model.graph.value_mut(t.weight).data = Some(tensor.clone());
         inputs_of.set_weight(t.weight, tensor);
@@ -205,7 +207,7 @@ fn following_activation(g: &Graph, node: NodeId) -> Result<Option<(String, Activ
     }
     let next = g.node(consumers[0]);
     let rank = g.value(y).shape.as_ref().map_or(2, |s| s.rank());
-    let channel_axis = if n.op_type == "Conv" { 1 } else { rank.saturating_sub(1) };
+    let channel_axis = if n.op_type.starts_with("Conv") { 1 } else { rank.saturating_sub(1) };
     Ok(Activation::from_node(g, next, channel_axis, rank)?.map(|a| (next.op_type.clone(), a)))
 }
 
@@ -443,7 +445,8 @@ fn round_layer(
     layer: &Linear,
     g: &Graph,
     t: &WeightLayer,
-    w: &ArrayD<f32>,
+    w: &[f32],
+    index: &[usize],
     bias: Option<&[f32]>,
     activation: Option<&(String, Activation)>,
     inputs: &[ArrayD<f32>],
@@ -457,9 +460,8 @@ fn round_layer(
         a.check(op, layer.out_channels())?;
     }
     let pieces = pieces(layer, op, act, inputs, outputs)?;
-    let w: Vec<f32> = w.iter().copied().collect();
-    let mut rounding = SoftRounding::new(&w, &t.encodings, &t.index);
-    let nearest = rounding.nearest(&w);
+    let mut rounding = SoftRounding::new(w, &t.encodings, index);
+    let nearest = rounding.nearest(w);
     let len = w.len();
     let (mut w_soft, mut dw, mut dv) = (vec![0.0f32; len], vec![0.0f32; len], vec![0.0f32; len]);
     let mean_loss = |wq: &[f32]| -> Result<f64> {

@@ -84,7 +84,7 @@ pub struct SeqMsed {
     pub report: SeqMseReport,
 }
 
-/// Chooses the weight encodings of `model`'s quantized Conv, Gemm and MatMul layers (see the
+/// Chooses the weight encodings of `model`'s quantized Conv, ConvTranspose, Gemm and MatMul layers (see the
 /// module doc) on calibration `batches`. `progress(done, total)` counts layers.
 pub fn seq_mse(
     model: &Model,
@@ -190,6 +190,7 @@ fn search_layer(
     let c = layer.out_channels();
     let out_axis = match (node.op_type.as_str(), node.int_attr("transB", 0)?) {
         ("Conv", _) | ("Gemm", 1) => 0,
+        // ConvTranspose `[C_in, C_out/group, k…]`, MatMul and Gemm `[in, out]`.
         _ => 1,
     };
     let per_channel = l.encodings.len() > 1;
@@ -198,12 +199,14 @@ fn search_layer(
         return Ok(None);
     }
     let flat: Vec<f32> = w.iter().copied().collect();
+    // The products take the weight as rows (a ConvTranspose's reordered).
+    let rows = layer.weight_rows(&flat);
     let mut gram = layer.gram();
     for x in inputs {
         layer.add_to_gram(&layer.columns(x.view())?, &mut gram)?;
     }
     let channel_errors = |encodings: &[Encoding]| -> Result<Vec<f64>> {
-        Ok(layer.output_distances(&gram, &l.fake_quant(&flat, encodings), &flat)?)
+        Ok(layer.output_distances(&gram, &layer.weight_rows(&l.fake_quant(&flat, encodings)), &rows)?)
     };
     let mut best = vec![(f64::INFINITY, candidates); c];
     for k in 1..=candidates {

@@ -1,6 +1,6 @@
 //! The layers the weight techniques (AdaRound, sequential MSE) rewrite one after another in graph
-//! order — Conv, Gemm and MatMul with an int-quantized float initializer weight read by that node
-//! alone — and the activations they capture from a run over the calibration data.
+//! order — Conv, ConvTranspose, Gemm and MatMul with an int-quantized float initializer weight
+//! read by that node alone — and the activations they capture from a run over the calibration data.
 
 use std::collections::HashSet;
 
@@ -63,7 +63,7 @@ pub(crate) fn weight_layers(
     let mut out = Vec::new();
     for node_id in g.topological_order()? {
         let n = g.node(node_id);
-        if !["Conv", "Gemm", "MatMul"].contains(&n.op_type.as_str()) || !n.is_onnx_domain() {
+        if !["Conv", "ConvTranspose", "Gemm", "MatMul"].contains(&n.op_type.as_str()) || !n.is_onnx_domain() {
             continue;
         }
         if !wanted.is_empty() && !wanted.contains(n.name.as_str()) {

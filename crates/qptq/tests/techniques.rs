@@ -454,6 +454,61 @@ fn adaround_learns_a_rounding_that_beats_nearest() {
     }
 }
 
+/// x[1,4,4,4] → Conv 4→6 (3×3, pad 1) → Relu → ConvTranspose 6→3 (3×3, stride 2, pad 1,
+/// output_padding 1) → y[1,3,8,8]: a decoder's upsampling step.
+fn upsampling_block(seed: u64) -> Model {
+    let mut r = Lcg(seed);
+    let mut g = Graph::new("up");
+    let x = g.add_input("x", DType::F32, Shape::known(&[1, 4, 4, 4]));
+    let w1 = g.add_initializer("w1", r.tensor(&[6, 4, 3, 3], true));
+    let c = g.add_op("Conv", "conv", &[x, w1], vec![("pads", Attribute::Ints(vec![1, 1, 1, 1]))]);
+    let a = g.add_op("Relu", "relu", &[c], vec![]);
+    let w2 = g.add_initializer("w2", r.tensor(&[6, 3, 3, 3], false));
+    let b2 = g.add_initializer("b2", r.tensor(&[3], false));
+    let attrs = vec![
+        ("strides", Attribute::Ints(vec![2, 2])),
+        ("pads", Attribute::Ints(vec![1, 1, 1, 1])),
+        ("output_padding", Attribute::Ints(vec![1, 1])),
+    ];
+    let y = g.add_op("ConvTranspose", "up", &[a, w2, b2], attrs);
+    g.add_output(y);
+    Model::new(g, 13)
+}
+
+#[test]
+fn adaround_and_seq_mse_round_conv_transpose_weights_per_channel() {
+    let model = upsampling_block(5);
+    let batches: Vec<Feeds> =
+        (0..8).map(|i| vec![("x".to_string(), input(300 + i as u64, &[1, 4, 4, 4]))]).collect();
+    let (config, options) = w4("default");
+    let settings = qptq::AdaroundOptions { iterations: 2000, ..Default::default() };
+    let r = qptq::adaround(&model, &config, options, &batches, &settings, &mut |_, _| {}).unwrap();
+    let up = r.report.layers.iter().find(|l| l.layer == "up").unwrap_or_else(|| panic!("{:?}", r.report));
+    assert!(up.loss_adaround < up.loss_nearest && up.flipped > 0, "{up:?}");
+    // Per channel along axis 1 (the output channels of `[C_in, C_out, k, k]`): every rounded
+    // weight lies on its channel's grid.
+    let l = &r.encodings["w2"];
+    assert_eq!(l.encodings.len(), 3);
+    let w = r
+        .model
+        .graph
+        .static_value(r.model.graph.value_id("w2").unwrap())
+        .unwrap()
+        .as_f32()
+        .unwrap()
+        .to_owned();
+    for ((_, o, _, _), &x) in w.indexed_iter().map(|(i, x)| ((i[0], i[1], i[2], i[3]), x)) {
+        let mut v = [x];
+        qkernels::fake_quant(&mut v, &l.encodings[o]);
+        assert_eq!(v[0], x, "channel {o}");
+    }
+    let s =
+        qptq::seq_mse(&model, &config, options, &batches, &qptq::SeqMseOptions::default(), &mut |_, _| {})
+            .unwrap();
+    let up = s.report.layers.iter().find(|l| l.layer == "up").unwrap_or_else(|| panic!("{:?}", s.report));
+    assert!(up.error_chosen <= up.error_min_max * (1.0 + 1e-6), "{up:?}");
+}
+
 #[test]
 fn seq_mse_keeps_its_picks_and_per_channel_picks_are_no_worse() {
     let model = mobile_block(11);
