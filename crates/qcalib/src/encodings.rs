@@ -568,9 +568,11 @@ pub struct LoadOptions {
     pub keep_missing: bool,
 }
 
-/// Sets and freezes the encodings of the tensors named in `frozen` (before calibration, which
-/// then keeps them; as a post-training technique hands over what it learned). Returns how many
-/// quantizers were set.
+/// Hands over the encodings a post-training technique learned for the tensors named in
+/// `frozen`: each quantizer at the precision they were learned for is frozen to them (calibration
+/// then keeps them), and any quantizer is frozen to them again whenever a precision change brings
+/// it back to that precision (see [`crate::Quantizer::learn`]). Returns how many quantizers were
+/// given learned encodings.
 pub fn freeze_encodings(sim: &mut QuantSim, frozen: &HashMap<String, LoadedEncoding>) -> usize {
     let ids: Vec<(crate::QuantizerId, &LoadedEncoding)> = sim
         .placement()
@@ -580,11 +582,11 @@ pub fn freeze_encodings(sim: &mut QuantSim, frozen: &HashMap<String, LoadedEncod
         .collect();
     let placement = sim.placement_mut();
     for &(q, l) in &ids {
-        let quantizer = placement.quantizer_mut(q);
-        quantizer.precision = l.precision;
-        quantizer.symmetric = l.symmetric;
-        quantizer.encodings = Some(l.encodings.clone());
-        quantizer.frozen = true;
+        placement.quantizer_mut(q).learn(crate::LearnedEncodings {
+            precision: l.precision,
+            symmetric: l.symmetric,
+            encodings: l.encodings.clone(),
+        });
     }
     ids.len()
 }

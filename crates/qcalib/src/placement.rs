@@ -112,6 +112,10 @@ pub struct Quantizer {
     pub encodings: Option<Vec<Encoding>>,
     /// Frozen encodings are kept by calibration.
     pub frozen: bool,
+    /// Encodings a technique learned (AdaRound, sequential MSE), with the precision and symmetry
+    /// they hold for: the quantizer is frozen to them whenever it is at that precision, and
+    /// calibrated like any other at another one.
+    pub learned: Option<LearnedEncodings>,
     /// Whether the quantizer sits on a parameter (weights, bias, …).
     pub is_param: bool,
 }
@@ -128,6 +132,7 @@ impl Quantizer {
             fixed_range: None,
             encodings: None,
             frozen: false,
+            learned: None,
             is_param,
         }
     }
@@ -142,15 +147,50 @@ impl Quantizer {
         }
     }
 
-    /// Changes the precision; a change drops the encodings (they no longer fit). Frozen
-    /// quantizers keep theirs.
+    /// Changes the precision; a change drops the encodings (they no longer fit). Learned
+    /// encodings come back (frozen) when the quantizer returns to their precision; frozen
+    /// encodings that were not learned for a precision stay as they are.
     pub fn set_precision(&mut self, precision: Precision) {
-        if self.frozen || self.precision == precision {
+        if self.precision == precision {
             return;
         }
+        match &self.learned {
+            Some(l) if l.precision == precision => {
+                self.symmetric = l.symmetric;
+                self.encodings = Some(l.encodings.clone());
+                self.frozen = true;
+            }
+            Some(_) => {
+                self.encodings = None;
+                self.frozen = false;
+            }
+            None if self.frozen => return,
+            None => self.encodings = None,
+        }
         self.precision = precision;
-        self.encodings = None;
     }
+
+    /// Freezes the quantizer to encodings a technique learned at `learned.precision`: now, if it
+    /// is at that precision, and whenever [`Quantizer::set_precision`] brings it back to it.
+    pub fn learn(&mut self, learned: LearnedEncodings) {
+        if self.precision == learned.precision {
+            self.symmetric = learned.symmetric;
+            self.encodings = Some(learned.encodings.clone());
+            self.frozen = true;
+        }
+        self.learned = Some(learned);
+    }
+}
+
+/// Encodings a technique learned, with the precision and symmetry they hold for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LearnedEncodings {
+    /// The precision they were learned at.
+    pub precision: Precision,
+    /// Symmetric grids.
+    pub symmetric: bool,
+    /// One per tensor, channel or block.
+    pub encodings: Vec<Encoding>,
 }
 
 /// Why a tensor carries a quantizer.

@@ -200,6 +200,33 @@ fn activation_encodings_for_another_precision_need_no_new_pass() {
 }
 
 #[test]
+fn learned_weight_encodings_hold_at_their_precision_only() {
+    // AdaRound's encodings for conv0.weight, learned at int8: a 16-bit plan calibrates the
+    // weight at 16 bits; coming back to int8 brings the learned encodings back, frozen.
+    let mut s = calibrated(SimOptions::default());
+    let v = s.model().graph.value_id("conv0.weight").unwrap();
+    let q = s.placement().quantizer_of(v).unwrap();
+    let mut learned = s.placement().quantizer(q).encodings.clone().unwrap();
+    for e in &mut learned {
+        *e = qkernels::Encoding::from_scale_offset(e.delta * 0.75, e.offset, e.bitwidth, e.steps);
+    }
+    let frozen = std::collections::HashMap::from([(
+        "conv0.weight".to_string(),
+        qcalib::LoadedEncoding { precision: Precision::Int(8), symmetric: true, encodings: learned.clone() },
+    )]);
+    assert_eq!(qcalib::freeze_encodings(&mut s, &frozen), 1);
+    let quantizer = |s: &QuantSim| s.placement().quantizer(q).clone();
+    assert!(quantizer(&s).frozen && quantizer(&s).encodings.as_ref() == Some(&learned));
+    s.placement_mut().quantizer_mut(q).set_precision(Precision::Int(16));
+    s.compute_encodings().unwrap();
+    let wide = quantizer(&s);
+    assert!(!wide.frozen && wide.encodings.as_ref().is_some_and(|e| e[0].bitwidth == 16), "{wide:?}");
+    s.placement_mut().quantizer_mut(q).set_precision(Precision::Int(8));
+    s.compute_encodings().unwrap();
+    assert!(quantizer(&s).frozen && quantizer(&s).encodings.as_ref() == Some(&learned));
+}
+
+#[test]
 fn fp16_activations_round_like_half() {
     let precision = DefaultPrecision { param: Precision::Int(8), activation: Precision::Float16 };
     let s = calibrated(SimOptions { precision, ..SimOptions::default() });

@@ -66,9 +66,10 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
         precision: a.precision.default_precision(),
         ..SimOptions::default()
     };
-    let (model, JobData { calib, eval, labels }) =
-        crate::ptq::load_job(&a.job, &a.evaluation, &a.job.ptq, &config, options)?;
+    let (model, JobData { calib, eval, labels }, frozen) =
+        crate::ptq::load_job(&a.job, &a.evaluation, &a.job.ptq, &config, options, a.quiet)?;
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
+    qcalib::freeze_encodings(&mut sim, &frozen);
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let batch = a.job.batch.max(1);
     let mut seconds: Vec<(String, f64)> = Vec::new();

@@ -72,9 +72,13 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
             ..SimOptions::default()
         }
     };
-    let (model, JobData { calib, eval, labels }) =
-        crate::ptq::load_job(&a.job, &a.evaluation, &a.job.ptq, &config, options_at(a.narrow))?;
-    let sim_at = |c: Candidate| QuantSim::new(model.clone(), config.clone(), options_at(c)).map_err(user);
+    let (model, JobData { calib, eval, labels }, frozen) =
+        crate::ptq::load_job(&a.job, &a.evaluation, &a.job.ptq, &config, options_at(a.narrow), a.quiet)?;
+    let sim_at = |c: Candidate| {
+        let mut sim = QuantSim::new(model.clone(), config.clone(), options_at(c)).map_err(user)?;
+        qcalib::freeze_encodings(&mut sim, &frozen);
+        Ok::<_, Failure>(sim)
+    };
     let mut narrow = sim_at(a.narrow)?;
     if a.max_drop.is_some() && labels.is_none() {
         return Err(user(anyhow::anyhow!("--max-drop needs labelled evaluation data (--eval and --labels)")));

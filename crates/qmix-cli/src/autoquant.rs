@@ -23,9 +23,6 @@ pub struct AutoquantArgs {
     /// Largest top-1 drop below FP32 accepted, e.g. 0.01.
     #[arg(long, value_parser = crate::parse_finite)]
     allowed_drop: f64,
-    /// AdaRound's optimisation steps per layer (AIMET: 10,000).
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
-    adaround_iterations: u32,
     /// A last stage when the others fall short: AIMET's greedy AMP over these candidates (e.g.
     /// w16a16,w8a16,w16a8,w8a8), to the same allowed drop, from the better of the folded and
     /// equalized models.
@@ -51,9 +48,10 @@ pub struct AutoquantArgs {
 }
 
 pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
-    if a.job.ptq.any() {
+    let rounding = &a.job.learned_rounding;
+    if a.job.ptq.any() || rounding.adaround || rounding.seq_mse {
         return Err(user(anyhow::anyhow!(
-            "autoquant applies its own techniques: drop --cle, --bias-correction and --bn-reestimate"
+            "autoquant applies its own techniques: drop --cle, --bias-correction, --bn-reestimate, --adaround and --seq-mse (--adaround-iterations sets its AdaRound stage)"
         )));
     }
     let config = crate::dataset::quantsim_config(&a.job.config, &a.job.passes)?;
@@ -89,7 +87,7 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
         a.job.scheme,
         a.precision.param,
         a.precision.activation,
-        a.adaround_iterations,
+        a.job.learned_rounding.adaround_iterations,
         a.amp_candidates.as_ref().map_or("none".to_string(), |c| c
             .0
             .iter()
@@ -111,7 +109,10 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
     });
     let settings = qmix::AutoQuantOptions {
         allowed_drop: a.allowed_drop,
-        adaround: qptq::AdaroundOptions { iterations: a.adaround_iterations as usize, ..Default::default() },
+        adaround: qptq::AdaroundOptions {
+            iterations: a.job.learned_rounding.adaround_iterations as usize,
+            ..Default::default()
+        },
         cache: Some(cache),
         fingerprint,
         amp,

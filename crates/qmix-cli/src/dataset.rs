@@ -74,6 +74,8 @@ pub(crate) struct JobArgs {
     pub fp32_cache_mib: usize,
     #[command(flatten)]
     pub ptq: crate::ptq::PtqArgs,
+    #[command(flatten)]
+    pub learned_rounding: crate::ptq::RoundingArgs,
 }
 
 impl JobArgs {

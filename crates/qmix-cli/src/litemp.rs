@@ -78,9 +78,10 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         converts: a.device.converts,
         ..SimOptions::default()
     };
-    let (model, JobData { calib, eval, labels }) =
-        crate::ptq::load_job(&a.job, &a.evaluation, &a.job.ptq, &config, options)?;
+    let (model, JobData { calib, eval, labels }, frozen) =
+        crate::ptq::load_job(&a.job, &a.evaluation, &a.job.ptq, &config, options, a.quiet)?;
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
+    qcalib::freeze_encodings(&mut sim, &frozen);
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let started = Instant::now();
     let batches = calib.samples.div_ceil(a.job.batch.max(1));

@@ -45,7 +45,7 @@ impl PtqArgs {
     }
 }
 
-/// Weight rounding or encodings learned on the calibration data (`qmix quantsim`).
+/// Weight rounding or encodings learned on the calibration data (`qmix quantsim` and the jobs).
 #[derive(clap::Args, Clone, Default)]
 pub(crate) struct RoundingArgs {
     /// Learn each weight's rounding with AdaRound (AIMET's settings) after the techniques
@@ -201,22 +201,28 @@ fn cle_summary(r: &qptq::EqualizeReport, seconds: f64) -> String {
     )
 }
 
-/// Loads a job's model and data, and applies the techniques `ptq` asks for.
+/// Loads a job's model and data, and applies the techniques `ptq` and the job's
+/// `learned_rounding` ask for. Returns the model, the data and the encodings AdaRound or
+/// sequential MSE learned (to freeze on every simulation of the job: they hold at the precision
+/// they were learned for, and a layer a plan moves to another precision is calibrated there).
 pub(crate) fn load_job(
     job: &JobArgs,
     evaluation: &EvalArgs,
     ptq: &PtqArgs,
     config: &QuantsimConfig,
     options: SimOptions,
-) -> Result<(Model, JobData), Failure> {
+    quiet: bool,
+) -> Result<(Model, JobData, Frozen), Failure> {
     let model = qgraph::load_path(&job.model)?;
     let data = JobData::load(job, &model, evaluation)?;
-    if !ptq.any() {
-        return Ok((model, data));
+    let rounding = &job.learned_rounding;
+    if !ptq.any() && !rounding.adaround && !rounding.seq_mse {
+        return Ok((model, data, Frozen::new()));
     }
     let batches: Vec<Feeds> = data.calib.batches(job.batch.max(1)).collect();
-    let (model, _) = apply(model, ptq, config, options, Some(&batches))?;
-    Ok((model, data))
+    let model = if ptq.any() { apply(model, ptq, config, options, Some(&batches))?.0 } else { model };
+    let learned = round_weights(model, rounding, config, options, Some(&batches), quiet)?;
+    Ok((learned.model, data, learned.frozen))
 }
 
 /// Arguments of `qmix cle`.

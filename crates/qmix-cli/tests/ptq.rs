@@ -236,6 +236,37 @@ fn adaround_and_seq_mse_freeze_what_they_learn_on_the_digits_model() {
 }
 
 #[test]
+fn job_commands_keep_adarounds_weights_on_their_grids() {
+    // `litemp --adaround`: the float reference is the model with AdaRound's weights, and the
+    // simulation keeps their frozen grids, so quantizing the weights alone changes nothing.
+    let dir = common::scratch("litemp_adaround");
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    let arg = |f: &str| format!("input={}", models.join(f).display());
+    let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
+        .args(["--json", "litemp"])
+        .arg(models.join("digits_cnn.onnx"))
+        .args(["--calib", &arg("digits_cnn_calib.npy"), "--eval", &arg("digits_cnn_eval.npy")])
+        .arg("--labels")
+        .arg(models.join("digits_cnn_labels.npy"))
+        .args(["--config", "default_per_tensor", "--adaround", "--adaround-iterations", "200"])
+        .args(["--count", "1", "--quiet", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(summary["psnr_db"]["weights_only"].as_f64().unwrap() >= 99.0, "{summary}");
+    assert_eq!(summary["flipped"].as_array().unwrap().len(), 1, "{summary}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("AdaRound: 4 layers rounded"));
+    let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
+        .args(["autoquant", "model.onnx", "--allowed-drop", "0.01", "--adaround"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--adaround-iterations sets its AdaRound stage"));
+}
+
+#[test]
 fn autoquant_stops_at_the_first_stage_within_the_drop_and_resumes() {
     let dir = common::scratch("autoquant");
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");

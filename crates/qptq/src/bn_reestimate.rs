@@ -216,6 +216,8 @@ pub fn fold_batch_norms_of_simulation(sim: &mut QuantSim, batches: &[Feeds]) -> 
         let mut q = sim.placement().quantizer(old_q).clone();
         if let Some(layer) = layer.filter(|l| folded_layers.contains(l)) {
             q.encodings = scaled_layers.get(layer).and_then(|k| scaled_to(&q, k));
+            // Encodings learned for the unfolded weight no longer fit it.
+            q.learned = None;
         }
         carried.push((t.quantizer, q));
     }
