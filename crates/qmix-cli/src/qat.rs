@@ -219,7 +219,12 @@ pub(crate) fn train(
         }
         None => qtrain::train(sim, data, &options, Some((&checkpoint, t.resume)), None, &mut progress),
     }
-    .map_err(user)?;
+    .map_err(|e| match e {
+        qtrain::TrainError::Grad(qgrad::GradError::NonFinite { .. }) => user(anyhow::anyhow!(
+            "{e}; in a normalization decomposed into ReduceMean, Pow, Sqrt and Div, quantizing its internals can round the variance to zero: `--pass LayerNormalization` (or RMSNormalization) keeps them in float"
+        )),
+        e => user(e),
+    })?;
     pb.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     say!(
