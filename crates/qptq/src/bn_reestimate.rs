@@ -173,7 +173,7 @@ fn measure_into(sim: &QuantSim, g: &mut Graph, batches: &[Feeds]) -> Result<Vec<
 /// activation encodings (learned or calibrated) kept, and a folded layer's per-channel symmetric
 /// weight encodings scaled by the BN's per-channel factor, so each weight keeps its integer.
 /// Weight encodings that cannot follow that way (per-tensor or blocked weights, a BN folded into
-/// the layer after it) are calibrated again from the folded weights.
+/// the layer after it) and the folded layers' biases are calibrated again.
 pub fn fold_batch_norms_of_simulation(sim: &mut QuantSim, batches: &[Feeds]) -> Result<BnReestimationReport> {
     let mut report = BnReestimationReport::default();
     if inference_batch_norms(&sim.model().graph).is_empty() {
@@ -201,21 +201,22 @@ pub fn fold_batch_norms_of_simulation(sim: &mut QuantSim, batches: &[Feeds]) -> 
     let g = &rebuilt.model().graph;
     let mut carried: Vec<(QuantizerId, Quantizer)> = Vec::new();
     for t in rebuilt.placement().tensors() {
-        let (old_value, layer) = match g.static_value(t.value) {
+        let (old_value, param_of) = match g.static_value(t.value) {
             // A parameter is matched by the layer that reads it and the slot it fills (folding
             // renames a layer's weight).
             Some(_) => {
                 let Some(read) = g.consumers(t.value).first() else { continue };
                 let node = g.node(read.node);
                 let old = old_graph.node_id(&node.name).and_then(|n| old_graph.node(n).input(read.slot));
-                (old, Some(node.name.as_str()))
+                (old, Some((node.name.as_str(), read.slot)))
             }
             None => (old_graph.value_id(&g.value(t.value).name), None),
         };
         let Some(old_q) = old_value.and_then(|v| sim.placement().quantizer_of(v)) else { continue };
         let mut q = sim.placement().quantizer(old_q).clone();
-        if let Some(layer) = layer.filter(|l| folded_layers.contains(l)) {
-            q.encodings = scaled_layers.get(layer).and_then(|k| scaled_to(&q, k));
+        if let Some((layer, slot)) = param_of.filter(|(l, _)| folded_layers.contains(l)) {
+            // The weight's grid follows the BN's factor; the folded bias is calibrated again.
+            q.encodings = scaled_layers.get(layer).filter(|_| slot == 1).and_then(|k| scaled_to(&q, k));
             // Encodings learned for the unfolded weight no longer fit it.
             q.learned = None;
         }
