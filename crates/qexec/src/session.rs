@@ -627,7 +627,11 @@ impl Session {
             let activation_out =
                 |i: usize| g.node(self.steps[i + 1].node).outputs().first().copied().flatten();
             let fusion = match (step.fuse, produced) {
-                (Some(act), Some(out)) if fusion_allowed && self.steps.get(i + 1).is_some_and(&runs) => {
+                (Some(act), Some(out))
+                    if fusion_allowed
+                        && !requested[out.index()]
+                        && self.steps.get(i + 1).is_some_and(&runs) =>
+                {
                     match hook {
                         None => Some(Fusion::InKernel(act)),
                         Some(h) if !h.observes(out) => Some(Fusion::InKernel(act)),

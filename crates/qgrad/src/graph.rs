@@ -6,11 +6,11 @@
 //! simulation turns the gradient by a quantized value into the gradient by the value before
 //! fake-quant there (the straight-through estimator) and records its scale and offset gradients.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use ndarray::ArrayD;
 use qexec::ValueCache;
-use qgraph::{Model, Tensor, ValueId};
+use qgraph::{Model, NodeId, Tensor, ValueId};
 
 use crate::error::{GradError, Result, shape_error};
 
@@ -52,6 +52,31 @@ pub fn backward(
     wrt: &[ValueId],
     through: &mut dyn FnMut(ValueId, &mut ArrayD<f32>) -> Result<()>,
 ) -> Result<Gradients> {
+    backward_over(model, None, values, seeds, wrt, through)
+}
+
+/// [`backward`] through the nodes `within` only (a segment of a model whose values are
+/// recomputed piece by piece): the gradients of values those nodes read from outside are
+/// returned when asked for in `wrt` (after `through`), and go no further.
+pub fn backward_within(
+    model: &Model,
+    within: &HashSet<NodeId>,
+    values: &dyn ForwardValues,
+    seeds: Vec<(ValueId, ArrayD<f32>)>,
+    wrt: &[ValueId],
+    through: &mut dyn FnMut(ValueId, &mut ArrayD<f32>) -> Result<()>,
+) -> Result<Gradients> {
+    backward_over(model, Some(within), values, seeds, wrt, through)
+}
+
+fn backward_over(
+    model: &Model,
+    within: Option<&HashSet<NodeId>>,
+    values: &dyn ForwardValues,
+    seeds: Vec<(ValueId, ArrayD<f32>)>,
+    wrt: &[ValueId],
+    through: &mut dyn FnMut(ValueId, &mut ArrayD<f32>) -> Result<()>,
+) -> Result<Gradients> {
     let g = &model.graph;
     let order = g.topological_order()?;
     // Which values depend on a `wrt` value: only their gradients are needed.
@@ -74,7 +99,7 @@ pub fn backward(
         }
         accumulate(&mut grads, v, grad, &g.value(v).name)?;
     }
-    let wanted: std::collections::HashSet<ValueId> = wrt.iter().copied().collect();
+    let wanted: HashSet<ValueId> = wrt.iter().copied().collect();
     let mut out = Gradients::new();
     for &n in order.iter().rev() {
         let node = g.node(n);
@@ -95,7 +120,7 @@ pub fn backward(
             };
             dys.push(grad);
         }
-        if dys.iter().all(Option::is_none) {
+        if dys.iter().all(Option::is_none) || within.is_some_and(|w| !w.contains(&n)) {
             continue;
         }
         let need: Vec<bool> = node.inputs().iter().map(|v| v.is_some_and(|v| depends[v.index()])).collect();

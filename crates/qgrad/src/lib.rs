@@ -18,7 +18,7 @@ mod optim;
 pub use activation::Activation;
 pub use error::{GradError, Result};
 pub use fake_quant::{EncodingGrad, fake_quant_backward, fake_quant_backward_indexed};
-pub use graph::{ForwardValues, Gradients, backward};
+pub use graph::{ForwardValues, Gradients, backward, backward_within};
 pub use linear::{Columns, ConvGeometry, Gram, Linear, LinearKind};
 pub use loss::{channel_mse, channel_mse_after};
 pub use optim::{Adam, Sgd};

@@ -61,6 +61,12 @@ pub(crate) struct TrainArgs {
     /// Continue from the checkpoint when it exists (it must come from the same settings).
     #[arg(long)]
     resume: bool,
+    /// Recompute the forward values in this many segments for the backward pass: memory falls
+    /// to about one segment's values, for about one more forward pass; the gradients are the
+    /// same. Default: 1, or as many as it takes for one micro-batch's values to fit in
+    /// --max-memory
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    segments: Option<u32>,
     /// Leave BatchNormalizations as they are after training (by default their statistics are
     /// re-estimated on the trained simulation and they are folded into their layers, each folded
     /// weight keeping its integer: AIMET's BN re-estimation and fold to scale)
@@ -152,7 +158,26 @@ pub(crate) fn train(
         (None, "mse") => Objective::Mse,
         (None, _) => Objective::Distillation { temperature: t.temperature },
     };
+    let micro = (t.micro_batch as usize).max(1);
+    let segments = match t.segments {
+        Some(n) => n as usize,
+        None => {
+            let first = samples.first().ok_or_else(|| user(anyhow::anyhow!("no calibration samples")))?;
+            let bytes = qtrain::kept_bytes_per_sample(sim, first).map_err(user)?.saturating_mul(micro);
+            let budget = qexec::default_max_tensor_bytes().max(1);
+            let n = bytes.div_ceil(budget).max(1);
+            if n > 1 {
+                say!(
+                    "a micro-batch of {micro} keeps {:.0} MiB for its backward pass, over --max-memory ({:.0} MiB): its values are recomputed in {n} segments",
+                    bytes as f64 / (1 << 20) as f64,
+                    budget as f64 / (1 << 20) as f64
+                );
+            }
+            n
+        }
+    };
     let options = QatOptions {
+        segments,
         mode: t.mode,
         epochs: t.epochs as usize,
         batch_size: t.train_batch as usize,

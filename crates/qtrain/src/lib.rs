@@ -14,5 +14,6 @@ mod qat;
 pub use error::{Result, TrainError};
 pub use loss::Objective;
 pub use qat::{
-    EpochRecord, Evaluate, Progress, QatMode, QatOptions, QatReport, Schedule, TrainingData, train,
+    EpochRecord, Evaluate, Progress, QatMode, QatOptions, QatReport, Schedule, TrainingData,
+    kept_bytes_per_sample, train,
 };

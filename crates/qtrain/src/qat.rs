@@ -12,14 +12,14 @@
 //! evaluation scores the simulation, the best epoch is remembered, and a checkpoint is written;
 //! at the end the best epoch's state is what the simulation holds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Instant;
 
 use ndarray::{ArrayD, IxDyn};
 use qcalib::{Feeds, Granularity, QuantSim, Quantizer, QuantizerId, TrainingRun, encoding_index};
 use qgrad::{Adam, EncodingGrad, ForwardValues, fake_quant_backward, fake_quant_backward_indexed};
-use qgraph::{Graph, Tensor, ValueId};
+use qgraph::{Graph, NodeId, Tensor, ValueId};
 use qkernels::Encoding;
 use serde_json::{Value, json};
 
@@ -78,6 +78,11 @@ pub struct QatOptions {
     pub objective: Objective,
     /// Seed of the sample order (shuffled every epoch).
     pub seed: u64,
+    /// Segments the forward values are recomputed in (1: all kept from one forward pass). With
+    /// more, a step keeps only the values crossing segment boundaries from its forward pass and
+    /// recomputes each segment's values before its backward pass: memory falls to about one
+    /// segment's values for about one more forward pass; the gradients are the same.
+    pub segments: usize,
 }
 
 impl Default for QatOptions {
@@ -92,6 +97,7 @@ impl Default for QatOptions {
             clip_grad_norm: None,
             objective: Objective::Distillation { temperature: 4.0 },
             seed: 0,
+            segments: 1,
         }
     }
 }
@@ -292,16 +298,93 @@ fn quantized_output_of_reader(sim: &QuantSim, v: ValueId) -> Option<ValueId> {
     None
 }
 
-/// The values a backward pass reads from a training run.
-struct RunValues<'r, 'a>(&'r TrainingRun<'a>);
+/// The bytes a training step holds for the backward pass of one sample kept whole (every value
+/// as read, and each fake-quantized activation before fake-quant): `sample` is run once.
+/// Times the micro-batch, against a memory budget, it gives [`QatOptions::segments`].
+pub fn kept_bytes_per_sample(sim: &QuantSim, sample: &Feeds) -> Result<usize> {
+    let named: Vec<(&str, Tensor)> = sample.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let run = sim.run_for_training(&named)?;
+    let before: usize = run.before_quantization.values().map(|t| t.len() * t.dtype().size_of()).sum();
+    Ok(run.values.bytes().saturating_add(before) / rows_of(sample).max(1))
+}
 
-impl ForwardValues for RunValues<'_, '_> {
+/// The values a backward pass reads: a training run's, and for a segment, the values it read
+/// from the segments before it (`cache`).
+struct SegmentValues<'r, 'a> {
+    run: &'r TrainingRun<'a>,
+    cache: Option<&'r qexec::ValueCache>,
+}
+
+impl ForwardValues for SegmentValues<'_, '_> {
     fn read(&self, v: ValueId) -> Option<&Tensor> {
-        self.0.values.get(v)
+        self.run.values.get(v).or_else(|| self.cache?.get(v))
     }
 
     fn produced(&self, v: ValueId) -> Option<&Tensor> {
-        self.0.before_quantization.get(&v).or_else(|| self.0.values.get(v))
+        self.run.before_quantization.get(&v).or_else(|| self.read(v))
+    }
+}
+
+/// A training model cut into contiguous runs of nodes (in topological order) whose values are
+/// recomputed one run at a time in the backward pass, so only one run's values are held.
+struct SegmentPlan {
+    segments: Vec<Segment>,
+    /// Every value some segment reads from an earlier one (or a graph input): the first pass
+    /// keeps these.
+    kept: Vec<ValueId>,
+}
+
+/// One segment: its nodes, the non-constant values it reads from before it, and the values it
+/// produces that later segments (or the graph outputs) read.
+struct Segment {
+    nodes: Vec<NodeId>,
+    within: HashSet<NodeId>,
+    reads: HashSet<ValueId>,
+    produces: Vec<ValueId>,
+}
+
+impl SegmentPlan {
+    fn new(model: &qgraph::Model, count: usize) -> Result<SegmentPlan> {
+        let g = &model.graph;
+        let order = g.topological_order()?;
+        let per = order.len().div_ceil(count.max(1)).max(1);
+        let mut segment_of = vec![usize::MAX; g.node_count()];
+        for (i, &n) in order.iter().enumerate() {
+            segment_of[n.index()] = i / per;
+        }
+        let chunks: Vec<Vec<NodeId>> = order.chunks(per).map(<[NodeId]>::to_vec).collect();
+        let mut segments: Vec<Segment> = chunks
+            .into_iter()
+            .map(|nodes| Segment {
+                within: nodes.iter().copied().collect(),
+                nodes,
+                reads: HashSet::new(),
+                produces: Vec::new(),
+            })
+            .collect();
+        let is_constant = |v: ValueId| g.static_value(v).is_some();
+        let producer_segment = |v: ValueId| g.producer(v).map(|o| segment_of[o.node.index()]);
+        for (s, segment) in segments.iter_mut().enumerate() {
+            for &n in &segment.nodes {
+                let node = g.node(n);
+                for &v in node.inputs().iter().flatten().chain(node.implicit_inputs()) {
+                    if !is_constant(v) && producer_segment(v).is_none_or(|p| p < s) {
+                        segment.reads.insert(v);
+                    }
+                }
+            }
+        }
+        let mut kept: Vec<ValueId> = segments.iter().flat_map(|s| s.reads.iter().copied()).collect();
+        kept.sort_unstable_by_key(|v| v.index());
+        kept.dedup();
+        for &v in kept.iter().chain(g.outputs()) {
+            if let Some(p) = producer_segment(v) {
+                if !segments[p].produces.contains(&v) {
+                    segments[p].produces.push(v);
+                }
+            }
+        }
+        Ok(SegmentPlan { segments, kept })
     }
 }
 
@@ -484,25 +567,107 @@ impl Trainer<'_> {
         scale: f32,
     ) -> Result<f64> {
         let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        let run = sim.run_for_training(&named)?;
-        let out = run.outputs.first().and_then(Tensor::as_f32).ok_or_else(|| {
+        let wrt: Vec<ValueId> = self.params.iter().map(|p| p.value).collect();
+        if self.options.segments <= 1 {
+            let run = sim.run_for_training(&named)?;
+            let (loss, seed) = self.loss(&run.outputs, run.model, labels, teacher, scale)?;
+            let values = SegmentValues { run: &run, cache: None };
+            let grads = self.backward_through(sim, &run, &values, vec![seed], &wrt, None)?;
+            self.add_param_grads(&grads);
+            return Ok(loss);
+        }
+        let model = sim.training_model()?;
+        let plan = SegmentPlan::new(model, self.options.segments)?;
+        let (outputs, kept) = sim.run_keeping(&named, &plan.kept)?;
+        let (loss, seed) = self.loss(&outputs, model, labels, teacher, scale)?;
+        // Gradients by values that cross a segment boundary, as they leave the segments that
+        // read them (before the straight-through estimator of their producer).
+        let mut pending: HashMap<ValueId, ArrayD<f32>> = HashMap::from([seed]);
+        for segment in plan.segments.iter().rev() {
+            let mut cache = qexec::ValueCache::new();
+            for &v in &segment.reads {
+                if let Some(t) = kept.get(v) {
+                    cache.insert(v, t.clone());
+                }
+            }
+            let run = sim.rerun_for_training(&cache, &segment.nodes)?;
+            let seeds: Vec<(ValueId, ArrayD<f32>)> =
+                segment.produces.iter().filter_map(|v| Some((*v, pending.remove(v)?))).collect();
+            if seeds.is_empty() {
+                continue;
+            }
+            let mut wanted = wrt.clone();
+            wanted.extend(segment.reads.iter().copied());
+            let values = SegmentValues { run: &run, cache: Some(&cache) };
+            let grads = self.backward_through(sim, &run, &values, seeds, &wanted, Some(segment))?;
+            for v in &segment.reads {
+                if let Some(g) = grads.get(v) {
+                    match pending.get_mut(v) {
+                        Some(sum) if sum.shape() == g.shape() => *sum += g,
+                        Some(_) => {
+                            return Err(TrainError::Data(format!(
+                                "gradients of '{}' differ in shape",
+                                model.graph.value(*v).name
+                            )));
+                        }
+                        None => {
+                            pending.insert(*v, g.clone());
+                        }
+                    }
+                }
+            }
+            self.add_param_grads(&grads);
+        }
+        Ok(loss)
+    }
+
+    /// The loss of the first output against `labels` or `teacher`, and its gradient (times
+    /// `scale`) as a seed at that output of `model`.
+    fn loss(
+        &self,
+        outputs: &[Tensor],
+        model: &qgraph::Model,
+        labels: &[usize],
+        teacher: Option<&Tensor>,
+        scale: f32,
+    ) -> Result<(f64, (ValueId, ArrayD<f32>))> {
+        let out = outputs.first().and_then(Tensor::as_f32).ok_or_else(|| {
             TrainError::Data("the model's first output is not f32: nothing to train against".into())
         })?;
         let teacher = teacher.and_then(Tensor::as_f32).map(|t| t.view());
         let (loss, mut seed) = self.options.objective.loss(out.view(), labels, teacher)?;
         seed.mapv_inplace(|g| g * scale);
         let out_value =
-            *run.model.graph.outputs().first().ok_or_else(|| TrainError::Data("no outputs".into()))?;
+            *model.graph.outputs().first().ok_or_else(|| TrainError::Data("no outputs".into()))?;
+        Ok((loss, (out_value, seed)))
+    }
+
+    /// `qgrad::backward` over `run` (through `segment`'s nodes only, when given) from `seeds`
+    /// to `wanted`, with the straight-through estimator at every quantizer (range gradients
+    /// collected) except at the values the segment reads from before it (their producer's
+    /// segment applies it).
+    fn backward_through(
+        &mut self,
+        sim: &QuantSim,
+        run: &TrainingRun<'_>,
+        values: &SegmentValues<'_, '_>,
+        seeds: Vec<(ValueId, ArrayD<f32>)>,
+        wanted: &[ValueId],
+        segment: Option<&Segment>,
+    ) -> Result<qgrad::Gradients> {
+        let none = HashSet::new();
+        let inputs = segment.map_or(&none, |s| &s.reads);
         let placement = sim.placement();
         let activation_quantizers: HashMap<ValueId, &Quantizer> = run.quantizers.iter().copied().collect();
         let param_index: HashMap<ValueId, usize> =
             self.params.iter().enumerate().map(|(i, p)| (p.value, i)).collect();
         let range_index: HashMap<QuantizerId, usize> =
             self.ranges.iter().enumerate().map(|(i, r)| (r.quantizer, i)).collect();
-        let wrt: Vec<ValueId> = self.params.iter().map(|p| p.value).collect();
         let (params, ranges) = (&self.params, &mut self.ranges);
-        let values = RunValues(&run);
         let mut through = |v: ValueId, grad: &mut ArrayD<f32>| -> qgrad::Result<()> {
+            if inputs.contains(&v) {
+                return Ok(());
+            }
             let (x, shape, q, index): (&[f32], &[usize], &Quantizer, Option<&[usize]>) = if let Some(&i) =
                 param_index.get(&v)
             {
@@ -523,7 +688,14 @@ impl Trainer<'_> {
                 qgrad::GradError::Shape { op: run.model.graph.value(v).name.clone(), detail }
             })
         };
-        let grads = qgrad::backward(run.model, &values, vec![(out_value, seed)], &wrt, &mut through)?;
+        Ok(match segment {
+            Some(s) => qgrad::backward_within(run.model, &s.within, values, seeds, wanted, &mut through)?,
+            None => qgrad::backward(run.model, values, seeds, wanted, &mut through)?,
+        })
+    }
+
+    /// Adds the parameters' gradients in `grads` to theirs.
+    fn add_param_grads(&mut self, grads: &qgrad::Gradients) {
         for p in self.params.iter_mut() {
             if let Some(g) = grads.get(&p.value) {
                 for (acc, &d) in p.grad.iter_mut().zip(g.iter()) {
@@ -531,7 +703,6 @@ impl Trainer<'_> {
                 }
             }
         }
-        Ok(loss)
     }
 
     /// The unit of each parameter's updates, per element (or one for the whole tensor): the

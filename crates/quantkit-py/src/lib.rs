@@ -271,12 +271,14 @@ impl QuantSim {
     /// and offset learn too). `learning_rate` is in units of each weight's quantization step.
     /// With `eval_batches` and `eval_labels` the simulation is scored (top-1, `label_offset`
     /// as in the CLI) before training and after every epoch and the best epoch is kept;
-    /// `checkpoint` is written after every epoch and, with `resume`, continued from. Returns the
-    /// report (epochs, losses, scores, the epoch kept) as a dict.
+    /// `checkpoint` is written after every epoch and, with `resume`, continued from. `segments`
+    /// > 1 recomputes the forward values in that many segments for the backward pass (less
+    /// memory, the same gradients). Returns the report (epochs, losses, scores, the epoch kept)
+    /// as a dict.
     #[pyo3(signature = (
         batches, epochs = 10, learning_rate = 1e-3, mode = "regular", batch_size = 32, micro_batch = 8,
         temperature = 4.0, labels = None, eval_batches = None, eval_labels = None, label_offset = 0,
-        checkpoint = None, resume = false, seed = 0
+        checkpoint = None, resume = false, seed = 0, segments = 1
     ))]
     #[allow(clippy::too_many_arguments)]
     fn train<'py>(
@@ -296,6 +298,7 @@ impl QuantSim {
         checkpoint: Option<std::path::PathBuf>,
         resume: bool,
         seed: u64,
+        segments: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
         let mode = match mode {
             "regular" => qtrain::QatMode::Regular,
@@ -337,6 +340,7 @@ impl QuantSim {
                 None => qtrain::Objective::Distillation { temperature },
             },
             seed,
+            segments,
             ..qtrain::QatOptions::default()
         };
         let sim = &mut self.inner;

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use qexec::{Hook, HookError, Keep, RunOptions, TensorEvent, ValueCache};
-use qgraph::{Model, Tensor, ValueId};
+use qgraph::{Model, NodeId, Tensor, ValueId};
 
 use super::{FakeQuantHook, QuantSim};
 use crate::error::{CalibError, Result};
@@ -78,15 +78,7 @@ impl QuantSim {
     /// Runs the simulation on `feeds` keeping what a backward pass reads (see [`TrainingRun`]).
     pub fn run_for_training(&self, feeds: &[(&str, Tensor)]) -> Result<TrainingRun<'_>> {
         let (session, fake_quant) = self.session_and_hook(false)?;
-        let mut quantizers: Vec<(ValueId, &Quantizer)> = self
-            .placement
-            .tensors()
-            .iter()
-            .filter(|t| matches!(t.role, TensorRole::GraphInput | TensorRole::Output { .. }))
-            .map(|t| (t.value, self.placement.quantizer(t.quantizer)))
-            .filter(|(_, q)| q.enabled)
-            .collect();
-        quantizers.extend(self.convert_quantizers.iter().map(|(v, q)| (*v, q)));
+        let quantizers = self.training_quantizers();
         let mut hook = KeepingHook { fake_quant, before: HashMap::new() };
         let opts =
             RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() }.keep(Keep::All);
@@ -98,5 +90,58 @@ impl QuantSim {
             model: session.model(),
             quantizers,
         })
+    }
+
+    /// The model a training run executes (see [`TrainingRun::model`]).
+    pub fn training_model(&self) -> Result<&Model> {
+        Ok(self.session()?.model())
+    }
+
+    /// Runs the simulation on `feeds` keeping only the graph outputs and the values `keep` (as
+    /// their readers read them): the first pass of a training step that recomputes its values
+    /// segment by segment.
+    pub fn run_keeping(
+        &self,
+        feeds: &[(&str, Tensor)],
+        keep: &[ValueId],
+    ) -> Result<(Vec<Tensor>, ValueCache)> {
+        let (session, mut hook) = self.session_and_hook(false)?;
+        let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() }
+            .keep(Keep::Values(keep.to_vec()));
+        let run = session.run_with(feeds, opts)?;
+        Ok((run.outputs, run.kept))
+    }
+
+    /// Recomputes `nodes` of the training model from the values in `cache` (the graph inputs and
+    /// every value they read that they do not compute), keeping what a backward pass through
+    /// them reads; `outputs` of the result is empty.
+    pub fn rerun_for_training(&self, cache: &ValueCache, nodes: &[NodeId]) -> Result<TrainingRun<'_>> {
+        let (session, fake_quant) = self.session_and_hook(false)?;
+        let quantizers = self.training_quantizers();
+        let mut hook = KeepingHook { fake_quant, before: HashMap::new() };
+        let opts =
+            RunOptions { hook: Some(&mut hook), hook_inputs: false, ..RunOptions::default() }.keep(Keep::All);
+        let run = session.run_nodes(cache, nodes, opts)?;
+        Ok(TrainingRun {
+            outputs: Vec::new(),
+            values: run.kept,
+            before_quantization: hook.before,
+            model: session.model(),
+            quantizers,
+        })
+    }
+
+    /// The enabled activation quantizers (and those of simulated converts), by value.
+    fn training_quantizers(&self) -> Vec<(ValueId, &Quantizer)> {
+        let mut quantizers: Vec<(ValueId, &Quantizer)> = self
+            .placement
+            .tensors()
+            .iter()
+            .filter(|t| matches!(t.role, TensorRole::GraphInput | TensorRole::Output { .. }))
+            .map(|t| (t.value, self.placement.quantizer(t.quantizer)))
+            .filter(|(_, q)| q.enabled)
+            .collect();
+        quantizers.extend(self.convert_quantizers.iter().map(|(v, q)| (*v, q)));
+        quantizers
     }
 }
