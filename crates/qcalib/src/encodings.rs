@@ -71,6 +71,8 @@ struct Exported<'a> {
     name: &'a str,
     is_param: bool,
     quantizer: &'a Quantizer,
+    /// The tensor's shape, where known (per-block encodings are laid out by it).
+    shape: Option<Vec<usize>>,
 }
 
 fn exported(sim: &QuantSim) -> Vec<Exported<'_>> {
@@ -85,28 +87,64 @@ fn exported(sim: &QuantSim) -> Vec<Exported<'_>> {
                 name: &g.value(t.value).name,
                 is_param: matches!(t.role, TensorRole::Param { .. }),
                 quantizer: q,
+                shape: g
+                    .static_value(t.value)
+                    .map(|d| d.shape().to_vec())
+                    .or_else(|| g.value(t.value).shape.as_ref().and_then(|s| s.to_known())),
             })
         })
         .collect()
 }
 
-fn entry_1_0_0(name: &str, q: &Quantizer) -> Value {
+fn entry_1_0_0(e: &Exported<'_>) -> Value {
+    let (name, q) = (e.name, e.quantizer);
     let Some(encs) = q.encodings.as_deref().filter(|_| q.precision.is_int()) else {
         return json!({"name": name, "dtype": "FLOAT", "bw": q.precision.bits(), "enc_type": "PER_TENSOR"});
     };
-    let mut e = json!({
+    let order = channel_major_block_order(q.granularity, e.shape.as_deref(), encs.len());
+    let ordered = |f: fn(&Encoding) -> f64| -> Vec<f64> {
+        match &order {
+            Some(order) => order.iter().map(|&i| f(&encs[i])).collect(),
+            None => encs.iter().map(f).collect(),
+        }
+    };
+    let mut entry = json!({
         "name": name,
         "dtype": "INT",
         "bw": q.precision.bits(),
         "is_sym": q.symmetric,
         "enc_type": enc_type(q.granularity),
-        "scale": encs.iter().map(|e| e.delta).collect::<Vec<_>>(),
-        "offset": encs.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        "scale": ordered(|e| e.delta),
+        "offset": ordered(|e| e.offset),
     });
     if let Granularity::PerBlock { block_size, .. } = q.granularity {
-        e["block_size"] = json!(block_size);
+        entry["block_size"] = json!(block_size);
     }
-    e
+    entry
+}
+
+/// AIMET's 1.0.0 order of per-block encodings on a 2-D weight whose channels run along axis 1
+/// (MatMul and Gemm `[in, out]`): channel by channel, where the encoding shape `[blocks,
+/// channels]` runs block by block. The index of each encoding in that order; `None` when the
+/// order is the encoding shape's own.
+fn channel_major_block_order(g: Granularity, shape: Option<&[usize]>, count: usize) -> Option<Vec<usize>> {
+    let Granularity::PerBlock { channel_axis: 1, block_axis: 0, block_size } = g else { return None };
+    let [rows, channels] = *shape? else { return None };
+    let blocks = rows.checked_div(block_size)?;
+    (blocks * channels == count)
+        .then(|| (0..channels).flat_map(|c| (0..blocks).map(move |b| b * channels + c)).collect())
+}
+
+/// `values` (row-major) nested as a JSON array of `shape`.
+fn nested(values: &[Value], shape: &[usize]) -> Value {
+    match shape.split_first() {
+        None => values.first().cloned().unwrap_or(Value::Null),
+        Some((_, [])) => Value::Array(values.to_vec()),
+        Some((&n, rest)) => {
+            let per = values.len() / n.max(1);
+            Value::Array(values.chunks(per.max(1)).map(|c| nested(c, rest)).collect())
+        }
+    }
 }
 
 fn entries_0_6_1(q: &Quantizer) -> Value {
@@ -155,7 +193,13 @@ fn entry_2_0_0(name: &str, dtype: String, scales: &[f64], zero_points: &[f64], a
     e
 }
 
-fn int_entry_2_0_0(name: &str, q: &Quantizer, encs: &[Encoding], force_unsigned: bool) -> Value {
+fn int_entry_2_0_0(
+    name: &str,
+    q: &Quantizer,
+    encs: &[Encoding],
+    force_unsigned: bool,
+    shape: Option<&[usize]>,
+) -> Value {
     let bits = q.precision.bits();
     let mut unsigned = !q.symmetric;
     let mut zero_points: Vec<f64> = encs.iter().map(|e| -affine_offset(q, e)).collect();
@@ -171,8 +215,25 @@ fn int_entry_2_0_0(name: &str, q: &Quantizer, encs: &[Encoding], force_unsigned:
         Granularity::PerBlock { block_axis, .. } => Some(block_axis),
     };
     let mut e = entry_2_0_0(name, dtype, &scales, &zero_points, axis);
-    if let Granularity::PerBlock { block_size, .. } = q.granularity {
+    if let Granularity::PerBlock { channel_axis, block_axis, block_size } = q.granularity {
         e["block_size"] = json!(block_size);
+        // AIMET keeps a per-block scale in the encoding shape: the channel axis whole, the block
+        // axis in blocks, every other axis 1.
+        let enc_shape = shape.map(|s| {
+            (0..s.len())
+                .map(|a| match a {
+                    a if a == channel_axis => s[a],
+                    a if a == block_axis => s[a] / block_size.max(1),
+                    _ => 1,
+                })
+                .collect::<Vec<_>>()
+        });
+        if let Some(enc_shape) = enc_shape.filter(|s| s.iter().product::<usize>() == scales.len()) {
+            e["y_scale"] = nested(&scales.iter().map(|&x| json!(x)).collect::<Vec<_>>(), &enc_shape);
+            if let Some(z) = e.get("y_zero_point").and_then(Value::as_array).cloned() {
+                e["y_zero_point"] = nested(&z, &enc_shape);
+            }
+        }
     }
     e
 }
@@ -294,8 +355,8 @@ pub fn encodings_json(sim: &QuantSim, version: EncodingVersion) -> Value {
                 "version": "1.0.0",
                 "producer": producer(),
                 "quantizer_args": quantizer_args(sim),
-                "activation_encodings": acts.iter().map(|e| entry_1_0_0(e.name, e.quantizer)).collect::<Vec<_>>(),
-                "param_encodings": params.iter().map(|e| entry_1_0_0(e.name, e.quantizer)).collect::<Vec<_>>(),
+                "activation_encodings": acts.iter().map(|e| entry_1_0_0(e)).collect::<Vec<_>>(),
+                "param_encodings": params.iter().map(|e| entry_1_0_0(e)).collect::<Vec<_>>(),
             })
         }
         EncodingVersion::V0_6_1 => {
@@ -321,7 +382,8 @@ pub fn encodings_json(sim: &QuantSim, version: EncodingVersion) -> Value {
                 else {
                     continue;
                 };
-                entries.insert(e.name.to_string(), int_entry_2_0_0(e.name, e.quantizer, encs, !e.is_param));
+                let entry = int_entry_2_0_0(e.name, e.quantizer, encs, !e.is_param, e.shape.as_deref());
+                entries.insert(e.name.to_string(), entry);
             }
             for b in int32_biases(sim) {
                 let name = &g.value(b.bias).name;
@@ -381,6 +443,9 @@ pub struct LoadedEncoding {
     pub symmetric: bool,
     /// Encodings (empty for float casts).
     pub encodings: Vec<Encoding>,
+    /// Per-block encodings listed channel by channel (AIMET's 1.0.0 order for a 2-D weight whose
+    /// channels run along axis 1); loading puts them back in the encoding shape's order.
+    pub channel_major_blocks: bool,
 }
 
 fn encodings_error(path: &str, detail: impl Into<String>) -> CalibError {
@@ -389,12 +454,20 @@ fn encodings_error(path: &str, detail: impl Into<String>) -> CalibError {
 
 fn floats(v: &Value, what: &str, origin: &str) -> Result<Vec<f64>> {
     match v {
-        Value::Array(a) => a
-            .iter()
-            .map(|x| {
-                x.as_f64().ok_or_else(|| encodings_error(origin, format!("{what}: {x} is not a number")))
-            })
-            .collect(),
+        // Nested lists (2.0.0's per-block scales) are read in row-major order.
+        Value::Array(a) => {
+            let mut out = Vec::with_capacity(a.len());
+            for x in a {
+                match x {
+                    Value::Array(_) => out.extend(floats(x, what, origin)?),
+                    x => out
+                        .push(x.as_f64().ok_or_else(|| {
+                            encodings_error(origin, format!("{what}: {x} is not a number"))
+                        })?),
+                }
+            }
+            Ok(out)
+        }
         Value::Number(n) => Ok(vec![n.as_f64().unwrap_or(f64::NAN)]),
         Value::Null => Ok(Vec::new()),
         other => Err(encodings_error(origin, format!("{what}: expected numbers, found {other}"))),
@@ -444,7 +517,12 @@ pub fn parse_encodings(doc: &Value, origin: &str) -> Result<HashMap<String, Load
                         let precision = if bw == 16 { Precision::Float16 } else { Precision::BFloat16 };
                         out.insert(
                             name.into(),
-                            LoadedEncoding { precision, symmetric: false, encodings: vec![] },
+                            LoadedEncoding {
+                                precision,
+                                symmetric: false,
+                                encodings: vec![],
+                                channel_major_blocks: false,
+                            },
                         );
                         continue;
                     }
@@ -462,9 +540,15 @@ pub fn parse_encodings(doc: &Value, origin: &str) -> Result<HashMap<String, Load
                         .zip(&offsets)
                         .map(|(&s, &o)| grid(s, o, bw, symmetric, name, origin))
                         .collect::<Result<Vec<_>>>()?;
+                    let channel_major_blocks = e["enc_type"] == "PER_BLOCK";
                     out.insert(
                         name.into(),
-                        LoadedEncoding { precision: Precision::Int(bw), symmetric, encodings },
+                        LoadedEncoding {
+                            precision: Precision::Int(bw),
+                            symmetric,
+                            encodings,
+                            channel_major_blocks,
+                        },
                     );
                 }
             }
@@ -484,7 +568,12 @@ pub fn parse_encodings(doc: &Value, origin: &str) -> Result<HashMap<String, Load
                         let precision = if bw == 16 { Precision::Float16 } else { Precision::BFloat16 };
                         out.insert(
                             name.clone(),
-                            LoadedEncoding { precision, symmetric: false, encodings: vec![] },
+                            LoadedEncoding {
+                                precision,
+                                symmetric: false,
+                                encodings: vec![],
+                                channel_major_blocks: false,
+                            },
                         );
                         continue;
                     }
@@ -501,7 +590,12 @@ pub fn parse_encodings(doc: &Value, origin: &str) -> Result<HashMap<String, Load
                     }
                     out.insert(
                         name.clone(),
-                        LoadedEncoding { precision: Precision::Int(bw), symmetric, encodings },
+                        LoadedEncoding {
+                            precision: Precision::Int(bw),
+                            symmetric,
+                            encodings,
+                            channel_major_blocks: false,
+                        },
                     );
                 }
             }
@@ -540,7 +634,12 @@ pub fn parse_encodings(doc: &Value, origin: &str) -> Result<HashMap<String, Load
                     .collect::<Result<Vec<_>>>()?;
                 out.insert(
                     name.into(),
-                    LoadedEncoding { precision: Precision::Int(bw), symmetric, encodings },
+                    LoadedEncoding {
+                        precision: Precision::Int(bw),
+                        symmetric,
+                        encodings,
+                        channel_major_blocks: false,
+                    },
                 );
             }
         }
@@ -598,15 +697,18 @@ pub fn load_encodings(
     loaded: &HashMap<String, LoadedEncoding>,
     options: LoadOptions,
 ) -> Result<usize> {
-    let names: Vec<(ValueId, String)> = sim
+    let g = &sim.model().graph;
+    let names: Vec<(ValueId, String, Option<Vec<usize>>)> = sim
         .placement()
         .tensors()
         .iter()
-        .map(|t| (t.value, sim.model().graph.value(t.value).name.clone()))
+        .map(|t| {
+            (t.value, g.value(t.value).name.clone(), g.static_value(t.value).map(|d| d.shape().to_vec()))
+        })
         .collect();
     let mut count = 0;
     let placement = sim.placement_mut();
-    for (v, name) in names {
+    for (v, name, shape) in names {
         let Some(q) = placement.quantizer_of(v) else { continue };
         let quantizer = placement.quantizer_mut(q);
         match loaded.get(&name) {
@@ -631,7 +733,19 @@ pub fn load_encodings(
                         quantizer.granularity = Granularity::PerChannel { axis: 0 };
                     }
                 }
-                quantizer.encodings = (!l.encodings.is_empty()).then(|| l.encodings.clone());
+                let mut encodings = l.encodings.clone();
+                let order = l
+                    .channel_major_blocks
+                    .then(|| {
+                        channel_major_block_order(quantizer.granularity, shape.as_deref(), encodings.len())
+                    })
+                    .flatten();
+                if let Some(order) = order {
+                    for (e, &i) in l.encodings.iter().zip(&order) {
+                        encodings[i] = *e;
+                    }
+                }
+                quantizer.encodings = (!encodings.is_empty()).then_some(encodings);
                 quantizer.frozen = options.freeze;
                 count += 1;
             }

@@ -212,7 +212,12 @@ fn learned_weight_encodings_hold_at_their_precision_only() {
     }
     let frozen = std::collections::HashMap::from([(
         "conv0.weight".to_string(),
-        qcalib::LoadedEncoding { precision: Precision::Int(8), symmetric: true, encodings: learned.clone() },
+        qcalib::LoadedEncoding {
+            precision: Precision::Int(8),
+            symmetric: true,
+            encodings: learned.clone(),
+            channel_major_blocks: false,
+        },
     )]);
     assert_eq!(qcalib::freeze_encodings(&mut s, &frozen), 1);
     let quantizer = |s: &QuantSim| s.placement().quantizer(q).clone();
@@ -827,5 +832,56 @@ fn blockwise_int4_weights_calibrate_and_export_as_blocked_dequantize() {
         let got: Vec<f32> = got[0].as_f32().unwrap().iter().copied().collect();
         let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(err <= 0.05 * scale, "prequantized {prequantize_weights}: {err} vs scale {scale}");
+    }
+}
+
+#[test]
+fn blockwise_matmul_encodings_use_aimets_layouts_and_load_back() {
+    // x [2, 8] → MatMul w [8, 3]: channels along axis 1, blocks of 4 along axis 0, so the
+    // encoding shape is [2 blocks, 3 channels]. AIMET writes 1.0.0 channel by channel and
+    // 2.0.0 as the nested [2, 3] array.
+    let mut g = Graph::new("mm");
+    let x = g.add_input("x", DType::F32, Shape::known(&[2, 8]));
+    let w: Vec<f32> = (0..24).map(|i| ((i * 7 % 11) as f32 - 5.0) * (1.0 + (i % 3) as f32)).collect();
+    let w = g.add_initializer("w", Tensor::from_vec(&[8, 3], w).unwrap());
+    let y = g.add_op("MatMul", "mm", &[x, w], vec![]);
+    g.add_output(y);
+    let model = Model::new(g, 13);
+    let blockwise = || {
+        let mut s =
+            QuantSim::new(model.clone(), QuantsimConfig::load("default").unwrap(), SimOptions::default())
+                .unwrap();
+        assert!(s.set_blockwise_weights(&["MatMul"], 4, true, 4).unwrap().is_empty());
+        s
+    };
+    let mut s = blockwise();
+    let data = Tensor::from_vec(&[2, 8], (0..16).map(|i| i as f32 / 4.0).collect::<Vec<_>>()).unwrap();
+    s.calibrate(vec![vec![("x".to_string(), data)]], &mut |_| {}).unwrap();
+    let v = s.model().graph.value_id("w").unwrap();
+    let encodings =
+        s.placement().quantizer(s.placement().quantizer_of(v).unwrap()).encodings.clone().unwrap();
+    assert_eq!(encodings.len(), 6);
+    let deltas: Vec<f64> = encodings.iter().map(|e| e.delta).collect();
+    let find = |doc: &serde_json::Value, list: &str| {
+        doc[list].as_array().unwrap().iter().find(|e| e["name"] == "w").unwrap().clone()
+    };
+    let v1 = find(&qcalib::encodings_json(&s, EncodingVersion::V1_0_0), "param_encodings");
+    let channel_major: Vec<f64> =
+        (0..3).flat_map(|c| (0..2).map(move |b| b * 3 + c)).map(|i| deltas[i]).collect();
+    assert_eq!(v1["scale"], serde_json::json!(channel_major));
+    let v2 = find(&qcalib::encodings_json(&s, EncodingVersion::V2_0_0), "encodings");
+    assert_eq!(v2["y_scale"], serde_json::json!([deltas[..3], deltas[3..]]));
+    assert_eq!((v2["axis"].as_u64(), v2["block_size"].as_u64()), (Some(0), Some(4)));
+    let dir = tempfile::tempdir().unwrap();
+    for version in [EncodingVersion::V1_0_0, EncodingVersion::V2_0_0] {
+        let path = dir.path().join(format!("{}.encodings", version.as_str()));
+        qcalib::write_encodings(&s, version, &path).unwrap();
+        let loaded = qcalib::read_encodings(&path).unwrap();
+        let mut fresh = blockwise();
+        let options = qcalib::LoadOptions { freeze: false, keep_missing: true };
+        qcalib::load_encodings(&mut fresh, &loaded, options).unwrap();
+        let got = fresh.placement().quantizer(fresh.placement().quantizer_of(v).unwrap()).encodings.clone();
+        let got: Vec<f64> = got.unwrap().iter().map(|e| e.delta).collect();
+        assert_eq!(got, deltas, "{}", version.as_str());
     }
 }

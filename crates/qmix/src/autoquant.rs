@@ -360,7 +360,15 @@ fn encodings_from_json(doc: &Value) -> Option<HashMap<String, LoadedEncoding>> {
                 })
                 .collect::<Option<Vec<_>>>()?;
             let symmetric = v["symmetric"].as_bool()?;
-            Some((name.clone(), LoadedEncoding { precision: Precision::Int(bits), symmetric, encodings }))
+            Some((
+                name.clone(),
+                LoadedEncoding {
+                    precision: Precision::Int(bits),
+                    symmetric,
+                    encodings,
+                    channel_major_blocks: false,
+                },
+            ))
         })
         .collect()
 }

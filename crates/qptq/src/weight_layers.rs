@@ -94,6 +94,7 @@ pub(crate) fn weight_layers(
             precision: quantizer.precision,
             symmetric: quantizer.symmetric,
             encodings: encodings.clone(),
+            channel_major_blocks: false,
         };
         let channel_axis = match quantizer.granularity {
             Granularity::PerChannel { axis } => Some(axis),
