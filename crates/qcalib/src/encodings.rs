@@ -101,6 +101,9 @@ fn entry_1_0_0(e: &Exported<'_>) -> Value {
     let Some(encs) = q.encodings.as_deref().filter(|_| q.precision.is_int()) else {
         return json!({"name": name, "dtype": "FLOAT", "bw": q.precision.bits(), "enc_type": "PER_TENSOR"});
     };
+    if let Some(entry) = lpbq_entry(e, encs, EncodingVersion::V1_0_0) {
+        return entry;
+    }
     let order = channel_major_block_order(q.granularity, e.shape.as_deref(), encs.len());
     let ordered = |f: fn(&Encoding) -> f64| -> Vec<f64> {
         match &order {
@@ -133,6 +136,60 @@ fn channel_major_block_order(g: Granularity, shape: Option<&[usize]>, count: usi
     let blocks = rows.checked_div(block_size)?;
     (blocks * channels == count)
         .then(|| (0..channels).flat_map(|c| (0..blocks).map(move |b| b * channels + c)).collect())
+}
+
+/// An LPBQ weight's entry (AIMET's layouts): per-channel float scales and per-block integer
+/// scales, in 1.0.0 listed channel by channel, in 2.0.0 nested in the encoding shape; `None` for
+/// other quantizers.
+fn lpbq_entry(e: &Exported<'_>, encs: &[Encoding], version: EncodingVersion) -> Option<Value> {
+    let q = e.quantizer;
+    let (Some(decompressed), Granularity::PerBlock { channel_axis, block_axis, block_size }) =
+        (q.lpbq, q.granularity)
+    else {
+        return None;
+    };
+    let enc_shape =
+        crate::lpbq::block_encoding_shape(e.shape.as_deref()?, channel_axis, block_axis, block_size);
+    if enc_shape.iter().product::<usize>() != encs.len() {
+        return None;
+    }
+    let bits = q.precision.bits();
+    let s = crate::lpbq::lpbq_scales(encs, &enc_shape, channel_axis, decompressed.saturating_sub(bits));
+    let ints: Vec<Value> = s.per_block.iter().map(|&k| json!(k)).collect();
+    Some(match version {
+        EncodingVersion::V2_0_0 => {
+            let mut channel_shape = enc_shape.clone();
+            channel_shape[block_axis] = 1;
+            let floats: Vec<Value> = s.per_channel.iter().map(|&x| json!(x)).collect();
+            json!({
+                "name": e.name,
+                "output_dtype": format!("int{bits}"),
+                "per_channel_float_scale": nested(&floats, &channel_shape),
+                "per_block_int_scale": nested(&ints, &enc_shape),
+                "axis": block_axis,
+                "block_size": block_size,
+            })
+        }
+        _ => {
+            let order = channel_major_block_order(q.granularity, e.shape.as_deref(), encs.len());
+            let ints = match order {
+                Some(order) => order.iter().map(|&i| ints[i].clone()).collect(),
+                None => ints,
+            };
+            json!({
+                "name": e.name,
+                "dtype": "INT",
+                "enc_type": "LPBQ",
+                "bw": decompressed,
+                "compressed_bw": bits,
+                "is_sym": true,
+                "block_size": block_size,
+                "scale": s.per_channel,
+                "offset": vec![-(1i64 << (decompressed.clamp(1, 32) - 1)); s.per_channel.len()],
+                "per_block_int_scale": ints,
+            })
+        }
+    })
 }
 
 /// `values` (row-major) nested as a JSON array of `shape`.
@@ -382,7 +439,9 @@ pub fn encodings_json(sim: &QuantSim, version: EncodingVersion) -> Value {
                 else {
                     continue;
                 };
-                let entry = int_entry_2_0_0(e.name, e.quantizer, encs, !e.is_param, e.shape.as_deref());
+                let entry = lpbq_entry(e, encs, EncodingVersion::V2_0_0).unwrap_or_else(|| {
+                    int_entry_2_0_0(e.name, e.quantizer, encs, !e.is_param, e.shape.as_deref())
+                });
                 entries.insert(e.name.to_string(), entry);
             }
             for b in int32_biases(sim) {
@@ -474,6 +533,61 @@ fn floats(v: &Value, what: &str, origin: &str) -> Result<Vec<f64>> {
     }
 }
 
+/// The shape of a nested JSON array (its first elements followed down).
+fn nested_shape(v: &Value) -> Vec<usize> {
+    let mut shape = Vec::new();
+    let mut at = v;
+    while let Value::Array(a) = at {
+        shape.push(a.len());
+        let Some(first) = a.first() else { break };
+        at = first;
+    }
+    shape
+}
+
+/// 2.0.0 LPBQ: each block's scale (row-major in the shape of `ints`), its integer times the
+/// float scale of its channel (`channel_scales`, the same shape with the block `axis` of size 1).
+fn lpbq_block_scales(
+    ints: &Value,
+    channel_scales: &Value,
+    axis: &Value,
+    name: &str,
+    origin: &str,
+) -> Result<Vec<f64>> {
+    let bad = |detail: String| encodings_error(origin, format!("'{name}': {detail}"));
+    let shape = nested_shape(ints);
+    let flat_ints = floats(ints, name, origin)?;
+    let flat_scales = floats(channel_scales, name, origin)?;
+    let axis = axis
+        .as_u64()
+        .map(|a| a as usize)
+        .filter(|&a| a < shape.len())
+        .ok_or_else(|| bad("no block axis".into()))?;
+    if shape.iter().product::<usize>() != flat_ints.len() {
+        return Err(bad("per_block_int_scale is not a regular array".into()));
+    }
+    let mut channel_shape = shape.clone();
+    channel_shape[axis] = 1;
+    if channel_shape.iter().product::<usize>() != flat_scales.len() {
+        return Err(bad(format!("{} channel scales for block scales of shape {shape:?}", flat_scales.len())));
+    }
+    let mut out = Vec::with_capacity(flat_ints.len());
+    for (i, &k) in flat_ints.iter().enumerate() {
+        // Row-major coordinates of `i`, with the block axis dropped.
+        let (mut rest, mut c, mut stride) = (i, 0usize, 1usize);
+        for d in (0..shape.len()).rev() {
+            let coord = rest % shape[d].max(1);
+            rest /= shape[d].max(1);
+            if d != axis {
+                c += coord * stride;
+                stride *= channel_shape[d];
+            }
+        }
+        out.push(k * flat_scales[c]);
+    }
+    Ok(out)
+}
+
 fn grid(delta: f64, offset: f64, bw: u32, symmetric: bool, name: &str, origin: &str) -> Result<Encoding> {
     if !(delta.is_finite() && delta > 0.0) {
         return Err(encodings_error(origin, format!("'{name}': scale {delta} is not a positive number")));
@@ -527,6 +641,40 @@ pub fn parse_encodings(doc: &Value, origin: &str) -> Result<HashMap<String, Load
                         continue;
                     }
                     let symmetric = e["is_sym"].as_bool().unwrap_or(false);
+                    if e["enc_type"] == "LPBQ" {
+                        // Channel by channel: each block's scale is its integer times its
+                        // channel's float scale, on a symmetric grid of the compressed width.
+                        let bw = bitwidth(e["compressed_bw"].as_u64(), name, origin)?;
+                        let channel_scales = floats(&e["scale"], name, origin)?;
+                        let ints = floats(&e["per_block_int_scale"], name, origin)?;
+                        let per = ints.len().checked_div(channel_scales.len()).unwrap_or(0);
+                        if per == 0 || per * channel_scales.len() != ints.len() {
+                            return Err(encodings_error(
+                                origin,
+                                format!(
+                                    "'{name}': {} block scales for {} channels",
+                                    ints.len(),
+                                    channel_scales.len()
+                                ),
+                            ));
+                        }
+                        let offset = -2f64.powi(bw as i32 - 1);
+                        let encodings = ints
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &k)| grid(k * channel_scales[i / per], offset, bw, true, name, origin))
+                            .collect::<Result<Vec<_>>>()?;
+                        out.insert(
+                            name.into(),
+                            LoadedEncoding {
+                                precision: Precision::Int(bw),
+                                symmetric: true,
+                                encodings,
+                                channel_major_blocks: true,
+                            },
+                        );
+                        continue;
+                    }
                     let scales = floats(&e["scale"], name, origin)?;
                     let offsets = floats(&e["offset"], name, origin)?;
                     if scales.is_empty() || scales.len() != offsets.len() {
@@ -613,7 +761,12 @@ pub fn parse_encodings(doc: &Value, origin: &str) -> Result<HashMap<String, Load
                     None => (false, dtype.strip_prefix("int")),
                 };
                 let bw = bitwidth(bits.and_then(|b| b.parse().ok()), name, origin)?;
-                let scales = floats(&e["y_scale"], name, origin)?;
+                let scales = match e.get("per_block_int_scale") {
+                    Some(ints) => {
+                        lpbq_block_scales(ints, &e["per_channel_float_scale"], &e["axis"], name, origin)?
+                    }
+                    None => floats(&e["y_scale"], name, origin)?,
+                };
                 let mut zps = floats(&e["y_zero_point"], name, origin)?;
                 if zps.is_empty() {
                     zps = vec![0.0; scales.len()];

@@ -8,6 +8,7 @@ mod config;
 mod converts;
 mod encodings;
 mod error;
+mod lpbq;
 mod overrides;
 mod patterns;
 mod placement;

@@ -106,6 +106,9 @@ pub struct Quantizer {
     pub unsigned_symmetric: bool,
     /// Encodings per tensor, channel or block.
     pub granularity: Granularity,
+    /// Per-block encodings whose scales are compressed as AIMET's LPBQ does (the decompressed
+    /// bitwidth; see `set_lpbq`).
+    pub lpbq: Option<u32>,
     /// Fixed bounds from `encoding_constraints` (`None` bound = calibrated).
     pub fixed_range: Option<(Option<f64>, Option<f64>)>,
     /// Calibrated (or loaded) encodings, flattened in row-major order of the encoding shape.
@@ -129,6 +132,7 @@ impl Quantizer {
             strict: false,
             unsigned_symmetric: false,
             granularity: Granularity::PerTensor,
+            lpbq: None,
             fixed_range: None,
             encodings: None,
             frozen: false,

@@ -329,7 +329,56 @@ impl QuantSim {
             }
             out.push(enc);
         }
+        if let (Some(decompressed), Granularity::PerBlock { channel_axis, block_axis, block_size }) =
+            (quantizer.lpbq, quantizer.granularity)
+        {
+            let shape = self.param_shape(q).ok_or_else(|| CalibError::Quantizer {
+                tensor: self.quantizer_name(q),
+                detail: "LPBQ needs a weight of known shape".into(),
+            })?;
+            let enc_shape = crate::lpbq::block_encoding_shape(&shape, channel_axis, block_axis, block_size);
+            let scale_bits = decompressed.saturating_sub(quantizer.precision.bits());
+            crate::lpbq::compress(&mut out, &enc_shape, channel_axis, scale_bits);
+        }
         Ok(Some(out))
+    }
+
+    /// The shape of the static tensor quantizer `q` quantizes, if any.
+    fn param_shape(&self, q: QuantizerId) -> Option<Vec<usize>> {
+        let t = self.placement.tensors().iter().find(|t| t.quantizer == q)?;
+        Some(self.model.graph.static_value(t.value)?.shape().to_vec())
+    }
+
+    /// AIMET's LPBQ on every blockwise weight (`set_grouped_blockwise_quantization_for_weights`):
+    /// each per-block scale becomes an integer of `decompressed_bits − bits` bits times one
+    /// float scale per output channel. Call after [`QuantSim::set_blockwise_weights`]; returns
+    /// how many weights it applies to. On a calibrated simulation the encodings are recomputed.
+    pub fn set_lpbq(&mut self, decompressed_bits: u32) -> Result<usize> {
+        let ids: Vec<QuantizerId> = self
+            .placement
+            .quantizer_ids()
+            .into_iter()
+            .filter(|&q| {
+                let quantizer = self.placement.quantizer(q);
+                quantizer.is_param && matches!(quantizer.granularity, Granularity::PerBlock { .. })
+            })
+            .collect();
+        for &q in &ids {
+            let bits = self.placement.quantizer(q).precision.bits();
+            if decompressed_bits <= bits || decompressed_bits > 16 {
+                return Err(CalibError::Quantizer {
+                    tensor: self.quantizer_name(q),
+                    detail: format!(
+                        "LPBQ decompresses {bits}-bit weights to {decompressed_bits} bits: it needs more than {bits} and at most 16"
+                    ),
+                });
+            }
+            self.placement.quantizer_mut(q).lpbq = Some(decompressed_bits);
+        }
+        if !self.stats.is_empty() {
+            self.compute_encodings()?;
+        }
+        Ok(ids.len())
     }
 
     fn compute_param_encodings(&mut self) -> Result<()> {

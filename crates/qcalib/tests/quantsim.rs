@@ -872,16 +872,99 @@ fn blockwise_matmul_encodings_use_aimets_layouts_and_load_back() {
     let v2 = find(&qcalib::encodings_json(&s, EncodingVersion::V2_0_0), "encodings");
     assert_eq!(v2["y_scale"], serde_json::json!([deltas[..3], deltas[3..]]));
     assert_eq!((v2["axis"].as_u64(), v2["block_size"].as_u64()), (Some(0), Some(4)));
+    for (version, got) in reloaded_deltas(&s, &blockwise, "w") {
+        assert_eq!(got, deltas, "{version}");
+    }
+}
+
+/// The scales of `weight` after `sim`'s encodings are written in 1.0.0 and 2.0.0 and loaded into
+/// a simulation `fresh` builds, per version.
+fn reloaded_deltas(
+    sim: &QuantSim,
+    fresh: &dyn Fn() -> QuantSim,
+    weight: &str,
+) -> Vec<(&'static str, Vec<f64>)> {
     let dir = tempfile::tempdir().unwrap();
-    for version in [EncodingVersion::V1_0_0, EncodingVersion::V2_0_0] {
-        let path = dir.path().join(format!("{}.encodings", version.as_str()));
-        qcalib::write_encodings(&s, version, &path).unwrap();
-        let loaded = qcalib::read_encodings(&path).unwrap();
-        let mut fresh = blockwise();
-        let options = qcalib::LoadOptions { freeze: false, keep_missing: true };
-        qcalib::load_encodings(&mut fresh, &loaded, options).unwrap();
-        let got = fresh.placement().quantizer(fresh.placement().quantizer_of(v).unwrap()).encodings.clone();
-        let got: Vec<f64> = got.unwrap().iter().map(|e| e.delta).collect();
-        assert_eq!(got, deltas, "{}", version.as_str());
+    let v = sim.model().graph.value_id(weight).unwrap();
+    [EncodingVersion::V1_0_0, EncodingVersion::V2_0_0]
+        .into_iter()
+        .map(|version| {
+            let path = dir.path().join(format!("{}.encodings", version.as_str()));
+            qcalib::write_encodings(sim, version, &path).unwrap();
+            let loaded = qcalib::read_encodings(&path).unwrap();
+            let mut other = fresh();
+            let options = qcalib::LoadOptions { freeze: false, keep_missing: true };
+            qcalib::load_encodings(&mut other, &loaded, options).unwrap();
+            let got =
+                other.placement().quantizer(other.placement().quantizer_of(v).unwrap()).encodings.clone();
+            (version.as_str(), got.unwrap().iter().map(|e| e.delta).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn lpbq_block_scales_are_integers_of_a_channel_scale_and_export_as_aimet_does() {
+    // x [2, 64] → MatMul w [64, 3] at int4, blocks of 16, decompressed to int8: 4 bits of
+    // integer scale per block under one float scale per channel.
+    let mut g = Graph::new("mm");
+    let x = g.add_input("x", DType::F32, Shape::known(&[2, 64]));
+    let w: Vec<f32> =
+        (0..192).map(|i| ((i * 37 % 101) as f32 - 50.0) / (1.0 + (i / 48) as f32 * 3.0)).collect();
+    let w = g.add_initializer("w", Tensor::from_vec(&[64, 3], w).unwrap());
+    let y = g.add_op("MatMul", "mm", &[x, w], vec![]);
+    g.add_output(y);
+    let model = Model::new(g, 13);
+    let lpbq = || {
+        let mut s =
+            QuantSim::new(model.clone(), QuantsimConfig::load("default").unwrap(), SimOptions::default())
+                .unwrap();
+        assert!(s.set_blockwise_weights(&["MatMul"], 4, true, 16).unwrap().is_empty());
+        assert_eq!(s.set_lpbq(8).unwrap(), 1);
+        s
+    };
+    assert!(lpbq().set_lpbq(4).is_err(), "int4 cannot decompress to 4 bits");
+    let mut s = lpbq();
+    let data = Tensor::from_vec(&[2, 64], (0..128).map(|i| i as f32 / 64.0).collect::<Vec<_>>()).unwrap();
+    s.calibrate(vec![vec![("x".to_string(), data)]], &mut |_| {}).unwrap();
+    let v = s.model().graph.value_id("w").unwrap();
+    let deltas: Vec<f64> = s
+        .placement()
+        .quantizer(s.placement().quantizer_of(v).unwrap())
+        .encodings
+        .clone()
+        .unwrap()
+        .iter()
+        .map(|e| e.delta)
+        .collect();
+    assert_eq!(deltas.len(), 12, "[4 blocks, 3 channels]");
+    for c in 0..3 {
+        let unit = (0..4).map(|b| deltas[b * 3 + c]).fold(0f64, f64::max) / 16.0;
+        for b in 0..4 {
+            let k = deltas[b * 3 + c] / unit;
+            assert!(
+                (k - k.round()).abs() < 1e-9 && (1.0..=16.0).contains(&k.round()),
+                "channel {c} block {b}: {k}"
+            );
+        }
+    }
+    let find = |doc: &serde_json::Value, list: &str| {
+        doc[list].as_array().unwrap().iter().find(|e| e["name"] == "w").unwrap().clone()
+    };
+    let v1 = find(&qcalib::encodings_json(&s, EncodingVersion::V1_0_0), "param_encodings");
+    assert_eq!(
+        (v1["enc_type"].as_str(), v1["bw"].as_u64(), v1["compressed_bw"].as_u64()),
+        (Some("LPBQ"), Some(8), Some(4))
+    );
+    assert_eq!(v1["scale"].as_array().unwrap().len(), 3);
+    assert_eq!(v1["offset"], serde_json::json!([-128, -128, -128]));
+    assert_eq!(v1["per_block_int_scale"].as_array().unwrap().len(), 12);
+    let v2 = find(&qcalib::encodings_json(&s, EncodingVersion::V2_0_0), "encodings");
+    assert_eq!(v2["output_dtype"], "int4");
+    assert_eq!(v2["per_channel_float_scale"].as_array().unwrap().len(), 1, "[1, 3]");
+    assert_eq!(v2["per_block_int_scale"].as_array().unwrap().len(), 4, "[4, 3]");
+    for (version, got) in reloaded_deltas(&s, &lpbq, "w") {
+        for (a, b) in got.iter().zip(&deltas) {
+            assert!((a - b).abs() <= 1e-12 * b.abs(), "{version}: {got:?} vs {deltas:?}");
+        }
     }
 }

@@ -59,6 +59,11 @@ pub struct QuantsimArgs {
     /// set_blockwise_quantization_for_weights); weights the size does not divide keep theirs.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
     block_size: Option<u32>,
+    /// LPBQ (AIMET's low-power blockwise quantization, with --block-size): each block's scale
+    /// becomes an integer of (N − --param bits) bits times one float scale per output channel,
+    /// N being the bitwidth a runtime decompresses the weights to (8 for int4 weights)
+    #[arg(long, requires = "block_size", value_parser = clap::value_parser!(u32).range(2..=16))]
+    lpbq: Option<u32>,
     /// Gather activation statistics with float weights (AIMET quantizes weights first).
     #[arg(long)]
     calibrate_activations_with_float_weights: bool,
@@ -174,6 +179,13 @@ pub(crate) fn run_job(a: QuantsimArgs, training: Option<&crate::qat::TrainArgs>)
         say!("blockwise weights, blocks of {block}: {} weights kept their quantizer", skipped.len());
         for (name, why) in &skipped {
             say!("  {name}: {why}");
+        }
+        if let Some(decompressed) = a.lpbq {
+            let n = sim.set_lpbq(decompressed).map_err(user)?;
+            say!(
+                "LPBQ: {n} blockwise weights' block scales as {}-bit integers of a per-channel scale",
+                decompressed.saturating_sub(bits)
+            );
         }
     }
     if let Some(path) = &a.plan {

@@ -319,4 +319,25 @@ fn blockwise_int4_weights_export_as_int4_blocked_dequantize() {
     let o = run(&["--param", "fp16", "--block-size", "4"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--block-size"));
+    // LPBQ: the blocked weights' encodings in AIMET's LPBQ form; it needs blocks, and a
+    // decompressed width above the weights'.
+    let o = run(&["--param", "int4", "--block-size", "4", "--lpbq", "8"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let encodings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.encodings")).unwrap()).unwrap();
+    let classifier = encodings["param_encodings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "classifier.weight")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (classifier["enc_type"].as_str(), classifier["compressed_bw"].as_u64()),
+        (Some("LPBQ"), Some(4))
+    );
+    assert_eq!(run(&["--param", "int4", "--lpbq", "8"]).status.code(), Some(1));
+    let o = run(&["--param", "int8", "--block-size", "4", "--lpbq", "8"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("LPBQ"), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -167,6 +167,13 @@ impl QuantSim {
         self.inner.set_blockwise_weights(&types, bitwidth, symmetric, block_size).map_err(value_error)
     }
 
+    /// AIMET's LPBQ on the blockwise weights (`set_grouped_blockwise_quantization_for_weights`):
+    /// each block's scale an integer of `decompressed_bw − bitwidth` bits times one float scale
+    /// per output channel. Returns how many weights it applies to.
+    fn set_lpbq(&mut self, decompressed_bw: u32) -> PyResult<usize> {
+        self.inner.set_lpbq(decompressed_bw).map_err(value_error)
+    }
+
     /// Per-layer sensitivity, as AIMET's QuantAnalyzer: with `mode="enable_one"` each layer is
     /// the only one quantized, with `"disable_one"` the only one left in float, and the outputs
     /// on `batches` are scored against FP32 by `metric` (`psnr`, `sqnr`, `mse`, `top5_psnr`,

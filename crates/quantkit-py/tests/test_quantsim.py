@@ -106,6 +106,21 @@ def test_blockwise_int4_weights_export_int4_blocks(data, tmp_path):
     assert (tmp_path / "w4_blocks.onnx").stat().st_size > 0
 
 
+def test_lpbq_weights_export_in_aimets_lpbq_form(data, tmp_path):
+    calib, _, _ = data
+    sim = quantkit.QuantSim(MODEL, param="int4", act="int8")
+    sim.set_blockwise_quantization_for_weights(bitwidth=4, block_size=4)
+    assert sim.set_lpbq(8) == 2
+    with pytest.raises(ValueError, match="LPBQ"):
+        sim.set_lpbq(4)
+    sim.compute_encodings(batches(calib))
+    sim.export(tmp_path / "lpbq")
+    doc = json.loads((tmp_path / "lpbq" / "model.encodings").read_text())
+    lpbq = [e for e in doc["param_encodings"] if e["enc_type"] == "LPBQ"]
+    assert sorted(e["name"] for e in lpbq) == ["classifier.weight", "pointwise.weight"]
+    assert all(e["bw"] == 8 and e["compressed_bw"] == 4 for e in lpbq)
+
+
 def test_lite_mp_flips_the_most_sensitive_layers(data):
     calib, evaluation, labels = data
     sim = quantkit.QuantSim(MODEL, config="default_per_tensor", param="int4", act="int8")
