@@ -158,6 +158,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         crate::ptq::load_job(&a.job, &a.evaluation, &a.job.ptq, &config, options, a.quiet)?;
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
     qcalib::freeze_encodings(&mut sim, &frozen);
+    a.job.blocks.apply(&mut sim, options.precision.param)?;
     let batch = a.job.batch.max(1);
     let calibration: Vec<qcalib::Feeds> = calib.batches(batch).collect();
     let phase1_samples = a.phase1_samples.clamp(1, calib.samples);

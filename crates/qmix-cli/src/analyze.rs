@@ -70,6 +70,7 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
         crate::ptq::load_job(&a.job, &a.evaluation, &a.job.ptq, &config, options, a.quiet)?;
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
     qcalib::freeze_encodings(&mut sim, &frozen);
+    a.job.blocks.apply(&mut sim, options.precision.param)?;
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let batch = a.job.batch.max(1);
     let mut seconds: Vec<(String, f64)> = Vec::new();

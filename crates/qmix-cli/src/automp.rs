@@ -77,6 +77,7 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
     let sim_at = |c: Candidate| {
         let mut sim = QuantSim::new(model.clone(), config.clone(), options_at(c)).map_err(user)?;
         qcalib::freeze_encodings(&mut sim, &frozen);
+        a.job.blocks.apply(&mut sim, c.param)?;
         Ok::<_, Failure>(sim)
     };
     let mut narrow = sim_at(a.narrow)?;

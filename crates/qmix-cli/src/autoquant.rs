@@ -49,9 +49,9 @@ pub struct AutoquantArgs {
 
 pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
     let rounding = &a.job.learned_rounding;
-    if a.job.ptq.any() || rounding.adaround || rounding.seq_mse {
+    if a.job.ptq.any() || rounding.adaround || rounding.seq_mse || a.job.blocks.block_size.is_some() {
         return Err(user(anyhow::anyhow!(
-            "autoquant applies its own techniques: drop --cle, --bias-correction, --bn-reestimate, --adaround and --seq-mse (--adaround-iterations sets its AdaRound stage)"
+            "autoquant applies its own techniques: drop --cle, --bias-correction, --bn-reestimate, --adaround, --seq-mse and --block-size (--adaround-iterations sets its AdaRound stage)"
         )));
     }
     let config = crate::dataset::quantsim_config(&a.job.config, &a.job.passes)?;

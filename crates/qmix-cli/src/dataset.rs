@@ -76,6 +76,49 @@ pub(crate) struct JobArgs {
     pub ptq: crate::ptq::PtqArgs,
     #[command(flatten)]
     pub learned_rounding: crate::ptq::RoundingArgs,
+    #[command(flatten)]
+    pub blocks: BlockArgs,
+}
+
+/// Blockwise (and LPBQ) weights.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub(crate) struct BlockArgs {
+    /// Blockwise weights: Conv, Gemm and MatMul weights get one encoding per output channel and
+    /// block of this many input channels, symmetric at the --param precision (AIMET's
+    /// set_blockwise_quantization_for_weights); weights the size does not divide keep theirs.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub block_size: Option<u32>,
+    /// LPBQ (AIMET's low-power blockwise quantization, with --block-size): each block's scale
+    /// becomes an integer of (N − --param bits) bits times one float scale per output channel,
+    /// N being the bitwidth a runtime decompresses the weights to (8 for int4 weights)
+    #[arg(long, requires = "block_size", value_parser = clap::value_parser!(u32).range(2..=16))]
+    pub lpbq: Option<u32>,
+}
+
+impl BlockArgs {
+    /// Makes `sim`'s weights blockwise at the `param` precision (and LPBQ) when asked.
+    pub(crate) fn apply(&self, sim: &mut qcalib::QuantSim, param: qcalib::Precision) -> Result<(), Failure> {
+        let Some(block) = self.block_size else { return Ok(()) };
+        let bits = match param {
+            qcalib::Precision::Int(bits) => bits,
+            other => return Err(user(anyhow::anyhow!("--block-size needs an integer --param, not {other}"))),
+        };
+        let skipped = sim
+            .set_blockwise_weights(&["Conv", "Gemm", "MatMul"], bits, true, block as usize)
+            .map_err(user)?;
+        say!("blockwise weights, blocks of {block}: {} weights kept their quantizer", skipped.len());
+        for (name, why) in &skipped {
+            say!("  {name}: {why}");
+        }
+        if let Some(decompressed) = self.lpbq {
+            let n = sim.set_lpbq(decompressed).map_err(user)?;
+            say!(
+                "LPBQ: {n} blockwise weights' block scales as {}-bit integers of a per-channel scale",
+                decompressed.saturating_sub(bits)
+            );
+        }
+        Ok(())
+    }
 }
 
 impl JobArgs {

@@ -82,6 +82,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         crate::ptq::load_job(&a.job, &a.evaluation, &a.job.ptq, &config, options, a.quiet)?;
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
     qcalib::freeze_encodings(&mut sim, &frozen);
+    a.job.blocks.apply(&mut sim, options.precision.param)?;
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let started = Instant::now();
     let batches = calib.samples.div_ceil(a.job.batch.max(1));

@@ -54,16 +54,8 @@ pub struct QuantsimArgs {
     /// Activation precision: int4..int16, fp16, bf16.
     #[arg(long = "act", default_value = "int8", value_parser = parse_precision)]
     activation: Precision,
-    /// Blockwise weights: Conv, Gemm and MatMul weights get one encoding per output channel and
-    /// block of this many input channels, symmetric at the --param precision (AIMET's
-    /// set_blockwise_quantization_for_weights); weights the size does not divide keep theirs.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    block_size: Option<u32>,
-    /// LPBQ (AIMET's low-power blockwise quantization, with --block-size): each block's scale
-    /// becomes an integer of (N − --param bits) bits times one float scale per output channel,
-    /// N being the bitwidth a runtime decompresses the weights to (8 for int4 weights)
-    #[arg(long, requires = "block_size", value_parser = clap::value_parser!(u32).range(2..=16))]
-    lpbq: Option<u32>,
+    #[command(flatten)]
+    blocks: crate::dataset::BlockArgs,
     /// Gather activation statistics with float weights (AIMET quantizes weights first).
     #[arg(long)]
     calibrate_activations_with_float_weights: bool,
@@ -168,26 +160,7 @@ pub(crate) fn run_job(a: QuantsimArgs, training: Option<&crate::qat::TrainArgs>)
     }
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
     qcalib::freeze_encodings(&mut sim, &frozen);
-    if let Some(block) = a.block_size {
-        let bits = match a.param {
-            Precision::Int(bits) => bits,
-            other => return Err(user(anyhow::anyhow!("--block-size needs an integer --param, not {other}"))),
-        };
-        let skipped = sim
-            .set_blockwise_weights(&["Conv", "Gemm", "MatMul"], bits, true, block as usize)
-            .map_err(user)?;
-        say!("blockwise weights, blocks of {block}: {} weights kept their quantizer", skipped.len());
-        for (name, why) in &skipped {
-            say!("  {name}: {why}");
-        }
-        if let Some(decompressed) = a.lpbq {
-            let n = sim.set_lpbq(decompressed).map_err(user)?;
-            say!(
-                "LPBQ: {n} blockwise weights' block scales as {}-bit integers of a per-channel scale",
-                decompressed.saturating_sub(bits)
-            );
-        }
-    }
+    a.blocks.apply(&mut sim, a.param)?;
     if let Some(path) = &a.plan {
         apply_plan(&mut sim, path)?;
     }

@@ -84,6 +84,10 @@ fn writes_lists_plots_and_encodings() {
         String::from_utf8_lossy(&o.stderr)
     );
     run_to_end(&out, &["--candidates", "w16a16,w8a8", "--clean-start"]);
+    // So is the cache of a simulation whose weights a technique changed.
+    let o = amp(&out, &["--candidates", "w16a16,w8a8", "--bias-correction"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("other settings"));
 }
 
 #[test]
