@@ -603,8 +603,11 @@ fn check_minilm_w4_blocks(zoo: &Path, failures: &mut Vec<String>) -> Result<()> 
     let started = Instant::now();
     let (blocks, blocked) = calibrated(Some(32))?;
     let eval = zoo_data::stsb_rows(&tokens, 64..96);
-    let options = qcalib::QdqOptions { prequantize_weights: true, int32_bias: false };
+    let options = qcalib::QdqOptions { prequantize_weights: true, int32_bias: false, matmul_nbits: false };
     let (diff, range) = ort_against_simulation(&blocks, &eval, "all_minilm_l6_v2_w4_block32_a16", options)?;
+    let nbits = qcalib::QdqOptions { matmul_nbits: true, ..options };
+    let (diff_nbits, _) =
+        ort_against_simulation(&blocks, &eval, "all_minilm_l6_v2_w4_block32_a16_matmulnbits", nbits)?;
     let gold_path = zoo.join("data/stsb_test_gold_scores.npy");
     let gold: ndarray::Array1<f32> =
         read_npy(&gold_path).with_context(|| format!("reading {}", gold_path.display()))?;
@@ -619,8 +622,16 @@ fn check_minilm_w4_blocks(zoo: &Path, failures: &mut Vec<String>) -> Result<()> 
          STS-B Spearman {spearman_blocks:.4}, per-channel W4 {spearman_channels:.4}; {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    println!(
+        "  all_minilm_l6_v2, the same with its MatMul layers as onnxruntime's MatMulNBits: max |ORT − simulation| {diff_nbits:.4}"
+    );
     if diff > 0.05 * range || diff.is_nan() {
         failures.push(format!("MiniLM W4 block-32 QDQ export differs from the simulation by {diff}"));
+    }
+    if diff_nbits > 0.05 * range || diff_nbits.is_nan() {
+        failures.push(format!(
+            "MiniLM W4 block-32 MatMulNBits export differs from the simulation by {diff_nbits}"
+        ));
     }
     if blocked == 0 {
         failures.push("MiniLM: no weight took blocks of 32".into());

@@ -27,6 +27,10 @@ pub struct QdqOptions {
     /// Store the float biases of Conv/ConvTranspose/Gemm as int32 (scale = input scale × weight
     /// scale) plus `DequantizeLinear`, as integer runtimes execute them.
     pub int32_bias: bool,
+    /// Write MatMul layers with 4-bit symmetric blockwise weights (blocks along the input axis, a
+    /// power of two of at least 16) as onnxruntime's `MatMulNBits` (com.microsoft): the weight
+    /// packed two values per byte, one scale per output channel and block.
+    pub matmul_nbits: bool,
 }
 
 /// Scale, zero point and axis of one `QuantizeLinear`/`DequantizeLinear` pair.
@@ -139,6 +143,82 @@ fn integer_weight(
     Ok(ints.into_iter().map(i64::from).collect())
 }
 
+/// The MatMul that alone reads weight `w` as its second input, when `MatMulNBits` can carry it:
+/// a 2-D `[K, N]` weight at 4 bits, symmetric, in blocks along K of a power of two ≥ 16.
+fn nbits_matmul(g: &qgraph::Graph, w: ValueId, q: &Quantizer) -> Option<qgraph::NodeId> {
+    let Granularity::PerBlock { channel_axis: 1, block_axis: 0, block_size } = q.granularity else {
+        return None;
+    };
+    let shape = g.static_value(w)?.shape().to_vec();
+    let fits = q.precision == Precision::Int(4)
+        && q.symmetric
+        && block_size >= 16
+        && block_size.is_power_of_two()
+        && shape.len() == 2
+        && shape[0] % block_size == 0;
+    let [read] = g.consumers(w) else { return None };
+    let n = g.node(read.node);
+    (fits && read.slot == 1 && n.op_type == "MatMul" && n.is_onnx_domain() && g.use_count(w) == 1)
+        .then_some(read.node)
+}
+
+/// Rewrites `matmul` into `MatMulNBits` with weight `w` (`[K, N]`) packed: per output channel
+/// and block, the block's 4-bit values (offset by 8, low nibble first) and its scale.
+fn as_matmul_nbits(
+    model: &mut qgraph::Model,
+    matmul: qgraph::NodeId,
+    w: ValueId,
+    q: &Quantizer,
+    encs: &[Encoding],
+) -> Result<(), String> {
+    let Granularity::PerBlock { block_size, .. } = q.granularity else { return Err("not blockwise".into()) };
+    let g = &model.graph;
+    let data = g.static_value(w).ok_or("not a weight")?;
+    let (k, n) = match data.shape() {
+        [k, n] => (*k, *n),
+        other => return Err(format!("weight of shape {other:?}")),
+    };
+    let ints = integer_weight(data, q, encs, true, Rounding::HalfAwayFromZero)?;
+    let blocks = k / block_size;
+    let mut packed = vec![0i64; n * k / 2];
+    let mut scales = Vec::with_capacity(n * blocks);
+    for c in 0..n {
+        for b in 0..blocks {
+            scales.push(encs.get(b * n + c).ok_or("fewer encodings than blocks")?.delta as f32);
+            for i in 0..block_size {
+                let row = b * block_size + i;
+                let u = (ints[row * n + c] + 8).clamp(0, 15);
+                let at = c * k / 2 + row / 2;
+                packed[at] |= if row % 2 == 0 { u } else { u << 4 };
+            }
+        }
+    }
+    let packed =
+        Tensor::from_i64s(qgraph::DType::U8, &[n, blocks, block_size / 2], &packed).ok_or("packed weight")?;
+    let name = g.value(w).name.clone();
+    let scales = Tensor::from_vec(&[n * blocks], scales).ok_or("scales")?;
+    let g = &mut model.graph;
+    let value = g.value_mut(w);
+    value.dtype = Some(qgraph::DType::U8);
+    value.shape = Some(qgraph::Shape::known(packed.shape()));
+    value.data = Some(packed);
+    let scales = g.add_initializer(&format!("{name}_scales"), scales);
+    g.set_input(matmul, 2, Some(scales));
+    let node = g.node_mut(matmul);
+    node.op_type = "MatMulNBits".into();
+    node.domain = "com.microsoft".into();
+    node.attrs = vec![
+        ("K".into(), qgraph::Attribute::Int(k as i64)),
+        ("N".into(), qgraph::Attribute::Int(n as i64)),
+        ("bits".into(), qgraph::Attribute::Int(4)),
+        ("block_size".into(), qgraph::Attribute::Int(block_size as i64)),
+    ];
+    if !model.opsets.iter().any(|o| o.domain == "com.microsoft") {
+        model.opsets.push(qgraph::Opset { domain: "com.microsoft".into(), version: 1 });
+    }
+    Ok(())
+}
+
 /// For blocked quantization of a tensor of `shape`: ONNX's parameter shape (the tensor's, with
 /// `block_axis` divided by the block size) and, for each of its elements in row-major order,
 /// the index of the encoding that covers it (encodings repeat along the other axes).
@@ -210,6 +290,13 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
                 detail: "enabled but not calibrated".into(),
             })?,
         };
+        if options.matmul_nbits && is_param {
+            if let Some(matmul) = nbits_matmul(g, t.value, q) {
+                as_matmul_nbits(&mut model, matmul, t.value, q, encs)
+                    .map_err(|detail| CalibError::Quantizer { tensor: name.clone(), detail })?;
+                continue;
+            }
+        }
         let bits = q.precision.bits();
         if bits != 8 {
             needs_21 = true;

@@ -274,9 +274,10 @@ fn qdq_export_runs_and_matches_the_simulation() {
     let feeds = batch(4, 13);
     let want = run(&s, &feeds);
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    for options in
-        [qcalib::QdqOptions::default(), qcalib::QdqOptions { prequantize_weights: true, int32_bias: true }]
-    {
+    for options in [
+        qcalib::QdqOptions::default(),
+        qcalib::QdqOptions { prequantize_weights: true, int32_bias: true, matmul_nbits: false },
+    ] {
         let proto = qcalib::to_qdq_model(&s, options).unwrap();
         let ops: Vec<&str> = proto.graph.node.iter().map(|n| n.op_type.as_str()).collect();
         assert!(ops.contains(&"QuantizeLinear") && ops.contains(&"DequantizeLinear"));
@@ -811,7 +812,8 @@ fn blockwise_int4_weights_calibrate_and_export_as_blocked_dequantize() {
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     for prequantize_weights in [false, true] {
         let proto =
-            qcalib::to_qdq_model(&s, qcalib::QdqOptions { prequantize_weights, int32_bias: false }).unwrap();
+            qcalib::to_qdq_model(&s, qcalib::QdqOptions { prequantize_weights, ..Default::default() })
+                .unwrap();
         assert_eq!(proto.opset_import[0].version, 21);
         let dq = proto.graph.node.iter().find(|n| n.name == "fc.weight_dequantize").unwrap();
         let block = dq.attribute.iter().find(|a| a.name == "block_size").map(|a| a.i);
@@ -965,6 +967,69 @@ fn lpbq_block_scales_are_integers_of_a_channel_scale_and_export_as_aimet_does() 
     for (version, got) in reloaded_deltas(&s, &lpbq, "w") {
         for (a, b) in got.iter().zip(&deltas) {
             assert!((a - b).abs() <= 1e-12 * b.abs(), "{version}: {got:?} vs {deltas:?}");
+        }
+    }
+}
+
+#[test]
+fn int4_block_matmul_weights_export_as_matmul_nbits() {
+    // x [2, 32] → MatMul w [32, 2], int4 blocks of 16: MatMulNBits with the weight packed per
+    // output channel and block (value + 8, low nibble first) and one scale per channel and block.
+    let mut g = Graph::new("mm");
+    let x = g.add_input("x", DType::F32, Shape::known(&[2, 32]));
+    let w: Vec<f32> =
+        (0..64).map(|i| ((i * 13 % 17) as f32 - 8.0) * if i % 2 == 0 { 0.5 } else { 0.1 }).collect();
+    let wv = g.add_initializer("w", Tensor::from_vec(&[32, 2], w.clone()).unwrap());
+    let y = g.add_op("MatMul", "mm", &[x, wv], vec![]);
+    g.add_output(y);
+    let mut s =
+        QuantSim::new(Model::new(g, 13), QuantsimConfig::load("default").unwrap(), SimOptions::default())
+            .unwrap();
+    s.set_blockwise_weights(&["MatMul"], 4, true, 16).unwrap();
+    let data = Tensor::from_vec(&[2, 32], (0..64).map(|i| i as f32 / 32.0).collect::<Vec<_>>()).unwrap();
+    s.calibrate(vec![vec![("x".to_string(), data)]], &mut |_| {}).unwrap();
+    let encs = s.placement().quantizer(s.placement().quantizer_of(wv).unwrap()).encodings.clone().unwrap();
+    let options = qcalib::QdqOptions { matmul_nbits: true, ..Default::default() };
+    let proto = qcalib::to_qdq_model(&s, options).unwrap();
+    let mm = proto.graph.node.iter().find(|n| n.name == "mm").unwrap();
+    assert_eq!((mm.op_type.as_str(), mm.domain.as_str()), ("MatMulNBits", "com.microsoft"));
+    let attr = |name: &str| mm.attribute.iter().find(|a| a.name == name).map(|a| a.i);
+    assert_eq!(
+        (attr("K"), attr("N"), attr("bits"), attr("block_size")),
+        (Some(32), Some(2), Some(4), Some(16))
+    );
+    assert!(proto.opset_import.iter().any(|o| o.domain == "com.microsoft"));
+    assert!(
+        !proto.graph.node.iter().any(|n| n.name == "w_dequantize"),
+        "the weight needs no DequantizeLinear"
+    );
+    let init = |name: &str| proto.graph.initializer.iter().find(|t| t.name == name).unwrap();
+    let packed = init("w");
+    assert_eq!(packed.dims, [2, 2, 8]);
+    let raw = init("w_scales");
+    let scales: Vec<f32> = if raw.raw_data.is_empty() {
+        raw.float_data.clone()
+    } else {
+        raw.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    };
+    for c in 0..2 {
+        for b in 0..2 {
+            let delta = encs[b * 2 + c].delta;
+            assert_eq!(scales[c * 2 + b], delta as f32);
+            for i in 0..16 {
+                let k = b * 16 + i;
+                let byte = packed.raw_data[c * 16 + k / 2];
+                let u = if k % 2 == 0 { byte & 15 } else { byte >> 4 };
+                // Values on a tie round either way, as float division lands.
+                let exact = f64::from(w[k * 2 + c]) / delta;
+                let near = [exact.floor(), exact.ceil()].map(|v| v.clamp(-8.0, 7.0) as i64 + 8);
+                assert!(
+                    near.contains(&i64::from(u))
+                        && (exact.fract().abs() == 0.5
+                            || i64::from(u) == exact.round().clamp(-8.0, 7.0) as i64 + 8),
+                    "channel {c}, row {k}: {u} for {exact}"
+                );
+            }
         }
     }
 }

@@ -35,6 +35,10 @@ pub(crate) struct DeviceArgs {
     /// In the QDQ model, store Conv/Gemm biases as int32 plus DequantizeLinear.
     #[arg(long, requires = "qdq")]
     int32_bias: bool,
+    /// In the QDQ model, write MatMul layers whose weights are 4-bit blocks (--param int4
+    /// --block-size 16, 32, 64, …) as onnxruntime's MatMulNBits (com.microsoft)
+    #[arg(long, requires = "qdq")]
+    matmul_nbits: bool,
 }
 
 impl DeviceArgs {
@@ -67,8 +71,11 @@ impl DeviceArgs {
         if !self.qdq {
             return Ok(());
         }
-        let options =
-            QdqOptions { prequantize_weights: self.prequantize_weights, int32_bias: self.int32_bias };
+        let options = QdqOptions {
+            prequantize_weights: self.prequantize_weights,
+            int32_bias: self.int32_bias,
+            matmul_nbits: self.matmul_nbits,
+        };
         qcalib::write_qdq_model(sim, options, &set.staged(file)).map_err(user)?;
         let placement = sim.placement();
         let blockwise = placement.quantizer_ids().into_iter().any(|q| {

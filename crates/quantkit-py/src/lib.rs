@@ -143,10 +143,17 @@ impl QuantSim {
 
     /// Writes the simulation as a QDQ ONNX model that onnxruntime runs; with
     /// `prequantize_weights` the weights are stored as integers (int4 two per byte) behind a
-    /// `DequantizeLinear`, with `int32_bias` the biases as int32.
-    #[pyo3(signature = (path, prequantize_weights = false, int32_bias = false))]
-    fn export_qdq(&self, path: PathBuf, prequantize_weights: bool, int32_bias: bool) -> PyResult<()> {
-        let options = QdqOptions { prequantize_weights, int32_bias };
+    /// `DequantizeLinear`, with `int32_bias` the biases as int32, with `matmul_nbits` MatMul
+    /// layers with 4-bit block weights as onnxruntime's `MatMulNBits`.
+    #[pyo3(signature = (path, prequantize_weights = false, int32_bias = false, matmul_nbits = false))]
+    fn export_qdq(
+        &self,
+        path: PathBuf,
+        prequantize_weights: bool,
+        int32_bias: bool,
+        matmul_nbits: bool,
+    ) -> PyResult<()> {
+        let options = QdqOptions { prequantize_weights, int32_bias, matmul_nbits };
         qcalib::write_qdq_model(&self.inner, options, &path).map_err(value_error)
     }
 
