@@ -274,17 +274,8 @@ fn int_entry_2_0_0(
     let mut e = entry_2_0_0(name, dtype, &scales, &zero_points, axis);
     if let Granularity::PerBlock { channel_axis, block_axis, block_size } = q.granularity {
         e["block_size"] = json!(block_size);
-        // AIMET keeps a per-block scale in the encoding shape: the channel axis whole, the block
-        // axis in blocks, every other axis 1.
-        let enc_shape = shape.map(|s| {
-            (0..s.len())
-                .map(|a| match a {
-                    a if a == channel_axis => s[a],
-                    a if a == block_axis => s[a] / block_size.max(1),
-                    _ => 1,
-                })
-                .collect::<Vec<_>>()
-        });
+        let enc_shape =
+            shape.map(|s| crate::lpbq::block_encoding_shape(s, channel_axis, block_axis, block_size));
         if let Some(enc_shape) = enc_shape.filter(|s| s.iter().product::<usize>() == scales.len()) {
             e["y_scale"] = nested(&scales.iter().map(|&x| json!(x)).collect::<Vec<_>>(), &enc_shape);
             if let Some(z) = e.get("y_zero_point").and_then(Value::as_array).cloned() {
