@@ -37,7 +37,8 @@ pub use load::{
 };
 pub use params::Param;
 pub use save::{
-    OutputSet, model_to_proto, read_text_at_most, save_bytes, save_path, tensor_to_proto, write_atomically,
+    OutputSet, model_to_proto, process_tag, read_text_at_most, save_bytes, save_path, tensor_to_proto,
+    write_atomically,
 };
 pub use shape::{Dim, DimBindings, Shape, checked_numel};
 pub use summary::{Port, Summary};

@@ -74,7 +74,7 @@ pub fn save_path(model: &Model, path: impl AsRef<Path>) -> Result<()> {
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |source| GraphError::Io { path: path.into(), source };
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", process_tag()));
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
     let written = f.write_all(bytes).and_then(|()| f.sync_all());
     drop(f);
@@ -109,7 +109,7 @@ impl OutputSet {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         remove_leftovers(dir);
-        let staging = dir.join(format!("{STAGING_PREFIX}{}", std::process::id()));
+        let staging = dir.join(format!("{STAGING_PREFIX}{}", process_tag()));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir(&staging).map_err(io(&staging))?;
         Ok(OutputSet { dir: dir.to_path_buf(), staging, committed: false })
@@ -164,24 +164,48 @@ impl Drop for OutputSet {
     }
 }
 
-/// Removes staging folders and temporary files of processes that are no longer running (where
-/// `/proc` tells; elsewhere nothing is removed).
+/// This process as `HOST-PID` (the host name with anything but letters, digits and `_` as `_`):
+/// staging folders and temp files carry it, so processes on different machines sharing one
+/// folder (cluster jobs on a network file system) never take each other's files for leftovers.
+pub fn process_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .or_else(|| std::env::var("COMPUTERNAME").ok())
+            .unwrap_or_default();
+        let host: String = host
+            .trim()
+            .chars()
+            .take(64)
+            .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+            .collect();
+        format!("{}-{}", if host.is_empty() { "host" } else { &host }, std::process::id())
+    })
+}
+
+/// Removes staging folders and temporary files that processes of this host left behind when they
+/// died (where `/proc` tells; elsewhere nothing is removed). Those of other hosts are theirs.
 fn remove_leftovers(dir: &Path) {
     if !Path::new("/proc/self").exists() {
         return;
     }
+    let Some((our_host, _)) = process_tag().rsplit_once('-') else { return };
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let pid = if let Some(p) = name.strip_prefix(STAGING_PREFIX) {
-            p
+        let tag = if let Some(t) = name.strip_prefix(STAGING_PREFIX) {
+            t
         } else if let Some(rest) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) {
             rest.rsplit('.').next().unwrap_or_default()
         } else {
             continue;
         };
+        // A bare PID, without a host, counts as this host's.
+        let (host, pid) = tag.rsplit_once('-').unwrap_or((our_host, tag));
         let Ok(pid) = pid.parse::<u32>() else { continue };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+        if host == our_host && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
             let path = e.path();
             let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
         }

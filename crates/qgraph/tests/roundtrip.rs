@@ -258,3 +258,24 @@ fn saving_is_atomic_and_loadable() {
     assert_eq!(save_bytes(&m).unwrap(), std::fs::read(&path).unwrap());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn an_output_set_cleans_up_only_after_dead_processes_of_its_own_host() {
+    let dir = std::env::temp_dir().join(format!("qgraph-leftovers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (host, _) = qgraph::process_tag().rsplit_once('-').unwrap();
+    // PIDs above the kernel's limit (2^22) never run.
+    let ours_dead = format!(".staging-{host}-4999999");
+    let other_host = ".staging-elsewhere_node7-4999999".to_string();
+    let ours_tmp = format!(".m.onnx.{host}-4999999.tmp");
+    for name in [&ours_dead, &other_host] {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+    }
+    std::fs::write(dir.join(&ours_tmp), b"partial").unwrap();
+    let set = qgraph::OutputSet::begin(&dir).unwrap();
+    assert!(!dir.join(&ours_dead).exists() && !dir.join(&ours_tmp).exists());
+    assert!(dir.join(&other_host).exists(), "another host's staging folder is not ours to remove");
+    assert!(set.staging_dir().ends_with(format!(".staging-{}", qgraph::process_tag())));
+    drop(set);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
