@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod analysis;
+mod enable_one_cache;
 mod quant_analyzer;
 mod report;
 mod sensitivity;
@@ -14,6 +15,7 @@ mod sensitivity;
 pub use analysis::{
     HISTOGRAM_BINS, LayerMse, RangeEntry, TensorHistogram, histograms, per_layer_mse, ranges,
 };
+pub use enable_one_cache::{EnableOneCache, enable_one_cached};
 pub use quant_analyzer::{AnalyzeOptions, AnalyzeStep, analyze};
 pub use report::AnalysisReport;
 

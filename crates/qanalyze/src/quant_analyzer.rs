@@ -9,6 +9,7 @@ use qcalib::QuantSim;
 use serde_json::json;
 
 use crate::analysis::{histograms, per_layer_mse, ranges};
+use crate::enable_one_cache::{EnableOneCache, enable_one_cached};
 use crate::report::AnalysisReport;
 use crate::sensitivity::{
     AnalyzeError, FloatReference, LayerScore, Metric, Scorer, disable_one, enable_one, layers, model_checks,
@@ -40,11 +41,13 @@ pub enum AnalyzeStep {
 }
 
 /// Analyzes the calibrated `sim` against `reference` (see the module doc); the simulation is left
-/// as it was. The report's `model` and `settings` are empty and its `evaluations` none.
+/// as it was. The report's `model` and `settings` are empty and its `evaluations` none. With a
+/// main (unsharded) `cache`, enable-one scores only the layers it does not know yet.
 pub fn analyze(
     sim: &mut QuantSim,
     reference: &FloatReference,
     options: &AnalyzeOptions,
+    cache: Option<&mut EnableOneCache>,
     progress: &mut dyn FnMut(AnalyzeStep),
 ) -> Result<AnalysisReport, AnalyzeError> {
     let mut seconds: Vec<(String, f64)> = Vec::new();
@@ -57,8 +60,16 @@ pub fn analyze(
     let checks = model_checks(sim, reference, metric)?;
     lap("whole-model checks");
     let layer_list = layers(sim)?;
-    progress(AnalyzeStep::Stage { name: "enable one", total: layer_list.len() });
-    let enabled = enable_one(sim, reference, metric, &mut |done, _| progress(AnalyzeStep::Layers(done)))?;
+    let known = cache.as_ref().map_or(0, |c| c.len());
+    progress(AnalyzeStep::Stage { name: "enable one", total: layer_list.len().saturating_sub(known) });
+    let mut layer_done = |done, _| progress(AnalyzeStep::Layers(done));
+    let enabled = match cache {
+        Some(c) if c.shard().is_some() => {
+            return Err(AnalyzeError::Data("the analysis needs every layer's score, not a shard's".into()));
+        }
+        Some(c) => enable_one_cached(sim, reference, metric, c, &mut layer_done)?,
+        None => enable_one(sim, reference, metric, &mut layer_done)?,
+    };
     lap("enable one");
     let disabled = if options.disable_one {
         progress(AnalyzeStep::Stage { name: "disable one", total: layer_list.len() });

@@ -28,6 +28,14 @@ pub enum AnalyzeError {
     /// The data cannot be scored.
     #[error("analysis: {0}")]
     Data(String),
+    /// A results cache file cannot be used.
+    #[error("{}: {detail}", path.display())]
+    Cache {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
 }
 
 /// The built-in ways to score simulated outputs against the FP32 ones.
@@ -742,11 +750,40 @@ pub fn enable_one(
     metric: impl Scorer,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LayerScore>, AnalyzeError> {
+    let all: Vec<usize> = (0..layers(sim)?.len()).collect();
+    let mut scores = Vec::with_capacity(all.len());
+    enable_one_of(
+        sim,
+        reference,
+        metric,
+        &all,
+        &mut |_, s| {
+            scores.push(s);
+            Ok(())
+        },
+        progress,
+    )?;
+    Ok(scores)
+}
+
+/// [`enable_one`] on the layers of index `todo` only (indices into [`layers`]), handing each
+/// score to `found` with its layer's index as soon as it is known.
+pub(crate) fn enable_one_of(
+    sim: &mut QuantSim,
+    reference: &FloatReference,
+    metric: impl Scorer,
+    todo: &[usize],
+    found: &mut dyn FnMut(usize, LayerScore) -> Result<(), AnalyzeError>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(), AnalyzeError> {
     let layers = layers(sim)?;
+    if let Some(&k) = todo.iter().find(|&&k| k >= layers.len()) {
+        return Err(AnalyzeError::Data(format!("layer {k} of {}", layers.len())));
+    }
     let windows = reference.windows();
     let output_bytes: usize =
         reference.outputs.per_batch.iter().flatten().map(|t| t.len() * t.dtype().size_of()).sum();
-    let windows_outside = windows.len() > 1 && output_bytes.saturating_mul(layers.len()) <= reference.budget;
+    let windows_outside = windows.len() > 1 && output_bytes.saturating_mul(todo.len()) <= reference.budget;
     let set = |sim: &mut QuantSim, qs: &[QuantizerId], on: bool| {
         let p = sim.placement_mut();
         qs.iter().for_each(|&q| p.quantizer_mut(q).enabled = on);
@@ -773,20 +810,22 @@ pub fn enable_one(
     with_enabled(sim, |sim| {
         let all = sim.placement().quantizer_ids();
         set(sim, &all, false);
-        let total = if windows_outside { windows.len() * layers.len() } else { layers.len() };
+        let total = if windows_outside { windows.len() * todo.len() } else { todo.len() };
         if windows_outside {
-            let mut per_layer: Vec<Vec<Vec<Tensor>>> = vec![Vec::new(); layers.len()];
+            let mut per_layer: Vec<Vec<Vec<Tensor>>> = vec![Vec::new(); todo.len()];
             for (w, window) in windows.iter().enumerate() {
                 let caches = reference.recomputed_values(window.clone())?;
-                for (k, outs) in per_layer.iter_mut().enumerate() {
+                for (j, (outs, &k)) in per_layer.iter_mut().zip(todo).enumerate() {
                     outs.extend(run_layer(sim, k, window.clone(), &caches)?);
-                    progress(w * layers.len() + k + 1, total);
+                    progress(w * todo.len() + j + 1, total);
                 }
             }
-            return per_layer.into_iter().enumerate().map(|(k, outs)| score(sim, k, outs)).collect();
+            for (outs, &k) in per_layer.into_iter().zip(todo) {
+                found(k, score(sim, k, outs)?)?;
+            }
+            return Ok(());
         }
-        let mut scores = Vec::with_capacity(layers.len());
-        for k in 0..layers.len() {
+        for (j, &k) in todo.iter().enumerate() {
             // One window of every piece when the values are kept.
             let mut outs = Vec::with_capacity(reference.flat.len());
             for window in &windows {
@@ -800,10 +839,10 @@ pub fn enable_one(
                 };
                 outs.extend(run_layer(sim, k, window.clone(), values)?);
             }
-            scores.push(score(sim, k, outs)?);
-            progress(k + 1, total);
+            found(k, score(sim, k, outs)?)?;
+            progress(j + 1, total);
         }
-        Ok(scores)
+        Ok(())
     })
 }
 

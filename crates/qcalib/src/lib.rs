@@ -4,6 +4,7 @@
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
+mod checksum;
 mod config;
 mod converts;
 mod encodings;
@@ -18,6 +19,7 @@ mod schemes;
 mod sim;
 mod stats_file;
 
+pub use checksum::{feeds_checksum, tensors_checksum};
 pub use config::{
     Defaults, Kernel, KernelPrecision, OpRule, ParamRule, QuantsimConfig, RangeConstraint,
     parse_supported_kernels,

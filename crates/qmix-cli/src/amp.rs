@@ -76,9 +76,10 @@ pub struct AmpArgs {
     /// Discard cached results from an earlier run.
     #[arg(long)]
     clean_start: bool,
-    /// Compute only phase-1 shard I of N (I/N, from 0) into its own cache file in OUT/.cache, then
-    /// stop; a run without --shard merges all shard files it finds there.
-    #[arg(long, value_parser = parse_shard)]
+    /// Compute only phase-1 shard I of N (I/N, from 0; auto: from the Slurm array or Kubernetes
+    /// Indexed Job, see docs/sharding.md) into its own cache file in OUT/.cache, then stop; a run
+    /// without --shard merges all shard files it finds there.
+    #[arg(long, value_parser = crate::shard::parse_shard)]
     shard: Option<(usize, usize)>,
     /// Interpreter threads (0 = one per core).
     #[arg(long, default_value_t = 0, value_parser = crate::parse_threads)]
@@ -106,18 +107,6 @@ pub(crate) fn parse_candidates(s: &str) -> Result<Candidates, String> {
         return Err("no candidates given".into());
     }
     Ok(Candidates(list))
-}
-
-fn parse_shard(s: &str) -> Result<(usize, usize), String> {
-    let (i, n) = s.split_once('/').ok_or_else(|| format!("expected I/N, got '{s}'"))?;
-    let (i, n): (usize, usize) = (
-        i.trim().parse().map_err(|_| format!("bad shard index '{i}'"))?,
-        n.trim().parse().map_err(|_| format!("bad shard count '{n}'"))?,
-    );
-    if n == 0 || i >= n {
-        return Err(format!("shard {i}/{n}: need 0 ≤ I < N"));
-    }
-    Ok((i, n))
 }
 
 fn parse_threshold(s: &str) -> Result<Phase3Threshold, String> {

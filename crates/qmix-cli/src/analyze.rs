@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use qanalyze::{AnalyzeOptions, AnalyzeStep, FloatReference, Metric};
+use qanalyze::{AnalyzeOptions, AnalyzeStep, EnableOneCache, FloatReference, Metric};
 use qcalib::{QuantSim, SimOptions};
 use serde_json::json;
 
@@ -41,9 +41,14 @@ pub struct AnalyzeArgs {
     histograms: usize,
     #[command(flatten)]
     evaluation: EvalArgs,
-    /// Output folder.
+    /// Output folder (also holds the resumable enable-one scores in .cache/).
     #[arg(long, default_value = "analysis_out")]
     out: PathBuf,
+    /// Score only enable-one shard I of N (I/N, from 0; auto: from the Slurm array or Kubernetes
+    /// Indexed Job, see docs/sharding.md) into its own file in OUT/.cache, then stop; a run
+    /// without --shard takes in every shard's scores and computes only what is missing.
+    #[arg(long, value_parser = crate::shard::parse_shard)]
+    shard: Option<(usize, usize)>,
     /// Interpreter threads (0 = one per core).
     #[arg(long, default_value_t = 0, value_parser = crate::parse_threads)]
     threads: usize,
@@ -71,7 +76,6 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
     qcalib::freeze_encodings(&mut sim, &frozen);
     a.job.blocks.apply(&mut sim, options.precision.param)?;
-    let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let batch = a.job.batch.max(1);
     let mut seconds: Vec<(String, f64)> = Vec::new();
     let mut step = Instant::now();
@@ -91,17 +95,23 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
         (0..n).step_by(batch).map(|s| calib.batch(s..(s + batch).min(n))).collect();
     let reference =
         FloatReference::with_budget(&sim, &scored, a.threads, a.job.fp32_cache_bytes()).map_err(user)?;
+    let mut cache = EnableOneCache::open(&a.out, &sim, &reference, &a.metric, a.shard).map_err(user)?;
+    if a.shard.is_some() {
+        return crate::shard::score_enable_one_shard(&mut sim, &reference, a.metric, &mut cache, a.quiet);
+    }
+    let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let mut pb = bar(0, "", "layers", true);
     let quiet = a.quiet;
     let options = AnalyzeOptions { metric: a.metric, disable_one: a.disable_one, histograms: a.histograms };
-    let mut report = qanalyze::analyze(&mut sim, &reference, &options, &mut |step| match step {
-        AnalyzeStep::Stage { name, total } => {
-            pb.finish_and_clear();
-            pb = bar(total, name, "layers", quiet);
-        }
-        AnalyzeStep::Layers(done) => pb.set_position(done as u64),
-    })
-    .map_err(user)?;
+    let mut report =
+        qanalyze::analyze(&mut sim, &reference, &options, Some(&mut cache), &mut |step| match step {
+            AnalyzeStep::Stage { name, total } => {
+                pb.finish_and_clear();
+                pb = bar(total, name, "layers", quiet);
+            }
+            AnalyzeStep::Layers(done) => pb.set_position(done as u64),
+        })
+        .map_err(user)?;
     pb.finish_and_clear();
     seconds.append(&mut report.seconds);
     let mut evaluations = Vec::new();

@@ -38,9 +38,14 @@ pub struct LitempArgs {
     evaluation: EvalArgs,
     #[command(flatten)]
     device: crate::device::DeviceArgs,
-    /// Output folder.
+    /// Output folder (also holds the resumable layer scores in .cache/).
     #[arg(long, default_value = "litemp_out")]
     out: PathBuf,
+    /// Score only shard I of N of the layers (I/N, from 0; auto: from the Slurm array or
+    /// Kubernetes Indexed Job, see docs/sharding.md) into its own file in OUT/.cache, then stop; a
+    /// run without --shard takes in every shard's scores and computes only what is missing.
+    #[arg(long, value_parser = crate::shard::parse_shard)]
+    shard: Option<(usize, usize)>,
     /// Interpreter threads (0 = one per core).
     #[arg(long, default_value_t = 0, value_parser = crate::parse_threads)]
     threads: usize,
@@ -83,7 +88,6 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     let mut sim = QuantSim::new(model, config, options).map_err(user)?;
     qcalib::freeze_encodings(&mut sim, &frozen);
     a.job.blocks.apply(&mut sim, options.precision.param)?;
-    let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let started = Instant::now();
     let batches = calib.samples.div_ceil(a.job.batch.max(1));
     let pb = bar(batches, "calibrating", "batches", a.quiet);
@@ -103,6 +107,13 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     let reference =
         qanalyze::FloatReference::with_budget(&sim, std::slice::from_ref(&scored), a.threads, budget)
             .map_err(user)?;
+    let metric = qanalyze::Metric::Psnr;
+    let mut cache =
+        qanalyze::EnableOneCache::open(&a.out, &sim, &reference, &metric, a.shard).map_err(user)?;
+    if a.shard.is_some() {
+        return crate::shard::score_enable_one_shard(&mut sim, &reference, metric, &mut cache, a.quiet);
+    }
+    let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let checks = qanalyze::model_checks(&mut sim, &reference, qanalyze::Metric::Psnr).map_err(user)?;
     say!(
         "PSNR of the W8A8 simulation: {:.2} dB (weights only {:.2} dB, activations only {:.2} dB)",
@@ -111,13 +122,19 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         checks.activations_only
     );
     let layers = qanalyze::layers(&sim).map_err(user)?.len();
-    let pb = bar(layers, "scoring", "layers", a.quiet);
+    let known = cache.len();
+    let pb = bar(layers.saturating_sub(known), "scoring", "layers", a.quiet);
     let started = Instant::now();
-    let scores = qanalyze::enable_one(&mut sim, &reference, qanalyze::Metric::Psnr, &mut advance(&pb))
+    let scores = qanalyze::enable_one_cached(&mut sim, &reference, metric, &mut cache, &mut advance(&pb))
         .map_err(user)?;
     pb.finish_and_clear();
+    let reused = if known > 0 {
+        format!(", {known} of them cached in {}", cache.path().parent().unwrap_or(&a.out).display())
+    } else {
+        String::new()
+    };
     say!(
-        "scored {} layers (PSNR with only that layer quantized) in {:.1} s",
+        "scored {} layers (PSNR with only that layer quantized) in {:.1} s{reused}",
         scores.len(),
         started.elapsed().as_secs_f64()
     );

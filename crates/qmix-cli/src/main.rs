@@ -24,6 +24,7 @@ mod profile_costs;
 mod ptq;
 mod qat;
 mod quantsim;
+mod shard;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

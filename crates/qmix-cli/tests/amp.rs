@@ -118,8 +118,20 @@ fn phase_one_shards_merge_into_the_same_result() {
     let reference = common::scratch("unsharded");
     run_to_end(&reference, &[]);
     let out = common::scratch("sharded");
-    for shard in ["0/3", "1/3", "2/3"] {
-        run_to_end(&out, &["--shard", shard]);
+    // Three shards at once against one folder, as a Slurm array --array=0-2 launches them.
+    let shards: Vec<_> = (0..3)
+        .map(|id| {
+            amp(&out, &["--shard", "auto"])
+                .env("SLURM_ARRAY_TASK_ID", id.to_string())
+                .env("SLURM_ARRAY_TASK_COUNT", "3")
+                .env_remove("SLURM_ARRAY_TASK_MIN")
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for s in shards {
+        let o = s.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     run_to_end(&out, &[]);
     assert_eq!(json(&out.join("amp_info.json"))["work_this_run"]["phase1_evaluations"], 0);

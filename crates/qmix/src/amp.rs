@@ -286,53 +286,6 @@ fn set_enabled(sim: &mut QuantSim, qs: impl IntoIterator<Item = QuantizerId>, on
 /// Bit-ops steps of the budget knapsack (costs are rounded up to 1/4096 of the most expensive plan).
 const BUDGET_RESOLUTION: usize = 4096;
 
-/// A checksum of calibration batches (FNV-1a over names, shapes and values).
-fn checksum(batches: &[Feeds]) -> String {
-    tensors_checksum(batches.iter().flatten().map(|(n, t)| (n.as_str(), t)), "")
-}
-
-/// A checksum of named tensors and `extra` (FNV-1a over names, shapes and values).
-fn tensors_checksum<'a>(tensors: impl Iterator<Item = (&'a str, &'a qgraph::Tensor)>, extra: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |b: u8| {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    };
-    for (name, t) in tensors {
-        name.bytes().for_each(&mut eat);
-        t.shape().iter().for_each(|d| d.to_le_bytes().into_iter().for_each(&mut eat));
-        match t.as_f32() {
-            Some(a) => a.iter().for_each(|v| v.to_bits().to_le_bytes().into_iter().for_each(&mut eat)),
-            None => {
-                t.to_f64_vec().iter().for_each(|v| v.to_bits().to_le_bytes().into_iter().for_each(&mut eat))
-            }
-        }
-    }
-    extra.bytes().for_each(&mut eat);
-    format!("{h:016x}")
-}
-
-/// The simulation a cache belongs to: its weights (a post-training technique changes them) and
-/// each quantizer's settings — granularity, LPBQ, frozen and learned encodings.
-fn simulation_checksum(sim: &QuantSim) -> String {
-    let g = &sim.model().graph;
-    let tensors = g.initializers().filter_map(|v| Some((g.value(v).name.as_str(), g.static_value(v)?)));
-    let p = sim.placement();
-    let quantizers: String = p
-        .quantizer_ids()
-        .iter()
-        .map(|&q| {
-            let q = p.quantizer(q);
-            let frozen = q.frozen.then_some(&q.encodings);
-            format!(
-                "{:?}{:?}{}{:?}{:?}{frozen:?}{:?};",
-                q.enabled, q.precision, q.symmetric, q.granularity, q.lpbq, q.learned
-            )
-        })
-        .collect();
-    tensors_checksum(tensors, &quantizers)
-}
-
 /// What the quantizers actually are under an assignment, as a cache key: per group its activation
 /// side only if it has activations, its parameter side only if it has parameters.
 fn state_key(groups: &[QuantizerGroup], assignment: &[Candidate]) -> String {
@@ -525,11 +478,11 @@ pub fn choose_mixed_precision(
         "candidates": labels,
         "supported": supported.iter().map(|s| s.iter().map(ToString::to_string).collect::<Vec<_>>()).collect::<Vec<_>>(),
         "scheme": format!("{:?}", sim.options().scheme),
-        "calibration": checksum(data.calibration),
-        "phase1_data": checksum(data.phase1),
+        "calibration": qcalib::feeds_checksum(data.calibration),
+        "phase1_data": qcalib::feeds_checksum(data.phase1),
         "phase1_metric": options.phase1_metric.name(),
         "phase2": phase2.description,
-        "simulation": simulation_checksum(sim),
+        "simulation": sim.settings_checksum(),
     });
     // Simulated converts change every mixed score (a key only when on: older caches stay valid).
     if sim.options().converts {

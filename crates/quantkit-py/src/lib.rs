@@ -527,7 +527,7 @@ impl QuantSim {
         let report = py
             .detach(|| {
                 let reference = qanalyze::FloatReference::new(sim, &all, sim.options().threads)?;
-                qanalyze::analyze(sim, &reference, &options, &mut |step| match step {
+                qanalyze::analyze(sim, &reference, &options, None, &mut |step| match step {
                     qanalyze::AnalyzeStep::Stage { name, total } => report_to.stage(name, total),
                     qanalyze::AnalyzeStep::Layers(done) => report_to.step(done),
                 })
