@@ -8,6 +8,7 @@
 
 mod analysis;
 mod enable_one_cache;
+mod forward_walk;
 mod quant_analyzer;
 mod report;
 mod sensitivity;

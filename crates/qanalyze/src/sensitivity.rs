@@ -456,6 +456,8 @@ pub struct FloatReference {
     caches: Option<Vec<qexec::ValueCache>>,
     /// Bytes of one sample's FP32 values (measured on the first piece).
     sample_bytes: usize,
+    /// Per value, its bytes per sample (measured on the first piece).
+    value_bytes: std::collections::HashMap<qgraph::ValueId, usize>,
     budget: usize,
     outputs: Outputs,
     /// Whether the batches run sample by sample (each run on one thread).
@@ -515,6 +517,7 @@ impl FloatReference {
             flat,
             caches: Some(Vec::new()),
             sample_bytes: 0,
+            value_bytes: std::collections::HashMap::new(),
             budget,
             outputs: Outputs::default(),
             split,
@@ -539,7 +542,10 @@ impl FloatReference {
             let window = start..(start + step).min(self.flat.len());
             for (i, (outs, values)) in window.clone().zip(self.float_runs(window)?) {
                 if i == 0 {
-                    self.sample_bytes = values.bytes() / samples_in(self.piece(0));
+                    let samples = samples_in(self.piece(0));
+                    self.sample_bytes = values.bytes() / samples;
+                    self.value_bytes =
+                        values.iter().map(|(v, t)| (v, t.len() * t.dtype().size_of() / samples)).collect();
                     if self.sample_bytes.saturating_mul(total_samples) > self.budget {
                         self.caches = None;
                     }
@@ -604,15 +610,20 @@ impl FloatReference {
     /// one piece per thread (so no thread idles; at least one round): the windows [`enable_one`]
     /// recomputes them in when they are not kept (one window of every piece when they are).
     fn windows(&self) -> Vec<std::ops::Range<usize>> {
-        let round = self.pool.as_ref().map_or(1, rayon::ThreadPool::current_num_threads);
         let budget = if self.caches.is_some() { usize::MAX } else { self.budget };
+        self.windows_of(self.sample_bytes, budget)
+    }
+
+    /// Consecutive pieces, in whole rounds of one piece per thread, each window holding at most
+    /// `budget` bytes at `sample_bytes` a sample (at least one round).
+    fn windows_of(&self, sample_bytes: usize, budget: usize) -> Vec<std::ops::Range<usize>> {
+        let round = self.pool.as_ref().map_or(1, rayon::ThreadPool::current_num_threads);
         let n = self.flat.len();
         let mut out = Vec::new();
         let (mut start, mut bytes) = (0, 0usize);
         for i in (0..n).step_by(round) {
             let pieces = i..(i + round).min(n);
-            let more: usize =
-                pieces.map(|j| self.sample_bytes.saturating_mul(samples_in(self.piece(j)))).sum();
+            let more: usize = pieces.map(|j| sample_bytes.saturating_mul(samples_in(self.piece(j)))).sum();
             if i > start && bytes.saturating_add(more) > budget {
                 out.push(start..i);
                 (start, bytes) = (i, 0);
@@ -621,6 +632,36 @@ impl FloatReference {
         }
         out.push(start..n);
         out
+    }
+
+    /// A cache holding piece `i`'s feeds as the values of the graph inputs they name.
+    fn feeds_cache(&self, i: usize) -> Result<qexec::ValueCache, AnalyzeError> {
+        let g = &self.float.model().graph;
+        let mut cache = qexec::ValueCache::new();
+        for (name, t) in self.piece(i) {
+            let v = g
+                .value_id(name)
+                .filter(|v| g.inputs().contains(v))
+                .ok_or_else(|| AnalyzeError::Data(format!("'{name}' is not an input of the model")))?;
+            cache.insert(v, t.clone());
+        }
+        Ok(cache)
+    }
+
+    /// Runs the FP32 `nodes` of each piece of `window` from its values `caches`, keeping `keep`.
+    fn run_pieces_nodes(
+        &self,
+        window: std::ops::Range<usize>,
+        caches: &[qexec::ValueCache],
+        nodes: &[NodeId],
+        keep: &[qgraph::ValueId],
+    ) -> Result<Vec<qexec::ValueCache>, AnalyzeError> {
+        let start = window.start;
+        run_pieces(self.pool.as_ref(), window, |i| {
+            let options =
+                qexec::RunOptions::default().keep(qexec::Keep::Values(keep.to_vec())).serial(self.split);
+            Ok(self.float.run_nodes(&caches[i - start], nodes, options)?.kept)
+        })
     }
 
     /// Runs `run(piece, cache)` on the pieces `window` and returns their outputs in order:
@@ -783,7 +824,9 @@ pub(crate) fn enable_one_of(
     let windows = reference.windows();
     let output_bytes: usize =
         reference.outputs.per_batch.iter().flatten().map(|t| t.len() * t.dtype().size_of()).sum();
-    let windows_outside = windows.len() > 1 && output_bytes.saturating_mul(todo.len()) <= reference.budget;
+    // Without kept FP32 values, each piece's FP32 pass is walked alongside the layers when every
+    // layer's outputs fit the budget until the end (see `forward_walk`).
+    let walked = reference.caches.is_none() && output_bytes.saturating_mul(todo.len()) <= reference.budget;
     let set = |sim: &mut QuantSim, qs: &[QuantizerId], on: bool| {
         let p = sim.placement_mut();
         qs.iter().for_each(|&q| p.quantizer_mut(q).enabled = on);
@@ -810,14 +853,34 @@ pub(crate) fn enable_one_of(
     with_enabled(sim, |sim| {
         let all = sim.placement().quantizer_ids();
         set(sim, &all, false);
-        let total = if windows_outside { windows.len() * todo.len() } else { todo.len() };
-        if windows_outside {
+        if walked {
+            let changed: Vec<Vec<qgraph::ValueId>> =
+                todo.iter().map(|&k| changed_values(sim, &layers[k].1)).collect();
+            let walk = crate::forward_walk::Walk::plan(sim, &changed)?;
+            let windows = reference.windows_of(walk.peak_bytes(&reference.value_bytes), reference.budget);
+            let total = windows.len() * todo.len();
             let mut per_layer: Vec<Vec<Vec<Tensor>>> = vec![Vec::new(); todo.len()];
             for (w, window) in windows.iter().enumerate() {
-                let caches = reference.recomputed_values(window.clone())?;
-                for (j, (outs, &k)) in per_layer.iter_mut().zip(todo).enumerate() {
-                    outs.extend(run_layer(sim, k, window.clone(), &caches)?);
-                    progress(w * todo.len() + j + 1, total);
+                let mut caches: Vec<qexec::ValueCache> =
+                    window.clone().map(|i| reference.feeds_cache(i)).collect::<Result<_, _>>()?;
+                for (s, (j, advance, keep, drop)) in walk.steps().enumerate() {
+                    if !advance.is_empty() {
+                        let made = reference.run_pieces_nodes(window.clone(), &caches, advance, keep)?;
+                        for (cache, made) in caches.iter_mut().zip(made) {
+                            for &v in keep {
+                                if let Some(t) = made.get(v) {
+                                    cache.insert(v, t.clone());
+                                }
+                            }
+                        }
+                    }
+                    per_layer[j].extend(run_layer(sim, todo[j], window.clone(), &caches)?);
+                    for cache in &mut caches {
+                        drop.iter().for_each(|&v| {
+                            cache.remove(v);
+                        });
+                    }
+                    progress(w * todo.len() + s + 1, total);
                 }
             }
             for (outs, &k) in per_layer.into_iter().zip(todo) {
@@ -825,6 +888,7 @@ pub(crate) fn enable_one_of(
             }
             return Ok(());
         }
+        let total = todo.len();
         for (j, &k) in todo.iter().enumerate() {
             // One window of every piece when the values are kept.
             let mut outs = Vec::with_capacity(reference.flat.len());

@@ -373,3 +373,56 @@ fn metrics_score_as_defined_and_carry_their_direction() {
     }
     assert_eq!(Metric::parse("top0_psnr"), None);
 }
+
+/// Two branches from the input — `a`: Conv → Relu, and `b`: a Conv whose only reader comes after
+/// `a` — joined by an Add, then a second graph output taken mid-way (`mid`, the Add's Relu), a
+/// Conv, pooling and a Gemm. The FP32 walk must keep `b` while `a` is scored and resume layers
+/// from values made far apart.
+fn branched_model() -> Model {
+    let mut g = Graph::new("branched");
+    let batch = Dim::Symbol("N".into());
+    let x = g.add_input("input", DType::F32, Shape(vec![batch, Dim::Known(2), Dim::Known(6), Dim::Known(6)]));
+    let wa = g.add_initializer("wa", Tensor::from_vec(&[4, 2, 3, 3], values(72, 21)).unwrap());
+    let wb = g.add_initializer("wb", Tensor::from_vec(&[4, 2, 1, 1], values(8, 22)).unwrap());
+    let wc = g.add_initializer("wc", Tensor::from_vec(&[4, 4, 1, 1], values(16, 23)).unwrap());
+    let wf = g.add_initializer("wf", Tensor::from_vec(&[5, 4], values(20, 24)).unwrap());
+    let pads = ("pads", Attribute::Ints(vec![1, 1, 1, 1]));
+    let b = g.add_op("Conv", "conv_b", &[x, wb], vec![]);
+    let a = g.add_op("Conv", "conv_a", &[x, wa], vec![pads]);
+    let ra = g.add_op("Relu", "relu_a", &[a], vec![]);
+    let sum = g.add_op("Add", "join", &[ra, b], vec![]);
+    let mid = g.add_op("Relu", "mid", &[sum], vec![]);
+    let c = g.add_op("Conv", "conv_c", &[mid, wc], vec![]);
+    let p = g.add_op("GlobalAveragePool", "pool", &[c], vec![]);
+    let f = g.add_op("Flatten", "flat", &[p], vec![]);
+    let y = g.add_op("Gemm", "fc", &[f, wf], vec![("transB", Attribute::Int(1))]);
+    g.add_output(y);
+    g.add_output(p);
+    Model::new(g, 13)
+}
+
+#[test]
+fn walking_the_fp32_pass_of_a_branched_model_scores_like_kept_values() {
+    let options = SimOptions { threads: 2, ..SimOptions::default() };
+    let mut sim = QuantSim::new(branched_model(), QuantsimConfig::load("default").unwrap(), options).unwrap();
+    sim.calibrate(batches(), &mut |_| {}).unwrap();
+    let kept = qanalyze::FloatReference::new(&sim, &batches(), 2).unwrap();
+    assert!(kept.kept_bytes() > 0);
+    for metric in [Metric::Psnr, Metric::Mse] {
+        let expected = qanalyze::enable_one(&mut sim, &kept, metric, &mut |_, _| {}).unwrap();
+        assert!(expected.len() >= 5, "{expected:?}");
+        // Budgets holding every layer's outputs but not every FP32 value: windows of one round
+        // of pieces to all of them.
+        let mut windows = Vec::new();
+        for budget in [2 << 10, 8 << 10, 24 << 10] {
+            let walked = qanalyze::FloatReference::with_budget(&sim, &batches(), 2, budget).unwrap();
+            assert_eq!(walked.kept_bytes(), 0);
+            let mut total = 0;
+            let scores = qanalyze::enable_one(&mut sim, &walked, metric, &mut |_, t| total = t).unwrap();
+            assert_eq!(scores, expected, "{metric:?}, budget {budget}");
+            windows.push(total / expected.len());
+        }
+        // The walk keeps a sample's working set, not its every value: 24 KiB holds all 8 pieces.
+        assert!(windows[0] > windows[1] && windows[2] == 1, "windows per budget: {windows:?}");
+    }
+}

@@ -102,6 +102,21 @@ impl ChannelStats {
         }
     }
 
+    /// Folds in statistics gathered apart (another thread's samples). Exact, in any order, for
+    /// the extremes and the fine histogram; `None` when `self` keeps the TF-enhanced PDF, whose
+    /// per-batch averaging cannot be merged.
+    pub fn merge(&mut self, other: &ChannelStats) -> Option<()> {
+        if self.histogram.is_some() || other.histogram.is_some() {
+            return None;
+        }
+        self.minmax.merge(&other.minmax);
+        match (&mut self.fine, &other.fine) {
+            (Some(h), Some(o)) => h.merge(o).ok(),
+            (None, None) => Some(()),
+            _ => None,
+        }
+    }
+
     /// Whether any non-NaN value was seen.
     pub fn is_empty(&self) -> bool {
         self.minmax.is_empty()

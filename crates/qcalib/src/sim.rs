@@ -254,12 +254,23 @@ impl QuantSim {
                 self.stats.entry(t.quantizer).or_insert_with(|| vec![ChannelStats::new(self.options.scheme)]);
             }
         }
-        let mut hook = ObserveHook { targets: &targets, stats: &mut self.stats };
+        // Statistics that merge exactly (not the TF-enhanced PDF, averaged per batch) are gathered
+        // sample by sample where the model keeps samples apart: the same statistics, without
+        // every layer's output for the whole batch in memory at once.
+        let per_sample = session.keeps_samples_apart() && !self.options.scheme.uses_histogram();
         let mut count = 0usize;
         for (i, feeds) in batches.into_iter().enumerate() {
             let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-            let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() };
-            session.run_with(&named, opts).map_err(|e| CalibError::Data(format!("batch {i}: {e}")))?;
+            let batch_error = |e: String| CalibError::Data(format!("batch {i}: {e}"));
+            let scheme = self.options.scheme;
+            let merged = per_sample
+                && observe_per_sample(&session, &named, &targets, scheme, &mut self.stats)
+                    .map_err(batch_error)?;
+            if !merged {
+                let mut hook = ObserveHook { targets: &targets, stats: &mut self.stats };
+                let opts = RunOptions { hook: Some(&mut hook), hook_inputs: true, ..RunOptions::default() };
+                session.run_with(&named, opts).map_err(|e| batch_error(e.to_string()))?;
+            }
             count += 1;
             progress(count);
         }
@@ -695,14 +706,23 @@ impl QuantSim {
         let mut fixed = Vec::new();
         let float = Session::new(self.model.clone(), SessionOptions::threads(self.options.threads))?;
         let values = self.model.graph.value_count();
-        let float_bad = non_finite_values(values, |hook| {
-            let opts = RunOptions { hook: Some(hook), hook_inputs: true, ..RunOptions::default() };
-            float.run_with(feeds, opts).map(|_| ()).map_err(CalibError::from)
+        let float_bad = non_finite_values(values, &float, feeds, |f, hook, serial| {
+            float.run_with(
+                f,
+                RunOptions { hook: Some(hook), hook_inputs: true, serial, ..RunOptions::default() },
+            )
         })?;
         let order = self.model.graph.topological_order()?;
         for _ in 0..16 {
-            let sim_bad =
-                non_finite_values(values, |hook| self.run_observing(feeds, hook, true).map(|_| ()))?;
+            let (session, _) = self.session_and_hook(false)?;
+            let sim_bad = non_finite_values(values, session, feeds, |f, observer, serial| {
+                let mut hook =
+                    ObservedAfter { fake_quant: self.hook(serial), observer, before_quantization: true };
+                session.run_with(
+                    f,
+                    RunOptions { hook: Some(&mut hook), hook_inputs: true, serial, ..RunOptions::default() },
+                )
+            })?;
             let g = &self.model.graph;
             let culprit = order.iter().copied().find(|&n| {
                 g.node(n).outputs().iter().flatten().any(|v| sim_bad[v.index()] && !float_bad[v.index()])
@@ -776,20 +796,32 @@ fn all_finite(t: &Tensor) -> bool {
     t.as_f32().is_none_or(|a| a.iter().all(|v| v.is_finite()))
 }
 
-/// Which values of a run (`run` drives it with the hook it is given) hold a non-finite f32.
+/// Which values of `feeds`' run (`run(feeds, hook, serial)`) hold a NaN or an infinity: sample by
+/// sample where `session` allows (each sample's flags merged), else the whole batch at once.
 fn non_finite_values(
     values: usize,
-    run: impl FnOnce(&mut (dyn Hook + Send)) -> Result<()>,
+    session: &Session,
+    feeds: &[(&str, Tensor)],
+    run: impl Fn(&[(&str, Tensor)], &mut (dyn Hook + Send), bool) -> qexec::Result<qexec::RunResult> + Sync,
 ) -> Result<Vec<bool>> {
-    let mut bad = vec![false; values];
-    let mut hook = |event: TensorEvent<'_>, t: &mut Tensor| -> Result<(), HookError> {
-        if let Some(slot) = bad.get_mut(event.value.index()) {
-            *slot |= !all_finite(t);
-        }
-        Ok(())
+    let bad = std::sync::Mutex::new(vec![false; values]);
+    let flagged = |f: &[(&str, Tensor)], serial: bool| {
+        let mut own = vec![false; values];
+        let mut hook = |event: TensorEvent<'_>, t: &mut Tensor| -> Result<(), HookError> {
+            if let Some(slot) = own.get_mut(event.value.index()) {
+                *slot |= !all_finite(t);
+            }
+            Ok(())
+        };
+        let result = run(f, &mut hook, serial)?;
+        let mut all = bad.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.iter_mut().zip(own).for_each(|(a, b)| *a |= b);
+        Ok(result)
     };
-    run(&mut hook)?;
-    Ok(bad)
+    if session.run_per_sample(feeds, |f| flagged(f, true))?.is_none() {
+        flagged(feeds, false)?;
+    }
+    Ok(bad.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner))
 }
 
 fn int_encodings(q: &Quantizer) -> Option<&[Encoding]> {
@@ -913,6 +945,44 @@ fn f32_slice_mut(t: &mut Tensor) -> Option<&mut [f32]> {
 }
 
 /// Gathers activation statistics (calibration).
+/// Runs `feeds` sample by sample (in parallel where the session has threads), each sample
+/// observed into statistics of its own (fresh ones under `scheme`) merged into `stats` as it ends;
+/// `false` (nothing run) when the feeds or the model do not allow it.
+fn observe_per_sample(
+    session: &Session,
+    feeds: &[(&str, Tensor)],
+    targets: &[Option<QuantizerId>],
+    scheme: Scheme,
+    stats: &mut HashMap<QuantizerId, QuantizerStats>,
+) -> std::result::Result<bool, String> {
+    let fresh: HashMap<QuantizerId, QuantizerStats> =
+        targets.iter().flatten().map(|&q| (q, vec![ChannelStats::new(scheme)])).collect();
+    let merged = std::sync::Mutex::new(std::mem::take(stats));
+    let unmergeable = std::sync::atomic::AtomicBool::new(false);
+    let ran = session.run_per_sample(feeds, |sample| {
+        let mut own = fresh.clone();
+        let mut hook = ObserveHook { targets, stats: &mut own };
+        let opts =
+            RunOptions { hook: Some(&mut hook), hook_inputs: true, serial: true, ..RunOptions::default() };
+        let result = session.run_with(sample, opts)?;
+        let mut all = merged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (q, channels) in own {
+            let Some(into) = all.get_mut(&q) else { continue };
+            for (a, b) in into.iter_mut().zip(&channels) {
+                if a.merge(b).is_none() {
+                    unmergeable.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(result)
+    });
+    *stats = merged.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if unmergeable.into_inner() {
+        return Err("statistics gathered sample by sample do not merge".into());
+    }
+    Ok(ran.map_err(|e| e.to_string())?.is_some())
+}
+
 struct ObserveHook<'a> {
     targets: &'a [Option<QuantizerId>],
     stats: &'a mut HashMap<QuantizerId, QuantizerStats>,

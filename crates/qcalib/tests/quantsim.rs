@@ -1033,3 +1033,25 @@ fn int4_block_matmul_weights_export_as_matmul_nbits() {
         }
     }
 }
+
+#[test]
+fn mergeable_statistics_gathered_sample_by_sample_give_the_batch_encodings() {
+    // Batches of 8 are observed sample by sample (each sample's statistics merged), batches of 1
+    // whole: the same encodings, on one thread or several.
+    let one_by_one: Vec<qcalib::Feeds> = batches()
+        .iter()
+        .flat_map(|b| (0..8).map(move |i| vec![("input".to_string(), b[0].1.rows(i, 1).unwrap())]))
+        .collect();
+    for scheme in [Scheme::MinMax, Scheme::Entropy] {
+        let mut whole = sim(SimOptions { scheme, threads: 1, ..SimOptions::default() });
+        whole.calibrate(one_by_one.clone(), &mut |_| {}).unwrap();
+        for threads in [1, 3] {
+            let s = calibrated(SimOptions { scheme, threads, ..SimOptions::default() });
+            assert_eq!(
+                qcalib::encodings_json(&s, EncodingVersion::V1_0_0),
+                qcalib::encodings_json(&whole, EncodingVersion::V1_0_0),
+                "{scheme:?} on {threads} thread(s)"
+            );
+        }
+    }
+}

@@ -190,7 +190,7 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
         clean_start: a.clean_start,
         shard: a.shard,
         threads: a.threads,
-        fp32_cache_bytes: a.job.fp32_cache_bytes(),
+        fp32_cache_bytes: a.job.fp32_cache_bytes(crate::dataset::RESUMED_FP32_MIB),
         phase3: a
             .phase3
             .then(|| Phase3Options { alphas: a.phase3_alphas.clone(), threshold: a.phase3_budget }),

@@ -93,8 +93,13 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     let n = a.samples.clamp(1, calib.samples);
     let scored: Vec<qcalib::Feeds> =
         (0..n).step_by(batch).map(|s| calib.batch(s..(s + batch).min(n))).collect();
-    let reference =
-        FloatReference::with_budget(&sim, &scored, a.threads, a.job.fp32_cache_bytes()).map_err(user)?;
+    let reference = FloatReference::with_budget(
+        &sim,
+        &scored,
+        a.threads,
+        a.job.fp32_cache_bytes(crate::dataset::WALKED_FP32_MIB),
+    )
+    .map_err(user)?;
     let mut cache = EnableOneCache::open(&a.out, &sim, &reference, &a.metric, a.shard).map_err(user)?;
     if a.shard.is_some() {
         return crate::shard::score_enable_one_shard(&mut sim, &reference, a.metric, &mut cache, a.quiet);

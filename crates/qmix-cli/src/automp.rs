@@ -94,8 +94,13 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
         (0..n).step_by(batch).map(|s| calib.batch(s..(s + batch).min(n))).collect();
     let layers = qanalyze::layers(&narrow).map_err(user)?.len();
     let pb = bar(layers, "scoring", "layers", a.quiet);
-    let fp32 =
-        FloatReference::with_budget(&narrow, &scored, a.threads, a.job.fp32_cache_bytes()).map_err(user)?;
+    let fp32 = FloatReference::with_budget(
+        &narrow,
+        &scored,
+        a.threads,
+        a.job.fp32_cache_bytes(crate::dataset::WALKED_FP32_MIB),
+    )
+    .map_err(user)?;
     let scores = qanalyze::enable_one(&mut narrow, &fp32, Metric::Psnr, &mut advance(&pb)).map_err(user)?;
     pb.finish_and_clear();
     say!("scored {} layers at {} (PSNR with only that layer quantized)", scores.len(), a.narrow);

@@ -101,7 +101,7 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
         qmix::AutoQuantAmp {
             options: qmix::AmpOptions {
                 threads: a.threads,
-                fp32_cache_bytes: a.job.fp32_cache_bytes(),
+                fp32_cache_bytes: a.job.fp32_cache_bytes(crate::dataset::RESUMED_FP32_MIB),
                 ..qmix::AmpOptions::new(c.0.clone())
             },
             phase1: (0..samples).step_by(batch).map(|s| calib.batch(s..(s + batch).min(samples))).collect(),

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use indicatif::{ProgressBar, ProgressStyle};
 use qcalib::QuantsimConfig;
 use qgraph::Tensor;
@@ -68,10 +68,12 @@ pub(crate) struct JobArgs {
     #[command(flatten)]
     pub preprocess: Preprocess,
     /// Memory for the FP32 value of every tensor, kept so that each layer's run recomputes only
-    /// what lies below it, in MiB. When the scored samples need more, the values are recomputed
-    /// in windows of samples that fit.
-    #[arg(long = "fp32-cache-mib", default_value_t = 4096)]
-    pub fp32_cache_mib: usize,
+    /// what lies below it, in MiB. When the scored samples need more, analyze, litemp and automp
+    /// walk each sample's FP32 pass alongside the layers, in windows of samples whose working
+    /// sets fit; amp and autoquant run their simulations in full. Default: 128 for analyze,
+    /// litemp and automp, 4096 for amp and autoquant.
+    #[arg(long = "fp32-cache-mib")]
+    pub fp32_cache_mib: Option<usize>,
     #[command(flatten)]
     pub ptq: crate::ptq::PtqArgs,
     #[command(flatten)]
@@ -122,9 +124,9 @@ impl BlockArgs {
 }
 
 impl JobArgs {
-    /// [`JobArgs::fp32_cache_mib`] in bytes.
-    pub fn fp32_cache_bytes(&self) -> usize {
-        self.fp32_cache_mib.saturating_mul(1 << 20)
+    /// [`JobArgs::fp32_cache_mib`] in bytes, `default_mib` MiB when not given.
+    pub fn fp32_cache_bytes(&self, default_mib: usize) -> usize {
+        self.fp32_cache_mib.unwrap_or(default_mib).saturating_mul(1 << 20)
     }
 }
 
@@ -165,10 +167,16 @@ pub(crate) struct Preprocess {
 }
 
 impl Preprocess {
-    /// `t` as the model will see it.
-    fn apply(&self, t: Tensor, file: &Path) -> anyhow::Result<Tensor> {
-        if self.scale.is_none() && self.mean.is_empty() {
-            return Ok(t);
+    /// Whether data is used as it is.
+    fn is_identity(&self) -> bool {
+        self.scale.is_none() && self.mean.is_empty()
+    }
+
+    /// Checks that the raw data `t` of `file` can be preprocessed: integer data, one mean and
+    /// std per channel (or one for all), no zero std, and finite results for its extremes.
+    fn check(&self, t: &Tensor, file: &Path) -> anyhow::Result<()> {
+        if self.is_identity() {
+            return Ok(());
         }
         if t.dtype().is_float() {
             bail!(
@@ -177,6 +185,44 @@ impl Preprocess {
                 t.dtype()
             );
         }
+        let (mean, std) = self.per_channel(t.shape(), file)?;
+        if let Some(c) = std.iter().position(|&s| s == 0.0) {
+            bail!("--std is 0 for channel {c}");
+        }
+        for v in integer_extremes(t).into_iter().flatten().map(|v| v as f32) {
+            let finite = match self.scale {
+                Some(scale) => ((v + self.offset.unwrap_or(0.0)) * scale).is_finite(),
+                None => mean.iter().zip(&std).all(|(m, s)| ((v / 255.0 - m) / s).is_finite()),
+            };
+            if !finite {
+                bail!("{}: the value {v} does not stay finite once preprocessed", file.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// The channel count of data of `shape` (axis 1 for NCHW, the last for NHWC) and its mean
+    /// and std per channel.
+    fn per_channel(&self, shape: &[usize], file: &Path) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        let nhwc = self.layout == crate::images::Layout::Nhwc;
+        let channels = if nhwc { shape.last() } else { shape.get(1) }.copied().unwrap_or(1);
+        let per = |list: &[f32], what: &str| -> anyhow::Result<Vec<f32>> {
+            match list.len() {
+                0 => Ok(Vec::new()),
+                1 => Ok(vec![list[0]; channels]),
+                n if n == channels => Ok(list.to_vec()),
+                n => bail!("{}: --{what} has {n} values for {channels} channels", file.display()),
+            }
+        };
+        Ok((per(&self.mean, "mean")?, per(&self.std, "std")?))
+    }
+
+    /// `t` as the model sees it (data [`Preprocess::check`] accepted, or a slice of it along its
+    /// first axis).
+    fn transform(&self, t: &Tensor) -> Tensor {
+        if self.is_identity() {
+            return t.clone();
+        }
         let shape = t.shape().to_vec();
         let mut values: Vec<f32> = t.to_f64_vec().into_iter().map(|v| v as f32).collect();
         if let Some(scale) = self.scale {
@@ -184,28 +230,37 @@ impl Preprocess {
             values.iter_mut().for_each(|v| *v = (*v + offset) * scale);
         } else {
             let nhwc = self.layout == crate::images::Layout::Nhwc;
-            let channels = if nhwc { shape.last() } else { shape.get(1) }.copied().unwrap_or(1);
-            let per = |list: &[f32], what: &str| -> anyhow::Result<Vec<f32>> {
-                match list.len() {
-                    1 => Ok(vec![list[0]; channels]),
-                    n if n == channels => Ok(list.to_vec()),
-                    n => {
-                        bail!("{}: --{what} has {n} values for {channels} channels", file.display())
-                    }
-                }
-            };
-            let (mean, std) = (per(&self.mean, "mean")?, per(&self.std, "std")?);
-            if let Some(c) = std.iter().position(|&s| s == 0.0) {
-                bail!("--std is 0 for channel {c}");
-            }
+            let (mean, std) = self.per_channel(&shape, Path::new("")).unwrap_or_default();
+            let channels = mean.len().max(1);
             let plane: usize = shape.iter().skip(2).product();
             for (i, v) in values.iter_mut().enumerate() {
-                let c = if nhwc { i % channels.max(1) } else { (i / plane.max(1)) % channels };
-                *v = (*v / 255.0 - mean[c]) / std[c];
+                let c = if nhwc { i % channels } else { (i / plane.max(1)) % channels };
+                *v = (*v / 255.0 - mean.get(c).copied().unwrap_or(0.0)) / std.get(c).copied().unwrap_or(1.0);
             }
         }
-        Tensor::from_vec(&shape, values).context("preprocessed data keeps its shape")
+        Tensor::from_vec(&shape, values).expect("the values of a tensor fill its shape")
     }
+}
+
+/// The least and greatest element of integer data, read a few rows at a time (no widened copy
+/// of the whole tensor).
+fn integer_extremes(t: &Tensor) -> [Option<i64>; 2] {
+    let rows = t.shape().first().copied().unwrap_or(1);
+    let row_len = t.len() / rows.max(1);
+    let step = ((1 << 20) / row_len.max(1)).max(1);
+    let (mut lo, mut hi) = (None::<i64>, None::<i64>);
+    for start in (0..rows).step_by(step) {
+        let part = if t.shape().is_empty() {
+            Some(t.clone())
+        } else {
+            t.slice_axis(0, start, step.min(rows - start))
+        };
+        for v in part.and_then(|p| p.to_i64_vec()).unwrap_or_default() {
+            lo = Some(lo.map_or(v, |l| l.min(v)));
+            hi = Some(hi.map_or(v, |h| h.max(v)));
+        }
+    }
+    [lo, hi]
 }
 
 /// Where a graph input's data keeps its samples.
@@ -267,7 +322,11 @@ impl SampleAxes {
 
 /// Named arrays with their samples along a per-input axis (or shared), sliced into batches.
 pub(crate) struct Dataset {
-    inputs: Vec<(String, Tensor, SampleAxis)>,
+    /// Per input: its name, its data, where it keeps its samples, and whether batches of it are
+    /// still to be preprocessed (integer data along axis 0 stays raw — a quarter of the memory of
+    /// f32 or less — and each batch is converted when it is taken).
+    inputs: Vec<(String, Tensor, SampleAxis, bool)>,
+    preprocess: Preprocess,
     /// Samples per input (the same for every input that has samples).
     pub samples: usize,
 }
@@ -287,8 +346,10 @@ impl Dataset {
             } else {
                 read_tensor(file)?
             };
-            let t = preprocess.apply(raw, file)?;
-            let axis = axes.axis(name, t.shape().len());
+            preprocess.check(&raw, file)?;
+            let axis = axes.axis(name, raw.shape().len());
+            let lazy = !preprocess.is_identity() && axis == SampleAxis::Axis(0);
+            let t = if lazy || preprocess.is_identity() { raw } else { preprocess.transform(&raw) };
             let n = match axis {
                 SampleAxis::Axis(a) => t.shape()[a],
                 SampleAxis::Shared => 1,
@@ -320,7 +381,7 @@ impl Dataset {
                     file.display()
                 );
             }
-            inputs.push((name.clone(), t, axis));
+            inputs.push((name.clone(), t, axis, lazy));
         }
         let samples = samples.unwrap_or(usize::from(!inputs.is_empty()));
         if inputs.is_empty() {
@@ -330,33 +391,42 @@ impl Dataset {
             let names: Vec<String> = files.iter().map(|(_, f)| f.display().to_string()).collect();
             bail!("{}: holds zero samples", names.join(", "));
         }
-        Ok(Dataset { inputs, samples })
+        Ok(Dataset { inputs, preprocess: preprocess.clone(), samples })
     }
 
     pub fn batch(&self, rows: std::ops::Range<usize>) -> Vec<(String, Tensor)> {
         self.inputs
             .iter()
-            .map(|(n, t, axis)| {
+            .map(|(n, t, axis, lazy)| {
                 let part = match axis {
                     SampleAxis::Axis(a) => {
                         t.slice_axis(*a, rows.start, rows.len()).unwrap_or_else(|| t.clone())
                     }
                     SampleAxis::Shared => t.clone(),
                 };
-                (n.clone(), part)
+                (n.clone(), if *lazy { self.preprocess.transform(&part) } else { part })
             })
             .collect()
     }
 
     /// The first input whose samples are not along axis 0 (shared, or on another axis).
     pub fn input_without_leading_samples(&self) -> Option<&str> {
-        self.inputs.iter().find(|(_, _, axis)| *axis != SampleAxis::Axis(0)).map(|(n, _, _)| n.as_str())
+        self.inputs.iter().find(|(_, _, axis, _)| *axis != SampleAxis::Axis(0)).map(|(n, ..)| n.as_str())
     }
 
     pub fn batches(&self, size: usize) -> impl Iterator<Item = Vec<(String, Tensor)>> + '_ {
         (0..self.samples).step_by(size.max(1)).map(move |s| self.batch(s..(s + size).min(self.samples)))
     }
 }
+
+/// The default FP32 memory of the commands whose enable-one walks the FP32 pass when the values
+/// do not all fit (analyze, litemp, automp), in MiB: mobilenetv2's 32 scored images walk in
+/// windows of a few samples at the speed of keeping every value.
+pub(crate) const WALKED_FP32_MIB: usize = 128;
+
+/// The default FP32 memory of the commands that run their simulations in full when the values do
+/// not all fit (amp, autoquant), in MiB.
+pub(crate) const RESUMED_FP32_MIB: usize = 4096;
 
 /// The data of a job: calibration samples, and evaluation samples with labels when present.
 pub(crate) struct JobData {
@@ -544,9 +614,10 @@ mod tests {
         let state = Tensor::from_vec(&[2, 4, 3], (0..24).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
         let data = Dataset {
             inputs: vec![
-                ("state".into(), state, SampleAxis::Axis(1)),
-                ("sr".into(), Tensor::scalar(16000i64), SampleAxis::Shared),
+                ("state".into(), state, SampleAxis::Axis(1), false),
+                ("sr".into(), Tensor::scalar(16000i64), SampleAxis::Shared, false),
             ],
+            preprocess: Preprocess::default(),
             samples: 4,
         };
         let batch = data.batch(1..3);

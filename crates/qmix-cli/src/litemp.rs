@@ -103,7 +103,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         started.elapsed().as_secs_f64()
     );
     let scored = calib.batch(0..a.psnr_samples.clamp(1, calib.samples));
-    let budget = a.job.fp32_cache_bytes();
+    let budget = a.job.fp32_cache_bytes(crate::dataset::WALKED_FP32_MIB);
     let reference =
         qanalyze::FloatReference::with_budget(&sim, std::slice::from_ref(&scored), a.threads, budget)
             .map_err(user)?;

@@ -247,7 +247,7 @@ fn read_tensor(path: &Path) -> anyhow::Result<Tensor> {
         attempt!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, u8 => U8, i8 => I8, bool => Bool);
         anyhow::bail!("cannot read array '{name}' of {} as a supported dtype", file.display());
     }
-    check_npy_size(path)?;
+    let descr = check_npy_size(path)?;
     if let Some(t) = npy_half::read(path)? {
         return Ok(t);
     }
@@ -258,6 +258,17 @@ fn read_tensor(path: &Path) -> anyhow::Result<Tensor> {
             }
         )*};
     }
+    // The type the header names first: a failed attempt at a wider type may read the whole body.
+    match descr.trim_start_matches(['<', '>', '|', '=']) {
+        "f4" => attempt!(f32 => F32),
+        "f8" => attempt!(f64 => F64),
+        "i8" => attempt!(i64 => I64),
+        "i4" => attempt!(i32 => I32),
+        "u1" => attempt!(u8 => U8),
+        "i1" => attempt!(i8 => I8),
+        "b1" => attempt!(bool => Bool),
+        _ => {}
+    }
     attempt!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, u8 => U8, i8 => I8, bool => Bool);
     let why = read_npy::<_, ArrayD<f32>>(path).err().map_or_else(String::new, |e| e.to_string());
     anyhow::bail!("cannot read {} as a .npy array of a supported dtype: {why}", path.display())
@@ -265,8 +276,9 @@ fn read_tensor(path: &Path) -> anyhow::Result<Tensor> {
 
 /// Checks that a .npy file's body holds what its header claims (shape × item size, computed
 /// without overflow) before anything is allocated for it: a header claiming 10¹² rows over a
-/// short body is an error naming the file, not an allocation of terabytes.
-fn check_npy_size(path: &Path) -> anyhow::Result<()> {
+/// short body is an error naming the file, not an allocation of terabytes. Returns the header's
+/// type descriptor (e.g. `<f4`, `|u1`).
+fn check_npy_size(path: &Path) -> anyhow::Result<String> {
     use std::io::{Read, Seek};
     let mut f =
         std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
@@ -289,6 +301,9 @@ fn check_npy_size(path: &Path) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("{}: the .npy header is cut short", path.display()))?;
     let header = String::from_utf8_lossy(&header);
     let field = |key: &str| header.split(key).nth(1).map(str::trim_start);
+    let descr: String = field("'descr':")
+        .map(|d| d.trim_start_matches(['\'', '"']).chars().take_while(|c| !matches!(c, '\'' | '"')).collect())
+        .unwrap_or_default();
     let item: u64 = field("'descr':")
         .and_then(|d| d.trim_start_matches(['\'', '"']).get(2..))
         .map(|d| d.chars().take_while(char::is_ascii_digit).collect::<String>())
@@ -305,7 +320,7 @@ fn check_npy_size(path: &Path) -> anyhow::Result<()> {
     }
     let body = file_len.saturating_sub(prefix + header_len);
     match bytes {
-        Some(b) if b <= body => Ok(()),
+        Some(b) if b <= body => Ok(descr),
         Some(b) => anyhow::bail!(
             "{}: its header claims shape ({dims}) = {b} bytes, but the file holds {body} bytes of data",
             path.display()
