@@ -149,13 +149,15 @@ pub fn run(a: AmpArgs) -> Result<(), Failure> {
     qcalib::freeze_encodings(&mut sim, &frozen);
     a.job.blocks.apply(&mut sim, options.precision.param)?;
     let batch = a.job.batch.max(1);
-    let calibration: Vec<qcalib::Feeds> = calib.batches(batch).collect();
+    let calibration: Vec<qcalib::Feeds> = calib.batches(batch).collect::<Result<_, _>>()?;
     let phase1_samples = a.phase1_samples.clamp(1, calib.samples);
-    let phase1: Vec<qcalib::Feeds> =
-        (0..phase1_samples).step_by(batch).map(|s| calib.batch(s..(s + batch).min(phase1_samples))).collect();
+    let phase1: Vec<qcalib::Feeds> = (0..phase1_samples)
+        .step_by(batch)
+        .map(|s| calib.batch(s..(s + batch).min(phase1_samples)))
+        .collect::<Result<_, _>>()?;
     let eval_set = eval.as_ref().unwrap_or(&calib);
     let offset = a.evaluation.label_offset;
-    let eval_batches: Vec<qcalib::Feeds> = eval_set.batches(batch).collect();
+    let eval_batches: Vec<qcalib::Feeds> = eval_set.batches(batch).collect::<Result<_, _>>()?;
     // Phase 2: top-1 with labels, else the SQNR of the outputs against FP32.
     let sqnr_reference = match &labels {
         Some(_) => None,

@@ -85,14 +85,14 @@ pub fn run(a: AnalyzeArgs) -> Result<(), Failure> {
     };
 
     let pb = bar(calib.samples.div_ceil(batch), "calibrating", "batches", a.quiet);
-    sim.calibrate(calib.batches(batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
+    crate::dataset::calibrate(&mut sim, &calib, batch, &mut |d| pb.set_position(d as u64))?;
     pb.finish_and_clear();
     let repaired = crate::dataset::repair_non_finite(&mut sim, &calib, batch)?;
     repaired.iter().for_each(|w| crate::emit(true, format_args!("warning: {w}")));
     lap("calibration", &mut seconds);
     let n = a.samples.clamp(1, calib.samples);
     let scored: Vec<qcalib::Feeds> =
-        (0..n).step_by(batch).map(|s| calib.batch(s..(s + batch).min(n))).collect();
+        (0..n).step_by(batch).map(|s| calib.batch(s..(s + batch).min(n))).collect::<Result<_, _>>()?;
     let reference = FloatReference::with_budget(
         &sim,
         &scored,

@@ -87,11 +87,11 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let batch = a.job.batch.max(1);
     let started = Instant::now();
-    let calibration: Vec<qcalib::Feeds> = calib.batches(batch).collect();
+    let calibration: Vec<qcalib::Feeds> = calib.batches(batch).collect::<Result<_, _>>()?;
     narrow.calibrate(calibration.iter().cloned(), &mut |_| {}).map_err(user)?;
     let n = a.samples.clamp(1, calib.samples);
     let scored: Vec<qcalib::Feeds> =
-        (0..n).step_by(batch).map(|s| calib.batch(s..(s + batch).min(n))).collect();
+        (0..n).step_by(batch).map(|s| calib.batch(s..(s + batch).min(n))).collect::<Result<_, _>>()?;
     let layers = qanalyze::layers(&narrow).map_err(user)?.len();
     let pb = bar(layers, "scoring", "layers", a.quiet);
     let fp32 = FloatReference::with_budget(
@@ -106,7 +106,7 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
     say!("scored {} layers at {} (PSNR with only that layer quantized)", scores.len(), a.narrow);
 
     let eval_set = eval.as_ref().unwrap_or(&calib);
-    let eval_batches: Vec<qcalib::Feeds> = eval_set.batches(batch).collect();
+    let eval_batches: Vec<qcalib::Feeds> = eval_set.batches(batch).collect::<Result<_, _>>()?;
     let offset = a.evaluation.label_offset;
     let mut wide = sim_at(a.wide)?;
     let (mut metric, target, what): (Box<Score<'_>>, f64, String) = match (a.max_drop, &labels) {

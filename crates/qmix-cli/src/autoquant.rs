@@ -67,7 +67,7 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
         threads: a.threads,
         ..SimOptions::default()
     };
-    let calibration: Vec<qcalib::Feeds> = calib.batches(batch).collect();
+    let calibration: Vec<qcalib::Feeds> = calib.batches(batch).collect::<Result<_, _>>()?;
     let offset = a.evaluation.label_offset;
     let started = Instant::now();
     let float = qexec::Session::new(model.clone(), qexec::SessionOptions::threads(a.threads))?;
@@ -82,7 +82,7 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
     let fingerprint = format!(
         "{} | inputs {:016x} | {} | {:?} | {:?} {:?} | batch {batch} | iterations {} | amp {} on {}",
         a.job.model.display(),
-        digest(&model_bytes, &calibration, eval.batches(batch), &labels),
+        digest(&model_bytes, &calibration, eval, batch, &labels)?,
         a.job.config,
         a.job.scheme,
         a.precision.param,
@@ -96,17 +96,24 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
             .join(",")),
         a.amp_phase1_samples,
     );
-    let amp = a.amp_candidates.as_ref().map(|c| {
-        let samples = a.amp_phase1_samples.clamp(1, calib.samples.max(1));
-        qmix::AutoQuantAmp {
-            options: qmix::AmpOptions {
-                threads: a.threads,
-                fp32_cache_bytes: a.job.fp32_cache_bytes(crate::dataset::RESUMED_FP32_MIB),
-                ..qmix::AmpOptions::new(c.0.clone())
-            },
-            phase1: (0..samples).step_by(batch).map(|s| calib.batch(s..(s + batch).min(samples))).collect(),
-        }
-    });
+    let amp = a
+        .amp_candidates
+        .as_ref()
+        .map(|c| -> Result<_, Failure> {
+            let samples = a.amp_phase1_samples.clamp(1, calib.samples.max(1));
+            Ok(qmix::AutoQuantAmp {
+                options: qmix::AmpOptions {
+                    threads: a.threads,
+                    fp32_cache_bytes: a.job.fp32_cache_bytes(crate::dataset::RESUMED_FP32_MIB),
+                    ..qmix::AmpOptions::new(c.0.clone())
+                },
+                phase1: (0..samples)
+                    .step_by(batch)
+                    .map(|s| calib.batch(s..(s + batch).min(samples)))
+                    .collect::<Result<_, _>>()?,
+            })
+        })
+        .transpose()?;
     let settings = qmix::AutoQuantOptions {
         allowed_drop: a.allowed_drop,
         adaround: qptq::AdaroundOptions {
@@ -186,15 +193,18 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
 fn digest(
     model: &[u8],
     calibration: &[qcalib::Feeds],
-    eval: impl Iterator<Item = qcalib::Feeds>,
+    eval: &crate::dataset::Dataset,
+    batch: usize,
     labels: &[i64],
-) -> u64 {
+) -> Result<u64, Failure> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     model.hash(&mut h);
     calibration.iter().for_each(|b| hash_feeds(b, &mut h));
-    eval.for_each(|b| hash_feeds(&b, &mut h));
+    for b in eval.batches(batch) {
+        hash_feeds(&b?, &mut h);
+    }
     labels.hash(&mut h);
-    h.finish()
+    Ok(h.finish())
 }
 
 fn hash_feeds(batch: &qcalib::Feeds, h: &mut impl Hasher) {

@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use qcalib::QuantsimConfig;
 use qgraph::Tensor;
 
+use crate::npy_rows::NpyRows;
 use crate::{Failure, read_tensor};
 
 /// Evaluation options shared by the job commands.
@@ -322,13 +323,46 @@ impl SampleAxes {
 
 /// Named arrays with their samples along a per-input axis (or shared), sliced into batches.
 pub(crate) struct Dataset {
-    /// Per input: its name, its data, where it keeps its samples, and whether batches of it are
-    /// still to be preprocessed (integer data along axis 0 stays raw — a quarter of the memory of
-    /// f32 or less — and each batch is converted when it is taken).
-    inputs: Vec<(String, Tensor, SampleAxis, bool)>,
+    /// Per input: its name, its data and where it keeps its samples. Data along axis 0 stays as
+    /// given (a `.npy` file stays on disk; integer data stays raw, a quarter of the memory of f32
+    /// or less) and each batch is read and preprocessed when it is taken.
+    inputs: Vec<(String, Source, SampleAxis)>,
     preprocess: Preprocess,
     /// Samples per input (the same for every input that has samples).
     pub samples: usize,
+}
+
+/// Where an input's data is: in memory, or rows of a `.npy` file read when a batch takes them.
+enum Source {
+    Loaded(Tensor),
+    Rows(NpyRows),
+}
+
+/// Rows read at a time when a file's data is checked at load.
+const ROWS_CHECKED_AT_ONCE_BYTES: usize = 16 << 20;
+
+/// Fails naming the sample of `t` (rows `first..` of `file`) that holds a NaN or an infinity.
+fn check_finite(t: &Tensor, name: &str, file: &Path, first: usize, per_sample: usize) -> anyhow::Result<()> {
+    // Only float data can hold NaN or Inf; f32 (the common case) is scanned in place.
+    let bad = match t.as_f32() {
+        Some(a) => a.iter().enumerate().find(|(_, v)| !v.is_finite()).map(|(at, v)| (at, v.is_nan())),
+        None if t.dtype().is_float() => t
+            .to_f64_vec()
+            .into_iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+            .map(|(at, v)| (at, v.is_nan())),
+        None => None,
+    };
+    if let Some((at, nan)) = bad {
+        let what = if nan { "NaN" } else { "an infinite value" };
+        let sample = first + at / per_sample.max(1);
+        bail!(
+            "{}: sample {sample} (input '{name}') holds {what}; clean the data or drop that sample",
+            file.display()
+        );
+    }
+    Ok(())
 }
 
 impl Dataset {
@@ -340,18 +374,43 @@ impl Dataset {
         let mut inputs = Vec::new();
         let mut samples = None;
         for (name, file) in files {
-            let raw = if file.is_dir() {
-                let resize = preprocess.resize.unwrap_or((preprocess.image_size * 256).div_ceil(224));
-                crate::images::load_folder(file, resize, preprocess.image_size, preprocess.layout)?
-            } else {
-                read_tensor(file)?
+            let rows =
+                NpyRows::open(file)?.filter(|r| axes.axis(name, r.shape().len()) == SampleAxis::Axis(0));
+            let (source, axis, shape) = match rows {
+                Some(rows) => {
+                    // Checked a few rows at a time, then left in the file.
+                    let n = rows.shape()[0];
+                    let per_sample: usize = rows.shape()[1..].iter().product();
+                    let step = (ROWS_CHECKED_AT_ONCE_BYTES / (per_sample.max(1) * 8)).max(1);
+                    for start in (0..n).step_by(step) {
+                        let part = rows.read(start..(start + step).min(n))?;
+                        preprocess.check(&part, file)?;
+                        check_finite(&part, name, file, start, per_sample)?;
+                    }
+                    let shape = rows.shape().to_vec();
+                    (Source::Rows(rows), SampleAxis::Axis(0), shape)
+                }
+                None => {
+                    let raw = if file.is_dir() {
+                        let resize = preprocess.resize.unwrap_or((preprocess.image_size * 256).div_ceil(224));
+                        crate::images::load_folder(file, resize, preprocess.image_size, preprocess.layout)?
+                    } else {
+                        read_tensor(file)?
+                    };
+                    preprocess.check(&raw, file)?;
+                    let axis = axes.axis(name, raw.shape().len());
+                    let raw = if axis == SampleAxis::Axis(0) { raw } else { preprocess.transform(&raw) };
+                    let n = match axis {
+                        SampleAxis::Axis(a) => raw.shape()[a],
+                        SampleAxis::Shared => 1,
+                    };
+                    check_finite(&raw, name, file, 0, raw.len() / n.max(1))?;
+                    let shape = raw.shape().to_vec();
+                    (Source::Loaded(raw), axis, shape)
+                }
             };
-            preprocess.check(&raw, file)?;
-            let axis = axes.axis(name, raw.shape().len());
-            let lazy = !preprocess.is_identity() && axis == SampleAxis::Axis(0);
-            let t = if lazy || preprocess.is_identity() { raw } else { preprocess.transform(&raw) };
             let n = match axis {
-                SampleAxis::Axis(a) => t.shape()[a],
+                SampleAxis::Axis(a) => shape[a],
                 SampleAxis::Shared => 1,
             };
             match (samples, axis) {
@@ -362,26 +421,7 @@ impl Dataset {
                 ),
                 _ => samples = Some(n),
             }
-            // Only float data can hold NaN or Inf; f32 (the common case) is scanned in place.
-            let bad = match t.as_f32() {
-                Some(a) => a.iter().enumerate().find(|(_, v)| !v.is_finite()).map(|(at, v)| (at, v.is_nan())),
-                None if t.dtype().is_float() => t
-                    .to_f64_vec()
-                    .into_iter()
-                    .enumerate()
-                    .find(|(_, v)| !v.is_finite())
-                    .map(|(at, v)| (at, v.is_nan())),
-                None => None,
-            };
-            if let Some((at, nan)) = bad {
-                let what = if nan { "NaN" } else { "an infinite value" };
-                let sample = at / (t.len() / n.max(1)).max(1);
-                bail!(
-                    "{}: sample {sample} (input '{name}') holds {what}; clean the data or drop that sample",
-                    file.display()
-                );
-            }
-            inputs.push((name.clone(), t, axis, lazy));
+            inputs.push((name.clone(), source, axis));
         }
         let samples = samples.unwrap_or(usize::from(!inputs.is_empty()));
         if inputs.is_empty() {
@@ -394,27 +434,32 @@ impl Dataset {
         Ok(Dataset { inputs, preprocess: preprocess.clone(), samples })
     }
 
-    pub fn batch(&self, rows: std::ops::Range<usize>) -> Vec<(String, Tensor)> {
+    /// The samples `rows` of every input as the model sees them (read from their files when they
+    /// stay there, preprocessed when asked).
+    pub fn batch(&self, rows: std::ops::Range<usize>) -> Result<Vec<(String, Tensor)>, Failure> {
         self.inputs
             .iter()
-            .map(|(n, t, axis, lazy)| {
-                let part = match axis {
-                    SampleAxis::Axis(a) => {
+            .map(|(n, source, axis)| {
+                let part = match (source, axis) {
+                    (Source::Rows(r), _) => r.read(rows.clone()).map_err(Failure::User)?,
+                    (Source::Loaded(t), SampleAxis::Axis(a)) => {
                         t.slice_axis(*a, rows.start, rows.len()).unwrap_or_else(|| t.clone())
                     }
-                    SampleAxis::Shared => t.clone(),
+                    (Source::Loaded(t), SampleAxis::Shared) => t.clone(),
                 };
-                (n.clone(), if *lazy { self.preprocess.transform(&part) } else { part })
+                // Data kept raw is along axis 0; other data was preprocessed at load.
+                let raw = *axis == SampleAxis::Axis(0);
+                Ok((n.clone(), if raw { self.preprocess.transform(&part) } else { part }))
             })
             .collect()
     }
 
     /// The first input whose samples are not along axis 0 (shared, or on another axis).
     pub fn input_without_leading_samples(&self) -> Option<&str> {
-        self.inputs.iter().find(|(_, _, axis, _)| *axis != SampleAxis::Axis(0)).map(|(n, ..)| n.as_str())
+        self.inputs.iter().find(|(_, _, axis)| *axis != SampleAxis::Axis(0)).map(|(n, ..)| n.as_str())
     }
 
-    pub fn batches(&self, size: usize) -> impl Iterator<Item = Vec<(String, Tensor)>> + '_ {
+    pub fn batches(&self, size: usize) -> impl Iterator<Item = Result<Vec<(String, Tensor)>, Failure>> + '_ {
         (0..self.samples).step_by(size.max(1)).map(move |s| self.batch(s..(s + size).min(self.samples)))
     }
 }
@@ -499,6 +544,23 @@ pub(crate) fn read_labels(path: &Path) -> Result<Vec<i64>, Failure> {
 pub(crate) type Forward<'a> = &'a dyn Fn(&[(&str, Tensor)]) -> Result<Vec<Tensor>, Failure>;
 
 /// Top-1 of `run` over `data` against `labels`.
+/// Calibrates `sim` on `calib` in batches of `batch`, each read when its turn comes (a read
+/// failure stops calibration and is the error).
+pub(crate) fn calibrate(
+    sim: &mut qcalib::QuantSim,
+    calib: &Dataset,
+    batch: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<(), Failure> {
+    let mut failed = None;
+    let batches = calib.batches(batch.max(1)).map_while(|b| b.map_err(|e| failed = Some(e)).ok());
+    let calibrated = sim.calibrate(batches, progress);
+    match failed {
+        Some(e) => Err(e),
+        None => calibrated.map_err(user),
+    }
+}
+
 pub(crate) fn top1(
     data: &Dataset,
     labels: &[i64],
@@ -508,6 +570,7 @@ pub(crate) fn top1(
 ) -> Result<f64, Failure> {
     let mut preds = Vec::with_capacity(data.samples);
     for feeds in data.batches(batch) {
+        let feeds = feeds?;
         let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         let out = run(&named)?;
         let first = out.first().ok_or_else(|| user(anyhow::anyhow!("the model has no output to score")))?;
@@ -583,7 +646,7 @@ pub(crate) fn repair_non_finite(
     calib: &Dataset,
     batch: usize,
 ) -> Result<Vec<String>, Failure> {
-    let Some(first) = calib.batches(batch.max(1)).next() else { return Ok(Vec::new()) };
+    let Some(first) = calib.batches(batch.max(1)).next().transpose()? else { return Ok(Vec::new()) };
     let named: Vec<(&str, Tensor)> = first.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     sim.disable_non_finite_quantizers(&named).map_err(user)
 }
@@ -614,13 +677,13 @@ mod tests {
         let state = Tensor::from_vec(&[2, 4, 3], (0..24).map(|v| v as f32).collect::<Vec<_>>()).unwrap();
         let data = Dataset {
             inputs: vec![
-                ("state".into(), state, SampleAxis::Axis(1), false),
-                ("sr".into(), Tensor::scalar(16000i64), SampleAxis::Shared, false),
+                ("state".into(), Source::Loaded(state), SampleAxis::Axis(1)),
+                ("sr".into(), Source::Loaded(Tensor::scalar(16000i64)), SampleAxis::Shared),
             ],
             preprocess: Preprocess::default(),
             samples: 4,
         };
-        let batch = data.batch(1..3);
+        let Ok(batch) = data.batch(1..3) else { panic!("rows 1..3 of 4") };
         assert_eq!(batch[0].1.shape(), &[2, 2, 3]);
         assert_eq!(
             batch[0].1.as_f32().unwrap().iter().take(3).copied().collect::<Vec<_>>(),

@@ -91,7 +91,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     let started = Instant::now();
     let batches = calib.samples.div_ceil(a.job.batch.max(1));
     let pb = bar(batches, "calibrating", "batches", a.quiet);
-    sim.calibrate(calib.batches(a.job.batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
+    crate::dataset::calibrate(&mut sim, &calib, a.job.batch, &mut |d| pb.set_position(d as u64))?;
     pb.finish_and_clear();
     for w in crate::dataset::repair_non_finite(&mut sim, &calib, a.job.batch)? {
         crate::emit(true, format_args!("warning: {w}"));
@@ -102,7 +102,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         calib.samples,
         started.elapsed().as_secs_f64()
     );
-    let scored = calib.batch(0..a.psnr_samples.clamp(1, calib.samples));
+    let scored = calib.batch(0..a.psnr_samples.clamp(1, calib.samples))?;
     let budget = a.job.fp32_cache_bytes(crate::dataset::WALKED_FP32_MIB);
     let reference =
         qanalyze::FloatReference::with_budget(&sim, std::slice::from_ref(&scored), a.threads, budget)
@@ -149,7 +149,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     let flipped = if let Some(target) = a.until_psnr {
         let reference =
             qanalyze::FloatReference::new(&sim, std::slice::from_ref(&scored), a.threads).map_err(user)?;
-        let calibration: Vec<qcalib::Feeds> = calib.batches(a.job.batch).collect();
+        let calibration: Vec<qcalib::Feeds> = calib.batches(a.job.batch).collect::<Result<_, _>>()?;
         let r = qmix::flip_until(
             &mut sim,
             &scores,
@@ -173,7 +173,7 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
         .map_err(user)?;
         crate::device::DeviceArgs::legalize(device_target.as_ref(), &mut sim, &mut set)?;
         let pb = bar(batches, "recalibrating", "batches", a.quiet);
-        sim.calibrate(calib.batches(a.job.batch), &mut |d| pb.set_position(d as u64)).map_err(user)?;
+        crate::dataset::calibrate(&mut sim, &calib, a.job.batch, &mut |d| pb.set_position(d as u64))?;
         pb.finish_and_clear();
         flipped
     };

@@ -19,6 +19,7 @@ mod device;
 mod images;
 mod litemp;
 mod npy_half;
+mod npy_rows;
 mod profile;
 mod profile_costs;
 mod ptq;
@@ -247,8 +248,10 @@ fn read_tensor(path: &Path) -> anyhow::Result<Tensor> {
         attempt!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, u8 => U8, i8 => I8, bool => Bool);
         anyhow::bail!("cannot read array '{name}' of {} as a supported dtype", file.display());
     }
-    let descr = check_npy_size(path)?;
-    if let Some(t) = npy_half::read(path)? {
+    let descr = npy_rows::header(path)?.descr;
+    if descr == "<f2"
+        && let Some(t) = npy_half::read(path)?
+    {
         return Ok(t);
     }
     macro_rules! attempt {
@@ -272,61 +275,6 @@ fn read_tensor(path: &Path) -> anyhow::Result<Tensor> {
     attempt!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, u8 => U8, i8 => I8, bool => Bool);
     let why = read_npy::<_, ArrayD<f32>>(path).err().map_or_else(String::new, |e| e.to_string());
     anyhow::bail!("cannot read {} as a .npy array of a supported dtype: {why}", path.display())
-}
-
-/// Checks that a .npy file's body holds what its header claims (shape × item size, computed
-/// without overflow) before anything is allocated for it: a header claiming 10¹² rows over a
-/// short body is an error naming the file, not an allocation of terabytes. Returns the header's
-/// type descriptor (e.g. `<f4`, `|u1`).
-fn check_npy_size(path: &Path) -> anyhow::Result<String> {
-    use std::io::{Read, Seek};
-    let mut f =
-        std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
-    let file_len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut head = [0u8; 12];
-    if f.read_exact(&mut head).is_err() || &head[..6] != b"\x93NUMPY" {
-        anyhow::bail!("{} is not a .npy file (no NUMPY magic)", path.display());
-    }
-    let (header_len, prefix) = match head[6] {
-        1 => (u64::from(u16::from_le_bytes([head[8], head[9]])), 10u64),
-        2 | 3 => (u64::from(u32::from_le_bytes([head[8], head[9], head[10], head[11]])), 12u64),
-        v => anyhow::bail!("{}: .npy format version {v} is not supported", path.display()),
-    };
-    if header_len > 1 << 20 {
-        anyhow::bail!("{}: .npy header of {header_len} bytes", path.display());
-    }
-    let mut header = vec![0u8; header_len as usize];
-    f.seek(std::io::SeekFrom::Start(prefix))
-        .and_then(|_| f.read_exact(&mut header))
-        .map_err(|_| anyhow::anyhow!("{}: the .npy header is cut short", path.display()))?;
-    let header = String::from_utf8_lossy(&header);
-    let field = |key: &str| header.split(key).nth(1).map(str::trim_start);
-    let descr: String = field("'descr':")
-        .map(|d| d.trim_start_matches(['\'', '"']).chars().take_while(|c| !matches!(c, '\'' | '"')).collect())
-        .unwrap_or_default();
-    let item: u64 = field("'descr':")
-        .and_then(|d| d.trim_start_matches(['\'', '"']).get(2..))
-        .map(|d| d.chars().take_while(char::is_ascii_digit).collect::<String>())
-        .and_then(|d| d.parse().ok())
-        .unwrap_or(1);
-    let dims = field("'shape':")
-        .and_then(|s| s.strip_prefix('('))
-        .and_then(|s| s.split(')').next())
-        .ok_or_else(|| anyhow::anyhow!("{}: the .npy header has no shape", path.display()))?;
-    let mut bytes = Some(item);
-    for d in dims.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let d: u64 = d.parse().map_err(|_| anyhow::anyhow!("{}: .npy dimension '{d}'", path.display()))?;
-        bytes = bytes.and_then(|b| b.checked_mul(d));
-    }
-    let body = file_len.saturating_sub(prefix + header_len);
-    match bytes {
-        Some(b) if b <= body => Ok(descr),
-        Some(b) => anyhow::bail!(
-            "{}: its header claims shape ({dims}) = {b} bytes, but the file holds {body} bytes of data",
-            path.display()
-        ),
-        None => anyhow::bail!("{}: its header claims shape ({dims}), beyond any file", path.display()),
-    }
 }
 
 /// Writes `t` as .npy atomically.

@@ -219,7 +219,7 @@ pub(crate) fn load_job(
     if !ptq.any() && !rounding.adaround && !rounding.seq_mse {
         return Ok((model, data, Frozen::new()));
     }
-    let batches: Vec<Feeds> = data.calib.batches(job.batch.max(1)).collect();
+    let batches: Vec<Feeds> = data.calib.batches(job.batch.max(1)).collect::<Result<_, _>>()?;
     let model = if ptq.any() { apply(model, ptq, config, options, Some(&batches))?.0 } else { model };
     let learned = round_weights(model, rounding, config, options, Some(&batches), quiet)?;
     Ok((learned.model, data, learned.frozen))

@@ -130,7 +130,7 @@ pub(crate) fn train(
             "qat stacks samples along axis 0, but input '{name}' keeps them elsewhere"
         )));
     }
-    let samples: Vec<qcalib::Feeds> = calib.batches(1).collect();
+    let samples: Vec<qcalib::Feeds> = calib.batches(1).collect::<Result<_, _>>()?;
     let labels = match &t.calib_labels {
         Some(path) => {
             let labels = read_labels(path)?;
@@ -265,7 +265,7 @@ pub(crate) fn train(
     );
     let mut json = report.to_json();
     if !t.keep_batch_norms {
-        let batches: Vec<qcalib::Feeds> = calib.batches(options.batch_size).collect();
+        let batches: Vec<qcalib::Feeds> = calib.batches(options.batch_size).collect::<Result<_, _>>()?;
         let bn = qptq::fold_batch_norms_of_simulation(sim, &batches).map_err(user)?;
         if !bn.folded.is_empty() {
             say!(

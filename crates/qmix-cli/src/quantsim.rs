@@ -139,7 +139,8 @@ pub(crate) fn run_job(a: QuantsimArgs, training: Option<&crate::qat::TrainArgs>)
     } else {
         Some(Dataset::load(&a.calib, &a.preprocess, &SampleAxes::of(&model)).map_err(Failure::User)?)
     };
-    let batches: Option<Vec<qcalib::Feeds>> = calib.as_ref().map(|c| c.batches(a.batch.max(1)).collect());
+    let batches: Option<Vec<qcalib::Feeds>> =
+        calib.as_ref().map(|c| c.batches(a.batch.max(1)).collect::<Result<_, _>>()).transpose()?;
     let changes_weights =
         a.ptq.any() || a.learned_rounding.adaround || a.learned_rounding.seq_mse || training.is_some();
     let given = changes_weights.then(|| model.clone());
@@ -191,7 +192,7 @@ pub(crate) fn run_job(a: QuantsimArgs, training: Option<&crate::qat::TrainArgs>)
             let batches = calib.samples.div_ceil(a.batch.max(1));
             let pb = bar(batches, "calibrating", "batches", a.quiet);
             let started = Instant::now();
-            sim.calibrate(calib.batches(a.batch), &mut |done| pb.set_position(done as u64)).map_err(user)?;
+            crate::dataset::calibrate(&mut sim, calib, a.batch, &mut |done| pb.set_position(done as u64))?;
             pb.finish_and_clear();
             // Printed with the other warnings below.
             crate::dataset::repair_non_finite(&mut sim, calib, a.batch)?;
@@ -297,6 +298,7 @@ fn evaluate(
     let (mut sim_out, mut float_out): (Vec<Tensor>, Vec<Tensor>) = (Vec::new(), Vec::new());
     let started = Instant::now();
     for (i, feeds) in data.batches(a.batch).enumerate() {
+        let feeds = feeds?;
         let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         sim_out.push(sim.run(&named).map_err(user)?.swap_remove(0));
         float_out.push(float.run(&named)?.swap_remove(0));
