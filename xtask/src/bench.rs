@@ -5,7 +5,8 @@
 //! memory of calibrating on 100 images; `bench analyze`: enable-one PSNR analysis of
 //! mobilenetv2_keras on 32 images, resumed from FP32 values, against a naive full forward per layer
 //! of our own code and AIMET's time, then the time and peak memory of the analysis of
-//! all_minilm_l6_v2; `bench kernels`: the qkernels criterion bench, tabulated as GB/s and as a
+//! all_minilm_l6_v2; `bench commands`: the wall time and peak memory of `qmix quantsim`, `analyze`
+//! and `litemp` on mobilenetv2_keras as a user runs them, beside AIMET's Lite-MP; `bench kernels`: the qkernels criterion bench, tabulated as GB/s and as a
 //! ratio to `memcpy` of the same size; `bench plans`: AMP on mobilenetv2_keras priced by bit-ops
 //! and by the costs `qmix profile-costs` measures, both plans' QDQ exports timed in onnxruntime. `exec` and `sim` interleave the contenders (rounds of a
 //! few runs each, onnxruntime kept running in a helper process) so that the slow spells of a
@@ -46,11 +47,12 @@ macro_rules! say_part {
 type Bench = (&'static str, fn() -> Result<()>);
 
 /// The benchmarks, in the order `cargo xtask bench` runs them.
-const BENCHES: [Bench; 6] = [
+const BENCHES: [Bench; 7] = [
     ("load", load),
     ("exec", exec),
     ("sim", sim),
     ("analyze", analyze),
+    ("commands", commands),
     ("kernels", kernels),
     ("plans", plans),
 ];
@@ -520,6 +522,43 @@ fn kernels() -> Result<()> {
         }
         say!();
     }
+    Ok(())
+}
+
+/// The job commands as a user runs them on mobilenetv2_keras's zoo split (100 calibration images,
+/// 400 evaluated, f32 `.npy` files): wall time and peak resident memory of each process (from
+/// `--json`), and for Lite-MP AIMET's own run of the same job.
+fn commands() -> Result<()> {
+    let zoo = zoo::zoo_dir()?;
+    let c = zoo_data::CLASSIFIERS.iter().find(|c| c.name == "mobilenetv2_keras").context("classifier")?;
+    let dir = zoo::out_dir()?.join("bench_commands");
+    std::fs::create_dir_all(&dir)?;
+    let data = zoo_data::write_job_files(&zoo, c, &dir)?;
+    let model = zoo.join("models/mobilenetv2_keras.onnx");
+    // Built before the clock starts.
+    zoo::qmix(&["--version".into()])?;
+    say!("{:<10} {:>8} {:>14}", "command", "seconds", "peak RSS MiB");
+    for command in ["quantsim", "analyze", "litemp"] {
+        let mut args: Vec<std::ffi::OsString> = vec!["--json".into(), command.into(), model.clone().into()];
+        args.extend(data.iter().cloned());
+        args.extend(["--quiet".into(), "--out".into(), dir.join(command).into()]);
+        let started = Instant::now();
+        let out = zoo::qmix(&args)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let summary: serde_json::Value =
+            serde_json::from_str(text.lines().last().unwrap_or_default()).context("the --json summary")?;
+        let rss = summary["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
+        say!("{command:<10} {seconds:>8.1} {rss:>14.0}");
+    }
+    let aimet: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        zoo.join("aimet/mobilenetv2_keras/litemp_default_int16_10pct/timings.json"),
+    )?)?;
+    say!(
+        "AIMET's litemp of the same job (its recorded run): {:.1} s, peak RSS {:.0} MB",
+        aimet["total_wall_s"].as_f64().unwrap_or(f64::NAN),
+        aimet["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)
+    );
     Ok(())
 }
 

@@ -59,11 +59,29 @@ fn emit(to_stderr: bool, line: std::fmt::Arguments<'_>) {
     };
 }
 
-/// Prints a job's machine-readable summary on stdout under `--json`.
-fn summary(v: serde_json::Value) {
+/// Prints a job's machine-readable summary on stdout under `--json`, with the process's peak
+/// resident memory so far (`peak_rss_mib`, where `/proc` tells).
+fn summary(mut v: serde_json::Value) {
     if json_mode() {
+        if let Some(o) = v.as_object_mut() {
+            o.insert("peak_rss_mib".into(), serde_json::json!(peak_rss_mib()));
+        }
         emit(false, format_args!("{v}"));
     }
+}
+
+/// This process's peak resident memory so far (`VmHWM`), in MiB; `None` without `/proc`.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((kib / 1024.0).round())
 }
 
 #[derive(Parser)]
