@@ -146,26 +146,38 @@ fn encoding_range(p: &Placement, v: ValueId) -> Option<(f64, f64)> {
     ))
 }
 
-fn histogram(values: &[f32], encoding: Option<(f64, f64)>) -> Option<(f64, f64, Vec<u64>)> {
-    let finite = values.iter().copied().filter(|v| v.is_finite());
-    let (mut lo, mut hi) = finite
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(f64::from(v)), h.max(f64::from(v))));
+/// The extremes of the finite values of `values` folded into `(lo, hi)`.
+fn fold_extremes((lo, hi): (f64, f64), values: impl Iterator<Item = f32>) -> (f64, f64) {
+    values.filter(|v| v.is_finite()).fold((lo, hi), |(l, h), v| (l.min(f64::from(v)), h.max(f64::from(v))))
+}
+
+/// The range a histogram spans: the values' extremes and the encoding's range together (`None`
+/// without a finite value or encoding).
+fn histogram_range((mut lo, mut hi): (f64, f64), encoding: Option<(f64, f64)>) -> Option<(f64, f64)> {
     if let Some((a, b)) = encoding {
         (lo, hi) = (lo.min(a), hi.max(b));
     }
     if !(lo.is_finite() && hi.is_finite()) {
         return None;
     }
-    if hi <= lo {
-        hi = lo + 1e-6;
-    }
-    let mut counts = vec![0u64; HISTOGRAM_BINS];
+    Some((lo, if hi <= lo { lo + 1e-6 } else { hi }))
+}
+
+/// Counts the finite `values` into [`HISTOGRAM_BINS`] equal bins over `lo..hi`.
+fn count_into(counts: &mut [u64], values: impl Iterator<Item = f32>, (lo, hi): (f64, f64)) {
     let width = (hi - lo) / HISTOGRAM_BINS as f64;
-    for &v in values.iter().filter(|v| v.is_finite()) {
+    for v in values.filter(|v| v.is_finite()) {
         let b = (((f64::from(v) - lo) / width) as usize).min(HISTOGRAM_BINS - 1);
         counts[b] += 1;
     }
-    Some((lo, hi, counts))
+}
+
+fn histogram(values: &[f32], encoding: Option<(f64, f64)>) -> Option<(f64, f64, Vec<u64>)> {
+    let range =
+        histogram_range(fold_extremes((f64::INFINITY, f64::NEG_INFINITY), values.iter().copied()), encoding)?;
+    let mut counts = vec![0u64; HISTOGRAM_BINS];
+    count_into(&mut counts, values.iter().copied(), range);
+    Some((range.0, range.1, counts))
 }
 
 /// Histograms of the FP32 output (over `reference`'s batches) and of the weight of each of
@@ -177,31 +189,51 @@ pub fn histograms(
 ) -> Result<Vec<TensorHistogram>, AnalyzeError> {
     let g = &sim.model().graph;
     let p = sim.placement();
-    let mut activations: Vec<Vec<f32>> = vec![Vec::new(); nodes.len()];
+    // Two passes over the pieces, the extremes then the counts, so no layer's outputs over every
+    // sample are held at once.
+    let outputs: Vec<Option<qgraph::ValueId>> = nodes.iter().map(|&n| g.node(n).output(0)).collect();
+    fn values_of(
+        fp32: &qexec::ValueCache,
+        v: Option<qgraph::ValueId>,
+    ) -> Option<impl Iterator<Item = f32> + '_> {
+        v.and_then(|v| fp32.get(v)).and_then(Tensor::as_f32).map(|a| a.iter().copied())
+    }
+    let mut extremes = vec![(f64::INFINITY, f64::NEG_INFINITY); nodes.len()];
     reference.for_each_piece(|_, fp32| {
-        for (&node, values) in nodes.iter().zip(activations.iter_mut()) {
-            if let Some(a) = g.node(node).output(0).and_then(|v| fp32.get(v)).and_then(Tensor::as_f32) {
-                values.extend(a.iter().copied());
+        for (&v, e) in outputs.iter().zip(extremes.iter_mut()) {
+            if let Some(values) = values_of(fp32, v) {
+                *e = fold_extremes(*e, values);
+            }
+        }
+        Ok(())
+    })?;
+    let ranges: Vec<Option<(f64, f64)>> = outputs
+        .iter()
+        .zip(&extremes)
+        .map(|(v, &e)| v.and_then(|v| histogram_range(e, encoding_range(p, v))))
+        .collect();
+    let mut counts = vec![vec![0u64; HISTOGRAM_BINS]; nodes.len()];
+    reference.for_each_piece(|_, fp32| {
+        for ((&v, range), c) in outputs.iter().zip(&ranges).zip(counts.iter_mut()) {
+            if let (Some(range), Some(values)) = (range, values_of(fp32, v)) {
+                count_into(c, values, *range);
             }
         }
         Ok(())
     })?;
     let mut out = Vec::new();
-    for (&node, values) in nodes.iter().zip(activations) {
+    for (((&node, v), range), counts) in nodes.iter().zip(&outputs).zip(&ranges).zip(counts) {
         let n = g.node(node);
-        if let Some(v) = n.output(0) {
-            let encoding = encoding_range(p, v);
-            if let Some((lo, hi, counts)) = histogram(&values, encoding) {
-                out.push(TensorHistogram {
-                    tensor: g.value(v).name.clone(),
-                    layer: n.name.clone(),
-                    kind: "activation",
-                    lo,
-                    hi,
-                    counts,
-                    encoding,
-                });
-            }
+        if let (Some(v), Some((lo, hi))) = (*v, *range) {
+            out.push(TensorHistogram {
+                tensor: g.value(v).name.clone(),
+                layer: n.name.clone(),
+                kind: "activation",
+                lo,
+                hi,
+                counts,
+                encoding: encoding_range(p, v),
+            });
         }
         let weight =
             p.param_quantizers(g, node).into_iter().find(|(role, _)| *role == qgraph::ops::ParamRole::Weight);
