@@ -147,8 +147,6 @@ pub fn run(a: LitempArgs) -> Result<(), Failure> {
     };
     let o = a.override_precision;
     let flipped = if let Some(target) = a.until_psnr {
-        let reference =
-            qanalyze::FloatReference::new(&sim, std::slice::from_ref(&scored), a.threads).map_err(user)?;
         let calibration: Vec<qcalib::Feeds> = calib.batches(a.job.batch).collect::<Result<_, _>>()?;
         let r = qmix::flip_until(
             &mut sim,
