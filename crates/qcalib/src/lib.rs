@@ -33,7 +33,7 @@ pub use error::{CalibError, Result};
 pub use overrides::{AppliedPlan, apply_tensor_quant_overrides, tensor_quant_overrides};
 pub use patterns::CHANNEL_CLIP_MARK;
 pub use placement::{
-    DefaultPrecision, GRID_PRESERVING_OPS, Granularity, LearnedEncodings, Placement, Precision,
+    BlockLayout, DefaultPrecision, GRID_PRESERVING_OPS, Granularity, LearnedEncodings, Placement, Precision,
     QuantizedTensor, Quantizer, QuantizerId, TensorRole,
 };
 pub use qdq::{QdqOptions, to_qdq_model, write_qdq_model};

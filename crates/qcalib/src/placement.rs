@@ -91,6 +91,20 @@ pub enum Granularity {
     },
 }
 
+/// Where a weight's blocks lie: one encoding per index of `channel_axis` (output channels) and
+/// block of `block_axis` (its `in_channels` input channels); its bias quantizer, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockLayout {
+    /// Output-channel axis.
+    pub channel_axis: usize,
+    /// Input-channel axis, split into blocks.
+    pub block_axis: usize,
+    /// Length of `block_axis`.
+    pub in_channels: usize,
+    /// The bias quantizer of the weight's node.
+    pub bias: Option<QuantizerId>,
+}
+
 /// One quantizer's state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quantizer {
@@ -984,15 +998,31 @@ impl Placement {
         symmetric: bool,
         block_size: usize,
     ) -> Result<Vec<(String, String)>> {
-        let precision = Precision::Int(bits);
-        Placement::check_precision("(blockwise weights)", precision)?;
+        Placement::check_precision("(blockwise weights)", Precision::Int(bits))?;
         if block_size == 0 {
             return Err(CalibError::Quantizer {
                 tensor: "(blockwise weights)".into(),
                 detail: "block size 0".into(),
             });
         }
-        let mut skipped = Vec::new();
+        let (layouts, mut skipped) = self.block_layouts(g, op_types);
+        for (q, name, layout) in layouts {
+            if let Err(why) = self.set_weight_blocks(q, layout, Precision::Int(bits), symmetric, block_size) {
+                skipped.push((name, why));
+            }
+        }
+        Ok(skipped)
+    }
+
+    /// The weight quantizers of the nodes of `op_types` that can be split into blocks, with their
+    /// tensor's name and layout; and the weights that cannot, with the reason.
+    #[allow(clippy::type_complexity)]
+    pub fn block_layouts(
+        &self,
+        g: &Graph,
+        op_types: &[&str],
+    ) -> (Vec<(QuantizerId, String, BlockLayout)>, Vec<(String, String)>) {
+        let (mut layouts, mut skipped) = (Vec::new(), Vec::new());
         for (id, n) in g.nodes() {
             if !op_types.contains(&n.op_type.as_str()) {
                 continue;
@@ -1018,36 +1048,51 @@ impl Placement {
                 continue;
             }
             let block_axis = 1 - channel_axis;
-            if shape[block_axis] % block_size != 0 {
-                skipped.push((
-                    name,
-                    format!(
-                        "block size {block_size} does not divide its {} input channels",
-                        shape[block_axis]
-                    ),
-                ));
-                continue;
-            }
-            let quantizer = &mut self.quantizers[q.0];
-            if quantizer.frozen {
-                skipped.push((name, "its encodings are frozen".into()));
-                continue;
-            }
-            quantizer.granularity = Granularity::PerBlock { channel_axis, block_axis, block_size };
-            quantizer.precision = precision;
-            quantizer.symmetric = symmetric;
-            quantizer.encodings = None;
-            if let Some(bias) =
-                params.iter().find(|p| p.role == ParamRole::Bias).and_then(|b| self.q_mut(b.root))
-            {
-                if !bias.frozen {
-                    bias.granularity = Granularity::PerChannel { axis: 0 };
-                    bias.symmetric = true;
-                    bias.encodings = None;
-                }
-            }
+            let bias =
+                params.iter().find(|p| p.role == ParamRole::Bias).and_then(|b| self.quantizer_of(b.root));
+            layouts.push((
+                q,
+                name,
+                BlockLayout { channel_axis, block_axis, in_channels: shape[block_axis], bias },
+            ));
         }
-        Ok(skipped)
+        (layouts, skipped)
+    }
+
+    /// Splits the weight quantizer `q` of `layout` into blocks of `block_size` at `precision` and
+    /// `symmetric`, its bias per channel and symmetric, clearing their encodings; the reason when
+    /// it cannot (the block size does not divide the input channels, or its encodings are frozen).
+    pub fn set_weight_blocks(
+        &mut self,
+        q: QuantizerId,
+        layout: BlockLayout,
+        precision: Precision,
+        symmetric: bool,
+        block_size: usize,
+    ) -> std::result::Result<(), String> {
+        if block_size == 0 || layout.in_channels % block_size != 0 {
+            return Err(format!(
+                "block size {block_size} does not divide its {} input channels",
+                layout.in_channels
+            ));
+        }
+        let quantizer = &mut self.quantizers[q.0];
+        if quantizer.frozen {
+            return Err("its encodings are frozen".into());
+        }
+        let BlockLayout { channel_axis, block_axis, .. } = layout;
+        quantizer.granularity = Granularity::PerBlock { channel_axis, block_axis, block_size };
+        quantizer.precision = precision;
+        quantizer.symmetric = symmetric;
+        quantizer.encodings = None;
+        if let Some(bias) = layout.bias.map(|b| &mut self.quantizers[b.0])
+            && !bias.frozen
+        {
+            bias.granularity = Granularity::PerChannel { axis: 0 };
+            bias.symmetric = true;
+            bias.encodings = None;
+        }
+        Ok(())
     }
 
     /// The placement as JSON: one entry per quantized tensor (name, producer op, kind, enabled,

@@ -21,7 +21,9 @@ use crate::dataset::{EvalArgs, JobArgs, JobData, bar, top1, user};
 pub struct AmpArgs {
     #[command(flatten)]
     job: JobArgs,
-    /// Candidates, comma-separated, e.g. w16a16,w8a16,w16a8,w8a8 (wfp16afp16 for float16).
+    /// Candidates, comma-separated, e.g. w16a16,w8a16,w16a8,w8a8 (wfp16afp16 for float16;
+    /// w4b32a16 for int4 weights in blocks of 32 input channels, offered to the groups whose
+    /// Conv, Gemm and MatMul weights split into them).
     #[arg(long, default_value = "w16a16,w8a16,w16a8,w8a8", value_parser = parse_candidates)]
     candidates: Candidates,
     /// Allowed drop of the phase-2 score below FP32 (e.g. 0.01 = 1 pp of top-1). Without it the
@@ -99,7 +101,7 @@ pub(crate) fn parse_candidates(s: &str) -> Result<Candidates, String> {
         .map(str::trim)
         .filter(|c| !c.is_empty())
         .map(|c| {
-            Candidate::parse(c).ok_or_else(|| format!("'{c}' is not a candidate like w8a16 or wfp16afp16"))
+            Candidate::parse(c).ok_or_else(|| format!("'{c}' is not a candidate like w8a16, wfp16afp16 or w4b32a16"))
         })
         .collect();
     let list = list?;

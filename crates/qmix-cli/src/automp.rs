@@ -56,7 +56,7 @@ pub struct AutompArgs {
 type Score<'a> = dyn FnMut(&QuantSim) -> Result<f64, String> + 'a;
 
 fn parse_candidate(s: &str) -> Result<Candidate, String> {
-    Candidate::parse(s).ok_or_else(|| format!("'{s}' is not a precision pair like w8a8 or w16a16"))
+    Candidate::parse(s).ok_or_else(|| format!("'{s}' is not a precision pair like w8a8, w16a16 or w4b32a16"))
 }
 
 pub fn run(a: AutompArgs) -> Result<(), Failure> {

@@ -243,3 +243,36 @@ fn every_plan_amp_scores_and_writes_is_legal_on_its_target() {
         assert!(changes.is_empty(), "{}: {changes:?}", file.display());
     }
 }
+
+#[test]
+fn block_candidates_split_only_the_weights_that_divide_and_reach_the_encodings() {
+    let out = common::scratch("blocks");
+    let digits = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits_cnn.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
+        .arg("amp")
+        .arg(digits)
+        .args(["--config", "default_per_tensor", "--candidates", "w8a8,w4b8a8", "--allowed-drop", "0.01"])
+        .args(["--quiet", "--threads", "1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let info = json(&out.join("amp_info.json"));
+    let text = info.to_string();
+    assert!(text.contains("W4B8A8"), "{text}");
+    let enc = json(&out.join("model_amp.encodings"));
+    let params = enc["param_encodings"].as_array().unwrap();
+    let blocked: Vec<&str> =
+        params.iter().filter(|p| p["block_size"] == 8).map(|p| p["name"].as_str().unwrap()).collect();
+    // The stem convolution has one input channel, which blocks of 8 do not divide.
+    assert!(!blocked.contains(&"stem.weight"), "{blocked:?}");
+    // Every weight of a group at W4B8A8 is in blocks; every other weight is not.
+    for g in info["groups"].as_array().unwrap() {
+        let at_blocks = g["candidate"] == "W4B8A8";
+        for q in g["quantizers"].as_array().unwrap().iter().filter(|q| q[0] == "weight") {
+            let name = q[1].as_str().unwrap();
+            assert_eq!(blocked.contains(&name), at_blocks, "{name} in group {}", g["group"]);
+        }
+    }
+    assert!(!blocked.is_empty(), "some group takes the block candidate");
+}

@@ -27,6 +27,7 @@ use crate::AmpError;
 use crate::amp_cache::AmpCache;
 use crate::bitops::{BitOps, CostTable, MacOps};
 use crate::budget::{Plan, area_between, predicted_front};
+use crate::candidate::WeightBlocks;
 use crate::candidate::{Candidate, supported_candidates};
 use crate::convert_ops::{GroupGraph, Phase3Options, Phase3Result, plan_phase3};
 use crate::groups::{QuantizerGroup, find_quantizer_groups};
@@ -246,14 +247,12 @@ pub struct AmpResult {
     pub target_changes: Vec<PlanChange>,
 }
 
-fn set_group(sim: &mut QuantSim, group: &QuantizerGroup, c: Candidate) {
+fn set_group(sim: &mut QuantSim, group: &QuantizerGroup, c: Candidate, blocks: &WeightBlocks) {
     let p = sim.placement_mut();
     for &q in &group.activations {
         p.quantizer_mut(q).set_precision(c.activation);
     }
-    for &q in &group.params {
-        p.quantizer_mut(q).set_precision(c.param);
-    }
+    blocks.set(p, &group.params, c);
 }
 
 /// The assignment the simulation holds: per group, the widest precision among its activation
@@ -272,6 +271,7 @@ fn assignment_in(sim: &QuantSim, groups: &[QuantizerGroup], searched: &[Candidat
         .map(|(g, c)| Candidate {
             activation: widest(&g.activations, c.activation),
             param: widest(&g.params, c.param),
+            block: c.block,
         })
         .collect()
 }
@@ -296,7 +296,8 @@ fn state_key(groups: &[QuantizerGroup], assignment: &[Candidate]) -> String {
         .map(|(g, c)| {
             let a = (!g.activations.is_empty()).then_some(c.activation);
             let w = (!g.params.is_empty()).then_some(c.param);
-            format!("{}/{}", side(a), side(w))
+            let block = c.block.filter(|_| w.is_some()).map_or_else(String::new, |b| format!(" b{b}"));
+            format!("{}/{}{block}", side(a), side(w))
         })
         .collect::<Vec<_>>()
         .join(";")
@@ -313,13 +314,15 @@ struct Run<'a, 'p, 'g> {
     target: Option<&'a Target>,
     /// What the target changed in the plan applied last.
     target_changes: Vec<PlanChange>,
+    /// Weight layouts for candidates in blocks.
+    blocks: WeightBlocks,
 }
 
 impl Run<'_, '_, '_> {
     /// Sets every group to its candidate.
     fn apply(&mut self, assignment: &[Candidate]) {
         for (g, &c) in self.groups.iter().zip(assignment) {
-            set_group(&mut *self.sim, g, c);
+            set_group(&mut *self.sim, g, c, &self.blocks);
         }
     }
 
@@ -457,11 +460,19 @@ pub fn choose_mixed_precision(
     if groups.is_empty() {
         return Err(AmpError::Settings("the simulation has no enabled quantizer to mix".into()));
     }
+    let blocks = WeightBlocks::of(sim);
     let mut supported = Vec::with_capacity(groups.len());
     for g in &groups {
         let ops: Vec<&str> = g.op_types.iter().map(String::as_str).collect();
-        let s = supported_candidates(sim.config(), &ops, &options.candidates, options.use_all_amp_candidates)
-            .ok_or_else(|| AmpError::Unsupported { group: g.label(), ops: g.op_types.join(", ") })?;
+        let unsupported = || AmpError::Unsupported { group: g.label(), ops: g.op_types.join(", ") };
+        let mut s =
+            supported_candidates(sim.config(), &ops, &options.candidates, options.use_all_amp_candidates)
+                .ok_or_else(unsupported)?;
+        // Weights in blocks only where every weight of the group splits into them.
+        s.retain(|c| c.block.is_none_or(|b| blocks.supports(&g.params, b)));
+        if s.is_empty() {
+            return Err(unsupported());
+        }
         supported.push(s);
     }
     let mut baseline_options: Vec<Candidate> = Vec::new();
@@ -512,6 +523,7 @@ pub fn choose_mixed_precision(
         progress,
         target: options.target.as_ref(),
         target_changes: Vec::new(),
+        blocks,
     };
     let n_groups = run.groups.len();
 

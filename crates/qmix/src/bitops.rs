@@ -202,7 +202,7 @@ impl BitOps {
     /// baseline's when the group has no activation quantizers).
     fn effective(&self, op: &CostedOp, c: Candidate) -> Candidate {
         let activation = if op.group_has_activations { c.activation } else { self.baseline.activation };
-        Candidate { activation, param: c.param }
+        Candidate { activation, ..c }
     }
 
     /// The cost of op `i` at pair `pair`.

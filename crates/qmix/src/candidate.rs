@@ -1,7 +1,78 @@
-//! AMP candidates (spec §7.1, §7.3): an (activation, parameter) precision pair, its bit-ops cost,
-//! and which candidates a quantizer group may take under the config's `supported_kernels`.
+//! AMP candidates (spec §7.1, §7.3): an (activation, parameter) precision pair — the weights
+//! optionally in blocks (`w4b32a16`: int4 weights, one encoding per output channel and block of
+//! 32 input channels) — its bit-ops cost, and which candidates a quantizer group may take under
+//! the config's `supported_kernels`.
 
-use qcalib::{Kernel, KernelPrecision, Precision, QuantsimConfig};
+use std::collections::HashMap;
+
+use qcalib::{
+    BlockLayout, Granularity, Kernel, KernelPrecision, Placement, Precision, QuantSim, QuantizerId,
+    QuantsimConfig,
+};
+
+/// The ops whose weights block candidates split into blocks (as `--block-size` does).
+const BLOCKED_OPS: [&str; 3] = ["Conv", "Gemm", "MatMul"];
+
+/// What candidates with weights in blocks need: the layout of each weight quantizer that can be
+/// split, the biases that go with them, and every parameter quantizer's own granularity and
+/// symmetry, to go back to under a candidate without blocks.
+#[derive(Debug, Clone)]
+pub(crate) struct WeightBlocks {
+    layouts: HashMap<QuantizerId, BlockLayout>,
+    biases: Vec<QuantizerId>,
+    own: HashMap<QuantizerId, (Granularity, bool)>,
+}
+
+impl WeightBlocks {
+    pub fn of(sim: &QuantSim) -> WeightBlocks {
+        let p = sim.placement();
+        let (layouts, _) = p.block_layouts(&sim.model().graph, &BLOCKED_OPS);
+        let layouts: HashMap<QuantizerId, BlockLayout> =
+            layouts.into_iter().map(|(q, _, l)| (q, l)).collect();
+        let biases = layouts.values().filter_map(|l| l.bias).collect();
+        let own = p
+            .quantizer_ids()
+            .into_iter()
+            .filter(|&q| p.quantizer(q).is_param)
+            .map(|q| (q, (p.quantizer(q).granularity, p.quantizer(q).symmetric)))
+            .collect();
+        WeightBlocks { layouts, biases, own }
+    }
+
+    /// Whether parameters `params` can take blocks of `block` input channels: none at all, or
+    /// every one a weight that splits into such blocks or the bias of one.
+    pub fn supports(&self, params: &[QuantizerId], block: usize) -> bool {
+        params.iter().all(|q| {
+            self.biases.contains(q) || self.layouts.get(q).is_some_and(|l| l.in_channels % block == 0)
+        }) && (params.is_empty() || params.iter().any(|q| self.layouts.contains_key(q)))
+    }
+
+    /// Sets parameters `params` to `c`'s side: its precision, in blocks when it has them (where
+    /// [`WeightBlocks::supports`] allowed), else at their own granularity.
+    pub fn set(&self, p: &mut Placement, params: &[QuantizerId], c: Candidate) {
+        for &q in params {
+            if let Some(&(granularity, symmetric)) = self.own.get(&q) {
+                let quantizer = p.quantizer_mut(q);
+                if !quantizer.frozen
+                    && (quantizer.granularity, quantizer.symmetric) != (granularity, symmetric)
+                {
+                    quantizer.granularity = granularity;
+                    quantizer.symmetric = symmetric;
+                    quantizer.encodings = None;
+                }
+            }
+            p.quantizer_mut(q).set_precision(c.param);
+        }
+        if let Some(block) = c.block {
+            for &q in params {
+                if let Some(&layout) = self.layouts.get(&q) {
+                    // A frozen weight keeps its learned encodings (the reason is not needed here).
+                    let _ = p.set_weight_blocks(q, layout, c.param, true, block);
+                }
+            }
+        }
+    }
+}
 
 /// One precision choice for a quantizer group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -10,6 +81,8 @@ pub struct Candidate {
     pub activation: Precision,
     /// Precision of the group's parameter quantizers.
     pub param: Precision,
+    /// Input channels per block of the group's weights (`None`: the config's granularity).
+    pub block: Option<usize>,
 }
 
 /// Float precisions count `√1.5` times their bits in the cost model (AIMET's
@@ -22,19 +95,26 @@ pub fn effective_bits(p: Precision) -> f64 {
 }
 
 impl Candidate {
-    /// Parses `w8a16`, `a16w8`, `W16A16`, `wfp16afp16`, … (`int` prefixes allowed: `wint8aint16`).
+    /// A candidate with the config's weight granularity.
+    pub fn new(activation: Precision, param: Precision) -> Candidate {
+        Candidate { activation, param, block: None }
+    }
+
+    /// Parses `w8a16`, `a16w8`, `W16A16`, `wfp16afp16`, … (`int` prefixes allowed: `wint8aint16`);
+    /// integer weights in blocks as `w4b32a16` (or `a16w4b32`).
     pub fn parse(s: &str) -> Option<Candidate> {
         let lower = s.to_ascii_lowercase();
-        let split = |s: &str, first: char, second: char| -> Option<(Precision, Precision)> {
+        fn split(s: &str, first: char, second: char) -> Option<(&str, &str)> {
             let rest = s.strip_prefix(first)?;
             let at = rest.find(second)?;
-            Some((side(&rest[..at])?, side(&rest[at + 1..])?))
-        };
-        if let Some((param, activation)) = split(&lower, 'w', 'a') {
-            return Some(Candidate { activation, param });
+            Some((&rest[..at], &rest[at + 1..]))
         }
-        let (activation, param) = split(&lower, 'a', 'w')?;
-        Some(Candidate { activation, param })
+        let (w, a) = match split(&lower, 'w', 'a') {
+            Some((w, a)) => (w, a),
+            None => split(&lower, 'a', 'w').map(|(a, w)| (w, a))?,
+        };
+        let (param, block) = weight_side(w)?;
+        Some(Candidate { activation: side(a)?, param, block })
     }
 
     /// `eff(activation) · eff(param)`, the cost per MAC.
@@ -47,10 +127,24 @@ impl Candidate {
         self.activation.bits() + self.param.bits()
     }
 
-    /// AIMET's label in its reports, e.g. `a16int_w8int`.
+    /// AIMET's label in its reports, e.g. `a16int_w8int` (`a16int_w4int_b32` in blocks).
     pub fn aimet_label(self) -> String {
         let side = |p: Precision| format!("{}{}", p.bits(), if p.is_int() { "int" } else { "float" });
-        format!("a{}_w{}", side(self.activation), side(self.param))
+        let block = self.block.map_or_else(String::new, |b| format!("_b{b}"));
+        format!("a{}_w{}{block}", side(self.activation), side(self.param))
+    }
+}
+
+/// A weight side: a precision, or integer bits in blocks (`4b32`).
+fn weight_side(s: &str) -> Option<(Precision, Option<usize>)> {
+    let blocked =
+        s.split_once('b').filter(|(bits, _)| !bits.is_empty() && bits.chars().all(|c| c.is_ascii_digit()));
+    match blocked {
+        Some((bits, block)) => {
+            let block: usize = block.parse().ok().filter(|&b| b > 0)?;
+            Some((Precision::parse(&format!("int{bits}"))?, Some(block)))
+        }
+        None => Some((side(s)?, None)),
     }
 }
 
@@ -70,7 +164,8 @@ impl std::fmt::Display for Candidate {
             Precision::Float16 => "fp16".into(),
             Precision::BFloat16 => "bf16".into(),
         };
-        write!(f, "W{}A{}", side(self.param), side(self.activation))
+        let block = self.block.map_or_else(String::new, |b| format!("B{b}"));
+        write!(f, "W{}{block}A{}", side(self.param), side(self.activation))
     }
 }
 
@@ -132,12 +227,20 @@ mod tests {
         assert_eq!((c.param, c.activation), (Precision::Int(8), Precision::Int(16)));
         assert_eq!(
             Candidate::parse("A16W8"),
-            Some(c).map(|c| Candidate { activation: c.activation, param: c.param })
+            Some(c).map(|c| Candidate { activation: c.activation, param: c.param, block: None })
         );
         let f = Candidate::parse("wfp16afp16").unwrap();
         assert_eq!(f.param, Precision::Float16);
         assert_eq!(Candidate::parse("wint4aint8").unwrap().param, Precision::Int(4));
         assert!(Candidate::parse("w8").is_none());
+        // Weights in blocks, either order; bfloat16 is not a block.
+        let b = Candidate::parse("w4b32a16").unwrap();
+        assert_eq!((b.param, b.activation, b.block), (Precision::Int(4), Precision::Int(16), Some(32)));
+        assert_eq!(Candidate::parse("A16W4B32"), Some(b));
+        assert_eq!((b.to_string(), b.aimet_label()), ("W4B32A16".to_string(), "a16int_w4int_b32".to_string()));
+        assert_eq!(b.cost(), Candidate::new(Precision::Int(16), Precision::Int(4)).cost());
+        assert_eq!(Candidate::parse("wbf16abf16").unwrap().param, Precision::BFloat16);
+        assert!(Candidate::parse("w4b0a8").is_none() && Candidate::parse("wfp16b32a8").is_none());
         assert!(Candidate::parse("w99a8").is_none());
         assert_eq!(c.to_string(), "W8A16");
         assert_eq!(c.aimet_label(), "a16int_w8int");

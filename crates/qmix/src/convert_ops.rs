@@ -548,7 +548,7 @@ pub fn plan_phase3(
                 && raises(c.activation, base.activation)
                 && !own.iter().any(|o| o.activation == c.activation)
             {
-                own.push(Candidate { activation: c.activation, param: base.param });
+                own.push(Candidate { activation: c.activation, ..base });
             }
         }
         choices.push(own.iter().map(|&c| (label(c.activation), bitops.group_cost(g, c))).collect());

@@ -8,7 +8,7 @@ use qanalyze::LayerScore;
 use qcalib::{Feeds, QuantSim};
 
 use crate::AmpError;
-use crate::candidate::Candidate;
+use crate::candidate::{Candidate, WeightBlocks};
 
 /// The result of [`narrow_until`]; the simulation is left with `narrowed` at the narrow precision,
 /// calibrated.
@@ -38,6 +38,7 @@ pub fn narrow_until(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<NarrowResult, AmpError> {
     let calibrate = |sim: &mut QuantSim| sim.calibrate(calibration.iter().cloned(), &mut |_| {});
+    let blocks = WeightBlocks::of(sim);
     calibrate(sim)?;
     let mut result =
         NarrowResult { narrowed: Vec::new(), rejected: Vec::new(), score: f64::NAN, evaluations: 1 };
@@ -51,11 +52,14 @@ pub fn narrow_until(
         })?;
         let qs = sim.placement().op_quantizers(g, node);
         let before = sim.placement().clone();
-        for q in qs {
-            let quantizer = sim.placement_mut().quantizer_mut(q);
-            let p = if quantizer.is_param { narrow.param } else { narrow.activation };
-            quantizer.set_precision(p);
+        let (params, activations): (Vec<qcalib::QuantizerId>, Vec<qcalib::QuantizerId>) =
+            qs.into_iter().partition(|&q| sim.placement().quantizer(q).is_param);
+        for q in activations {
+            sim.placement_mut().quantizer_mut(q).set_precision(narrow.activation);
         }
+        // Weights in blocks where the layer's weights split into them.
+        let c = Candidate { block: narrow.block.filter(|&b| blocks.supports(&params, b)), ..narrow };
+        blocks.set(sim.placement_mut(), &params, c);
         sim.apply_exception_rules()?;
         calibrate(sim)?;
         let score = metric(sim).map_err(AmpError::Eval)?;
