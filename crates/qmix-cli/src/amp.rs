@@ -101,7 +101,8 @@ pub(crate) fn parse_candidates(s: &str) -> Result<Candidates, String> {
         .map(str::trim)
         .filter(|c| !c.is_empty())
         .map(|c| {
-            Candidate::parse(c).ok_or_else(|| format!("'{c}' is not a candidate like w8a16, wfp16afp16 or w4b32a16"))
+            Candidate::parse(c)
+                .ok_or_else(|| format!("'{c}' is not a candidate like w8a16, wfp16afp16 or w4b32a16"))
         })
         .collect();
     let list = list?;

@@ -78,6 +78,10 @@ pub fn run(a: AutompArgs) -> Result<(), Failure> {
         let mut sim = QuantSim::new(model.clone(), config.clone(), options_at(c)).map_err(user)?;
         qcalib::freeze_encodings(&mut sim, &frozen);
         a.job.blocks.apply(&mut sim, c.param)?;
+        // A candidate in blocks: the weights that split into them are scored in blocks.
+        if let (Some(block), qcalib::Precision::Int(bits)) = (c.block, c.param) {
+            sim.set_blockwise_weights(&["Conv", "Gemm", "MatMul"], bits, true, block).map_err(user)?;
+        }
         Ok::<_, Failure>(sim)
     };
     let mut narrow = sim_at(a.narrow)?;

@@ -93,3 +93,35 @@ fn automp_moves_layers_while_the_target_holds() {
     assert!(skipping["narrowed"].as_array().unwrap().len() >= narrowed);
     assert!(out.join("model_automp.encodings").is_file());
 }
+
+#[test]
+fn automp_narrows_to_weights_in_blocks_where_they_split() {
+    let out = common::scratch("automp-blocks");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/digits_cnn.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_qmix"))
+        .arg("automp")
+        .arg(&model)
+        .args(["--wide", "w8a8", "--narrow", "w4b8a8", "--max-drop", "0.01", "--skip-failures"])
+        .args(["--quiet", "--threads", "1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("automp.json")).unwrap()).unwrap();
+    let enc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model_automp.encodings")).unwrap()).unwrap();
+    let blocked: Vec<&str> = enc["param_encodings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["block_size"] == 8)
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    // The stem's single input channel does not split into blocks of 8: never blocked.
+    assert!(!blocked.contains(&"stem.weight"), "{blocked:?}");
+    assert!(
+        !report["narrowed"].as_array().unwrap().is_empty() && !blocked.is_empty(),
+        "{report} {blocked:?}"
+    );
+}

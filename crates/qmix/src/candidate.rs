@@ -237,7 +237,10 @@ mod tests {
         let b = Candidate::parse("w4b32a16").unwrap();
         assert_eq!((b.param, b.activation, b.block), (Precision::Int(4), Precision::Int(16), Some(32)));
         assert_eq!(Candidate::parse("A16W4B32"), Some(b));
-        assert_eq!((b.to_string(), b.aimet_label()), ("W4B32A16".to_string(), "a16int_w4int_b32".to_string()));
+        assert_eq!(
+            (b.to_string(), b.aimet_label()),
+            ("W4B32A16".to_string(), "a16int_w4int_b32".to_string())
+        );
         assert_eq!(b.cost(), Candidate::new(Precision::Int(16), Precision::Int(4)).cost());
         assert_eq!(Candidate::parse("wbf16abf16").unwrap().param, Precision::BFloat16);
         assert!(Candidate::parse("w4b0a8").is_none() && Candidate::parse("wfp16b32a8").is_none());
