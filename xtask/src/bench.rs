@@ -541,7 +541,12 @@ fn commands() -> Result<()> {
     for command in ["quantsim", "analyze", "litemp"] {
         let mut args: Vec<std::ffi::OsString> = vec!["--json".into(), command.into(), model.clone().into()];
         args.extend(data.iter().cloned());
-        args.extend(["--quiet".into(), "--out".into(), dir.join(command).into()]);
+        // From scratch: no scores kept by an earlier run.
+        let out = dir.join(command);
+        if out.exists() {
+            std::fs::remove_dir_all(&out)?;
+        }
+        args.extend(["--quiet".into(), "--out".into(), out.into()]);
         let started = Instant::now();
         let out = zoo::qmix(&args)?;
         let seconds = started.elapsed().as_secs_f64();

@@ -178,6 +178,10 @@ fn litemp_in_bounded_memory(
     let mut args: Vec<std::ffi::OsString> =
         vec!["--json".into(), "litemp".into(), zoo.join(format!("models/{}.onnx", c.name)).into()];
     args.extend(zoo_data::write_job_files(zoo, c, &dir)?);
+    // From scratch: no scores kept by an earlier run.
+    if dir.join("out").exists() {
+        std::fs::remove_dir_all(dir.join("out"))?;
+    }
     args.extend(["--quiet".into(), "--out".into(), dir.join("out").into()]);
     let started = Instant::now();
     let out = crate::zoo::qmix(&args)?;

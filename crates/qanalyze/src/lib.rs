@@ -21,6 +21,6 @@ pub use quant_analyzer::{AnalyzeOptions, AnalyzeStep, analyze};
 pub use report::AnalysisReport;
 
 pub use sensitivity::{
-    AnalyzeError, DEFAULT_CACHE_BUDGET, FloatReference, LayerScore, Metric, ModelChecks, Outputs, Scorer,
-    UserMetric, disable_one, enable_one, layers, model_checks,
+    AnalyzeError, DEFAULT_CACHE_BUDGET, ENABLE_ONE_BUDGET, FloatReference, LayerScore, Metric, ModelChecks,
+    Outputs, Scorer, UserMetric, disable_one, enable_one, layers, model_checks,
 };

@@ -465,9 +465,8 @@ impl Dataset {
 }
 
 /// The default FP32 memory of the commands whose enable-one walks the FP32 pass when the values
-/// do not all fit (analyze, litemp, automp), in MiB: mobilenetv2's 32 scored images walk in
-/// windows of a few samples at the speed of keeping every value.
-pub(crate) const WALKED_FP32_MIB: usize = 128;
+/// do not all fit (analyze, litemp, automp), in MiB.
+pub(crate) const WALKED_FP32_MIB: usize = qanalyze::ENABLE_ONE_BUDGET >> 20;
 
 /// The default FP32 memory of the commands that run their simulations in full when the values do
 /// not all fit (amp, autoquant), in MiB.

@@ -209,7 +209,8 @@ impl QuantSim {
         let scores = py
             .detach(|| {
                 let threads = sim.options().threads;
-                let reference = qanalyze::FloatReference::new(sim, &all, threads)?;
+                let reference =
+                    qanalyze::FloatReference::with_budget(sim, &all, threads, qanalyze::ENABLE_ONE_BUDGET)?;
                 if enable {
                     qanalyze::enable_one(sim, &reference, metric, &mut |_, _| {})
                 } else {
@@ -526,7 +527,9 @@ impl QuantSim {
         let mut report_to = StageProgress::new(progress);
         let report = py
             .detach(|| {
-                let reference = qanalyze::FloatReference::new(sim, &all, sim.options().threads)?;
+                let threads = sim.options().threads;
+                let reference =
+                    qanalyze::FloatReference::with_budget(sim, &all, threads, qanalyze::ENABLE_ONE_BUDGET)?;
                 qanalyze::analyze(sim, &reference, &options, None, &mut |step| match step {
                     qanalyze::AnalyzeStep::Stage { name, total } => report_to.stage(name, total),
                     qanalyze::AnalyzeStep::Layers(done) => report_to.step(done),
@@ -722,8 +725,13 @@ impl QuantSim {
                 scored.push(batch.clone());
             }
             let threads = options.threads;
-            let reference =
-                qanalyze::FloatReference::new(&narrow_sim, &scored, threads).map_err(|e| e.to_string())?;
+            let reference = qanalyze::FloatReference::with_budget(
+                &narrow_sim,
+                &scored,
+                threads,
+                qanalyze::ENABLE_ONE_BUDGET,
+            )
+            .map_err(|e| e.to_string())?;
             let scores =
                 qanalyze::enable_one(&mut narrow_sim, &reference, qanalyze::Metric::Psnr, &mut |_, _| {})
                     .map_err(|e| e.to_string())?;
