@@ -5,6 +5,7 @@
 mod bench;
 mod conformance;
 mod fuzz;
+mod large_model;
 mod models;
 mod python;
 mod zoo;

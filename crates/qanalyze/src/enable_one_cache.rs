@@ -64,7 +64,7 @@ impl EnableOneCache {
         let settings = json!({
             "model": g.name,
             "layers": layer_names,
-            "simulation": sim.state_checksum(),
+            "simulation": sim.state_checksum()?,
             "data": qcalib::feeds_checksum(reference.batches()),
             "metric": metric.metric_name(),
         });

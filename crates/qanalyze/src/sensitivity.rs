@@ -363,9 +363,7 @@ fn changed_values(sim: &QuantSim, qs: &[QuantizerId]) -> Vec<qgraph::ValueId> {
     let mut out = Vec::new();
     for t in sim.placement().tensors().iter().filter(|t| qs.contains(&t.quantizer)) {
         match g.producer_node(t.value) {
-            Some(node) if g.static_value(t.value).is_none() => {
-                out.extend(node.inputs().iter().flatten().copied())
-            }
+            Some(node) if !g.is_static(t.value) => out.extend(node.inputs().iter().flatten().copied()),
             _ => out.push(t.value),
         }
     }

@@ -8,23 +8,45 @@ use crate::{Feeds, QuantSim};
 
 /// A checksum of named tensors and `extra` (over names, shapes and values).
 pub fn tensors_checksum<'a>(tensors: impl Iterator<Item = (&'a str, &'a Tensor)>, extra: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |b: u8| {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    };
+    let mut h = Fnv::default();
     for (name, t) in tensors {
-        name.bytes().for_each(&mut eat);
-        t.shape().iter().for_each(|d| d.to_le_bytes().into_iter().for_each(&mut eat));
+        h.tensor(name, t);
+    }
+    h.finish(extra)
+}
+
+/// FNV-1a, 64 bits, fed tensor by tensor.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn byte(&mut self, b: u8) {
+        self.0 ^= u64::from(b);
+        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+
+    fn bytes(&mut self, bytes: impl IntoIterator<Item = u8>) {
+        bytes.into_iter().for_each(|b| self.byte(b));
+    }
+
+    fn tensor(&mut self, name: &str, t: &Tensor) {
+        self.bytes(name.bytes());
+        t.shape().iter().for_each(|d| self.bytes(d.to_le_bytes()));
         match t.as_f32() {
-            Some(a) => a.iter().for_each(|v| v.to_bits().to_le_bytes().into_iter().for_each(&mut eat)),
-            None => {
-                t.to_f64_vec().iter().for_each(|v| v.to_bits().to_le_bytes().into_iter().for_each(&mut eat))
-            }
+            Some(a) => a.iter().for_each(|v| self.bytes(v.to_bits().to_le_bytes())),
+            None => t.to_f64_vec().iter().for_each(|v| self.bytes(v.to_bits().to_le_bytes())),
         }
     }
-    extra.bytes().for_each(&mut eat);
-    format!("{h:016x}")
+
+    fn finish(mut self, extra: &str) -> String {
+        self.bytes(extra.bytes());
+        format!("{:016x}", self.0)
+    }
 }
 
 /// A checksum of data batches.
@@ -36,19 +58,25 @@ impl QuantSim {
     /// A checksum of the weights (a post-training technique changes them) and of each quantizer's
     /// settings — enabled, precision, symmetry, granularity, LPBQ, frozen and learned encodings —
     /// but not of calibrated encodings.
-    pub fn settings_checksum(&self) -> String {
+    pub fn settings_checksum(&self) -> crate::Result<String> {
         self.checksum(false)
     }
 
     /// [`QuantSim::settings_checksum`] and every quantizer's current encodings: what a result
     /// computed on this calibrated simulation depends on.
-    pub fn state_checksum(&self) -> String {
+    pub fn state_checksum(&self) -> crate::Result<String> {
         self.checksum(true)
     }
 
-    fn checksum(&self, encodings: bool) -> String {
+    /// Weights are read one at a time, so lazy ones are never all in memory.
+    fn checksum(&self, encodings: bool) -> crate::Result<String> {
         let g = &self.model().graph;
-        let tensors = g.initializers().filter_map(|v| Some((g.value(v).name.as_str(), g.static_value(v)?)));
+        let mut h = Fnv::default();
+        for v in g.initializers() {
+            if let Some(t) = g.load_static(v)? {
+                h.tensor(&g.value(v).name, &t);
+            }
+        }
         let p = self.placement();
         let quantizers: String = p
             .quantizer_ids()
@@ -62,6 +90,6 @@ impl QuantSim {
                 )
             })
             .collect();
-        tensors_checksum(tensors, &quantizers)
+        Ok(h.finish(&quantizers))
     }
 }

@@ -83,7 +83,7 @@ pub fn precision_converts(
                         *slot = to;
                     }
                 }
-            } else if g.static_value(v).is_none()
+            } else if !g.is_static(v)
                 && let Some(p) = g.producer(v)
             {
                 stack.extend(g.node(p.node).inputs().iter().flatten().map(|&u| (u, p.node)));

@@ -88,8 +88,8 @@ fn exported(sim: &QuantSim) -> Vec<Exported<'_>> {
                 is_param: matches!(t.role, TensorRole::Param { .. }),
                 quantizer: q,
                 shape: g
-                    .static_value(t.value)
-                    .map(|d| d.shape().to_vec())
+                    .static_shape(t.value)
+                    .map(<[usize]>::to_vec)
                     .or_else(|| g.value(t.value).shape.as_ref().and_then(|s| s.to_known())),
             })
         })
@@ -381,7 +381,7 @@ fn derived_entries(g: &Graph, entries: &mut BTreeMap<String, Value>) {
             let v = g.value(input);
             if entries.contains_key(&v.name)
                 || g.use_count(input) != 1
-                || v.data.is_some()
+                || g.is_static(input)
                 || !v.dtype.is_none_or(|d| d.is_float())
             {
                 continue;
@@ -846,9 +846,7 @@ pub fn load_encodings(
         .placement()
         .tensors()
         .iter()
-        .map(|t| {
-            (t.value, g.value(t.value).name.clone(), g.static_value(t.value).map(|d| d.shape().to_vec()))
-        })
+        .map(|t| (t.value, g.value(t.value).name.clone(), g.static_shape(t.value).map(<[usize]>::to_vec)))
         .collect();
     let mut count = 0;
     let placement = sim.placement_mut();

@@ -24,7 +24,10 @@ pub(crate) struct NormMatch {
 
 /// A static scalar (any shape of one element) equal to `want`.
 fn is_scalar(g: &Graph, v: ValueId, want: f32) -> bool {
-    g.static_value(v).and_then(|t| t.as_f32()).is_some_and(|a| a.len() == 1 && a.iter().all(|&x| x == want))
+    g.static_shape(v).is_some_and(|s| s.iter().product::<usize>() == 1)
+        && g.static_value(v)
+            .and_then(|t| t.as_f32())
+            .is_some_and(|a| a.len() == 1 && a.iter().all(|&x| x == want))
 }
 
 /// Finds decomposed LayerNormalization / RMSNormalization patterns by their structure, in the
@@ -39,7 +42,7 @@ fn is_scalar(g: &Graph, v: ValueId, want: f32) -> bool {
 pub(crate) fn norm_matches(g: &Graph, order: &[NodeId]) -> Vec<NormMatch> {
     let producer = |v: ValueId, op: &str| g.producer(v).map(|o| o.node).filter(|&n| g.node(n).op_type == op);
     let static_input = |n: NodeId, not: ValueId| {
-        g.node(n).inputs().iter().flatten().copied().find(|&v| v != not && g.static_value(v).is_some())
+        g.node(n).inputs().iter().flatten().copied().find(|&v| v != not && g.is_static(v))
     };
     let sole_consumer = |v: ValueId, op: &str| {
         let c = g.consumer_nodes(v);
@@ -55,12 +58,12 @@ pub(crate) fn norm_matches(g: &Graph, order: &[NodeId]) -> Vec<NormMatch> {
             let scale = producer(v, "Div").or_else(|| producer(v, "Mul"))?;
             let n = g.node(scale);
             let (a, b) = (n.input(0)?, n.input(1)?);
-            let (sum_v, count) = if g.static_value(b).is_some() { (a, b) } else { (b, a) };
+            let (sum_v, count) = if g.is_static(b) { (a, b) } else { (b, a) };
             if n.op_type == "Div" && sum_v != a {
                 return None;
             }
             let sum = producer(sum_v, "ReduceSum")?;
-            g.static_value(count)?;
+            g.is_static(count).then_some(())?;
             nodes.extend([scale, sum]);
             consts.push(count);
             g.node(sum).input(0)?
@@ -203,9 +206,10 @@ pub(crate) fn matmul_add_matches(g: &Graph, order: &[NodeId]) -> Vec<(NodeId, No
         if add.op_type != "Add" {
             continue;
         }
-        let bias = add.inputs().iter().flatten().copied().find(|&v| {
-            v != y && g.static_value(v).is_some() && g.value(v).shape.as_ref().is_some_and(|s| s.rank() == 1)
-        });
+        let bias =
+            add.inputs().iter().flatten().copied().find(|&v| {
+                v != y && g.is_static(v) && g.value(v).shape.as_ref().is_some_and(|s| s.rank() == 1)
+            });
         if let Some(b) = bias {
             out.push((node, consumers[0], b));
         }
@@ -327,7 +331,7 @@ fn mask_source(g: &Graph, mask: ValueId) -> Option<MaskSource> {
             }
             "Where" => {
                 let (a, b) = (node.input(1)?, node.input(2)?);
-                let both_static = g.static_value(a).is_some() && g.static_value(b).is_some();
+                let both_static = g.is_static(a) && g.is_static(b);
                 return (both_static && (is_mask_fill(g, a) || is_mask_fill(g, b))).then(|| MaskSource {
                     producer_output: v,
                     carriers: chain,
@@ -367,7 +371,7 @@ pub(crate) struct ChannelClip {
 pub(crate) fn channel_clips(g: &Graph, order: &[NodeId]) -> Vec<ChannelClip> {
     let marked = |n: NodeId| g.node(n).doc_string == CHANNEL_CLIP_MARK;
     let statics = |n: NodeId| -> Vec<ValueId> {
-        g.node(n).inputs().iter().flatten().copied().filter(|&v| g.static_value(v).is_some()).collect()
+        g.node(n).inputs().iter().flatten().copied().filter(|&v| g.is_static(v)).collect()
     };
     let mut out = Vec::new();
     let mut taken = HashSet::new();

@@ -433,12 +433,12 @@ impl Placement {
                 if (n.op_type == "Resize" || n.op_type == "Upsample") && slot > 0 {
                     continue;
                 }
-                if g.static_value(v).is_some() && float(v) {
+                if g.is_static(v) && float(v) {
                     self.add(v, TensorRole::Constant);
                 }
             }
             for v in n.outputs().iter().flatten() {
-                if float(*v) && !ignored(*v) && g.static_value(*v).is_none() {
+                if float(*v) && !ignored(*v) && !g.is_static(*v) {
                     self.add(*v, TensorRole::Output { node });
                 }
             }
@@ -520,12 +520,8 @@ impl Placement {
     /// Changing these is how a layer is switched to another precision or left in float.
     pub fn op_quantizers(&self, g: &Graph, node: NodeId) -> Vec<QuantizerId> {
         let mut out: Vec<QuantizerId> = Vec::new();
-        let inputs = g
-            .node(node)
-            .inputs()
-            .iter()
-            .flatten()
-            .filter(|&&v| g.producer(v).is_none() || g.static_value(v).is_some());
+        let inputs =
+            g.node(node).inputs().iter().flatten().filter(|&&v| g.producer(v).is_none() || g.is_static(v));
         let from_inputs = inputs.filter_map(|&v| {
             self.tensor(v).filter(|t| !matches!(t.role, TensorRole::Param { .. })).map(|t| t.quantizer)
         });
@@ -938,7 +934,7 @@ impl Placement {
             }
             let mut candidates = Vec::new();
             for &input in n.inputs().iter().flatten() {
-                if g.static_value(input).is_some() {
+                if g.is_static(input) {
                     continue;
                 }
                 let Some((q, path)) = self.effective_quantizer(g, input) else { continue };
@@ -1029,7 +1025,7 @@ impl Placement {
             }
             let params = g.node_params(id).unwrap_or_default();
             let Some(weight) = params.iter().find(|p| p.role == ParamRole::Weight) else { continue };
-            let Some(shape) = g.static_value(weight.root).map(|t| t.shape().to_vec()) else { continue };
+            let Some(shape) = g.static_shape(weight.root).map(<[usize]>::to_vec) else { continue };
             let Some(q) = self.quantizer_of(weight.root) else { continue };
             let name = g.value(weight.root).name.clone();
             let channel_axis = match weight.channel_axis {

@@ -149,7 +149,7 @@ fn nbits_matmul(g: &qgraph::Graph, w: ValueId, q: &Quantizer) -> Option<qgraph::
     let Granularity::PerBlock { channel_axis: 1, block_axis: 0, block_size } = q.granularity else {
         return None;
     };
-    let shape = g.static_value(w)?.shape().to_vec();
+    let shape = g.static_shape(w)?.to_vec();
     let fits = q.precision == Precision::Int(4)
         && q.symmetric
         && block_size >= 16
@@ -173,35 +173,35 @@ fn as_matmul_nbits(
 ) -> Result<(), String> {
     let Granularity::PerBlock { block_size, .. } = q.granularity else { return Err("not blockwise".into()) };
     let g = &model.graph;
-    let data = g.static_value(w).ok_or("not a weight")?;
-    let (k, n) = match data.shape() {
-        [k, n] => (*k, *n),
+    let (k, n) = match g.static_shape(w) {
+        Some(&[k, n]) => (k, n),
         other => return Err(format!("weight of shape {other:?}")),
     };
-    let ints = integer_weight(data, q, encs, true, Rounding::HalfAwayFromZero)?;
     let blocks = k / block_size;
-    let mut packed = vec![0i64; n * k / 2];
     let mut scales = Vec::with_capacity(n * blocks);
     for c in 0..n {
         for b in 0..blocks {
             scales.push(encs.get(b * n + c).ok_or("fewer encodings than blocks")?.delta as f32);
-            for i in 0..block_size {
-                let row = b * block_size + i;
-                let u = (ints[row * n + c] + 8).clamp(0, 15);
-                let at = c * k / 2 + row / 2;
-                packed[at] |= if row % 2 == 0 { u } else { u << 4 };
-            }
         }
     }
-    let packed =
-        Tensor::from_i64s(qgraph::DType::U8, &[n, blocks, block_size / 2], &packed).ok_or("packed weight")?;
+    let (q2, encs2) = (q.clone(), encs.to_vec());
+    let pack = move |data: &Tensor| -> Result<Tensor, String> {
+        let ints = integer_weight(data, &q2, &encs2, true, Rounding::HalfAwayFromZero)?;
+        let mut packed = vec![0i64; n * k / 2];
+        for c in 0..n {
+            for row in 0..k {
+                let u = (ints[row * n + c] + 8).clamp(0, 15);
+                packed[c * k / 2 + row / 2] |= if row % 2 == 0 { u } else { u << 4 };
+            }
+        }
+        Tensor::from_i64s(qgraph::DType::U8, &[n, blocks, block_size / 2], &packed)
+            .ok_or("packed weight".into())
+    };
+    transform_static(model, w, qgraph::DType::U8, &[n, blocks, block_size / 2], pack)?;
+    let g = &model.graph;
     let name = g.value(w).name.clone();
     let scales = Tensor::from_vec(&[n * blocks], scales).ok_or("scales")?;
     let g = &mut model.graph;
-    let value = g.value_mut(w);
-    value.dtype = Some(qgraph::DType::U8);
-    value.shape = Some(qgraph::Shape::known(packed.shape()));
-    value.data = Some(packed);
     let scales = g.add_initializer(&format!("{name}_scales"), scales);
     g.set_input(matmul, 2, Some(scales));
     let node = g.node_mut(matmul);
@@ -216,6 +216,26 @@ fn as_matmul_nbits(
     if !model.opsets.iter().any(|o| o.domain == "com.microsoft") {
         model.opsets.push(qgraph::Opset { domain: "com.microsoft".into(), version: 1 });
     }
+    Ok(())
+}
+
+/// Replaces static `v`'s data in `model` by `f` of it (of `dtype` and `shape`): at once when the
+/// data is in memory, whenever it is read when it is lazy, so a mapped weight is never held whole.
+fn transform_static(
+    model: &mut qgraph::Model,
+    v: ValueId,
+    dtype: qgraph::DType,
+    shape: &[usize],
+    f: impl Fn(&Tensor) -> Result<Tensor, String> + Send + Sync + 'static,
+) -> Result<(), String> {
+    let value = model.graph.value_mut(v);
+    match (&value.data, &value.lazy) {
+        (Some(data), _) => value.data = Some(f(data)?),
+        (None, Some(lazy)) => value.lazy = Some(lazy.derive(dtype, shape, move |data| f(&data))),
+        (None, None) => return Err("not a static tensor".into()),
+    }
+    value.dtype = Some(dtype);
+    value.shape = Some(qgraph::Shape::known(shape));
     Ok(())
 }
 
@@ -252,8 +272,16 @@ fn blocked_parameters(shape: &[usize], granularity: Granularity) -> Result<(Vec<
     Ok((param_shape, of_param))
 }
 
-/// The simulation as a QDQ ONNX model.
+/// The simulation as a QDQ ONNX model (lazy weights read into it).
 pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
+    let (mut proto, model) = qdq_model(sim, options)?;
+    qgraph::inline_lazy(&mut proto, &model)?;
+    Ok(proto)
+}
+
+/// The QDQ model as a message whose lazy weights are placeholders, with the model that supplies
+/// their data when the message is written.
+fn qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<(ModelProto, qgraph::Model)> {
     let g = &sim.model().graph;
     let placement = sim.placement();
     let mut model = sim.model().clone();
@@ -269,17 +297,24 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
         let encs = match q.precision {
             Precision::Float16 | Precision::BFloat16 => {
                 let to = if q.precision == Precision::Float16 { 10 } else { 16 };
-                if let Some(data) = g.static_value(t.value) {
-                    let mut values: Vec<f32> =
-                        data.as_f32().map(|a| a.iter().copied().collect()).unwrap_or_default();
-                    if q.precision == Precision::Float16 {
-                        qkernels::fake_cast_f16(&mut values);
-                    } else {
-                        qkernels::fake_cast_bf16(&mut values);
-                    }
-                    if let Some(t2) = Tensor::from_vec(data.shape(), values) {
-                        model.graph.value_mut(t.value).data = Some(t2);
-                    }
+                if let (Some(shape), Some(qgraph::DType::F32)) =
+                    (g.static_shape(t.value), g.value(t.value).dtype)
+                {
+                    let half = q.precision == Precision::Float16;
+                    let cast = move |data: &Tensor| {
+                        let mut values: Vec<f32> =
+                            data.as_f32().map(|a| a.iter().copied().collect()).unwrap_or_default();
+                        if half {
+                            qkernels::fake_cast_f16(&mut values);
+                        } else {
+                            qkernels::fake_cast_bf16(&mut values);
+                        }
+                        Tensor::from_vec(data.shape(), values).ok_or_else(|| "cast weight".to_string())
+                    };
+                    transform_static(&mut model, t.value, qgraph::DType::F32, shape, cast)
+                        .map_err(|detail| CalibError::Quantizer { tensor: name.clone(), detail })?;
+                } else if g.is_static(t.value) {
+                    // A static tensor of another type passes as it is.
                 } else {
                     inserts.insert(t.value, Insert::Cast { to });
                 }
@@ -311,7 +346,7 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
                 (vec![scales.len()], (0..scales.len()).collect(), Some(axis), None)
             }
             Granularity::PerBlock { block_axis, block_size, .. } => {
-                let shape = g.static_value(t.value).map(|d| d.shape().to_vec()).ok_or_else(|| {
+                let shape = g.static_shape(t.value).map(<[usize]>::to_vec).ok_or_else(|| {
                     fail("blockwise quantization applies to weights, not to computed tensors".into())
                 })?;
                 needs_21 = true;
@@ -326,24 +361,26 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
         let zero_point = zero_point_tensor(bits, signed, &zps, &param_shape)
             .map_err(|_| fail(format!("int{bits} zero points")))?;
         let mut dequantize_only = false;
-        if let Some(data) = g.static_value(t.value) {
-            if options.prequantize_weights && is_param {
-                let ints = integer_weight(data, q, encs, signed, Rounding::HalfAwayFromZero)
-                    .map_err(|detail| CalibError::Quantizer { tensor: name.clone(), detail })?;
-                let int_tensor =
-                    Tensor::from_i64s(zero_point.dtype(), data.shape(), &ints).ok_or_else(|| {
-                        CalibError::Quantizer { tensor: name.clone(), detail: "integer weight".into() }
-                    })?;
-                model.graph.value_mut(t.value).data = Some(int_tensor);
-                model.graph.value_mut(t.value).dtype = Some(zero_point.dtype());
+        if let Some(shape) = g.static_shape(t.value).map(<[usize]>::to_vec) {
+            let (q, encs) = (q.clone(), encs.to_vec());
+            let done = if options.prequantize_weights && is_param {
+                let dtype = zero_point.dtype();
                 dequantize_only = true;
+                transform_static(&mut model, t.value, dtype, &shape, move |data| {
+                    let ints = integer_weight(data, &q, &encs, signed, Rounding::HalfAwayFromZero)?;
+                    Tensor::from_i64s(dtype, data.shape(), &ints).ok_or_else(|| "integer weight".to_string())
+                })
+            } else if g.value(t.value).dtype == Some(qgraph::DType::F32) {
+                transform_static(&mut model, t.value, qgraph::DType::F32, &shape, move |data| {
+                    let mut values: Vec<f32> =
+                        data.as_f32().map(|a| a.iter().copied().collect()).unwrap_or_default();
+                    crate::sim::apply_quantizer(&mut values, data.shape(), &q, Rounding::HalfAwayFromZero)?;
+                    Tensor::from_vec(data.shape(), values).ok_or_else(|| "quantized weight".to_string())
+                })
             } else {
-                let mut values: Vec<f32> =
-                    data.as_f32().map(|a| a.iter().copied().collect()).unwrap_or_default();
-                crate::sim::apply_quantizer(&mut values, data.shape(), q, Rounding::HalfAwayFromZero)
-                    .map_err(|detail| CalibError::Quantizer { tensor: name.clone(), detail })?;
-                model.graph.value_mut(t.value).data = Tensor::from_vec(data.shape(), values);
-            }
+                Ok(())
+            };
+            done.map_err(|detail| CalibError::Quantizer { tensor: name.clone(), detail })?;
         }
         inserts.insert(
             t.value,
@@ -559,7 +596,7 @@ pub fn to_qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<ModelProto> {
         e.value = format!("quantkit {}", env!("CARGO_PKG_VERSION"));
         e
     });
-    Ok(proto)
+    Ok((proto, model))
 }
 
 fn set_default_opset(proto: &mut ModelProto, opset: i64) {
@@ -637,12 +674,9 @@ fn raise_opset(graph: &mut onnx_protobuf::GraphProto, from: i64, to: i64) -> Res
     Ok(())
 }
 
-/// Writes the QDQ model atomically.
+/// Writes the QDQ model atomically, with external data beside it when the model is too large for
+/// one file or its weights are read on demand (see [`qgraph::save_proto`]).
 pub fn write_qdq_model(sim: &QuantSim, options: QdqOptions, path: &std::path::Path) -> Result<()> {
-    use onnx_protobuf::Message;
-    let proto = to_qdq_model(sim, options)?;
-    let bytes = proto
-        .write_to_bytes()
-        .map_err(|e| CalibError::Quantizer { tensor: "(QDQ export)".into(), detail: e.to_string() })?;
-    qgraph::write_atomically(path, &bytes).map_err(CalibError::from)
+    let (proto, model) = qdq_model(sim, options)?;
+    qgraph::save_proto(proto, &model, path).map_err(CalibError::from)
 }

@@ -288,7 +288,8 @@ impl QuantSim {
             if !q.enabled || q.frozen || !q.precision.is_int() {
                 continue;
             }
-            let Some(data) = g.static_value(t.value) else { continue };
+            // Read, not kept: lazy weights pass through memory one at a time.
+            let Some(data) = g.load_static(t.value)? else { continue };
             let Some(arr) = data.as_f32() else { continue };
             let values: Vec<f32> = arr.iter().copied().collect();
             let groups = split_by_encoding(&values, arr.shape(), q.granularity)
@@ -357,7 +358,7 @@ impl QuantSim {
     /// The shape of the static tensor quantizer `q` quantizes, if any.
     fn param_shape(&self, q: QuantizerId) -> Option<Vec<usize>> {
         let t = self.placement.tensors().iter().find(|t| t.quantizer == q)?;
-        Some(self.model.graph.static_value(t.value)?.shape().to_vec())
+        Some(self.model.graph.static_shape(t.value)?.to_vec())
     }
 
     /// AIMET's LPBQ on every blockwise weight (`set_grouped_blockwise_quantization_for_weights`):
@@ -564,6 +565,14 @@ impl QuantSim {
             let q = self.placement.quantizer(t.quantizer);
             let is_param = matches!(t.role, TensorRole::Param { .. });
             if !q.enabled || (calibrating && (!is_param || self.options.calibrate_with_float_weights)) {
+                continue;
+            }
+            let value = self.model.graph.value(t.value);
+            if let (None, Some(lazy)) = (&value.data, &value.lazy) {
+                // Quantized when read, as the session reaches the weight.
+                let q = q.clone();
+                model.graph.value_mut(t.value).lazy =
+                    Some(lazy.derive(lazy.dtype(), lazy.shape(), move |data| fake_quant_tensor(&data, &q)));
                 continue;
             }
             let Some(data) = self.model.graph.static_value(t.value) else { continue };

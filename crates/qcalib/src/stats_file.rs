@@ -104,7 +104,7 @@ pub fn save_stats(sim: &QuantSim, path: &Path) -> Result<()> {
     for q in sim.placement().quantizer_ids() {
         let Some(stats) = sim.stats(q) else { continue };
         let Some(first) = sim.placement().tensors_of(q).next() else { continue };
-        if g.static_value(first.value).is_some() {
+        if g.is_static(first.value) {
             // Weights and constants are measured again from the model on load.
             continue;
         }

@@ -1055,3 +1055,67 @@ fn mergeable_statistics_gathered_sample_by_sample_give_the_batch_encodings() {
         }
     }
 }
+
+/// input [N,64] → Gemm(64→64) → Relu → MatMul(64→32) → Add: weights of 16 and 8 KiB.
+fn mlp() -> Model {
+    let mut g = Graph::new("mlp");
+    let x = g.add_input("input", DType::F32, Shape(vec![Dim::Symbol("N".into()), Dim::Known(64)]));
+    let w0 = g.add_initializer("fc0.weight", t(&[64, 64], values(64 * 64, 7)));
+    let b0 = g.add_initializer("fc0.bias", t(&[64], values(64, 8)));
+    let h = g.add_op("Gemm", "fc0", &[x, w0, b0], vec![("transB", Attribute::Int(1))]);
+    let r = g.add_op("Relu", "relu", &[h], vec![]);
+    let w1 = g.add_initializer("fc1.weight", t(&[64, 32], values(64 * 32, 9)));
+    let m = g.add_op("MatMul", "fc1", &[r, w1], vec![]);
+    let b1 = g.add_initializer("fc1.bias", t(&[32], values(32, 10)));
+    let y = g.add_op("Add", "out", &[m, b1], vec![]);
+    g.add_output(y);
+    Model::new(g, 17)
+}
+
+#[test]
+fn mapped_weights_simulate_and_export_as_weights_in_memory_do_without_being_kept() {
+    let dir = std::env::temp_dir().join(format!("qcalib-mapped-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    qgraph::save_path_with_external_data(&mlp(), dir.join("mlp.onnx")).unwrap();
+    let every_tensor = qgraph::LoadOptions { map_external_from: 0, map_tensors_from: 0 };
+    let mapped = qgraph::load_path_with(dir.join("mlp.onnx"), every_tensor).unwrap();
+    let g = &mapped.graph;
+    let lazy: Vec<&str> =
+        g.value_ids().map(|v| g.value(v)).filter(|v| v.lazy.is_some()).map(|v| v.name.as_str()).collect();
+    assert_eq!(lazy, ["fc0.weight", "fc1.weight"]);
+    let feeds: Vec<qcalib::Feeds> = (0..3)
+        .map(|i| {
+            vec![("input".to_string(), t(&[4, 64], values(256, 40 + i).iter().map(|v| v * 2.0).collect()))]
+        })
+        .collect();
+    let config = || QuantsimConfig::load("default").unwrap();
+    let mut read = QuantSim::new(mlp(), config(), SimOptions::default()).unwrap();
+    let mut lazy = QuantSim::new(mapped, config(), SimOptions::default()).unwrap();
+    for s in [&mut read, &mut lazy] {
+        s.calibrate(feeds.clone(), &mut |_| {}).unwrap();
+    }
+    let version = EncodingVersion::V1_0_0;
+    assert_eq!(qcalib::encodings_json(&read, version), qcalib::encodings_json(&lazy, version));
+    assert_eq!(run(&read, &feeds[0]), run(&lazy, &feeds[0]));
+    assert_eq!(read.state_checksum().unwrap(), lazy.state_checksum().unwrap());
+    for prequantize_weights in [false, true] {
+        let options = qcalib::QdqOptions { prequantize_weights, ..Default::default() };
+        let path = dir.join(format!("qdq-{prequantize_weights}.onnx"));
+        qcalib::write_qdq_model(&lazy, options, &path).unwrap();
+        assert!(dir.join(format!("qdq-{prequantize_weights}.onnx.data")).exists());
+        let exported = qgraph::load_path(&path).unwrap();
+        let want = qgraph::model_from_proto(qcalib::to_qdq_model(&read, options).unwrap(), None).unwrap();
+        let outputs = |m: Model| {
+            let session = qexec::Session::new(m, qexec::SessionOptions::threads(1)).unwrap();
+            session.run(&[("input", feeds[1][0].1.clone())]).unwrap()[0].clone()
+        };
+        assert_eq!(outputs(exported), outputs(want), "prequantize_weights {prequantize_weights}");
+    }
+    let g = &lazy.model().graph;
+    assert!(
+        g.value_ids().filter_map(|v| g.value(v).lazy.as_ref()).all(|l| !l.is_resident()),
+        "calibration, simulation and export read the mapped weights without keeping them"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -215,6 +215,10 @@ pub struct Session {
     threads: usize,
     pool: Option<rayon::ThreadPool>,
     buffers: BufferPool,
+    /// Per value: static, or computed from static data alone. Their buffers are dropped after
+    /// use, not pooled: each is made once per run and would fill the pool with weight-sized
+    /// buffers.
+    per_run_weights: Vec<bool>,
     /// Whether a batch may run sample by sample ([`qgraph::samples_independent`]).
     samples_apart: bool,
     /// The largest tensor a node may produce, in bytes.
@@ -225,6 +229,54 @@ fn tensor_bytes(t: &Tensor) -> usize {
     t.len() * t.dtype().size_of()
 }
 
+/// `order` (a topological order) with every node that computes from static data alone (a
+/// weight's QuantizeLinear/DequantizeLinear pair, a Transpose of a weight) moved to just before
+/// its first reader: the computed weight then lives only as long as its reader needs it, so a
+/// model whose weights are read on demand holds one at a time, not all of them from the start.
+/// Also returns which nodes compute from static data alone.
+fn weight_steps_deferred(g: &qgraph::Graph, order: Vec<NodeId>) -> (Vec<NodeId>, Vec<bool>) {
+    let mut weight_only = vec![false; g.node_count()];
+    for &id in &order {
+        let node = g.node(id);
+        weight_only[id.index()] = node
+            .inputs()
+            .iter()
+            .flatten()
+            .chain(node.implicit_inputs())
+            .all(|&v| g.is_static(v) || g.producer(v).is_some_and(|o| weight_only[o.node.index()]));
+    }
+    let mut placed = vec![false; g.node_count()];
+    let mut out = Vec::with_capacity(order.len());
+    let mut stack: Vec<(NodeId, bool)> = Vec::new();
+    let readers = order.iter().filter(|id| !weight_only[id.index()]);
+    let rest = order.iter().filter(|id| weight_only[id.index()]);
+    for &id in readers.chain(rest) {
+        // Depth first through weight-only producers, each placed after its own inputs.
+        stack.push((id, false));
+        while let Some((n, inputs_placed)) = stack.pop() {
+            if placed[n.index()] {
+                continue;
+            }
+            if inputs_placed {
+                placed[n.index()] = true;
+                out.push(n);
+                continue;
+            }
+            stack.push((n, true));
+            let node = g.node(n);
+            for &v in node.inputs().iter().flatten().chain(node.implicit_inputs()) {
+                if let Some(o) = g.producer(v)
+                    && weight_only[o.node.index()]
+                    && !placed[o.node.index()]
+                {
+                    stack.push((o.node, false));
+                }
+            }
+        }
+    }
+    (out, weight_only)
+}
+
 impl Session {
     /// Compiles `model`: every node gets its kernel now, so an unsupported op or an invalid
     /// attribute is reported before any data flows.
@@ -232,9 +284,14 @@ impl Session {
         let opset = model.default_opset();
         let g = &model.graph;
         let mut steps: Vec<Step> = Vec::new();
-        for id in g.topological_order()? {
+        let (order, weight_only) = weight_steps_deferred(g, g.topological_order()?);
+        let per_run_weights: Vec<bool> = g
+            .value_ids()
+            .map(|v| g.is_static(v) || g.producer(v).is_some_and(|o| weight_only[o.node.index()]))
+            .collect();
+        for id in order {
             let node = g.node(id);
-            let outputs_static = node.outputs().iter().flatten().all(|&v| g.static_value(v).is_some());
+            let outputs_static = node.outputs().iter().flatten().all(|&v| g.is_static(v));
             if outputs_static && !node.outputs().is_empty() {
                 continue;
             }
@@ -291,6 +348,7 @@ impl Session {
             threads,
             pool,
             buffers: BufferPool::default(),
+            per_run_weights,
             samples_apart,
             max_tensor_bytes: options.max_tensor_bytes,
         })
@@ -585,12 +643,12 @@ impl Session {
                 if store[v.index()].is_none() {
                     let t = match cache.and_then(|c| c.get(v)) {
                         Some(t) => {
-                            if g.value(v).data.is_none() {
+                            if !g.is_static(v) {
                                 live += tensor_bytes(t);
                             }
                             t.clone()
                         }
-                        None => match g.value(v).data.clone() {
+                        None => match g.load_static(v).map_err(ExecError::from)? {
                             Some(mut t) => {
                                 if options.hook_params {
                                     call_hook(&mut options, g, v, TensorKind::Param, &mut t)?;
@@ -616,7 +674,7 @@ impl Session {
             for &v in slots.iter().flatten() {
                 if last_use[v.index()] == i && !keep[v.index()] && !keep_all {
                     if let Some(t) = store[v.index()].take() {
-                        if g.value(v).data.is_none() {
+                        if !g.is_static(v) {
                             live -= tensor_bytes(&t);
                         }
                     }
@@ -682,7 +740,13 @@ impl Session {
                 ExecError::Kernel { node: node.name.clone(), op: node.op_type.clone(), detail }
             })?;
             let applied = epilogue.map(|(v, _)| v);
-            inputs.into_iter().flatten().for_each(|t| self.buffers.recycle(t));
+            for (t, slot) in inputs.into_iter().zip(&slots) {
+                if let (Some(t), Some(v)) = (t, slot)
+                    && !self.per_run_weights[v.index()]
+                {
+                    self.buffers.recycle(t);
+                }
+            }
             stats.nodes_run += 1;
             // With a fused activation, the result belongs to the activation node's output.
             let out_node = if fused.is_some() {
@@ -728,7 +792,8 @@ impl Session {
             let t = store[v.index()]
                 .clone()
                 .or_else(|| cache.and_then(|c| c.get(v).cloned()))
-                .or_else(|| g.value(v).data.clone());
+                .map_or_else(|| g.load_static(v), |t| Ok(Some(t)))
+                .map_err(ExecError::from)?;
             match t {
                 Some(t) => outputs.push(t),
                 None if partial => {
@@ -746,7 +811,7 @@ impl Session {
         let mut kept = ValueCache::new();
         for (v, t) in g.value_ids().zip(store) {
             if let Some(t) = t {
-                if (keep_all || requested[v.index()]) && g.value(v).data.is_none() {
+                if (keep_all || requested[v.index()]) && !g.is_static(v) {
                     kept.insert(v, t);
                 }
             }

@@ -10,6 +10,7 @@ use crate::attr::Attribute;
 use crate::dtype::DType;
 use crate::error::{GraphError, Result};
 use crate::ids::{NodeId, Outlet, ValueId};
+use crate::lazy::LazyTensor;
 use crate::shape::Shape;
 use crate::tensor::Tensor;
 
@@ -110,6 +111,9 @@ pub struct Value {
     pub shape: Option<Shape>,
     /// The data of an initializer or of a `Constant` node's output.
     pub data: Option<Tensor>,
+    /// The data of an initializer read on demand (mapped external data, or derived from such);
+    /// `data`, when set, takes precedence.
+    pub lazy: Option<LazyTensor>,
     pub(crate) source: ValueSource,
     pub(crate) consumers: Vec<Outlet>,
     pub(crate) implicit_consumers: Vec<NodeId>,
@@ -169,7 +173,11 @@ impl PartialEq for Graph {
             })
             && self.values.iter().all(|a| {
                 other.value_id(&a.name).map(|id| other.value(id)).is_some_and(|b| {
-                    a.dtype == b.dtype && a.shape == b.shape && a.data == b.data && kind(a) == kind(b)
+                    a.dtype == b.dtype
+                        && a.shape == b.shape
+                        && a.data == b.data
+                        && a.lazy == b.lazy
+                        && kind(a) == kind(b)
                 })
             })
     }
@@ -408,9 +416,34 @@ impl Graph {
         self.outputs.contains(&v)
     }
 
-    /// The data of `v` if it is an initializer or the output of a `Constant` node.
+    /// The data of `v` if it is an initializer or the output of a `Constant` node. A lazy
+    /// initializer is read and from then on kept in memory; code that visits every weight once
+    /// reads them with [`Graph::load_static`] instead.
     pub fn static_value(&self, v: ValueId) -> Option<&Tensor> {
-        self.value(v).data.as_ref()
+        let val = self.value(v);
+        val.data.as_ref().or_else(|| val.lazy.as_ref().and_then(LazyTensor::resident))
+    }
+
+    /// Whether `v` has static data (in memory or lazy).
+    pub fn is_static(&self, v: ValueId) -> bool {
+        let val = self.value(v);
+        val.data.is_some() || val.lazy.is_some()
+    }
+
+    /// The shape of `v`'s static data, without reading lazy data.
+    pub fn static_shape(&self, v: ValueId) -> Option<&[usize]> {
+        let val = self.value(v);
+        val.data.as_ref().map(Tensor::shape).or_else(|| val.lazy.as_ref().map(LazyTensor::shape))
+    }
+
+    /// The data of `v` if it is static, read now without being kept when it is lazy.
+    pub fn load_static(&self, v: ValueId) -> Result<Option<Tensor>> {
+        let val = self.value(v);
+        match (&val.data, &val.lazy) {
+            (Some(t), _) => Ok(Some(t.clone())),
+            (None, Some(l)) => l.load().map(Some),
+            (None, None) => Ok(None),
+        }
     }
 
     fn unique_value_name(&self, base: &str) -> String {
@@ -436,6 +469,7 @@ impl Graph {
             dtype: None,
             shape: None,
             data: None,
+            lazy: None,
             source,
             consumers: Vec::new(),
             implicit_consumers: Vec::new(),
@@ -451,6 +485,17 @@ impl Graph {
         v.dtype = Some(data.dtype());
         v.shape = Some(Shape::known(data.shape()));
         v.data = Some(data);
+        id
+    }
+
+    /// Adds an initializer whose data is read on demand; the name is made unique if taken.
+    pub fn add_lazy_initializer(&mut self, name: &str, data: LazyTensor) -> ValueId {
+        let name = self.unique_value_name(name);
+        let id = self.push_value(name, ValueSource::Initializer);
+        let v = self.value_mut(id);
+        v.dtype = Some(data.dtype());
+        v.shape = Some(Shape::known(data.shape()));
+        v.lazy = Some(data);
         id
     }
 
@@ -563,9 +608,7 @@ impl Graph {
     /// named `new_name` (made unique), the slot added if the node has fewer inputs.
     pub fn set_static_input(&mut self, node: NodeId, slot: usize, new_name: &str, t: Tensor) {
         match self.node(node).input(slot) {
-            Some(v) if self.use_count(v) == 1 && self.static_value(v).is_some() => {
-                self.make_initializer(v, t)
-            }
+            Some(v) if self.use_count(v) == 1 && self.is_static(v) => self.make_initializer(v, t),
             _ => {
                 let id = self.add_initializer(new_name, t);
                 self.set_input(node, slot, Some(id));
@@ -605,6 +648,7 @@ impl Graph {
         val.dtype = Some(data.dtype());
         val.shape = Some(Shape::known(data.shape()));
         val.data = Some(data);
+        val.lazy = None;
     }
 
     /// Removes the given nodes, then every value nothing defines or reads any more (graph inputs

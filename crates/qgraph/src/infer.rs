@@ -64,6 +64,7 @@ impl Model {
             .iter()
             .map(|v| match (&v.data, v.source) {
                 (Some(t), _) => static_fact(t),
+                (None, _) if v.lazy.is_some() => Fact::typed(v.dtype, v.shape.clone()),
                 (None, ValueSource::Input) => {
                     Fact::typed(v.dtype, v.shape.as_ref().map(|s| bindings.apply(s)))
                 }
@@ -104,7 +105,7 @@ impl Model {
             }
         }
         for (val, f) in g.values.iter_mut().zip(&facts) {
-            if val.data.is_none() {
+            if val.data.is_none() && val.lazy.is_none() {
                 val.dtype = f.dtype.or(val.dtype);
                 val.shape = f.shape.clone().or(val.shape.take());
             }

@@ -7,7 +7,7 @@
 //! MACs, shape inference), passes (batch-norm folding, Identity removal, constant folding of shape
 //! sub-graphs, dead-node elimination) and saving back to ONNX. No numeric kernels live here.
 #![doc = include_str!("../README.md")]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod attr;
 mod batch;
@@ -16,6 +16,7 @@ mod error;
 mod graph;
 mod ids;
 mod infer;
+mod lazy;
 mod load;
 pub mod ops;
 mod params;
@@ -32,13 +33,15 @@ pub use error::{GraphError, Result};
 pub use graph::{Graph, Model, Node, NodeSpec, Opset, Value, ValueSource};
 pub use ids::{NodeId, Outlet, ValueId};
 pub use infer::ShapeReport;
+pub use lazy::{Derivation, LazyTensor};
 pub use load::{
-    load_bytes, load_path, model_from_proto, subgraph_model, subgraph_outer_names, tensor_from_bytes,
+    LAZY_TENSOR_MIN_BYTES, LoadOptions, MAP_EXTERNAL_FROM, load_bytes, load_path, load_path_with,
+    model_from_proto, subgraph_model, subgraph_outer_names, tensor_from_bytes,
 };
 pub use params::Param;
 pub use save::{
-    OutputSet, model_to_proto, process_tag, read_text_at_most, save_bytes, save_path, tensor_to_proto,
-    write_atomically,
+    OutputSet, inline_lazy, model_to_proto, process_tag, read_text_at_most, save_bytes, save_path,
+    save_path_with_external_data, save_proto, tensor_to_proto, write_atomically,
 };
 pub use shape::{Dim, DimBindings, Shape, checked_numel};
 pub use summary::{Port, Summary};

@@ -4,7 +4,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::tensor_proto::DataLocation;
@@ -17,15 +18,47 @@ use crate::dtype::{DType, onnx_code_name};
 use crate::error::{GraphError, Result};
 use crate::graph::{Graph, Model, Node, Opset, ValueSource};
 use crate::ids::{NodeId, Outlet};
+use crate::lazy::LazyTensor;
 use crate::shape::{Dim, Shape};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
+/// External data of at least this many bytes in total is memory-mapped by default.
+pub const MAP_EXTERNAL_FROM: u64 = 1 << 30;
+
+/// Initializers smaller than this stay in memory even when external data is mapped (shape
+/// constants, norms and biases are read often and cost little).
+pub const LAZY_TENSOR_MIN_BYTES: u64 = 64 << 10;
+
+/// How a model's external data is read.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// When a model's initializers keep at least this many bytes in external data files, those
+    /// files are memory-mapped and each initializer of at least `map_tensors_from` bytes in them
+    /// becomes a [`LazyTensor`], read whenever it is used instead of held in memory. Below it
+    /// everything is read in. Default [`MAP_EXTERNAL_FROM`].
+    pub map_external_from: u64,
+    /// The smallest mapped initializer, in bytes; default [`LAZY_TENSOR_MIN_BYTES`].
+    pub map_tensors_from: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { map_external_from: MAP_EXTERNAL_FROM, map_tensors_from: LAZY_TENSOR_MIN_BYTES }
+    }
+}
+
 /// Loads a model from a file; external data files are resolved next to it.
 pub fn load_path(path: impl AsRef<Path>) -> Result<Model> {
+    load_path_with(path, LoadOptions::default())
+}
+
+/// [`load_path`] with explicit options.
+pub fn load_path_with(path: impl AsRef<Path>, options: LoadOptions) -> Result<Model> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|source| GraphError::Io { path: path.into(), source })?;
-    load_bytes(&bytes, path.parent())
+    decode_model(&bytes)
+        .and_then(|proto| model_from_proto_with(proto, path.parent(), options))
         .map_err(|e| GraphError::InFile { path: path.into(), source: Box::new(e) })
 }
 
@@ -69,9 +102,17 @@ fn decode_model(bytes: &[u8]) -> Result<ModelProto> {
 }
 
 /// Builds the IR from a decoded `ModelProto`.
-pub fn model_from_proto(mut proto: ModelProto, base_dir: Option<&Path>) -> Result<Model> {
+pub fn model_from_proto(proto: ModelProto, base_dir: Option<&Path>) -> Result<Model> {
+    model_from_proto_with(proto, base_dir, LoadOptions::default())
+}
+
+fn model_from_proto_with(
+    mut proto: ModelProto,
+    base_dir: Option<&Path>,
+    options: LoadOptions,
+) -> Result<Model> {
     let graph_proto = proto.graph.take().ok_or_else(|| GraphError::NotOnnx { detail: "no graph".into() })?;
-    let graph = graph_from_proto(&graph_proto, base_dir)?;
+    let graph = graph_from_proto(&graph_proto, base_dir, options)?;
     Ok(Model {
         ir_version: proto.ir_version,
         opsets: proto
@@ -90,7 +131,7 @@ pub fn model_from_proto(mut proto: ModelProto, base_dir: Option<&Path>) -> Resul
     })
 }
 
-fn graph_from_proto(g: &GraphProto, base_dir: Option<&Path>) -> Result<Graph> {
+fn graph_from_proto(g: &GraphProto, base_dir: Option<&Path>, options: LoadOptions) -> Result<Graph> {
     let mut graph = Graph::new(g.name.clone());
     graph.doc_string = g.doc_string.clone();
     if let Some(s) = g.sparse_initializer.first() {
@@ -98,12 +139,15 @@ fn graph_from_proto(g: &GraphProto, base_dir: Option<&Path>) -> Result<Graph> {
         return Err(GraphError::Unsupported { detail: format!("sparse initializer '{name}'") });
     }
 
-    let decoded = decode_initializers(&g.initializer, base_dir)?;
+    let decoded = decode_initializers(&g.initializer, base_dir, options)?;
     for (t, data) in g.initializer.iter().zip(decoded) {
         if graph.value_id(&t.name).is_some() {
             return Err(GraphError::DuplicateValue { name: t.name.clone(), by: "an initializer".into() });
         }
-        graph.add_initializer(&t.name, data);
+        match data {
+            Initializer::Read(data) => graph.add_initializer(&t.name, data),
+            Initializer::Lazy(data) => graph.add_lazy_initializer(&t.name, data),
+        };
     }
     for vi in &g.input {
         // Initializers listed as inputs (IR < 4 style) stay initializers.
@@ -229,7 +273,7 @@ fn graph_from_proto(g: &GraphProto, base_dir: Option<&Path>) -> Result<Graph> {
         let Some(v) = graph.value_id(&vi.name) else { continue };
         let (dtype, shape) = value_type(vi, false)?;
         let val = graph.value_mut(v);
-        if val.data.is_none() {
+        if val.data.is_none() && val.lazy.is_none() {
             val.dtype = dtype.or(val.dtype);
             val.shape = shape.or(val.shape.take());
         }
@@ -238,39 +282,98 @@ fn graph_from_proto(g: &GraphProto, base_dir: Option<&Path>) -> Result<Graph> {
     Ok(graph)
 }
 
+/// An initializer as loaded: read into memory, or mapped and read on demand.
+enum Initializer {
+    Read(Tensor),
+    Lazy(LazyTensor),
+}
+
 /// Decodes all initializers. Little-endian raw payloads, the bulk of a large model, are decoded on
-/// the rayon pool (protobuf messages are not `Sync`, so the jobs carry plain slices).
-fn decode_initializers(tensors: &[TensorProto], base_dir: Option<&Path>) -> Result<Vec<Tensor>> {
+/// the rayon pool (protobuf messages are not `Sync`, so the jobs carry plain slices). External
+/// data past `options.map_external_from` is mapped instead (see [`LoadOptions`]).
+fn decode_initializers(
+    tensors: &[TensorProto],
+    base_dir: Option<&Path>,
+    options: LoadOptions,
+) -> Result<Vec<Initializer>> {
     struct RawJob<'a> {
         index: usize,
         dtype: DType,
         shape: Vec<usize>,
         bytes: &'a [u8],
     }
-    let mut out: Vec<Option<Tensor>> = vec![None; tensors.len()];
+    let is_external = |t: &TensorProto| t.data_location.value() == DataLocation::EXTERNAL as i32;
+    let mut external = Vec::new();
+    let mut external_total = 0u64;
+    for t in tensors.iter().filter(|t| is_external(t)) {
+        let range = external_range(t, base_dir)?;
+        external_total = external_total.saturating_add(range.length);
+        external.push(range);
+    }
+    let map = external_total >= options.map_external_from;
+    let mut maps: HashMap<PathBuf, Arc<memmap2::Mmap>> = HashMap::new();
+    let mut external = external.into_iter();
+    let mut out: Vec<Option<Initializer>> = tensors.iter().map(|_| None).collect();
     let mut jobs = Vec::new();
     for (index, t) in tensors.iter().enumerate() {
-        let raw = !t.raw_data.is_empty()
-            && t.data_location.value() != DataLocation::EXTERNAL as i32
-            && t.segment.is_none();
+        if is_external(t) {
+            let range = external.next().expect("one range per external tensor");
+            out[index] = Some(if map && range.length >= options.map_tensors_from {
+                Initializer::Lazy(map_external(t, &range, &mut maps)?)
+            } else {
+                Initializer::Read(decode_tensor(t, base_dir)?)
+            });
+            continue;
+        }
+        let raw = !t.raw_data.is_empty() && t.segment.is_none();
         match (raw, DType::from_onnx(t.data_type)) {
             (true, Some(dtype)) => {
                 let shape = tensor_shape(t)?;
                 jobs.push(RawJob { index, dtype, shape, bytes: &t.raw_data });
             }
-            _ => out[index] = Some(decode_tensor(t, base_dir)?),
+            _ => out[index] = Some(Initializer::Read(decode_tensor(t, base_dir)?)),
         }
     }
     let decoded: Vec<(usize, Option<Tensor>)> =
         jobs.par_iter().map(|j| (j.index, Tensor::from_le_bytes(j.dtype, &j.shape, j.bytes))).collect();
     for (index, t) in decoded {
         // A size mismatch is reported by the sequential decoder, which names the tensor.
-        out[index] = Some(match t {
+        out[index] = Some(Initializer::Read(match t {
             Some(t) => t,
             None => decode_tensor(&tensors[index], base_dir)?,
-        });
+        }));
     }
     Ok(out.into_iter().map(|t| t.expect("every initializer decoded")).collect())
+}
+
+/// Maps the file of an external tensor (once per file) and makes the tensor a view of its range.
+fn map_external(
+    t: &TensorProto,
+    range: &ExternalRange,
+    maps: &mut HashMap<PathBuf, Arc<memmap2::Mmap>>,
+) -> Result<LazyTensor> {
+    let fail = |detail: String| GraphError::ExternalData {
+        tensor: t.name.clone(),
+        path: range.location.clone(),
+        detail,
+    };
+    let dtype = DType::from_onnx(t.data_type).ok_or_else(|| GraphError::UnsupportedDtype {
+        tensor: t.name.clone(),
+        dtype: onnx_code_name(t.data_type),
+    })?;
+    let map = match maps.get(&range.path) {
+        Some(m) => m.clone(),
+        None => {
+            let file = std::fs::File::open(&range.path).map_err(|e| fail(e.to_string()))?;
+            let m = Arc::new(crate::lazy::map_file(&file).map_err(|e| fail(format!("cannot map: {e}")))?);
+            maps.insert(range.path.clone(), m.clone());
+            m
+        }
+    };
+    let too_big = || fail("the range does not fit in this machine's address space".into());
+    let offset = usize::try_from(range.offset).map_err(|_| too_big())?;
+    let length = usize::try_from(range.length).map_err(|_| too_big())?;
+    LazyTensor::mapped(&t.name, dtype, &tensor_shape(t)?, map, offset, length)
 }
 
 /// The dims of a tensor proto as sizes.
@@ -316,7 +419,7 @@ pub fn subgraph_model(g: &GraphProto, opset: i64) -> Result<(Model, Vec<String>)
     for name in &outer {
         proto.input.push(ValueInfoProto { name: name.clone(), ..Default::default() });
     }
-    let graph = graph_from_proto(&proto, None)?;
+    let graph = graph_from_proto(&proto, None, LoadOptions::default())?;
     Ok((Model::new(graph, opset), outer))
 }
 
@@ -454,7 +557,18 @@ fn raw_count(dtype: DType, bytes: usize) -> usize {
     }
 }
 
-fn read_external(t: &TensorProto, base_dir: Option<&Path>) -> Result<Vec<u8>> {
+/// Where an external tensor's bytes are: its file and the checked byte range in it.
+struct ExternalRange {
+    /// The `location` as the model names it.
+    location: String,
+    path: PathBuf,
+    offset: u64,
+    length: u64,
+}
+
+/// Resolves an external tensor's `location`, `offset` and `length` against the model's folder
+/// and checks the range against the file's size.
+fn external_range(t: &TensorProto, base_dir: Option<&Path>) -> Result<ExternalRange> {
     let mut location = None;
     let mut offset = 0u64;
     let mut length = None;
@@ -485,14 +599,28 @@ fn read_external(t: &TensorProto, base_dir: Option<&Path>) -> Result<Vec<u8>> {
     let base =
         base_dir.ok_or_else(|| fail("the model was loaded from bytes without a base directory".into()))?;
     let path = base.join(rel);
-    let mut file = std::fs::File::open(&path).map_err(|e| fail(e.to_string()))?;
-    let size = file.metadata().map_err(|e| fail(e.to_string()))?.len();
+    let size = std::fs::metadata(&path).map_err(|e| fail(e.to_string()))?.len();
     let length = length.unwrap_or(size.saturating_sub(offset));
     if offset.checked_add(length).is_none_or(|end| end > size) {
         return Err(fail(format!("offset {offset} + length {length} exceeds the file size {size}")));
     }
-    file.seek(SeekFrom::Start(offset)).map_err(|e| fail(e.to_string()))?;
-    let mut bytes = vec![0u8; length as usize];
+    Ok(ExternalRange { location, path, offset, length })
+}
+
+fn read_external(t: &TensorProto, base_dir: Option<&Path>) -> Result<Vec<u8>> {
+    let range = external_range(t, base_dir)?;
+    let fail = |detail: String| GraphError::ExternalData {
+        tensor: t.name.clone(),
+        path: range.location.clone(),
+        detail,
+    };
+    let mut file = std::fs::File::open(&range.path).map_err(|e| fail(e.to_string()))?;
+    file.seek(SeekFrom::Start(range.offset)).map_err(|e| fail(e.to_string()))?;
+    let length = usize::try_from(range.length)
+        .map_err(|_| fail("the range does not fit in this machine's address space".into()))?;
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(length).map_err(|_| fail(format!("cannot allocate {length} bytes")))?;
+    bytes.resize(length, 0);
     file.read_exact(&mut bytes).map_err(|e| fail(e.to_string()))?;
     Ok(bytes)
 }

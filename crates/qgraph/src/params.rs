@@ -34,7 +34,7 @@ impl Graph {
         let mut cur = v;
         let mut transposed = false;
         loop {
-            if self.static_value(cur).is_some() {
+            if self.is_static(cur) {
                 return Some((cur, transposed));
             }
             let node = self.producer_node(cur)?;

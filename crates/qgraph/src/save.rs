@@ -1,11 +1,14 @@
 //! IR → ONNX: encodes a `Model` back into a `ModelProto` (initializers as little-endian raw data,
-//! known types and shapes as `value_info`) and writes it atomically (temp file + rename); files
-//! written as a set; and the bounded read of the small text files (plans, tables) jobs take.
+//! known types and shapes as `value_info`) and writes it atomically (temp file + rename), with
+//! external data beside it when the model outgrows one protobuf message or reads its weights on
+//! demand; files written as a set; and the bounded read of the small text files (plans, tables)
+//! jobs take.
 
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use onnx_protobuf::attribute_proto::AttributeType;
+use onnx_protobuf::tensor_proto::DataLocation;
 use onnx_protobuf::tensor_shape_proto::Dimension;
 use onnx_protobuf::type_proto::Tensor as TensorTypeProto;
 use onnx_protobuf::{
@@ -23,7 +26,12 @@ use crate::tensor::Tensor;
 /// Largest message protobuf can encode (2 GiB).
 const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
 
-/// Encodes the model as a `ModelProto`.
+/// Initializers of at least this many bytes go to the external data file when one is written.
+const EXTERNAL_MIN_BYTES: usize = 1024;
+
+/// Encodes the model as a `ModelProto`. Lazy initializers ([`crate::LazyTensor`]) are left as
+/// placeholders without data, marked external with an empty location: [`save_proto`] streams their
+/// data into an external file, [`inline_lazy`] reads it into the message.
 pub fn model_to_proto(model: &Model) -> ModelProto {
     let mut p = ModelProto::new();
     p.ir_version = model.ir_version;
@@ -48,24 +56,137 @@ pub fn model_to_proto(model: &Model) -> ModelProto {
     p
 }
 
-/// Encodes the model as ONNX bytes.
+/// Whether `t` is a lazy initializer's placeholder left by [`model_to_proto`].
+fn is_lazy_placeholder(t: &TensorProto) -> bool {
+    t.data_location.value() == DataLocation::EXTERNAL as i32
+        && t.external_data.iter().any(|kv| kv.key == "location" && kv.value.is_empty())
+}
+
+/// The data of a placeholder's lazy initializer, read from `model` (which the proto was made from).
+fn lazy_bytes(t: &TensorProto, model: &Model) -> Result<Vec<u8>> {
+    let lazy =
+        model.graph.value_id(&t.name).and_then(|v| model.graph.value(v).lazy.as_ref()).ok_or_else(|| {
+            GraphError::Encode {
+                detail: format!("initializer '{}' has no data in the model it came from", t.name),
+            }
+        })?;
+    Ok(lazy.load()?.to_le_bytes())
+}
+
+/// Reads the data of every lazy initializer's placeholder in `proto` (from [`model_to_proto`] of
+/// `model`) into the message.
+pub fn inline_lazy(proto: &mut ModelProto, model: &Model) -> Result<()> {
+    let Some(graph) = proto.graph.as_mut() else { return Ok(()) };
+    for t in graph.initializer.iter_mut().filter(|t| is_lazy_placeholder(t)) {
+        t.raw_data = lazy_bytes(t, model)?;
+        t.data_location = DataLocation::DEFAULT.into();
+        t.external_data.clear();
+    }
+    Ok(())
+}
+
+/// Encodes the model as ONNX bytes (lazy initializers read in).
 pub fn save_bytes(model: &Model) -> Result<Vec<u8>> {
-    let proto = model_to_proto(model);
+    let mut proto = model_to_proto(model);
+    inline_lazy(&mut proto, model)?;
     let size = proto.compute_size();
     if size > PROTOBUF_LIMIT {
         return Err(GraphError::Encode {
             detail: format!(
-                "the model needs {size} bytes, over protobuf's 2 GiB limit (external data saving is not supported)"
+                "the model needs {size} bytes, over protobuf's 2 GiB limit (saved to a file, it gets external data)"
             ),
         });
     }
     proto.write_to_bytes().map_err(|e| GraphError::Encode { detail: e.to_string() })
 }
 
-/// Writes the model to `path` atomically: a temp file beside it, then a rename.
+/// Writes the model to `path` atomically; see [`save_proto`].
 pub fn save_path(model: &Model, path: impl AsRef<Path>) -> Result<()> {
-    let path = path.as_ref();
-    let bytes = save_bytes(model)?;
+    save_proto(model_to_proto(model), model, path.as_ref())
+}
+
+/// Writes `proto` (made by [`model_to_proto`] from `model`, possibly rewritten since) to `path`
+/// atomically. When it holds lazy initializers or would exceed protobuf's 2 GiB, every
+/// initializer of at least 1 KiB goes to `NAME.data` beside it (ONNX external data: offsets
+/// aligned to 4 KiB for tensors of 64 KiB and more, 64 bytes for smaller ones), lazy ones read
+/// one at a time, so the data never sits in memory whole. The data file is renamed into place
+/// before the model.
+pub fn save_proto(proto: ModelProto, model: &Model, path: &Path) -> Result<()> {
+    write_proto(proto, model, path, false)
+}
+
+/// [`save_path`], always with external data (as ONNX tools write models meant to be mapped).
+pub fn save_path_with_external_data(model: &Model, path: impl AsRef<Path>) -> Result<()> {
+    write_proto(model_to_proto(model), model, path.as_ref(), true)
+}
+
+fn write_proto(mut proto: ModelProto, model: &Model, path: &Path, external: bool) -> Result<()> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| GraphError::Io { path: p, source }
+    };
+    let has_lazy = proto.graph.as_ref().is_some_and(|g| g.initializer.iter().any(is_lazy_placeholder));
+    if !external && !has_lazy && proto.compute_size() <= PROTOBUF_LIMIT {
+        let bytes = proto.write_to_bytes().map_err(|e| GraphError::Encode { detail: e.to_string() })?;
+        return write_atomically(path, &bytes);
+    }
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let data_name = format!("{file_name}.data");
+    let data_path = path.with_file_name(&data_name);
+    let tmp = path.with_file_name(format!(".{data_name}.{}.tmp", process_tag()));
+    let written = (|| -> Result<()> {
+        let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io(&tmp))?);
+        let mut offset = 0u64;
+        let Some(graph) = proto.graph.as_mut() else { return Ok(()) };
+        for t in graph.initializer.iter_mut() {
+            let bytes = if is_lazy_placeholder(t) {
+                lazy_bytes(t, model)?
+            } else if t.raw_data.len() >= EXTERNAL_MIN_BYTES {
+                std::mem::take(&mut t.raw_data)
+            } else {
+                continue;
+            };
+            let align = if bytes.len() >= 64 << 10 { 4096 } else { 64 };
+            let padding = offset.next_multiple_of(align) - offset;
+            out.write_all(&vec![0u8; padding as usize]).map_err(io(&tmp))?;
+            offset += padding;
+            out.write_all(&bytes).map_err(io(&tmp))?;
+            t.data_location = DataLocation::EXTERNAL.into();
+            t.external_data = vec![
+                string_pair("location", &data_name),
+                string_pair("offset", &offset.to_string()),
+                string_pair("length", &bytes.len().to_string()),
+            ];
+            offset += bytes.len() as u64;
+        }
+        let file = out.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
+        file.sync_all().map_err(io(&tmp))?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let size = proto.compute_size();
+    if size > PROTOBUF_LIMIT {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(GraphError::Encode {
+            detail: format!(
+                "the model needs {size} bytes besides its external data, over protobuf's 2 GiB limit"
+            ),
+        });
+    }
+    let bytes = match proto.write_to_bytes() {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(GraphError::Encode { detail: e.to_string() });
+        }
+    };
+    if let Err(e) = std::fs::rename(&tmp, &data_path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(&data_path)(e));
+    }
     write_atomically(path, &bytes)
 }
 
@@ -237,7 +358,20 @@ fn graph_to_proto(g: &Graph) -> GraphProto {
         p.node.push(np);
     }
     for v in g.initializers() {
-        p.initializer.push(tensor_to_proto(&g.value(v).name, g.value(v).data.as_ref().unwrap()));
+        let val = g.value(v);
+        match (&val.data, &val.lazy) {
+            (Some(t), _) => p.initializer.push(tensor_to_proto(&val.name, t)),
+            (None, Some(l)) => {
+                let mut t = TensorProto::new();
+                t.name = val.name.clone();
+                t.dims = l.shape().iter().map(|&d| d as i64).collect();
+                t.data_type = l.dtype().onnx_code();
+                t.data_location = DataLocation::EXTERNAL.into();
+                t.external_data = vec![string_pair("location", "")];
+                p.initializer.push(t);
+            }
+            (None, None) => {}
+        }
     }
     p.input = g.inputs().iter().map(|&v| value_info(g, v)).collect();
     p.output = g.outputs().iter().map(|&v| value_info(g, v)).collect();

@@ -67,11 +67,15 @@ impl Model {
         op_histogram.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let (mut float_params, mut total_params) = (0u64, 0u64);
         for v in g.value_ids() {
-            if let Some(t) = g.static_value(v) {
-                total_params += t.len() as u64;
-                if t.dtype().is_float() {
-                    float_params += t.len() as u64;
-                }
+            let val = g.value(v);
+            let (dtype, len) = match (&val.data, &val.lazy) {
+                (Some(t), _) => (t.dtype(), t.len()),
+                (None, Some(l)) => (l.dtype(), l.shape().iter().product()),
+                (None, None) => continue,
+            };
+            total_params += len as u64;
+            if dtype.is_float() {
+                float_params += len as u64;
             }
         }
         let macs_by_op: Vec<(String, u64)> = macs.into_iter().collect();

@@ -192,12 +192,12 @@ pub fn run(a: ProfileCostsArgs) -> Result<(), Failure> {
         let inputs = node.inputs();
         // The activation is the one computed input; the weight the largest constant one.
         let computed: Vec<usize> =
-            (0..inputs.len()).filter(|&k| inputs[k].is_some_and(|v| g.static_value(v).is_none())).collect();
+            (0..inputs.len()).filter(|&k| inputs[k].is_some_and(|v| !g.is_static(v))).collect();
         let [x_slot] = computed[..] else {
             return Err(user(anyhow!("op '{}': profile-costs times ops with one computed input", node.name)));
         };
         let w_slot = (0..inputs.len())
-            .filter(|&k| inputs[k].is_some_and(|v| g.static_value(v).is_some()))
+            .filter(|&k| inputs[k].is_some_and(|v| g.is_static(v)))
             .max_by_key(|&k| inputs[k].and_then(|v| g.static_value(v)).map_or(0, Tensor::len))
             .ok_or_else(|| user(anyhow!("op '{}': its weight is not a constant", node.name)))?;
         let dims: Vec<usize> = inputs[x_slot]

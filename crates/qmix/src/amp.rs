@@ -493,7 +493,7 @@ pub fn choose_mixed_precision(
         "phase1_data": qcalib::feeds_checksum(data.phase1),
         "phase1_metric": options.phase1_metric.name(),
         "phase2": phase2.description,
-        "simulation": sim.settings_checksum(),
+        "simulation": sim.settings_checksum()?,
     });
     // Simulated converts change every mixed score (a key only when on: older caches stay valid).
     if sim.options().converts {

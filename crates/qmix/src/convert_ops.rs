@@ -204,7 +204,7 @@ impl GroupGraph {
                             edges.push(edge);
                         }
                     }
-                } else if g.static_value(v).is_none()
+                } else if !g.is_static(v)
                     && let Some(p) = g.producer(v)
                 {
                     stack.extend(g.node(p.node).inputs().iter().flatten().copied());

@@ -92,7 +92,7 @@ pub fn find_quantizer_groups(g: &Graph, placement: &Placement) -> Result<Vec<Qua
     let position: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i + 1)).collect();
     let value_position = |v: ValueId| -> usize {
         match g.producer(v) {
-            Some(o) if g.static_value(v).is_none() => position.get(&o.node).copied().unwrap_or(0),
+            Some(o) if !g.is_static(v) => position.get(&o.node).copied().unwrap_or(0),
             _ => g.consumer_nodes(v).iter().filter_map(|n| position.get(n)).min().copied().unwrap_or(0),
         }
     };

@@ -177,7 +177,7 @@ fn commutes(g: &Graph, opset: i64, node: NodeId) -> bool {
     match op {
         "Clip" => clip_bounds(g, node).is_some_and(|b| !clip_needs_rewrite(b) || opset >= 8),
         "Dropout" => n.input(1).is_none() && n.input(2).is_none(),
-        "PRelu" => n.input(1).is_some_and(|s| g.static_value(s).is_some()),
+        "PRelu" => n.input(1).is_some_and(|s| g.is_static(s)),
         "Flatten" | "Reshape" => {
             // Only [N, C, 1, …, 1] → [N, C]: the channel stays where it was.
             let shape = |v: Option<ValueId>| v.and_then(|v| g.value(v).shape.clone());

@@ -362,7 +362,7 @@ impl SegmentPlan {
                 produces: Vec::new(),
             })
             .collect();
-        let is_constant = |v: ValueId| g.static_value(v).is_some();
+        let is_constant = |v: ValueId| g.is_static(v);
         let producer_segment = |v: ValueId| g.producer(v).map(|o| segment_of[o.node.index()]);
         for (s, segment) in segments.iter_mut().enumerate() {
             for &n in &segment.nodes {
