@@ -25,20 +25,23 @@ pub struct Dims {
 /// The dimensions `cargo xtask bench large` uses.
 pub const PAST_2_GB: Dims = Dims { vocab: 8192, width: 2048, heads: 16, blocks: 11, tokens: 32 };
 
-/// Seeded weights: uniform with GPT-2's initial standard deviation (0.02).
+/// A seeded xorshift sequence: weights uniform at a given standard deviation, and token ids.
 struct Weights(u64);
 
 impl Weights {
+    /// The next value of the xorshift sequence.
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
     fn tensor(&mut self, shape: &[usize], std: f32) -> Tensor {
         let n: usize = shape.iter().product();
         let half_width = std * 3f32.sqrt();
         let data = (0..n)
-            .map(|_| {
-                self.0 ^= self.0 << 13;
-                self.0 ^= self.0 >> 7;
-                self.0 ^= self.0 << 17;
-                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * half_width
-            })
+            .map(|_| ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * half_width)
             .collect();
         Tensor::from_vec(shape, data).expect("shape and data agree")
     }
@@ -142,13 +145,9 @@ pub fn write(dir: &Path, d: &Dims, samples: usize) -> Result<(u64, bool)> {
     if fresh {
         qgraph::save_path_with_external_data(&build(d), &model).context("saving the decoder")?;
     }
-    let mut s = 0x2545_f491_4f6c_dd1du64;
-    let ids = ndarray::Array2::from_shape_fn((samples, d.tokens), |_| {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        (s % d.vocab as u64) as i64
-    });
+    let mut tokens = Weights(0x2545_f491_4f6c_dd1d);
+    let ids =
+        ndarray::Array2::from_shape_fn((samples, d.tokens), |_| (tokens.next() % d.vocab as u64) as i64);
     ndarray_npy::write_npy(dir.join("input_ids.npy"), &ids)?;
     ndarray_npy::write_npy(dir.join("first_ids.npy"), &ids.slice(ndarray::s![..1, ..]).to_owned())?;
     Ok((std::fs::metadata(dir.join("gpt.onnx.data"))?.len(), fresh))

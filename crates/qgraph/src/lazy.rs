@@ -14,7 +14,7 @@ use crate::error::{GraphError, Result};
 use crate::tensor::Tensor;
 
 /// How a derived lazy tensor is computed from its source when read.
-pub type Derivation = dyn Fn(Tensor) -> std::result::Result<Tensor, String> + Send + Sync;
+type Derivation = dyn Fn(Tensor) -> std::result::Result<Tensor, String> + Send + Sync;
 
 /// A static tensor whose data is read when needed. Clones share the source.
 #[derive(Clone)]
@@ -90,15 +90,6 @@ impl LazyTensor {
     /// The shape.
     pub fn shape(&self) -> &[usize] {
         &self.0.shape
-    }
-
-    /// Bytes the tensor takes once read.
-    pub fn bytes(&self) -> usize {
-        let count = self.0.shape.iter().product::<usize>();
-        match self.0.dtype {
-            DType::I4 | DType::U4 => count,
-            other => count.saturating_mul(other.size_of()),
-        }
     }
 
     /// Reads the tensor. Nothing is kept: the next read reads it again (unless it was made

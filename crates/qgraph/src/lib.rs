@@ -33,7 +33,7 @@ pub use error::{GraphError, Result};
 pub use graph::{Graph, Model, Node, NodeSpec, Opset, Value, ValueSource};
 pub use ids::{NodeId, Outlet, ValueId};
 pub use infer::ShapeReport;
-pub use lazy::{Derivation, LazyTensor};
+pub use lazy::LazyTensor;
 pub use load::{
     LAZY_TENSOR_MIN_BYTES, LoadOptions, MAP_EXTERNAL_FROM, load_bytes, load_path, load_path_with,
     model_from_proto, subgraph_model, subgraph_outer_names, tensor_from_bytes,

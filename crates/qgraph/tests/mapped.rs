@@ -94,3 +94,31 @@ fn a_data_file_shorter_than_a_mapped_tensor_is_an_error_naming_it() {
     assert!(err.contains("'w'") && err.contains("exceeds the file size"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn hostile_external_entries_are_errors_naming_the_tensor() {
+    use onnx_protobuf::Message;
+    let dir = scratch("hostile");
+    qgraph::save_path_with_external_data(&linear(), dir.join("model.onnx")).unwrap();
+    let proto =
+        onnx_protobuf::ModelProto::parse_from_bytes(&std::fs::read(dir.join("model.onnx")).unwrap()).unwrap();
+    let edit = |f: &dyn Fn(&mut onnx_protobuf::TensorProto)| {
+        let mut p = proto.clone();
+        f(p.graph.as_mut().unwrap().initializer.iter_mut().find(|t| t.name == "w").unwrap());
+        std::fs::write(dir.join("bad.onnx"), p.write_to_bytes().unwrap()).unwrap();
+        load_path_with(dir.join("bad.onnx"), mapped()).unwrap_err().to_string()
+    };
+    let huge = edit(&|t| t.dims = vec![1 << 40, 1 << 40]);
+    assert!(huge.contains("'w'") && huge.contains("overflows"), "{huge}");
+    let wrong = edit(&|t| t.dims = vec![256, 129]);
+    assert!(wrong.contains("'w'") && wrong.contains("needs"), "{wrong}");
+    let outside = edit(&|t| {
+        t.external_data.iter_mut().find(|kv| kv.key == "location").unwrap().value =
+            "../model.onnx.data".into()
+    });
+    assert!(outside.contains("'w'") && outside.contains("relative path inside"), "{outside}");
+    let offset =
+        edit(&|t| t.external_data.iter_mut().find(|kv| kv.key == "offset").unwrap().value = "-1".into());
+    assert!(offset.contains("invalid offset"), "{offset}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
