@@ -12,6 +12,7 @@
 mod buffers;
 mod error;
 mod hook;
+pub mod image_codec;
 mod memory;
 mod ops;
 mod session;

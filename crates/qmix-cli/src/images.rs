@@ -1,4 +1,4 @@
-//! Folders of JPEG/PNG images as model input, the ImageNet way: each image (sorted by file name)
+//! Folders of images (JPEG, PNG, BMP, WebP, TIFF, PNM) as model input, the ImageNet way: each image (sorted by file name)
 //! decoded to RGB, its shorter side resized to `resize` (bilinear), centre-cropped to
 //! `size`×`size`, and stacked into a u8 batch `[N, 3, size, size]` (or `[N, size, size, 3]`);
 //! `--mean/--std` or `--offset/--scale` then make the float input.
@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use image::imageops::FilterType;
+use qexec::image_codec::{PixelFormat, decode_image};
 use qgraph::Tensor;
 
 /// Channel order of the stacked batch.
@@ -19,23 +20,25 @@ pub(crate) enum Layout {
     Nhwc,
 }
 
+/// The file extensions this loader reads.
+const EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "ppm", "pgm"];
+
 /// Whether `name` is an image file this loader reads.
 fn is_image(name: &Path) -> bool {
     name.extension()
         .and_then(|e| e.to_str())
-        .is_some_and(|e| ["jpg", "jpeg", "png"].contains(&e.to_ascii_lowercase().as_str()))
+        .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-/// Decodes `file` to RGB with the decoder's allocations bounded (at most 512 MiB, or `limit`):
-/// a truncated or corrupt file, or one whose pixels would not fit, is an error naming it.
+/// Decodes `file` to RGB as Pillow does (`qexec::image_codec`), its pixels bounded by 512 MiB or
+/// `limit`: a truncated or corrupt file, or one whose pixels would not fit, is an error naming it.
 fn decode(file: &Path, limit: usize) -> anyhow::Result<image::RgbImage> {
-    let mut reader = image::ImageReader::open(file)
-        .and_then(image::ImageReader::with_guessed_format)
-        .with_context(|| format!("cannot open {}", file.display()))?;
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(limit.min(512 << 20) as u64);
-    reader.limits(limits);
-    Ok(reader.decode().with_context(|| format!("{}: not a readable image", file.display()))?.to_rgb8())
+    let bytes = std::fs::read(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let decoded = decode_image(&bytes, PixelFormat::Rgb, limit.min(512 << 20))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let (w, h) = (u32::try_from(decoded.width)?, u32::try_from(decoded.height)?);
+    image::RgbImage::from_raw(w, h, decoded.pixels)
+        .with_context(|| format!("{}: pixel count", file.display()))
 }
 
 /// Loads every image of `dir`, resized (shorter side `resize`), centre-cropped to `size`.
@@ -50,7 +53,7 @@ pub(crate) fn load_folder(dir: &Path, resize: u32, size: u32, layout: Layout) ->
         .collect();
     files.sort();
     if files.is_empty() {
-        bail!("{}: no .jpg, .jpeg or .png images", dir.display());
+        bail!("{}: no images ({})", dir.display(), EXTENSIONS.join(", "));
     }
     let s = size as usize;
     let limit = qexec::default_max_tensor_bytes();

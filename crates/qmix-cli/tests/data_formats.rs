@@ -139,7 +139,7 @@ fn folders_of_images_are_resized_cropped_and_normalised() {
         "--quiet",
     ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no .jpg, .jpeg or .png images"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no images (jpg, jpeg, png, bmp"));
     let o = qmix(&[
         "quantize",
         model.to_str().unwrap(),

@@ -12,8 +12,10 @@ mod depthwise;
 mod detection;
 mod einsum;
 mod elementwise;
+mod image;
 mod indexing;
 mod integer;
+mod loss;
 pub(crate) mod matmul;
 mod movement;
 mod norm;
@@ -168,6 +170,8 @@ pub(crate) fn compile(node: &Node, opset: i64) -> Result<Box<dyn Kernel>> {
         .or_else(|| einsum::compile(node))
         .or_else(|| deform_conv::compile(node))
         .or_else(|| tfidf::compile(node))
+        .or_else(|| image::compile(node))
+        .or_else(|| loss::compile(node))
         .or_else(|| signal::compile(node, opset))
         .or_else(|| recurrent::compile(node))
         .or_else(|| control::compile(node, opset));

@@ -1,4 +1,5 @@
-//! Normalisations and softmax: `BatchNormalization` (inference), `LayerNormalization`,
+//! Normalisations and softmax: `BatchNormalization` (inference, and `training_mode` with the
+//! batch's statistics and the updated running ones), `LayerNormalization`,
 //! `InstanceNormalization`, `LRN` (across channels, as AlexNet and Inception v1 use it), and
 //! `Softmax`/`LogSoftmax`/`Hardmax` along an axis (opset < 13: over all dims from the axis on).
 
@@ -13,10 +14,17 @@ use crate::error::{ExecError, KernelResult, Result};
 
 pub(super) fn compile(node: &Node, opset: i64) -> Option<Result<Box<dyn Kernel>>> {
     Some(match node.op_type.as_str() {
-        "BatchNormalization" => node
-            .float_attr("epsilon", 1e-5)
-            .map_err(ExecError::from)
-            .map(|eps| Box::new(BatchNorm { eps }) as Box<dyn Kernel>),
+        "BatchNormalization" => (|| {
+            let eps = node.float_attr("epsilon", 1e-5)?;
+            let training = match node.int_attr("training_mode", 0)? {
+                0 => None,
+                _ => Some(Training {
+                    momentum: node.float_attr("momentum", 0.9)?,
+                    outputs: node.outputs().len(),
+                }),
+            };
+            Ok(Box::new(BatchNorm { eps, training }) as Box<dyn Kernel>)
+        })(),
         "InstanceNormalization" => node
             .float_attr("epsilon", 1e-5)
             .map_err(ExecError::from)
@@ -88,8 +96,16 @@ fn channel_planes(x: Tensor, mut f: impl FnMut(usize, &mut [f32])) -> KernelResu
     Ok(vec![Tensor::F32(a)])
 }
 
+/// `BatchNormalization` with `training_mode` set: normalised by the batch's own statistics.
+struct Training {
+    momentum: f32,
+    /// Outputs the node asks for (1 to 3: Y, running mean, running variance).
+    outputs: usize,
+}
+
 struct BatchNorm {
     eps: f32,
+    training: Option<Training>,
 }
 
 impl Kernel for BatchNorm {
@@ -106,12 +122,46 @@ impl Kernel for BatchNorm {
         let c = x.shape()[1];
         let get = |slot, what| per_channel(input(inputs, slot)?, c, what);
         let (scale, bias, mean, var) = (get(1, "scale")?, get(2, "B")?, get(3, "mean")?, get(4, "var")?);
-        channel_planes(x, |ch, plane| {
-            let k = scale[ch] / (var[ch] + self.eps).sqrt();
-            let b = bias[ch] - mean[ch] * k;
-            plane.iter_mut().for_each(|v| *v = *v * k + b);
-        })
+        let Some(training) = &self.training else {
+            return channel_planes(x, |ch, plane| {
+                let k = scale[ch] / (var[ch] + self.eps).sqrt();
+                let b = bias[ch] - mean[ch] * k;
+                plane.iter_mut().for_each(|v| *v = *v * k + b);
+            });
+        };
+        let (batch_mean, batch_var) = batch_moments(&x)?;
+        let mut outputs = channel_planes(x, |ch, plane| {
+            let k = scale[ch] / (batch_var[ch] + self.eps).sqrt();
+            plane.iter_mut().for_each(|v| *v = (*v - batch_mean[ch]) * k + bias[ch]);
+        })?;
+        let m = training.momentum;
+        let running = |stored: &[f32], batch: &[f32]| -> Vec<f32> {
+            stored.iter().zip(batch).map(|(&s, &b)| s * m + b * (1.0 - m)).collect()
+        };
+        outputs.push(Tensor::from_vec(&[c], running(&mean, &batch_mean)).ok_or("internal")?);
+        outputs.push(Tensor::from_vec(&[c], running(&var, &batch_var)).ok_or("internal")?);
+        outputs.truncate(training.outputs.max(1));
+        Ok(outputs)
     }
+}
+
+/// Per-channel mean and (population) variance of `x` over every axis but 1, summed in f64.
+fn batch_moments(x: &Tensor) -> KernelResult<(Vec<f32>, Vec<f32>)> {
+    let c = x.shape()[1];
+    let inner: usize = x.shape()[2..].iter().product();
+    let data = f32_data(x)?;
+    let count = (data.len() / c.max(1)).max(1) as f64;
+    let (mut sum, mut squares) = (vec![0.0f64; c], vec![0.0f64; c]);
+    for (i, plane) in data.chunks(inner.max(1)).enumerate() {
+        let ch = i % c;
+        sum[ch] += plane.iter().map(|&v| f64::from(v)).sum::<f64>();
+    }
+    let mean: Vec<f64> = sum.iter().map(|s| s / count).collect();
+    for (i, plane) in data.chunks(inner.max(1)).enumerate() {
+        let ch = i % c;
+        squares[ch] += plane.iter().map(|&v| (f64::from(v) - mean[ch]).powi(2)).sum::<f64>();
+    }
+    Ok((mean.iter().map(|&v| v as f32).collect(), squares.iter().map(|&s| (s / count) as f32).collect()))
 }
 
 struct InstanceNorm {

@@ -1,6 +1,7 @@
 //! Neural-network op families: convolutions and pools, Gemm/MatMul, normalizations, softmax,
 //! Resize, recurrent layers and Quantize/DequantizeLinear. These are the ops that own parameters,
-//! per-channel axes (spec §1.3) and MAC counts.
+//! per-channel axes (spec §1.3) and MAC counts. The classification losses and `ImageDecoder`
+//! (a model's input stage) have their shape rules here too.
 
 use super::{Fact, OpSpec, ParamRole, broadcast, like_input, normalize_axis, required};
 use crate::dtype::DType;
@@ -25,6 +26,8 @@ pub(super) fn spec(op: &str) -> Option<&'static dyn OpSpec> {
         "RNN" | "GRU" | "LSTM" => &RecurrentOp,
         "QuantizeLinear" => &QuantizeOp,
         "DequantizeLinear" => &DequantizeOp,
+        "NegativeLogLikelihoodLoss" | "SoftmaxCrossEntropyLoss" => &LossOp,
+        "ImageDecoder" => &ImageDecoderOp,
         _ => return None,
     })
 }
@@ -358,7 +361,7 @@ impl OpSpec for BatchNormOp {
     fn infer(&self, node: &Node, inputs: &[Option<Fact>], _opset: i64) -> Result<Vec<Fact>> {
         let x = required(node, inputs, 0)?;
         let mut out = vec![Fact::typed(x.dtype, x.shape.clone())];
-        for slot in 3..=2 + node.outputs().len().min(3) {
+        for slot in 3..2 + node.outputs().len().min(3) {
             let s = inputs.get(slot).and_then(Option::as_ref);
             out.push(Fact::typed(x.dtype, s.and_then(|f| f.shape.clone())));
         }
@@ -419,6 +422,36 @@ struct SoftmaxLike;
 impl OpSpec for SoftmaxLike {
     fn infer(&self, node: &Node, inputs: &[Option<Fact>], _opset: i64) -> Result<Vec<Fact>> {
         like_input(node, inputs)
+    }
+}
+
+/// `NegativeLogLikelihoodLoss` / `SoftmaxCrossEntropyLoss`: a scalar, or the target's shape with
+/// `reduction` "none"; the optional log-probabilities are shaped as the input.
+struct LossOp;
+impl OpSpec for LossOp {
+    fn infer(&self, node: &Node, inputs: &[Option<Fact>], _opset: i64) -> Result<Vec<Fact>> {
+        let x = required(node, inputs, 0)?;
+        let target = required(node, inputs, 1)?;
+        let loss_shape = match node.string_attr("reduction")?.unwrap_or("mean") {
+            "none" => target.shape.clone(),
+            _ => Some(Shape::known(&[])),
+        };
+        let mut out = vec![Fact::typed(x.dtype, loss_shape)];
+        if node.outputs().len() > 1 {
+            out.push(Fact::typed(x.dtype, x.shape.clone()));
+        }
+        Ok(out)
+    }
+}
+
+/// `ImageDecoder`: `[height, width, 3]` (1 channel for "Grayscale") uint8, the size known only
+/// once the stream is decoded.
+struct ImageDecoderOp;
+impl OpSpec for ImageDecoderOp {
+    fn infer(&self, node: &Node, _inputs: &[Option<Fact>], _opset: i64) -> Result<Vec<Fact>> {
+        let channels = if node.string_attr("pixel_format")? == Some("Grayscale") { 1 } else { 3 };
+        let shape = Shape(vec![Dim::Symbol(String::new()), Dim::Symbol(String::new()), Dim::Known(channels)]);
+        Ok(vec![Fact::typed(Some(DType::U8), Some(shape))])
     }
 }
 
