@@ -450,3 +450,92 @@ fn if_runs_the_branch_its_condition_picks_reading_outer_values() {
         assert_eq!(got[0].as_f32().unwrap().iter().copied().collect::<Vec<_>>(), want, "cond {cond}");
     }
 }
+
+#[test]
+fn an_if_whose_condition_shapes_decide_is_inlined_and_computes_the_same() {
+    use onnx_protobuf::{AttributeProto, GraphProto, NodeProto, ValueInfoProto};
+    let node = |op: &str, inputs: &[&str], output: &str| NodeProto {
+        op_type: op.into(),
+        name: output.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    };
+    let graph = |name: &str, node: Vec<NodeProto>, output: &str| GraphProto {
+        name: name.into(),
+        node,
+        output: vec![ValueInfoProto { name: output.into(), ..Default::default() }],
+        ..Default::default()
+    };
+    // then: t = x · [1, 2, 3] (a Constant), then a nested If on the input `c` that reads `t`
+    // by name (Relu or Neg of it); else: −x.
+    let mut weights = node("Constant", &[], "w");
+    weights.attribute.push(AttributeProto {
+        name: "value".into(),
+        type_: onnx_protobuf::attribute_proto::AttributeType::TENSOR.into(),
+        t: Some(onnx_protobuf::TensorProto {
+            dims: vec![3],
+            data_type: 1,
+            float_data: vec![1.0, 2.0, 3.0],
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    });
+    let mut nested = node("If", &["c"], "y");
+    for (name, op) in [("then_branch", "Relu"), ("else_branch", "Neg")] {
+        nested.attribute.push(AttributeProto {
+            name: name.into(),
+            type_: onnx_protobuf::attribute_proto::AttributeType::GRAPH.into(),
+            g: Some(graph(op, vec![node(op, &["t"], &format!("{op}_out"))], &format!("{op}_out"))).into(),
+            ..Default::default()
+        });
+    }
+    let then_branch = graph("then", vec![weights, node("Mul", &["x", "w"], "t"), nested], "y");
+    let else_branch = graph("else", vec![node("Neg", &["x"], "n")], "n");
+    let mut g = qgraph::Graph::new("inline");
+    let x = g.add_input(
+        "x",
+        qgraph::DType::F32,
+        qgraph::Shape(vec![qgraph::Dim::Symbol("batch".into()), qgraph::Dim::Known(3)]),
+    );
+    g.add_input("c", qgraph::DType::Bool, qgraph::Shape::known(&[]));
+    let shape = g.add_op("Shape", "shape", &[x], vec![]);
+    let one = g.add_initializer("one", qgraph::Tensor::from_vec(&[1], vec![1i64]).unwrap());
+    let width = g.add_op("Gather", "width", &[shape, one], vec![]);
+    let three = g.add_initializer("three", qgraph::Tensor::from_vec(&[1], vec![3i64]).unwrap());
+    let cond = g.add_op("Equal", "is_three", &[width, three], vec![]);
+    let node_id = g.add_node(qgraph::NodeSpec {
+        name: "if".into(),
+        op_type: "If".into(),
+        inputs: vec![Some(cond)],
+        outputs: vec!["out".into()],
+        attrs: vec![
+            ("then_branch".into(), qgraph::Attribute::Graph(Box::new(then_branch))),
+            ("else_branch".into(), qgraph::Attribute::Graph(Box::new(else_branch))),
+        ],
+        ..Default::default()
+    });
+    let out = g.node(node_id).output(0).unwrap();
+    g.add_output(out);
+    let model = qgraph::load_bytes(&qgraph::save_bytes(&qgraph::Model::new(g, 13)).unwrap(), None).unwrap();
+
+    let mut inlined = model.clone();
+    let count = qgraph::passes::inline_static_ifs(&mut inlined, &qgraph::DimBindings::default()).unwrap();
+    assert_eq!(count, 1, "the nested If's condition is an input: it stays");
+    let ig = &inlined.graph;
+    let ops: Vec<&str> = ig.nodes().map(|(_, n)| n.op_type.as_str()).collect();
+    assert_eq!(ops, ["Mul", "If"], "the branch replaced the If and the shape check is gone");
+    assert_eq!(ig.value(ig.outputs()[0]).name, "out");
+    // Saved and loaded again: the nested If still finds `t` by name.
+    let inlined = qgraph::load_bytes(&qgraph::save_bytes(&inlined).unwrap(), None).unwrap();
+
+    let original = Session::new(model, SessionOptions::threads(1)).unwrap();
+    let inlined = Session::new(inlined, SessionOptions::threads(1)).unwrap();
+    let xs = f32t(&[2, 3], vec![1.0, -2.0, 3.0, -4.0, 5.0, -6.0]);
+    for c in [true, false] {
+        let feeds = [("x", xs.clone()), ("c", qgraph::Tensor::from_vec(&[], vec![c]).unwrap())];
+        let want = original.run(&feeds).unwrap();
+        assert_eq!(inlined.run(&feeds).unwrap()[0], want[0], "c {c}");
+    }
+}

@@ -616,6 +616,18 @@ impl Graph {
         }
     }
 
+    /// Sets the outer-scope values the subgraphs of `node` read (in
+    /// [`crate::subgraph_outer_names`] order), replacing any it had.
+    pub(crate) fn set_implicit_inputs(&mut self, node: NodeId, values: Vec<ValueId>) {
+        for old in std::mem::take(&mut self.nodes[node.index()].implicit_inputs) {
+            self.values[old.index()].implicit_consumers.retain(|&n| n != node);
+        }
+        for &v in &values {
+            self.values[v.index()].implicit_consumers.push(node);
+        }
+        self.nodes[node.index()].implicit_inputs = values;
+    }
+
     /// Replaces every read of `from` (node inputs, subgraph reads and graph outputs) by `to`.
     pub fn replace_uses(&mut self, from: ValueId, to: ValueId) {
         for site in std::mem::take(&mut self.values[from.index()].consumers) {
