@@ -18,6 +18,7 @@ mod quark;
 mod schemes;
 mod sim;
 mod stats_file;
+mod subgraph_read_guard;
 
 pub use checksum::{feeds_checksum, tensors_checksum};
 pub use config::{

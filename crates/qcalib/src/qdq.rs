@@ -586,6 +586,7 @@ fn qdq_model(sim: &QuantSim, options: QdqOptions) -> Result<(ModelProto, qgraph:
     graph.node = nodes;
     graph.initializer.extend(extra_inits);
     graph.value_info.retain(|vi| !read_as.contains_key(&vi.name));
+    crate::subgraph_read_guard::guard_subgraph_reads(graph);
     if opset != old_opset {
         raise_opset(graph, old_opset, opset)?;
     }

@@ -1119,3 +1119,74 @@ fn mapped_weights_simulate_and_export_as_weights_in_memory_do_without_being_kept
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_value_a_subgraph_reads_after_a_propagating_op_is_guarded_in_the_qdq_export() {
+    use onnx_protobuf::{GraphProto, NodeProto, ValueInfoProto};
+    // x → MatMul → Relu → Squeeze → If(c) reading the squeezed value from both branches.
+    let branch = |op: &str| {
+        let mut n = NodeProto::new();
+        n.op_type = op.into();
+        n.input = vec!["squeezed".into()];
+        n.output = vec![format!("{op}_out")];
+        let mut out = ValueInfoProto::new();
+        out.name = format!("{op}_out");
+        let mut g = GraphProto::new();
+        g.name = op.into();
+        g.node = vec![n];
+        g.output = vec![out];
+        g
+    };
+    let mut g = Graph::new("guard");
+    let x = g.add_input("x", DType::F32, Shape::known(&[1, 3, 4]));
+    let c = g.add_input("c", DType::Bool, Shape::known(&[]));
+    let w = g.add_initializer("w", t(&[4, 4], values(16, 9)));
+    let m = g.add_op("MatMul", "matmul", &[x, w], vec![]);
+    let r = g.add_op("Relu", "relu", &[m], vec![]);
+    let axes = g.add_initializer("axes", Tensor::from_vec(&[1], vec![0i64]).unwrap());
+    g.add_op("Squeeze", "squeezed", &[r, axes], vec![]);
+    let node = g.add_node(qgraph::NodeSpec {
+        name: "if".into(),
+        op_type: "If".into(),
+        inputs: vec![Some(c)],
+        outputs: vec!["out".into()],
+        attrs: vec![
+            ("then_branch".into(), Attribute::Graph(Box::new(branch("Neg")))),
+            ("else_branch".into(), Attribute::Graph(Box::new(branch("Sigmoid")))),
+        ],
+        ..Default::default()
+    });
+    let out = g.node(node).output(0).unwrap();
+    g.add_output(out);
+    let model = qgraph::load_bytes(&qgraph::save_bytes(&Model::new(g, 13)).unwrap(), None).unwrap();
+    let mut sim =
+        QuantSim::new(model, QuantsimConfig::load("default").unwrap(), SimOptions::default()).unwrap();
+    let feeds = |cond: bool| -> qcalib::Feeds {
+        vec![
+            ("x".to_string(), t(&[1, 3, 4], values(12, 21).iter().map(|v| v * 4.0).collect())),
+            ("c".to_string(), Tensor::from_vec(&[], vec![cond]).unwrap()),
+        ]
+    };
+    sim.calibrate(vec![feeds(true)], &mut |_| {}).unwrap();
+    sim.set_rounding(qcalib::Rounding::HalfToEven).unwrap();
+    let proto = qcalib::to_qdq_model(&sim, qcalib::QdqOptions::default()).unwrap();
+    let graph = proto.graph.as_ref().unwrap();
+    let guards: Vec<&str> =
+        graph.node.iter().filter(|n| n.name.contains("_guard_")).map(|n| n.op_type.as_str()).collect();
+    assert_eq!(guards, ["QuantizeLinear", "DequantizeLinear"], "one Q/DQ pair on the squeezed value");
+    let session = qexec::Session::new(
+        qgraph::model_from_proto(proto, None).unwrap(),
+        qexec::SessionOptions::threads(1),
+    )
+    .unwrap();
+    for cond in [true, false] {
+        let f = feeds(cond);
+        let named: Vec<(&str, Tensor)> = f.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let got = session.run(&named).unwrap();
+        assert_eq!(
+            got[0].as_f32().unwrap().iter().copied().collect::<Vec<_>>(),
+            run(&sim, &f),
+            "cond {cond}"
+        );
+    }
+}

@@ -36,7 +36,7 @@ pub use infer::ShapeReport;
 pub use lazy::LazyTensor;
 pub use load::{
     LAZY_TENSOR_MIN_BYTES, LoadOptions, MAP_EXTERNAL_FROM, load_bytes, load_path, load_path_with,
-    model_from_proto, subgraph_model, subgraph_outer_names, tensor_from_bytes,
+    model_from_proto, subgraph_free_names, subgraph_model, subgraph_outer_names, tensor_from_bytes,
 };
 pub use params::Param;
 pub use save::{

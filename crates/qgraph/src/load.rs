@@ -423,7 +423,12 @@ pub fn subgraph_model(g: &GraphProto, opset: i64) -> Result<(Model, Vec<String>)
     Ok((Model::new(graph, opset), outer))
 }
 
-/// Names a subgraph reads but does not define: its outer-scope dependencies.
+/// Names a subgraph reads but does not define: its outer-scope dependencies (nested subgraphs
+/// included), in order of first read.
+pub fn subgraph_free_names(g: &GraphProto) -> Vec<String> {
+    free_names(g)
+}
+
 fn free_names(g: &GraphProto) -> Vec<String> {
     let mut defined: HashSet<&str> = HashSet::new();
     defined.extend(g.input.iter().map(|v| v.name.as_str()));

@@ -11,6 +11,18 @@ use qgraph::Tensor;
 use crate::npy_rows::NpyRows;
 use crate::{Failure, read_tensor};
 
+/// Loads a job's model with every `If` whose condition is known at load time (a constant, or a
+/// shape check on declared dims) replaced by the branch it takes, so that branch's layers are
+/// quantized, analysed and exported one by one (`qgraph::passes::inline_static_ifs`).
+pub(crate) fn load_model(path: &Path, quiet: bool) -> Result<qgraph::Model, qgraph::GraphError> {
+    let mut model = qgraph::load_path(path)?;
+    let inlined = qgraph::passes::inline_static_ifs(&mut model, &qgraph::DimBindings::default())?;
+    if inlined > 0 && !quiet {
+        say!("note: {inlined} If node(s) with a condition known at load time replaced by the branch taken");
+    }
+    Ok(model)
+}
+
 /// Evaluation options shared by the job commands.
 #[derive(clap::Args)]
 pub(crate) struct EvalArgs {

@@ -125,7 +125,7 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
 pub(crate) fn run_job(a: QuantsimArgs, training: Option<&crate::qat::TrainArgs>) -> Result<(), Failure> {
     let config = crate::dataset::quantsim_config(&a.config, &a.passes)?;
     let target = a.device.target()?;
-    let model = qgraph::load_path(&a.model)?;
+    let model = crate::dataset::load_model(&a.model, a.quiet)?;
     let options = SimOptions {
         precision: DefaultPrecision { param: a.param, activation: a.activation },
         scheme: a.scheme,
