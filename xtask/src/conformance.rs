@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use qexec::{ExecError, Session, SessionOptions};
 use qgraph::Tensor;
 use rayon::prelude::*;
@@ -179,6 +179,7 @@ pub fn run(update: bool, only: Option<&str>) -> Result<()> {
         println!("  {line}");
     }
     println!("{} passed, {} failed, {} skipped", passed.len(), failed, skipped);
+    println!("{}", specialised_silero(&real_models_dir()?.join("vad_silero"))?);
     if !regressions.is_empty() {
         bail!("{} tests of the manifest no longer pass:\n  {}", regressions.len(), regressions.join("\n  "));
     }
@@ -269,4 +270,80 @@ fn compare(got: &Tensor, want: &Tensor) -> std::result::Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Silero VAD, whose whole network sits in an `If` on the sample rate, quantized as
+/// `qmix quantsim --bind sr=16000` quantizes it: the input bound, the `If` replaced by its branch,
+/// W8A8 under the default config calibrated on the test inputs, and the QDQ export run by
+/// onnxruntime (optimised) against the simulation with ONNX's tie rounding. Fails unless the
+/// branch's layers carry quantizers and the export loads, runs and agrees within two steps of the
+/// output encoding.
+fn specialised_silero(dir: &Path) -> Result<String> {
+    use qcalib::{QuantSim, QuantsimConfig, SimOptions};
+    let inputs: Vec<Tensor> = (0..3)
+        .map(|i| {
+            Ok(qgraph::tensor_from_bytes(&std::fs::read(dir.join(format!("test_data_set_0/input_{i}.pb")))?)?)
+        })
+        .collect::<Result<_>>()?;
+    let quantized_tensors = |model: qgraph::Model| -> Result<usize> {
+        Ok(QuantSim::new(model, QuantsimConfig::load("default")?, SimOptions::default())?
+            .placement()
+            .tensors()
+            .len())
+    };
+    let unbound = quantized_tensors(qgraph::load_path(dir.join("model.onnx"))?)?;
+    let mut model = qgraph::load_path(dir.join("model.onnx"))?;
+    model.graph.bind_input("sr", inputs[2].clone())?;
+    let inlined = qgraph::passes::inline_static_ifs(&mut model, &qgraph::DimBindings::default())?;
+    let mut sim = QuantSim::new(model, QuantsimConfig::load("default")?, SimOptions::default())?;
+    let bound = sim.placement().tensors().len();
+    ensure!(
+        inlined > 0 && bound > unbound,
+        "vad_silero --bind sr: {inlined} If inlined, {bound} quantized tensors"
+    );
+    let feeds = vec![("input".to_string(), inputs[0].clone()), ("state".to_string(), inputs[1].clone())];
+    sim.calibrate(vec![feeds.clone()], &mut |_| {})?;
+    sim.set_rounding(qcalib::Rounding::HalfToEven)?;
+    let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let ours = sim.run(&named)?.swap_remove(0);
+    let scratch = workspace_root().join("target/xtask/silero-bound");
+    std::fs::create_dir_all(&scratch)?;
+    let qdq = scratch.join("model_qdq.onnx");
+    qcalib::write_qdq_model(&sim, qcalib::QdqOptions::default(), &qdq)?;
+    let mut args = vec![
+        qdq.display().to_string(),
+        scratch.join("ort.npy").display().to_string(),
+        "2".into(),
+        "optimised".into(),
+    ];
+    for (name, t) in &feeds {
+        let file = scratch.join(format!("{name}.npy"));
+        let Tensor::F32(a) = t else { bail!("{name} must be float") };
+        ndarray_npy::write_npy(&file, &a.to_owned())?;
+        args.push(format!("{name}={}", file.display()));
+    }
+    python::run_script("run_model.py", &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let theirs: ndarray::ArrayD<f32> = ndarray_npy::read_npy(scratch.join("ort.npy"))?;
+    let ours = ours.as_f32().context("float output")?;
+    let diff = ours.iter().zip(theirs.iter()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    // The step of the output's encoding, or of the nearest one upstream through ops that move
+    // values (a Squeeze or Reshape after the last quantized layer).
+    let g = &sim.model().graph;
+    let mut value = g.outputs()[0];
+    let step = loop {
+        let encoded = sim.placement().quantizer_of(value).and_then(|q| {
+            let q = sim.placement().quantizer(q);
+            q.enabled.then(|| q.encodings.as_ref()?.first().map(|e| e.delta as f32)).flatten()
+        });
+        if let Some(step) = encoded {
+            break step;
+        }
+        value =
+            g.producer_node(value).and_then(|n| n.input(0)).context("no quantized value feeds the output")?;
+    };
+    ensure!(diff <= 2.0 * step, "vad_silero --bind sr: |ORT − simulation| {diff} beyond two steps of {step}");
+    Ok(format!(
+        "real/vad_silero with --bind sr=16000: {inlined} If inlined, {bound} quantized tensors ({unbound} unbound); QDQ export in onnxruntime: max |ORT − simulation| {diff:.2e} ({:.1} output steps)",
+        diff / step
+    ))
 }

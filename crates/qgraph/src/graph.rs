@@ -649,6 +649,40 @@ impl Graph {
         }
     }
 
+    /// Turns graph input `name` into an initializer holding `data`: the model specialised for that
+    /// value (a sample rate, a mode flag), so what depends on it alone can be computed at load
+    /// time. `data` must have the input's dtype and fit its declared shape.
+    pub fn bind_input(&mut self, name: &str, data: Tensor) -> Result<()> {
+        let bad = |detail: String| GraphError::TensorData { tensor: name.into(), detail };
+        let Some(v) = self.by_name.get(name).copied().filter(|v| self.inputs.contains(v)) else {
+            let inputs: Vec<&str> =
+                self.inputs.iter().map(|&v| self.values[v.index()].name.as_str()).collect();
+            return Err(bad(format!("not a graph input (inputs: {})", inputs.join(", "))));
+        };
+        let value = &self.values[v.index()];
+        if let Some(dtype) = value.dtype.filter(|&d| d != data.dtype()) {
+            return Err(bad(format!("the input is {dtype}, the value given is {}", data.dtype())));
+        }
+        if let Some(shape) = &value.shape {
+            let fits = shape.rank() == data.shape().len()
+                && shape.0.iter().zip(data.shape()).all(|(d, &n)| d.known().is_none_or(|k| k == n));
+            if !fits {
+                return Err(bad(format!(
+                    "the input's shape is {shape}, the value given has {:?}",
+                    data.shape()
+                )));
+            }
+        }
+        self.inputs.retain(|&i| i != v);
+        let val = &mut self.values[v.index()];
+        val.source = ValueSource::Initializer;
+        val.shape = Some(Shape::known(data.shape()));
+        val.dtype = Some(data.dtype());
+        val.data = Some(data);
+        val.lazy = None;
+        Ok(())
+    }
+
     /// Turns a node-produced value into an initializer holding `data` (constant folding). The
     /// producing node keeps running until removed; its output slot is detached.
     pub fn make_initializer(&mut self, v: ValueId, data: Tensor) {

@@ -55,7 +55,7 @@ pub fn run(a: AutoquantArgs) -> Result<(), Failure> {
         )));
     }
     let config = crate::dataset::quantsim_config(&a.job.config, &a.job.passes)?;
-    let model = crate::dataset::load_model(&a.job.model, a.quiet)?;
+    let model = crate::dataset::load_model(&a.job.model, &a.job.binds, a.quiet)?;
     let JobData { calib, eval, labels } = JobData::load(&a.job, &model, &a.evaluation)?;
     let labels =
         labels.ok_or_else(|| user(anyhow::anyhow!("autoquant scores top-1: give --eval and --labels")))?;

@@ -11,16 +11,73 @@ use qgraph::Tensor;
 use crate::npy_rows::NpyRows;
 use crate::{Failure, read_tensor};
 
-/// Loads a job's model with every `If` whose condition is known at load time (a constant, or a
-/// shape check on declared dims) replaced by the branch it takes, so that branch's layers are
-/// quantized, analysed and exported one by one (`qgraph::passes::inline_static_ifs`).
-pub(crate) fn load_model(path: &Path, quiet: bool) -> Result<qgraph::Model, qgraph::GraphError> {
+/// Loads a job's model with the inputs `binds` names made constants (`--bind`), then every `If`
+/// whose condition is known at load time (a constant, a shape check on declared dims, or one on a
+/// bound input) replaced by the branch it takes, so that branch's layers are quantized, analysed
+/// and exported one by one (`qgraph::passes::inline_static_ifs`).
+pub(crate) fn load_model(path: &Path, binds: &[Bind], quiet: bool) -> Result<qgraph::Model, Failure> {
     let mut model = qgraph::load_path(path)?;
+    for bind in binds {
+        let tensor = bind.tensor_for(&model).map_err(Failure::User)?;
+        model.graph.bind_input(&bind.name, tensor)?;
+    }
     let inlined = qgraph::passes::inline_static_ifs(&mut model, &qgraph::DimBindings::default())?;
     if inlined > 0 && !quiet {
         say!("note: {inlined} If node(s) with a condition known at load time replaced by the branch taken");
     }
     Ok(model)
+}
+
+/// `--bind NAME=V[,V…]`: a graph input fixed to a value for the whole job.
+#[derive(Debug, Clone)]
+pub(crate) struct Bind {
+    name: String,
+    values: Vec<f64>,
+}
+
+/// Parses `--bind NAME=V[,V…]`.
+pub(crate) fn parse_bind(s: &str) -> Result<Bind, String> {
+    let (name, list) = s.split_once('=').ok_or_else(|| format!("expected NAME=V[,V…], got '{s}'"))?;
+    let values = list
+        .split(',')
+        .map(|v| v.trim().parse::<f64>().map_err(|_| format!("--bind {name}: '{v}' is not a number")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Bind { name: name.to_string(), values })
+}
+
+impl Bind {
+    /// The value as a tensor of the input's declared dtype and shape.
+    fn tensor_for(&self, model: &qgraph::Model) -> anyhow::Result<Tensor> {
+        let g = &model.graph;
+        let Some(v) = g.value_id(&self.name).filter(|v| g.inputs().contains(v)) else {
+            let inputs: Vec<&str> = g.inputs().iter().map(|&v| g.value(v).name.as_str()).collect();
+            bail!("--bind {}: not an input of the model (inputs: {})", self.name, inputs.join(", "));
+        };
+        let value = g.value(v);
+        let shape = match value.shape.as_ref().map(qgraph::Shape::to_known) {
+            Some(Some(dims)) => dims,
+            None if self.values.len() == 1 => vec![],
+            _ => bail!("--bind {}: the input's shape is not fully declared", self.name),
+        };
+        let count: usize = shape.iter().product();
+        if count != self.values.len() {
+            bail!("--bind {}: {} value(s) for an input of shape {shape:?}", self.name, self.values.len());
+        }
+        let dtype = value.dtype.unwrap_or(qgraph::DType::F32);
+        let tensor = match dtype {
+            qgraph::DType::F32 => Tensor::from_vec(&shape, self.values.iter().map(|&v| v as f32).collect()),
+            qgraph::DType::F64 => Tensor::from_vec(&shape, self.values.clone()),
+            d if d.is_float() => None,
+            d => {
+                if let Some(v) = self.values.iter().find(|v| v.fract() != 0.0 || v.abs() >= 9.0e15) {
+                    bail!("--bind {}: {v} is not an integer, as the {d} input needs", self.name);
+                }
+                let ints: Vec<i64> = self.values.iter().map(|&v| v as i64).collect();
+                Tensor::from_i64s(d, &shape, &ints)
+            }
+        };
+        tensor.ok_or_else(|| anyhow::anyhow!("--bind {}: inputs of type {dtype} cannot be bound", self.name))
+    }
 }
 
 /// Evaluation options shared by the job commands.
@@ -60,6 +117,10 @@ impl PrecisionArgs {
 pub(crate) struct JobArgs {
     /// The FP32 ONNX model.
     pub model: PathBuf,
+    /// Fix a graph input to a value for the whole job, NAME=V[,V…] (repeatable): the model is
+    /// specialised for it (a sample rate, a mode flag) and exported without that input.
+    #[arg(long = "bind", value_parser = crate::dataset::parse_bind)]
+    pub binds: Vec<Bind>,
     /// Calibration data for a graph input, NAME=FILE.npy with samples along axis 0 (repeatable).
     /// Default: `<model>_calib.npy` beside the model, for its first input (and likewise
     /// `<model>_eval.npy` and `<model>_labels.npy` for evaluation when present).

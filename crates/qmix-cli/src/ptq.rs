@@ -213,7 +213,7 @@ pub(crate) fn load_job(
     options: SimOptions,
     quiet: bool,
 ) -> Result<(Model, JobData, Frozen), Failure> {
-    let model = crate::dataset::load_model(&job.model, quiet)?;
+    let model = crate::dataset::load_model(&job.model, &job.binds, quiet)?;
     let data = JobData::load(job, &model, evaluation)?;
     let rounding = &job.learned_rounding;
     if !ptq.any() && !rounding.adaround && !rounding.seq_mse {
@@ -243,7 +243,7 @@ pub struct CleArgs {
 }
 
 pub fn run(a: CleArgs) -> Result<(), Failure> {
-    let mut model = crate::dataset::load_model(&a.model, false)?;
+    let mut model = crate::dataset::load_model(&a.model, &[], false)?;
     let mut set = qgraph::OutputSet::begin(&a.out).map_err(user)?;
     let started = Instant::now();
     let options = qptq::EqualizeOptions {

@@ -19,6 +19,10 @@ use crate::{Failure, write_tensor};
 pub struct QuantsimArgs {
     /// The FP32 ONNX model.
     model: PathBuf,
+    /// Fix a graph input to a value for the whole job, NAME=V[,V…] (repeatable): the model is
+    /// specialised for it (a sample rate, a mode flag) and exported without that input.
+    #[arg(long = "bind", value_parser = crate::dataset::parse_bind)]
+    binds: Vec<crate::dataset::Bind>,
     /// Calibration data for a graph input, NAME=FILE.npy with samples along axis 0 (repeatable).
     #[arg(long = "calib", value_parser = crate::parse_input, required_unless_present = "load_stats")]
     calib: Vec<(String, PathBuf)>,
@@ -125,7 +129,7 @@ pub fn run(a: QuantsimArgs) -> Result<(), Failure> {
 pub(crate) fn run_job(a: QuantsimArgs, training: Option<&crate::qat::TrainArgs>) -> Result<(), Failure> {
     let config = crate::dataset::quantsim_config(&a.config, &a.passes)?;
     let target = a.device.target()?;
-    let model = crate::dataset::load_model(&a.model, a.quiet)?;
+    let model = crate::dataset::load_model(&a.model, &a.binds, a.quiet)?;
     let options = SimOptions {
         precision: DefaultPrecision { param: a.param, activation: a.activation },
         scheme: a.scheme,

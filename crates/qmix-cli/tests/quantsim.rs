@@ -341,3 +341,92 @@ fn blockwise_int4_weights_export_as_int4_blocked_dequantize() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("LPBQ"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// x [N, 4], mode [] (int64) → If(mode == 1): then MatMul(x, w) → Relu, else Neg(x).
+fn save_mode_model(dir: &Path) -> PathBuf {
+    let mut then_graph = Graph::new("then");
+    let x = then_graph.add_input("x", DType::F32, Shape::known(&[1, 4]));
+    let w = then_graph.add_initializer(
+        "w",
+        Tensor::from_vec(&[4, 4], (0..16).map(|i| i as f32 / 8.0 - 1.0).collect()).unwrap(),
+    );
+    let m = then_graph.add_op("MatMul", "then_matmul", &[x, w], vec![]);
+    let r = then_graph.add_op("Relu", "then_relu", &[m], vec![]);
+    then_graph.add_output(r);
+    let mut else_graph = Graph::new("else");
+    let x = else_graph.add_input("x", DType::F32, Shape::known(&[1, 4]));
+    let n = else_graph.add_op("Neg", "else_neg", &[x], vec![]);
+    else_graph.add_output(n);
+    // Branches read `x` from the enclosing graph: no inputs of their own.
+    let branch = |g: Graph| {
+        let mut proto = qgraph::model_to_proto(&Model::new(g, 13)).graph.unwrap();
+        proto.input.clear();
+        Attribute::Graph(Box::new(proto))
+    };
+    let mut g = Graph::new("mode");
+    g.add_input("x", DType::F32, Shape(vec![Dim::Symbol("N".into()), Dim::Known(4)]));
+    let mode = g.add_input("mode", DType::I64, Shape::known(&[]));
+    let one = g.add_initializer("one", Tensor::scalar(1i64));
+    let cond = g.add_op("Equal", "is_one", &[mode, one], vec![]);
+    let id = g.add_node(NodeSpec {
+        name: "if".into(),
+        op_type: "If".into(),
+        domain: String::new(),
+        attrs: vec![("then_branch".into(), branch(then_graph)), ("else_branch".into(), branch(else_graph))],
+        inputs: vec![Some(cond)],
+        outputs: vec!["y".into()],
+    });
+    let y = g.node(id).output(0).unwrap();
+    g.add_output(y);
+    let path = dir.join("mode.onnx");
+    qgraph::save_path(&Model::new(g, 13), &path).unwrap();
+    path
+}
+
+#[test]
+fn a_bound_input_specialises_the_model_and_its_if_is_inlined() {
+    let dir = common::scratch("bind");
+    let model = save_mode_model(&dir);
+    let x = ArrayD::from_shape_fn(IxDyn(&[6, 4]), |i| (i[0] * 4 + i[1]) as f32 / 6.0 - 2.0);
+    ndarray_npy::write_npy(dir.join("x.npy"), &x).unwrap();
+    ndarray_npy::write_npy(dir.join("mode.npy"), &ndarray::arr0(1i64)).unwrap();
+    let quantized = |extra: &[&str], out: &str| -> (usize, String) {
+        let out = dir.join(out);
+        let calib = format!("x={}", dir.join("x.npy").display());
+        let mut args =
+            vec!["quantsim", model.to_str().unwrap(), "--calib", &calib, "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_qmix")).args(&args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let placement: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("placement.json")).unwrap()).unwrap();
+        let tensors = placement["quantizers"].as_array().map_or(0, Vec::len);
+        (tensors, String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let mode_calib = format!("mode={}", dir.join("mode.npy").display());
+    let (whole, _) = quantized(&["--calib", &mode_calib], "whole");
+    let (bound, said) = quantized(&["--bind", "mode=1"], "bound");
+    assert!(said.contains("1 If node(s)"), "{said}");
+    assert!(bound > whole, "the branch's MatMul, weight and Relu get quantizers: {bound} vs {whole}");
+    let specialised = qgraph::load_path(dir.join("bound/model.onnx")).unwrap();
+    let g = &specialised.graph;
+    assert!(g.nodes().all(|(_, n)| n.op_type != "If"));
+    assert_eq!(g.inputs().iter().map(|&v| g.value(v).name.as_str()).collect::<Vec<_>>(), ["x"]);
+    let m = model.to_str().unwrap();
+    let x = format!("x={}", dir.join("x.npy").display());
+    let out = dir.join("bad");
+    let out = out.to_str().unwrap();
+    common::fails_naming(
+        &["quantsim", m, "--calib", &x, "--bind", "nope=1", "--out", out],
+        &["nope", "mode"],
+    );
+    common::fails_naming(
+        &["quantsim", m, "--calib", &x, "--bind", "mode=1.5", "--out", out],
+        &["1.5", "integer"],
+    );
+    common::fails_naming(
+        &["quantsim", m, "--calib", &x, "--bind", "mode=1,2", "--out", out],
+        &["2 value(s)"],
+    );
+    common::fails_naming(&["quantsim", m, "--calib", &x, "--bind", "mode=one", "--out", out], &["'one'"]);
+}
