@@ -683,6 +683,38 @@ impl Graph {
         Ok(())
     }
 
+    /// [`Graph::bind_input`] with the value given as numbers: a tensor of the input's declared
+    /// dtype (integer types need whole numbers) and declared shape (one number for an input of
+    /// unknown shape, which becomes a scalar).
+    pub fn bind_input_numbers(&mut self, name: &str, values: &[f64]) -> Result<()> {
+        let bad = |detail: String| GraphError::TensorData { tensor: name.into(), detail };
+        let value = self.value_id(name).map(|v| &self.values[v.index()]);
+        let shape = match value.and_then(|v| v.shape.as_ref()).map(Shape::to_known) {
+            Some(Some(dims)) => dims,
+            None if values.len() == 1 => vec![],
+            _ => return Err(bad("the input's shape is not fully declared".into())),
+        };
+        let count: usize = shape.iter().product();
+        if count != values.len() {
+            return Err(bad(format!("{} value(s) for an input of shape {shape:?}", values.len())));
+        }
+        let dtype = value.and_then(|v| v.dtype).unwrap_or(DType::F32);
+        let tensor = match dtype {
+            DType::F32 => Tensor::from_vec(&shape, values.iter().map(|&v| v as f32).collect()),
+            DType::F64 => Tensor::from_vec(&shape, values.to_vec()),
+            d if d.is_float() => None,
+            d => {
+                if let Some(v) = values.iter().find(|v| v.fract() != 0.0 || v.abs() >= 9.0e15) {
+                    return Err(bad(format!("{v} is not an integer, as the {d} input needs")));
+                }
+                let ints: Vec<i64> = values.iter().map(|&v| v as i64).collect();
+                Tensor::from_i64s(d, &shape, &ints)
+            }
+        };
+        let tensor = tensor.ok_or_else(|| bad(format!("inputs of type {dtype} cannot be bound")))?;
+        self.bind_input(name, tensor)
+    }
+
     /// Turns a node-produced value into an initializer holding `data` (constant folding). The
     /// producing node keeps running until removed; its output slot is detached.
     pub fn make_initializer(&mut self, v: ValueId, data: Tensor) {

@@ -1,6 +1,6 @@
 //! Graph passes: batch-norm folding checked numerically against a naive reference (backward into
 //! Conv/Gemm/MatMul, forward into Conv/Gemm, affine rewrite of unfoldable BNs), Identity/Dropout
-//! removal, constant folding of a shape chain, and dead-node elimination.
+//! removal, constant folding of a shape chain, dead-node elimination, and inputs bound to values.
 
 #![allow(dead_code)]
 mod common;
@@ -281,4 +281,30 @@ fn dead_nodes_are_eliminated() {
     assert_eq!(m.graph.node_count(), 6);
     m.graph.validate().unwrap();
     assert_eq!(m, conv_bn_classifier());
+}
+
+#[test]
+fn a_bound_input_becomes_an_initializer_of_its_declared_type_and_shape() {
+    let mut g = Graph::new("bind");
+    g.add_input("x", DType::F32, Shape(vec![Dim::Symbol("N".into()), Dim::Known(2)]));
+    let rate = g.add_input("rate", DType::I64, Shape::known(&[]));
+    let gains = g.add_input("gains", DType::F32, Shape::known(&[2]));
+    let y = g.add_op("Mul", "y", &[gains, gains], vec![]);
+    g.add_output(y);
+    g.add_output(rate);
+    g.bind_input_numbers("rate", &[16000.0]).unwrap();
+    g.bind_input_numbers("gains", &[0.5, 2.0]).unwrap();
+    assert_eq!(g.inputs().iter().map(|&v| g.value(v).name.as_str()).collect::<Vec<_>>(), ["x"]);
+    assert_eq!(g.static_value(rate).unwrap().to_i64_vec().unwrap(), [16000]);
+    assert_eq!(g.static_value(gains).unwrap().shape(), [2]);
+    for (name, values, needle) in [
+        ("x", vec![1.0], "not fully declared"),
+        ("rate", vec![1.5], "not an integer"),
+        ("nope", vec![1.0], "not a graph input"),
+    ] {
+        let e = g.bind_input_numbers(name, &values).unwrap_err().to_string();
+        assert!(e.contains(needle) && e.contains(name), "{e}");
+    }
+    let e = g.bind_input("x", Tensor::from_vec(&[1, 3], vec![0f32; 3]).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("shape"), "{e}");
 }

@@ -18,8 +18,7 @@ use crate::{Failure, read_tensor};
 pub(crate) fn load_model(path: &Path, binds: &[Bind], quiet: bool) -> Result<qgraph::Model, Failure> {
     let mut model = qgraph::load_path(path)?;
     for bind in binds {
-        let tensor = bind.tensor_for(&model).map_err(Failure::User)?;
-        model.graph.bind_input(&bind.name, tensor)?;
+        model.graph.bind_input_numbers(&bind.name, &bind.values)?;
     }
     let inlined = qgraph::passes::inline_static_ifs(&mut model, &qgraph::DimBindings::default())?;
     if inlined > 0 && !quiet {
@@ -43,41 +42,6 @@ pub(crate) fn parse_bind(s: &str) -> Result<Bind, String> {
         .map(|v| v.trim().parse::<f64>().map_err(|_| format!("--bind {name}: '{v}' is not a number")))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Bind { name: name.to_string(), values })
-}
-
-impl Bind {
-    /// The value as a tensor of the input's declared dtype and shape.
-    fn tensor_for(&self, model: &qgraph::Model) -> anyhow::Result<Tensor> {
-        let g = &model.graph;
-        let Some(v) = g.value_id(&self.name).filter(|v| g.inputs().contains(v)) else {
-            let inputs: Vec<&str> = g.inputs().iter().map(|&v| g.value(v).name.as_str()).collect();
-            bail!("--bind {}: not an input of the model (inputs: {})", self.name, inputs.join(", "));
-        };
-        let value = g.value(v);
-        let shape = match value.shape.as_ref().map(qgraph::Shape::to_known) {
-            Some(Some(dims)) => dims,
-            None if self.values.len() == 1 => vec![],
-            _ => bail!("--bind {}: the input's shape is not fully declared", self.name),
-        };
-        let count: usize = shape.iter().product();
-        if count != self.values.len() {
-            bail!("--bind {}: {} value(s) for an input of shape {shape:?}", self.name, self.values.len());
-        }
-        let dtype = value.dtype.unwrap_or(qgraph::DType::F32);
-        let tensor = match dtype {
-            qgraph::DType::F32 => Tensor::from_vec(&shape, self.values.iter().map(|&v| v as f32).collect()),
-            qgraph::DType::F64 => Tensor::from_vec(&shape, self.values.clone()),
-            d if d.is_float() => None,
-            d => {
-                if let Some(v) = self.values.iter().find(|v| v.fract() != 0.0 || v.abs() >= 9.0e15) {
-                    bail!("--bind {}: {v} is not an integer, as the {d} input needs", self.name);
-                }
-                let ints: Vec<i64> = self.values.iter().map(|&v| v as i64).collect();
-                Tensor::from_i64s(d, &shape, &ints)
-            }
-        };
-        tensor.ok_or_else(|| anyhow::anyhow!("--bind {}: inputs of type {dtype} cannot be bound", self.name))
-    }
 }
 
 /// Evaluation options shared by the job commands.

@@ -40,8 +40,11 @@ struct QuantSim {
 
 #[pymethods]
 impl QuantSim {
+    /// `bind` fixes graph inputs to values (`{"sr": 16000}`, a number or a list per input) as
+    /// `--bind` does; then every `If` whose condition is known at load time is replaced by the
+    /// branch it takes, as the command line's jobs do.
     #[new]
-    #[pyo3(signature = (model_path, config = "default", param = "int8", act = "int8", scheme = "min_max", threads = 0))]
+    #[pyo3(signature = (model_path, config = "default", param = "int8", act = "int8", scheme = "min_max", threads = 0, bind = None))]
     fn new(
         model_path: PathBuf,
         config: &str,
@@ -49,8 +52,20 @@ impl QuantSim {
         act: &str,
         scheme: &str,
         threads: usize,
+        bind: Option<std::collections::HashMap<String, Bound<'_, PyAny>>>,
     ) -> PyResult<QuantSim> {
-        let model = qgraph::load_path(&model_path).map_err(value_error)?;
+        let mut model = qgraph::load_path(&model_path).map_err(value_error)?;
+        for (name, value) in bind.unwrap_or_default() {
+            let numbers: Vec<f64> = match value.extract::<f64>() {
+                Ok(v) => vec![v],
+                Err(_) => value.extract().map_err(|_| {
+                    PyValueError::new_err(format!("bind['{name}']: a number or a list of numbers"))
+                })?,
+            };
+            model.graph.bind_input_numbers(&name, &numbers).map_err(value_error)?;
+        }
+        qgraph::passes::inline_static_ifs(&mut model, &qgraph::DimBindings::default())
+            .map_err(value_error)?;
         let config = QuantsimConfig::load(config).map_err(value_error)?;
         let scheme = Scheme::parse(scheme).ok_or_else(|| {
             PyValueError::new_err(format!(

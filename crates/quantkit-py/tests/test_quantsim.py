@@ -73,6 +73,12 @@ def test_bad_input_raises_value_error_naming_it(data):
         sim.set_precision("not_a_tensor", "int16")
     with pytest.raises(ValueError):
         sim.run({"input": calib[:2]})  # not calibrated yet
+    with pytest.raises(ValueError, match="nope"):
+        quantkit.QuantSim(MODEL, bind={"nope": 1})
+    with pytest.raises(ValueError, match="not fully declared"):
+        quantkit.QuantSim(MODEL, bind={"input": [0.0, 1.0]})
+    with pytest.raises(ValueError, match="a number or a list"):
+        quantkit.QuantSim(MODEL, bind={"input": "one"})
 
 
 def test_per_layer_sensitivity_scores_every_layer(data):
