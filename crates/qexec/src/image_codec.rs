@@ -1,7 +1,7 @@
 //! Image decoding shared by the `ImageDecoder` op and the command line's image folders, pixel for
 //! pixel as Pillow (the ONNX reference) and OpenCV decode: JPEG through libjpeg-turbo's decoder
-//! (as built by the `mozjpeg` crate: accurate integer IDCT, smooth chroma upsampling), BMP, PNG,
-//! PNM, TIFF and WebP through the `image` crate. Alpha is dropped, 16-bit samples are scaled to 8,
+//! (as built by the `mozjpeg` crate: accurate integer IDCT, smooth chroma upsampling), JPEG 2000
+//! through `hayro-jpeg2000`, BMP, PNG, PNM, TIFF and WebP through the `image` crate. Alpha is dropped, 16-bit samples are scaled to 8,
 //! and colour becomes gray with Pillow's ITU-R 601-2 weights. The size in the header is checked
 //! against a byte limit before any pixel is decoded, and a truncated or corrupt stream is an error.
 
@@ -40,11 +40,15 @@ pub struct DecodedImage {
     pub pixels: Vec<u8>,
 }
 
-/// Decodes an encoded image (BMP, JPEG, PNG, PNM, TIFF or WebP) to `format`, refusing one whose
+/// Decodes an encoded image (BMP, JPEG, JPEG 2000, PNG, PNM, TIFF or WebP) to `format`, refusing one whose
 /// decoded pixels (and, for JPEG, the decoder's coefficient buffers) would exceed `max_bytes`.
 pub fn decode_image(bytes: &[u8], format: PixelFormat, max_bytes: usize) -> Result<DecodedImage, String> {
     let (height, width, samples, colour) = if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         decode_jpeg(bytes, max_bytes)?
+    } else if bytes.starts_with(b"\x00\x00\x00\x0C\x6A\x50\x20\x20")
+        || bytes.starts_with(&[0xFF, 0x4F, 0xFF, 0x51])
+    {
+        decode_jpeg2000(bytes, max_bytes)?
     } else {
         decode_other(bytes, format, max_bytes)?
     };
@@ -88,7 +92,7 @@ fn decode_other(bytes: &[u8], format: PixelFormat, max_bytes: usize) -> Result<S
         .with_guessed_format()
         .map_err(|e| format!("cannot read the encoded stream: {e}"))?;
     if reader.format().is_none() {
-        return Err("the encoded stream is not a BMP, JPEG, PNG, PNM, TIFF or WebP image".into());
+        return Err("the encoded stream is not a BMP, JPEG, JPEG 2000, PNG, PNM, TIFF or WebP image".into());
     }
     let mut decoder = reader.into_decoder().map_err(|e| format!("not a readable image: {e}"))?;
     let (w, h) = decoder.dimensions();
@@ -108,6 +112,37 @@ fn decode_other(bytes: &[u8], format: PixelFormat, max_bytes: usize) -> Result<S
     } else {
         (height, width, image.into_luma8().into_raw(), false)
     })
+}
+
+/// Decodes a JPEG 2000 image (a JP2 file or a raw codestream) to RGB, or to gray when it has one
+/// colour channel; alpha is dropped. The decoder keeps its own buffers of every component in f32.
+fn decode_jpeg2000(bytes: &[u8], max_bytes: usize) -> Result<Samples, String> {
+    let decoded = std::panic::catch_unwind(|| -> Result<Samples, String> {
+        let settings = hayro_jpeg2000::DecodeSettings::default();
+        let image = hayro_jpeg2000::Image::new(bytes, &settings).map_err(|e| format!("{e:?}"))?;
+        let (height, width) = (image.height() as usize, image.width() as usize);
+        let colours = usize::from(image.color_space().num_channels());
+        let stored = colours + usize::from(image.has_alpha());
+        check_size(height, width, stored.max(1) * 9, max_bytes)?;
+        if colours != 1 && colours != 3 {
+            return Err(format!("{colours} colour channels (only gray and RGB are decoded)"));
+        }
+        let mut context = hayro_jpeg2000::DecoderContext::default();
+        let pixels = image.decode(&mut context).map_err(|e| format!("{e:?}"))?.data_u8();
+        let samples = if stored == colours {
+            pixels
+        } else {
+            pixels.chunks_exact(stored).flat_map(|p| p[..colours].iter().copied()).collect()
+        };
+        if samples.len() != height * width * colours {
+            return Err(format!("{} samples for {width}×{height}×{colours}", samples.len()));
+        }
+        Ok((height, width, samples, colours == 3))
+    });
+    match decoded {
+        Ok(result) => result.map_err(|e| format!("not a readable JPEG 2000 image: {e}")),
+        Err(_) => Err("not a readable JPEG 2000 image: the decoder failed".into()),
+    }
 }
 
 /// Decodes a JPEG with libjpeg-turbo: RGB for colour images, gray for grayscale ones. libjpeg

@@ -1,5 +1,5 @@
 //! `ImageDecoder` on images encoded here: JPEG and PNG in every pixel format, gray sources, alpha
-//! dropped; truncated, corrupt and oversized streams are one-line errors within the memory limit.
+//! dropped; truncated, corrupt (JPEG 2000 too) and oversized streams are one-line errors within the memory limit.
 
 mod common;
 
@@ -93,9 +93,13 @@ fn bad_streams_are_errors() {
     let e = decode(&encoded[..40], "RGB", 1 << 20).unwrap_err();
     assert!(e.contains("JPEG"), "{e}");
     let e = decode(b"not an image at all", "RGB", 1 << 20).unwrap_err();
-    assert!(e.contains("not a BMP, JPEG"), "{e}");
+    assert!(e.contains("not a BMP, JPEG, JPEG 2000"), "{e}");
+    let e = decode(&[0xFF, 0x4F, 0xFF, 0x51, 0, 0x29, 1, 2, 3], "RGB", 1 << 20).unwrap_err();
+    assert!(e.contains("not a readable JPEG 2000"), "{e}");
+    let e = decode(b"\x00\x00\x00\x0C\x6A\x50\x20\x20\x0D\x0A\x87\x0A", "RGB", 1 << 20).unwrap_err();
+    assert!(e.contains("not a readable JPEG 2000"), "{e}");
     let e = decode(&[], "RGB", 1 << 20).unwrap_err();
-    assert!(e.contains("not a BMP, JPEG"), "{e}");
+    assert!(e.contains("not a BMP, JPEG, JPEG 2000"), "{e}");
     let encoded_png = png(&gradient(w, h, 3), w, h, image::ExtendedColorType::Rgb8);
     let e = decode(&encoded_png[..encoded_png.len() - 30], "RGB", 1 << 20).unwrap_err();
     assert!(e.contains("not a readable image"), "{e}");

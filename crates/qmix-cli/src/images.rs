@@ -1,4 +1,4 @@
-//! Folders of images (JPEG, PNG, BMP, WebP, TIFF, PNM) as model input, the ImageNet way: each image (sorted by file name)
+//! Folders of images (JPEG, PNG, BMP, WebP, TIFF, PNM, JPEG 2000) as model input, the ImageNet way: each image (sorted by file name)
 //! decoded to RGB, its shorter side resized to `resize` (bilinear), centre-cropped to
 //! `size`×`size`, and stacked into a u8 batch `[N, 3, size, size]` (or `[N, size, size, 3]`);
 //! `--mean/--std` or `--offset/--scale` then make the float input.
@@ -21,7 +21,8 @@ pub(crate) enum Layout {
 }
 
 /// The file extensions this loader reads.
-const EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "ppm", "pgm"];
+const EXTENSIONS: [&str; 11] =
+    ["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "ppm", "pgm", "jp2", "j2k"];
 
 /// Whether `name` is an image file this loader reads.
 fn is_image(name: &Path) -> bool {
