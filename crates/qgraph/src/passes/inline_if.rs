@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::attr::Attribute;
-use crate::error::Result;
+use crate::error::{GraphError, Result};
 use crate::graph::{Model, NodeSpec};
 use crate::ids::{NodeId, ValueId};
 use crate::load::subgraph_model;
@@ -112,20 +112,22 @@ fn inline(model: &mut Model, id: NodeId, taken: bool) -> Result<bool> {
     let distinct: HashSet<ValueId> = outputs.iter().copied().collect();
     let computed = outputs.iter().all(|&v| b.producer(v).is_some());
     // Nested subgraphs read outer values by name: every name the branch defines stays as it is.
-    let defined =
-        b.value_ids().filter(|&v| b.producer(v).is_some() || b.static_value(v).is_some() || b.is_static(v));
+    let defined = b.value_ids().filter(|&v| b.producer(v).is_some() || b.is_static(v));
     let clash = defined.into_iter().any(|v| g.value_id(&b.value(v).name).is_some());
     if clash || !computed || distinct.len() != outputs.len() || outputs.len() != node.outputs().len() {
         return Ok(false);
     }
     let mut map: HashMap<ValueId, ValueId> = HashMap::new();
     for &v in b.inputs() {
-        let name = &b.value(v).name;
-        let Some(outer) = g.value_id(name) else { return Ok(false) };
+        let Some(outer) = g.value_id(&b.value(v).name) else { return Ok(false) };
         map.insert(v, outer);
     }
+    let broken =
+        |detail: String| GraphError::Unsupported { detail: format!("inlining If '{}': {detail}", node.name) };
     for v in b.initializers() {
-        let Some(data) = b.load_static(v)? else { return Ok(false) };
+        let data = b
+            .load_static(v)?
+            .ok_or_else(|| broken(format!("initializer '{}' has no data", b.value(v).name)))?;
         map.insert(v, g.add_initializer(&b.value(v).name, data));
     }
     for nid in b.topological_order()? {
@@ -143,7 +145,14 @@ fn inline(model: &mut Model, id: NodeId, taken: bool) -> Result<bool> {
             op_type: n.op_type.clone(),
             domain: n.domain.clone(),
             attrs: n.attrs.clone(),
-            inputs: n.inputs().iter().map(|i| i.map(|v| map[&v])).collect(),
+            inputs: (n.inputs().iter())
+                .map(|i| match i {
+                    Some(v) => map.get(v).copied().map(Some).ok_or_else(|| {
+                        broken(format!("'{}' reads '{}' before it is defined", n.name, b.value(*v).name))
+                    }),
+                    None => Ok(None),
+                })
+                .collect::<Result<_>>()?,
             outputs: (n.outputs().iter().enumerate())
                 .map(|(slot, o)| {
                     o.map_or_else(|| format!("{}_unused_{slot}", n.name), |v| b.value(v).name.clone())
@@ -157,20 +166,15 @@ fn inline(model: &mut Model, id: NodeId, taken: bool) -> Result<bool> {
         }
         let reads = crate::load::subgraph_outer_names(g.node(new));
         let implicit: Option<Vec<ValueId>> = reads.iter().map(|name| g.value_id(name)).collect();
-        let Some(implicit) = implicit else {
-            return Err(crate::error::GraphError::Unsupported {
-                detail: format!(
-                    "inlining If '{}': a subgraph of '{}' reads an undefined value",
-                    node.name, n.name
-                ),
-            });
-        };
+        let implicit =
+            implicit.ok_or_else(|| broken(format!("a subgraph of '{}' reads an undefined value", n.name)))?;
         g.set_implicit_inputs(new, implicit);
     }
     let mut renames = Vec::new();
     for (slot, &out) in outputs.iter().enumerate() {
         let Some(if_out) = node.output(slot) else { continue };
-        let inlined = map[&out];
+        let inlined =
+            *map.get(&out).ok_or_else(|| broken("an output of the branch was not inlined".into()))?;
         g.replace_uses(if_out, inlined);
         renames.push((g.value(inlined).name.clone(), g.value(if_out).name.clone()));
     }
