@@ -17,6 +17,7 @@ mod indexing;
 mod integer;
 mod loss;
 pub(crate) mod matmul;
+mod ml;
 mod movement;
 mod norm;
 mod pool;
@@ -152,7 +153,10 @@ pub(crate) fn compile(node: &Node, opset: i64) -> Result<Box<dyn Kernel>> {
         opset,
     };
     if !node.is_onnx_domain() {
-        return Err(unsupported());
+        return match ml::compile(node) {
+            Some(kernel) => kernel.map(|k| Box::new(widen::ThroughF32(k)) as Box<dyn Kernel>),
+            None => Err(unsupported()),
+        };
     }
     let built = elementwise::compile(node, opset)
         .or_else(|| movement::compile(node, opset))
