@@ -31,11 +31,19 @@ fn is_image(name: &Path) -> bool {
         .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-/// Decodes `file` to RGB as Pillow does (`qexec::image_codec`), its pixels bounded by 512 MiB or
-/// `limit`: a truncated or corrupt file, or one whose pixels would not fit, is an error naming it.
+/// Decodes `file` to RGB as Pillow does (`qexec::image_codec`), the file and its pixels bounded by
+/// 512 MiB or `limit`: a truncated or corrupt file, or one that would not fit, is an error naming it.
 fn decode(file: &Path, limit: usize) -> anyhow::Result<image::RgbImage> {
+    let limit = limit.min(512 << 20);
+    let size = std::fs::metadata(file).with_context(|| format!("cannot open {}", file.display()))?.len();
+    if size > limit as u64 {
+        bail!(
+            "{}: a file of {size} bytes is beyond the memory limit of {limit} bytes (--max-memory)",
+            file.display()
+        );
+    }
     let bytes = std::fs::read(file).with_context(|| format!("cannot open {}", file.display()))?;
-    let decoded = decode_image(&bytes, PixelFormat::Rgb, limit.min(512 << 20))
+    let decoded = decode_image(&bytes, PixelFormat::Rgb, limit)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let (w, h) = (u32::try_from(decoded.width)?, u32::try_from(decoded.height)?);
     image::RgbImage::from_raw(w, h, decoded.pixels)

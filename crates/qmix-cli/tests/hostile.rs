@@ -403,4 +403,10 @@ fn image_folders_that_do_not_fit_or_do_not_decode_are_named() {
         &["quantsim", &model, "--calib", &folder, "--quiet", "--out", out],
         &["b.png", "not a readable image"],
     );
+    // A file larger than the memory limit is refused before it is read.
+    std::fs::File::create(images.join("b.png")).unwrap().set_len(3 << 20).unwrap();
+    fails_naming(
+        &["quantsim", &model, "--calib", &folder, "--max-memory", "2", "--quiet", "--out", out],
+        &["b.png", "beyond the memory limit"],
+    );
 }
