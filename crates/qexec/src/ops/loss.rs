@@ -50,15 +50,13 @@ pub(super) fn compile(node: &Node) -> Option<Result<Box<dyn Kernel>>> {
 /// `x` (`[N, C, D]` flattened) turned into log-probabilities over C.
 fn log_softmax(x: &[f32], n: usize, c: usize, d: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
+    let mut lane = vec![0.0f32; c];
     for i in 0..n {
         for k in 0..d {
             let at = |j: usize| (i * c + j) * d + k;
-            let max = (0..c).map(|j| x[at(j)]).fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = (0..c).map(|j| f64::from(x[at(j)] - max).exp()).sum();
-            let log_sum = sum.ln() as f32;
-            for j in 0..c {
-                out[at(j)] = x[at(j)] - max - log_sum;
-            }
+            lane.iter_mut().enumerate().for_each(|(j, v)| *v = x[at(j)]);
+            super::norm::log_softmax_lane(&mut lane);
+            lane.iter().enumerate().for_each(|(j, &v)| out[at(j)] = v);
         }
     }
     out

@@ -28,6 +28,7 @@ mod resize;
 mod sampling;
 mod signal;
 mod tfidf;
+mod tree_ensemble;
 mod widen;
 
 pub(crate) use elementwise::fusable_activation;
@@ -153,7 +154,7 @@ pub(crate) fn compile(node: &Node, opset: i64) -> Result<Box<dyn Kernel>> {
         opset,
     };
     if !node.is_onnx_domain() {
-        return match ml::compile(node) {
+        return match ml::compile(node).or_else(|| tree_ensemble::compile(node)) {
             Some(kernel) => kernel.map(|k| Box::new(widen::ThroughF32(k)) as Box<dyn Kernel>),
             None => Err(unsupported()),
         };

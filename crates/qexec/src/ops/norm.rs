@@ -458,11 +458,15 @@ impl Softmax {
                 });
                 v.iter_mut().for_each(|x| *x /= sum);
             }
-            SoftmaxKind::Log => {
-                let sum: f32 = v.iter().map(|&x| (x - max).exp()).sum();
-                let log_sum = sum.ln();
-                v.iter_mut().for_each(|x| *x = *x - max - log_sum);
-            }
+            SoftmaxKind::Log => log_softmax_lane(v),
         }
     }
+}
+
+/// Log-softmax of one lane, in place (the exponentials summed in f64).
+pub(super) fn log_softmax_lane(v: &mut [f32]) {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = v.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let log_sum = sum.ln() as f32;
+    v.iter_mut().for_each(|x| *x = *x - max - log_sum);
 }
