@@ -199,7 +199,7 @@ pub(crate) struct Preprocess {
     /// Image folders: the shorter side is resized to this first (default: image size · 256/224).
     #[arg(long)]
     pub resize: Option<u32>,
-    /// Image folders: NCHW or NHWC batches.
+    /// Image folders and `qat --augment`: NCHW or NHWC batches.
     #[arg(long, value_enum, default_value_t = crate::images::Layout::Nchw)]
     pub layout: crate::images::Layout,
 }

@@ -76,6 +76,21 @@ pub(crate) struct TrainArgs {
     /// post-training technique changed it); it must take the same inputs
     #[arg(long)]
     teacher: Option<PathBuf>,
+    /// Augment every training batch's images (each 4-D float input, channels as --layout
+    /// says): a random left-right flip and a random crop of --crop-area..1 of the image resized
+    /// back; distillation's targets are computed on the augmented images
+    #[arg(long)]
+    augment: bool,
+    /// With --augment: the smallest share of an image's area a crop keeps (1: flips only)
+    #[arg(long, default_value_t = 0.5, requires = "augment", value_parser = parse_crop_area)]
+    crop_area: f32,
+}
+
+fn parse_crop_area(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("'{s}' is not a share of the area in (0, 1]")),
+    }
 }
 
 fn parse_mode(s: &str) -> Result<QatMode, String> {
@@ -187,6 +202,14 @@ pub(crate) fn train(
         clip_grad_norm: t.clip_grad_norm,
         objective,
         seed: t.seed,
+        augmentation: t.augment.then_some(qtrain::Augmentation {
+            flip: true,
+            min_crop_area: t.crop_area,
+            layout: match inputs.preprocess.layout {
+                crate::images::Layout::Nchw => qtrain::ImageLayout::Nchw,
+                crate::images::Layout::Nhwc => qtrain::ImageLayout::Nhwc,
+            },
+        }),
     };
     let checkpoint = t.checkpoint.clone().unwrap_or_else(|| {
         let name =

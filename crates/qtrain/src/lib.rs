@@ -6,11 +6,13 @@
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
+mod augment;
 mod checkpoint;
 mod error;
 mod loss;
 mod qat;
 
+pub use augment::{Augmentation, ImageLayout};
 pub use error::{Result, TrainError};
 pub use loss::Objective;
 pub use qat::{

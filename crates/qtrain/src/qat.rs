@@ -23,6 +23,7 @@ use qgraph::{Graph, NodeId, Tensor, ValueId};
 use qkernels::Encoding;
 use serde_json::{Value, json};
 
+use crate::augment::{Augmentation, SplitMix64};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Result, TrainError};
 use crate::loss::Objective;
@@ -83,6 +84,9 @@ pub struct QatOptions {
     /// recomputes each segment's values before its backward pass: memory falls to about one
     /// segment's values for about one more forward pass; the gradients are the same.
     pub segments: usize,
+    /// Image augmentation of every training batch (`None`: the samples as given). With
+    /// distillation the FP32 model's targets are computed on the augmented images.
+    pub augmentation: Option<Augmentation>,
 }
 
 impl Default for QatOptions {
@@ -98,6 +102,7 @@ impl Default for QatOptions {
             objective: Objective::Distillation { temperature: 4.0 },
             seed: 0,
             segments: 1,
+            augmentation: None,
         }
     }
 }
@@ -440,17 +445,10 @@ fn straight_through(
 
 /// A deterministic permutation of `0..n` for `seed` (splitmix64-driven Fisher–Yates).
 fn shuffled(n: usize, seed: u64) -> Vec<usize> {
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut rng = SplitMix64::new(seed);
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         order.swap(i, j);
     }
     order
@@ -504,6 +502,7 @@ impl Trainer<'_> {
             "clip_grad_norm": o.clip_grad_norm,
             "objective": format!("{:?}", o.objective),
             "seed": o.seed,
+            "augmentation": format!("{:?}", o.augmentation),
             "samples": samples,
             "params": self.params.iter().map(|p| json!([p.name, p.data.len()])).collect::<Vec<_>>(),
             "ranges": self.ranges.iter().map(|r| json!([r.name, r.state.len()])).collect::<Vec<_>>(),
@@ -859,6 +858,9 @@ fn check_options(o: &QatOptions, data: &TrainingData<'_>) -> Result<()> {
     if data.samples.is_empty() {
         return Err(TrainError::Data("no training samples".into()));
     }
+    if let Some(a) = &o.augmentation {
+        a.check()?;
+    }
     if o.objective == Objective::CrossEntropy {
         let rows: usize = data.samples.iter().map(rows_of).sum();
         match data.labels {
@@ -893,22 +895,23 @@ pub fn train(
         first_row.push(rows);
         rows += rows_of(s);
     }
-    // The FP32 outputs, once (distillation and MSE).
-    let teacher: Vec<Tensor> = match options.objective {
-        Objective::CrossEntropy => Vec::new(),
-        _ => {
-            let float = qexec::Session::new(
-                data.teacher.unwrap_or(sim.model()).clone(),
-                qexec::SessionOptions::threads(sim.options().threads),
-            )?;
-            samples
-                .iter()
-                .map(|s| {
-                    let named: Vec<(&str, Tensor)> = s.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-                    float.run(&named)?.into_iter().next().ok_or_else(|| TrainError::Data("no outputs".into()))
-                })
-                .collect::<Result<_>>()?
-        }
+    // The FP32 model's outputs (distillation and MSE): once per sample, or per augmented batch.
+    let float = match options.objective {
+        Objective::CrossEntropy => None,
+        _ => Some(qexec::Session::new(
+            data.teacher.unwrap_or(sim.model()).clone(),
+            qexec::SessionOptions::threads(sim.options().threads),
+        )?),
+    };
+    let teacher_of = |feeds: &Feeds| -> Result<Option<Tensor>> {
+        let Some(float) = float.as_ref() else { return Ok(None) };
+        let named: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let first = float.run(&named)?.into_iter().next();
+        first.map(Some).ok_or_else(|| TrainError::Data("the FP32 model has no outputs".into()))
+    };
+    let teacher: Vec<Tensor> = match options.augmentation {
+        Some(_) => Vec::new(),
+        None => samples.iter().filter_map(|s| teacher_of(s).transpose()).collect::<Result<_>>()?,
     };
     let g = &sim.model().graph;
     let params: Vec<Param> = trainable_values(g)
@@ -1016,8 +1019,12 @@ pub fn train(
         let (mut loss_sum, mut seen) = (0.0f64, 0usize);
         for (step, batch_ids) in order.chunks(batch).enumerate() {
             let batch_rows: usize = batch_ids.iter().map(|&i| rows_of(&samples[i])).sum();
-            for chunk in batch_ids.chunks(options.micro_batch) {
-                let feeds = stack(samples, chunk)?;
+            for (part, chunk) in batch_ids.chunks(options.micro_batch).enumerate() {
+                let mut feeds = stack(samples, chunk)?;
+                if let Some(a) = &options.augmentation {
+                    let seed = options.seed ^ ((epoch as u64) << 42) ^ ((step as u64) << 21) ^ part as u64;
+                    feeds = a.apply(&feeds, seed)?;
+                }
                 let labels: Vec<usize> = match data.labels {
                     Some(l) => chunk
                         .iter()
@@ -1025,7 +1032,9 @@ pub fn train(
                         .collect(),
                     None => Vec::new(),
                 };
-                let target = if teacher.is_empty() {
+                let target = if options.augmentation.is_some() {
+                    teacher_of(&feeds)?
+                } else if teacher.is_empty() {
                     None
                 } else {
                     let parts: Vec<Tensor> = chunk.iter().map(|&i| teacher[i].clone()).collect();
