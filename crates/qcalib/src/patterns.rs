@@ -34,11 +34,15 @@ fn is_scalar(g: &Graph, v: ValueId, want: f32) -> bool {
 /// spellings exporters use (torch, tf2onnx, jax2tf):
 /// - the square: `Pow(d, 2)` or `Mul(d, d)`;
 /// - the mean of it: `ReduceMean`, or `ReduceSum` then `Div`/`Mul` by a constant;
-/// - the stabiliser: up to two of `Add(·, ε)` / `Max(·, ε)`;
+/// - or, for a centred norm, the moments' form `E[x²] − E[x]²` (`Sub` of the mean square of `x`
+///   and the square of its mean);
+/// - the stabiliser: up to two of `Add(·, ε)` / `Max(·, ε)`, with shape-only ops
+///   (`Reshape`/`Expand`/`Unsqueeze`/`Squeeze`) allowed between them and around the statistics;
 /// - the reciprocal root: `Sqrt` then `Div(d, ·)`, or `Reciprocal(Sqrt)`, `Div(1, Sqrt)` or
 ///   `Pow(·, −0.5)` then `Mul(d, ·)`;
 /// - `d` is `x` (RMS) or `Sub(x, ReduceMean(x))` (centred);
-/// - then optionally `Mul(·, γ)` and `Add(·, β)` with static γ, β.
+/// - then optionally `Mul(·, γ)` and `Add(·, β)` with static γ, β (γ may instead multiply the
+///   reciprocal root before it scales `d`).
 pub(crate) fn norm_matches(g: &Graph, order: &[NodeId]) -> Vec<NormMatch> {
     let producer = |v: ValueId, op: &str| g.producer(v).map(|o| o.node).filter(|&n| g.node(n).op_type == op);
     let static_input = |n: NodeId, not: ValueId| {
@@ -48,26 +52,42 @@ pub(crate) fn norm_matches(g: &Graph, order: &[NodeId]) -> Vec<NormMatch> {
         let c = g.consumer_nodes(v);
         (c.len() == 1 && g.node(c[0]).op_type == op && !g.is_output(v)).then(|| c[0])
     };
+    // The value `v` reached through shape-only ops (Reshape, Expand, Unsqueeze, Squeeze), which
+    // exporters put between a statistic and its use to broadcast it, and those ops.
+    let through_shape = |mut v: ValueId| -> (ValueId, Vec<NodeId>) {
+        let mut nodes = Vec::new();
+        while nodes.len() < 4 {
+            let Some(p) = g.producer(v).map(|o| o.node).filter(|&n| {
+                matches!(g.node(n).op_type.as_str(), "Reshape" | "Expand" | "Unsqueeze" | "Squeeze")
+            }) else {
+                break;
+            };
+            let Some(i) = g.node(p).input(0) else { break };
+            nodes.push(p);
+            v = i;
+        }
+        (v, nodes)
+    };
+    // The mean ending at `v`: `ReduceMean`, or `ReduceSum` then `Div`/`Mul` by a constant; what
+    // it averages, its nodes and constants.
+    let mean_of = |v: ValueId| -> Option<(ValueId, Vec<NodeId>, Vec<ValueId>)> {
+        if let Some(mean) = producer(v, "ReduceMean") {
+            return Some((g.node(mean).input(0)?, vec![mean], Vec::new()));
+        }
+        let scale = producer(v, "Div").or_else(|| producer(v, "Mul"))?;
+        let n = g.node(scale);
+        let (a, b) = (n.input(0)?, n.input(1)?);
+        let (sum_v, count) = if g.is_static(b) { (a, b) } else { (b, a) };
+        if n.op_type == "Div" && sum_v != a {
+            return None;
+        }
+        let sum = producer(sum_v, "ReduceSum")?;
+        g.is_static(count).then_some(())?;
+        Some((g.node(sum).input(0)?, vec![scale, sum], vec![count]))
+    };
     // The mean of the square of `d` ending at `v`: its nodes and constants.
     let mean_square = |v: ValueId, d: ValueId| -> Option<(Vec<NodeId>, Vec<ValueId>)> {
-        let (mut nodes, mut consts) = (Vec::new(), Vec::new());
-        let sq_value = if let Some(mean) = producer(v, "ReduceMean") {
-            nodes.push(mean);
-            g.node(mean).input(0)?
-        } else {
-            let scale = producer(v, "Div").or_else(|| producer(v, "Mul"))?;
-            let n = g.node(scale);
-            let (a, b) = (n.input(0)?, n.input(1)?);
-            let (sum_v, count) = if g.is_static(b) { (a, b) } else { (b, a) };
-            if n.op_type == "Div" && sum_v != a {
-                return None;
-            }
-            let sum = producer(sum_v, "ReduceSum")?;
-            g.is_static(count).then_some(())?;
-            nodes.extend([scale, sum]);
-            consts.push(count);
-            g.node(sum).input(0)?
-        };
+        let (sq_value, mut nodes, mut consts) = mean_of(v)?;
         let sq = g.producer(sq_value)?.node;
         let n = g.node(sq);
         match n.op_type.as_str() {
@@ -80,21 +100,55 @@ pub(crate) fn norm_matches(g: &Graph, order: &[NodeId]) -> Vec<NormMatch> {
         nodes.push(sq);
         Some((nodes, consts))
     };
-    // The stabilised variance below a root's input `v`: up to two Add/Max with a static operand.
+    // The variance of `d` ending at `v`: the mean of its square, or (`d = x − E[x]`) the
+    // moments' form `E[x²] − E[x]²` that jax2tf exports write.
+    let variance = |v: ValueId, d: ValueId| -> Option<(Vec<NodeId>, Vec<ValueId>)> {
+        if let Some(found) = mean_square(v, d) {
+            return Some(found);
+        }
+        let sub = producer(v, "Sub")?;
+        let x = g.node(producer(d, "Sub")?).input(0)?;
+        let (second, first_squared) = (g.node(sub).input(0)?, g.node(sub).input(1)?);
+        let (mut nodes, mut consts) = mean_square(second, x)?;
+        let sq = g.producer(first_squared)?.node;
+        let n = g.node(sq);
+        let m = match n.op_type.as_str() {
+            "Mul" if n.input(0) == n.input(1) => n.input(0)?,
+            "Pow" if n.input(1).is_some_and(|e| is_scalar(g, e, 2.0)) => {
+                consts.push(n.input(1)?);
+                n.input(0)?
+            }
+            _ => return None,
+        };
+        let (of, mean_nodes, mean_consts) = mean_of(m)?;
+        (of == x).then_some(())?;
+        nodes.extend([sub, sq]);
+        nodes.extend(mean_nodes);
+        consts.extend(mean_consts);
+        Some((nodes, consts))
+    };
+    // The stabilised variance below a root's input `v`: up to two Add/Max with a static operand,
+    // with shape-only ops between them allowed.
     let stabilised = |mut v: ValueId, d: ValueId| -> Option<(Vec<NodeId>, Vec<ValueId>)> {
         let (mut nodes, mut consts) = (Vec::new(), Vec::new());
+        let mut stabilisers = 0;
         for _ in 0..2 {
-            let Some(p) = producer(v, "Add").or_else(|| producer(v, "Max")) else { break };
+            let (base, shape_ops) = through_shape(v);
+            let Some(p) = producer(base, "Add").or_else(|| producer(base, "Max")) else { break };
             let Some(eps) = g.node(p).output(0).and_then(|o| static_input(p, o)) else { break };
             let Some(other) = g.node(p).inputs().iter().flatten().copied().find(|&i| i != eps) else { break };
+            nodes.extend(shape_ops);
             nodes.push(p);
             consts.push(eps);
+            stabilisers += 1;
             v = other;
         }
-        if nodes.is_empty() {
+        if stabilisers == 0 {
             return None;
         }
-        let (more, more_consts) = mean_square(v, d)?;
+        let (v, shape_ops) = through_shape(v);
+        nodes.extend(shape_ops);
+        let (more, more_consts) = variance(v, d)?;
         nodes.extend(more);
         consts.extend(more_consts);
         Some((nodes, consts))
@@ -108,10 +162,19 @@ pub(crate) fn norm_matches(g: &Graph, order: &[NodeId]) -> Vec<NormMatch> {
                 let (d, s) = (n.input(0)?, n.input(1)?);
                 let sqrt = producer(s, "Sqrt")?;
                 let (nodes, consts) = stabilised(g.node(sqrt).input(0)?, d)?;
-                Some((d, [vec![sqrt], nodes].concat(), consts))
+                Some((d, [vec![sqrt], nodes].concat(), consts, None))
             })(),
             "Mul" => (|| {
                 for (d, inv) in [(n.input(0)?, n.input(1)?), (n.input(1)?, n.input(0)?)] {
+                    // γ folded into the reciprocal root: `d · (inv · γ)`.
+                    let folded =
+                        producer(inv, "Mul").filter(|_| g.consumer_nodes(inv).len() == 1).and_then(|m| {
+                            let gamma = static_input(m, inv)?;
+                            let other = g.node(m).inputs().iter().flatten().copied().find(|&i| i != gamma)?;
+                            Some((m, gamma, other))
+                        });
+                    let inv = folded.map_or(inv, |(_, _, other)| other);
+                    let folded = folded.map(|(m, gamma, _)| (m, gamma));
                     let inv_node = g.producer(inv).map(|o| o.node);
                     let Some(inv_node) = inv_node else { continue };
                     let inode = g.node(inv_node);
@@ -142,20 +205,24 @@ pub(crate) fn norm_matches(g: &Graph, order: &[NodeId]) -> Vec<NormMatch> {
                         _ => None,
                     };
                     if let Some((nodes, consts)) = found {
-                        return Some((d, nodes, consts));
+                        return Some((d, nodes, consts, folded));
                     }
                 }
                 None
             })(),
             _ => None,
         };
-        let Some((d, mut inner, mut constants)) = found else { continue };
+        let Some((d, mut inner, mut constants, folded)) = found else { continue };
         let centred = match producer(d, "Sub") {
             Some(sub) => {
                 let (Some(x), Some(m)) = (g.node(sub).input(0), g.node(sub).input(1)) else { continue };
-                match producer(m, "ReduceMean") {
-                    Some(mean) if g.node(mean).input(0) == Some(x) => {
-                        inner.extend([mean, sub]);
+                let (m, shape_ops) = through_shape(m);
+                match mean_of(m) {
+                    Some((of, mean_nodes, mean_consts)) if of == x => {
+                        inner.extend(mean_nodes);
+                        inner.extend(shape_ops);
+                        inner.push(sub);
+                        constants.extend(mean_consts);
                         true
                     }
                     _ => continue,
@@ -165,7 +232,16 @@ pub(crate) fn norm_matches(g: &Graph, order: &[NodeId]) -> Vec<NormMatch> {
         };
         let Some(y) = n.output(0) else { continue };
         let (mut gamma, mut beta) = (None, None);
-        if let Some(mul) = sole_consumer(y, "Mul")
+        if let Some((mul, gm)) = folded {
+            inner.push(mul);
+            gamma = Some(gm);
+            if let Some(add) = sole_consumer(y, "Add")
+                && let Some(b) = static_input(add, y)
+            {
+                inner.push(apply);
+                beta = Some(b);
+            }
+        } else if let Some(mul) = sole_consumer(y, "Mul")
             && let Some(gm) = static_input(mul, y)
         {
             inner.push(apply);

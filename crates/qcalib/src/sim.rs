@@ -722,6 +722,7 @@ impl QuantSim {
             )
         })?;
         let order = self.model.graph.topological_order()?;
+        let norms = crate::patterns::norm_matches(&self.model.graph, &order);
         for _ in 0..16 {
             let (session, _) = self.session_and_hook(false)?;
             let sim_bad = non_finite_values(values, session, feeds, |f, observer, serial| {
@@ -748,12 +749,18 @@ impl QuantSim {
             if disabled.is_empty() {
                 break;
             }
-            let line = format!(
+            let mut line = format!(
                 "the simulated output of '{}' ({}) is NaN or infinite where FP32 is finite: disabled the quantizer of its input(s) {}",
                 n.name,
                 n.op_type,
                 disabled.join(", ")
             );
+            if let Some(m) = norms.iter().find(|m| m.inner.contains(&node)) {
+                let pass = if m.centred { "LayerNormalization" } else { "RMSNormalization" };
+                line.push_str(&format!(
+                    " (it lies inside a decomposed normalization: the graph pass {pass} keeps all of its internals in float)"
+                ));
+            }
             self.warnings.push(line.clone());
             fixed.push(line);
             self.refresh()?;

@@ -590,6 +590,103 @@ fn a_norm_in_tf2onnx_spelling_is_recognised_by_its_structure() {
     );
 }
 
+#[test]
+fn a_layer_norm_by_moments_with_broadcasts_and_a_folded_gamma_is_recognised() {
+    // jax2tf's LayerNorm (Magika's): the variance as E[x²] − E[x]², Reshape + Expand between the
+    // statistics and their use, γ multiplying the reciprocal root before it scales x − E[x].
+    // (Reshape outputs carry no quantizer.)
+    let mut g = Graph::new("ln_moments");
+    let x = g.add_input("x", DType::F32, Shape::known(&[2, 8]));
+    let axes = g.add_initializer("axes", Tensor::from_vec(&[1], vec![-1i64]).unwrap());
+    let flat = vec![("keepdims", Attribute::Int(0))];
+    let inv_n = g.add_initializer("inv_n", t(&[], vec![0.125]));
+    let sum = g.add_op("ReduceSum", "sum", &[x, axes], flat.clone());
+    let mean = g.add_op("Mul", "truediv", &[sum, inv_n], vec![]);
+    let sq = g.add_op("Mul", "square", &[x, x], vec![]);
+    let sum_sq = g.add_op("ReduceSum", "sum_1", &[sq, axes], flat);
+    let mean_sq = g.add_op("Mul", "truediv_1", &[sum_sq, inv_n], vec![]);
+    let sq_mean = g.add_op("Mul", "square_1", &[mean, mean], vec![]);
+    let var = g.add_op("Sub", "sub", &[mean_sq, sq_mean], vec![]);
+    let zero = g.add_initializer("zero", t(&[], vec![0.0]));
+    let kept = g.add_op("Max", "maximum", &[zero, var], vec![]);
+    let shape = g.add_initializer("shape", Tensor::from_vec(&[2], vec![2i64, 1]).unwrap());
+    let var_col = g.add_op("Reshape", "reshape_1", &[kept, shape], vec![]);
+    let var_b = g.add_op("Expand", "broadcast_1", &[var_col, shape], vec![]);
+    let eps = g.add_initializer("eps", t(&[], vec![1e-6]));
+    let stab = g.add_op("Add", "addv2", &[var_b, eps], vec![]);
+    let root = g.add_op("Sqrt", "rsqrt", &[stab], vec![]);
+    let inv = g.add_op("Reciprocal", "rsqrt_inv", &[root], vec![]);
+    let gamma = g.add_initializer("gamma", t(&[8], values(8, 5)));
+    let scale = g.add_op("Mul", "mul", &[inv, gamma], vec![]);
+    let mean_col = g.add_op("Reshape", "reshape", &[mean, shape], vec![]);
+    let mean_b = g.add_op("Expand", "broadcast", &[mean_col, shape], vec![]);
+    let d = g.add_op("Sub", "sub_1", &[x, mean_b], vec![]);
+    let normed = g.add_op("Mul", "mul_1", &[d, scale], vec![]);
+    let beta = g.add_initializer("beta", t(&[8], values(8, 6)));
+    let y = g.add_op("Add", "addv2_1", &[normed, beta], vec![]);
+    g.add_output(y);
+    let mut config = QuantsimConfig::load("default").unwrap();
+    config.add_pass("LayerNormalization").unwrap();
+    let mut sim = QuantSim::new(Model::new(g, 13), config, SimOptions::default()).unwrap();
+    for inner in [
+        "sum",
+        "truediv",
+        "square",
+        "sum_1",
+        "truediv_1",
+        "square_1",
+        "sub",
+        "maximum",
+        "broadcast_1",
+        "addv2",
+        "rsqrt",
+        "rsqrt_inv",
+        "mul",
+        "broadcast",
+        "sub_1",
+        "mul_1",
+        "inv_n",
+        "zero",
+        "eps",
+        "beta",
+    ] {
+        assert_eq!(enabled(&sim, inner), Some(false), "{inner}");
+    }
+    assert_eq!(enabled(&sim, "addv2_1"), Some(true));
+    // Rows of nearly equal values: quantized internals would round the variance to zero.
+    let rows: Vec<f32> = (0..16).map(|i| 3.0 + 1e-3 * (i % 8) as f32).collect();
+    sim.calibrate(vec![vec![("x".to_string(), t(&[2, 8], rows.clone()))]], &mut |_| {}).unwrap();
+    let out = sim.run(&[("x", t(&[2, 8], rows))]).unwrap().remove(0);
+    assert!(out.as_f32().unwrap().iter().all(|v| v.is_finite()), "{out:?}");
+}
+
+#[test]
+fn a_non_finite_output_inside_a_decomposed_norm_names_the_pass_that_keeps_it_in_float() {
+    // x·1/sqrt(mean(x²) + ε): a row of small values next to a row of large ones has its mean
+    // square rounded to zero, and the reciprocal root is infinite.
+    let mut g = Graph::new("rms");
+    let x = g.add_input("x", DType::F32, Shape::known(&[2, 4]));
+    let sq = g.add_op("Mul", "square", &[x, x], vec![]);
+    let ms = g.add_op("ReduceMean", "mean_square", &[sq], vec![("axes", Attribute::Ints(vec![-1]))]);
+    let eps = g.add_initializer("eps", t(&[], vec![1e-12]));
+    let stab = g.add_op("Add", "stabilised", &[ms, eps], vec![]);
+    let root = g.add_op("Sqrt", "root", &[stab], vec![]);
+    let inv = g.add_op("Reciprocal", "inverse", &[root], vec![]);
+    let y = g.add_op("Mul", "normed", &[x, inv], vec![]);
+    g.add_output(y);
+    let batch = vec![("x".to_string(), t(&[2, 4], vec![100.0, -80.0, 60.0, 90.0, 1e-3, -2e-3, 1e-3, 3e-3]))];
+    let mut sim =
+        QuantSim::new(Model::new(g, 13), QuantsimConfig::load("default").unwrap(), SimOptions::default())
+            .unwrap();
+    sim.calibrate(vec![batch.clone()], &mut |_| {}).unwrap();
+    let named: Vec<(&str, Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let fixed = sim.disable_non_finite_quantizers(&named).unwrap();
+    assert!(
+        !fixed.is_empty() && fixed.iter().all(|l| l.contains("the graph pass RMSNormalization")),
+        "{fixed:?}"
+    );
+}
+
 /// The CNN with its depthwise layer (Conv + Relu) at W16A16 in a W8A8 simulation.
 fn mixed(converts: bool) -> QuantSim {
     let mut s = calibrated(SimOptions { converts, ..SimOptions::default() });
