@@ -107,4 +107,7 @@ fn hostile_forests_are_one_line_errors() {
         let err = run(forest(attrs), ROWS[..2].to_vec()).unwrap_err();
         assert!(err.contains(expected) && !err.contains('\n'), "{err}");
     }
+    // Targets beyond the memory limit are refused even for an empty batch.
+    let err = run(forest(vec![("n_targets", Attribute::Int(1 << 60))]), Vec::new()).unwrap_err();
+    assert!(err.contains("beyond the memory limit"), "{err}");
 }

@@ -511,6 +511,8 @@ impl Kernel for Forest {
             return Err(format!("the input must be float, double or float16 (got {})", x.dtype()));
         }
         let shape = [rows, self.n_targets];
+        // One row's scores are held even for an empty batch: both sizes are checked.
+        ctx.checked_len(&[self.n_targets], std::mem::size_of::<f64>())?;
         let len = ctx.checked_len(&shape, std::mem::size_of::<f64>())?;
         let data = x.to_f64_vec();
         let mut scores = vec![0f64; len];
