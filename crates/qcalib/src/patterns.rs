@@ -173,10 +173,11 @@ pub(crate) fn norm_matches(g: &Graph, order: &[NodeId]) -> Vec<NormMatch> {
                             let other = g.node(m).inputs().iter().flatten().copied().find(|&i| i != gamma)?;
                             Some((m, gamma, other))
                         });
-                    let inv = folded.map_or(inv, |(_, _, other)| other);
-                    let folded = folded.map(|(m, gamma, _)| (m, gamma));
-                    let inv_node = g.producer(inv).map(|o| o.node);
-                    let Some(inv_node) = inv_node else { continue };
+                    let (inv, folded) = match folded {
+                        Some((m, gamma, other)) => (other, Some((m, gamma))),
+                        None => (inv, None),
+                    };
+                    let Some(inv_node) = g.producer(inv).map(|o| o.node) else { continue };
                     let inode = g.node(inv_node);
                     let found = match inode.op_type.as_str() {
                         "Pow" if inode.input(1).is_some_and(|e| is_scalar(g, e, -0.5)) => {

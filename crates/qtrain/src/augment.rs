@@ -108,11 +108,12 @@ impl Augmentation {
                 };
                 for i in 0..n {
                     let win = self.window(&mut rng, h, w);
+                    let columns: Vec<(usize, usize, f32)> = (0..w)
+                        .map(|x| source(win.left, win.width, w, if win.flip { w - 1 - x } else { x }))
+                        .collect();
                     for y in 0..h {
                         let (y0, y1, fy) = source(win.top, win.height, h, y);
-                        for x in 0..w {
-                            let xo = if win.flip { w - 1 - x } else { x };
-                            let (x0, x1, fx) = source(win.left, win.width, w, xo);
+                        for (x, &(x0, x1, fx)) in columns.iter().enumerate() {
                             for ch in 0..c {
                                 let top = src[at(i, ch, y0, x0)] * (1.0 - fx) + src[at(i, ch, y0, x1)] * fx;
                                 let bottom =
